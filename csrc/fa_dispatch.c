@@ -1,0 +1,181 @@
+/*
+ * fa_dispatch.c - entry points of the C interface: checks a problem, picks
+ * the kernel path (CPUID + XGETBV, once), splits the work into items and
+ * runs them.  Compiled for the baseline instruction set only.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "fa_internal.h"
+#include "fa_omp.h"
+
+#if FA_HAVE_X86_PATHS
+#include <cpuid.h>
+
+static uint64_t fa_xgetbv(uint32_t index)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(index));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/* The CPU must advertise the instructions *and* the OS must save the
+ * registers (XCR0): YMM state for AVX2, plus opmask and ZMM state for AVX-512. */
+static int fa_detect_isa(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return FA_ISA_GENERIC;
+    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+    if (!osxsave || !avx || !fma) return FA_ISA_GENERIC;
+    const uint64_t xcr0 = fa_xgetbv(0);
+    const int ymm_state = (xcr0 & 0x6) == 0x6;
+    const int zmm_state = (xcr0 & 0xe6) == 0xe6;
+    if (__get_cpuid_max(0, NULL) < 7) return FA_ISA_GENERIC;
+    __cpuid_count(7, 0, a, b, c, d);
+    const int avx2 = (b >> 5) & 1;
+    const int avx512 = ((b >> 16) & 1) && ((b >> 17) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1);
+    if (ymm_state && zmm_state && avx2 && avx512) return FA_ISA_AVX512;
+    if (ymm_state && avx2) return FA_ISA_AVX2;
+    return FA_ISA_GENERIC;
+}
+#else
+static int fa_detect_isa(void) { return FA_ISA_GENERIC; }
+#endif
+
+int fa_cpu_isa(void)
+{
+    /* detection is idempotent, so a race here only repeats it */
+    static volatile int cached = -1;
+    int isa = cached;
+    if (isa < 0) cached = isa = fa_detect_isa();
+    return isa;
+}
+
+const char *fa_isa_name(int isa)
+{
+    switch (isa) {
+    case FA_ISA_GENERIC: return "generic";
+    case FA_ISA_AVX2: return "avx2";
+    case FA_ISA_AVX512: return "avx512";
+    default: return "unknown";
+    }
+}
+
+int fa_openmp_enabled(void) { return fa_omp_enabled(); }
+const char *fa_compiler(void)
+{
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#else
+    return "unknown compiler";
+#endif
+}
+int fa_omp_max_threads(void) { return fa_omp_threads(); }
+
+static const fa_run_fn fa_run_table[FA_ISA_COUNT][FA_DTYPE_COUNT] = {
+    {fa_run_f32_generic, fa_run_f64_generic},
+#if FA_HAVE_X86_PATHS
+    {fa_run_f32_avx2, fa_run_f64_avx2},
+    {fa_run_f32_avx512, fa_run_f64_avx512},
+#else
+    {NULL, NULL},
+    {NULL, NULL},
+#endif
+};
+
+static const fa_exp_fn fa_exp_table[FA_ISA_COUNT] = {
+    fa_exp_f32_generic,
+#if FA_HAVE_X86_PATHS
+    fa_exp_f32_avx2,
+    fa_exp_f32_avx512,
+#else
+    NULL,
+    NULL,
+#endif
+};
+
+static int fa_check_isa(int isa)
+{
+    if (isa < 0 || isa >= FA_ISA_COUNT || isa > fa_cpu_isa()) return FA_ERR_ISA;
+    return FA_OK;
+}
+
+int fa_exp_f32(int isa, const float *x, float *y, int64_t n)
+{
+    if (fa_check_isa(isa) != FA_OK) return FA_ERR_ISA;
+    if (n < 0) return FA_ERR_INVALID;
+    fa_exp_table[isa](x, y, n);
+    return FA_OK;
+}
+
+/* Below this many multiply-adds a call runs on one thread: waking a team
+ * costs more than it saves. */
+#define FA_SERIAL_WORK (1 << 18)
+
+static int fa_cmp_items(const void *a, const void *b)
+{
+    const fa_item *x = (const fa_item *)a, *y = (const fa_item *)b;
+    if (x->cost != y->cost) return x->cost > y->cost ? -1 : 1;
+    if (x->entry != y->entry) return x->entry < y->entry ? -1 : 1;
+    return x->row0 < y->row0 ? -1 : (x->row0 > y->row0);
+}
+
+static int fa_run(const fa_problem *p, int kind)
+{
+    if (!p || !p->entries || p->n_entries < 0 || p->d < 0 || p->dv < 0 || p->num_threads < 1)
+        return FA_ERR_INVALID;
+    if (p->dtype < 0 || p->dtype >= FA_DTYPE_COUNT) return FA_ERR_INVALID;
+    if (fa_check_isa(p->isa) != FA_OK) return FA_ERR_ISA;
+
+    int64_t n_items = 0;
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+        if (e[FA_E_LQ] < 0 || e[FA_E_LK] < 0) return FA_ERR_INVALID;
+        n_items += (e[FA_E_LQ] + FA_BQ - 1) / FA_BQ;
+    }
+    if (n_items == 0) return FA_OK;
+    if ((uint64_t)n_items > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
+    fa_item *items = (fa_item *)malloc((size_t)n_items * sizeof(fa_item));
+    if (!items) return FA_ERR_NOMEM;
+
+    /* One item per FA_BQ query rows; the cost estimate lets the scheduler
+     * start the heaviest items (the last rows of a causal problem) first. */
+    double total = 0;
+    int64_t t = 0;
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+        const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+        for (int64_t row0 = 0; row0 < lq; row0 += FA_BQ) {
+            const int64_t bq = fa_min64(FA_BQ, lq - row0);
+            int64_t keys = lk, width;
+            if (kind == FA_KIND_ATTENTION) {
+                int64_t lo, hi, unused;
+                fa_row_range(p, row0, lq, lk, &lo, &unused);
+                fa_row_range(p, row0 + bq - 1, lq, lk, &unused, &hi);
+                keys = hi - lo;
+                width = p->d + p->dv + 16; /* + per-score softmax work */
+            } else {
+                width = (kind == FA_KIND_SCORES ? p->d : p->dv) + 1;
+            }
+            items[t].entry = i;
+            items[t].row0 = row0;
+            items[t].cost = bq * (keys + 1) * width;
+            total += (double)items[t].cost;
+            t++;
+        }
+    }
+    qsort(items, (size_t)n_items, sizeof(fa_item), fa_cmp_items);
+
+    int threads = p->num_threads;
+    if (total < (double)FA_SERIAL_WORK) threads = 1;
+    if ((int64_t)threads > n_items) threads = (int)n_items;
+    const int status = fa_run_table[p->isa][p->dtype](p, kind, items, n_items, threads);
+    free(items);
+    return status;
+}
+
+int fa_attention(const fa_problem *p) { return fa_run(p, FA_KIND_ATTENTION); }
+int fa_scores(const fa_problem *p) { return fa_run(p, FA_KIND_SCORES); }
+int fa_weighted_sum(const fa_problem *p) { return fa_run(p, FA_KIND_WSUM); }

@@ -1,0 +1,225 @@
+/*
+ * fa_vec.h - a small vector vocabulary shared by every kernel path.
+ *
+ * Include after defining FA_T (float or double), FA_T_IS_FLOAT and
+ * FA_VEC_ISA (0 = portable C, 1 = AVX2+FMA, 2 = AVX-512: a plain number,
+ * since the preprocessor tests it).  It may be included several times in
+ * one translation unit; each inclusion redefines:
+ *
+ *   fa_vec          the vector type, FA_W lanes of FA_T
+ *   FA_MR, FA_NV    register tile of the micro-kernels: FA_MR rows by
+ *                   FA_NV vectors (the largest that fits the register file
+ *                   with the operand vectors beside it)
+ *   VZERO VLOAD VSTORE VBCAST VFMA VMUL VSUB VMAX VHMAX VHSUM
+ *   FA_HAS_VEXP, VEXP  a vector exp for x <= 0 (float paths only)
+ *
+ * The file that includes it must already have enabled the instruction set
+ * (target pragma) for the intrinsics it uses.
+ */
+
+#undef FA_W
+#undef FA_MR
+#undef FA_NV
+#undef VZERO
+#undef VLOAD
+#undef VSTORE
+#undef VBCAST
+#undef VFMA
+#undef VMUL
+#undef VSUB
+#undef VMAX
+#undef VHMAX
+#undef VHSUM
+#undef FA_HAS_VEXP
+#undef VEXP
+#undef fa_vec
+
+/* Coefficients of exp on [-ln2/2, ln2/2] (Taylor to degree 7: truncation
+ * below 6e-9 relative, so the float result is within rounding error). */
+#ifndef FA_EXP_CONSTANTS
+#define FA_EXP_CONSTANTS
+#define FA_LOG2E 1.44269504088896341f
+#define FA_LN2_HI 0.693145751953125f
+#define FA_LN2_LO 1.42860682030941723212e-6f
+#define FA_EXP_C2 (1.0f / 2.0f)
+#define FA_EXP_C3 (1.0f / 6.0f)
+#define FA_EXP_C4 (1.0f / 24.0f)
+#define FA_EXP_C5 (1.0f / 120.0f)
+#define FA_EXP_C6 (1.0f / 720.0f)
+#define FA_EXP_C7 (1.0f / 5040.0f)
+#endif
+
+#if FA_VEC_ISA == 2 /* AVX-512 */
+
+#include <immintrin.h>
+#define FA_MR 6
+#define FA_NV 4
+#define VZERO_F32() _mm512_setzero_ps()
+
+#ifndef FA_AVX512_HELPERS
+#define FA_AVX512_HELPERS
+/* exp(x) for float lanes: x = n ln2 + r, exp(r) by polynomial, 2^n applied
+ * with vscalefps (exact, handles the subnormal range).  x below -104 gives
+ * exactly 0 (also -inf); NaN propagates. */
+static inline __m512 fa_exp_ps512(__m512 x)
+{
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ);
+    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(FA_LOG2E)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_HI), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_LO), r);
+    __m512 y = _mm512_set1_ps(FA_EXP_C7);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP_C6));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP_C5));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP_C4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP_C3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP_C2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(y, n));
+}
+#endif
+
+#if FA_T_IS_FLOAT
+#define fa_vec __m512
+#define FA_W 16
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, x) _mm512_storeu_ps((p), (x))
+#define VBCAST(x) _mm512_set1_ps(x)
+#define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define VMUL(a, b) _mm512_mul_ps((a), (b))
+#define VSUB(a, b) _mm512_sub_ps((a), (b))
+#define VMAX(a, b) _mm512_max_ps((a), (b))
+#define VHMAX(a) _mm512_reduce_max_ps(a)
+#define VHSUM(a) _mm512_reduce_add_ps(a)
+#define FA_HAS_VEXP 1
+#define VEXP(x) fa_exp_ps512(x)
+#else
+#define fa_vec __m512d
+#define FA_W 8
+#define VZERO() _mm512_setzero_pd()
+#define VLOAD(p) _mm512_loadu_pd(p)
+#define VSTORE(p, x) _mm512_storeu_pd((p), (x))
+#define VBCAST(x) _mm512_set1_pd(x)
+#define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
+#define VMUL(a, b) _mm512_mul_pd((a), (b))
+#define VSUB(a, b) _mm512_sub_pd((a), (b))
+#define VMAX(a, b) _mm512_max_pd((a), (b))
+#define VHMAX(a) _mm512_reduce_max_pd(a)
+#define VHSUM(a) _mm512_reduce_add_pd(a)
+#define FA_HAS_VEXP 0
+#endif
+
+#elif FA_VEC_ISA == 1 /* AVX2 */
+
+#include <immintrin.h>
+#define FA_MR 6
+#define FA_NV 2
+
+#ifndef FA_AVX2_HELPERS
+#define FA_AVX2_HELPERS
+/* exp(x) for float lanes, as fa_exp_ps512 but with 2^n built in the exponent
+ * field.  Results that would be subnormal (x < -87.33) are flushed to 0. */
+static inline __m256 fa_exp_ps256(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    const __m256 xc = _mm256_max_ps(lo, x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(FA_LOG2E)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_HI), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(FA_LN2_LO), r);
+    __m256 y = _mm256_set1_ps(FA_EXP_C7);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(FA_EXP_C6));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(FA_EXP_C5));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(FA_EXP_C4));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(FA_EXP_C3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(FA_EXP_C2));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    /* n >= -126 here, so 2^n is a normal float */
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(tiny, y);
+}
+
+static inline float fa_hmax_ps256(__m256 a)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+static inline float fa_hsum_ps256(__m256 a)
+{
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+static inline double fa_hmax_pd256(__m256d a)
+{
+    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
+    return _mm_cvtsd_f64(m);
+}
+static inline double fa_hsum_pd256(__m256d a)
+{
+    __m128d m = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    m = _mm_add_sd(m, _mm_unpackhi_pd(m, m));
+    return _mm_cvtsd_f64(m);
+}
+#endif
+
+#if FA_T_IS_FLOAT
+#define fa_vec __m256
+#define FA_W 8
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, x) _mm256_storeu_ps((p), (x))
+#define VBCAST(x) _mm256_set1_ps(x)
+#define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define VMUL(a, b) _mm256_mul_ps((a), (b))
+#define VSUB(a, b) _mm256_sub_ps((a), (b))
+#define VMAX(a, b) _mm256_max_ps((a), (b))
+#define VHMAX(a) fa_hmax_ps256(a)
+#define VHSUM(a) fa_hsum_ps256(a)
+#define FA_HAS_VEXP 1
+#define VEXP(x) fa_exp_ps256(x)
+#else
+#define fa_vec __m256d
+#define FA_W 4
+#define VZERO() _mm256_setzero_pd()
+#define VLOAD(p) _mm256_loadu_pd(p)
+#define VSTORE(p, x) _mm256_storeu_pd((p), (x))
+#define VBCAST(x) _mm256_set1_pd(x)
+#define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
+#define VMUL(a, b) _mm256_mul_pd((a), (b))
+#define VSUB(a, b) _mm256_sub_pd((a), (b))
+#define VMAX(a, b) _mm256_max_pd((a), (b))
+#define VHMAX(a) fa_hmax_pd256(a)
+#define VHSUM(a) fa_hsum_pd256(a)
+#define FA_HAS_VEXP 0
+#endif
+
+#else /* portable C: one-lane "vectors", a 4x4 register tile */
+
+#define fa_vec FA_T
+#define FA_W 1
+#define FA_MR 4
+#define FA_NV 4
+#define VZERO() ((FA_T)0)
+#define VLOAD(p) (*(p))
+#define VSTORE(p, x) (*(p) = (x))
+#define VBCAST(x) (x)
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VMUL(a, b) ((a) * (b))
+#define VSUB(a, b) ((a) - (b))
+#define VMAX(a, b) ((a) > (b) ? (a) : (b))
+#define VHMAX(a) (a)
+#define VHSUM(a) (a)
+#define FA_HAS_VEXP 0
+
+#endif

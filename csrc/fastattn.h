@@ -1,0 +1,116 @@
+/*
+ * fastattn.h - the C interface of the fastattn kernels.
+ *
+ * Pure C: pointers, sizes, byte strides and status codes; nothing here knows
+ * about Python.  Every call is described by one fa_problem.  A problem is a
+ * list of independent "entries" (one per batch x head, or per packed
+ * sequence); each entry is a row of FA_ENTRY_FIELDS int64 values giving byte
+ * offsets from the base pointers and the entry's lengths.  Broadcasting,
+ * grouped heads and packed sequences are all expressed through that table,
+ * so the kernels never copy or repeat an input.
+ */
+#ifndef FASTATTN_H
+#define FASTATTN_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes returned by every entry point. */
+enum {
+    FA_OK = 0,
+    FA_ERR_NOMEM = 1,   /* a scratch buffer could not be allocated */
+    FA_ERR_INVALID = 2, /* inconsistent problem description */
+    FA_ERR_ISA = 3      /* the requested instruction set is not usable here */
+};
+
+/* Instruction-set paths, in increasing order of capability. */
+enum { FA_ISA_GENERIC = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_COUNT = 3 };
+
+/* Element type of q, k, v and out. */
+enum { FA_F32 = 0, FA_F64 = 1, FA_DTYPE_COUNT = 2 };
+
+/* Element type of the mask (independent of the data type). */
+enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_F32 = 2, FA_MASK_F64 = 3 };
+
+/* How scores become weights. */
+enum { FA_WEIGHTS_SOFTMAX = 0, FA_WEIGHTS_DOT = 1 };
+
+/* Columns of the entry table (each an int64). Offsets are in bytes. */
+enum {
+    FA_E_Q = 0,    /* offset of row 0 of q (or of w, for fa_weighted_sum) */
+    FA_E_K = 1,    /* offset of row 0 of k */
+    FA_E_V = 2,    /* offset of row 0 of v */
+    FA_E_OUT = 3,  /* offset of row 0 of the output */
+    FA_E_MASK = 4, /* offset of row 0 of the mask (ignored without a mask) */
+    FA_E_LSE = 5,  /* offset of element 0 of the log-sum-exp row (ignored without lse) */
+    FA_E_LQ = 6,   /* number of query rows */
+    FA_E_LK = 7,   /* number of key/value rows */
+    FA_E_HEAD = 8, /* index into alibi_slopes */
+    FA_ENTRY_FIELDS = 9
+};
+
+typedef struct {
+    int dtype;       /* FA_F32 or FA_F64 */
+    int isa;         /* FA_ISA_*, at most fa_cpu_isa() */
+    int num_threads; /* >= 1 */
+
+    int64_t n_entries;
+    const int64_t *entries; /* n_entries x FA_ENTRY_FIELDS */
+
+    int64_t d;  /* head dimension of q and k (for fa_weighted_sum: unused) */
+    int64_t dv; /* head dimension of v and of the output */
+
+    /* Base pointers; rows and columns are reached through byte strides
+     * (rs: between rows, cs: between elements of a row; any sign). */
+    const void *q;
+    const void *k;
+    const void *v;
+    void *out;
+    void *lse; /* optional, same element type as the data; rows strided by lse_rs */
+    int64_t q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, out_rs, out_cs, lse_rs;
+
+    int mask_kind; /* FA_MASK_*; bool: nonzero = may attend; float: added */
+    const void *mask;
+    int64_t mask_rs, mask_cs;
+
+    int weights;  /* FA_WEIGHTS_* */
+    double scale; /* multiplies q.k */
+    int causal;   /* bottom-right aligned: key j visible iff j <= i + lk - lq */
+    int64_t window_left, window_right; /* keys within [i'-left, i'+right]; -1 = unbounded */
+    double softcap;                    /* 0: off; else s <- softcap * tanh(s / softcap) */
+    const double *alibi_slopes;        /* NULL: off; else bias -slope[head] * |i' - j| */
+} fa_problem;
+
+/* Fused attention: out = weights(scale q k^T [+ options]) v, lse if requested. */
+int fa_attention(const fa_problem *p);
+
+/* Scores: out (lq x lk per entry) = scale q k^T with every option applied,
+ * masked entries -inf. Uses q, k, out, mask and the score options. */
+int fa_scores(const fa_problem *p);
+
+/* Weighted sum: out (lq x dv per entry) = w v, where w is given through the
+ * q pointer and strides (lq x lk per entry). */
+int fa_weighted_sum(const fa_problem *p);
+
+/* The best path this CPU and operating system support. */
+int fa_cpu_isa(void);
+const char *fa_isa_name(int isa);
+
+/* Build facts: the OpenMP version (yyyymm) or 0 for a serial build, the
+ * OpenMP runtime's default thread count, and the compiler that built this. */
+int fa_openmp_enabled(void);
+int fa_omp_max_threads(void);
+const char *fa_compiler(void);
+
+/* The softmax exponential of a path, exposed so its accuracy can be tested:
+ * y[i] = exp(x[i]) for x[i] <= 0 (-inf gives exactly 0). */
+int fa_exp_f32(int isa, const float *x, float *y, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FASTATTN_H */

@@ -1,0 +1,32 @@
+"""fastattn: fast CPU attention kernels.
+
+Blocked, fused, OpenMP-parallel C kernels for attention under a numpy API.
+``fastattn.reference`` holds plain numpy float64 implementations of every
+function, for checking results.
+"""
+__version__ = "0.1.0"
+
+from fastattn._api import attention, scores, weighted_sum
+from fastattn._config import (
+    available_isas,
+    get_isa,
+    get_num_threads,
+    set_isa,
+    set_num_threads,
+    show_config,
+    use_isa,
+)
+
+__all__ = [
+    "attention",
+    "scores",
+    "weighted_sum",
+    "available_isas",
+    "get_isa",
+    "set_isa",
+    "use_isa",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+    "__version__",
+]

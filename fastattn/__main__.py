@@ -1,0 +1,135 @@
+"""Command line: ``python -m fastattn`` (check and time) and ``python -m fastattn bench``.
+
+``python -m fastattn`` prints the configuration, checks attention against the
+float64 reference on a few shapes on every kernel path, and times fastattn
+against a plain numpy float32 implementation on one shape.
+``python -m fastattn bench`` runs the benchmark shapes and prints a table.
+"""
+import argparse
+import json
+import sys
+
+import numpy as np
+
+import fastattn
+import fastattn.reference as ref
+from fastattn import _bench
+
+# (shape of q, k, v as (B, H, Lq, Lk, D), causal) checked by the main job
+CHECK_CASES = [
+    ((1, 2, 1, 257, 64), True),
+    ((2, 3, 100, 130, 17), False),
+    ((1, 4, 193, 193, 80), True),
+    ((1, 1, 97, 61, 128), False),
+]
+CHECK_TOLERANCE = 2e-5  # float32, largest |error| against float64 with O(1) values
+
+
+def check(out=sys.stdout):
+    """Compare fastattn with the reference; returns True when every case passes."""
+    ok = True
+    rng = np.random.default_rng(0)
+    for isa in fastattn.available_isas():
+        with fastattn.use_isa(isa):
+            worst = 0.0
+            for (b, h, lq, lk, d), causal in CHECK_CASES:
+                q = rng.standard_normal((b, h, lq, d), dtype=np.float32)
+                k = rng.standard_normal((b, h, lk, d), dtype=np.float32)
+                v = rng.standard_normal((b, h, lk, d), dtype=np.float32)
+                got = fastattn.attention(q, k, v, causal=causal)
+                err = float(np.max(np.abs(got - ref.attention(q, k, v, causal=causal))))
+                worst = max(worst, err)
+            status = "ok" if worst <= CHECK_TOLERANCE else "FAILED"
+            ok &= worst <= CHECK_TOLERANCE
+            print(f"  {isa:<8} {len(CHECK_CASES)} shapes, max |error| {worst:.2e} "
+                  f"(tolerance {CHECK_TOLERANCE:.0e}): {status}", file=out)
+    return ok
+
+
+def main_job(args):
+    fastattn.show_config()
+    print("\nchecking float32 attention against the float64 reference:")
+    ok = check()
+    b, h, l, d = args.shape
+    threads = args.threads or fastattn.get_num_threads()
+    print(f"\ntiming (B,H,L,D)=({b},{h},{l},{d}) float32, {threads} threads, "
+          f"median of {args.repeat}:")
+    q, k, v = _bench.make_inputs(b, h, l, d)
+    print(f"  {'':<28} {'fastattn':>12} {'numpy':>12} {'speedup':>8}")
+    for causal in (False, True):
+        flops = _bench.attention_flops(b, h, l, l, d, causal)
+        t_fa = _bench.median_time(lambda: fastattn.attention(q, k, v, causal=causal,
+                                                             num_threads=threads), args.repeat)
+        with _bench.blas_threads(threads):
+            t_np = _bench.median_time(lambda: _bench.numpy_attention(q, k, v, causal), args.repeat)
+        label = "causal" if causal else "non-causal"
+        print(f"  {label + ' ms':<28} {t_fa * 1e3:>12.2f} {t_np * 1e3:>12.2f} {t_np / t_fa:>7.2f}x")
+        print(f"  {label + ' GFLOP/s':<28} {flops / t_fa / 1e9:>12.1f} {flops / t_np / 1e9:>12.1f}")
+    return 0 if ok else 1
+
+
+def bench_job(args):
+    threads = args.threads or fastattn.get_num_threads()
+    shapes = _bench.QUICK_SHAPES if args.quick else _bench.PREFILL_SHAPES
+    if args.shape:
+        shapes = [tuple(s) for s in args.shape]
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None
+    matmul = _bench.matmul_gflops(threads)
+    rows = _bench.run_prefill(shapes, threads, repeat=args.repeat, with_torch=not args.no_torch,
+                              progress=progress)
+    print(f"fastattn {fastattn.__version__}, kernel path {fastattn.get_isa()}, {threads} threads")
+    print(f"numpy float32 matmul {_bench.MATMUL_N}x{_bench.MATMUL_N}: {matmul:.1f} GFLOP/s "
+          f"[{_bench.blas_info()}]")
+    torch_mod = _bench.torch_sdpa()
+    if torch_mod is None or args.no_torch:
+        print("torch: not measured" + (" (not installed)" if torch_mod is None else ""))
+    else:
+        print(f"torch {torch_mod[0].__version__} scaled_dot_product_attention")
+    print(f"float32 attention, median of {args.repeat}; flops = 4 B H L^2 D (half when causal)\n")
+    print(_bench.format_prefill(rows, matmul))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(version=fastattn.__version__, isa=fastattn.get_isa(), threads=threads,
+                           matmul_gflops=matmul, blas=_bench.blas_info(), prefill=rows), f, indent=2)
+        print(f"\nsaved {args.json}")
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: all usable)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--shape", type=int, nargs=4, default=[1, 8, 1024, 64],
+                        metavar=("B", "H", "L", "D"), help="shape the main job times")
+    sub = parser.add_subparsers(dest="command")
+    bench = sub.add_parser("bench", help="run the benchmark table")
+    bench.add_argument("--threads", type=int, default=None, help="threads (default: all usable)")
+    bench.add_argument("--repeat", type=int, default=5, help="timed calls per measurement")
+    bench.add_argument("--json", metavar="FILE", help="also save the results as JSON")
+    bench.add_argument("--quick", action="store_true", help="only the two smallest shapes")
+    bench.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "H", "L", "D"),
+                       help="time this shape instead (repeatable)")
+    bench.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines")
+    sub.add_parser("config", help="print the configuration")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "bench":
+        return bench_job(args)
+    if args.command == "config":
+        fastattn.show_config()
+        return 0
+    return main_job(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

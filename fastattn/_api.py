@@ -1,0 +1,441 @@
+"""The numpy-facing API: validation, broadcasting, dtype dispatch.
+
+Every public function here turns its arguments into one kernel problem: the
+base address of each array, its byte strides along the two core dimensions,
+and an entry table with one row per leading index (batch, head, ...) giving
+byte offsets into every array.  Broadcast dimensions get offset 0 and
+grouped-query heads map onto their shared key/value head, so nothing is ever
+expanded or copied beyond a dtype conversion of q, k or v.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from fastattn import _config, _core
+
+_DTYPES = {np.dtype(np.float32): _core.DTYPE_F32, np.dtype(np.float64): _core.DTYPE_F64}
+_MASK_KINDS = {
+    np.dtype(np.bool_): _core.MASK_BOOL,
+    np.dtype(np.float32): _core.MASK_F32,
+    np.dtype(np.float64): _core.MASK_F64,
+}
+_WEIGHTS = {"softmax": _core.WEIGHTS_SOFTMAX, "dot": _core.WEIGHTS_DOT}
+
+
+# ---- argument checks ---------------------------------------------------------
+
+
+def _as_array(x, name, kinds="float32 or float64", allowed=_DTYPES):
+    """View x as an ndarray (no copy where numpy can view it) and check its dtype."""
+    if isinstance(x, np.ndarray):
+        a = x
+    else:
+        try:
+            a = np.asarray(x)
+        except Exception as exc:
+            raise TypeError(f"{name} must be an array of {kinds}, got {type(x).__name__}") from exc
+    if a.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {kinds}, got {a.dtype} (shape {a.shape})")
+    return a
+
+
+def _check_ndim(a, name, core="(..., L, D)"):
+    if a.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions {core}, got shape {a.shape}")
+
+
+def _real(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def _flag(x, name):
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return bool(x)
+
+
+def _window(window):
+    """(left, right) with -1 for unbounded; None means no window."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            w = -1
+        if isinstance(w, (bool, np.bool_)):
+            raise TypeError(f"window {side} must be an int, got {type(w).__name__}")
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise TypeError(f"window {side} must be an int, got {type(w).__name__}") from None
+        if w < -1:
+            raise ValueError(f"window {side} must be >= 0, or -1 for unbounded, got {w}")
+        out.append(min(w, 2**62))
+    return tuple(out)
+
+
+def _softcap(softcap):
+    if softcap is None:
+        return 0.0
+    cap = _real(softcap, "softcap")
+    if not (cap >= 0.0 and math.isfinite(cap)):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    return cap
+
+
+def _broadcast(named_shapes, what="leading dimensions"):
+    try:
+        return tuple(np.broadcast_shapes(*(s for _, s in named_shapes)))
+    except ValueError:
+        desc = ", ".join(f"{n} {s}" for n, s in named_shapes)
+        raise ValueError(f"{what} do not broadcast: {desc}") from None
+
+
+def _check_out(out, shape, dtype, inputs, name="out"):
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if any(st == 0 and n > 1 for n, st in zip(out.shape, out.strides)):
+        raise ValueError(f"{name} has overlapping elements (a zero stride), strides {out.strides}")
+    for other, a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{name} overlaps the input {other}")
+    return out
+
+
+# ---- the problem table -------------------------------------------------------
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def _lead_offsets(a, lead, core, group=1):
+    """Byte offset of each leading index of `a` (its dims before the last
+    `core`), broadcast to `lead` and flattened in C order.  With group > 1,
+    the last leading axis of `a` is indexed by lead_index // group (grouped
+    query heads sharing one key/value head)."""
+    n_lead = len(lead)
+    shape = a.shape[: a.ndim - core]
+    strides = a.strides[: a.ndim - core]
+    offsets = np.zeros(lead, dtype=np.int64)
+    first = n_lead - len(shape)
+    for ax, (n, st) in enumerate(zip(shape, strides)):
+        pos = first + ax
+        index_shape = [1] * n_lead
+        if group > 1 and pos == n_lead - 1:
+            index_shape[pos] = lead[pos]
+            idx = np.arange(lead[pos], dtype=np.int64) // group
+        elif n != 1:
+            index_shape[pos] = n
+            idx = np.arange(n, dtype=np.int64)
+        else:
+            continue
+        offsets = offsets + (idx * st).reshape(index_shape)
+    return offsets.reshape(-1)
+
+
+def _core_strides(a):
+    """Byte strides of the last two dims; 0 along a dim of length 1 (broadcast)."""
+    rs = a.strides[-2] if a.shape[-2] != 1 else 0
+    cs = a.strides[-1] if a.shape[-1] != 1 else 0
+    return rs, cs
+
+
+def _heads(q_lead, kv_leads, names):
+    """Grouped-query heads: the factor H / G by which q's head axis (the last
+    leading axis) exceeds the shared head axis of k and v, or 1."""
+    if not q_lead:
+        return 1
+    h = q_lead[-1]
+    gs = {lead[-1] for lead in kv_leads if lead}
+    gs.discard(1)
+    if len(gs) != 1:
+        return 1
+    g = gs.pop()
+    if g == h or h == 1:
+        return 1
+    if g == 0 or h % g != 0:
+        desc = ", ".join(f"{n} {s}" for n, s in names)
+        raise ValueError(
+            f"head counts do not match: q has {h} heads, k/v have {g}; grouped-query "
+            f"attention needs a multiple ({desc})"
+        )
+    if any(lead and lead[-1] not in (1, g) for lead in kv_leads):
+        raise ValueError("k and v must have the same number of heads")
+    return h // g
+
+
+def _mask_operand(mask, lq, lk):
+    """Mask as (array viewed with >= 2 dims, kind), checking dtype and core dims."""
+    m = _as_array(mask, "mask", "bool, float32 or float64", _MASK_KINDS)
+    if m.ndim < 2:
+        m = m.reshape((1,) * (2 - m.ndim) + m.shape)
+    if m.shape[-2] not in (1, lq) or m.shape[-1] not in (1, lk):
+        raise ValueError(
+            f"mask of shape {m.shape} does not broadcast to (..., Lq, Lk) = (..., {lq}, {lk})"
+        )
+    return m, _MASK_KINDS[m.dtype]
+
+
+def _run(kind, dtype, num_threads, lead, columns, d, dv, q, k, v, out, lse, mask, mask_kind,
+         weights=_core.WEIGHTS_SOFTMAX, scale=1.0, causal=False, window=(-1, -1), softcap=0.0,
+         slopes=None):
+    n = math.prod(lead)
+    entries = np.zeros((n, _core.ENTRY_FIELDS), dtype=np.int64)
+    for col, val in columns.items():
+        entries[:, col] = val
+    none = (0, 0)
+    q_rs, q_cs = _core_strides(q) if q is not None else none
+    k_rs, k_cs = _core_strides(k) if k is not None else none
+    v_rs, v_cs = _core_strides(v) if v is not None else none
+    o_rs, o_cs = _core_strides(out)
+    lse_rs = (lse.strides[-1] if lse.shape[-1] != 1 else 0) if lse is not None else 0
+    m_rs, m_cs = _core_strides(mask) if mask is not None else none
+    _core.run(
+        kind, _DTYPES[dtype], _config.isa_index(), num_threads, entries, d, dv,
+        _address(q) if q is not None else 0,
+        _address(k) if k is not None else 0,
+        _address(v) if v is not None else 0,
+        _address(out),
+        _address(lse) if lse is not None else 0,
+        (q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, o_rs, o_cs, lse_rs),
+        mask_kind, _address(mask) if mask is not None else 0, m_rs, m_cs,
+        weights, scale, causal, window[0], window[1], softcap, slopes,
+    )
+
+
+class _Scores:
+    """The validated score inputs shared by attention() and scores()."""
+
+    def __init__(self, q, k, v, scale, causal, mask, window, softcap, alibi_slopes, weights):
+        q = _as_array(q, "q")
+        k = _as_array(k, "k")
+        _check_ndim(q, "q")
+        _check_ndim(k, "k")
+        arrays = [("q", q), ("k", k)]
+        if v is not None:
+            v = _as_array(v, "v")
+            _check_ndim(v, "v", "(..., Lk, Dv)")
+            arrays.append(("v", v))
+        self.originals = list(arrays)
+        self.dtype = np.result_type(*(a for _, a in arrays))
+        if q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"q and k must have the same head dim D: q {q.shape}, k {k.shape}")
+        if v is not None and v.shape[-2] != k.shape[-2]:
+            raise ValueError(f"k and v must have the same length Lk: k {k.shape}, v {v.shape}")
+        self.lq, self.d = q.shape[-2:]
+        self.lk = k.shape[-2]
+        self.dv = v.shape[-1] if v is not None else 0
+
+        self.weights = weights
+        if scale is None:
+            scale = 1.0 if weights == _core.WEIGHTS_DOT or self.d == 0 else 1.0 / math.sqrt(self.d)
+        self.scale = _real(scale, "scale")
+        self.causal = _flag(causal, "causal")
+        self.window = _window(window)
+        self.softcap = _softcap(softcap)
+
+        self.mask, self.mask_kind = None, _core.MASK_NONE
+        if mask is not None:
+            self.mask, self.mask_kind = _mask_operand(mask, self.lq, self.lk)
+            self.originals.append(("mask", self.mask))
+
+        leads = [(n, a.shape[:-2]) for n, a in arrays]
+        if self.mask is not None:
+            leads.append(("mask", self.mask.shape[:-2]))
+        kv_leads = [a.shape[:-2] for n, a in arrays if n in ("k", "v")]
+        self.group = _heads(q.shape[:-2], kv_leads, leads)
+        if self.group > 1:  # broadcast the kv head axis as if it had q's length
+            h = q.shape[-3]
+            leads = [(n, s[:-1] + (h,)) if n in ("k", "v") else (n, s) for n, s in leads]
+        self.lead = _broadcast(leads)
+
+        self.slopes = None
+        if alibi_slopes is not None:
+            s = _as_array(alibi_slopes, "alibi_slopes")
+            try:
+                s = np.broadcast_to(s, self.lead)
+            except ValueError:
+                raise ValueError(
+                    f"alibi_slopes of shape {s.shape} must broadcast to the leading "
+                    f"dimensions {self.lead} (one slope per query head)"
+                ) from None
+            self.slopes = np.ascontiguousarray(s, dtype=np.float64).reshape(-1)
+
+        # kernels compute in the result dtype: convert (copies only q, k, v)
+        self.q = np.asarray(q, dtype=self.dtype)
+        self.k = np.asarray(k, dtype=self.dtype)
+        self.v = np.asarray(v, dtype=self.dtype) if v is not None else None
+
+    def columns(self):
+        lead = self.lead
+        cols = {
+            _core.E_Q: _lead_offsets(self.q, lead, 2),
+            _core.E_K: _lead_offsets(self.k, lead, 2, self.group),
+            _core.E_LQ: self.lq,
+            _core.E_LK: self.lk,
+            _core.E_HEAD: np.arange(math.prod(lead), dtype=np.int64),
+        }
+        if self.v is not None:
+            cols[_core.E_V] = _lead_offsets(self.v, lead, 2, self.group)
+        if self.mask is not None:
+            cols[_core.E_MASK] = _lead_offsets(self.mask, lead, 2)
+        return cols
+
+    def run(self, kind, out, lse, num_threads):
+        cols = self.columns()
+        cols[_core.E_OUT] = _lead_offsets(out, self.lead, 2)
+        if lse is not None:
+            cols[_core.E_LSE] = _lead_offsets(lse, self.lead, 1)
+        _run(
+            kind, self.dtype, num_threads, self.lead, cols, self.d, self.dv,
+            self.q, self.k, self.v, out, lse, self.mask, self.mask_kind,
+            weights=self.weights, scale=self.scale, causal=self.causal, window=self.window,
+            softcap=self.softcap, slopes=self.slopes,
+        )
+
+
+# ---- public functions ----------------------------------------------------------
+
+
+def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax", window=None,
+              softcap=None, alibi_slopes=None, return_lse=False, out=None, num_threads=None):
+    """Fused attention: each output row is a weighted sum of value rows.
+
+    Scores are ``s[i, j] = scale * <q[i], k[j]>``; with ``weights="softmax"``
+    the weights are the softmax of each row's scores over the keys it may
+    see, with ``weights="dot"`` they are the scores themselves (masked keys
+    weigh 0).  No ``(Lq, Lk)`` array is ever created.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Lq, D)
+    k : array_like, shape (..., Lk, D)
+    v : array_like, shape (..., Lk, Dv)
+        float32 or float64.  Leading dimensions broadcast by numpy rules.
+        When q's head axis (third from last) has H entries and k/v's has G,
+        with H a multiple of G, query head h uses key/value head h // (H/G)
+        (grouped-query attention); k and v are not copied.
+    scale : float, optional
+        Multiplies ``q.k``.  Default ``1/sqrt(D)`` for softmax, ``1.0`` for dot.
+    causal : bool
+        Bottom-right aligned: query i may see key j iff ``j <= i + Lk - Lq``
+        (so the last query sees every key, as in KV-cache decoding).
+    mask : array_like, optional
+        Broadcastable to ``(..., Lq, Lk)``.  bool: True = may attend.
+        float32/float64: added to the scores (``-inf`` masks).  Read in place.
+    weights : {"softmax", "dot"}
+    window : (int, int), optional
+        ``(left, right)``: query i (at key position ``i' = i + Lk - Lq``) sees
+        keys ``i' - left <= j <= i' + right``; -1 = unbounded on that side.
+    softcap : float, optional
+        If > 0, scores become ``softcap * tanh(s / softcap)`` (after scaling).
+    alibi_slopes : array_like, optional
+        One slope per query head (broadcast to the leading dims); adds
+        ``-slope * |i' - j|`` to the scores.
+    return_lse : bool
+        Also return the natural-log log-sum-exp of each row's scores, shape
+        ``(..., Lq)`` (-inf for a row with no visible key). Softmax only.
+    out : ndarray, optional
+        Written in place; must have the exact result shape and dtype.
+    num_threads : int, optional
+        Threads for this call (default: ``fastattn.get_num_threads()``).
+
+    Returns
+    -------
+    ndarray, shape (broadcast(...), Lq, Dv), dtype result_type(q, k, v)
+        A query row with no visible key gives zeros.  With return_lse,
+        the pair ``(out, lse)``.
+    """
+    if not isinstance(weights, str) or weights not in _WEIGHTS:
+        raise ValueError(f"weights must be 'softmax' or 'dot', got {weights!r}")
+    return_lse = _flag(return_lse, "return_lse")
+    if return_lse and weights != "softmax":
+        raise ValueError("return_lse=True needs weights='softmax'")
+    num_threads = _config.resolve_threads(num_threads)
+    sc = _Scores(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, _WEIGHTS[weights])
+    shape = sc.lead + (sc.lq, sc.dv)
+    out = _check_out(out, shape, sc.dtype, sc.originals)
+    lse = np.empty(sc.lead + (sc.lq,), dtype=sc.dtype) if return_lse else None
+    sc.run(_core.KIND_ATTENTION, out, lse, num_threads)
+    return (out, lse) if return_lse else out
+
+
+def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,
+           alibi_slopes=None, out=None, num_threads=None):
+    """The score matrix ``scale * q k^T`` with every option of :func:`attention` applied.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., Lq, D)
+    k : array_like, shape (..., Lk, D)
+    scale, causal, mask, window, softcap, alibi_slopes, num_threads
+        As in :func:`attention` (scale defaults to ``1/sqrt(D)``).
+    out : ndarray, optional
+
+    Returns
+    -------
+    ndarray, shape (broadcast(...), Lq, Lk)
+        Masked entries (mask, causal, window) are ``-inf``.
+    """
+    num_threads = _config.resolve_threads(num_threads)
+    sc = _Scores(q, k, None, scale, causal, mask, window, softcap, alibi_slopes,
+                 _core.WEIGHTS_SOFTMAX)
+    out = _check_out(out, sc.lead + (sc.lq, sc.lk), sc.dtype, sc.originals)
+    sc.run(_core.KIND_SCORES, out, None, num_threads)
+    return out
+
+
+def weighted_sum(w, v, *, out=None, num_threads=None):
+    """Weighted sum of value rows: ``out[..., i, :] = sum_j w[..., i, j] * v[..., j, :]``.
+
+    Parameters
+    ----------
+    w : array_like, shape (..., Lq, Lk)
+    v : array_like, shape (..., Lk, Dv)
+        float32 or float64; leading dimensions broadcast.
+    out : ndarray, optional
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray, shape (broadcast(...), Lq, Dv), dtype result_type(w, v)
+    """
+    num_threads = _config.resolve_threads(num_threads)
+    w = _as_array(w, "w")
+    v = _as_array(v, "v")
+    _check_ndim(w, "w", "(..., Lq, Lk)")
+    _check_ndim(v, "v", "(..., Lk, Dv)")
+    if w.shape[-1] != v.shape[-2]:
+        raise ValueError(f"w's last dim (Lk) must equal v's second to last: w {w.shape}, v {v.shape}")
+    lead = _broadcast([("w", w.shape[:-2]), ("v", v.shape[:-2])])
+    dtype = np.result_type(w, v)
+    lq, lk = w.shape[-2:]
+    dv = v.shape[-1]
+    out = _check_out(out, lead + (lq, dv), dtype, [("w", w), ("v", v)])
+    w = np.asarray(w, dtype=dtype)
+    v = np.asarray(v, dtype=dtype)
+    cols = {
+        _core.E_Q: _lead_offsets(w, lead, 2),
+        _core.E_V: _lead_offsets(v, lead, 2),
+        _core.E_OUT: _lead_offsets(out, lead, 2),
+        _core.E_LQ: lq,
+        _core.E_LK: lk,
+    }
+    _run(_core.KIND_WSUM, dtype, num_threads, lead, cols, 0, dv, w, None, v, out, None, None,
+         _core.MASK_NONE)
+    return out

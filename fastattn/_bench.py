@@ -1,0 +1,159 @@
+"""Benchmark helpers shared by ``python -m fastattn`` and the bench/ suite.
+
+Times are medians of repeated calls on the same inputs.  Everything that is
+compared (fastattn, a plain numpy float32 implementation, PyTorch's
+scaled_dot_product_attention, numpy's float32 matmul as the machine's
+practical throughput ceiling) is timed in the same run, since absolute times
+on a shared machine drift.
+"""
+import contextlib
+import math
+import time
+
+import numpy as np
+
+import fastattn
+
+# (B, H, L, D) prefill shapes, each run non-causal and causal.
+PREFILL_SHAPES = [
+    (1, 8, 1024, 64),
+    (1, 8, 4096, 64),
+    (1, 8, 4096, 128),
+    (4, 16, 512, 64),
+    (1, 32, 2048, 128),
+]
+QUICK_SHAPES = [(1, 8, 1024, 64), (4, 16, 512, 64)]
+MATMUL_N = 2048
+
+
+def attention_flops(b, h, lq, lk, d, causal):
+    """4 B H Lq Lk D multiply-add flops; half of that for causal with Lq == Lk."""
+    flops = 4.0 * b * h * lq * lk * d
+    return flops / 2 if causal and lq == lk else flops
+
+
+def numpy_attention(q, k, v, causal=False):
+    """Plain numpy attention: matmul, softmax, matmul (materialises Lq x Lk)."""
+    d = q.shape[-1]
+    s = q @ np.swapaxes(k, -1, -2)
+    s *= s.dtype.type(1.0 / math.sqrt(d))
+    if causal:
+        lq, lk = s.shape[-2:]
+        hidden = np.arange(lk)[None, :] > np.arange(lq)[:, None] + (lk - lq)
+        s[..., hidden] = -np.inf
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s @ v
+
+
+def median_time(fn, repeat=5, min_time=0.0):
+    """Median wall time of fn() over `repeat` calls (after one warm-up call),
+    repeating further until `min_time` seconds have been spent."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return float(np.median(times))
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Limit numpy's BLAS to n threads when threadpoolctl is available."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def blas_info():
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (threadpoolctl not installed)"
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas":
+            return f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')})"
+    return "unknown"
+
+
+def matmul_gflops(threads, repeat=10):
+    """numpy float32 matmul throughput on a MATMUL_N^2 product."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
+    b = rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
+    with blas_threads(threads):
+        t = median_time(lambda: a @ b, repeat=repeat)
+    return 2.0 * MATMUL_N**3 / t / 1e9
+
+
+def torch_sdpa():
+    """torch.nn.functional.scaled_dot_product_attention, or None without torch."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    return torch, F.scaled_dot_product_attention
+
+
+def make_inputs(b, h, l, d, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((b, h, l, d), dtype=np.float32).astype(dtype) for _ in range(3))
+
+
+def run_prefill(shapes, threads, repeat=5, with_torch=True, with_numpy=True, progress=None):
+    """Time each shape, non-causal and causal; return one dict per row."""
+    torch_mod = torch_sdpa() if with_torch else None
+    rows = []
+    cases = [(shape, causal) for shape in shapes for causal in (False, True)]
+    for n, (shape, causal) in enumerate(cases, 1):
+        b, h, l, d = shape
+        if progress:
+            progress(f"[{n}/{len(cases)}] (B,H,L,D)={shape} causal={causal}")
+        q, k, v = make_inputs(b, h, l, d)
+        out = np.empty_like(q)
+        flops = attention_flops(b, h, l, l, d, causal)
+        row = dict(shape=list(shape), causal=causal, dtype="float32", threads=threads, flops=flops)
+        t = median_time(lambda: fastattn.attention(q, k, v, causal=causal, out=out,
+                                                   num_threads=threads), repeat)
+        row["fastattn_ms"] = t * 1e3
+        if with_numpy:
+            with blas_threads(threads):
+                row["numpy_ms"] = median_time(lambda: numpy_attention(q, k, v, causal), repeat) * 1e3
+        if torch_mod is not None:
+            torch, sdpa = torch_mod
+            saved = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            with torch.inference_mode():
+                row["torch_ms"] = median_time(lambda: sdpa(tq, tk, tv, is_causal=causal), repeat) * 1e3
+            torch.set_num_threads(saved)
+        rows.append(row)
+    return rows
+
+
+def format_prefill(rows, matmul):
+    """A text table: ms and GFLOP/s per implementation, % of matmul, speedups."""
+    header = (f"{'shape (B,H,L,D)':<20} {'causal':<6} {'fastattn ms':>11} {'GFLOP/s':>8} "
+              f"{'% matmul':>8} {'numpy ms':>9} {'x numpy':>8} {'torch ms':>9} {'x torch':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gf = r["flops"] / (r["fastattn_ms"] * 1e-3) / 1e9
+        np_ms = r.get("numpy_ms")
+        th_ms = r.get("torch_ms")
+        lines.append(
+            f"{str(tuple(r['shape'])):<20} {str(r['causal']):<6} {r['fastattn_ms']:>11.2f} {gf:>8.1f} "
+            f"{100 * gf / matmul:>7.0f}% "
+            + (f"{np_ms:>9.2f} {np_ms / r['fastattn_ms']:>7.2f}x " if np_ms else f"{'-':>9} {'-':>8} ")
+            + (f"{th_ms:>9.2f} {th_ms / r['fastattn_ms']:>7.2f}x" if th_ms else f"{'-':>9} {'-':>8}")
+        )
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+# Declarations of the C interface in csrc/fastattn.h, written once.
+from libc.stdint cimport int64_t
+
+cdef extern from "fastattn.h" nogil:
+    enum:
+        FA_OK
+        FA_ERR_NOMEM
+        FA_ERR_INVALID
+        FA_ERR_ISA
+        FA_ISA_GENERIC
+        FA_ISA_AVX2
+        FA_ISA_AVX512
+        FA_ISA_COUNT
+        FA_F32
+        FA_F64
+        FA_MASK_NONE
+        FA_MASK_BOOL
+        FA_MASK_F32
+        FA_MASK_F64
+        FA_WEIGHTS_SOFTMAX
+        FA_WEIGHTS_DOT
+        FA_E_Q
+        FA_E_K
+        FA_E_V
+        FA_E_OUT
+        FA_E_MASK
+        FA_E_LSE
+        FA_E_LQ
+        FA_E_LK
+        FA_E_HEAD
+        FA_ENTRY_FIELDS
+
+    ctypedef struct fa_problem:
+        int dtype
+        int isa
+        int num_threads
+        int64_t n_entries
+        const int64_t *entries
+        int64_t d
+        int64_t dv
+        const void *q
+        const void *k
+        const void *v
+        void *out
+        void *lse
+        int64_t q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, out_rs, out_cs, lse_rs
+        int mask_kind
+        const void *mask
+        int64_t mask_rs, mask_cs
+        int weights
+        double scale
+        int causal
+        int64_t window_left, window_right
+        double softcap
+        const double *alibi_slopes
+
+    int fa_attention(const fa_problem *p)
+    int fa_scores(const fa_problem *p)
+    int fa_weighted_sum(const fa_problem *p)
+    int fa_cpu_isa()
+    const char *fa_isa_name(int isa)
+    int fa_openmp_enabled()
+    int fa_omp_max_threads()
+    const char *fa_compiler()
+    int fa_exp_f32(int isa, const float *x, float *y, int64_t n)

@@ -1,0 +1,315 @@
+"""attention(), scores() and weighted_sum() against the float64 reference,
+on every kernel path, in float32 and float64, over awkward shapes."""
+import numpy as np
+import pytest
+
+import fastattn
+import fastattn.reference as ref
+from util import assert_close, randn
+
+# (q leading dims, k/v leading dims, Lq, Lk, D, Dv).  Lengths straddle the
+# query tile (96) and key tile (64); head dims are not multiples of 16.
+SHAPES = [
+    ((), (), 1, 1, 1, 1),
+    ((), (), 1, 130, 17, 17),
+    ((2,), (2,), 100, 1, 80, 16),
+    ((1, 3), (1, 3), 97, 97, 97, 33),
+    ((2, 3), (2, 3), 100, 130, 17, 23),
+    ((2, 1), (1, 3), 5, 65, 64, 64),  # broadcast both ways
+    ((3,), (), 50, 70, 64, 80),  # k, v shared by every head
+    ((), (), 193, 200, 128, 128),  # two full query tiles and a rest
+    ((1,), (1,), 130, 40, 1, 7),  # Lk < Lq
+]
+
+
+def make_qkv(rng, shape, dtype):
+    lead_q, lead_k, lq, lk, d, dv = shape
+    q = randn(rng, lead_q + (lq, d), dtype)
+    k = randn(rng, lead_k + (lk, d), dtype)
+    v = randn(rng, lead_k + (lk, dv), dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("weights", ["softmax", "dot"])
+def test_attention_matches_reference(isa, dtype, rng, shape, causal, weights):
+    q, k, v = make_qkv(rng, shape, dtype)
+    out = fastattn.attention(q, k, v, causal=causal, weights=weights)
+    expected = ref.attention(q, k, v, causal=causal, weights=weights)
+    assert out.dtype == dtype
+    assert out.shape == expected.shape
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_scores_match_reference(isa, dtype, rng, shape, causal):
+    q, k, _ = make_qkv(rng, shape, dtype)
+    s = fastattn.scores(q, k, causal=causal)
+    assert s.dtype == dtype
+    assert_close(s, ref.scores(q, k, causal=causal))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_weighted_sum_matches_reference(isa, dtype, rng, shape):
+    lead_q, lead_k, lq, lk, _, dv = shape
+    w = randn(rng, lead_q + (lq, lk), dtype)
+    v = randn(rng, lead_k + (lk, dv), dtype)
+    out = fastattn.weighted_sum(w, v)
+    assert out.dtype == dtype
+    assert_close(out, ref.weighted_sum(w, v))
+
+
+def test_scale_argument(isa, dtype, rng):
+    q, k, v = make_qkv(rng, ((2,), (2,), 33, 47, 19, 5), dtype)
+    for weights in ("softmax", "dot"):
+        out = fastattn.attention(q, k, v, scale=0.37, weights=weights)
+        assert_close(out, ref.attention(q, k, v, scale=0.37, weights=weights))
+    assert_close(fastattn.scores(q, k, scale=-2.0), ref.scores(q, k, scale=-2.0))
+
+
+def test_default_scales(rng):
+    q, k, v = make_qkv(rng, ((), (), 4, 6, 16, 3), np.float64)
+    s = fastattn.scores(q, k)
+    assert_close(s, (q @ k.T) / 4.0)
+    dot = fastattn.attention(q, k, v, weights="dot")
+    assert_close(dot, (q @ k.T) @ v)  # plain dot-product weighting: scale 1
+
+
+# ---- masks -----------------------------------------------------------------------
+
+MASK_SHAPES = [(7, 75), (1, 75), (7, 1), (2, 1, 7, 75), (3, 1, 75), (75,), ()]
+
+
+@pytest.mark.parametrize("mshape", MASK_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "float32", "float64"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks(isa, dtype, rng, mshape, kind, causal):
+    q, k, v = make_qkv(rng, ((2, 3), (2, 3), 7, 75, 24, 9), dtype)
+    if kind == "bool":
+        mask = rng.random(mshape) < 0.7
+    else:
+        mask = rng.standard_normal(mshape).astype(kind)
+        mask[rng.random(mshape) < 0.2] = -np.inf
+    out = fastattn.attention(q, k, v, mask=mask, causal=causal)
+    assert_close(out, ref.attention(q, k, v, mask=mask, causal=causal))
+    dot = fastattn.attention(q, k, v, mask=mask, causal=causal, weights="dot")
+    assert_close(dot, ref.attention(q, k, v, mask=mask, causal=causal, weights="dot"))
+    s = fastattn.scores(q, k, mask=mask, causal=causal)
+    assert_close(s, ref.scores(q, k, mask=mask, causal=causal))
+
+
+def test_mask_broadcasts_leading_dims(rng, dtype):
+    q, k, v = make_qkv(rng, ((3,), (3,), 6, 8, 4, 4), dtype)
+    mask = rng.random((2, 1, 6, 8)) < 0.5
+    out = fastattn.attention(q, k, v, mask=mask)
+    assert out.shape == (2, 3, 6, 4)
+    assert_close(out, ref.attention(q, k, v, mask=mask))
+
+
+def test_mask_is_read_through_strides(rng):
+    """A large strided mask view is used in place (result matches, nothing copied)."""
+    q, k, v = make_qkv(rng, ((), (), 40, 50, 8, 8), np.float32)
+    big = rng.random((80, 150)) < 0.6
+    mask = big[::2, ::3]
+    assert not mask.flags.c_contiguous
+    assert_close(fastattn.attention(q, k, v, mask=mask), ref.attention(q, k, v, mask=mask))
+
+
+def test_fully_masked_rows_give_zeros(isa, dtype, rng):
+    q, k, v = make_qkv(rng, ((2,), (2,), 9, 70, 16, 5), dtype)
+    mask = rng.random((9, 70)) < 0.5
+    mask[[0, 4, 8]] = False
+    out, lse = fastattn.attention(q, k, v, mask=mask, return_lse=True)
+    assert np.all(out[:, [0, 4, 8]] == 0)
+    assert np.all(np.isneginf(lse[:, [0, 4, 8]]))
+    assert_close(out, ref.attention(q, k, v, mask=mask))
+    fmask = np.where(mask, 0.0, -np.inf)
+    assert_close(fastattn.attention(q, k, v, mask=fmask), ref.attention(q, k, v, mask=mask))
+
+
+def test_causal_is_bottom_right_aligned(dtype, rng):
+    """With Lq < Lk the last query sees every key (a decode step)."""
+    q, k, v = make_qkv(rng, ((), (), 3, 10, 8, 4), dtype)
+    s = fastattn.scores(q, k, causal=True)
+    visible = np.isfinite(s)
+    assert visible[2].all()
+    assert visible[0, :8].all() and not visible[0, 8:].any()
+    full = fastattn.attention(q, k, v)
+    assert_close(fastattn.attention(q, k, v, causal=True)[2], full[2])
+    # Lq > Lk: the first Lq - Lk rows see nothing and give zeros
+    q2, k2, v2 = make_qkv(rng, ((), (), 10, 3, 8, 4), dtype)
+    out = fastattn.attention(q2, k2, v2, causal=True)
+    assert np.all(out[:7] == 0)
+    assert_close(out, ref.attention(q2, k2, v2, causal=True))
+
+
+# ---- empty and degenerate sizes --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "qs, ks, vs",
+    [
+        ((0, 8), (5, 8), (5, 3)),  # no queries
+        ((4, 8), (0, 8), (0, 3)),  # no keys: zeros
+        ((0, 4, 8), (0, 5, 8), (0, 5, 3)),  # empty batch
+        ((4, 0), (5, 0), (5, 3)),  # D = 0: uniform weights
+        ((4, 8), (5, 8), (5, 0)),  # Dv = 0
+    ],
+)
+def test_empty_sizes(dtype, qs, ks, vs):
+    rng = np.random.default_rng(1)
+    q, k, v = (randn(rng, s, dtype) for s in (qs, ks, vs))
+    for weights in ("softmax", "dot"):
+        out = fastattn.attention(q, k, v, weights=weights)
+        expected = ref.attention(q, k, v, weights=weights)
+        assert out.shape == expected.shape
+        assert_close(out, expected)
+    s = fastattn.scores(q, k)
+    assert s.shape == ref.scores(q, k).shape
+    assert_close(s, ref.scores(q, k))
+
+
+# ---- layouts, dtypes, out= -------------------------------------------------------
+
+
+def test_non_contiguous_inputs(isa, dtype, rng):
+    # (B, L, H, D) memory viewed as (B, H, L, D); a step slice; reversed rows; Fortran order
+    q = randn(rng, (2, 40, 3, 20), dtype).transpose(0, 2, 1, 3)
+    k = randn(rng, (2, 3, 110, 40), dtype)[:, :, ::2, ::2]
+    v = np.asfortranarray(randn(rng, (2, 3, 55, 11), dtype))[:, :, ::-1, :]
+    mask = (rng.random((55, 40)) < 0.8).T
+    for causal in (False, True):
+        out = fastattn.attention(q, k, v, causal=causal, mask=mask)
+        assert_close(out, ref.attention(q, k, v, causal=causal, mask=mask))
+    w = randn(rng, (2, 3, 55, 40), dtype).swapaxes(-1, -2)
+    assert_close(fastattn.weighted_sum(w, v), ref.weighted_sum(w, v))
+
+
+def test_read_only_inputs_are_not_modified(dtype, rng):
+    q, k, v = make_qkv(rng, ((2,), (2,), 30, 70, 16, 8), dtype)
+    mask = rng.random((30, 70)) < 0.5
+    copies = [a.copy() for a in (q, k, v, mask)]
+    for a in (q, k, v, mask):
+        a.flags.writeable = False
+    out = fastattn.attention(q, k, v, mask=mask, causal=True)
+    fastattn.scores(q, k, mask=mask)
+    fastattn.weighted_sum(q @ k.swapaxes(-1, -2), v)
+    for a, c in zip((q, k, v, mask), copies):
+        assert np.array_equal(a, c)
+    assert_close(out, ref.attention(q, k, v, mask=mask, causal=True))
+
+
+def test_mixed_dtypes_follow_result_type(rng):
+    q = randn(rng, (5, 8), np.float32)
+    k = randn(rng, (6, 8), np.float64)
+    v = randn(rng, (6, 3), np.float32)
+    out = fastattn.attention(q, k, v)
+    assert out.dtype == np.float64
+    assert_close(out, ref.attention(q, k, v))
+
+
+def test_array_likes_are_accepted():
+    q = [[0.1, 0.2], [0.3, -0.4]]
+    out = fastattn.attention(q, q, q)
+    assert out.dtype == np.float64
+    assert_close(out, ref.attention(q, q, q))
+
+
+def test_out_argument(dtype, rng):
+    q, k, v = make_qkv(rng, ((2,), (2,), 30, 40, 16, 8), dtype)
+    out = np.full((2, 30, 8), np.nan, dtype=dtype)
+    res = fastattn.attention(q, k, v, out=out)
+    assert res is out
+    assert_close(out, ref.attention(q, k, v))
+    # a strided out (every other column of a wider buffer)
+    buf = np.zeros((2, 30, 16), dtype=dtype)
+    fastattn.attention(q, k, v, out=buf[..., ::2])
+    assert_close(buf[..., ::2], ref.attention(q, k, v))
+    assert np.all(buf[..., 1::2] == 0)
+    sbuf = np.empty((2, 30, 40), dtype=dtype)
+    assert fastattn.scores(q, k, out=sbuf) is sbuf
+    wbuf = np.empty((2, 30, 8), dtype=dtype)
+    assert fastattn.weighted_sum(sbuf, v, out=wbuf) is wbuf
+
+
+# ---- options of the fused kernel -----------------------------------------------
+
+
+@pytest.mark.parametrize("window", [(0, 0), (5, -1), (-1, 3), (20, 7), (70, 70)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window(isa, dtype, rng, window, causal):
+    q, k, v = make_qkv(rng, ((2,), (2,), 150, 170, 16, 8), dtype)
+    out = fastattn.attention(q, k, v, window=window, causal=causal)
+    assert_close(out, ref.attention(q, k, v, window=window, causal=causal))
+
+
+def test_softcap_alibi_and_lse(isa, dtype, rng):
+    q, k, v = make_qkv(rng, ((2, 4), (2, 4), 70, 90, 24, 8), dtype)
+    q *= 3
+    slopes = 2.0 ** -np.arange(1, 5)
+    mask = rng.random((70, 90)) < 0.8
+    kw = dict(softcap=2.5, alibi_slopes=slopes, mask=mask, causal=True)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **kw)
+    rout, rlse = ref.attention(q, k, v, return_lse=True, **kw)
+    assert lse.shape == (2, 4, 70) and lse.dtype == dtype
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    assert_close(fastattn.scores(q, k, **kw), ref.scores(q, k, **kw))
+
+
+def test_grouped_query_heads(isa, dtype, rng):
+    q = randn(rng, (2, 8, 33, 16), dtype)
+    k = randn(rng, (2, 2, 50, 16), dtype)
+    v = randn(rng, (2, 2, 50, 12), dtype)
+    out = fastattn.attention(q, k, v, causal=True)
+    expected = ref.attention(q, np.repeat(k, 4, axis=1), np.repeat(v, 4, axis=1), causal=True)
+    assert_close(out, expected)
+    assert_close(out, ref.attention(q, k, v, causal=True))
+
+
+# ---- threads -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bitwise_identical_across_thread_counts(isa, dtype, rng, causal):
+    q, k, v = make_qkv(rng, ((2, 3), (2, 3), 300, 310, 40, 24), dtype)
+    mask = rng.random((300, 310)) < 0.9
+    one = fastattn.attention(q, k, v, causal=causal, mask=mask, num_threads=1)
+    two = fastattn.attention(q, k, v, causal=causal, mask=mask, num_threads=2)
+    three = fastattn.attention(q, k, v, causal=causal, mask=mask, num_threads=3)
+    assert np.array_equal(one, two) and np.array_equal(one, three)
+    assert np.array_equal(one, fastattn.attention(q, k, v, causal=causal, mask=mask, num_threads=2))
+    s1 = fastattn.scores(q, k, num_threads=1)
+    assert np.array_equal(s1, fastattn.scores(q, k, num_threads=2))
+
+
+def test_num_threads_setting():
+    default = fastattn.get_num_threads()
+    assert default >= 1
+    try:
+        fastattn.set_num_threads(1)
+        assert fastattn.get_num_threads() == 1
+        fastattn.set_num_threads(3)
+        assert fastattn.get_num_threads() == 3
+    finally:
+        fastattn.set_num_threads(None)
+    assert fastattn.get_num_threads() == default
+
+
+def test_threadpoolctl_limits_apply():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    fastattn.set_num_threads(None)
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert fastattn.get_num_threads() == 1
+
+
+def test_isa_selection():
+    paths = fastattn.available_isas()
+    assert paths[0] == "generic"
+    assert fastattn.get_isa() in paths
+    with fastattn.use_isa("generic"):
+        assert fastattn.get_isa() == "generic"
+    with pytest.raises(ValueError, match="isa"):
+        fastattn.set_isa("sse9")

@@ -1,0 +1,35 @@
+"""python -m fastattn: the main job and the benchmark table run and report."""
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "fastattn", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_main_job_checks_and_times():
+    res = run("--shape", "1", "2", "128", "32", "--repeat", "1")
+    assert res.returncode == 0, res.stderr
+    assert "kernel path" in res.stdout
+    assert "FAILED" not in res.stdout
+    assert res.stdout.count(": ok") >= 1
+    assert "non-causal GFLOP/s" in res.stdout and "speedup" in res.stdout
+
+
+def test_bench_table_and_json(tmp_path):
+    path = tmp_path / "bench.json"
+    res = run("bench", "--shape", "1", "2", "128", "32", "--repeat", "1", "--no-torch",
+              "--json", str(path), "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    assert "% matmul" in res.stdout and "GFLOP/s" in res.stdout
+    data = json.loads(path.read_text())
+    assert data["threads"] == 1 and data["matmul_gflops"] > 0
+    assert [r["causal"] for r in data["prefill"]] == [False, True]
+    assert all(r["fastattn_ms"] > 0 and r["numpy_ms"] > 0 for r in data["prefill"])
+
+
+def test_config_command():
+    res = run("config")
+    assert res.returncode == 0 and "OpenMP" in res.stdout

@@ -1,0 +1,48 @@
+"""Shared test helpers: the tolerance table and input generators."""
+import numpy as np
+
+# Tolerances per dtype, applied as |actual - expected| <= ATOL * mag + RTOL * |expected|,
+# where mag = max(1, max |expected|) over the finite entries.  They follow from each
+# dtype's unit roundoff u (2**-24 for float32, 2**-53 for float64): a fused kernel's
+# sums of up to a few thousand terms with O(1) inputs stay within ~100 u of the
+# largest magnitude involved.
+TOLERANCES = {
+    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5),  # ~170 u
+    np.dtype(np.float64): dict(rtol=1e-12, atol=1e-12),  # ~4500 u; typically 10 u
+}
+
+
+def tolerance(dtype):
+    return TOLERANCES[np.dtype(dtype)]
+
+
+def assert_close(actual, expected, dtype=None, mag=None):
+    """Compare with the tolerance of `dtype` (default actual's dtype).
+
+    Infinite entries must match exactly, NaNs must sit in the same places.
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    tol = tolerance(dtype if dtype is not None else actual.dtype)
+    a = actual.astype(np.float64)
+    nan_a, nan_e = np.isnan(a), np.isnan(expected)
+    assert np.array_equal(nan_a, nan_e), "NaNs differ"
+    inf_e = np.isinf(expected)
+    assert np.array_equal(a[inf_e], expected[inf_e]), "infinite entries differ"
+    finite = ~(inf_e | nan_e)
+    assert np.all(np.isfinite(a[finite])), "non-finite value where the reference is finite"
+    if mag is None:
+        mag = max(1.0, float(np.max(np.abs(expected[finite]), initial=0.0)))
+    err = np.abs(a[finite] - expected[finite])
+    bound = tol["atol"] * mag + tol["rtol"] * np.abs(expected[finite])
+    if err.size and not np.all(err <= bound):
+        worst = int(np.argmax(err - bound))
+        raise AssertionError(
+            f"max error {err.max():.3e} exceeds tolerance ({tol}, magnitude {mag:.3g}); "
+            f"worst entry {a[finite][worst]!r} vs {expected[finite][worst]!r}"
+        )
+
+
+def randn(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
