@@ -11,13 +11,13 @@
 
 /*
  * Tile sizes.  A work item is FA_BQ query rows of one entry; keys are visited
- * FA_BK at a time.  FA_BK keys of a packed K^T tile at head dim 128 take
- * 32 KiB in float32 (one L1D); the FA_BQ x FA_BK score tile (24 KiB) and the
- * FA_BQ x Dv accumulator (48 KiB at Dv = 128) stay in L2.  FA_BQ is a
- * multiple of every path's micro-kernel row count (6 and 4); FA_BK a
- * multiple of every path's micro-kernel width (64, 32, 16, 8, 4).
+ * FA_BK at a time.  FA_BQ is a multiple of every path's micro-kernel width
+ * (64 floats for AVX-512; 32, 16, 8 and 4 for the others), so the packed
+ * Q^T block the score micro-kernel sweeps (D x 64 floats: 32 KiB at D = 128)
+ * stays in L1D while K rows stream past it.  The score tile (FA_BK x FA_BQ,
+ * 16 KiB) and the accumulator (FA_BQ x Dv, 32 KiB at Dv = 128) stay in L2.
  */
-#define FA_BQ 96
+#define FA_BQ 64
 #define FA_BK 64
 
 /* Largest register tile of any path (rows x vectors). */

@@ -1,19 +1,23 @@
 /*
  * fa_kernel_impl.h - the blocked attention kernels, written once.
  *
- * Included by each path file (fa_path_*.c) once per element type, after
+ * Included by fa_path_instances.h once per element type and path, after
  * fa_vec.h has defined the vector vocabulary, with:
  *   FA_T        float or double
  *   FA_SUFFIX   name suffix of this instance, e.g. f32_avx512
  *
- * A work item is up to FA_BQ query rows of one entry.  For attention it
- *   packs scale*Q once, then for each FA_BK-key tile the rows may see:
- *   packs K^T and V, computes the score tile with the Q.K^T micro-kernel,
- *   applies soft-cap, ALiBi, mask and causal/window bounds, updates the
- *   running row max and sum (online softmax) and accumulates P.V into a
- *   row-block accumulator that is rescaled as the max grows.
- * Nothing of size Lq x Lk is ever allocated: scratch is per thread and of
- * size O(FA_BQ x (D + Dv) + FA_BK x (D + Dv)).
+ * Layout.  A work item is up to FA_BQ query rows of one entry.  Its queries
+ * are packed once, transposed and pre-scaled (qt: D x FA_BQ), so the score
+ * tile is computed as S^T = K . Q^T: the micro-kernel broadcasts elements of
+ * K rows, read in place, against vectors of FA_W queries.  With queries
+ * along the vector lanes, the online softmax needs no horizontal reductions:
+ * the row max, the exponentials, the row sum and the rescale factor of
+ * FA_W queries are each one vector operation per key.  P.V then broadcasts
+ * weights (contiguous in P^T) against vectors of V rows, again read in place.
+ * K and V are copied into scratch only when their layout requires it.
+ *
+ * Nothing of size Lq x Lk is ever allocated: scratch is per thread,
+ * O(FA_BQ x (D + Dv) + FA_BK x (FA_BQ + D + Dv)).
  */
 
 #include <math.h>
@@ -34,10 +38,10 @@
 #define FA_NVW (FA_NV * FA_W)
 
 typedef struct {
-    FA_T *qp;    /* FA_BQ x d: scale * Q rows of the item */
-    FA_T *kt;    /* d x FA_BK: K^T of the current key tile */
-    FA_T *vp;    /* FA_BK x dvp: V of the current key tile */
-    FA_T *s;     /* FA_BQ x FA_BK: scores, then weights */
+    FA_T *qt;    /* d x FA_BQ: scale * Q^T of the item, zero past its rows */
+    FA_T *kp;    /* FA_BK x d: K rows, when they cannot be read in place */
+    FA_T *vp;    /* FA_BK x dvp: V rows, when they cannot be read in place */
+    FA_T *st;    /* FA_BK x FA_BQ: scores S^T, then weights P^T */
     FA_T *o;     /* FA_BQ x dvp: output accumulator */
     FA_T *rmax;  /* FA_BQ: running row max */
     FA_T *rsum;  /* FA_BQ: running row sum of exp */
@@ -54,19 +58,19 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     const int64_t al = 64 / (int64_t)sizeof(FA_T);
     const int64_t limit = (INT64_MAX / 4) / (int64_t)sizeof(FA_T) / (FA_BQ + FA_BK);
     if (d > limit || dvp > limit) return -1;
-    const int64_t n_qp = fa_roundup64(FA_BQ * d, al), n_kt = fa_roundup64(d * FA_BK, al);
-    const int64_t n_vp = fa_roundup64(FA_BK * dvp, al), n_s = FA_BQ * FA_BK;
+    const int64_t n_qt = fa_roundup64(d * FA_BQ, al), n_kp = fa_roundup64(FA_BK * d, al);
+    const int64_t n_vp = fa_roundup64(FA_BK * dvp, al), n_st = FA_BK * FA_BQ;
     const int64_t n_o = fa_roundup64(FA_BQ * dvp, al), n_r = fa_roundup64(FA_BQ, al);
-    const int64_t total = n_qp + n_kt + n_vp + n_s + n_o + 3 * n_r;
+    const int64_t total = n_qt + n_kp + n_vp + n_st + n_o + 3 * n_r;
     if ((uint64_t)total > (uint64_t)SIZE_MAX / sizeof(FA_T)) return -1;
     FA_T *b = (FA_T *)aligned_alloc(64, (size_t)total * sizeof(FA_T));
     if (!b) return -1;
     w->block = b;
-    w->qp = b;
-    w->kt = w->qp + n_qp;
-    w->vp = w->kt + n_kt;
-    w->s = w->vp + n_vp;
-    w->o = w->s + n_s;
+    w->qt = b;
+    w->kp = w->qt + n_qt;
+    w->vp = w->kp + n_kp;
+    w->st = w->vp + n_vp;
+    w->o = w->st + n_st;
     w->rmax = w->o + n_o;
     w->rsum = w->rmax + n_r;
     w->alpha = w->rsum + n_r;
@@ -76,46 +80,48 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
 
 /* ---- micro-kernels ------------------------------------------------------ */
 
-/* s[r][c] = sum_k qp[r][k] * kt[k][c] for r < mr, c < nv * FA_W. */
-FA_INLINE void FN(qk_mk)(const int mr, const int nv, int64_t d, const FA_T *qp, int64_t ldq,
-                         const FA_T *kt, int64_t ldk, FA_T *s, int64_t lds)
+/* c[r][x] = sum_k a[r][k] * b[k][x] for r < mr, x < nv * FA_W
+ * (a: rows of K, b: Q^T; c: rows of S^T). */
+FA_INLINE void FN(qk_mk)(const int mr, const int nv, int64_t d, const FA_T *a, int64_t lda,
+                         const FA_T *b, int64_t ldb, FA_T *c, int64_t ldc)
 {
     fa_vec acc[FA_MR_MAX][FA_NV_MAX];
     FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int v = 0; v < nv; v++) acc[r][v] = VZERO();
     for (int64_t k = 0; k < d; k++) {
-        fa_vec b[FA_NV_MAX];
-        FA_UNROLL for (int v = 0; v < nv; v++) b[v] = VLOAD(kt + k * ldk + v * FA_W);
+        fa_vec bv[FA_NV_MAX];
+        FA_UNROLL for (int v = 0; v < nv; v++) bv[v] = VLOAD(b + k * ldb + v * FA_W);
         FA_UNROLL for (int r = 0; r < mr; r++)
         {
-            const fa_vec a = VBCAST(qp[r * ldq + k]);
-            FA_UNROLL for (int v = 0; v < nv; v++) acc[r][v] = VFMA(a, b[v], acc[r][v]);
+            const fa_vec av = VBCAST(a[r * lda + k]);
+            FA_UNROLL for (int v = 0; v < nv; v++) acc[r][v] = VFMA(av, bv[v], acc[r][v]);
         }
     }
     FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int v = 0; v < nv; v++)
-        VSTORE(s + r * lds + v * FA_W, acc[r][v]);
+        VSTORE(c + r * ldc + v * FA_W, acc[r][v]);
 }
 
-/* o[r][c] = alpha[r] * o[r][c] + sum_j p[r][j] * vp[j][c] for r < mr, c < nv * FA_W. */
-FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *p, int64_t ldp,
-                         const FA_T *vp, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
+/* o[r][x] = alpha[r] * o[r][x] + sum_j pt[j][r] * v[j][x] for r < mr,
+ * x < nv * FA_W (pt: weights transposed, P^T). */
+FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt, int64_t ldp,
+                         const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
 {
     fa_vec acc[FA_MR_MAX][FA_NV_MAX];
     FA_UNROLL for (int r = 0; r < mr; r++)
     {
         const fa_vec a = VBCAST(alpha[r]);
-        FA_UNROLL for (int v = 0; v < nv; v++) acc[r][v] = VMUL(a, VLOAD(o + r * ldo + v * FA_W));
+        FA_UNROLL for (int x = 0; x < nv; x++) acc[r][x] = VMUL(a, VLOAD(o + r * ldo + x * FA_W));
     }
     for (int64_t j = 0; j < bk; j++) {
-        fa_vec b[FA_NV_MAX];
-        FA_UNROLL for (int v = 0; v < nv; v++) b[v] = VLOAD(vp + j * ldv + v * FA_W);
+        fa_vec bv[FA_NV_MAX];
+        FA_UNROLL for (int x = 0; x < nv; x++) bv[x] = VLOAD(v + j * ldv + x * FA_W);
         FA_UNROLL for (int r = 0; r < mr; r++)
         {
-            const fa_vec a = VBCAST(p[r * ldp + j]);
-            FA_UNROLL for (int v = 0; v < nv; v++) acc[r][v] = VFMA(a, b[v], acc[r][v]);
+            const fa_vec a = VBCAST(pt[j * ldp + r]);
+            FA_UNROLL for (int x = 0; x < nv; x++) acc[r][x] = VFMA(a, bv[x], acc[r][x]);
         }
     }
-    FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int v = 0; v < nv; v++)
-        VSTORE(o + r * ldo + v * FA_W, acc[r][v]);
+    FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int x = 0; x < nv; x++)
+        VSTORE(o + r * ldo + x * FA_W, acc[r][x]);
 }
 
 /* Run a micro-kernel with compile-time tile sizes: (mr, nv) selects one of
@@ -149,66 +155,35 @@ FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *p, 
     default: break;                                                                                 \
     }
 
-static void FN(qk_block)(int mr, int nv, int64_t d, const FA_T *qp, int64_t ldq, const FA_T *kt,
-                         int64_t ldk, FA_T *s, int64_t lds)
+static void FN(qk_block)(int mr, int nv, int64_t d, const FA_T *a, int64_t lda, const FA_T *b,
+                         int64_t ldb, FA_T *c, int64_t ldc)
 {
 #define FA_QK_CALL(m, n)                                                                            \
-    if ((m) <= FA_MR && (n) <= FA_NV) FN(qk_mk)((m), (n), d, qp, ldq, kt, ldk, s, lds)
+    if ((m) <= FA_MR && (n) <= FA_NV) FN(qk_mk)((m), (n), d, a, lda, b, ldb, c, ldc)
     FA_TILE_SWITCH(mr, nv, FA_QK_CALL)
 #undef FA_QK_CALL
 }
 
-static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *p, int64_t ldp, const FA_T *vp,
+static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp, const FA_T *v,
                          int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
 {
 #define FA_PV_CALL(m, n)                                                                            \
-    if ((m) <= FA_MR && (n) <= FA_NV) FN(pv_mk)((m), (n), bk, p, ldp, vp, ldv, o, ldo, alpha)
+    if ((m) <= FA_MR && (n) <= FA_NV) FN(pv_mk)((m), (n), bk, pt, ldp, v, ldv, o, ldo, alpha)
     FA_TILE_SWITCH(mr, nv, FA_PV_CALL)
 #undef FA_PV_CALL
 }
 
-/* ---- packing ------------------------------------------------------------ */
+/* ---- operands ----------------------------------------------------------- */
 
 #define FA_AT(base, off) (*(const FA_T *)((const char *)(base) + (off)))
 
-/* qp[r][c] = scale * q[row0 + r][c] */
-static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, FA_T *qp,
-                       FA_T scale)
+/* Can rows of this array be read in place as contiguous vectors of FA_T? */
+static inline int FN(rows_in_place)(int64_t rs, int64_t cs)
 {
-    const int64_t d = p->d;
-    for (int64_t r = 0; r < bq; r++) {
-        const char *row = (const char *)p->q + e[FA_E_Q] + (row0 + r) * p->q_rs;
-        FA_T *dst = qp + r * d;
-        if (p->q_cs == (int64_t)sizeof(FA_T)) {
-            const FA_T *src = (const FA_T *)row;
-            for (int64_t c = 0; c < d; c++) dst[c] = scale * src[c];
-        } else {
-            for (int64_t c = 0; c < d; c++) dst[c] = scale * FA_AT(row, c * p->q_cs);
-        }
-    }
+    return cs == (int64_t)sizeof(FA_T) && rs % (int64_t)sizeof(FA_T) == 0;
 }
 
-/* kt[c][j] = k[k0 + j][c] for j < bk; columns bk..ncols are zero. */
-static void FN(pack_kt)(const fa_problem *p, const int64_t *e, int64_t k0, int64_t bk, int64_t ncols,
-                        FA_T *kt)
-{
-    const int64_t d = p->d;
-    for (int64_t j = 0; j < bk; j++) {
-        const char *row = (const char *)p->k + e[FA_E_K] + (k0 + j) * p->k_rs;
-        if (p->k_cs == (int64_t)sizeof(FA_T)) {
-            const FA_T *src = (const FA_T *)row;
-            for (int64_t c = 0; c < d; c++) kt[c * FA_BK + j] = src[c];
-        } else {
-            for (int64_t c = 0; c < d; c++) kt[c * FA_BK + j] = FA_AT(row, c * p->k_cs);
-        }
-    }
-    if (bk < ncols)
-        for (int64_t c = 0; c < d; c++)
-            for (int64_t j = bk; j < ncols; j++) kt[c * FA_BK + j] = 0;
-}
-
-/* vp[j][c] = v[k0 + j][c] for c < dv; columns dv..dvp are zero.  The base
- * pointer and strides are passed so fa_weighted_sum's w can reuse this. */
+/* dst[j][c] = src[r0 + j][c] for c < nc, zero for nc <= c < ld. */
 static void FN(pack_rows)(const void *base, int64_t off, int64_t rs, int64_t cs, int64_t r0, int64_t nr,
                           int64_t nc, FA_T *dst, int64_t ld)
 {
@@ -224,24 +199,51 @@ static void FN(pack_rows)(const void *base, int64_t off, int64_t rs, int64_t cs,
     }
 }
 
+/* dst[c][r] = scale * src[r0 + r][c] for r < nr, c < nc; zero for nr <= r < nrp.
+ * Packs Q^T (and, for fa_weighted_sum, W^T). */
+static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64_t cs, int64_t r0,
+                                int64_t nr, int64_t nrp, int64_t nc, FA_T scale, FA_T *dst, int64_t ld)
+{
+    for (int64_t r = 0; r < nr; r++) {
+        const char *row = (const char *)base + off + (r0 + r) * rs;
+        for (int64_t c = 0; c < nc; c++) dst[c * ld + r] = scale * FA_AT(row, c * cs);
+    }
+    for (int64_t c = 0; c < nc; c++)
+        for (int64_t r = nr; r < nrp; r++) dst[c * ld + r] = 0;
+}
+
+/* Rows k0 .. k0 + bk of K (or V) as a pointer to FA_T rows and their
+ * leading dimension: in place when possible, else packed into buf. */
+static const FA_T *FN(key_rows)(const void *base, int64_t off, int64_t rs, int64_t cs, int64_t k0,
+                                int64_t bk, int64_t n, int64_t np, FA_T *buf, int64_t *ld)
+{
+    if (n == np && FN(rows_in_place)(rs, cs)) {
+        *ld = rs / (int64_t)sizeof(FA_T);
+        return (const FA_T *)((const char *)base + off + k0 * rs);
+    }
+    FN(pack_rows)(base, off, rs, cs, k0, bk, n, buf, np);
+    *ld = np;
+    return buf;
+}
+
 /* ---- score tile --------------------------------------------------------- */
 
-/* Options that act on one row of scores s[0..bk) (keys k0..k0+bk) of query
- * row i: soft-cap, ALiBi, the mask, then causal/window bounds (-inf). */
-static void FN(score_row)(const fa_problem *p, const int64_t *e, int64_t i, int64_t k0, int64_t bk,
-                          FA_T *s)
+/* Options that act on query row i's scores s[j * ld], j < bk (keys k0 + j):
+ * soft-cap, ALiBi, the mask; then causal/window bounds (-inf). */
+static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t i, int64_t k0, int64_t bk,
+                              FA_T *s, int64_t ld, int bounds)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
     if (p->softcap > 0) {
         const FA_T cap = (FA_T)p->softcap, inv = (FA_T)(1.0 / p->softcap);
-        for (int64_t j = 0; j < bk; j++) s[j] = cap * (FA_T)tanh((double)(s[j] * inv));
+        for (int64_t j = 0; j < bk; j++) s[j * ld] = cap * (FA_T)tanh((double)(s[j * ld] * inv));
     }
     if (p->alibi_slopes) {
         const FA_T slope = (FA_T)p->alibi_slopes[e[FA_E_HEAD]];
         const int64_t pos = i + lk - lq;
         for (int64_t j = 0; j < bk; j++) {
             const int64_t dist = pos - (k0 + j);
-            s[j] -= slope * (FA_T)(dist < 0 ? -dist : dist);
+            s[j * ld] -= slope * (FA_T)(dist < 0 ? -dist : dist);
         }
     }
     if (p->mask_kind != FA_MASK_NONE) {
@@ -250,98 +252,102 @@ static void FN(score_row)(const fa_problem *p, const int64_t *e, int64_t i, int6
         switch (p->mask_kind) {
         case FA_MASK_BOOL:
             for (int64_t j = 0; j < bk; j++)
-                if (!m[j * cs]) s[j] = -INFINITY;
+                if (!m[j * cs]) s[j * ld] = (FA_T)-INFINITY;
             break;
         case FA_MASK_F32:
-            for (int64_t j = 0; j < bk; j++) s[j] += (FA_T) * (const float *)(m + j * cs);
+            for (int64_t j = 0; j < bk; j++) s[j * ld] += (FA_T) * (const float *)(m + j * cs);
             break;
         case FA_MASK_F64:
-            for (int64_t j = 0; j < bk; j++) s[j] += (FA_T) * (const double *)(m + j * cs);
+            for (int64_t j = 0; j < bk; j++) s[j * ld] += (FA_T) * (const double *)(m + j * cs);
             break;
         default: break;
         }
     }
-    int64_t lo, hi;
-    fa_row_range(p, i, lq, lk, &lo, &hi);
-    const int64_t a = fa_min64(fa_max64(lo - k0, 0), bk), b = fa_max64(fa_min64(hi - k0, bk), 0);
-    for (int64_t j = 0; j < a; j++) s[j] = -INFINITY;
-    for (int64_t j = (b > a ? b : a); j < bk; j++) s[j] = -INFINITY;
+    if (bounds) {
+        int64_t lo, hi;
+        fa_row_range(p, i, lq, lk, &lo, &hi);
+        const int64_t a = fa_min64(fa_max64(lo - k0, 0), bk), b = fa_max64(fa_min64(hi - k0, bk), a);
+        for (int64_t j = 0; j < a; j++) s[j * ld] = (FA_T)-INFINITY;
+        for (int64_t j = b; j < bk; j++) s[j * ld] = (FA_T)-INFINITY;
+    }
 }
 
-/* s = (packed, scaled q rows) . K[k0:k0+bk]^T with every score option applied. */
+/* st (bk x FA_BQ) = K[k0 : k0 + bk] . qt, with every score option applied. */
 static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
                            int64_t bq, int64_t k0, int64_t bk)
 {
-    const int64_t ncols = fa_roundup64(bk, FA_NVW);
-    FN(pack_kt)(p, e, k0, bk, ncols, w->kt);
-    for (int64_t cb = 0; cb < ncols; cb += FA_NVW)
-        for (int64_t r = 0; r < bq; r += FA_MR)
-            FN(qk_block)((int)fa_min64(FA_MR, bq - r), FA_NV, p->d, w->qp + r * p->d, p->d, w->kt + cb,
-                         FA_BK, w->s + r * FA_BK + cb, FA_BK);
-    for (int64_t r = 0; r < bq; r++) FN(score_row)(p, e, row0 + r, k0, bk, w->s + r * FA_BK);
+    const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
+    int64_t ldk;
+    const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
+    for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
+        const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
+        for (int64_t j = 0; j < bk; j += FA_MR)
+            FN(qk_block)((int)fa_min64(FA_MR, bk - j), nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ,
+                         w->st + j * FA_BQ + cb, FA_BQ);
+    }
+    /* The causal/window bounds matter only where the tile is not visible to
+     * every row: bounds grow with the row, so check the first and last row. */
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    int64_t lo_last, hi_first, unused;
+    fa_row_range(p, row0, lq, lk, &unused, &hi_first);
+    fa_row_range(p, row0 + bq - 1, lq, lk, &lo_last, &unused);
+    const int bounds = k0 < lo_last || k0 + bk > hi_first;
+    if (bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)
+        for (int64_t r = 0; r < bq; r++) FN(score_options)(p, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds);
 }
 
-/* o[0..bq) = alpha * o + s[0..bq)[0..bk) . vp */
-static void FN(pv_tile)(FN(scratch) *w, int64_t bq, int64_t bk)
+/* o = alpha * o + P . V[k0 : k0 + bk] for the item's rows, P^T in st. */
+static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
+                        int64_t bk)
 {
     const int64_t dvp = w->dvp;
+    int64_t ldv;
+    const FA_T *v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
         for (int64_t r = 0; r < bq; r += FA_MR)
-            FN(pv_block)((int)fa_min64(FA_MR, bq - r), nv, bk, w->s + r * FA_BK, FA_BK, w->vp + cb, dvp,
+            FN(pv_block)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r, FA_BQ, v + cb, ldv,
                          w->o + r * dvp + cb, dvp, w->alpha + r);
     }
 }
 
 /* ---- online softmax ----------------------------------------------------- */
 
-/* Row max of s[0..n), n a multiple of FA_W. */
-static FA_T FN(row_max)(const FA_T *s, int64_t n)
+/* Fold the score tile st[0..bk) into the running state of the item's rows,
+ * FA_W rows at a time: new max, rescale factor alpha = exp(old max - new
+ * max), weights exp(s - new max) in place, and the running sum.  A row that
+ * has seen only -inf keeps max -inf; using 0 in its place makes its weights
+ * exp(-inf) = 0 and its alpha 0 without a branch. */
+static void FN(softmax_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
 {
-    fa_vec m = VBCAST((FA_T)-INFINITY);
-    for (int64_t j = 0; j < n; j += FA_W) m = VMAX(m, VLOAD(s + j));
-    return VHMAX(m);
+    for (int64_t c = 0; c < bqp; c += FA_W) {
+        FA_T *col = w->st + c;
+        fa_vec tmax = VBCAST((FA_T)-INFINITY);
+        for (int64_t j = 0; j < bk; j++) tmax = VMAX(tmax, VLOAD(col + j * FA_BQ));
+        const fa_vec mold = VLOAD(w->rmax + c);
+        const fa_vec mnew = VMAX(tmax, mold);
+        const fa_vec muse = VNEGINF0(mnew);
+        fa_vec sum = VZERO();
+        for (int64_t j = 0; j < bk; j++) {
+            const fa_vec x = VEXP(VSUB(VLOAD(col + j * FA_BQ), muse));
+            VSTORE(col + j * FA_BQ, x);
+            sum = VADD(sum, x);
+        }
+        const fa_vec alpha = VEXP(VSUB(mold, muse));
+        VSTORE(w->alpha + c, alpha);
+        VSTORE(w->rsum + c, VFMA(VLOAD(w->rsum + c), alpha, sum));
+        VSTORE(w->rmax + c, mnew);
+    }
 }
 
-/* s[j] = exp(s[j] - mx) for j < n (n a multiple of FA_W); returns the sum. */
-static FA_T FN(row_exp_sum)(FA_T *s, int64_t n, FA_T mx)
+/* Plain dot weights: masked (-inf) scores weigh nothing. */
+static void FN(dot_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
 {
-#if FA_HAS_VEXP
-    const fa_vec vm = VBCAST(mx);
-    fa_vec acc = VZERO();
-    for (int64_t j = 0; j < n; j += FA_W) {
-        const fa_vec y = VEXP(VSUB(VLOAD(s + j), vm));
-        VSTORE(s + j, y);
-        acc = VFMA(y, VBCAST((FA_T)1), acc);
-    }
-    return VHSUM(acc);
-#else
-    FA_T sum = 0;
-    for (int64_t j = 0; j < n; j++) {
-        s[j] = (FA_T)exp((double)(s[j] - mx));
-        sum += s[j];
-    }
-    return sum;
-#endif
-}
-
-/* Fold one tile of scores s[0..bk) into the row state: s becomes the
- * unnormalised weights, *alpha the factor the accumulator must be scaled by. */
-static void FN(softmax_row)(FA_T *s, int64_t bk, FA_T *rmax, FA_T *rsum, FA_T *alpha)
-{
-    const int64_t n = fa_roundup64(bk, FA_W);
-    for (int64_t j = bk; j < n; j++) s[j] = (FA_T)-INFINITY;
-    const FA_T tmax = FN(row_max)(s, n);
-    const FA_T mnew = tmax > *rmax ? tmax : (tmax != tmax ? tmax : *rmax);
-    if (mnew == (FA_T)-INFINITY) { /* nothing visible yet in this row */
-        memset(s, 0, (size_t)bk * sizeof(FA_T));
-        *alpha = 1;
-        return;
-    }
-    *alpha = *rmax == (FA_T)-INFINITY ? (FA_T)0 : (FA_T)exp((double)(*rmax - mnew));
-    const FA_T sum = FN(row_exp_sum)(s, n, mnew);
-    *rsum = *rsum * *alpha + sum;
-    *rmax = mnew;
+    for (int64_t j = 0; j < bk; j++)
+        for (int64_t c = 0; c < bqp; c += FA_W) {
+            FA_T *s = w->st + j * FA_BQ + c;
+            VSTORE(s, VNEGINF0(VLOAD(s)));
+        }
 }
 
 /* ---- work items --------------------------------------------------------- */
@@ -369,35 +375,35 @@ static void FN(store_rows)(const fa_problem *p, const int64_t *e, const FN(scrat
     }
 }
 
-static void FN(attention_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
-                               int64_t bq)
+static void FN(start_rows)(FN(scratch) *w, int64_t bq)
 {
-    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
-    const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
-    FN(pack_q)(p, e, row0, bq, w->qp, (FA_T)p->scale);
     memset(w->o, 0, (size_t)(bq * w->dvp) * sizeof(FA_T));
-    for (int64_t r = 0; r < bq; r++) {
+    for (int64_t r = 0; r < FA_BQ; r++) {
         w->rmax[r] = (FA_T)-INFINITY;
         w->rsum[r] = 0;
         w->alpha[r] = 1;
     }
+}
+
+static void FN(attention_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
+                               int64_t bq)
+{
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
+    const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
+    FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, row0, bq, bqp, p->d, (FA_T)p->scale, w->qt,
+                        FA_BQ);
+    FN(start_rows)(w, bq);
     int64_t klo, khi, unused;
     fa_row_range(p, row0, lq, lk, &klo, &unused);
     fa_row_range(p, row0 + bq - 1, lq, lk, &unused, &khi);
     for (int64_t k0 = klo; k0 < khi; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, khi - k0);
         FN(score_tile)(p, e, w, row0, bq, k0, bk);
-        FN(pack_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, w->vp, w->dvp);
-        for (int64_t r = 0; r < bq; r++) {
-            FA_T *s = w->s + r * FA_BK;
-            if (softmax) {
-                FN(softmax_row)(s, bk, w->rmax + r, w->rsum + r, w->alpha + r);
-            } else { /* plain dot weights: masked keys weigh nothing */
-                for (int64_t j = 0; j < bk; j++)
-                    if (s[j] == (FA_T)-INFINITY) s[j] = 0;
-            }
-        }
-        FN(pv_tile)(w, bq, bk);
+        if (softmax)
+            FN(softmax_tile)(w, bqp, bk);
+        else
+            FN(dot_tile)(w, bqp, bk);
+        FN(pv_tile)(p, e, w, bq, k0, bk);
     }
     FN(store_rows)(p, e, w, row0, bq, softmax);
 }
@@ -405,15 +411,15 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, FN(scratch
 static void FN(scores_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
                             int64_t bq)
 {
-    const int64_t lk = e[FA_E_LK];
-    FN(pack_q)(p, e, row0, bq, w->qp, (FA_T)p->scale);
+    const int64_t lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
+    FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, row0, bq, bqp, p->d, (FA_T)p->scale, w->qt,
+                        FA_BQ);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
         FN(score_tile)(p, e, w, row0, bq, k0, bk);
         for (int64_t r = 0; r < bq; r++) {
             char *row = (char *)p->out + e[FA_E_OUT] + (row0 + r) * p->out_rs + k0 * p->out_cs;
-            const FA_T *src = w->s + r * FA_BK;
-            for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->out_cs) = src[j];
+            for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->out_cs) = w->st[j * FA_BQ + r];
         }
     }
 }
@@ -421,15 +427,14 @@ static void FN(scores_item)(const fa_problem *p, const int64_t *e, FN(scratch) *
 static void FN(wsum_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
                           int64_t bq)
 {
-    const int64_t lk = e[FA_E_LK];
-    memset(w->o, 0, (size_t)(bq * w->dvp) * sizeof(FA_T));
-    for (int64_t r = 0; r < bq; r++) w->alpha[r] = 1;
+    const int64_t lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
+    FN(start_rows)(w, bq);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
-        /* the weight rows are w[row0 + r][k0 .. k0 + bk) */
-        FN(pack_rows)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, row0, bq, bk, w->s, FA_BK);
-        FN(pack_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, w->vp, w->dvp);
-        FN(pv_tile)(w, bq, bk);
+        /* W^T tile: st[j][r] = w[row0 + r][k0 + j] */
+        FN(pack_transposed)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, row0, bq, bqp, bk, 1,
+                            w->st, FA_BQ);
+        FN(pv_tile)(p, e, w, bq, k0, bk);
     }
     FN(store_rows)(p, e, w, row0, bq, 0);
 }
@@ -473,7 +478,7 @@ void FA_CAT(fa_exp, FA_SUFFIX)(const float *x, float *y, int64_t n)
         FA_T buf[FA_W];
         const int64_t m = fa_min64(FA_W, n - i);
         for (int64_t j = 0; j < FA_W; j++) buf[j] = j < m ? x[i + j] : (FA_T)-INFINITY;
-        FN(row_exp_sum)(buf, FA_W, 0);
+        VSTORE(buf, VEXP(VLOAD(buf)));
         for (int64_t j = 0; j < m; j++) y[i + j] = buf[j];
     }
 }

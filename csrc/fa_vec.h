@@ -10,8 +10,11 @@
  *   FA_MR, FA_NV    register tile of the micro-kernels: FA_MR rows by
  *                   FA_NV vectors (the largest that fits the register file
  *                   with the operand vectors beside it)
- *   VZERO VLOAD VSTORE VBCAST VFMA VMUL VSUB VMAX VHMAX VHSUM
- *   FA_HAS_VEXP, VEXP  a vector exp for x <= 0 (float paths only)
+ *   VZERO VLOAD VSTORE VBCAST VFMA VADD VMUL VSUB VMAX VHMAX VHSUM
+ *   VNEGINF0(x)     x with -inf lanes replaced by 0
+ *   VEXP(x)         exp of each lane, meant for x <= 0: -inf gives 0, NaN
+ *                   stays NaN.  Float paths use a polynomial (see below);
+ *                   double paths call libm's exp lane by lane.
  *
  * The file that includes it must already have enabled the instruction set
  * (target pragma) for the intrinsics it uses.
@@ -26,11 +29,12 @@
 #undef VBCAST
 #undef VFMA
 #undef VMUL
+#undef VADD
+#undef VNEGINF0
 #undef VSUB
 #undef VMAX
 #undef VHMAX
 #undef VHSUM
-#undef FA_HAS_VEXP
 #undef VEXP
 #undef fa_vec
 
@@ -52,9 +56,9 @@
 #if FA_VEC_ISA == 2 /* AVX-512 */
 
 #include <immintrin.h>
+#include <math.h>
 #define FA_MR 6
 #define FA_NV 4
-#define VZERO_F32() _mm512_setzero_ps()
 
 #ifndef FA_AVX512_HELPERS
 #define FA_AVX512_HELPERS
@@ -79,6 +83,14 @@ static inline __m512 fa_exp_ps512(__m512 x)
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
     return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(y, n));
 }
+
+static inline __m512d fa_exp_pd512(__m512d x)
+{
+    double t[8];
+    _mm512_storeu_pd(t, x);
+    for (int i = 0; i < 8; i++) t[i] = exp(t[i]);
+    return _mm512_loadu_pd(t);
+}
 #endif
 
 #if FA_T_IS_FLOAT
@@ -90,11 +102,12 @@ static inline __m512 fa_exp_ps512(__m512 x)
 #define VBCAST(x) _mm512_set1_ps(x)
 #define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define VMUL(a, b) _mm512_mul_ps((a), (b))
+#define VADD(a, b) _mm512_add_ps((a), (b))
 #define VSUB(a, b) _mm512_sub_ps((a), (b))
+#define VNEGINF0(a) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((a), _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), (a), _mm512_setzero_ps())
 #define VMAX(a, b) _mm512_max_ps((a), (b))
 #define VHMAX(a) _mm512_reduce_max_ps(a)
 #define VHSUM(a) _mm512_reduce_add_ps(a)
-#define FA_HAS_VEXP 1
 #define VEXP(x) fa_exp_ps512(x)
 #else
 #define fa_vec __m512d
@@ -105,16 +118,19 @@ static inline __m512 fa_exp_ps512(__m512 x)
 #define VBCAST(x) _mm512_set1_pd(x)
 #define VFMA(a, b, c) _mm512_fmadd_pd((a), (b), (c))
 #define VMUL(a, b) _mm512_mul_pd((a), (b))
+#define VADD(a, b) _mm512_add_pd((a), (b))
 #define VSUB(a, b) _mm512_sub_pd((a), (b))
+#define VNEGINF0(a) _mm512_mask_blend_pd(_mm512_cmp_pd_mask((a), _mm512_set1_pd(-INFINITY), _CMP_EQ_OQ), (a), _mm512_setzero_pd())
 #define VMAX(a, b) _mm512_max_pd((a), (b))
 #define VHMAX(a) _mm512_reduce_max_pd(a)
 #define VHSUM(a) _mm512_reduce_add_pd(a)
-#define FA_HAS_VEXP 0
+#define VEXP(x) fa_exp_pd512(x)
 #endif
 
 #elif FA_VEC_ISA == 1 /* AVX2 */
 
 #include <immintrin.h>
+#include <math.h>
 #define FA_MR 6
 #define FA_NV 2
 
@@ -143,6 +159,14 @@ static inline __m256 fa_exp_ps256(__m256 x)
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
     return _mm256_andnot_ps(tiny, y);
+}
+
+static inline __m256d fa_exp_pd256(__m256d x)
+{
+    double t[4];
+    _mm256_storeu_pd(t, x);
+    for (int i = 0; i < 4; i++) t[i] = exp(t[i]);
+    return _mm256_loadu_pd(t);
 }
 
 static inline float fa_hmax_ps256(__m256 a)
@@ -182,11 +206,12 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VBCAST(x) _mm256_set1_ps(x)
 #define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define VMUL(a, b) _mm256_mul_ps((a), (b))
+#define VADD(a, b) _mm256_add_ps((a), (b))
 #define VSUB(a, b) _mm256_sub_ps((a), (b))
+#define VNEGINF0(a) _mm256_blendv_ps((a), _mm256_setzero_ps(), _mm256_cmp_ps((a), _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ))
 #define VMAX(a, b) _mm256_max_ps((a), (b))
 #define VHMAX(a) fa_hmax_ps256(a)
 #define VHSUM(a) fa_hsum_ps256(a)
-#define FA_HAS_VEXP 1
 #define VEXP(x) fa_exp_ps256(x)
 #else
 #define fa_vec __m256d
@@ -197,15 +222,18 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VBCAST(x) _mm256_set1_pd(x)
 #define VFMA(a, b, c) _mm256_fmadd_pd((a), (b), (c))
 #define VMUL(a, b) _mm256_mul_pd((a), (b))
+#define VADD(a, b) _mm256_add_pd((a), (b))
 #define VSUB(a, b) _mm256_sub_pd((a), (b))
+#define VNEGINF0(a) _mm256_blendv_pd((a), _mm256_setzero_pd(), _mm256_cmp_pd((a), _mm256_set1_pd(-INFINITY), _CMP_EQ_OQ))
 #define VMAX(a, b) _mm256_max_pd((a), (b))
 #define VHMAX(a) fa_hmax_pd256(a)
 #define VHSUM(a) fa_hsum_pd256(a)
-#define FA_HAS_VEXP 0
+#define VEXP(x) fa_exp_pd256(x)
 #endif
 
 #else /* portable C: one-lane "vectors", a 4x4 register tile */
 
+#include <math.h>
 #define fa_vec FA_T
 #define FA_W 1
 #define FA_MR 4
@@ -216,10 +244,12 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VBCAST(x) (x)
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #define VMUL(a, b) ((a) * (b))
+#define VADD(a, b) ((a) + (b))
 #define VSUB(a, b) ((a) - (b))
 #define VMAX(a, b) ((a) > (b) ? (a) : (b))
 #define VHMAX(a) (a)
 #define VHSUM(a) (a)
-#define FA_HAS_VEXP 0
+#define VNEGINF0(a) ((a) == (FA_T)-INFINITY ? (FA_T)0 : (a))
+#define VEXP(x) ((FA_T)exp((double)(x)))
 
 #endif

@@ -47,9 +47,16 @@ def numpy_attention(q, k, v, causal=False):
     return s @ v
 
 
-def median_time(fn, repeat=5, min_time=0.0):
-    """Median wall time of fn() over `repeat` calls (after one warm-up call),
-    repeating further until `min_time` seconds have been spent."""
+# Seconds to pause before timing something new: thread pools of the code
+# timed before (OpenBLAS, PyTorch's OpenMP) spin for a while after their last
+# call, and would otherwise steal the cores from the next measurement.
+SETTLE_SECONDS = 0.25
+
+
+def median_time(fn, repeat=5, min_time=0.0, settle=SETTLE_SECONDS):
+    """Median wall time of fn() over `repeat` calls (after a pause and one
+    warm-up call), repeating further until `min_time` seconds have passed."""
+    time.sleep(settle)
     fn()
     times = []
     start = time.perf_counter()
@@ -86,7 +93,7 @@ def blas_info():
 
 
 def matmul_gflops(threads, repeat=10):
-    """numpy float32 matmul throughput on a MATMUL_N^2 product."""
+    """numpy float32 matmul throughput (median) on a MATMUL_N^2 product."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
     b = rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32)
