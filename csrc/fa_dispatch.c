@@ -114,12 +114,37 @@ int fa_exp_f32(int isa, const float *x, float *y, int64_t n)
  * costs more than it saves. */
 #define FA_SERIAL_WORK (1 << 18)
 
+/* Split-KV: when an attention problem has at most FA_SPLIT_MAX_ENTRIES
+ * entries of one item each (decoding: a few query rows per head against a
+ * long KV cache), each entry's keys are split into chunks of at least
+ * FA_SPLIT_MIN_KEYS keys so that about FA_SPLIT_TARGET items exist.  The
+ * split depends on the problem only, never on the thread count, so results
+ * are bitwise identical for any number of threads. */
+#define FA_SPLIT_MAX_ENTRIES 64
+#define FA_SPLIT_TARGET 128
+#define FA_SPLIT_MIN_KEYS 1024
+
 static int fa_cmp_items(const void *a, const void *b)
 {
     const fa_item *x = (const fa_item *)a, *y = (const fa_item *)b;
     if (x->entry != y->entry) return x->entry < y->entry ? -1 : 1;
     if (x->cost != y->cost) return x->cost > y->cost ? -1 : 1;
-    return x->row0 < y->row0 ? -1 : (x->row0 > y->row0);
+    if (x->row0 != y->row0) return x->row0 < y->row0 ? -1 : 1;
+    return x->k_lo < y->k_lo ? -1 : (x->k_lo > y->k_lo);
+}
+
+/* Number of key splits for each entry of this problem (1: no split). */
+static int64_t fa_split_count(const fa_problem *p, int kind)
+{
+    if (kind != FA_KIND_ATTENTION || p->n_entries > FA_SPLIT_MAX_ENTRIES || p->n_entries == 0) return 1;
+    int64_t max_lk = 0;
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+        if (p->group * e[FA_E_LQ] > FA_BQ) return 1; /* prefill: rows give enough items */
+        max_lk = fa_max64(max_lk, e[FA_E_LK]);
+    }
+    const int64_t want = (FA_SPLIT_TARGET + p->n_entries - 1) / p->n_entries;
+    return fa_max64(1, fa_min64(want, max_lk / FA_SPLIT_MIN_KEYS));
 }
 
 static int fa_run(const fa_problem *p, int kind)
@@ -127,46 +152,55 @@ static int fa_run(const fa_problem *p, int kind)
     if (!p || !p->entries || p->n_entries < 0 || p->d < 0 || p->dv < 0 || p->num_threads < 1)
         return FA_ERR_INVALID;
     if (p->dtype < 0 || p->dtype >= FA_DTYPE_COUNT) return FA_ERR_INVALID;
+    if (p->group < 1 || (p->group != 1 && kind != FA_KIND_ATTENTION)) return FA_ERR_INVALID;
     if (fa_check_isa(p->isa) != FA_OK) return FA_ERR_ISA;
 
+    const int64_t nsplit = fa_split_count(p, kind);
     int64_t n_items = 0;
     for (int64_t i = 0; i < p->n_entries; i++) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
-        if (e[FA_E_LQ] < 0 || e[FA_E_LK] < 0) return FA_ERR_INVALID;
-        n_items += (e[FA_E_LQ] + FA_BQ - 1) / FA_BQ;
+        if (e[FA_E_LQ] < 0 || e[FA_E_LK] < 0 || e[FA_E_LQ] > INT64_MAX / p->group) return FA_ERR_INVALID;
+        n_items += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ * nsplit;
     }
     if (n_items == 0) return FA_OK;
     if ((uint64_t)n_items > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
     fa_item *items = (fa_item *)malloc((size_t)n_items * sizeof(fa_item));
     if (!items) return FA_ERR_NOMEM;
 
-    /* One item per FA_BQ query rows, handed out in order (dynamic schedule):
-     * entry by entry, so threads working side by side share one entry's K and
-     * V in cache (measured: +20% on causal problems over a global heaviest-
-     * first order), and within an entry heaviest first (the last rows of a
-     * causal problem), so the small items come last and even out the finish. */
+    /* One item per FA_BQ query rows (and key split), handed out in order
+     * (dynamic schedule): entry by entry, so threads working side by side
+     * share one entry's K and V in cache (measured: +20% on causal problems
+     * over a global heaviest-first order), and within an entry heaviest
+     * first (the last rows of a causal problem), so the small items come
+     * last and even out the finish. */
     double total = 0;
-    int64_t t = 0;
+    int64_t t = 0, n_parts = 0;
     for (int64_t i = 0; i < p->n_entries; i++) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
-        const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
-        for (int64_t row0 = 0; row0 < lq; row0 += FA_BQ) {
-            const int64_t bq = fa_min64(FA_BQ, lq - row0);
-            int64_t keys = lk, width;
+        const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq;
+        const int64_t chunk = fa_roundup64((lk + nsplit - 1) / nsplit, FA_BK);
+        for (int64_t row0 = 0; row0 < rows; row0 += FA_BQ) {
+            const int64_t bq = fa_min64(FA_BQ, rows - row0);
+            int64_t lo = 0, hi = lk, width, unused;
             if (kind == FA_KIND_ATTENTION) {
-                int64_t lo, hi, unused;
-                fa_row_range(p, row0, lq, lk, &lo, &unused);
-                fa_row_range(p, row0 + bq - 1, lq, lk, &unused, &hi);
-                keys = hi - lo;
+                fa_block_range(p, lq, lk, row0, bq, &lo, &hi, &unused, &unused);
                 width = p->d + p->dv + 16; /* + per-score softmax work */
             } else {
                 width = (kind == FA_KIND_SCORES ? p->d : p->dv) + 1;
             }
-            items[t].entry = i;
-            items[t].row0 = row0;
-            items[t].cost = bq * (keys + 1) * width;
-            total += (double)items[t].cost;
-            t++;
+            for (int64_t s = 0; s < nsplit; s++) {
+                fa_item *it = &items[t++];
+                it->entry = i;
+                it->row0 = row0;
+                it->k_lo = nsplit > 1 ? s * chunk : 0;
+                it->k_hi = nsplit > 1 ? (s + 1) * chunk : INT64_MAX;
+                it->part = nsplit > 1 ? n_parts++ : -1;
+                it->split = (int32_t)s;
+                it->nsplit = (int32_t)nsplit;
+                const int64_t keys = fa_max64(0, fa_min64(hi, it->k_hi) - fa_max64(lo, it->k_lo));
+                it->cost = bq * (keys + 1) * width;
+                total += (double)it->cost;
+            }
         }
     }
     qsort(items, (size_t)n_items, sizeof(fa_item), fa_cmp_items);
@@ -174,7 +208,7 @@ static int fa_run(const fa_problem *p, int kind)
     int threads = p->num_threads;
     if (total < (double)FA_SERIAL_WORK) threads = 1;
     if ((int64_t)threads > n_items) threads = (int)n_items;
-    const int status = fa_run_table[p->isa][p->dtype](p, kind, items, n_items, threads);
+    const int status = fa_run_table[p->isa][p->dtype](p, kind, items, n_items, n_parts, threads);
     free(items);
     return status;
 }

@@ -27,22 +27,33 @@
 /* What a run computes. */
 enum { FA_KIND_ATTENTION = 0, FA_KIND_SCORES = 1, FA_KIND_WSUM = 2 };
 
-/* One unit of parallel work: FA_BQ (or fewer) query rows of one entry. */
+/*
+ * One unit of parallel work: up to FA_BQ (virtual) query rows of one entry,
+ * against the keys in [k_lo, k_hi).  When an entry's keys are split across
+ * items (split-KV, for problems with too few rows to keep every core busy),
+ * each split writes its unnormalised partial result to slot `part` of a
+ * partial buffer, and the item with split == 0 merges the entry's nsplit
+ * consecutive slots by their log-sum-exp afterwards.
+ */
 typedef struct {
     int64_t entry;
     int64_t row0;
-    int64_t cost; /* estimated multiply-adds, for scheduling only */
+    int64_t k_lo, k_hi;
+    int64_t part;   /* partial slot, or -1: write the output directly */
+    int32_t split;  /* index of this split within its entry */
+    int32_t nsplit; /* splits of the entry (1: no split) */
+    int64_t cost;   /* estimated multiply-adds, for scheduling only */
 } fa_item;
 
 typedef int (*fa_run_fn)(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,
-                         int num_threads);
+                         int64_t n_parts, int num_threads);
 typedef void (*fa_exp_fn)(const float *x, float *y, int64_t n);
 
 #define FA_DECLARE_PATH(isa)                                                                    \
     int fa_run_f32_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,   \
-                         int num_threads);                                                       \
+                         int64_t n_parts, int num_threads);                                      \
     int fa_run_f64_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,   \
-                         int num_threads);                                                       \
+                         int64_t n_parts, int num_threads);                                      \
     void fa_exp_f32_##isa(const float *x, float *y, int64_t n);
 
 FA_DECLARE_PATH(generic)
@@ -82,6 +93,27 @@ static inline void fa_row_range(const fa_problem *p, int64_t i, int64_t lq, int6
     if (b < a) b = a;
     *lo = a;
     *hi = b;
+}
+
+/* Byte offset of virtual row v of an entry: row v % lq of head v / lq. */
+static inline int64_t fa_vrow_off(int64_t v, int64_t lq, int64_t rs, int64_t hs)
+{
+    return (v / lq) * hs + (v % lq) * rs;
+}
+
+/* The keys the virtual rows [v0, v0 + n) of an entry may see, as the range
+ * [*lo, *hi) (a superset: rows of several heads count as all positions),
+ * and the keys every one of them may see, [*all_lo, *all_hi). */
+static inline void fa_block_range(const fa_problem *p, int64_t lq, int64_t lk, int64_t v0, int64_t n,
+                                  int64_t *lo, int64_t *hi, int64_t *all_lo, int64_t *all_hi)
+{
+    int64_t imin = v0 % lq, imax = (v0 + n - 1) % lq;
+    if (v0 / lq != (v0 + n - 1) / lq) { /* spans a head boundary */
+        imin = 0;
+        imax = lq - 1;
+    }
+    fa_row_range(p, imin, lq, lk, lo, all_hi);
+    fa_row_range(p, imax, lq, lk, all_lo, hi);
 }
 
 #endif /* FA_INTERNAL_H */

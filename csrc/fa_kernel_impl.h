@@ -31,7 +31,7 @@
 #endif
 
 #ifndef FA_UNROLL
-#define FA_UNROLL _Pragma("GCC unroll 8")
+#define FA_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 /* Width, in elements, of one micro-kernel column block. */
@@ -124,6 +124,66 @@ FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt,
         VSTORE(o + r * ldo + x * FA_W, acc[r][x]);
 }
 
+/* Lane j = sum of the lanes of a[j] (j < FA_W). */
+static inline fa_vec FN(hsums)(const fa_vec *a)
+{
+#ifdef VHSUMS
+    return VHSUMS(a);
+#else
+    FA_T t[FA_W];
+    for (int j = 0; j < FA_W; j++) t[j] = VHSUM(a[j]);
+    return VLOAD(t);
+#endif
+}
+
+/* Scores of a few query rows (decoding): st[j][r] = sum_c qr[r][c] * k[j][c]
+ * for j < bk, r < bq.  With so few rows the S^T micro-kernel would leave
+ * most vector lanes idle; here the lanes run along D instead, FA_W keys at a
+ * time, and one reduction tree turns FA_W dot-product vectors into FA_W
+ * scores.  Each query row is swept against the key block in turn (the block
+ * stays in L1), one q chunk against FA_W keys per step. */
+static void FN(qk_rows)(int64_t bq, int64_t d, const FA_T *qr, int64_t ldq, const FA_T *k, int64_t ldk,
+                        int64_t bk, FA_T *st, int64_t lds)
+{
+    const int64_t dfull = d / FA_W * FA_W;
+    for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
+        const int nj = (int)fa_min64(FA_W, bk - j0);
+        const FA_T *kb = k + j0 * ldk;
+        for (int64_t r = 0; r < bq; r++) {
+            const FA_T *q = qr + r * ldq;
+            fa_vec acc[FA_W];
+            FA_UNROLL for (int j = 0; j < FA_W; j++) acc[j] = VZERO();
+            if (nj == FA_W) {
+                /* keys in groups of (at most) 8, so their row pointers stay in registers */
+                FA_UNROLL for (int jh = 0; jh < FA_W; jh += 8)
+                {
+                    const int ng = FA_W - jh < 8 ? FA_W - jh : 8;
+                    for (int64_t c = 0; c < dfull; c += FA_W) {
+                        const fa_vec qv = VLOAD(q + c);
+                        FA_UNROLL for (int j = jh; j < jh + ng; j++) acc[j] =
+                            VFMA(VLOAD(kb + j * ldk + c), qv, acc[j]);
+                    }
+                }
+            } else {
+                for (int64_t c = 0; c < dfull; c += FA_W) {
+                    const fa_vec qv = VLOAD(q + c);
+                    for (int j = 0; j < nj; j++) acc[j] = VFMA(VLOAD(kb + j * ldk + c), qv, acc[j]);
+                }
+            }
+            FA_T sums[FA_W];
+            VSTORE(sums, FN(hsums)(acc));
+            for (int j = 0; j < nj; j++) {
+                FA_T tail = 0; /* the last d % FA_W elements */
+                for (int64_t c = dfull; c < d; c++) tail += q[c] * kb[j * ldk + c];
+                st[(j0 + j) * lds + r] = sums[j] + tail;
+            }
+        }
+    }
+}
+
+/* Few enough rows for qk_rows?  (Only where vectors are wide.) */
+#define FA_ROWS_MAX (FA_W >= 8 ? FA_W / 2 : 0)
+
 /* Run a micro-kernel with compile-time tile sizes: (mr, nv) selects one of
  * the FA_MR x FA_NV instances (sizes beyond this path's tile are dead code). */
 #define FA_TILE_SWITCH(mr, nv, CALL)                                                                \
@@ -199,17 +259,36 @@ static void FN(pack_rows)(const void *base, int64_t off, int64_t rs, int64_t cs,
     }
 }
 
-/* dst[c][r] = scale * src[r0 + r][c] for r < nr, c < nc; zero for nr <= r < nrp.
+/* dst[c][r] = scale * src[r0 + r][c] for r < nr, c < nc; zero for nr <= r < nrp,
+ * where row v of src is row v % lq of head v / lq (heads hs bytes apart).
  * Packs Q^T (and, for fa_weighted_sum, W^T). */
-static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64_t cs, int64_t r0,
-                                int64_t nr, int64_t nrp, int64_t nc, FA_T scale, FA_T *dst, int64_t ld)
+static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64_t cs, int64_t lq,
+                                int64_t hs, int64_t r0, int64_t nr, int64_t nrp, int64_t nc, FA_T scale,
+                                FA_T *dst, int64_t ld)
 {
     for (int64_t r = 0; r < nr; r++) {
-        const char *row = (const char *)base + off + (r0 + r) * rs;
+        const char *row = (const char *)base + off + fa_vrow_off(r0 + r, lq, rs, hs);
         for (int64_t c = 0; c < nc; c++) dst[c * ld + r] = scale * FA_AT(row, c * cs);
     }
     for (int64_t c = 0; c < nc; c++)
         for (int64_t r = nr; r < nrp; r++) dst[c * ld + r] = 0;
+}
+
+/* The item's scaled query rows into w->qt: as Q^T (d x FA_BQ, zero past
+ * row bq) for the S^T micro-kernel, or, for at most FA_ROWS_MAX rows, as
+ * rows (bq x d) for qk_rows. */
+static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, FA_T *qt)
+{
+    const int64_t lq = e[FA_E_LQ], d = p->d;
+    if (bq <= FA_ROWS_MAX) {
+        for (int64_t r = 0; r < bq; r++) {
+            const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+            for (int64_t c = 0; c < d; c++) qt[r * d + c] = (FA_T)p->scale * FA_AT(row, c * p->q_cs);
+        }
+    } else {
+        FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, lq, p->q_hs, row0, bq,
+                            fa_roundup64(bq, FA_W), d, (FA_T)p->scale, qt, FA_BQ);
+    }
 }
 
 /* Rows k0 .. k0 + bk of K (or V) as a pointer to FA_T rows and their
@@ -226,20 +305,32 @@ static const FA_T *FN(key_rows)(const void *base, int64_t off, int64_t rs, int64
     return buf;
 }
 
+/* Ask for rows [k0, k0 + n) of an array (row bytes `bytes`) to be brought
+ * into L2 while the current tile is computed.  Decoding streams K and V
+ * from memory once; without this, each tile would wait on its loads. */
+static inline void FN(prefetch_rows)(const void *base, int64_t off, int64_t rs, int64_t k0, int64_t n,
+                                     int64_t bytes)
+{
+    for (int64_t j = 0; j < n; j++) {
+        const char *row = (const char *)base + off + (k0 + j) * rs;
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+    }
+}
+
 /* ---- score tile --------------------------------------------------------- */
 
-/* Options that act on query row i's scores s[j * ld], j < bk (keys k0 + j):
- * soft-cap, ALiBi, the mask; then causal/window bounds (-inf). */
-static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t i, int64_t k0, int64_t bk,
+/* Options that act on the scores s[j * ld], j < bk (keys k0 + j), of virtual
+ * row v: soft-cap, ALiBi, the mask; then causal/window bounds (-inf). */
+static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, int64_t k0, int64_t bk,
                               FA_T *s, int64_t ld, int bounds)
 {
-    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], head = v / lq, i = v % lq;
     if (p->softcap > 0) {
         const FA_T cap = (FA_T)p->softcap, inv = (FA_T)(1.0 / p->softcap);
         for (int64_t j = 0; j < bk; j++) s[j * ld] = cap * (FA_T)tanh((double)(s[j * ld] * inv));
     }
     if (p->alibi_slopes) {
-        const FA_T slope = (FA_T)p->alibi_slopes[e[FA_E_HEAD]];
+        const FA_T slope = (FA_T)p->alibi_slopes[e[FA_E_HEAD] + head];
         const int64_t pos = i + lk - lq;
         for (int64_t j = 0; j < bk; j++) {
             const int64_t dist = pos - (k0 + j);
@@ -247,7 +338,8 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t i, 
         }
     }
     if (p->mask_kind != FA_MASK_NONE) {
-        const char *m = (const char *)p->mask + e[FA_E_MASK] + i * p->mask_rs + k0 * p->mask_cs;
+        const char *m = (const char *)p->mask + e[FA_E_MASK] + head * p->mask_hs + i * p->mask_rs +
+                        k0 * p->mask_cs;
         const int64_t cs = p->mask_cs;
         switch (p->mask_kind) {
         case FA_MASK_BOOL:
@@ -279,19 +371,21 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
     int64_t ldk;
     const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
-    for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
-        const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
-        for (int64_t j = 0; j < bk; j += FA_MR)
-            FN(qk_block)((int)fa_min64(FA_MR, bk - j), nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ,
-                         w->st + j * FA_BQ + cb, FA_BQ);
+    if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
+        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BQ);
+    } else {
+        for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
+            const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
+            for (int64_t j = 0; j < bk; j += FA_MR)
+                FN(qk_block)((int)fa_min64(FA_MR, bk - j), nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ,
+                             w->st + j * FA_BQ + cb, FA_BQ);
+        }
     }
     /* The causal/window bounds matter only where the tile is not visible to
-     * every row: bounds grow with the row, so check the first and last row. */
-    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
-    int64_t lo_last, hi_first, unused;
-    fa_row_range(p, row0, lq, lk, &unused, &hi_first);
-    fa_row_range(p, row0 + bq - 1, lq, lk, &lo_last, &unused);
-    const int bounds = k0 < lo_last || k0 + bk > hi_first;
+     * every row of the item. */
+    int64_t lo, hi, all_lo, all_hi;
+    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
+    const int bounds = k0 < all_lo || k0 + bk > all_hi;
     if (bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)
         for (int64_t r = 0; r < bq; r++) FN(score_options)(p, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds);
 }
@@ -352,26 +446,72 @@ static void FN(dot_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
 
 /* ---- work items --------------------------------------------------------- */
 
+/* Write one output row: out = o * inv; lse = rmax + log(rsum) when asked. */
+static void FN(store_row)(const fa_problem *p, const int64_t *e, int64_t v, const FA_T *o, FA_T rmax,
+                          FA_T rsum, int normalise)
+{
+    const int64_t dv = p->dv, lq = e[FA_E_LQ];
+    FA_T inv = 1;
+    if (normalise) inv = rsum == 0 ? (FA_T)0 : (FA_T)1 / rsum;
+    char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(v, lq, p->out_rs, p->out_hs);
+    if (p->out_cs == (int64_t)sizeof(FA_T)) {
+        FA_T *dst = (FA_T *)row;
+        for (int64_t c = 0; c < dv; c++) dst[c] = o[c] * inv;
+    } else {
+        for (int64_t c = 0; c < dv; c++) *(FA_T *)(row + c * p->out_cs) = o[c] * inv;
+    }
+    if (normalise && p->lse) {
+        FA_T *l = (FA_T *)((char *)p->lse + e[FA_E_LSE] + fa_vrow_off(v, lq, p->lse_rs, p->lse_hs));
+        *l = rsum == 0 ? (FA_T)-INFINITY : rmax + (FA_T)log((double)rsum);
+    }
+}
+
 static void FN(store_rows)(const fa_problem *p, const int64_t *e, const FN(scratch) *w, int64_t row0,
                            int64_t bq, int normalise)
 {
-    const int64_t dv = p->dv;
+    for (int64_t r = 0; r < bq; r++)
+        FN(store_row)(p, e, row0 + r, w->o + r * w->dvp, w->rmax[r], w->rsum[r], normalise);
+}
+
+/* A partial slot: FA_BQ rows of the accumulator, then the rows' max and sum. */
+static inline int64_t FN(slot_size)(int64_t dvp) { return FA_BQ * (dvp + 2); }
+
+static void FN(store_partial)(const FN(scratch) *w, int64_t bq, FA_T *slot)
+{
+    memcpy(slot, w->o, (size_t)(bq * w->dvp) * sizeof(FA_T));
+    memcpy(slot + FA_BQ * w->dvp, w->rmax, (size_t)bq * sizeof(FA_T));
+    memcpy(slot + FA_BQ * (w->dvp + 1), w->rsum, (size_t)bq * sizeof(FA_T));
+}
+
+/* Merge the nsplit partial results of rows [row0, row0 + bq) of an entry
+ * (slots first .. first + nsplit - 1, in key order) and write the output:
+ * with M the largest partial max, the softmax sum is sum_s l_s exp(m_s - M)
+ * and the output sum_s exp(m_s - M) o_s over that sum.  Dot weights add. */
+static void FN(merge_partials)(const fa_problem *p, const int64_t *e, const FA_T *slots, int64_t first,
+                               int nsplit, int64_t row0, int64_t bq, int64_t dvp, FA_T *acc)
+{
+    const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
+    const int64_t size = FN(slot_size)(dvp);
     for (int64_t r = 0; r < bq; r++) {
-        const int64_t i = row0 + r;
-        const FA_T *src = w->o + r * w->dvp;
-        FA_T inv = 1;
-        if (normalise) inv = w->rsum[r] == 0 ? (FA_T)0 : (FA_T)1 / w->rsum[r];
-        char *row = (char *)p->out + e[FA_E_OUT] + i * p->out_rs;
-        if (p->out_cs == (int64_t)sizeof(FA_T)) {
-            FA_T *dst = (FA_T *)row;
-            for (int64_t c = 0; c < dv; c++) dst[c] = src[c] * inv;
-        } else {
-            for (int64_t c = 0; c < dv; c++) *(FA_T *)(row + c * p->out_cs) = src[c] * inv;
+        FA_T m = (FA_T)-INFINITY, l = 0;
+        if (softmax)
+            for (int s = 0; s < nsplit; s++) {
+                const FA_T ms = slots[(first + s) * size + FA_BQ * dvp + r];
+                if (ms > m) m = ms;
+            }
+        for (int64_t c = 0; c < dvp; c++) acc[c] = 0;
+        for (int s = 0; s < nsplit; s++) {
+            const FA_T *slot = slots + (first + s) * size;
+            FA_T f = 1;
+            if (softmax) {
+                const FA_T ms = slot[FA_BQ * dvp + r];
+                if (ms == (FA_T)-INFINITY) continue; /* this split saw no key of the row */
+                f = (FA_T)exp((double)(ms - m));
+                l += f * slot[FA_BQ * (dvp + 1) + r];
+            }
+            for (int64_t c = 0; c < dvp; c++) acc[c] += f * slot[r * dvp + c];
         }
-        if (normalise && p->lse) {
-            FA_T *l = (FA_T *)((char *)p->lse + e[FA_E_LSE] + i * p->lse_rs);
-            *l = w->rsum[r] == 0 ? (FA_T)-INFINITY : w->rmax[r] + (FA_T)log((double)w->rsum[r]);
-        }
+        FN(store_row)(p, e, row0 + r, acc, m, l, softmax);
     }
 }
 
@@ -385,19 +525,24 @@ static void FN(start_rows)(FN(scratch) *w, int64_t bq)
     }
 }
 
-static void FN(attention_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
-                               int64_t bq)
+static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_item *it, FN(scratch) *w,
+                               int64_t row0, int64_t bq, FA_T *slots)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
-    FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, row0, bq, bqp, p->d, (FA_T)p->scale, w->qt,
-                        FA_BQ);
+    FN(pack_q)(p, e, row0, bq, w->qt);
     FN(start_rows)(w, bq);
     int64_t klo, khi, unused;
-    fa_row_range(p, row0, lq, lk, &klo, &unused);
-    fa_row_range(p, row0 + bq - 1, lq, lk, &unused, &khi);
+    fa_block_range(p, lq, lk, row0, bq, &klo, &khi, &unused, &unused);
+    klo = fa_max64(klo, it->k_lo);
+    khi = fa_min64(khi, it->k_hi);
     for (int64_t k0 = klo; k0 < khi; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, khi - k0);
+        if (bq <= FA_ROWS_MAX && k0 + FA_BK < khi) {
+            const int64_t nb = fa_min64(FA_BK, khi - k0 - FA_BK);
+            FN(prefetch_rows)(p->k, e[FA_E_K], p->k_rs, k0 + FA_BK, nb, p->d * p->k_cs);
+            FN(prefetch_rows)(p->v, e[FA_E_V], p->v_rs, k0 + FA_BK, nb, p->dv * p->v_cs);
+        }
         FN(score_tile)(p, e, w, row0, bq, k0, bk);
         if (softmax)
             FN(softmax_tile)(w, bqp, bk);
@@ -405,20 +550,23 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, FN(scratch
             FN(dot_tile)(w, bqp, bk);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
-    FN(store_rows)(p, e, w, row0, bq, softmax);
+    if (it->part >= 0)
+        FN(store_partial)(w, bq, slots + it->part * FN(slot_size)(w->dvp));
+    else
+        FN(store_rows)(p, e, w, row0, bq, softmax);
 }
 
 static void FN(scores_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
                             int64_t bq)
 {
-    const int64_t lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
-    FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, row0, bq, bqp, p->d, (FA_T)p->scale, w->qt,
-                        FA_BQ);
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    FN(pack_q)(p, e, row0, bq, w->qt);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
         FN(score_tile)(p, e, w, row0, bq, k0, bk);
         for (int64_t r = 0; r < bq; r++) {
-            char *row = (char *)p->out + e[FA_E_OUT] + (row0 + r) * p->out_rs + k0 * p->out_cs;
+            char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs) +
+                        k0 * p->out_cs;
             for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->out_cs) = w->st[j * FA_BQ + r];
         }
     }
@@ -432,8 +580,8 @@ static void FN(wsum_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w,
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
         /* W^T tile: st[j][r] = w[row0 + r][k0 + j] */
-        FN(pack_transposed)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, row0, bq, bqp, bk, 1,
-                            w->st, FA_BQ);
+        FN(pack_transposed)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, e[FA_E_LQ], 0, row0, bq,
+                            bqp, bk, 1, w->st, FA_BQ);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
     FN(store_rows)(p, e, w, row0, bq, 0);
@@ -441,10 +589,19 @@ static void FN(wsum_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w,
 
 /* ---- parallel driver ---------------------------------------------------- */
 
-int FN(fa_run)(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int num_threads)
+int FN(fa_run)(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
+               int num_threads)
 {
     int status = FA_OK;
     if (n_items <= 0) return FA_OK;
+    const int64_t dvp = fa_roundup64(p->dv, FA_W);
+    FA_T *slots = NULL;
+    if (n_parts > 0) {
+        if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / sizeof(FA_T) / (uint64_t)FN(slot_size)(dvp))
+            return FA_ERR_NOMEM;
+        slots = (FA_T *)malloc((size_t)(n_parts * FN(slot_size)(dvp)) * sizeof(FA_T));
+        if (!slots) return FA_ERR_NOMEM;
+    }
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
         FN(scratch) w;
@@ -457,15 +614,26 @@ int FN(fa_run)(const fa_problem *p, int kind, const fa_item *items, int64_t n_it
         for (int64_t t = 0; t < n_items; t++) {
             if (!ok) continue;
             const int64_t *e = p->entries + items[t].entry * FA_ENTRY_FIELDS;
-            const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, e[FA_E_LQ] - row0);
+            const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - row0);
             switch (kind) {
-            case FA_KIND_ATTENTION: FN(attention_item)(p, e, &w, row0, bq); break;
+            case FA_KIND_ATTENTION: FN(attention_item)(p, e, &items[t], &w, row0, bq, slots); break;
             case FA_KIND_SCORES: FN(scores_item)(p, e, &w, row0, bq); break;
             default: FN(wsum_item)(p, e, &w, row0, bq); break;
             }
         }
+        if (n_parts > 0) { /* after the loop's barrier every partial is written */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < n_items; t++) {
+                const fa_item *it = &items[t];
+                if (!ok || it->split != 0 || it->part < 0) continue;
+                const int64_t *e = p->entries + it->entry * FA_ENTRY_FIELDS;
+                const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
+                FN(merge_partials)(p, e, slots, it->part, it->nsplit, it->row0, bq, dvp, w.o);
+            }
+        }
         if (ok) free(w.block);
     }
+    free(slots);
     return status;
 }
 

@@ -63,6 +63,14 @@ typedef struct {
     int64_t d;  /* head dimension of q and k (for fa_weighted_sum: unused) */
     int64_t dv; /* head dimension of v and of the output */
 
+    /* Query heads per entry (grouped-query attention; fa_attention only,
+     * else 1).  An entry then holds group x lq query rows: row v is row
+     * v % lq of head v / lq, the heads q_hs / out_hs / lse_hs / mask_hs bytes
+     * apart, all attending to the entry's one k and v; alibi_slopes are
+     * indexed by FA_E_HEAD + v / lq. */
+    int64_t group;
+    int64_t q_hs, out_hs, lse_hs, mask_hs;
+
     /* Base pointers; rows and columns are reached through byte strides
      * (rs: between rows, cs: between elements of a row; any sign). */
     const void *q;

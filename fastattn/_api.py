@@ -191,12 +191,23 @@ def _mask_operand(mask, lq, lk):
     return m, _MASK_KINDS[m.dtype]
 
 
+def _head_stride(a, core):
+    """Byte stride of a's head axis (the one before its `core` dims), 0 if broadcast."""
+    if a is None or a.ndim <= core or a.shape[-core - 1] == 1:
+        return 0
+    return a.strides[-core - 1]
+
+
 def _run(kind, dtype, num_threads, lead, columns, d, dv, q, k, v, out, lse, mask, mask_kind,
          weights=_core.WEIGHTS_SOFTMAX, scale=1.0, causal=False, window=(-1, -1), softcap=0.0,
-         slopes=None):
-    n = math.prod(lead)
+         slopes=None, group=1):
+    """Run a kernel over `lead` entries; with group > 1 (grouped-query attention)
+    each kernel entry covers `group` consecutive query heads (the last lead axis)."""
+    n = math.prod(lead) // group
     entries = np.zeros((n, _core.ENTRY_FIELDS), dtype=np.int64)
     for col, val in columns.items():
+        if group > 1 and isinstance(val, np.ndarray):
+            val = val[::group]  # the first head of each group
         entries[:, col] = val
     none = (0, 0)
     q_rs, q_cs = _core_strides(q) if q is not None else none
@@ -213,6 +224,9 @@ def _run(kind, dtype, num_threads, lead, columns, d, dv, q, k, v, out, lse, mask
         _address(out),
         _address(lse) if lse is not None else 0,
         (q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, o_rs, o_cs, lse_rs),
+        group,
+        (_head_stride(q, 2), _head_stride(out, 2), _head_stride(lse, 1), _head_stride(mask, 2))
+        if group > 1 else (0, 0, 0, 0),
         mask_kind, _address(mask) if mask is not None else 0, m_rs, m_cs,
         weights, scale, causal, window[0], window[1], softcap, slopes,
     )
@@ -306,6 +320,7 @@ class _Scores:
             self.q, self.k, self.v, out, lse, self.mask, self.mask_kind,
             weights=self.weights, scale=self.scale, causal=self.causal, window=self.window,
             softcap=self.softcap, slopes=self.slopes,
+            group=self.group if kind == _core.KIND_ATTENTION else 1,
         )
 
 

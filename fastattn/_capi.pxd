@@ -38,6 +38,8 @@ cdef extern from "fastattn.h" nogil:
         const int64_t *entries
         int64_t d
         int64_t dv
+        int64_t group
+        int64_t q_hs, out_hs, lse_hs, mask_hs
         const void *q
         const void *k
         const void *v

@@ -48,12 +48,13 @@ cdef int _check(int status) except -1:
 def run(int kind, int dtype, int isa, int num_threads, const int64_t[:, ::1] entries,
         int64_t d, int64_t dv,
         uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-        tuple strides,
+        tuple strides, int64_t group, tuple head_strides,
         int mask_kind, uintptr_t mask, int64_t mask_rs, int64_t mask_cs,
         int weights, double scale, bint causal, int64_t window_left, int64_t window_right,
         double softcap, const double[::1] alibi_slopes):
-    """Run one kernel. strides = (q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, out_rs, out_cs, lse_rs),
-    all in bytes; addresses are those of element 0 of each array."""
+    """Run one kernel. strides = (q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, out_rs, out_cs, lse_rs)
+    and head_strides = (q_hs, out_hs, lse_hs, mask_hs), all in bytes; addresses are those
+    of element 0 of each array."""
     cdef fa_problem p
     cdef int status
     if entries.shape[1] != FA_ENTRY_FIELDS:
@@ -71,6 +72,8 @@ def run(int kind, int dtype, int isa, int num_threads, const int64_t[:, ::1] ent
     p.out = <void *>out
     p.lse = <void *>lse
     p.q_rs, p.q_cs, p.k_rs, p.k_cs, p.v_rs, p.v_cs, p.out_rs, p.out_cs, p.lse_rs = strides
+    p.group = group
+    p.q_hs, p.out_hs, p.lse_hs, p.mask_hs = head_strides
     p.mask_kind = mask_kind
     p.mask = <const void *>mask
     p.mask_rs = mask_rs
