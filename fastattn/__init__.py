@@ -6,7 +6,7 @@ function, for checking results.
 """
 __version__ = "0.1.0"
 
-from fastattn._api import attention, scores, weighted_sum
+from fastattn._api import attention, attention_varlen, merge, scores, weighted_sum
 from fastattn._config import (
     available_isas,
     get_isa,
@@ -19,6 +19,8 @@ from fastattn._config import (
 
 __all__ = [
     "attention",
+    "attention_varlen",
+    "merge",
     "scores",
     "weighted_sum",
     "available_isas",

@@ -79,6 +79,9 @@ def bench_job(args):
     matmul_before = _bench.matmul_gflops(threads)
     rows = _bench.run_prefill(shapes, threads, repeat=args.repeat, with_torch=not args.no_torch,
                               progress=progress)
+    decode_shapes = [] if args.shape or args.no_decode else _bench.DECODE_SHAPES
+    decode = _bench.run_decode(decode_shapes, threads, repeat=max(args.repeat, 20),
+                               with_torch=not args.no_torch, progress=progress)
     matmul_after = _bench.matmul_gflops(threads)
     matmul = max(matmul_before, matmul_after)
     print(f"fastattn {fastattn.__version__}, kernel path {fastattn.get_isa()}, {threads} threads")
@@ -91,11 +94,15 @@ def bench_job(args):
         print(f"torch {torch_mod[0].__version__} scaled_dot_product_attention")
     print(f"float32 attention, median of {args.repeat}; flops = 4 B H L^2 D (half when causal)\n")
     print(_bench.format_prefill(rows, matmul))
+    if decode:
+        print("\ndecode: one query row per head, causal, grouped heads; GB/s = bytes of K and V / time,"
+              "\nmatvec = numpy float32 matrix-vector product over an array of that size, same run\n")
+        print(_bench.format_decode(decode))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(version=fastattn.__version__, isa=fastattn.get_isa(), threads=threads,
                            matmul_gflops=matmul, matmul_gflops_runs=[matmul_before, matmul_after],
-                           blas=_bench.blas_info(), prefill=rows), f, indent=2)
+                           blas=_bench.blas_info(), prefill=rows, decode=decode), f, indent=2)
         print(f"\nsaved {args.json}")
     return 0
 
@@ -116,6 +123,7 @@ def parse_args(argv):
     bench.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "H", "L", "D"),
                        help="time this shape instead (repeatable)")
     bench.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    bench.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("config", help="print the configuration")
     args = parser.parse_args(argv)

@@ -89,6 +89,23 @@ def _softcap(softcap):
     return cap
 
 
+def _weights_and_lse(weights, return_lse):
+    """The kernel's weighting code, and return_lse checked against it."""
+    if not isinstance(weights, str) or weights not in _WEIGHTS:
+        raise ValueError(f"weights must be 'softmax' or 'dot', got {weights!r}")
+    return_lse = _flag(return_lse, "return_lse")
+    if return_lse and weights != "softmax":
+        raise ValueError("return_lse=True needs weights='softmax'")
+    return _WEIGHTS[weights], return_lse
+
+
+def _scale(scale, wmode, d):
+    """scale, defaulting to 1/sqrt(D) for softmax and 1 for dot weights."""
+    if scale is None:
+        return 1.0 if wmode == _core.WEIGHTS_DOT or d == 0 else 1.0 / math.sqrt(d)
+    return _real(scale, "scale")
+
+
 def _broadcast(named_shapes, what="leading dimensions"):
     try:
         return tuple(np.broadcast_shapes(*(s for _, s in named_shapes)))
@@ -256,9 +273,7 @@ class _Scores:
         self.dv = v.shape[-1] if v is not None else 0
 
         self.weights = weights
-        if scale is None:
-            scale = 1.0 if weights == _core.WEIGHTS_DOT or self.d == 0 else 1.0 / math.sqrt(self.d)
-        self.scale = _real(scale, "scale")
+        self.scale = _scale(scale, weights, self.d)
         self.causal = _flag(causal, "causal")
         self.window = _window(window)
         self.softcap = _softcap(softcap)
@@ -376,13 +391,9 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
         A query row with no visible key gives zeros.  With return_lse,
         the pair ``(out, lse)``.
     """
-    if not isinstance(weights, str) or weights not in _WEIGHTS:
-        raise ValueError(f"weights must be 'softmax' or 'dot', got {weights!r}")
-    return_lse = _flag(return_lse, "return_lse")
-    if return_lse and weights != "softmax":
-        raise ValueError("return_lse=True needs weights='softmax'")
+    wmode, return_lse = _weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
-    sc = _Scores(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, _WEIGHTS[weights])
+    sc = _Scores(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode)
     shape = sc.lead + (sc.lq, sc.dv)
     out = _check_out(out, shape, sc.dtype, sc.originals)
     lse = np.empty(sc.lead + (sc.lq,), dtype=sc.dtype) if return_lse else None
@@ -454,3 +465,156 @@ def weighted_sum(w, v, *, out=None, num_threads=None):
     _run(_core.KIND_WSUM, dtype, num_threads, lead, cols, 0, dv, w, None, v, out, None, None,
          _core.MASK_NONE)
     return out
+
+
+def _cu_seqlens(cu, name, total):
+    cu = np.asarray(cu)
+    if cu.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {cu.dtype}")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {cu.shape}")
+    cu = cu.astype(np.int64)
+    if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] != total:
+        raise ValueError(
+            f"{name} must start at 0, never decrease and end at the packed length {total}, got {cu}"
+        )
+    return cu
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
+                     weights="softmax", window=None, softcap=None, alibi_slopes=None,
+                     return_lse=False, out=None, num_threads=None):
+    """Attention over a packed batch of variable-length sequences (no padding).
+
+    Sequence ``b`` is rows ``cu_seqlens_q[b] : cu_seqlens_q[b+1]`` of q and
+    ``cu_seqlens_k[b] : cu_seqlens_k[b+1]`` of k and v; it attends only
+    within itself.  Options are those of :func:`attention` (causal and window
+    are bottom-right aligned per sequence).
+
+    Parameters
+    ----------
+    q : array_like, shape (total_q, H, D)
+    k : array_like, shape (total_k, G, D)
+    v : array_like, shape (total_k, G, Dv)
+        float32 or float64; H a multiple of G (grouped-query heads).
+    cu_seqlens_q, cu_seqlens_k : array_like of int, shape (batch + 1,)
+        Cumulative sequence lengths, starting at 0.
+
+    Returns
+    -------
+    ndarray, shape (total_q, H, Dv)
+        With return_lse, also the log-sum-exp, shape (H, total_q).
+    """
+    wmode, return_lse = _weights_and_lse(weights, return_lse)
+    num_threads = _config.resolve_threads(num_threads)
+    q = _as_array(q, "q")
+    k = _as_array(k, "k")
+    v = _as_array(v, "v")
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 3:
+            raise ValueError(f"{name} must have shape (total, heads, dim), got {a.shape}")
+    total_q, h, d = q.shape
+    total_k, g, _ = k.shape
+    dv = v.shape[2]
+    if k.shape[2] != d:
+        raise ValueError(f"q and k must have the same head dim D: q {q.shape}, k {k.shape}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k and v must have the same length and heads: k {k.shape}, v {v.shape}")
+    if g == 0 or h % g != 0:
+        raise ValueError(f"q's {h} heads must be a multiple of k/v's {g} heads")
+    cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
+    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_q.shape[0]} and {cu_k.shape[0]}")
+    scale = _scale(scale, wmode, d)
+    causal = _flag(causal, "causal")
+    window = _window(window)
+    softcap = _softcap(softcap)
+    slopes = None
+    if alibi_slopes is not None:
+        s = _as_array(alibi_slopes, "alibi_slopes")
+        if s.shape not in ((h,), ()):
+            raise ValueError(f"alibi_slopes must have shape ({h},) (one per query head), got {s.shape}")
+        slopes = np.ascontiguousarray(np.broadcast_to(s, (h,)), dtype=np.float64)
+
+    dtype = np.result_type(q, k, v)
+    originals = [("q", q), ("k", k), ("v", v)]
+    out = _check_out(out, (total_q, h, dv), dtype, originals)
+    q, k, v = (np.asarray(a, dtype=dtype) for a in (q, k, v))
+    lse = np.empty((h, total_q), dtype=dtype) if return_lse else None
+
+    # one entry per (sequence, kv head); rows of a sequence are the packed axis
+    group = h // g
+    nseq = cu_q.shape[0] - 1
+    seq = np.repeat(np.arange(nseq), g)
+    head = np.tile(np.arange(g) * group, nseq)  # first query head of the group
+    q_rs, q_hs = q.strides[0], q.strides[1]
+    cols = {
+        _core.E_Q: cu_q[seq] * q_rs + head * q_hs,
+        _core.E_K: cu_k[seq] * k.strides[0] + (head // group) * k.strides[1],
+        _core.E_V: cu_k[seq] * v.strides[0] + (head // group) * v.strides[1],
+        _core.E_OUT: cu_q[seq] * out.strides[0] + head * out.strides[1],
+        _core.E_LQ: (cu_q[1:] - cu_q[:-1])[seq],
+        _core.E_LK: (cu_k[1:] - cu_k[:-1])[seq],
+        _core.E_HEAD: head,
+    }
+    if lse is not None:
+        cols[_core.E_LSE] = cu_q[seq] * lse.strides[1] + head * lse.strides[0]
+    entries = np.zeros((nseq * g, _core.ENTRY_FIELDS), dtype=np.int64)
+    for col, val in cols.items():
+        entries[:, col] = val
+    _core.run(
+        _core.KIND_ATTENTION, _DTYPES[dtype], _config.isa_index(), num_threads, entries, d, dv,
+        _address(q), _address(k), _address(v), _address(out),
+        _address(lse) if lse is not None else 0,
+        (q_rs, q.strides[2], k.strides[0], k.strides[2], v.strides[0], v.strides[2],
+         out.strides[0], out.strides[2], lse.strides[1] if lse is not None else 0),
+        group, (q_hs, out.strides[1], lse.strides[0] if lse is not None else 0, 0),
+        _core.MASK_NONE, 0, 0, 0,
+        wmode, scale, causal, window[0], window[1], softcap, slopes,
+    )
+    return (out, lse) if return_lse else out
+
+
+def merge(outputs, lses):
+    """Combine attention over disjoint key sets into attention over their union.
+
+    If ``outputs[i], lses[i] = attention(q, k_i, v_i, return_lse=True)`` for
+    disjoint key/value sets ``i``, the result equals attention over all of
+    them: with ``M = max_i lse_i``, ``out = sum_i exp(lse_i - M) outputs[i] /
+    sum_i exp(lse_i - M)`` and ``lse = M + log(sum_i exp(lse_i - M))``.  Rows
+    whose every lse is -inf (no visible key anywhere) give zeros and -inf.
+
+    Parameters
+    ----------
+    outputs : sequence of arrays, each shape (..., Lq, Dv)
+    lses : sequence of arrays, each shape (..., Lq)
+
+    Returns
+    -------
+    (out, lse) : arrays of shapes (..., Lq, Dv) and (..., Lq)
+    """
+    outputs = [_as_array(o, f"outputs[{i}]") for i, o in enumerate(outputs)]
+    lses = [_as_array(s, f"lses[{i}]") for i, s in enumerate(lses)]
+    if not outputs or len(outputs) != len(lses):
+        raise ValueError(f"merge needs as many outputs as lses, at least one; got "
+                         f"{len(outputs)} and {len(lses)}")
+    for i, (o, s) in enumerate(zip(outputs, lses)):
+        if o.ndim < 1 or o.shape[:-1] != s.shape:
+            raise ValueError(f"outputs[{i}] of shape {o.shape} does not match lses[{i}] of shape {s.shape}")
+        if o.shape != outputs[0].shape:
+            raise ValueError(f"outputs[{i}] has shape {o.shape}, outputs[0] has {outputs[0].shape}")
+    dtype = np.result_type(*outputs, *lses)
+    lse = np.stack([np.asarray(s, dtype=dtype) for s in lses])
+    m = np.max(lse, axis=0)
+    m_safe = np.where(np.isneginf(m), 0.0, m).astype(dtype)
+    w = np.exp(lse - m_safe)  # exp(-inf) = 0 for empty parts
+    total = np.sum(w, axis=0)
+    out = np.zeros(outputs[0].shape, dtype=dtype)
+    for wi, o in zip(w, outputs):
+        out += wi[..., None] * o
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(total[..., None] > 0, out / total[..., None], 0.0).astype(dtype)
+        merged = np.where(total > 0, m_safe + np.log(total), -np.inf).astype(dtype)
+    return out, merged

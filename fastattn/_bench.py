@@ -164,3 +164,58 @@ def format_prefill(rows, matmul):
             + (f"{th_ms:>9.2f} {th_ms / r['fastattn_ms']:>7.2f}x" if th_ms else f"{'-':>9} {'-':>8}")
         )
     return "\n".join(lines)
+
+
+# (B, H, G, Lq, D, Lk): one decode step against a KV cache, grouped heads.
+DECODE_SHAPES = [(1, 32, 8, 1, 128, 4096), (1, 32, 8, 1, 128, 16384), (1, 32, 8, 1, 128, 32768)]
+
+
+def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
+    """Time decode steps; bandwidth = bytes of K and V read / time, compared
+    with numpy's float32 matrix-vector product over an array of that size."""
+    torch_mod = torch_sdpa() if with_torch else None
+    rows = []
+    for n, (b, h, g, lq, d, lk) in enumerate(shapes, 1):
+        if progress:
+            progress(f"[decode {n}/{len(shapes)}] (B,H,G,Lq,D)={(b, h, g, lq, d)} Lk={lk}")
+        rng = np.random.default_rng(n)
+        q = rng.standard_normal((b, h, lq, d), dtype=np.float32)
+        k = rng.standard_normal((b, g, lk, d), dtype=np.float32)
+        v = rng.standard_normal((b, g, lk, d), dtype=np.float32)
+        out = np.empty_like(q)
+        nbytes = k.nbytes + v.nbytes
+        row = dict(shape=[b, h, g, lq, d], lk=lk, bytes=nbytes, threads=threads, dtype="float32")
+        row["fastattn_ms"] = median_time(
+            lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads), repeat) * 1e3
+        mat = np.concatenate([k.reshape(-1, d), v.reshape(-1, d)])
+        x = rng.standard_normal(d, dtype=np.float32)
+        with blas_threads(threads):
+            row["matvec_ms"] = median_time(lambda: mat @ x, repeat) * 1e3
+        del mat
+        if torch_mod is not None:
+            torch, sdpa = torch_mod
+            saved = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+            with torch.inference_mode():
+                # Lq = 1: every key is visible, causal or not
+                row["torch_ms"] = median_time(lambda: sdpa(tq, tk, tv, enable_gqa=True), repeat) * 1e3
+            torch.set_num_threads(saved)
+        rows.append(row)
+    return rows
+
+
+def format_decode(rows):
+    header = (f"{'(B,H,G,Lq,D)':<20} {'Lk':>6} {'fastattn ms':>11} {'GB/s':>7} {'matvec GB/s':>11} "
+              f"{'% matvec':>8} {'torch ms':>9} {'x torch':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gbs = r["bytes"] / (r["fastattn_ms"] * 1e-3) / 1e9
+        mv = r["bytes"] / (r["matvec_ms"] * 1e-3) / 1e9
+        th = r.get("torch_ms")
+        lines.append(
+            f"{str(tuple(r['shape'])):<20} {r['lk']:>6} {r['fastattn_ms']:>11.3f} {gbs:>7.1f} {mv:>11.1f} "
+            f"{100 * gbs / mv:>7.0f}% "
+            + (f"{th:>9.3f} {th / r['fastattn_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}")
+        )
+    return "\n".join(lines)

@@ -108,3 +108,39 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     if return_lse:
         return out, logsumexp(s)
     return out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, alibi_slopes=None,
+                     **options):
+    """Packed variable-length attention, one sequence at a time.
+
+    q (total_q, H, D), k and v (total_k, G, D); returns (total_q, H, Dv) and,
+    with return_lse, the log-sum-exp of shape (H, total_q)."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    h, dv = q.shape[1], v.shape[2]
+    out = np.zeros((q.shape[0], h, dv))
+    lse = np.full((h, q.shape[0]), -np.inf)
+    for b in range(len(cu_seqlens_q) - 1):
+        qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
+        ks = slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
+        qb = np.swapaxes(q[qs], 0, 1)  # (H, Lq, D)
+        kb = np.swapaxes(k[ks], 0, 1)
+        vb = np.swapaxes(v[ks], 0, 1)
+        o, l = attention(qb, kb, vb, return_lse=True, alibi_slopes=alibi_slopes, **options)
+        out[qs] = np.swapaxes(o, 0, 1)
+        lse[:, qs] = l
+    return (out, lse) if return_lse else out
+
+
+def merge(outputs, lses):
+    """Attention over the union of disjoint key sets from per-set results."""
+    lse = np.stack([_f64(s) for s in lses])
+    m = np.max(lse, axis=0)
+    m_safe = np.where(np.isneginf(m), 0.0, m)
+    w = np.exp(lse - m_safe)
+    total = w.sum(axis=0)
+    out = sum(wi[..., None] * _f64(o) for wi, o in zip(w, outputs))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(total[..., None] > 0, out / total[..., None], 0.0)
+        merged = np.where(total > 0, m_safe + np.log(total), -np.inf)
+    return out, merged

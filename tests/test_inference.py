@@ -1,0 +1,217 @@
+"""Inference features: grouped-query heads, KV-cache decode (split-KV),
+packed variable-length batches, windows, ALiBi, soft-capping, LSE, merge."""
+import itertools
+
+import numpy as np
+import pytest
+
+import fastattn
+import fastattn.reference as ref
+from util import assert_close, randn
+
+
+def gqa_inputs(rng, dtype, b, h, g, lq, lk, d, dv):
+    return (randn(rng, (b, h, lq, d), dtype), randn(rng, (b, g, lk, d), dtype),
+            randn(rng, (b, g, lk, dv), dtype))
+
+
+# Decode shapes: few query rows per head against a long cache.  Lk >= 2048 with
+# few entries splits the keys across items; D not a multiple of 16 and Lk not a
+# multiple of the key tile leave tails everywhere.
+DECODE = [
+    (1, 8, 2, 1, 2100, 64, 64),
+    (2, 4, 1, 3, 3001, 17, 9),
+    (1, 6, 3, 2, 1500, 130, 40),
+    (1, 4, 4, 16, 2500, 97, 33),
+    (1, 2, 2, 5, 64, 8, 8),
+]
+
+
+@pytest.mark.parametrize("shape", DECODE, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_decode_matches_reference(isa, dtype, rng, shape, causal):
+    q, k, v = gqa_inputs(rng, dtype, *shape)
+    out, lse = fastattn.attention(q, k, v, causal=causal, return_lse=True)
+    rout, rlse = ref.attention(q, k, v, causal=causal, return_lse=True)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    dot = fastattn.attention(q, k, v, causal=causal, weights="dot")
+    assert_close(dot, ref.attention(q, k, v, causal=causal, weights="dot"))
+
+
+@pytest.mark.parametrize("shape", DECODE[:3], ids=str)
+def test_decode_bitwise_identical_across_thread_counts(isa, rng, shape):
+    q, k, v = gqa_inputs(rng, np.float32, *shape)
+    runs = [fastattn.attention(q, k, v, causal=True, return_lse=True, num_threads=n) for n in (1, 2, 5)]
+    for out, lse in runs[1:]:
+        assert np.array_equal(out, runs[0][0]) and np.array_equal(lse, runs[0][1])
+
+
+def test_decode_with_window_alibi_softcap_and_mask(isa, dtype, rng):
+    q, k, v = gqa_inputs(rng, dtype, 1, 8, 2, 2, 2300, 32, 16)
+    mask = rng.random((8, 2, 2300)) < 0.9  # per query head
+    kw = dict(causal=True, window=(1000, 0), alibi_slopes=np.linspace(0.01, 0.1, 8), softcap=4.0,
+              mask=mask)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **kw)
+    rout, rlse = ref.attention(q, k, v, return_lse=True, **kw)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+
+
+@pytest.mark.parametrize("lq", [5, 50])
+def test_grouped_heads_spanning_items(isa, dtype, rng, lq):
+    """Query rows of several heads share one item (and items span heads)."""
+    q, k, v = gqa_inputs(rng, dtype, 2, 8, 2, lq, 77, 20, 12)
+    for causal in (False, True):
+        out = fastattn.attention(q, k, v, causal=causal, window=(9, 3))
+        assert_close(out, ref.attention(q, k, v, causal=causal, window=(9, 3)))
+
+
+def test_kv_never_repeated_for_gqa(rng):
+    """K and V are read in place (a read-only, non-contiguous view works)."""
+    q = randn(rng, (1, 8, 3, 16), np.float32)
+    kbig = randn(rng, (1, 2, 40, 32), np.float32)
+    k, v = kbig[..., ::2], kbig[..., 1::2]
+    k.flags.writeable = False
+    assert_close(fastattn.attention(q, k, v), ref.attention(q, k, v))
+
+
+# ---- every combination of options -------------------------------------------------
+
+OPTIONS = dict(
+    causal=[False, True],
+    window=[None, (7, 2)],
+    mask=[None, "bool", "float"],
+    alibi=[False, True],
+    softcap=[None, 2.0],
+    gqa=[False, True],
+)
+
+
+@pytest.mark.parametrize("combo", list(itertools.product(*OPTIONS.values())),
+                         ids=lambda c: "-".join(map(str, c)))
+def test_option_combinations(dtype, combo):
+    causal, window, mask_kind, alibi, softcap, gqa = combo
+    rng = np.random.default_rng(abs(hash(combo)) % 2**32)
+    h, g = (4, 2) if gqa else (4, 4)
+    q, k, v = gqa_inputs(rng, dtype, 2, h, g, 19, 41, 12, 7)
+    mask = None
+    if mask_kind == "bool":
+        mask = rng.random((h, 19, 41)) < 0.8
+    elif mask_kind == "float":
+        mask = rng.standard_normal((19, 41))
+        mask[rng.random((19, 41)) < 0.2] = -np.inf
+    kw = dict(causal=causal, window=window, mask=mask, softcap=softcap,
+              alibi_slopes=np.linspace(0.05, 0.5, h) if alibi else None)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **kw)
+    rout, rlse = ref.attention(q, k, v, return_lse=True, **kw)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    dot = fastattn.attention(q, k, v, weights="dot", **kw)
+    assert_close(dot, ref.attention(q, k, v, weights="dot", **kw))
+    assert_close(fastattn.scores(q, k, **kw), ref.scores(q, k, **kw))
+
+
+def test_window_cost_grows_with_window_not_length(rng):
+    """Tiles outside the window are skipped: a local window over a long sequence
+    matches the reference computed on the visible band only."""
+    q, k, v = gqa_inputs(rng, np.float32, 1, 1, 1, 3000, 3000, 16, 8)
+    out = fastattn.attention(q, k, v, window=(32, 0))
+    rows = slice(2000, 2100)
+    band = slice(2000 - 32, 2100)
+    expected = ref.attention(q[:, :, rows], k[:, :, band], v[:, :, band], window=(32, 0))
+    assert_close(out[:, :, rows], expected)
+
+
+# ---- variable-length batches -----------------------------------------------------
+
+VARLEN = [
+    ([0, 5, 5, 70, 200], [0, 9, 20, 20, 300]),  # an empty query and an empty key sequence
+    ([0, 1, 2, 3], [0, 2500, 2501, 5000]),  # decode rows, long caches (split-KV)
+    ([0, 97], [0, 97]),
+]
+
+
+@pytest.mark.parametrize("cu", VARLEN, ids=lambda c: str(len(c[0]) - 1))
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_reference(isa, dtype, rng, cu, causal):
+    cu_q, cu_k = (np.array(c) for c in cu)
+    h, g = 4, 2
+    q = randn(rng, (cu_q[-1], h, 24), dtype)
+    k = randn(rng, (cu_k[-1], g, 24), dtype)
+    v = randn(rng, (cu_k[-1], g, 10), dtype)
+    kw = dict(causal=causal, window=(40, 3), softcap=3.0, alibi_slopes=np.linspace(0.1, 0.4, h))
+    out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    rout, rlse = ref.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    assert out.shape == (cu_q[-1], h, 10) and lse.shape == (h, cu_q[-1])
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    dot = fastattn.attention_varlen(q, k, v, cu_q, cu_k, weights="dot", causal=causal)
+    assert_close(dot, ref.attention_varlen(q, k, v, cu_q, cu_k, weights="dot", causal=causal))
+
+
+def test_varlen_equals_per_sequence_attention(rng):
+    cu = np.array([0, 30, 31, 100])
+    q = randn(rng, (100, 2, 8), np.float32)
+    out = fastattn.attention_varlen(q, q, q, cu, cu, causal=True)
+    for b in range(3):
+        s = slice(cu[b], cu[b + 1])
+        one = fastattn.attention(q[s].swapaxes(0, 1), q[s].swapaxes(0, 1), q[s].swapaxes(0, 1), causal=True)
+        assert np.array_equal(out[s], one.swapaxes(0, 1))
+
+
+@pytest.mark.parametrize(
+    "cu_q, cu_k, exc, fragment",
+    [
+        ([0, 5, 9], [0, 4, 10], ValueError, "cu_seqlens_q must start at 0"),
+        ([0, 5, 10], [0, 10], ValueError, "same length"),
+        ([1, 5, 10], [0, 4, 10], ValueError, "cu_seqlens_q must start at 0"),
+        ([0, 6, 10], [0, 11, 10], ValueError, "cu_seqlens_k"),
+        ([0.0, 5.0, 10.0], [0, 4, 10], TypeError, "integer"),
+    ],
+)
+def test_varlen_bad_input(cu_q, cu_k, exc, fragment):
+    q = np.zeros((10, 2, 4), np.float32)
+    with pytest.raises(exc, match=fragment):
+        fastattn.attention_varlen(q, q, q, cu_q, cu_k)
+
+
+def test_varlen_head_mismatch():
+    q = np.zeros((10, 3, 4), np.float32)
+    k = np.zeros((10, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        fastattn.attention_varlen(q, k, k, [0, 10], [0, 10])
+
+
+# ---- merging partial results -------------------------------------------------------
+
+
+def test_merge_of_chunks_equals_whole(isa, dtype, rng):
+    q, k, v = gqa_inputs(rng, dtype, 2, 4, 2, 9, 300, 16, 8)
+    mask = rng.random((9, 300)) < 0.7
+    mask[:, 200:] = False  # the last chunk sees nothing: lse -inf there
+    whole, whole_lse = fastattn.attention(q, k, v, mask=mask, return_lse=True)
+    parts = [(0, 50), (50, 200), (200, 300)]
+    outs, lses = zip(*(fastattn.attention(q, k[..., a:b, :], v[..., a:b, :], mask=mask[:, a:b],
+                                          return_lse=True) for a, b in parts))
+    assert np.all(np.isneginf(lses[2]))
+    merged, merged_lse = fastattn.merge(outs, lses)
+    assert_close(merged, whole)
+    assert_close(merged_lse, whole_lse)
+    rm, rl = ref.merge(outs, lses)
+    assert_close(merged, rm)
+    assert_close(merged_lse, rl)
+
+
+def test_merge_rows_with_no_keys():
+    out = np.ones((2, 3), np.float32)
+    lse = np.full(2, -np.inf, np.float32)
+    merged, mlse = fastattn.merge([out, out], [lse, lse])
+    assert np.all(merged == 0) and np.all(np.isneginf(mlse))
+
+
+def test_merge_bad_input():
+    with pytest.raises(ValueError, match="as many outputs"):
+        fastattn.merge([np.zeros((2, 3))], [])
+    with pytest.raises(ValueError, match="does not match"):
+        fastattn.merge([np.zeros((2, 3))], [np.zeros(3)])
