@@ -1,0 +1,22 @@
+"""The README's examples run as written."""
+import os
+import re
+
+import pytest
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+
+
+def examples():
+    with open(README) as f:
+        text = f.read()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("code", examples(), ids=lambda c: c.strip().splitlines()[0][:40])
+def test_readme_example_runs(code):
+    exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readme_has_examples():
+    assert len(examples()) >= 3
