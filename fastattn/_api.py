@@ -107,11 +107,20 @@ def _scale(scale, wmode, d):
 
 
 def _broadcast(named_shapes, what="leading dimensions"):
-    try:
-        return tuple(np.broadcast_shapes(*(s for _, s in named_shapes)))
-    except ValueError:
-        desc = ", ".join(f"{n} {s}" for n, s in named_shapes)
-        raise ValueError(f"{what} do not broadcast: {desc}") from None
+    """numpy's broadcasting rule, with an error naming every argument, and a
+    ValueError (not an overflow) when the result has 2**63 entries or more."""
+    desc = ", ".join(f"{n} {s}" for n, s in named_shapes)
+    ndim = max((len(s) for _, s in named_shapes), default=0)
+    out = [1] * ndim
+    for _, shape in named_shapes:
+        for ax, n in enumerate(shape, ndim - len(shape)):
+            if n != 1:
+                if out[ax] not in (1, n):
+                    raise ValueError(f"{what} do not broadcast: {desc}")
+                out[ax] = n
+    if math.prod(out) >= 2**63:
+        raise ValueError(f"{what} are too big: {tuple(out)} has 2**63 entries or more ({desc})")
+    return tuple(out)
 
 
 def _check_out(out, shape, dtype, inputs, name="out"):

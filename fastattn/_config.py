@@ -9,6 +9,22 @@ from fastattn import _core
 ISA_NAMES = tuple(_core.isa_name(i) for i in range(_core.ISA_COUNT))
 
 _num_threads = None  # set_num_threads() value; None = follow the environment
+
+# GNU OpenMP cannot start threads in a child forked from a process whose
+# OpenMP thread pool exists: the child would hang in its first parallel
+# region.  So a child forked after fastattn has run threaded runs serially.
+_pool_started = False
+_forked_child = False
+
+
+def _after_fork_in_child():
+    global _forked_child
+    if _pool_started:
+        _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _isa_cap = None  # set_isa() value (index); None = the FASTATTN_ISA cap or the best
 
 
@@ -49,6 +65,8 @@ def set_num_threads(n):
 
 def get_num_threads():
     """Threads a call uses when it does not pass ``num_threads``."""
+    if _forked_child:
+        return 1
     if _num_threads is not None:
         return _num_threads
     n = _core.omp_max_threads()
@@ -58,9 +76,14 @@ def get_num_threads():
 
 
 def resolve_threads(num_threads):
-    if num_threads is None:
-        return get_num_threads()
-    return _check_thread_count(num_threads, "num_threads")
+    """Threads for one call (validating num_threads), noting when the pool starts."""
+    global _pool_started
+    n = get_num_threads() if num_threads is None else _check_thread_count(num_threads, "num_threads")
+    if _forked_child:
+        return 1
+    if n > 1:
+        _pool_started = True
+    return n
 
 
 def _isa_index(name, what):

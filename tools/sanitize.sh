@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Build fastattn with AddressSanitizer and UndefinedBehaviorSanitizer in a
+# scratch virtual environment and run the test suite under them.
+#   tools/sanitize.sh [pytest args...]
+# Python itself is not instrumented, so the ASan runtime is preloaded and leak
+# checking (which would report the interpreter's own allocations) is off.
+set -euo pipefail
+src="$(cd "$(dirname "$0")/.." && pwd)"
+work=$(mktemp -d)  # an instrumented build must not replace the checkout's own
+trap 'rm -rf "$work"' EXIT
+git -C "$src" ls-files -z | (cd "$src" && xargs -0 cp --parents -t "$work")
+cd "$work"
+venv=${SANITIZE_VENV:-/tmp/fastattn-sanitize}
+python3 -m venv "$venv"
+. "$venv/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q cython setuptools wheel numpy pytest hypothesis threadpoolctl
+san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+rm -rf build fastattn/_core.c fastattn/_core*.so
+FASTATTN_EXTRA_CFLAGS="$san -O1 -g" FASTATTN_EXTRA_LDFLAGS="$san" \
+    python setup.py -q build_ext --inplace
+asan=$(${CC:-gcc} -print-file-name=libasan.so)
+ubsan=$(${CC:-gcc} -print-file-name=libubsan.so)
+# The flat-RSS test is left out: ASan's quarantine deliberately holds freed memory.
+LD_PRELOAD="$asan $ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    python -m pytest -x -q -p no:cacheprovider -k "not memory_stays_flat" "$@" tests

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run a short fastattn workload under valgrind memcheck (an installed
+# fastattn, e.g. from `pip install -e .`).  Reports errors in fastattn's own
+# code; the interpreter's and numpy's are filtered by the summary check.
+#   tools/valgrind.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log=$(mktemp)
+OMP_NUM_THREADS=2 PYTHONMALLOC=malloc valgrind --tool=memcheck --error-exitcode=0 \
+    --track-origins=no --log-file="$log" python3 - <<'PY'
+import numpy as np, fastattn
+rng = np.random.default_rng(0)
+for isa in fastattn.available_isas():
+    with fastattn.use_isa(isa):
+        for dt in (np.float32, np.float64):
+            q = rng.standard_normal((2, 4, 37, 19)).astype(dt)
+            k = rng.standard_normal((2, 2, 53, 19)).astype(dt)
+            v = rng.standard_normal((2, 2, 53, 7)).astype(dt)
+            m = rng.random((37, 53)) < 0.8
+            fastattn.attention(q, k, v, causal=True, mask=m, return_lse=True, window=(20, 3),
+                               softcap=2.0, alibi_slopes=np.ones(4))
+            fastattn.attention(q[:, :, :1], k.repeat(20, axis=2), v.repeat(20, axis=2), causal=True)
+            fastattn.scores(q, k.repeat(2, axis=1))
+            fastattn.weighted_sum(m.astype(dt), v.repeat(2, axis=1))
+            cu = np.array([0, 10, 37])
+            fastattn.attention_varlen(q[0].swapaxes(0, 1).copy(), k[0].swapaxes(0, 1).copy()[:37],
+                                      v[0].swapaxes(0, 1).copy()[:37], cu, cu, causal=True)
+print("workload done")
+PY
+# errors whose stack passes through fastattn's extension
+python3 - "$log" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+blocks = re.split(r"\n==\d+== \n", text)
+ours = [b for b in blocks if "_core" in b and re.search(r"(Invalid|uninitialised|Mismatched|overlap)", b)]
+print(re.findall(r"ERROR SUMMARY: .*", text)[-1])
+print(f"errors in fastattn's code: {len(ours)}")
+for b in ours[:5]:
+    print(b)
+sys.exit(1 if ours else 0)
+PY
