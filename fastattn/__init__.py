@@ -7,6 +7,7 @@ function, for checking results.
 __version__ = "0.1.0"
 
 from fastattn._api import attention, attention_varlen, merge, scores, weighted_sum
+from fastattn._linear import linear_attention
 from fastattn._config import (
     available_isas,
     get_isa,
@@ -21,6 +22,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "merge",
+    "linear_attention",
     "scores",
     "weighted_sum",
     "available_isas",

@@ -144,3 +144,24 @@ def merge(outputs, lses):
         out = np.where(total[..., None] > 0, out / total[..., None], 0.0)
         merged = np.where(total > 0, m_safe + np.log(total), -np.inf)
     return out, merged
+
+
+def elu_plus_one(x):
+    x = _f64(x)
+    return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
+
+
+def linear_attention(q, k, v, *, causal=False, feature_map=None, normalize=False, eps=1e-6):
+    """Linear attention computed quadratically: sum_j <phi(q_i), phi(k_j)> v_j,
+    optionally divided by sum_j <phi(q_i), phi(k_j)> + eps, over visible keys."""
+    phi = {None: _f64, "elu+1": elu_plus_one}.get(feature_map, feature_map)
+    q, k, v = _f64(phi(_f64(q))), _f64(phi(_f64(k))), _f64(v)
+    k = _repeat_kv_heads(q, k)
+    v = _repeat_kv_heads(q, v)
+    s = q @ np.swapaxes(k, -1, -2)
+    lq, lk = s.shape[-2:]
+    s = np.where(visible(lq, lk, causal), s, 0.0)
+    out = s @ v
+    if normalize:
+        out = out / (s.sum(axis=-1, keepdims=True) + eps)
+    return out

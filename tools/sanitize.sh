@@ -2,8 +2,9 @@
 # Build fastattn with AddressSanitizer and UndefinedBehaviorSanitizer in a
 # scratch virtual environment and run the test suite under them.
 #   tools/sanitize.sh [pytest args...]
-# Python itself is not instrumented, so the ASan runtime is preloaded and leak
-# checking (which would report the interpreter's own allocations) is off.
+# Python itself is not instrumented, so the ASan runtime is preloaded, leak
+# checking (which would report the interpreter's own allocations) is off, and
+# impossible allocations return NULL (numpy then raises MemoryError) as without ASan.
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
 work=$(mktemp -d)  # an instrumented build must not replace the checkout's own
@@ -22,6 +23,6 @@ FASTATTN_EXTRA_CFLAGS="$san -O1 -g" FASTATTN_EXTRA_LDFLAGS="$san" \
 asan=$(${CC:-gcc} -print-file-name=libasan.so)
 ubsan=$(${CC:-gcc} -print-file-name=libubsan.so)
 # The flat-RSS test is left out: ASan's quarantine deliberately holds freed memory.
-LD_PRELOAD="$asan $ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+LD_PRELOAD="$asan $ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     python -m pytest -x -q -p no:cacheprovider -k "not memory_stays_flat" "$@" tests
