@@ -54,3 +54,17 @@ def test_torch(benchmark, shape, causal):
     group(benchmark, shape, causal)
     with torch.inference_mode():
         benchmark(F.scaled_dot_product_attention, q, k, v, is_causal=causal)
+
+
+LINEAR_CASES = [(l, d) for d in _bench.LINEAR_DIMS for l in _bench.LINEAR_LENGTHS]
+
+
+@pytest.mark.parametrize("l, d", LINEAR_CASES, ids=[f"L{l}-D{d}" for l, d in LINEAR_CASES])
+@pytest.mark.parametrize("kind", ["linear", "quadratic"])
+def test_linear_vs_quadratic(benchmark, l, d, kind):
+    q, k, v = inputs((1, 1, l, d))
+    benchmark.group = f"dot weights 1x1x{l}x{d} float32"
+    if kind == "linear":
+        benchmark(fastattn.linear_attention, q, k, v)
+    else:
+        benchmark(fastattn.attention, q, k, v, weights="dot")

@@ -76,14 +76,19 @@ static inline int64_t fa_roundup64(int64_t a, int64_t m) { return (a + m - 1) / 
 /*
  * The keys row i of an entry may see, as the half-open range [*lo, *hi),
  * from the causal and window options (the mask is applied separately).
- * Positions are bottom-right aligned: query i sits at key position
- * i + lk - lq.  Both bounds are non-decreasing in i, so the keys a block of
- * rows may see are [lo(first row), hi(last row)).
+ * Query i sits at key position fa_pos(): i + lk - lq (bottom-right aligned,
+ * the default) or i (top-left).  Both bounds are non-decreasing in i, so the
+ * keys a block of rows may see are [lo(first row), hi(last row)).
  */
+static inline int64_t fa_pos(const fa_problem *p, int64_t i, int64_t lq, int64_t lk)
+{
+    return p->top_left ? i : i + lk - lq;
+}
+
 static inline void fa_row_range(const fa_problem *p, int64_t i, int64_t lq, int64_t lk, int64_t *lo,
                                 int64_t *hi)
 {
-    const int64_t pos = i + lk - lq;
+    const int64_t pos = fa_pos(p, i, lq, lk);
     int64_t a = 0, b = lk;
     if (p->causal) b = fa_min64(b, pos + 1);
     if (p->window_left >= 0) a = fa_max64(a, pos - p->window_left);

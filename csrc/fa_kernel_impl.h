@@ -331,7 +331,7 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
     }
     if (p->alibi_slopes) {
         const FA_T slope = (FA_T)p->alibi_slopes[e[FA_E_HEAD] + head];
-        const int64_t pos = i + lk - lq;
+        const int64_t pos = fa_pos(p, i, lq, lk);
         for (int64_t j = 0; j < bk; j++) {
             const int64_t dist = pos - (k0 + j);
             s[j * ld] -= slope * (FA_T)(dist < 0 ? -dist : dist);

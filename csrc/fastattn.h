@@ -86,7 +86,8 @@ typedef struct {
 
     int weights;  /* FA_WEIGHTS_* */
     double scale; /* multiplies q.k */
-    int causal;   /* bottom-right aligned: key j visible iff j <= i + lk - lq */
+    int causal;   /* key j visible iff j <= i', the query's key position */
+    int top_left; /* i' = i (top-left alignment); else i' = i + lk - lq (bottom-right) */
     int64_t window_left, window_right; /* keys within [i'-left, i'+right]; -1 = unbounded */
     double softcap;                    /* 0: off; else s <- softcap * tanh(s / softcap) */
     const double *alibi_slopes;        /* NULL: off; else bias -slope[head] * |i' - j| */

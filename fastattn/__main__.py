@@ -68,12 +68,27 @@ def main_job(args):
     return 0 if ok else 1
 
 
+def linear_job(args, threads, progress):
+    rows = _bench.run_linear(_bench.LINEAR_LENGTHS, _bench.LINEAR_DIMS, threads,
+                             repeat=args.repeat, progress=progress)
+    print(f"fastattn {fastattn.__version__}, kernel path {fastattn.get_isa()}, {threads} threads")
+    print("linear_attention vs attention(weights='dot'), (1, 1, L, D) float32, non-causal, "
+          f"median of {args.repeat}\n")
+    print(_bench.format_linear(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(version=fastattn.__version__, threads=threads, linear=rows), f, indent=2)
+    return 0
+
+
 def bench_job(args):
     threads = args.threads or fastattn.get_num_threads()
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.PREFILL_SHAPES
     if args.shape:
         shapes = [tuple(s) for s in args.shape]
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None
+    if args.linear:
+        return linear_job(args, threads, progress)
     # the matmul ceiling is timed before and after the table; the better of
     # the two medians is the reference (the machine's clock and load drift)
     matmul_before = _bench.matmul_gflops(threads)
@@ -124,6 +139,8 @@ def parse_args(argv):
                        help="time this shape instead (repeatable)")
     bench.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     bench.add_argument("--no-decode", action="store_true", help="skip the decode rows")
+    bench.add_argument("--linear", action="store_true",
+                       help="linear vs quadratic dot-product attention over L = 256 .. 32768")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("config", help="print the configuration")
     args = parser.parse_args(argv)

@@ -80,6 +80,15 @@ def _window(window):
     return tuple(out)
 
 
+_ALIGNS = ("bottom-right", "top-left")
+
+
+def _align(align):
+    if not isinstance(align, str) or align not in _ALIGNS:
+        raise ValueError(f"align must be 'bottom-right' or 'top-left', got {align!r}")
+    return align
+
+
 def _softcap(softcap):
     if softcap is None:
         return 0.0
@@ -226,7 +235,7 @@ def _head_stride(a, core):
 
 def _run(kind, dtype, num_threads, lead, columns, d, dv, q, k, v, out, lse, mask, mask_kind,
          weights=_core.WEIGHTS_SOFTMAX, scale=1.0, causal=False, window=(-1, -1), softcap=0.0,
-         slopes=None, group=1):
+         slopes=None, group=1, top_left=False):
     """Run a kernel over `lead` entries; with group > 1 (grouped-query attention)
     each kernel entry covers `group` consecutive query heads (the last lead axis)."""
     n = math.prod(lead) // group
@@ -254,14 +263,15 @@ def _run(kind, dtype, num_threads, lead, columns, d, dv, q, k, v, out, lse, mask
         (_head_stride(q, 2), _head_stride(out, 2), _head_stride(lse, 1), _head_stride(mask, 2))
         if group > 1 else (0, 0, 0, 0),
         mask_kind, _address(mask) if mask is not None else 0, m_rs, m_cs,
-        weights, scale, causal, window[0], window[1], softcap, slopes,
+        weights, scale, causal, top_left, window[0], window[1], softcap, slopes,
     )
 
 
 class _Scores:
     """The validated score inputs shared by attention() and scores()."""
 
-    def __init__(self, q, k, v, scale, causal, mask, window, softcap, alibi_slopes, weights):
+    def __init__(self, q, k, v, scale, causal, mask, window, softcap, alibi_slopes, weights,
+                 align="bottom-right"):
         q = _as_array(q, "q")
         k = _as_array(k, "k")
         _check_ndim(q, "q")
@@ -284,6 +294,7 @@ class _Scores:
         self.weights = weights
         self.scale = _scale(scale, weights, self.d)
         self.causal = _flag(causal, "causal")
+        self.top_left = _align(align) == "top-left"
         self.window = _window(window)
         self.softcap = _softcap(softcap)
 
@@ -343,7 +354,7 @@ class _Scores:
             kind, self.dtype, num_threads, self.lead, cols, self.d, self.dv,
             self.q, self.k, self.v, out, lse, self.mask, self.mask_kind,
             weights=self.weights, scale=self.scale, causal=self.causal, window=self.window,
-            softcap=self.softcap, slopes=self.slopes,
+            softcap=self.softcap, slopes=self.slopes, top_left=self.top_left,
             group=self.group if kind == _core.KIND_ATTENTION else 1,
         )
 
@@ -352,7 +363,8 @@ class _Scores:
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax", window=None,
-              softcap=None, alibi_slopes=None, return_lse=False, out=None, num_threads=None):
+              softcap=None, alibi_slopes=None, return_lse=False, align="bottom-right", out=None,
+              num_threads=None):
     """Fused attention: each output row is a weighted sum of value rows.
 
     Scores are ``s[i, j] = scale * <q[i], k[j]>``; with ``weights="softmax"``
@@ -389,6 +401,9 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     return_lse : bool
         Also return the natural-log log-sum-exp of each row's scores, shape
         ``(..., Lq)`` (-inf for a row with no visible key). Softmax only.
+    align : {"bottom-right", "top-left"}
+        Where query i sits among the keys for causal, window and ALiBi:
+        ``i' = i + Lk - Lq`` (default) or ``i' = i`` (PyTorch's ``is_causal``).
     out : ndarray, optional
         Written in place; must have the exact result shape and dtype.
     num_threads : int, optional
@@ -402,7 +417,7 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     """
     wmode, return_lse = _weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
-    sc = _Scores(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode)
+    sc = _Scores(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
     shape = sc.lead + (sc.lq, sc.dv)
     out = _check_out(out, shape, sc.dtype, sc.originals)
     lse = np.empty(sc.lead + (sc.lq,), dtype=sc.dtype) if return_lse else None
@@ -411,14 +426,14 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,
-           alibi_slopes=None, out=None, num_threads=None):
+           alibi_slopes=None, align="bottom-right", out=None, num_threads=None):
     """The score matrix ``scale * q k^T`` with every option of :func:`attention` applied.
 
     Parameters
     ----------
     q : array_like, shape (..., Lq, D)
     k : array_like, shape (..., Lk, D)
-    scale, causal, mask, window, softcap, alibi_slopes, num_threads
+    scale, causal, mask, window, softcap, alibi_slopes, align, num_threads
         As in :func:`attention` (scale defaults to ``1/sqrt(D)``).
     out : ndarray, optional
 
@@ -429,7 +444,7 @@ def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=No
     """
     num_threads = _config.resolve_threads(num_threads)
     sc = _Scores(q, k, None, scale, causal, mask, window, softcap, alibi_slopes,
-                 _core.WEIGHTS_SOFTMAX)
+                 _core.WEIGHTS_SOFTMAX, align)
     out = _check_out(out, sc.lead + (sc.lq, sc.lk), sc.dtype, sc.originals)
     sc.run(_core.KIND_SCORES, out, None, num_threads)
     return out
@@ -492,7 +507,7 @@ def _cu_seqlens(cu, name, total):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
                      weights="softmax", window=None, softcap=None, alibi_slopes=None,
-                     return_lse=False, out=None, num_threads=None):
+                     return_lse=False, align="bottom-right", out=None, num_threads=None):
     """Attention over a packed batch of variable-length sequences (no padding).
 
     Sequence ``b`` is rows ``cu_seqlens_q[b] : cu_seqlens_q[b+1]`` of q and
@@ -538,6 +553,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
                          f"{cu_q.shape[0]} and {cu_k.shape[0]}")
     scale = _scale(scale, wmode, d)
     causal = _flag(causal, "causal")
+    align = _align(align)
     window = _window(window)
     softcap = _softcap(softcap)
     slopes = None
@@ -581,7 +597,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
          out.strides[0], out.strides[2], lse.strides[1] if lse is not None else 0),
         group, (q_hs, out.strides[1], lse.strides[0] if lse is not None else 0, 0),
         _core.MASK_NONE, 0, 0, 0,
-        wmode, scale, causal, window[0], window[1], softcap, slopes,
+        wmode, scale, causal, align == "top-left", window[0], window[1], softcap, slopes,
     )
     return (out, lse) if return_lse else out
 

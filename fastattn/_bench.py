@@ -219,3 +219,46 @@ def format_decode(rows):
             + (f"{th:>9.3f} {th / r['fastattn_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}")
         )
     return "\n".join(lines)
+
+
+LINEAR_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+LINEAR_DIMS = [64, 128]
+
+
+def run_linear(lengths, dims, threads, repeat=3, heads=1, progress=None):
+    """linear_attention vs quadratic attention(weights="dot") (non-causal),
+    (1, heads, L, D) float32 with Dv = D."""
+    rows = []
+    for d in dims:
+        for n, l in enumerate(lengths, 1):
+            if progress:
+                progress(f"[linear D={d} {n}/{len(lengths)}] L={l}")
+            q, k, v = make_inputs(1, heads, l, d, seed=n)
+            out = np.empty_like(q)
+            t_lin = median_time(lambda: fastattn.linear_attention(q, k, v, num_threads=threads), repeat)
+            t_quad = median_time(lambda: fastattn.attention(q, k, v, weights="dot", out=out,
+                                                            num_threads=threads), repeat)
+            rows.append(dict(L=l, D=d, heads=heads, threads=threads, linear_ms=t_lin * 1e3,
+                             quadratic_ms=t_quad * 1e3))
+    return rows
+
+
+def linear_crossover(rows, d):
+    """Smallest measured L at which linear attention is faster, or None."""
+    for r in sorted((r for r in rows if r["D"] == d), key=lambda r: r["L"]):
+        if r["linear_ms"] < r["quadratic_ms"]:
+            return r["L"]
+    return None
+
+
+def format_linear(rows):
+    header = f"{'D':>4} {'L':>6} {'linear ms':>10} {'quadratic ms':>13} {'speedup':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['D']:>4} {r['L']:>6} {r['linear_ms']:>10.3f} {r['quadratic_ms']:>13.3f} "
+                     f"{r['quadratic_ms'] / r['linear_ms']:>7.2f}x")
+    for d in sorted({r["D"] for r in rows}):
+        print_l = linear_crossover(rows, d)
+        lines.append(f"D={d}: linear is faster from L = {print_l}" if print_l
+                     else f"D={d}: quadratic faster at every measured L")
+    return "\n".join(lines)

@@ -52,6 +52,7 @@ cdef extern from "fastattn.h" nogil:
         int weights
         double scale
         int causal
+        int top_left
         int64_t window_left, window_right
         double softcap
         const double *alibi_slopes

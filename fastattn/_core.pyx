@@ -50,7 +50,7 @@ def run(int kind, int dtype, int isa, int num_threads, const int64_t[:, ::1] ent
         uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
         tuple strides, int64_t group, tuple head_strides,
         int mask_kind, uintptr_t mask, int64_t mask_rs, int64_t mask_cs,
-        int weights, double scale, bint causal, int64_t window_left, int64_t window_right,
+        int weights, double scale, bint causal, bint top_left, int64_t window_left, int64_t window_right,
         double softcap, const double[::1] alibi_slopes):
     """Run one kernel. strides = (q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, out_rs, out_cs, lse_rs)
     and head_strides = (q_hs, out_hs, lse_hs, mask_hs), all in bytes; addresses are those
@@ -81,6 +81,7 @@ def run(int kind, int dtype, int isa, int num_threads, const int64_t[:, ::1] ent
     p.weights = weights
     p.scale = scale
     p.causal = causal
+    p.top_left = top_left
     p.window_left = window_left
     p.window_right = window_right
     p.softcap = softcap

@@ -22,12 +22,14 @@ def _repeat_kv_heads(q, kv):
     return kv
 
 
-def visible(lq, lk, causal=False, window=None):
-    """Boolean (Lq, Lk) matrix: may query i see key j (causal/window only)?
+def positions(lq, lk, align="bottom-right"):
+    """Key position i' of each query row: i + Lk - Lq (bottom-right) or i (top-left)."""
+    return np.arange(lq)[:, None] + (lk - lq if align == "bottom-right" else 0)
 
-    Query i sits at key position i' = i + Lk - Lq (bottom-right alignment).
-    """
-    pos = np.arange(lq)[:, None] + (lk - lq)
+
+def visible(lq, lk, causal=False, window=None, align="bottom-right"):
+    """Boolean (Lq, Lk) matrix: may query i see key j (causal/window only)?"""
+    pos = positions(lq, lk, align)
     j = np.arange(lk)[None, :]
     ok = np.ones((lq, lk), dtype=bool)
     if causal:
@@ -42,7 +44,7 @@ def visible(lq, lk, causal=False, window=None):
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,
-           alibi_slopes=None):
+           alibi_slopes=None, align="bottom-right"):
     """scale * q k^T, soft-capped, ALiBi-biased and masked (-inf where masked)."""
     q, k = _f64(q), _f64(k)
     k = _repeat_kv_heads(q, k)
@@ -54,11 +56,11 @@ def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=No
     if softcap:
         s = softcap * np.tanh(s / softcap)
     if alibi_slopes is not None:
-        pos = np.arange(lq)[:, None] + (lk - lq)
+        pos = positions(lq, lk, align)
         dist = np.abs(pos - np.arange(lk)[None, :]).astype(np.float64)
         slopes = _f64(alibi_slopes)[..., None, None]
         s = s - slopes * dist
-    ok = visible(lq, lk, causal, window)
+    ok = visible(lq, lk, causal, window, align)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.dtype == bool:
@@ -93,12 +95,12 @@ def weighted_sum(w, v):
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax", window=None,
-              softcap=None, alibi_slopes=None, return_lse=False):
+              softcap=None, alibi_slopes=None, return_lse=False, align="bottom-right"):
     """Attention in float64: softmax (or plain dot) weights of the scores, times v."""
     if weights == "dot" and scale is None:
         scale = 1.0
     s = scores(q, k, scale=scale, causal=causal, mask=mask, window=window, softcap=softcap,
-               alibi_slopes=alibi_slopes)
+               alibi_slopes=alibi_slopes, align=align)
     v = _repeat_kv_heads(_f64(q), _f64(v))
     if weights == "dot":
         w = np.where(np.isneginf(s), 0.0, s)

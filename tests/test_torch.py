@@ -1,0 +1,132 @@
+"""fastattn.torch against torch.nn.functional.scaled_dot_product_attention."""
+import itertools
+import os
+import runpy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import fastattn  # noqa: E402
+import fastattn.torch as ft  # noqa: E402
+
+# (query shape, key shape, value shape): L != S, broadcast leading dims, grouped heads
+SHAPES = [
+    ((2, 4, 7, 16), (2, 4, 9, 16), (2, 4, 9, 8)),
+    ((1, 3, 33, 40), (1, 3, 33, 40), (1, 3, 33, 40)),
+    ((2, 8, 5, 24), (2, 2, 70, 24), (2, 2, 70, 12)),  # needs enable_gqa
+    ((130, 17), (100, 17), (100, 5)),
+]
+
+
+def masks(lq, lk, dtype):
+    g = torch.Generator().manual_seed(lq * 1000 + lk)
+    yield None
+    yield torch.rand(lq, lk, generator=g) < 0.7
+    yield torch.rand(1, lk, generator=g) < 0.7
+    m = torch.randn(lq, lk, generator=g, dtype=dtype)
+    m[torch.rand(lq, lk, generator=g) < 0.2] = float("-inf")
+    yield m
+
+
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("is_causal, scale", list(itertools.product([False, True], [None, 0.3])))
+def test_matches_torch(shapes, dtype, is_causal, scale):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g, dtype=dtype) for s in shapes)
+    gqa = q.dim() >= 3 and q.shape[-3] != k.shape[-3]
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    for mask in masks(q.shape[-2], k.shape[-2], dtype):
+        if is_causal and mask is not None:
+            continue
+        kw = dict(attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        with torch.inference_mode():
+            expected = F.scaled_dot_product_attention(q, k, v, **kw)
+            got = ft.scaled_dot_product_attention(q, k, v, **kw)
+        assert got.dtype == dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, **tol)
+
+
+def test_non_contiguous_tensors_are_used_in_place():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 50, 4, 3 * 16, generator=g)  # (B, L, H, 3E), as a fused projection
+    q, k, v = (x[..., i * 16:(i + 1) * 16].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    got = ft.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert np.shares_memory(q.numpy(), x.numpy())  # the view fastattn reads is x itself
+
+
+def test_output_shares_memory_with_numpy():
+    q = torch.randn(3, 5, 8)
+    out = ft.scaled_dot_product_attention(q, q, q)
+    arr = out.numpy()  # a view, not a copy
+    arr[0, 0, 0] = 123.0
+    assert out[0, 0, 0].item() == 123.0
+
+
+def test_fully_masked_rows_match_torch():
+    q = torch.randn(1, 2, 4, 8)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1] = False
+    expected = F.scaled_dot_product_attention(q, q.repeat(1, 1, 2, 1)[:, :, :6], q.repeat(1, 1, 2, 1)[:, :, :6],
+                                              attn_mask=mask)
+    got = ft.scaled_dot_product_attention(q, q.repeat(1, 1, 2, 1)[:, :, :6], q.repeat(1, 1, 2, 1)[:, :, :6],
+                                          attn_mask=mask)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make, exc, fragment",
+    [
+        (lambda q: dict(query=q.to("meta")), ValueError, "CPU tensors only"),
+        (lambda q: dict(dropout_p=0.1), ValueError, "dropout_p"),
+        (lambda q: dict(query=q.clone().requires_grad_()), ValueError, "requires grad"),
+        (lambda q: dict(query=q.bfloat16(), key=q.bfloat16(), value=q.bfloat16()), TypeError, "float32"),
+        (lambda q: dict(attn_mask=torch.ones(5, 5, dtype=torch.int32)), TypeError, "attn_mask"),
+        (lambda q: dict(attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True), ValueError, "both"),
+        (lambda q: dict(key=q[:, :2], value=q[:, :2]), ValueError, "enable_gqa"),
+        (lambda q: dict(query=q.numpy()), TypeError, "torch.Tensor"),
+    ],
+)
+def test_unsupported_calls_raise(make, exc, fragment):
+    q = torch.randn(1, 4, 5, 8)
+    args = dict(query=q, key=q, value=q)
+    args.update(make(q))
+    with pytest.raises(exc, match=fragment):
+        ft.scaled_dot_product_attention(**args)
+
+
+def test_patch_routes_and_restores(monkeypatch):
+    calls = []
+    real = fastattn._api.attention
+
+    def spy(*a, **kw):
+        calls.append(kw.get("align"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fastattn._api, "attention", spy)
+    original = F.scaled_dot_product_attention
+    q = torch.randn(1, 2, 6, 8)
+    with ft.patch():
+        assert F.scaled_dot_product_attention is not original
+        with torch.inference_mode():
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        # unsupported here (dropout): torch's own function runs
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    assert F.scaled_dot_product_attention is original
+    assert calls == ["top-left"]
+    with pytest.raises(RuntimeError):
+        with ft.patch():
+            raise RuntimeError("body fails")
+    assert F.scaled_dot_product_attention is original
+
+
+def test_transformer_block_example():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "torch_transformer_block.py")
+    err = runpy.run_path(path)["main"]()
+    assert err < 1e-4
