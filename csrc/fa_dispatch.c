@@ -75,13 +75,13 @@ const char *fa_compiler(void)
 int fa_omp_max_threads(void) { return fa_omp_threads(); }
 
 static const fa_run_fn fa_run_table[FA_ISA_COUNT][FA_DTYPE_COUNT] = {
-    {fa_run_f32_generic, fa_run_f64_generic},
+    {fa_run_f32_generic, fa_run_f64_generic, fa_run_f16_generic, fa_run_bf16_generic},
 #if FA_HAVE_X86_PATHS
-    {fa_run_f32_avx2, fa_run_f64_avx2},
-    {fa_run_f32_avx512, fa_run_f64_avx512},
+    {fa_run_f32_avx2, fa_run_f64_avx2, fa_run_f16_avx2, fa_run_bf16_avx2},
+    {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512},
 #else
-    {NULL, NULL},
-    {NULL, NULL},
+    {NULL, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL},
 #endif
 };
 

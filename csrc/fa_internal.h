@@ -54,6 +54,10 @@ typedef void (*fa_exp_fn)(const float *x, float *y, int64_t n);
                          int64_t n_parts, int num_threads);                                      \
     int fa_run_f64_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,   \
                          int64_t n_parts, int num_threads);                                      \
+    int fa_run_f16_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,   \
+                         int64_t n_parts, int num_threads);                                      \
+    int fa_run_bf16_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,  \
+                          int64_t n_parts, int num_threads);                                     \
     void fa_exp_f32_##isa(const float *x, float *y, int64_t n);
 
 FA_DECLARE_PATH(generic)

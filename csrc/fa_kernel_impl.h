@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fa_half.h"
+
 #define FN(name) FA_CAT(name, FA_SUFFIX)
 
 #ifndef FA_INLINE
@@ -235,12 +237,46 @@ static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp
 
 /* ---- operands ----------------------------------------------------------- */
 
-#define FA_AT(base, off) (*(const FA_T *)((const char *)(base) + (off)))
+/* Storage reads and writes: FA_LD(p) gives the FA_T value of the FA_S at p,
+ * FA_ST(x) the FA_S nearest the FA_T x. */
+#if FA_S_KIND == 0
+#define FA_LD(p) (*(p))
+#define FA_ST(x) (x)
+#elif FA_S_KIND == 1 && FA_VEC_ISA >= 1
+#define FA_LD(p) _cvtsh_ss(*(p))
+#define FA_ST(x) ((uint16_t)_cvtss_sh((x), _MM_FROUND_TO_NEAREST_INT))
+#elif FA_S_KIND == 1
+#define FA_LD(p) fa_f16_to_f32(*(p))
+#define FA_ST(x) fa_f32_to_f16(x)
+#else
+#define FA_LD(p) fa_bf16_to_f32(*(p))
+#define FA_ST(x) fa_f32_to_bf16(x)
+#endif
+#define FA_AT(base, off) FA_LD((const FA_S *)((const char *)(base) + (off)))
 
 /* Can rows of this array be read in place as contiguous vectors of FA_T? */
 static inline int FN(rows_in_place)(int64_t rs, int64_t cs)
 {
-    return cs == (int64_t)sizeof(FA_T) && rs % (int64_t)sizeof(FA_T) == 0;
+    return sizeof(FA_S) == sizeof(FA_T) && cs == (int64_t)sizeof(FA_T) && rs % (int64_t)sizeof(FA_T) == 0;
+}
+
+/* out[c] = row[c] (converted to FA_T) for c < n, elements cs bytes apart. */
+static inline void FN(load_row)(const char *row, int64_t cs, int64_t n, FA_T *out)
+{
+    if (cs != (int64_t)sizeof(FA_S)) {
+        for (int64_t c = 0; c < n; c++) out[c] = FA_AT(row, c * cs);
+        return;
+    }
+    const FA_S *src = (const FA_S *)row;
+#if FA_S_KIND == 0
+    memcpy(out, src, (size_t)n * sizeof(FA_T));
+#else
+    int64_t c = 0;
+#if FA_S_KIND == 1 && FA_VEC_ISA >= 1
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + c))));
+#endif
+    for (; c < n; c++) out[c] = FA_LD(src + c);
+#endif
 }
 
 /* dst[j][c] = src[r0 + j][c] for c < nc, zero for nc <= c < ld. */
@@ -248,14 +284,8 @@ static void FN(pack_rows)(const void *base, int64_t off, int64_t rs, int64_t cs,
                           int64_t nc, FA_T *dst, int64_t ld)
 {
     for (int64_t j = 0; j < nr; j++) {
-        const char *row = (const char *)base + off + (r0 + j) * rs;
-        FA_T *out = dst + j * ld;
-        if (cs == (int64_t)sizeof(FA_T)) {
-            memcpy(out, row, (size_t)nc * sizeof(FA_T));
-        } else {
-            for (int64_t c = 0; c < nc; c++) out[c] = FA_AT(row, c * cs);
-        }
-        for (int64_t c = nc; c < ld; c++) out[c] = 0;
+        FN(load_row)((const char *)base + off + (r0 + j) * rs, cs, nc, dst + j * ld);
+        for (int64_t c = nc; c < ld; c++) dst[j * ld + c] = 0;
     }
 }
 
@@ -454,11 +484,11 @@ static void FN(store_row)(const fa_problem *p, const int64_t *e, int64_t v, cons
     FA_T inv = 1;
     if (normalise) inv = rsum == 0 ? (FA_T)0 : (FA_T)1 / rsum;
     char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(v, lq, p->out_rs, p->out_hs);
-    if (p->out_cs == (int64_t)sizeof(FA_T)) {
-        FA_T *dst = (FA_T *)row;
-        for (int64_t c = 0; c < dv; c++) dst[c] = o[c] * inv;
+    if (p->out_cs == (int64_t)sizeof(FA_S)) {
+        FA_S *dst = (FA_S *)row;
+        for (int64_t c = 0; c < dv; c++) dst[c] = FA_ST(o[c] * inv);
     } else {
-        for (int64_t c = 0; c < dv; c++) *(FA_T *)(row + c * p->out_cs) = o[c] * inv;
+        for (int64_t c = 0; c < dv; c++) *(FA_S *)(row + c * p->out_cs) = FA_ST(o[c] * inv);
     }
     if (normalise && p->lse) {
         FA_T *l = (FA_T *)((char *)p->lse + e[FA_E_LSE] + fa_vrow_off(v, lq, p->lse_rs, p->lse_hs));
@@ -639,7 +669,7 @@ int FN(fa_run)(const fa_problem *p, int kind, const fa_item *items, int64_t n_it
 
 /* ---- exp entry point for accuracy tests ---------------------------------- */
 
-#if FA_T_IS_FLOAT
+#if FA_T_IS_FLOAT && FA_S_KIND == 0
 void FA_CAT(fa_exp, FA_SUFFIX)(const float *x, float *y, int64_t n)
 {
     for (int64_t i = 0; i < n; i += FA_W) {
@@ -653,4 +683,7 @@ void FA_CAT(fa_exp, FA_SUFFIX)(const float *x, float *y, int64_t n)
 #endif
 
 #undef FA_NVW
+#undef FA_LD
+#undef FA_ST
+#undef FA_AT
 #undef FN

@@ -29,8 +29,10 @@ enum {
 /* Instruction-set paths, in increasing order of capability. */
 enum { FA_ISA_GENERIC = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_COUNT = 3 };
 
-/* Element type of q, k, v and out. */
-enum { FA_F32 = 0, FA_F64 = 1, FA_DTYPE_COUNT = 2 };
+/* Element type of q, k, v and out.  The 16-bit types (IEEE binary16 and
+ * bfloat16) are computed in float32; their lse and fa_scores output are
+ * float32. */
+enum { FA_F32 = 0, FA_F64 = 1, FA_F16 = 2, FA_BF16 = 3, FA_DTYPE_COUNT = 4 };
 
 /* Element type of the mask (independent of the data type). */
 enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_F32 = 2, FA_MASK_F64 = 3 };

@@ -15,7 +15,36 @@ import numpy as np
 
 from fastattn import _config, _core
 
-_DTYPES = {np.dtype(np.float32): _core.DTYPE_F32, np.dtype(np.float64): _core.DTYPE_F64}
+try:  # numpy's standard bfloat16 (as used by JAX)
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    BFLOAT16 = None
+
+_DTYPES = {
+    np.dtype(np.float32): _core.DTYPE_F32,
+    np.dtype(np.float64): _core.DTYPE_F64,
+    np.dtype(np.float16): _core.DTYPE_F16,
+}
+if BFLOAT16 is not None:
+    _DTYPES[BFLOAT16] = _core.DTYPE_BF16
+_FLOAT_KINDS = "float16, bfloat16, float32 or float64"
+HALF_DTYPES = tuple(dt for dt in _DTYPES if dt.itemsize == 2)
+
+
+def _compute_dtype(dtype):
+    """The dtype kernels compute in (and return lse and scores in)."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
+def _result_dtype(named):
+    """numpy's promotion of the named arrays' dtypes, as a TypeError naming them if none."""
+    try:
+        return np.result_type(*(a for _, a in named))
+    except TypeError:
+        desc = ", ".join(f"{n} ({a.dtype})" for n, a in named)
+        raise TypeError(f"no common dtype for {desc}; convert them to one dtype") from None
 _MASK_KINDS = {
     np.dtype(np.bool_): _core.MASK_BOOL,
     np.dtype(np.float32): _core.MASK_F32,
@@ -27,7 +56,7 @@ _WEIGHTS = {"softmax": _core.WEIGHTS_SOFTMAX, "dot": _core.WEIGHTS_DOT}
 # ---- argument checks ---------------------------------------------------------
 
 
-def _as_array(x, name, kinds="float32 or float64", allowed=_DTYPES):
+def _as_array(x, name, kinds=_FLOAT_KINDS, allowed=_DTYPES):
     """View x as an ndarray (no copy where numpy can view it) and check its dtype."""
     if isinstance(x, np.ndarray):
         a = x
@@ -282,7 +311,7 @@ class _Scores:
             _check_ndim(v, "v", "(..., Lk, Dv)")
             arrays.append(("v", v))
         self.originals = list(arrays)
-        self.dtype = np.result_type(*(a for _, a in arrays))
+        self.dtype = _result_dtype(arrays)
         if q.shape[-1] != k.shape[-1]:
             raise ValueError(f"q and k must have the same head dim D: q {q.shape}, k {k.shape}")
         if v is not None and v.shape[-2] != k.shape[-2]:
@@ -420,7 +449,7 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     sc = _Scores(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
     shape = sc.lead + (sc.lq, sc.dv)
     out = _check_out(out, shape, sc.dtype, sc.originals)
-    lse = np.empty(sc.lead + (sc.lq,), dtype=sc.dtype) if return_lse else None
+    lse = np.empty(sc.lead + (sc.lq,), dtype=_compute_dtype(sc.dtype)) if return_lse else None
     sc.run(_core.KIND_ATTENTION, out, lse, num_threads)
     return (out, lse) if return_lse else out
 
@@ -445,7 +474,7 @@ def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=No
     num_threads = _config.resolve_threads(num_threads)
     sc = _Scores(q, k, None, scale, causal, mask, window, softcap, alibi_slopes,
                  _core.WEIGHTS_SOFTMAX, align)
-    out = _check_out(out, sc.lead + (sc.lq, sc.lk), sc.dtype, sc.originals)
+    out = _check_out(out, sc.lead + (sc.lq, sc.lk), _compute_dtype(sc.dtype), sc.originals)
     sc.run(_core.KIND_SCORES, out, None, num_threads)
     return out
 
@@ -473,7 +502,7 @@ def weighted_sum(w, v, *, out=None, num_threads=None):
     if w.shape[-1] != v.shape[-2]:
         raise ValueError(f"w's last dim (Lk) must equal v's second to last: w {w.shape}, v {v.shape}")
     lead = _broadcast([("w", w.shape[:-2]), ("v", v.shape[:-2])])
-    dtype = np.result_type(w, v)
+    dtype = _result_dtype([("w", w), ("v", v)])
     lq, lk = w.shape[-2:]
     dv = v.shape[-1]
     out = _check_out(out, lead + (lq, dv), dtype, [("w", w), ("v", v)])
@@ -563,11 +592,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
             raise ValueError(f"alibi_slopes must have shape ({h},) (one per query head), got {s.shape}")
         slopes = np.ascontiguousarray(np.broadcast_to(s, (h,)), dtype=np.float64)
 
-    dtype = np.result_type(q, k, v)
     originals = [("q", q), ("k", k), ("v", v)]
+    dtype = _result_dtype(originals)
     out = _check_out(out, (total_q, h, dv), dtype, originals)
     q, k, v = (np.asarray(a, dtype=dtype) for a in (q, k, v))
-    lse = np.empty((h, total_q), dtype=dtype) if return_lse else None
+    lse = np.empty((h, total_q), dtype=_compute_dtype(dtype)) if return_lse else None
 
     # one entry per (sequence, kv head); rows of a sequence are the packed axis
     group = h // g
@@ -630,7 +659,9 @@ def merge(outputs, lses):
             raise ValueError(f"outputs[{i}] of shape {o.shape} does not match lses[{i}] of shape {s.shape}")
         if o.shape != outputs[0].shape:
             raise ValueError(f"outputs[{i}] has shape {o.shape}, outputs[0] has {outputs[0].shape}")
-    dtype = np.result_type(*outputs, *lses)
+    out_dtype = _result_dtype([(f"outputs[{i}]", o) for i, o in enumerate(outputs)])
+    lse_dtype = _result_dtype([(f"lses[{i}]", s) for i, s in enumerate(lses)])
+    dtype = np.result_type(_compute_dtype(out_dtype), _compute_dtype(lse_dtype))
     lse = np.stack([np.asarray(s, dtype=dtype) for s in lses])
     m = np.max(lse, axis=0)
     m_safe = np.where(np.isneginf(m), 0.0, m).astype(dtype)
@@ -638,8 +669,8 @@ def merge(outputs, lses):
     total = np.sum(w, axis=0)
     out = np.zeros(outputs[0].shape, dtype=dtype)
     for wi, o in zip(w, outputs):
-        out += wi[..., None] * o
+        out += wi[..., None] * o.astype(dtype, copy=False)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(total[..., None] > 0, out / total[..., None], 0.0).astype(dtype)
-        merged = np.where(total > 0, m_safe + np.log(total), -np.inf).astype(dtype)
+        out = np.where(total[..., None] > 0, out / total[..., None], 0.0).astype(out_dtype)
+        merged = np.where(total > 0, m_safe + np.log(total), -np.inf).astype(lse_dtype)
     return out, merged

@@ -13,6 +13,8 @@ cdef extern from "fastattn.h" nogil:
         FA_ISA_COUNT
         FA_F32
         FA_F64
+        FA_F16
+        FA_BF16
         FA_MASK_NONE
         FA_MASK_BOOL
         FA_MASK_F32

@@ -101,7 +101,8 @@ def linear_attention(q, k, v, *, causal=False, feature_map=None, normalize=False
         _api._check_ndim(a, name, core)
     if v.shape[-2] != k.shape[-2]:
         raise ValueError(f"k and v must have the same length Lk: k {k.shape}, v {v.shape}")
-    dtype = np.result_type(q, k, v)
+    out_dtype = _api._result_dtype([("q", q), ("k", k), ("v", v)])
+    dtype = _api._compute_dtype(out_dtype)  # half precision runs in float32 here
     q, k, v = (np.asarray(a, dtype=dtype) for a in (q, k, v))
     q = np.asarray(_feature(q, feature_map, "q"), dtype=dtype)
     k = np.asarray(_feature(k, feature_map, "k"), dtype=dtype)
@@ -111,7 +112,7 @@ def linear_attention(q, k, v, *, causal=False, feature_map=None, normalize=False
     lead = _api._broadcast([("q", q.shape[:-2]), ("k", k.shape[:-2]), ("v", v.shape[:-2])])
     lq, lk = q.shape[-2], k.shape[-2]
     if lq == 0:
-        return restore(np.zeros(lead + (0, v.shape[-1]), dtype=dtype))
+        return restore(np.zeros(lead + (0, v.shape[-1]), dtype=out_dtype))
     if causal:
         num, den = _causal(q, k, v, normalize, num_threads, dtype)
     else:
@@ -119,7 +120,7 @@ def linear_attention(q, k, v, *, causal=False, feature_map=None, normalize=False
     out = np.broadcast_to(num, lead + (lq, v.shape[-1]))
     if normalize:
         out = out / (den + dtype.type(eps))
-    return restore(np.ascontiguousarray(out, dtype=dtype))
+    return restore(np.ascontiguousarray(out, dtype=out_dtype))
 
 
 def _kv_state(k, v, num_threads):

@@ -1,10 +1,12 @@
 """Bad input gets a clear TypeError or ValueError that names the argument."""
+import ml_dtypes
 import numpy as np
 import pytest
 
 import fastattn
 
 f32 = np.float32
+BF16 = np.dtype(ml_dtypes.bfloat16)
 Q = np.zeros((2, 5, 8), f32)
 K = np.zeros((2, 6, 8), f32)
 V = np.zeros((2, 6, 4), f32)
@@ -28,7 +30,8 @@ BAD = [
     (lambda: attn(k=K.astype(np.complex64)), TypeError, "k must have dtype"),
     (lambda: attn(v=V.astype(object)), TypeError, "v must have dtype"),
     (lambda: attn(q=np.zeros((5, 8), dtype=[("a", f32)])), TypeError, "q must have dtype"),
-    (lambda: attn(q=Q.astype(np.float16)), TypeError, "float16"),
+    (lambda: attn(q=Q.astype(np.float16), k=K.astype(BF16), v=V.astype(BF16)), TypeError,
+     "no common dtype"),
     (lambda: attn(q="abc"), TypeError, "q must have dtype"),
     (lambda: attn(q=np.zeros(8, f32)), ValueError, "q must have at least 2 dimensions"),
     (lambda: attn(k=np.zeros((2, 6, 7), f32)), ValueError, "same head dim"),

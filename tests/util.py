@@ -9,7 +9,17 @@ import numpy as np
 TOLERANCES = {
     np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5),  # ~170 u
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-12),  # ~4500 u; typically 10 u
+    # 16-bit storage, float32 compute: the float32 error (atol) plus one rounding
+    # of the result to the storage type, at most u |result| (rtol = u).
+    np.dtype(np.float16): dict(rtol=2.0**-11, atol=1e-5),
 }
+try:
+    import ml_dtypes
+
+    TOLERANCES[np.dtype(ml_dtypes.bfloat16)] = dict(rtol=2.0**-8, atol=1e-5)
+except ImportError:  # pragma: no cover
+    pass
+HALF = [dt for dt in TOLERANCES if dt.itemsize == 2]
 
 
 def tolerance(dtype):

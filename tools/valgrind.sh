@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
+# the interpreter itself, not a wrapper script (valgrind would check the wrapper)
+py=$(python3 -c 'import sys; print(sys.executable)')
 OMP_NUM_THREADS=2 PYTHONMALLOC=malloc valgrind --tool=memcheck --error-exitcode=0 \
-    --track-origins=no --log-file="$log" python3 - <<'PY'
+    --track-origins=no --log-file="$log" "$py" - <<'PY'
 import numpy as np, fastattn
 rng = np.random.default_rng(0)
 for isa in fastattn.available_isas():

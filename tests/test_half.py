@@ -1,0 +1,112 @@
+"""Half-precision storage (float16, bfloat16): float32 compute, output in the
+input dtype, lse and scores in float32."""
+import numpy as np
+import pytest
+
+import fastattn
+import fastattn.reference as ref
+from util import HALF, assert_close, randn
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.fixture(params=HALF, ids=str)
+def half(request):
+    return request.param
+
+
+SHAPES = [
+    ((), (), 1, 130, 17, 17),
+    ((2, 3), (2, 3), 100, 130, 40, 24),
+    ((1,), (1,), 193, 200, 128, 64),
+    ((2, 8), (2, 2), 1, 2500, 64, 64),  # decode: grouped heads, split keys, few-row kernel
+    ((1, 4), (1, 4), 3, 2100, 97, 9),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_attention(isa, half, shape, causal):
+    rng = np.random.default_rng(abs(hash((shape, causal))) % 2**32)
+    lead_q, lead_k, lq, lk, d, dv = shape
+    q, k = randn(rng, lead_q + (lq, d), half), randn(rng, lead_k + (lk, d), half)
+    v = randn(rng, lead_k + (lk, dv), half)
+    mask = rng.random((lq, lk)) < 0.9
+    out, lse = fastattn.attention(q, k, v, causal=causal, mask=mask, return_lse=True)
+    rout, rlse = ref.attention(q, k, v, causal=causal, mask=mask, return_lse=True)
+    assert out.dtype == half and lse.dtype == np.float32
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    dot = fastattn.attention(q, k, v, causal=causal, weights="dot")
+    assert_close(dot, ref.attention(q, k, v, causal=causal, weights="dot"))
+
+
+def test_half_scores_weighted_sum_varlen(isa, half):
+    rng = np.random.default_rng(11)
+    q, k, v = (randn(rng, (2, 50, 24), half) for _ in range(3))
+    s = fastattn.scores(q, k, causal=True)
+    assert s.dtype == np.float32
+    assert_close(s, ref.scores(q, k, causal=True))
+    w = randn(rng, (2, 50, 50), half)
+    ws = fastattn.weighted_sum(w, v)
+    assert ws.dtype == half
+    assert_close(ws, ref.weighted_sum(w, v))
+    cu = np.array([0, 20, 50])
+    qv, kv = (randn(rng, (50, 4, 16), half) for _ in range(2))
+    out, lse = fastattn.attention_varlen(qv, kv, kv, cu, cu, causal=True, return_lse=True)
+    rout, rlse = ref.attention_varlen(qv, kv, kv, cu, cu, causal=True, return_lse=True)
+    assert out.dtype == half and lse.dtype == np.float32
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+
+
+def test_half_special_values_round_trip(half):
+    """Infinities, NaN and tiny values in v pass through the conversions."""
+    q = np.zeros((1, 4), half)
+    v = np.array([[np.inf, np.nan, 1e-7, -0.0]], dtype=half)
+    out = fastattn.attention(q, q, v)
+    assert np.isinf(out[0, 0]) and np.isnan(out[0, 1])
+    assert out[0, 2] == v[0, 2] and out[0, 3] == 0
+
+
+def test_half_linear_attention(half):
+    rng = np.random.default_rng(12)
+    q, k, v = (randn(rng, (2, 300, 16), half) for _ in range(3))
+    out = fastattn.linear_attention(q, k, v, causal=True)
+    assert out.dtype == half
+    assert_close(out, ref.linear_attention(q, k, v, causal=True))
+
+
+def test_mixed_half_dtypes(half):
+    rng = np.random.default_rng(13)
+    q = randn(rng, (5, 8), half)
+    k = randn(rng, (6, 8), np.float32)
+    out = fastattn.attention(q, k, k)
+    assert out.dtype == np.float32
+    assert_close(out, ref.attention(q, k, k))
+
+
+def test_bfloat16_with_float16_is_a_type_error():
+    a = np.zeros((3, 4), np.float16)
+    b = np.zeros((3, 4), BF16)
+    with pytest.raises(TypeError, match="no common dtype"):
+        fastattn.attention(a, b, b)
+
+
+def test_half_out_argument(half):
+    rng = np.random.default_rng(14)
+    q = randn(rng, (2, 30, 8), half)
+    out = np.empty((2, 30, 8), half)
+    assert fastattn.attention(q, q, q, out=out) is out
+    assert_close(out, ref.attention(q, q, q))
+    with pytest.raises(TypeError, match="out must have dtype"):
+        fastattn.attention(q, q, q, out=np.empty((2, 30, 8), np.float32))
+
+
+def test_half_bitwise_identical_across_threads(isa, half):
+    rng = np.random.default_rng(15)
+    q, k, v = (randn(rng, (2, 3, 300, 40), half) for _ in range(3))
+    one = fastattn.attention(q, k, v, causal=True, num_threads=1)
+    two = fastattn.attention(q, k, v, causal=True, num_threads=2)
+    assert np.array_equal(one.view(np.uint16), two.view(np.uint16))
