@@ -54,8 +54,10 @@ def detect_openmp():
         exe = os.path.join(tmp, "probe")
         with open(src, "w") as f:
             f.write(OPENMP_PROBE)
+        env_c = os.environ.get("CFLAGS", "").split()
+        env_l = os.environ.get("LDFLAGS", "").split()
         for cflags, lflags in OPENMP_CANDIDATES:
-            cmd = _compiler_command() + cflags + [src, "-o", exe] + lflags
+            cmd = _compiler_command() + env_c + cflags + [src, "-o", exe] + env_l + lflags
             try:
                 subprocess.run(cmd, check=True, capture_output=True, timeout=120)
                 subprocess.run([exe], check=True, capture_output=True, timeout=60)
@@ -111,6 +113,7 @@ extensions = [
             "csrc/fa_kernel_impl.h",
             "csrc/fa_path_instances.h",
             "csrc/fa_vec.h",
+            "csrc/fa_half.h",
             "csrc/fa_omp.h",
             "fastattn/_capi.pxd",
         ],

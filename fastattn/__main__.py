@@ -81,6 +81,24 @@ def linear_job(args, threads, progress):
     return 0
 
 
+def plot_job(args, threads, progress):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'fastattn[plot]'", file=sys.stderr)
+        return 2
+    lengths = [s[2] for s in args.shape] if args.shape else _bench.PLOT_LENGTHS
+    shapes = [(1, 8, l, 64) for l in lengths]
+    matmul = _bench.matmul_gflops(threads)
+    rows = [r for r in _bench.run_prefill(shapes, threads, repeat=args.repeat,
+                                          with_torch=not args.no_torch, progress=progress)
+            if not r["causal"]]
+    _bench.plot_scaling(rows, args.plot, matmul)
+    print(_bench.format_prefill(rows, matmul))
+    print(f"\nsaved {args.plot}")
+    return 0
+
+
 def bench_job(args):
     threads = args.threads or fastattn.get_num_threads()
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.PREFILL_SHAPES
@@ -89,6 +107,8 @@ def bench_job(args):
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None
     if args.linear:
         return linear_job(args, threads, progress)
+    if args.plot:
+        return plot_job(args, threads, progress)
     # the matmul ceiling is timed before and after the table; the better of
     # the two medians is the reference (the machine's clock and load drift)
     matmul_before = _bench.matmul_gflops(threads)
@@ -139,6 +159,8 @@ def parse_args(argv):
                        help="time this shape instead (repeatable)")
     bench.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     bench.add_argument("--no-decode", action="store_true", help="skip the decode rows")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="plot GFLOP/s against sequence length (needs matplotlib)")
     bench.add_argument("--linear", action="store_true",
                        help="linear vs quadratic dot-product attention over L = 256 .. 32768")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -62,7 +62,10 @@ def _as_array(x, name, kinds=_FLOAT_KINDS, allowed=_DTYPES):
         a = x
     else:
         try:
-            a = np.asarray(x)
+            if hasattr(x, "__dlpack__") and not hasattr(x, "__array__") and not hasattr(x, "__array_interface__"):
+                a = np.from_dlpack(x)  # zero-copy where the producer's memory is CPU memory
+            else:
+                a = np.asarray(x)  # buffer protocol, __array__, __array_interface__: views when possible
         except Exception as exc:
             raise TypeError(f"{name} must be an array of {kinds}, got {type(x).__name__}") from exc
     if a.dtype not in allowed:

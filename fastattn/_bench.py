@@ -262,3 +262,34 @@ def format_linear(rows):
         lines.append(f"D={d}: linear is faster from L = {print_l}" if print_l
                      else f"D={d}: quadratic faster at every measured L")
     return "\n".join(lines)
+
+
+PLOT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
+
+
+def plot_scaling(rows, path, matmul=None):
+    """GFLOP/s against sequence length for each implementation, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lengths = [r["shape"][2] for r in rows]
+    for key, label in (("fastattn_ms", "fastattn"), ("numpy_ms", "numpy (matmul, softmax, matmul)"),
+                       ("torch_ms", "torch scaled_dot_product_attention")):
+        pts = [(l, r["flops"] / (r[key] * 1e-3) / 1e9) for l, r in zip(lengths, rows) if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    if matmul:
+        ax.axhline(matmul, color="grey", linestyle="--", label=f"numpy float32 matmul ({matmul:.0f})")
+    b, h, _, d = rows[0]["shape"]
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"float32 attention, (B, H, D) = ({b}, {h}, {d}), {rows[0]['threads']} threads")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

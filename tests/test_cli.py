@@ -33,3 +33,23 @@ def test_bench_table_and_json(tmp_path):
 def test_config_command():
     res = run("config")
     assert res.returncode == 0 and "OpenMP" in res.stdout
+
+
+def test_bench_plot(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "scaling.png"
+    res = run("bench", "--plot", str(path), "--shape", "1", "2", "128", "32", "--shape", "1", "2", "256", "32",
+              "--repeat", "1", "--no-torch", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[1/4]" in res.stderr  # progress lines
+
+
+def test_linear_bench_runs(monkeypatch):
+    from fastattn import _bench
+
+    rows = _bench.run_linear([64, 300], [16], threads=1, repeat=1)
+    assert [r["L"] for r in rows] == [64, 300]
+    assert "linear ms" in _bench.format_linear(rows)
