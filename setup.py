@@ -95,6 +95,7 @@ C_SOURCES = [
     "csrc/fa_path_generic.c",
     "csrc/fa_path_avx2.c",
     "csrc/fa_path_avx512.c",
+    "csrc/fa_path_avx512bf16.c",
 ]
 
 compile_args = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]

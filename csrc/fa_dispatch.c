@@ -32,9 +32,14 @@ static int fa_detect_isa(void)
     const int zmm_state = (xcr0 & 0xe6) == 0xe6;
     if (__get_cpuid_max(0, NULL) < 7) return FA_ISA_GENERIC;
     __cpuid_count(7, 0, a, b, c, d);
+    const unsigned max_subleaf = a;
     const int avx2 = (b >> 5) & 1;
     const int avx512 = ((b >> 16) & 1) && ((b >> 17) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1);
-    if (ymm_state && zmm_state && avx2 && avx512) return FA_ISA_AVX512;
+    if (ymm_state && zmm_state && avx2 && avx512) {
+        if (max_subleaf < 1) return FA_ISA_AVX512;
+        __cpuid_count(7, 1, a, b, c, d);
+        return (a >> 5) & 1 ? FA_ISA_AVX512BF16 : FA_ISA_AVX512; /* AVX512_BF16 */
+    }
     if (ymm_state && avx2) return FA_ISA_AVX2;
     return FA_ISA_GENERIC;
 }
@@ -57,6 +62,7 @@ const char *fa_isa_name(int isa)
     case FA_ISA_GENERIC: return "generic";
     case FA_ISA_AVX2: return "avx2";
     case FA_ISA_AVX512: return "avx512";
+    case FA_ISA_AVX512BF16: return "avx512bf16";
     default: return "unknown";
     }
 }
@@ -79,7 +85,9 @@ static const fa_run_fn fa_run_table[FA_ISA_COUNT][FA_DTYPE_COUNT] = {
 #if FA_HAVE_X86_PATHS
     {fa_run_f32_avx2, fa_run_f64_avx2, fa_run_f16_avx2, fa_run_bf16_avx2},
     {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512},
+    {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512bf16},
 #else
+    {NULL, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL},
 #endif
@@ -90,7 +98,9 @@ static const fa_exp_fn fa_exp_table[FA_ISA_COUNT] = {
 #if FA_HAVE_X86_PATHS
     fa_exp_f32_avx2,
     fa_exp_f32_avx512,
+    fa_exp_f32_avx512,
 #else
+    NULL,
     NULL,
     NULL,
 #endif

@@ -65,6 +65,8 @@ FA_DECLARE_PATH(generic)
 #define FA_HAVE_X86_PATHS 1
 FA_DECLARE_PATH(avx2)
 FA_DECLARE_PATH(avx512)
+int fa_run_bf16_avx512bf16(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,
+                           int64_t n_parts, int num_threads);
 #else
 #define FA_HAVE_X86_PATHS 0
 #endif

@@ -48,6 +48,7 @@ typedef struct {
     FA_T *rmax;  /* FA_BQ: running row max */
     FA_T *rsum;  /* FA_BQ: running row sum of exp */
     FA_T *alpha; /* FA_BQ: per-tile rescale of the accumulator */
+    uint32_t *pw; /* FA_BK/2 x FA_BQ: bfloat16 weight pairs (dot-product path) */
     int64_t dvp; /* dv rounded up to the vector width */
     void *block; /* the one allocation behind all of the above */
 } FN(scratch);
@@ -63,7 +64,8 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     const int64_t n_qt = fa_roundup64(d * FA_BQ, al), n_kp = fa_roundup64(FA_BK * d, al);
     const int64_t n_vp = fa_roundup64(FA_BK * dvp, al), n_st = FA_BK * FA_BQ;
     const int64_t n_o = fa_roundup64(FA_BQ * dvp, al), n_r = fa_roundup64(FA_BQ, al);
-    const int64_t total = n_qt + n_kp + n_vp + n_st + n_o + 3 * n_r;
+    const int64_t n_pw = FA_BK / 2 * FA_BQ * 4 / (int64_t)sizeof(FA_T);
+    const int64_t total = n_qt + n_kp + n_vp + n_st + n_o + 3 * n_r + n_pw;
     if ((uint64_t)total > (uint64_t)SIZE_MAX / sizeof(FA_T)) return -1;
     FA_T *b = (FA_T *)aligned_alloc(64, (size_t)total * sizeof(FA_T));
     if (!b) return -1;
@@ -76,6 +78,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     w->rmax = w->o + n_o;
     w->rsum = w->rmax + n_r;
     w->alpha = w->rsum + n_r;
+    w->pw = (uint32_t *)(w->alpha + n_r);
     w->dvp = dvp;
     return 0;
 }
@@ -555,12 +558,200 @@ static void FN(start_rows)(FN(scratch) *w, int64_t bq)
     }
 }
 
+#if FA_BF16_DP
+/*
+ * bfloat16 with AVX512-BF16: the two products run on vdpbf16ps, which
+ * multiplies pairs of bfloat16 and adds both products to a float32 lane,
+ * twice the work of an FMA per instruction.  Operands are packed as 32-bit
+ * words holding two bfloat16 values adjacent along the reduction:
+ *   Q.K^T: words of K rows (2 elements of D, read in place) broadcast
+ *          against Q^T words (qt as [D/2][FA_BQ]); products are exact,
+ *          sums float32, the scale applied to the result.
+ *   P.V:   words of P (2 keys of one row, rounded to bfloat16 as the
+ *          weights are on GPUs) against V words (2 keys of one column).
+ */
+static inline uint32_t FN(bf16_pair)(const char *row, int64_t cs, int64_t c, int64_t n)
+{
+    const uint32_t lo = *(const uint16_t *)(row + c * cs);
+    const uint32_t hi = c + 1 < n ? *(const uint16_t *)(row + (c + 1) * cs) : 0;
+    return lo | (hi << 16);
+}
+
+/* qt as words: qt[t][r] = (q[r][2t], q[r][2t+1]), zero past the rows. */
+static void FN(pack_q_dp)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, uint32_t *qt)
+{
+    const int64_t lq = e[FA_E_LQ], d2 = (p->d + 1) / 2, bqp = fa_roundup64(bq, FA_W);
+    for (int64_t r = 0; r < bq; r++) {
+        const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+        for (int64_t t = 0; t < d2; t++) qt[t * FA_BQ + r] = FN(bf16_pair)(row, p->q_cs, 2 * t, p->d);
+    }
+    for (int64_t t = 0; t < d2; t++)
+        for (int64_t r = bq; r < bqp; r++) qt[t * FA_BQ + r] = 0;
+}
+
+/* st[j][r] = scale * sum_t <k[j] pair t, q[r] pair t> for j < mr, r < nv * 16 */
+FA_INLINE void FN(qk_dp_mk)(const int mr, const int nv, int64_t d2, const uint32_t *k, int64_t ldk,
+                            const uint32_t *qt, float scale, float *st)
+{
+    __m512 acc[FA_MR_MAX][FA_NV_MAX];
+    FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int v = 0; v < nv; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < d2; t++) {
+        __m512bh b[FA_NV_MAX];
+        FA_UNROLL for (int v = 0; v < nv; v++) b[v] = (__m512bh)_mm512_loadu_si512(qt + t * FA_BQ + v * 16);
+        FA_UNROLL for (int r = 0; r < mr; r++)
+        {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)k[r * ldk + t]);
+            FA_UNROLL for (int v = 0; v < nv; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
+        }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int v = 0; v < nv; v++)
+        _mm512_storeu_ps(st + r * FA_BQ + v * 16, _mm512_mul_ps(sc, acc[r][v]));
+}
+
+static void FN(qk_dp_block)(int mr, int nv, int64_t d2, const uint32_t *k, int64_t ldk, const uint32_t *qt,
+                            float scale, float *st)
+{
+#define FA_QKDP_CALL(m, n) FN(qk_dp_mk)((m), (n), d2, k, ldk, qt, scale, st)
+    FA_TILE_SWITCH(mr, nv, FA_QKDP_CALL)
+#undef FA_QKDP_CALL
+}
+
+/* The score tile from packed Q^T words; K rows as words, in place when the
+ * layout allows (even D, contiguous rows), else packed into w->kp. */
+static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
+                              int64_t bq, int64_t k0, int64_t bk)
+{
+    const int64_t d2 = (p->d + 1) / 2, bqp = fa_roundup64(bq, FA_W);
+    const uint32_t *k;
+    int64_t ldk;
+    if (p->d % 2 == 0 && p->k_cs == 2 && p->k_rs % 4 == 0) {
+        k = (const uint32_t *)((const char *)p->k + e[FA_E_K] + k0 * p->k_rs);
+        ldk = p->k_rs / 4;
+    } else {
+        uint32_t *kp = (uint32_t *)w->kp;
+        for (int64_t j = 0; j < bk; j++) {
+            const char *row = (const char *)p->k + e[FA_E_K] + (k0 + j) * p->k_rs;
+            for (int64_t t = 0; t < d2; t++) kp[j * d2 + t] = FN(bf16_pair)(row, p->k_cs, 2 * t, p->d);
+        }
+        k = kp;
+        ldk = d2;
+    }
+    const uint32_t *qt = (const uint32_t *)w->qt;
+    for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
+        const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
+        for (int64_t j = 0; j < bk; j += FA_MR)
+            FN(qk_dp_block)((int)fa_min64(FA_MR, bk - j), nv, d2, k + j * ldk, ldk, qt + cb, (float)p->scale,
+                            w->st + j * FA_BQ + cb);
+    }
+    int64_t lo, hi, all_lo, all_hi;
+    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
+    const int bounds = k0 < all_lo || k0 + bk > all_hi;
+    if (bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)
+        for (int64_t r = 0; r < bq; r++) FN(score_options)(p, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds);
+}
+
+/* 16 words (lo[i], hi[i]) from two rows of 16 floats, rounded to bfloat16. */
+static inline __m512i FN(bf16_words)(__m512 lo, __m512 hi)
+{
+    const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+    const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+    return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+}
+
+/* o[r][x] = alpha[r] o[r][x] + sum_t <pw[t][r], vw[t][x]> */
+FA_INLINE void FN(pv_dp_mk)(const int mr, const int nv, int64_t b2, const uint32_t *pw, const uint32_t *vw,
+                            int64_t ldv, float *o, int64_t ldo, const float *alpha)
+{
+    __m512 acc[FA_MR_MAX][FA_NV_MAX];
+    FA_UNROLL for (int r = 0; r < mr; r++)
+    {
+        const __m512 a = _mm512_set1_ps(alpha[r]);
+        FA_UNROLL for (int x = 0; x < nv; x++) acc[r][x] = _mm512_mul_ps(a, _mm512_loadu_ps(o + r * ldo + x * 16));
+    }
+    for (int64_t t = 0; t < b2; t++) {
+        __m512bh b[FA_NV_MAX];
+        FA_UNROLL for (int x = 0; x < nv; x++) b[x] = (__m512bh)_mm512_loadu_si512(vw + t * ldv + x * 16);
+        FA_UNROLL for (int r = 0; r < mr; r++)
+        {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pw[t * FA_BQ + r]);
+            FA_UNROLL for (int x = 0; x < nv; x++) acc[r][x] = _mm512_dpbf16_ps(acc[r][x], a, b[x]);
+        }
+    }
+    FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int x = 0; x < nv; x++)
+        _mm512_storeu_ps(o + r * ldo + x * 16, acc[r][x]);
+}
+
+static void FN(pv_dp_block)(int mr, int nv, int64_t b2, const uint32_t *pw, const uint32_t *vw, int64_t ldv,
+                            float *o, int64_t ldo, const float *alpha)
+{
+#define FA_PVDP_CALL(m, n) FN(pv_dp_mk)((m), (n), b2, pw, vw, ldv, o, ldo, alpha)
+    FA_TILE_SWITCH(mr, nv, FA_PVDP_CALL)
+#undef FA_PVDP_CALL
+}
+
+/* o = alpha o + P.V[k0 : k0 + bk]: weights and V packed as bfloat16 pairs of keys. */
+static void FN(pv_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
+                           int64_t bk)
+{
+    const int64_t dvp = w->dvp, b2 = (bk + 1) / 2, bqp = fa_roundup64(bq, FA_W);
+    uint32_t *vw = (uint32_t *)w->vp;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t t = 0; t < b2; t++) {
+        /* P pairs: st rows 2t and 2t+1 (a zero row past bk) */
+        const float *s0 = w->st + 2 * t * FA_BQ, *s1 = s0 + FA_BQ;
+        const int has1 = 2 * t + 1 < bk;
+        for (int64_t r = 0; r < bqp; r += 16)
+            _mm512_storeu_si512(w->pw + t * FA_BQ + r,
+                                FN(bf16_words)(_mm512_loadu_ps(s0 + r), has1 ? _mm512_loadu_ps(s1 + r) : zero));
+        /* V pairs: rows k0 + 2t and k0 + 2t + 1, columns zero past dv */
+        const char *v0 = (const char *)p->v + e[FA_E_V] + (k0 + 2 * t) * p->v_rs;
+        const char *v1 = v0 + p->v_rs;
+        if (p->v_cs == 2 && has1) {
+            int64_t c = 0;
+            for (; c + 16 <= p->dv; c += 16) {
+                const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v0 + 2 * c)));
+                const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v1 + 2 * c)));
+                _mm512_storeu_si512(vw + t * dvp + c, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+            }
+            for (; c < p->dv; c++)
+                vw[t * dvp + c] = (uint32_t) * (const uint16_t *)(v0 + 2 * c) |
+                                  ((uint32_t) * (const uint16_t *)(v1 + 2 * c) << 16);
+            for (; c < dvp; c++) vw[t * dvp + c] = 0;
+        } else {
+            for (int64_t c = 0; c < dvp; c++) {
+                const uint32_t l = c < p->dv ? *(const uint16_t *)(v0 + c * p->v_cs) : 0;
+                const uint32_t h = c < p->dv && has1 ? *(const uint16_t *)(v1 + c * p->v_cs) : 0;
+                vw[t * dvp + c] = l | (h << 16);
+            }
+        }
+    }
+    for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
+        const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
+        for (int64_t r = 0; r < bq; r += FA_MR)
+            FN(pv_dp_block)((int)fa_min64(FA_MR, bq - r), nv, b2, w->pw + r, vw + cb, dvp, w->o + r * dvp + cb,
+                            dvp, w->alpha + r);
+    }
+}
+#endif /* FA_BF16_DP */
+
 static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_item *it, FN(scratch) *w,
                                int64_t row0, int64_t bq, FA_T *slots)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
-    FN(pack_q)(p, e, row0, bq, w->qt);
+#if FA_BF16_DP
+    const int dp = bq > FA_ROWS_MAX;
+#else
+    const int dp = 0;
+#endif
+    if (dp) {
+#if FA_BF16_DP
+        FN(pack_q_dp)(p, e, row0, bq, (uint32_t *)w->qt);
+#endif
+    } else {
+        FN(pack_q)(p, e, row0, bq, w->qt);
+    }
     FN(start_rows)(w, bq);
     int64_t klo, khi, unused;
     fa_block_range(p, lq, lk, row0, bq, &klo, &khi, &unused, &unused);
@@ -573,6 +764,17 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_i
             FN(prefetch_rows)(p->k, e[FA_E_K], p->k_rs, k0 + FA_BK, nb, p->d * p->k_cs);
             FN(prefetch_rows)(p->v, e[FA_E_V], p->v_rs, k0 + FA_BK, nb, p->dv * p->v_cs);
         }
+#if FA_BF16_DP
+        if (dp) {
+            FN(score_tile_dp)(p, e, w, row0, bq, k0, bk);
+            if (softmax)
+                FN(softmax_tile)(w, bqp, bk);
+            else
+                FN(dot_tile)(w, bqp, bk);
+            FN(pv_tile_dp)(p, e, w, bq, k0, bk);
+            continue;
+        }
+#endif
         FN(score_tile)(p, e, w, row0, bq, k0, bk);
         if (softmax)
             FN(softmax_tile)(w, bqp, bk);

@@ -26,8 +26,9 @@ enum {
     FA_ERR_ISA = 3      /* the requested instruction set is not usable here */
 };
 
-/* Instruction-set paths, in increasing order of capability. */
-enum { FA_ISA_GENERIC = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_COUNT = 3 };
+/* Instruction-set paths, in increasing order of capability.  AVX512BF16 is
+ * AVX-512 plus the bfloat16 dot product (used by bfloat16 problems). */
+enum { FA_ISA_GENERIC = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_AVX512BF16 = 3, FA_ISA_COUNT = 4 };
 
 /* Element type of q, k, v and out.  The 16-bit types (IEEE binary16 and
  * bfloat16) are computed in float32; their lse and fa_scores output are

@@ -10,6 +10,7 @@ cdef extern from "fastattn.h" nogil:
         FA_ISA_GENERIC
         FA_ISA_AVX2
         FA_ISA_AVX512
+        FA_ISA_AVX512BF16
         FA_ISA_COUNT
         FA_F32
         FA_F64
