@@ -148,12 +148,16 @@ static inline fa_vec FN(hsums)(const fa_vec *a)
  * scores.  Each query row is swept against the key block in turn (the block
  * stays in L1), one q chunk against FA_W keys per step. */
 static void FN(qk_rows)(int64_t bq, int64_t d, const FA_T *qr, int64_t ldq, const FA_T *k, int64_t ldk,
-                        int64_t bk, FA_T *st, int64_t lds)
+                        int64_t bk, FA_T *st, int64_t lds, const char *pf, int64_t pf_rs, int64_t pf_rows)
 {
     const int64_t dfull = d / FA_W * FA_W;
     for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
         const int nj = (int)fa_min64(FA_W, bk - j0);
         const FA_T *kb = k + j0 * ldk;
+        /* spread the prefetch of later K rows over the work, one row per
+         * key block, so requests never pile up */
+        for (int64_t j = j0; j < j0 + FA_W && j < pf_rows; j++)
+            for (int64_t b = 0; b < d * (int64_t)sizeof(FA_S); b += 64) __builtin_prefetch(pf + j * pf_rs + b, 0, 2);
         for (int64_t r = 0; r < bq; r++) {
             const FA_T *q = qr + r * ldq;
             fa_vec acc[FA_W];
@@ -399,13 +403,15 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
 
 /* st (bk x FA_BQ) = K[k0 : k0 + bk] . qt, with every score option applied. */
 static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
-                           int64_t bq, int64_t k0, int64_t bk)
+                           int64_t bq, int64_t k0, int64_t bk, int64_t npf)
 {
+    /* rows [k0 + 2 FA_BK, + npf) of K, to prefetch while decoding */
+    const char *pf = (const char *)p->k + e[FA_E_K] + (k0 + 2 * FA_BK) * p->k_rs;
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
     int64_t ldk;
     const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
     if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
-        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BQ);
+        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BQ, pf, p->k_rs, npf);
     } else {
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
             const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
@@ -577,16 +583,68 @@ static inline uint32_t FN(bf16_pair)(const char *row, int64_t cs, int64_t c, int
     return lo | (hi << 16);
 }
 
-/* qt as words: qt[t][r] = (q[r][2t], q[r][2t+1]), zero past the rows. */
+/* Q as words of two bfloat16 along D: transposed, qt[t][r] = (q[r][2t],
+ * q[r][2t+1]) with zeros past the rows; or, for at most FA_ROWS_MAX rows,
+ * row by row, qt[r][t]. */
 static void FN(pack_q_dp)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, uint32_t *qt)
 {
     const int64_t lq = e[FA_E_LQ], d2 = (p->d + 1) / 2, bqp = fa_roundup64(bq, FA_W);
+    const int rows = bq <= FA_ROWS_MAX;
     for (int64_t r = 0; r < bq; r++) {
         const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
-        for (int64_t t = 0; t < d2; t++) qt[t * FA_BQ + r] = FN(bf16_pair)(row, p->q_cs, 2 * t, p->d);
+        for (int64_t t = 0; t < d2; t++)
+            qt[rows ? r * d2 + t : t * FA_BQ + r] = FN(bf16_pair)(row, p->q_cs, 2 * t, p->d);
     }
-    for (int64_t t = 0; t < d2; t++)
-        for (int64_t r = bq; r < bqp; r++) qt[t * FA_BQ + r] = 0;
+    if (!rows)
+        for (int64_t t = 0; t < d2; t++)
+            for (int64_t r = bq; r < bqp; r++) qt[t * FA_BQ + r] = 0;
+}
+
+static inline float FN(pair_dot)(uint32_t a, uint32_t b)
+{
+    return fa_bits_f32(a << 16) * fa_bits_f32(b << 16) + fa_bits_f32(a & 0xffff0000u) * fa_bits_f32(b & 0xffff0000u);
+}
+
+/* Scores of a few query rows from word-packed Q rows (decoding): as qk_rows,
+ * with vdpbf16ps taking 32 elements of D per instruction. */
+static void FN(qk_rows_dp)(int64_t bq, int64_t d2, const uint32_t *qw, const uint32_t *k, int64_t ldk,
+                           int64_t bk, float scale, float *st, const char *pf, int64_t pf_rs, int64_t pf_rows)
+{
+    const int64_t dfull = d2 / 16 * 16;
+    for (int64_t j0 = 0; j0 < bk; j0 += 16) {
+        const int nj = (int)fa_min64(16, bk - j0);
+        const uint32_t *kb = k + j0 * ldk;
+        for (int64_t j = j0; j < j0 + 16 && j < pf_rows; j++) /* as in qk_rows */
+            for (int64_t b = 0; b < 4 * d2; b += 64) __builtin_prefetch(pf + j * pf_rs + b, 0, 2);
+        for (int64_t r = 0; r < bq; r++) {
+            const uint32_t *q = qw + r * d2;
+            __m512 acc[16];
+            FA_UNROLL for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+            if (nj == 16) {
+                FA_UNROLL for (int jh = 0; jh < 16; jh += 8)
+                {
+                    for (int64_t t = 0; t < dfull; t += 16) {
+                        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + t);
+                        FA_UNROLL for (int j = jh; j < jh + 8; j++) acc[j] =
+                            _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(kb + j * ldk + t), qv);
+                    }
+                }
+            } else {
+                for (int64_t t = 0; t < dfull; t += 16) {
+                    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + t);
+                    for (int j = 0; j < nj; j++)
+                        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(kb + j * ldk + t), qv);
+                }
+            }
+            float sums[16];
+            _mm512_storeu_ps(sums, fa_hsums_ps512(acc));
+            for (int j = 0; j < nj; j++) {
+                float tail = 0;
+                for (int64_t t = dfull; t < d2; t++) tail += FN(pair_dot)(q[t], kb[j * ldk + t]);
+                st[(j0 + j) * FA_BQ + r] = scale * (sums[j] + tail);
+            }
+        }
+    }
 }
 
 /* st[j][r] = scale * sum_t <k[j] pair t, q[r] pair t> for j < mr, r < nv * 16 */
@@ -620,8 +678,9 @@ static void FN(qk_dp_block)(int mr, int nv, int64_t d2, const uint32_t *k, int64
 /* The score tile from packed Q^T words; K rows as words, in place when the
  * layout allows (even D, contiguous rows), else packed into w->kp. */
 static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
-                              int64_t bq, int64_t k0, int64_t bk)
+                              int64_t bq, int64_t k0, int64_t bk, int64_t npf)
 {
+    const char *pf = (const char *)p->k + e[FA_E_K] + (k0 + 2 * FA_BK) * p->k_rs;
     const int64_t d2 = (p->d + 1) / 2, bqp = fa_roundup64(bq, FA_W);
     const uint32_t *k;
     int64_t ldk;
@@ -638,11 +697,15 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
         ldk = d2;
     }
     const uint32_t *qt = (const uint32_t *)w->qt;
-    for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
-        const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
-        for (int64_t j = 0; j < bk; j += FA_MR)
-            FN(qk_dp_block)((int)fa_min64(FA_MR, bk - j), nv, d2, k + j * ldk, ldk, qt + cb, (float)p->scale,
-                            w->st + j * FA_BQ + cb);
+    if (bq <= FA_ROWS_MAX) {
+        FN(qk_rows_dp)(bq, d2, qt, k, ldk, bk, (float)p->scale, w->st, pf, p->k_rs, npf);
+    } else {
+        for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
+            const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
+            for (int64_t j = 0; j < bk; j += FA_MR)
+                FN(qk_dp_block)((int)fa_min64(FA_MR, bk - j), nv, d2, k + j * ldk, ldk, qt + cb,
+                                (float)p->scale, w->st + j * FA_BQ + cb);
+        }
     }
     int64_t lo, hi, all_lo, all_hi;
     fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
@@ -741,7 +804,7 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_i
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
 #if FA_BF16_DP
-    const int dp = bq > FA_ROWS_MAX;
+    const int dp = 1;
 #else
     const int dp = 0;
 #endif
@@ -759,27 +822,27 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_i
     khi = fa_min64(khi, it->k_hi);
     for (int64_t k0 = klo; k0 < khi; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, khi - k0);
-        if (bq <= FA_ROWS_MAX && k0 + FA_BK < khi) {
-            const int64_t nb = fa_min64(FA_BK, khi - k0 - FA_BK);
-            FN(prefetch_rows)(p->k, e[FA_E_K], p->k_rs, k0 + FA_BK, nb, p->d * p->k_cs);
-            FN(prefetch_rows)(p->v, e[FA_E_V], p->v_rs, k0 + FA_BK, nb, p->dv * p->v_cs);
-        }
+        /* decoding streams K and V once: ask for the tile after next (one
+         * ahead is too late to hide the memory latency) */
+        const int64_t pf0 = k0 + 2 * FA_BK, npf = bq <= FA_ROWS_MAX ? fa_min64(FA_BK, khi - pf0) : 0;
 #if FA_BF16_DP
         if (dp) {
-            FN(score_tile_dp)(p, e, w, row0, bq, k0, bk);
+            FN(score_tile_dp)(p, e, w, row0, bq, k0, bk, npf > 0 ? npf : 0);
             if (softmax)
                 FN(softmax_tile)(w, bqp, bk);
             else
                 FN(dot_tile)(w, bqp, bk);
+            if (npf > 0) FN(prefetch_rows)(p->v, e[FA_E_V], p->v_rs, pf0, npf, p->dv * p->v_cs);
             FN(pv_tile_dp)(p, e, w, bq, k0, bk);
             continue;
         }
 #endif
-        FN(score_tile)(p, e, w, row0, bq, k0, bk);
+        FN(score_tile)(p, e, w, row0, bq, k0, bk, npf > 0 ? npf : 0);
         if (softmax)
             FN(softmax_tile)(w, bqp, bk);
         else
             FN(dot_tile)(w, bqp, bk);
+        if (npf > 0) FN(prefetch_rows)(p->v, e[FA_E_V], p->v_rs, pf0, npf, p->dv * p->v_cs);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
     if (it->part >= 0)
@@ -795,7 +858,7 @@ static void FN(scores_item)(const fa_problem *p, const int64_t *e, FN(scratch) *
     FN(pack_q)(p, e, row0, bq, w->qt);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
-        FN(score_tile)(p, e, w, row0, bq, k0, bk);
+        FN(score_tile)(p, e, w, row0, bq, k0, bk, 0);
         for (int64_t r = 0; r < bq; r++) {
             char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs) +
                         k0 * p->out_cs;
