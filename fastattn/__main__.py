@@ -109,6 +109,16 @@ def bench_job(args):
         return linear_job(args, threads, progress)
     if args.plot:
         return plot_job(args, threads, progress)
+    if args.half:
+        rows = _bench.run_half(threads, repeat=args.repeat, progress=progress)
+        print(f"fastattn {fastattn.__version__}, kernel path {fastattn.get_isa()}, {threads} threads")
+        print("half-precision storage vs float32, same data, same run, median of "
+              f"{args.repeat} (decode: of {max(args.repeat, 20)})\n")
+        print(_bench.format_half(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(version=fastattn.__version__, threads=threads, half=rows), f, indent=2)
+        return 0
     # the matmul ceiling is timed before and after the table; the better of
     # the two medians is the reference (the machine's clock and load drift)
     matmul_before = _bench.matmul_gflops(threads)
@@ -161,6 +171,8 @@ def parse_args(argv):
     bench.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     bench.add_argument("--plot", metavar="FILE.png",
                        help="plot GFLOP/s against sequence length (needs matplotlib)")
+    bench.add_argument("--half", action="store_true",
+                       help="bfloat16 and float16 against float32 (prefill and decode)")
     bench.add_argument("--linear", action="store_true",
                        help="linear vs quadratic dot-product attention over L = 256 .. 32768")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -293,3 +293,54 @@ def plot_scaling(rows, path, matmul=None):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_half(threads, repeat=5, progress=None, prefill_shape=(1, 8, 4096, 128), decode_shapes=None):
+    """fastattn in float32, bfloat16 and float16 on the same data, same run:
+    a prefill shape, non-causal and causal, and the decode shapes."""
+    from fastattn._api import BFLOAT16
+
+    dtypes = [("float32", np.float32), ("bfloat16", BFLOAT16), ("float16", np.float16)]
+    decode_shapes = DECODE_SHAPES if decode_shapes is None else decode_shapes
+    rows = []
+    base = make_inputs(*prefill_shape)
+    for causal in (False, True):
+        if progress:
+            progress(f"[half] prefill {tuple(prefill_shape)} causal={causal}")
+        b, h, l, d = prefill_shape
+        row = dict(kind="prefill", shape=list(prefill_shape), causal=causal, threads=threads,
+                   flops=attention_flops(b, h, l, l, d, causal))
+        for name, dt in dtypes:
+            q, k, v = (x.astype(dt) for x in base)
+            row[f"{name}_ms"] = median_time(lambda: fastattn.attention(q, k, v, causal=causal,
+                                                                       num_threads=threads), repeat) * 1e3
+        rows.append(row)
+    for b, h, g, lq, d, lk in decode_shapes:
+        if progress:
+            progress(f"[half] decode Lk={lk}")
+        rng = np.random.default_rng(lk)
+        q32 = rng.standard_normal((b, h, lq, d), dtype=np.float32)
+        k32 = rng.standard_normal((b, g, lk, d), dtype=np.float32)
+        v32 = rng.standard_normal((b, g, lk, d), dtype=np.float32)
+        row = dict(kind="decode", shape=[b, h, g, lq, d], lk=lk, threads=threads)
+        for name, dt in dtypes:
+            q, k, v = (x.astype(dt) for x in (q32, k32, v32))
+            row[f"{name}_ms"] = median_time(lambda: fastattn.attention(q, k, v, causal=True,
+                                                                       num_threads=threads),
+                                            max(repeat, 20)) * 1e3
+        rows.append(row)
+    return rows
+
+
+def format_half(rows):
+    header = (f"{'case':<34} {'float32 ms':>10} {'bfloat16 ms':>11} {'x f32':>6} {'float16 ms':>10} "
+              f"{'x f32':>6}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r["kind"] == "prefill":
+            case = f"prefill {tuple(r['shape'])} {'causal' if r['causal'] else 'full'}"
+        else:
+            case = f"decode {tuple(r['shape'])} Lk={r['lk']}"
+        f32, bf, f16 = r["float32_ms"], r["bfloat16_ms"], r["float16_ms"]
+        lines.append(f"{case:<34} {f32:>10.2f} {bf:>11.2f} {f32 / bf:>5.2f}x {f16:>10.2f} {f32 / f16:>5.2f}x")
+    return "\n".join(lines)

@@ -53,3 +53,12 @@ def test_linear_bench_runs(monkeypatch):
     rows = _bench.run_linear([64, 300], [16], threads=1, repeat=1)
     assert [r["L"] for r in rows] == [64, 300]
     assert "linear ms" in _bench.format_linear(rows)
+
+
+def test_half_bench_runs():
+    from fastattn import _bench
+
+    rows = _bench.run_half(1, repeat=1, prefill_shape=(1, 2, 128, 32), decode_shapes=[(1, 4, 2, 1, 32, 300)])
+    assert [r["kind"] for r in rows] == ["prefill", "prefill", "decode"]
+    assert all(r[f"{dt}_ms"] > 0 for r in rows for dt in ("float32", "bfloat16", "float16"))
+    assert "bfloat16 ms" in _bench.format_half(rows)
