@@ -129,6 +129,21 @@ FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt,
         VSTORE(o + r * ldo + x * FA_W, acc[r][x]);
 }
 
+/* Rows of K and V to prefetch while a few-row (decoding) tile is computed:
+ * n rows each, from k and v (row strides k_rs, v_rs; bytes per row kb, vb). */
+typedef struct {
+    const char *k, *v;
+    int64_t k_rs, v_rs, kb, vb, n;
+} FN(prefetch_plan);
+
+/* Prefetch row j of the plan (K and V), if it has one. */
+static inline void FN(prefetch_row)(const FN(prefetch_plan) *pf, int64_t j)
+{
+    if (j >= pf->n) return;
+    for (int64_t b = 0; b < pf->kb; b += 64) __builtin_prefetch(pf->k + j * pf->k_rs + b, 0, 2);
+    for (int64_t b = 0; b < pf->vb; b += 64) __builtin_prefetch(pf->v + j * pf->v_rs + b, 0, 2);
+}
+
 /* Lane j = sum of the lanes of a[j] (j < FA_W). */
 static inline fa_vec FN(hsums)(const fa_vec *a)
 {
@@ -148,16 +163,15 @@ static inline fa_vec FN(hsums)(const fa_vec *a)
  * scores.  Each query row is swept against the key block in turn (the block
  * stays in L1), one q chunk against FA_W keys per step. */
 static void FN(qk_rows)(int64_t bq, int64_t d, const FA_T *qr, int64_t ldq, const FA_T *k, int64_t ldk,
-                        int64_t bk, FA_T *st, int64_t lds, const char *pf, int64_t pf_rs, int64_t pf_rows)
+                        int64_t bk, FA_T *st, int64_t lds, const FN(prefetch_plan) *pf)
 {
     const int64_t dfull = d / FA_W * FA_W;
     for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
         const int nj = (int)fa_min64(FA_W, bk - j0);
         const FA_T *kb = k + j0 * ldk;
-        /* spread the prefetch of later K rows over the work, one row per
-         * key block, so requests never pile up */
-        for (int64_t j = j0; j < j0 + FA_W && j < pf_rows; j++)
-            for (int64_t b = 0; b < d * (int64_t)sizeof(FA_S); b += 64) __builtin_prefetch(pf + j * pf_rs + b, 0, 2);
+        /* spread the prefetch of later K and V rows over the work, as many
+         * rows per key block as the block has keys, so requests never pile up */
+        for (int64_t j = j0; j < j0 + FA_W; j++) FN(prefetch_row)(pf, j);
         for (int64_t r = 0; r < bq; r++) {
             const FA_T *q = qr + r * ldq;
             fa_vec acc[FA_W];
@@ -342,18 +356,6 @@ static const FA_T *FN(key_rows)(const void *base, int64_t off, int64_t rs, int64
     return buf;
 }
 
-/* Ask for rows [k0, k0 + n) of an array (row bytes `bytes`) to be brought
- * into L2 while the current tile is computed.  Decoding streams K and V
- * from memory once; without this, each tile would wait on its loads. */
-static inline void FN(prefetch_rows)(const void *base, int64_t off, int64_t rs, int64_t k0, int64_t n,
-                                     int64_t bytes)
-{
-    for (int64_t j = 0; j < n; j++) {
-        const char *row = (const char *)base + off + (k0 + j) * rs;
-        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-    }
-}
-
 /* ---- score tile --------------------------------------------------------- */
 
 /* Options that act on the scores s[j * ld], j < bk (keys k0 + j), of virtual
@@ -403,15 +405,13 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
 
 /* st (bk x FA_BQ) = K[k0 : k0 + bk] . qt, with every score option applied. */
 static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
-                           int64_t bq, int64_t k0, int64_t bk, int64_t npf)
+                           int64_t bq, int64_t k0, int64_t bk, const FN(prefetch_plan) *pf)
 {
-    /* rows [k0 + 2 FA_BK, + npf) of K, to prefetch while decoding */
-    const char *pf = (const char *)p->k + e[FA_E_K] + (k0 + 2 * FA_BK) * p->k_rs;
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
     int64_t ldk;
     const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
     if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
-        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BQ, pf, p->k_rs, npf);
+        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BQ, pf);
     } else {
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
             const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
@@ -608,14 +608,13 @@ static inline float FN(pair_dot)(uint32_t a, uint32_t b)
 /* Scores of a few query rows from word-packed Q rows (decoding): as qk_rows,
  * with vdpbf16ps taking 32 elements of D per instruction. */
 static void FN(qk_rows_dp)(int64_t bq, int64_t d2, const uint32_t *qw, const uint32_t *k, int64_t ldk,
-                           int64_t bk, float scale, float *st, const char *pf, int64_t pf_rs, int64_t pf_rows)
+                           int64_t bk, float scale, float *st, const FN(prefetch_plan) *pf)
 {
     const int64_t dfull = d2 / 16 * 16;
     for (int64_t j0 = 0; j0 < bk; j0 += 16) {
         const int nj = (int)fa_min64(16, bk - j0);
         const uint32_t *kb = k + j0 * ldk;
-        for (int64_t j = j0; j < j0 + 16 && j < pf_rows; j++) /* as in qk_rows */
-            for (int64_t b = 0; b < 4 * d2; b += 64) __builtin_prefetch(pf + j * pf_rs + b, 0, 2);
+        for (int64_t j = j0; j < j0 + 16; j++) FN(prefetch_row)(pf, j); /* as in qk_rows */
         for (int64_t r = 0; r < bq; r++) {
             const uint32_t *q = qw + r * d2;
             __m512 acc[16];
@@ -678,9 +677,8 @@ static void FN(qk_dp_block)(int mr, int nv, int64_t d2, const uint32_t *k, int64
 /* The score tile from packed Q^T words; K rows as words, in place when the
  * layout allows (even D, contiguous rows), else packed into w->kp. */
 static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
-                              int64_t bq, int64_t k0, int64_t bk, int64_t npf)
+                              int64_t bq, int64_t k0, int64_t bk, const FN(prefetch_plan) *pf)
 {
-    const char *pf = (const char *)p->k + e[FA_E_K] + (k0 + 2 * FA_BK) * p->k_rs;
     const int64_t d2 = (p->d + 1) / 2, bqp = fa_roundup64(bq, FA_W);
     const uint32_t *k;
     int64_t ldk;
@@ -698,7 +696,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
     }
     const uint32_t *qt = (const uint32_t *)w->qt;
     if (bq <= FA_ROWS_MAX) {
-        FN(qk_rows_dp)(bq, d2, qt, k, ldk, bk, (float)p->scale, w->st, pf, p->k_rs, npf);
+        FN(qk_rows_dp)(bq, d2, qt, k, ldk, bk, (float)p->scale, w->st, pf);
     } else {
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
             const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
@@ -824,25 +822,27 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_i
         const int64_t bk = fa_min64(FA_BK, khi - k0);
         /* decoding streams K and V once: ask for the tile after next (one
          * ahead is too late to hide the memory latency) */
-        const int64_t pf0 = k0 + 2 * FA_BK, npf = bq <= FA_ROWS_MAX ? fa_min64(FA_BK, khi - pf0) : 0;
+        const int64_t pf0 = k0 + 2 * FA_BK;
+        const FN(prefetch_plan) pf = {
+            (const char *)p->k + e[FA_E_K] + pf0 * p->k_rs, (const char *)p->v + e[FA_E_V] + pf0 * p->v_rs,
+            p->k_rs, p->v_rs, p->d * p->k_cs, p->dv * p->v_cs,
+            bq <= FA_ROWS_MAX ? fa_max64(0, fa_min64(FA_BK, khi - pf0)) : 0};
 #if FA_BF16_DP
         if (dp) {
-            FN(score_tile_dp)(p, e, w, row0, bq, k0, bk, npf > 0 ? npf : 0);
+            FN(score_tile_dp)(p, e, w, row0, bq, k0, bk, &pf);
             if (softmax)
                 FN(softmax_tile)(w, bqp, bk);
             else
                 FN(dot_tile)(w, bqp, bk);
-            if (npf > 0) FN(prefetch_rows)(p->v, e[FA_E_V], p->v_rs, pf0, npf, p->dv * p->v_cs);
             FN(pv_tile_dp)(p, e, w, bq, k0, bk);
             continue;
         }
 #endif
-        FN(score_tile)(p, e, w, row0, bq, k0, bk, npf > 0 ? npf : 0);
+        FN(score_tile)(p, e, w, row0, bq, k0, bk, &pf);
         if (softmax)
             FN(softmax_tile)(w, bqp, bk);
         else
             FN(dot_tile)(w, bqp, bk);
-        if (npf > 0) FN(prefetch_rows)(p->v, e[FA_E_V], p->v_rs, pf0, npf, p->dv * p->v_cs);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
     if (it->part >= 0)
@@ -858,7 +858,8 @@ static void FN(scores_item)(const fa_problem *p, const int64_t *e, FN(scratch) *
     FN(pack_q)(p, e, row0, bq, w->qt);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
-        FN(score_tile)(p, e, w, row0, bq, k0, bk, 0);
+        const FN(prefetch_plan) none = {0};
+        FN(score_tile)(p, e, w, row0, bq, k0, bk, &none);
         for (int64_t r = 0; r < bq; r++) {
             char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs) +
                         k0 * p->out_cs;
