@@ -1,10 +1,15 @@
 /*
  * fa_kernel_impl.h - the blocked attention kernels, written once.
  *
- * Included by fa_path_instances.h once per element type and path, after
- * fa_vec.h has defined the vector vocabulary, with:
- *   FA_T        float or double
+ * Included by fa_path_instances.h once per element type and path (and by
+ * fa_path_avx512bf16.c), after fa_vec.h has defined the vector vocabulary,
+ * with:
+ *   FA_T        compute type, float or double
+ *   FA_S        storage type of q, k, v, w and out (FA_T, or uint16_t for
+ *               float16 / bfloat16, FA_S_KIND 1 / 2)
  *   FA_SUFFIX   name suffix of this instance, e.g. f32_avx512
+ *   FA_BF16_DP  1: bfloat16 products on vdpbf16ps (see "bfloat16 with
+ *               AVX512-BF16" below)
  *
  * Layout.  A work item is up to FA_BQ query rows of one entry.  Its queries
  * are packed once, transposed and pre-scaled (qt: D x FA_BQ), so the score
@@ -14,7 +19,10 @@
  * the row max, the exponentials, the row sum and the rescale factor of
  * FA_W queries are each one vector operation per key.  P.V then broadcasts
  * weights (contiguous in P^T) against vectors of V rows, again read in place.
- * K and V are copied into scratch only when their layout requires it.
+ * K and V are copied into scratch only when their layout or storage type
+ * requires it.  Items of at most FA_ROWS_MAX rows (decoding) compute their
+ * scores as dot products along D instead (qk_rows), and prefetch the K and
+ * V rows they will need two tiles ahead.
  *
  * Nothing of size Lq x Lk is ever allocated: scratch is per thread,
  * O(FA_BQ x (D + Dv) + FA_BK x (FA_BQ + D + Dv)).

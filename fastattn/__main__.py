@@ -68,17 +68,24 @@ def main_job(args):
     return 0 if ok else 1
 
 
+def report(args, threads, title, table, **results):
+    """Print a benchmark table under a header line, and save it with --json."""
+    print(f"fastattn {fastattn.__version__}, kernel path {fastattn.get_isa()}, {threads} threads")
+    print(title + "\n")
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(version=fastattn.__version__, isa=fastattn.get_isa(), threads=threads, **results),
+                      f, indent=2)
+        print(f"\nsaved {args.json}")
+    return 0
+
+
 def linear_job(args, threads, progress):
     rows = _bench.run_linear(_bench.LINEAR_LENGTHS, _bench.LINEAR_DIMS, threads,
                              repeat=args.repeat, progress=progress)
-    print(f"fastattn {fastattn.__version__}, kernel path {fastattn.get_isa()}, {threads} threads")
-    print("linear_attention vs attention(weights='dot'), (1, 1, L, D) float32, non-causal, "
-          f"median of {args.repeat}\n")
-    print(_bench.format_linear(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(version=fastattn.__version__, threads=threads, linear=rows), f, indent=2)
-    return 0
+    return report(args, threads, "linear_attention vs attention(weights='dot'), (1, 1, L, D) float32, "
+                  f"non-causal, median of {args.repeat}", _bench.format_linear(rows), linear=rows)
 
 
 def plot_job(args, threads, progress):
@@ -111,14 +118,8 @@ def bench_job(args):
         return plot_job(args, threads, progress)
     if args.half:
         rows = _bench.run_half(threads, repeat=args.repeat, progress=progress)
-        print(f"fastattn {fastattn.__version__}, kernel path {fastattn.get_isa()}, {threads} threads")
-        print("half-precision storage vs float32, same data, same run, median of "
-              f"{args.repeat} (decode: of {max(args.repeat, 20)})\n")
-        print(_bench.format_half(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(version=fastattn.__version__, threads=threads, half=rows), f, indent=2)
-        return 0
+        return report(args, threads, "half-precision storage vs float32, same data, same run, median of "
+                      f"{args.repeat} (decode: of {max(args.repeat, 20)})", _bench.format_half(rows), half=rows)
     # the matmul ceiling is timed before and after the table; the better of
     # the two medians is the reference (the machine's clock and load drift)
     matmul_before = _bench.matmul_gflops(threads)

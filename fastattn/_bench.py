@@ -112,6 +112,20 @@ def torch_sdpa():
     return torch, F.scaled_dot_product_attention
 
 
+def torch_median_ms(torch_mod, threads, arrays, call, repeat):
+    """Median ms of call(*tensors) on torch views of `arrays`, torch using
+    `threads` threads (restored afterwards), in inference mode."""
+    torch, sdpa = torch_mod
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tensors = [torch.from_numpy(a) for a in arrays]
+        with torch.inference_mode():
+            return median_time(lambda: call(sdpa, *tensors), repeat) * 1e3
+    finally:
+        torch.set_num_threads(saved)
+
+
 def make_inputs(b, h, l, d, dtype=np.float32, seed=0):
     rng = np.random.default_rng(seed)
     return tuple(rng.standard_normal((b, h, l, d), dtype=np.float32).astype(dtype) for _ in range(3))
@@ -137,13 +151,8 @@ def run_prefill(shapes, threads, repeat=5, with_torch=True, with_numpy=True, pro
             with blas_threads(threads):
                 row["numpy_ms"] = median_time(lambda: numpy_attention(q, k, v, causal), repeat) * 1e3
         if torch_mod is not None:
-            torch, sdpa = torch_mod
-            saved = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-            with torch.inference_mode():
-                row["torch_ms"] = median_time(lambda: sdpa(tq, tk, tv, is_causal=causal), repeat) * 1e3
-            torch.set_num_threads(saved)
+            row["torch_ms"] = torch_median_ms(torch_mod, threads, (q, k, v),
+                                              lambda f, *t: f(*t, is_causal=causal), repeat)
         rows.append(row)
     return rows
 
@@ -192,15 +201,9 @@ def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
         with blas_threads(threads):
             row["matvec_ms"] = median_time(lambda: mat @ x, repeat) * 1e3
         del mat
-        if torch_mod is not None:
-            torch, sdpa = torch_mod
-            saved = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
-            with torch.inference_mode():
-                # Lq = 1: every key is visible, causal or not
-                row["torch_ms"] = median_time(lambda: sdpa(tq, tk, tv, enable_gqa=True), repeat) * 1e3
-            torch.set_num_threads(saved)
+        if torch_mod is not None:  # Lq = 1: every key is visible, causal or not
+            row["torch_ms"] = torch_median_ms(torch_mod, threads, (q, k, v),
+                                              lambda f, *t: f(*t, enable_gqa=True), repeat)
         rows.append(row)
     return rows
 
