@@ -233,7 +233,7 @@ def _heads(q_lead, kv_leads, names):
     if len(gs) != 1:
         return 1
     g = gs.pop()
-    if g == h or h == 1:
+    if g == h or h <= 1:
         return 1
     if g == 0 or h % g != 0:
         desc = ", ".join(f"{n} {s}" for n, s in names)

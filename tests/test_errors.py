@@ -41,6 +41,8 @@ BAD = [
                   v=np.zeros((2, 2, 6, 4), f32)), ValueError, "do not broadcast"),
     (lambda: attn(q=np.zeros((1, 6, 5, 8), f32), k=np.zeros((1, 4, 6, 8), f32),
                   v=np.zeros((1, 4, 6, 4), f32)), ValueError, "head counts"),
+    (lambda: attn(q=np.zeros((1, 0, 5, 8), f32), k=np.zeros((1, 2, 6, 8), f32),
+                  v=np.zeros((1, 2, 6, 4), f32)), ValueError, "do not broadcast"),
     (lambda: attn(mask=np.ones((5, 7), bool)), ValueError, "mask of shape"),
     (lambda: attn(mask=np.ones((3, 5, 6), bool)), ValueError, "do not broadcast"),
     (lambda: attn(mask=np.ones((5, 6), np.int8)), TypeError, "mask must have dtype"),
