@@ -15,7 +15,7 @@ venv=${SANITIZE_VENV:-/tmp/fastattn-sanitize}
 python3 -m venv "$venv"
 . "$venv/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q cython setuptools wheel numpy pytest hypothesis threadpoolctl
+python -m pip install -q cython setuptools wheel numpy ml_dtypes pytest hypothesis threadpoolctl
 san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 rm -rf build fastattn/_core.c fastattn/_core*.so
 FASTATTN_EXTRA_CFLAGS="$san -O1 -g" FASTATTN_EXTRA_LDFLAGS="$san" \
