@@ -131,7 +131,7 @@ int fa_exp_f32(int isa, const float *x, float *y, int64_t n)
  * split depends on the problem only, never on the thread count, so results
  * are bitwise identical for any number of threads. */
 #define FA_SPLIT_MAX_ENTRIES 64
-#define FA_SPLIT_TARGET 128
+#define FA_SPLIT_TARGET 64
 #define FA_SPLIT_MIN_KEYS 1024
 
 static int fa_cmp_items(const void *a, const void *b)
