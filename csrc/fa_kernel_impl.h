@@ -113,9 +113,9 @@ FA_INLINE void FN(qk_mk)(const int mr, const int nv, int64_t d, const FA_T *a, i
         VSTORE(c + r * ldc + v * FA_W, acc[r][v]);
 }
 
-/* o[r][x] = alpha[r] * o[r][x] + sum_j pt[j][r] * v[j][x] for r < mr,
- * x < nv * FA_W (pt: weights transposed, P^T). */
-FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt, int64_t ldp,
+/* o[r][x] = alpha[r] * o[r][x] + sum_j pt[j * ldp + r * ldr] * v[j][x] for
+ * r < mr, x < nv * FA_W (the weights as P^T: ldr = 1; as P rows: ldp = 1). */
+FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr,
                          const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
 {
     fa_vec acc[FA_MR_MAX][FA_NV_MAX];
@@ -129,7 +129,7 @@ FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt,
         FA_UNROLL for (int x = 0; x < nv; x++) bv[x] = VLOAD(v + j * ldv + x * FA_W);
         FA_UNROLL for (int r = 0; r < mr; r++)
         {
-            const fa_vec a = VBCAST(pt[j * ldp + r]);
+            const fa_vec a = VBCAST(pt[j * ldp + r * ldr]);
             FA_UNROLL for (int x = 0; x < nv; x++) acc[r][x] = VFMA(a, bv[x], acc[r][x]);
         }
     }
@@ -164,8 +164,8 @@ static inline fa_vec FN(hsums)(const fa_vec *a)
 #endif
 }
 
-/* Scores of a few query rows (decoding): st[j][r] = sum_c qr[r][c] * k[j][c]
- * for j < bk, r < bq.  With so few rows the S^T micro-kernel would leave
+/* Scores of a few query rows (decoding), as rows: s[r][j] = sum_c qr[r][c] *
+ * k[j][c] for j < bk, r < bq (rows lds apart).  With so few rows the S^T micro-kernel would leave
  * most vector lanes idle; here the lanes run along D instead, FA_W keys at a
  * time, and one reduction tree turns FA_W dot-product vectors into FA_W
  * scores.  Each query row is swept against the key block in turn (the block
@@ -201,12 +201,17 @@ static void FN(qk_rows)(int64_t bq, int64_t d, const FA_T *qr, int64_t ldq, cons
                     for (int j = 0; j < nj; j++) acc[j] = VFMA(VLOAD(kb + j * ldk + c), qv, acc[j]);
                 }
             }
-            FA_T sums[FA_W];
-            VSTORE(sums, FN(hsums)(acc));
-            for (int j = 0; j < nj; j++) {
-                FA_T tail = 0; /* the last d % FA_W elements */
-                for (int64_t c = dfull; c < d; c++) tail += q[c] * kb[j * ldk + c];
-                st[(j0 + j) * lds + r] = sums[j] + tail;
+            FA_T *srow = st + r * lds + j0;
+            if (nj == FA_W && dfull == d) {
+                VSTORE(srow, FN(hsums)(acc));
+            } else {
+                FA_T sums[FA_W];
+                VSTORE(sums, FN(hsums)(acc));
+                for (int j = 0; j < nj; j++) {
+                    FA_T tail = 0; /* the last d % FA_W elements */
+                    for (int64_t c = dfull; c < d; c++) tail += q[c] * kb[j * ldk + c];
+                    srow[j] = sums[j] + tail;
+                }
             }
         }
     }
@@ -255,11 +260,11 @@ static void FN(qk_block)(int mr, int nv, int64_t d, const FA_T *a, int64_t lda, 
 #undef FA_QK_CALL
 }
 
-static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp, const FA_T *v,
+static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr, const FA_T *v,
                          int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
 {
 #define FA_PV_CALL(m, n)                                                                            \
-    if ((m) <= FA_MR && (n) <= FA_NV) FN(pv_mk)((m), (n), bk, pt, ldp, v, ldv, o, ldo, alpha)
+    if ((m) <= FA_MR && (n) <= FA_NV) FN(pv_mk)((m), (n), bk, pt, ldp, ldr, v, ldv, o, ldo, alpha)
     FA_TILE_SWITCH(mr, nv, FA_PV_CALL)
 #undef FA_PV_CALL
 }
@@ -411,7 +416,20 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
     }
 }
 
-/* st (bk x FA_BQ) = K[k0 : k0 + bk] . qt, with every score option applied. */
+/* Score options of every row of the tile, in st's layout for bq rows. */
+static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
+                              int64_t k0, int64_t bk, int bounds)
+{
+    if (!(bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)) return;
+    const int rows = bq <= FA_ROWS_MAX;
+    for (int64_t r = 0; r < bq; r++)
+        FN(score_options)(p, e, row0 + r, k0, bk, rows ? w->st + r * FA_BK : w->st + r, rows ? 1 : FA_BQ,
+                          bounds);
+}
+
+/* The score tile: K[k0 : k0 + bk] . qt, with every score option applied.
+ * Layout of st: S^T (bk x FA_BQ), or for at most FA_ROWS_MAX rows S as rows
+ * (bq x FA_BK). */
 static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
                            int64_t bq, int64_t k0, int64_t bk, const FN(prefetch_plan) *pf)
 {
@@ -419,7 +437,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     int64_t ldk;
     const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
     if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
-        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BQ, pf);
+        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BK, pf);
     } else {
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
             const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
@@ -433,21 +451,23 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     int64_t lo, hi, all_lo, all_hi;
     fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
     const int bounds = k0 < all_lo || k0 + bk > all_hi;
-    if (bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)
-        for (int64_t r = 0; r < bq; r++) FN(score_options)(p, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds);
+    FN(apply_options)(p, e, w, row0, bq, k0, bk, bounds);
 }
 
-/* o = alpha * o + P . V[k0 : k0 + bk] for the item's rows, P^T in st. */
+/* o = alpha * o + P . V[k0 : k0 + bk] for the item's rows, P in st (as P^T,
+ * or as rows for a few-row item). */
 static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
                         int64_t bk)
 {
     const int64_t dvp = w->dvp;
     int64_t ldv;
     const FA_T *v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
+    const int rows = bq <= FA_ROWS_MAX;
+    const int64_t ldp = rows ? 1 : FA_BQ, ldr = rows ? FA_BK : 1;
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
         for (int64_t r = 0; r < bq; r += FA_MR)
-            FN(pv_block)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r, FA_BQ, v + cb, ldv,
+            FN(pv_block)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r * ldr, ldp, ldr, v + cb, ldv,
                          w->o + r * dvp + cb, dvp, w->alpha + r);
     }
 }
@@ -490,6 +510,54 @@ static void FN(dot_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
             VSTORE(s, VNEGINF0(VLOAD(s)));
         }
 }
+
+/* As softmax_tile, for a few-row item whose scores are rows of st (bq x
+ * FA_BK): one row at a time, the keys along the vector lanes. */
+static void FN(softmax_rows)(FN(scratch) *w, int64_t bq, int64_t bk)
+{
+    const int64_t n = fa_roundup64(bk, FA_W);
+    for (int64_t r = 0; r < bq; r++) {
+        FA_T *s = w->st + r * FA_BK;
+        for (int64_t j = bk; j < n; j++) s[j] = (FA_T)-INFINITY;
+        fa_vec vmax = VBCAST((FA_T)-INFINITY);
+        for (int64_t j = 0; j < n; j += FA_W) vmax = VMAX(vmax, VLOAD(s + j));
+        const FA_T tmax = VHMAX(vmax), mold = w->rmax[r];
+        const FA_T mnew = tmax > mold ? tmax : (tmax != tmax ? tmax : mold);
+        const FA_T muse = mnew == (FA_T)-INFINITY ? (FA_T)0 : mnew;
+        const fa_vec vm = VBCAST(muse);
+        fa_vec sum = VZERO();
+        for (int64_t j = 0; j < n; j += FA_W) {
+            const fa_vec x = VEXP(VSUB(VLOAD(s + j), vm));
+            VSTORE(s + j, x);
+            sum = VADD(sum, x);
+        }
+        const FA_T alpha = (FA_T)exp((double)(mold - muse));
+        w->alpha[r] = alpha;
+        w->rsum[r] = w->rsum[r] * alpha + VHSUM(sum);
+        w->rmax[r] = mnew;
+    }
+}
+
+/* Fold a score tile into the item's state, in the tile's layout. */
+static void FN(weights_tile)(FN(scratch) *w, int softmax, int64_t bq, int64_t bk)
+{
+    const int64_t bqp = fa_roundup64(bq, FA_W);
+    if (bq > FA_ROWS_MAX) {
+        if (softmax)
+            FN(softmax_tile)(w, bqp, bk);
+        else
+            FN(dot_tile)(w, bqp, bk);
+        return;
+    }
+    if (softmax) {
+        FN(softmax_rows)(w, bq, bk);
+    } else {
+        for (int64_t r = 0; r < bq; r++)
+            for (int64_t j = 0; j < bk; j++)
+                if (w->st[r * FA_BK + j] == (FA_T)-INFINITY) w->st[r * FA_BK + j] = 0;
+    }
+}
+
 
 /* ---- work items --------------------------------------------------------- */
 
@@ -613,8 +681,9 @@ static inline float FN(pair_dot)(uint32_t a, uint32_t b)
     return fa_bits_f32(a << 16) * fa_bits_f32(b << 16) + fa_bits_f32(a & 0xffff0000u) * fa_bits_f32(b & 0xffff0000u);
 }
 
-/* Scores of a few query rows from word-packed Q rows (decoding): as qk_rows,
- * with vdpbf16ps taking 32 elements of D per instruction. */
+/* Scores of a few query rows from word-packed Q rows (decoding): as qk_rows
+ * (rows of st, FA_BK apart), with vdpbf16ps taking 32 elements of D per
+ * instruction. */
 static void FN(qk_rows_dp)(int64_t bq, int64_t d2, const uint32_t *qw, const uint32_t *k, int64_t ldk,
                            int64_t bk, float scale, float *st, const FN(prefetch_plan) *pf)
 {
@@ -643,12 +712,17 @@ static void FN(qk_rows_dp)(int64_t bq, int64_t d2, const uint32_t *qw, const uin
                         acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(kb + j * ldk + t), qv);
                 }
             }
-            float sums[16];
-            _mm512_storeu_ps(sums, fa_hsums_ps512(acc));
-            for (int j = 0; j < nj; j++) {
-                float tail = 0;
-                for (int64_t t = dfull; t < d2; t++) tail += FN(pair_dot)(q[t], kb[j * ldk + t]);
-                st[(j0 + j) * FA_BQ + r] = scale * (sums[j] + tail);
+            float *srow = st + r * FA_BK + j0;
+            if (nj == 16 && dfull == d2) {
+                _mm512_storeu_ps(srow, _mm512_mul_ps(_mm512_set1_ps(scale), fa_hsums_ps512(acc)));
+            } else {
+                float sums[16];
+                _mm512_storeu_ps(sums, fa_hsums_ps512(acc));
+                for (int j = 0; j < nj; j++) {
+                    float tail = 0;
+                    for (int64_t t = dfull; t < d2; t++) tail += FN(pair_dot)(q[t], kb[j * ldk + t]);
+                    srow[j] = scale * (sums[j] + tail);
+                }
             }
         }
     }
@@ -715,9 +789,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
     }
     int64_t lo, hi, all_lo, all_hi;
     fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
-    const int bounds = k0 < all_lo || k0 + bk > all_hi;
-    if (bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)
-        for (int64_t r = 0; r < bq; r++) FN(score_options)(p, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds);
+    FN(apply_options)(p, e, w, row0, bq, k0, bk, k0 < all_lo || k0 + bk > all_hi);
 }
 
 /* 16 words (lo[i], hi[i]) from two rows of 16 floats, rounded to bfloat16. */
@@ -766,13 +838,21 @@ static void FN(pv_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     const int64_t dvp = w->dvp, b2 = (bk + 1) / 2, bqp = fa_roundup64(bq, FA_W);
     uint32_t *vw = (uint32_t *)w->vp;
     const __m512 zero = _mm512_setzero_ps();
+    const int rows = bq <= FA_ROWS_MAX;
     for (int64_t t = 0; t < b2; t++) {
-        /* P pairs: st rows 2t and 2t+1 (a zero row past bk) */
-        const float *s0 = w->st + 2 * t * FA_BQ, *s1 = s0 + FA_BQ;
         const int has1 = 2 * t + 1 < bk;
-        for (int64_t r = 0; r < bqp; r += 16)
-            _mm512_storeu_si512(w->pw + t * FA_BQ + r,
-                                FN(bf16_words)(_mm512_loadu_ps(s0 + r), has1 ? _mm512_loadu_ps(s1 + r) : zero));
+        if (rows) { /* P pairs from rows of st: (P[r][2t], P[r][2t+1]) */
+            for (int64_t r = 0; r < bq; r++) {
+                const float *pr = w->st + r * FA_BK + 2 * t;
+                w->pw[t * FA_BQ + r] =
+                    (uint32_t)fa_f32_to_bf16(pr[0]) | ((uint32_t)(has1 ? fa_f32_to_bf16(pr[1]) : 0) << 16);
+            }
+        } else { /* P pairs from st rows 2t and 2t+1 of P^T (a zero row past bk) */
+            const float *s0 = w->st + 2 * t * FA_BQ, *s1 = s0 + FA_BQ;
+            for (int64_t r = 0; r < bqp; r += 16)
+                _mm512_storeu_si512(w->pw + t * FA_BQ + r,
+                                    FN(bf16_words)(_mm512_loadu_ps(s0 + r), has1 ? _mm512_loadu_ps(s1 + r) : zero));
+        }
         /* V pairs: rows k0 + 2t and k0 + 2t + 1, columns zero past dv */
         const char *v0 = (const char *)p->v + e[FA_E_V] + (k0 + 2 * t) * p->v_rs;
         const char *v1 = v0 + p->v_rs;
@@ -838,19 +918,13 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_i
 #if FA_BF16_DP
         if (dp) {
             FN(score_tile_dp)(p, e, w, row0, bq, k0, bk, &pf);
-            if (softmax)
-                FN(softmax_tile)(w, bqp, bk);
-            else
-                FN(dot_tile)(w, bqp, bk);
+            FN(weights_tile)(w, softmax, bq, bk);
             FN(pv_tile_dp)(p, e, w, bq, k0, bk);
             continue;
         }
 #endif
         FN(score_tile)(p, e, w, row0, bq, k0, bk, &pf);
-        if (softmax)
-            FN(softmax_tile)(w, bqp, bk);
-        else
-            FN(dot_tile)(w, bqp, bk);
+        FN(weights_tile)(w, softmax, bq, bk);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
     if (it->part >= 0)
@@ -871,7 +945,9 @@ static void FN(scores_item)(const fa_problem *p, const int64_t *e, FN(scratch) *
         for (int64_t r = 0; r < bq; r++) {
             char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs) +
                         k0 * p->out_cs;
-            for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->out_cs) = w->st[j * FA_BQ + r];
+            const FA_T *sr = bq <= FA_ROWS_MAX ? w->st + r * FA_BK : w->st + r; /* see score_tile */
+            const int64_t sj = bq <= FA_ROWS_MAX ? 1 : FA_BQ;
+            for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->out_cs) = sr[j * sj];
         }
     }
 }
@@ -883,9 +959,13 @@ static void FN(wsum_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w,
     FN(start_rows)(w, bq);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
-        /* W^T tile: st[j][r] = w[row0 + r][k0 + j] */
-        FN(pack_transposed)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, e[FA_E_LQ], 0, row0, bq,
-                            bqp, bk, 1, w->st, FA_BQ);
+        /* the weights in st's layout (see score_tile): W^T, st[j][r] =
+         * w[row0 + r][k0 + j], or for a few rows W itself, st[r][j] */
+        if (bq <= FA_ROWS_MAX)
+            FN(pack_rows)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, row0, bq, bk, w->st, FA_BK);
+        else
+            FN(pack_transposed)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, e[FA_E_LQ], 0, row0, bq,
+                                bqp, bk, 1, w->st, FA_BQ);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
     FN(store_rows)(p, e, w, row0, bq, 0);
