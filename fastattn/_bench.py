@@ -69,6 +69,21 @@ def median_time(fn, repeat=5, min_time=0.0, settle=SETTLE_SECONDS):
     return float(np.median(times))
 
 
+def interleaved_medians(fns, repeat, settle=SETTLE_SECONDS):
+    """Median wall time of each function, timed in alternation (one call of
+    each per round) so that drift in the machine's speed hits all alike."""
+    time.sleep(settle)
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
+
+
 @contextlib.contextmanager
 def blas_threads(n):
     """Limit numpy's BLAS to n threads when threadpoolctl is available."""
@@ -194,12 +209,13 @@ def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
         out = np.empty_like(q)
         nbytes = k.nbytes + v.nbytes
         row = dict(shape=[b, h, g, lq, d], lk=lk, bytes=nbytes, threads=threads, dtype="float32")
-        row["fastattn_ms"] = median_time(
-            lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads), repeat) * 1e3
         mat = np.concatenate([k.reshape(-1, d), v.reshape(-1, d)])
         x = rng.standard_normal(d, dtype=np.float32)
-        with blas_threads(threads):
-            row["matvec_ms"] = median_time(lambda: mat @ x, repeat) * 1e3
+        with blas_threads(threads):  # alternate the two, so both see the same machine
+            t_fa, t_mv = interleaved_medians(
+                [lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads),
+                 lambda: mat @ x], repeat)
+        row["fastattn_ms"], row["matvec_ms"] = t_fa * 1e3, t_mv * 1e3
         del mat
         if torch_mod is not None:  # Lq = 1: every key is visible, causal or not
             row["torch_ms"] = torch_median_ms(torch_mod, threads, (q, k, v),
@@ -313,10 +329,7 @@ def run_half(threads, repeat=5, progress=None, prefill_shape=(1, 8, 4096, 128), 
         b, h, l, d = prefill_shape
         row = dict(kind="prefill", shape=list(prefill_shape), causal=causal, threads=threads,
                    flops=attention_flops(b, h, l, l, d, causal))
-        for name, dt in dtypes:
-            q, k, v = (x.astype(dt) for x in base)
-            row[f"{name}_ms"] = median_time(lambda: fastattn.attention(q, k, v, causal=causal,
-                                                                       num_threads=threads), repeat) * 1e3
+        _time_dtypes(row, dtypes, base, dict(causal=causal, num_threads=threads), repeat)
         rows.append(row)
     for b, h, g, lq, d, lk in decode_shapes:
         if progress:
@@ -326,13 +339,17 @@ def run_half(threads, repeat=5, progress=None, prefill_shape=(1, 8, 4096, 128), 
         k32 = rng.standard_normal((b, g, lk, d), dtype=np.float32)
         v32 = rng.standard_normal((b, g, lk, d), dtype=np.float32)
         row = dict(kind="decode", shape=[b, h, g, lq, d], lk=lk, threads=threads)
-        for name, dt in dtypes:
-            q, k, v = (x.astype(dt) for x in (q32, k32, v32))
-            row[f"{name}_ms"] = median_time(lambda: fastattn.attention(q, k, v, causal=True,
-                                                                       num_threads=threads),
-                                            max(repeat, 20)) * 1e3
+        _time_dtypes(row, dtypes, (q32, k32, v32), dict(causal=True, num_threads=threads), max(repeat, 20))
         rows.append(row)
     return rows
+
+
+def _time_dtypes(row, dtypes, arrays, options, repeat):
+    """row[<dtype>_ms] for attention on `arrays` converted to each dtype, timed in alternation."""
+    inputs = [tuple(a.astype(dt) for a in arrays) for _, dt in dtypes]
+    calls = [lambda qkv=qkv: fastattn.attention(*qkv, **options) for qkv in inputs]
+    for (name, _), t in zip(dtypes, interleaved_medians(calls, repeat)):
+        row[f"{name}_ms"] = t * 1e3
 
 
 def format_half(rows):
