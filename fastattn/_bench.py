@@ -71,7 +71,8 @@ def median_time(fn, repeat=5, min_time=0.0, settle=SETTLE_SECONDS):
 
 def interleaved_medians(fns, repeat, settle=SETTLE_SECONDS):
     """Median wall time of each function, timed in alternation (one call of
-    each per round) so that drift in the machine's speed hits all alike."""
+    each per round) so that drift in the machine's speed hits all alike.
+    Only for functions that share one thread pool (fastattn against itself)."""
     time.sleep(settle)
     for fn in fns:
         fn()
@@ -211,11 +212,12 @@ def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
         row = dict(shape=[b, h, g, lq, d], lk=lk, bytes=nbytes, threads=threads, dtype="float32")
         mat = np.concatenate([k.reshape(-1, d), v.reshape(-1, d)])
         x = rng.standard_normal(d, dtype=np.float32)
-        with blas_threads(threads):  # alternate the two, so both see the same machine
-            t_fa, t_mv = interleaved_medians(
-                [lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads),
-                 lambda: mat @ x], repeat)
-        row["fastattn_ms"], row["matvec_ms"] = t_fa * 1e3, t_mv * 1e3
+        # timed one after the other, not alternately: OpenBLAS's and OpenMP's
+        # thread pools keep spinning after each call and would slow each other
+        row["fastattn_ms"] = median_time(
+            lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads), repeat) * 1e3
+        with blas_threads(threads):
+            row["matvec_ms"] = median_time(lambda: mat @ x, repeat) * 1e3
         del mat
         if torch_mod is not None:  # Lq = 1: every key is visible, causal or not
             row["torch_ms"] = torch_median_ms(torch_mod, threads, (q, k, v),
