@@ -195,6 +195,14 @@ def format_prefill(rows, matmul):
 DECODE_SHAPES = [(1, 32, 8, 1, 128, 4096), (1, 32, 8, 1, 128, 16384), (1, 32, 8, 1, 128, 32768)]
 
 
+def decode_inputs(b, h, g, lq, d, lk, seed=0):
+    """q (B, H, Lq, D) and a grouped cache k, v (B, G, Lk, D), float32, fixed seed."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((b, h, lq, d), dtype=np.float32),
+            rng.standard_normal((b, g, lk, d), dtype=np.float32),
+            rng.standard_normal((b, g, lk, d), dtype=np.float32))
+
+
 def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
     """Time decode steps; bandwidth = bytes of K and V read / time, compared
     with numpy's float32 matrix-vector product over an array of that size."""
@@ -203,15 +211,12 @@ def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
     for n, (b, h, g, lq, d, lk) in enumerate(shapes, 1):
         if progress:
             progress(f"[decode {n}/{len(shapes)}] (B,H,G,Lq,D)={(b, h, g, lq, d)} Lk={lk}")
-        rng = np.random.default_rng(n)
-        q = rng.standard_normal((b, h, lq, d), dtype=np.float32)
-        k = rng.standard_normal((b, g, lk, d), dtype=np.float32)
-        v = rng.standard_normal((b, g, lk, d), dtype=np.float32)
+        q, k, v = decode_inputs(b, h, g, lq, d, lk, seed=n)
         out = np.empty_like(q)
         nbytes = k.nbytes + v.nbytes
         row = dict(shape=[b, h, g, lq, d], lk=lk, bytes=nbytes, threads=threads, dtype="float32")
         mat = np.concatenate([k.reshape(-1, d), v.reshape(-1, d)])
-        x = rng.standard_normal(d, dtype=np.float32)
+        x = np.random.default_rng(n).standard_normal(d, dtype=np.float32)
         # timed one after the other, not alternately: OpenBLAS's and OpenMP's
         # thread pools keep spinning after each call and would slow each other
         row["fastattn_ms"] = median_time(
@@ -336,12 +341,9 @@ def run_half(threads, repeat=5, progress=None, prefill_shape=(1, 8, 4096, 128), 
     for b, h, g, lq, d, lk in decode_shapes:
         if progress:
             progress(f"[half] decode Lk={lk}")
-        rng = np.random.default_rng(lk)
-        q32 = rng.standard_normal((b, h, lq, d), dtype=np.float32)
-        k32 = rng.standard_normal((b, g, lk, d), dtype=np.float32)
-        v32 = rng.standard_normal((b, g, lk, d), dtype=np.float32)
         row = dict(kind="decode", shape=[b, h, g, lq, d], lk=lk, threads=threads)
-        _time_dtypes(row, dtypes, (q32, k32, v32), dict(causal=True, num_threads=threads), max(repeat, 20))
+        _time_dtypes(row, dtypes, decode_inputs(b, h, g, lq, d, lk, seed=lk),
+                     dict(causal=True, num_threads=threads), max(repeat, 20))
         rows.append(row)
     return rows
 

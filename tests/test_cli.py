@@ -62,3 +62,12 @@ def test_half_bench_runs():
     assert [r["kind"] for r in rows] == ["prefill", "prefill", "decode"]
     assert all(r[f"{dt}_ms"] > 0 for r in rows for dt in ("float32", "bfloat16", "float16"))
     assert "bfloat16 ms" in _bench.format_half(rows)
+
+
+def test_decode_bench_runs():
+    from fastattn import _bench
+
+    rows = _bench.run_decode([(1, 4, 2, 1, 32, 300)], threads=1, repeat=1, with_torch=False)
+    assert rows[0]["fastattn_ms"] > 0 and rows[0]["matvec_ms"] > 0
+    assert rows[0]["bytes"] == 2 * 2 * 300 * 32 * 4
+    assert "% matvec" in _bench.format_decode(rows)
