@@ -6,6 +6,15 @@ function, for checking results.
 """
 __version__ = "0.1.0"
 
+try:
+    from fastattn import _core  # noqa: F401  (the compiled kernels)
+except ImportError as exc:  # pragma: no cover - depends on how fastattn was installed
+    raise ImportError(
+        "fastattn's compiled extension fastattn._core is not importable from "
+        f"{__path__[0]}: build it in place with `pip install -e .`, or, if fastattn is "
+        "installed, run Python outside the source directory"
+    ) from exc
+
 from fastattn._api import attention, attention_varlen, merge, scores, weighted_sum
 from fastattn._linear import linear_attention
 from fastattn._config import (
