@@ -887,7 +887,7 @@ static void FN(pv_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w
 static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_item *it, FN(scratch) *w,
                                int64_t row0, int64_t bq, FA_T *slots)
 {
-    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
 #if FA_BF16_DP
     const int dp = 1;
