@@ -23,6 +23,8 @@
 /* Largest register tile of any path (rows x vectors). */
 #define FA_MR_MAX 6
 #define FA_NV_MAX 4
+/* Largest FA_RV of any path. */
+#define FA_RV_MAX 8
 
 /* What a run computes. */
 enum { FA_KIND_ATTENTION = 0, FA_KIND_SCORES = 1, FA_KIND_WSUM = 2 };

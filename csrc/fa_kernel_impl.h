@@ -21,8 +21,10 @@
  * weights (contiguous in P^T) against vectors of V rows, again read in place.
  * K and V are copied into scratch only when their layout or storage type
  * requires it.  Items of at most FA_ROWS_MAX rows (decoding) compute their
- * scores as dot products along D instead (qk_rows), and prefetch the K and
- * V rows they will need two tiles ahead.
+ * scores as dot products along D instead (qk_rows) and P.V two rows at a
+ * time against whole V rows (pv_rows_block); being bound by memory, they
+ * read each K and V row front to back, row after row, and prefetch the rows
+ * they will need two tiles ahead.
  *
  * Nothing of size Lq x Lk is ever allocated: scratch is per thread,
  * O(FA_BQ x (D + Dv) + FA_BK x (FA_BQ + D + Dv)).
@@ -44,8 +46,18 @@
 #define FA_UNROLL _Pragma("GCC unroll 16")
 #endif
 
+/* A compiler-only barrier between the loads of consecutive K or V rows in
+ * the decoding kernels.  Without it the compiler hoists the first loads of
+ * every row of a block above the rest, and a block is then read in an order
+ * the hardware prefetchers do not follow (half the bandwidth). */
+#ifndef FA_IN_ORDER
+#define FA_IN_ORDER() __asm__ volatile("" ::: "memory")
+#endif
+
 /* Width, in elements, of one micro-kernel column block. */
 #define FA_NVW (FA_NV * FA_W)
+/* Most vectors of a row pv_mk accumulates: FA_NV, or FA_RV for few rows. */
+#define FA_PV_NV_MAX (FA_NV_MAX > FA_RV_MAX ? FA_NV_MAX : FA_RV_MAX)
 
 typedef struct {
     FA_T *qt;    /* d x FA_BQ: scale * Q^T of the item, zero past its rows */
@@ -118,14 +130,14 @@ FA_INLINE void FN(qk_mk)(const int mr, const int nv, int64_t d, const FA_T *a, i
 FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr,
                          const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
 {
-    fa_vec acc[FA_MR_MAX][FA_NV_MAX];
+    fa_vec acc[FA_MR_MAX][FA_PV_NV_MAX];
     FA_UNROLL for (int r = 0; r < mr; r++)
     {
         const fa_vec a = VBCAST(alpha[r]);
         FA_UNROLL for (int x = 0; x < nv; x++) acc[r][x] = VMUL(a, VLOAD(o + r * ldo + x * FA_W));
     }
     for (int64_t j = 0; j < bk; j++) {
-        fa_vec bv[FA_NV_MAX];
+        fa_vec bv[FA_PV_NV_MAX];
         FA_UNROLL for (int x = 0; x < nv; x++) bv[x] = VLOAD(v + j * ldv + x * FA_W);
         FA_UNROLL for (int r = 0; r < mr; r++)
         {
@@ -164,55 +176,79 @@ static inline fa_vec FN(hsums)(const fa_vec *a)
 #endif
 }
 
+/* acc[j] += sum_c q[c] k[j][c] over nc vectors of D (c < nc * FA_W) for
+ * j < FA_W: the query chunk in registers, each key row read front to back,
+ * key after key, so a block of K streams from memory in address order. */
+FA_INLINE void FN(qk_rows_mk)(const int nc, const FA_T *q, const FA_T *k, int64_t ldk, fa_vec *acc)
+{
+    fa_vec qv[FA_RV_MAX];
+    FA_UNROLL for (int c = 0; c < nc; c++) qv[c] = VLOAD(q + c * FA_W);
+    FA_UNROLL for (int j = 0; j < FA_W; j++)
+    {
+        FA_UNROLL for (int c = 0; c < nc; c++) acc[j] = VFMA(VLOAD(k + c * FA_W), qv[c], acc[j]);
+        k += ldk;
+        FA_IN_ORDER();
+    }
+}
+
+/* q . k[j] for the last nj < FA_W keys of a block, one at a time. */
+static void FN(qk_rows_tail)(int nj, int64_t d, const FA_T *q, const FA_T *k, int64_t ldk, FA_T *s)
+{
+    const int64_t dfull = d / FA_W * FA_W;
+    for (int j = 0; j < nj; j++) {
+        fa_vec a = VZERO();
+        for (int64_t c = 0; c < dfull; c += FA_W) a = VFMA(VLOAD(k + j * ldk + c), VLOAD(q + c), a);
+        FA_T t = VHSUM(a);
+        for (int64_t c = dfull; c < d; c++) t += q[c] * k[j * ldk + c];
+        s[j] = t;
+    }
+}
+
 /* Scores of a few query rows (decoding), as rows: s[r][j] = sum_c qr[r][c] *
- * k[j][c] for j < bk, r < bq (rows lds apart).  With so few rows the S^T micro-kernel would leave
- * most vector lanes idle; here the lanes run along D instead, FA_W keys at a
- * time, and one reduction tree turns FA_W dot-product vectors into FA_W
- * scores.  Each query row is swept against the key block in turn (the block
- * stays in L1), one q chunk against FA_W keys per step. */
+ * k[j][c] for j < bk, r < bq (rows lds apart).  With so few rows the S^T
+ * micro-kernel would leave most vector lanes idle; here the lanes run along
+ * D instead, FA_W keys at a time, and one reduction tree turns FA_W
+ * dot-product vectors into FA_W scores.  Each query row is swept against the
+ * key block in turn: the first sweep reads the block from memory in address
+ * order (which the hardware prefetchers follow; a column-wise order halves
+ * the bandwidth), the others find it in L1. */
 static void FN(qk_rows)(int64_t bq, int64_t d, const FA_T *qr, int64_t ldq, const FA_T *k, int64_t ldk,
                         int64_t bk, FA_T *st, int64_t lds, const FN(prefetch_plan) *pf)
 {
     const int64_t dfull = d / FA_W * FA_W;
     for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
-        const int nj = (int)fa_min64(FA_W, bk - j0);
         const FA_T *kb = k + j0 * ldk;
         /* spread the prefetch of later K and V rows over the work, as many
          * rows per key block as the block has keys, so requests never pile up */
         for (int64_t j = j0; j < j0 + FA_W; j++) FN(prefetch_row)(pf, j);
+        if (bk - j0 < FA_W) {
+            for (int64_t r = 0; r < bq; r++)
+                FN(qk_rows_tail)((int)(bk - j0), d, qr + r * ldq, kb, ldk, st + r * lds + j0);
+            continue;
+        }
         for (int64_t r = 0; r < bq; r++) {
             const FA_T *q = qr + r * ldq;
             fa_vec acc[FA_W];
             FA_UNROLL for (int j = 0; j < FA_W; j++) acc[j] = VZERO();
-            if (nj == FA_W) {
-                /* keys in groups of (at most) 8, so their row pointers stay in registers */
-                FA_UNROLL for (int jh = 0; jh < FA_W; jh += 8)
-                {
-                    const int ng = FA_W - jh < 8 ? FA_W - jh : 8;
-                    for (int64_t c = 0; c < dfull; c += FA_W) {
-                        const fa_vec qv = VLOAD(q + c);
-                        FA_UNROLL for (int j = jh; j < jh + ng; j++) acc[j] =
-                            VFMA(VLOAD(kb + j * ldk + c), qv, acc[j]);
-                    }
+            for (int64_t c = 0; c < dfull; c += FA_RV * FA_W) {
+#define FA_QKR_CALL(n) FN(qk_rows_mk)((n), q + c, kb + c, ldk, acc)
+                switch ((int)fa_min64(FA_RV, (dfull - c) / FA_W)) { /* compile-time chunk widths */
+                case 1: FA_QKR_CALL(1); break;
+                case 2: FA_QKR_CALL(2); break;
+                case 3: FA_QKR_CALL(3); break;
+                case 4: FA_QKR_CALL(4); break;
+                case 5: if (FA_RV >= 5) FA_QKR_CALL(5); break;
+                case 6: if (FA_RV >= 6) FA_QKR_CALL(6); break;
+                case 7: if (FA_RV >= 7) FA_QKR_CALL(7); break;
+                default: if (FA_RV >= 8) FA_QKR_CALL(8); break;
                 }
-            } else {
-                for (int64_t c = 0; c < dfull; c += FA_W) {
-                    const fa_vec qv = VLOAD(q + c);
-                    for (int j = 0; j < nj; j++) acc[j] = VFMA(VLOAD(kb + j * ldk + c), qv, acc[j]);
-                }
+#undef FA_QKR_CALL
             }
             FA_T *srow = st + r * lds + j0;
-            if (nj == FA_W && dfull == d) {
-                VSTORE(srow, FN(hsums)(acc));
-            } else {
-                FA_T sums[FA_W];
-                VSTORE(sums, FN(hsums)(acc));
-                for (int j = 0; j < nj; j++) {
-                    FA_T tail = 0; /* the last d % FA_W elements */
-                    for (int64_t c = dfull; c < d; c++) tail += q[c] * kb[j * ldk + c];
-                    srow[j] = sums[j] + tail;
-                }
-            }
+            VSTORE(srow, FN(hsums)(acc));
+            if (dfull < d) /* the last d % FA_W elements */
+                for (int j = 0; j < FA_W; j++)
+                    for (int64_t c = dfull; c < d; c++) srow[j] += q[c] * kb[j * ldk + c];
         }
     }
 }
@@ -267,6 +303,35 @@ static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp
     if ((m) <= FA_MR && (n) <= FA_NV) FN(pv_mk)((m), (n), bk, pt, ldp, ldr, v, ldv, o, ldo, alpha)
     FA_TILE_SWITCH(mr, nv, FA_PV_CALL)
 #undef FA_PV_CALL
+}
+
+/* pv_mk for at most two rows of weights (P as rows, ldr apart) and
+ * nv <= FA_RV vectors of V: each V row is read whole, front to back. */
+static void FN(pv_rows_block)(int mr, int nv, int64_t bk, const FA_T *p, int64_t ldr, const FA_T *v,
+                              int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
+{
+#define FA_PVR_CALL(m, n)                                                                           \
+    if ((n) <= FA_RV) FN(pv_mk)((m), (n), bk, p, 1, ldr, v, ldv, o, ldo, alpha)
+    switch (mr * 16 + nv) {
+    case 16 + 1: FA_PVR_CALL(1, 1); break;
+    case 16 + 2: FA_PVR_CALL(1, 2); break;
+    case 16 + 3: FA_PVR_CALL(1, 3); break;
+    case 16 + 4: FA_PVR_CALL(1, 4); break;
+    case 16 + 5: FA_PVR_CALL(1, 5); break;
+    case 16 + 6: FA_PVR_CALL(1, 6); break;
+    case 16 + 7: FA_PVR_CALL(1, 7); break;
+    case 16 + 8: FA_PVR_CALL(1, 8); break;
+    case 32 + 1: FA_PVR_CALL(2, 1); break;
+    case 32 + 2: FA_PVR_CALL(2, 2); break;
+    case 32 + 3: FA_PVR_CALL(2, 3); break;
+    case 32 + 4: FA_PVR_CALL(2, 4); break;
+    case 32 + 5: FA_PVR_CALL(2, 5); break;
+    case 32 + 6: FA_PVR_CALL(2, 6); break;
+    case 32 + 7: FA_PVR_CALL(2, 7); break;
+    case 32 + 8: FA_PVR_CALL(2, 8); break;
+    default: break;
+    }
+#undef FA_PVR_CALL
 }
 
 /* ---- operands ----------------------------------------------------------- */
@@ -462,12 +527,27 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
     const int64_t dvp = w->dvp;
     int64_t ldv;
     const FA_T *v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
-    const int rows = bq <= FA_ROWS_MAX;
-    const int64_t ldp = rows ? 1 : FA_BQ, ldr = rows ? FA_BK : 1;
+    if (bq <= FA_ROWS_MAX) {
+        /* weights as rows: two rows at a time against whole V rows (FA_RV
+         * vectors each), FA_W keys at a time so that the next row pair finds
+         * them in L1; alpha scales the accumulator once, at the first keys */
+        static const FA_T ones[2] = {1, 1};
+        for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
+            const int64_t nj = fa_min64(FA_W, bk - j0);
+            for (int64_t cb = 0; cb < dvp; cb += FA_RV * FA_W) {
+                const int nv = (int)fa_min64(FA_RV, (dvp - cb) / FA_W);
+                for (int64_t r = 0; r < bq; r += 2)
+                    FN(pv_rows_block)((int)fa_min64(2, bq - r), nv, nj, w->st + r * FA_BK + j0, FA_BK,
+                                      v + j0 * ldv + cb, ldv, w->o + r * dvp + cb, dvp,
+                                      j0 == 0 ? w->alpha + r : ones);
+            }
+        }
+        return;
+    }
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
         for (int64_t r = 0; r < bq; r += FA_MR)
-            FN(pv_block)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r * ldr, ldp, ldr, v + cb, ldv,
+            FN(pv_block)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r, FA_BQ, 1, v + cb, ldv,
                          w->o + r * dvp + cb, dvp, w->alpha + r);
     }
 }
@@ -681,6 +761,21 @@ static inline float FN(pair_dot)(uint32_t a, uint32_t b)
     return fa_bits_f32(a << 16) * fa_bits_f32(b << 16) + fa_bits_f32(a & 0xffff0000u) * fa_bits_f32(b & 0xffff0000u);
 }
 
+/* acc[j] += sum_t <q[t], k[j][t]> over nc vectors of 16 words (t < 16 nc)
+ * for j < 16: as qk_rows_mk, on vdpbf16ps. */
+FA_INLINE void FN(qk_rows_dp_mk)(const int nc, const uint32_t *q, const uint32_t *k, int64_t ldk, __m512 *acc)
+{
+    __m512bh qv[FA_RV_MAX];
+    FA_UNROLL for (int c = 0; c < nc; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + c * 16);
+    FA_UNROLL for (int j = 0; j < 16; j++)
+    {
+        FA_UNROLL for (int c = 0; c < nc; c++) acc[j] =
+            _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(k + c * 16), qv[c]);
+        k += ldk;
+        FA_IN_ORDER();
+    }
+}
+
 /* Scores of a few query rows from word-packed Q rows (decoding): as qk_rows
  * (rows of st, FA_BK apart), with vdpbf16ps taking 32 elements of D per
  * instruction. */
@@ -694,35 +789,45 @@ static void FN(qk_rows_dp)(int64_t bq, int64_t d2, const uint32_t *qw, const uin
         for (int64_t j = j0; j < j0 + 16; j++) FN(prefetch_row)(pf, j); /* as in qk_rows */
         for (int64_t r = 0; r < bq; r++) {
             const uint32_t *q = qw + r * d2;
+            float *srow = st + r * FA_BK + j0;
+            if (nj < 16) { /* the last keys of the tile, one at a time */
+                for (int j = 0; j < nj; j++) {
+                    __m512 a = _mm512_setzero_ps();
+                    for (int64_t t = 0; t < dfull; t += 16)
+                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kb + j * ldk + t),
+                                             (__m512bh)_mm512_loadu_si512(q + t));
+                    float sum = _mm512_reduce_add_ps(a);
+                    for (int64_t t = dfull; t < d2; t++) sum += FN(pair_dot)(q[t], kb[j * ldk + t]);
+                    srow[j] = scale * sum;
+                }
+                continue;
+            }
             __m512 acc[16];
             FA_UNROLL for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
-            if (nj == 16) {
-                FA_UNROLL for (int jh = 0; jh < 16; jh += 8)
-                {
-                    for (int64_t t = 0; t < dfull; t += 16) {
-                        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + t);
-                        FA_UNROLL for (int j = jh; j < jh + 8; j++) acc[j] =
-                            _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(kb + j * ldk + t), qv);
-                    }
+            for (int64_t t = 0; t < dfull; t += FA_RV * 16) {
+#define FA_QKRDP_CALL(n) FN(qk_rows_dp_mk)((n), q + t, kb + t, ldk, acc)
+                switch ((int)fa_min64(FA_RV, (dfull - t) / 16)) { /* compile-time chunk widths */
+                case 1: FA_QKRDP_CALL(1); break;
+                case 2: FA_QKRDP_CALL(2); break;
+                case 3: FA_QKRDP_CALL(3); break;
+                case 4: FA_QKRDP_CALL(4); break;
+                case 5: FA_QKRDP_CALL(5); break;
+                case 6: FA_QKRDP_CALL(6); break;
+                case 7: FA_QKRDP_CALL(7); break;
+                default: FA_QKRDP_CALL(8); break;
                 }
-            } else {
-                for (int64_t t = 0; t < dfull; t += 16) {
-                    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + t);
-                    for (int j = 0; j < nj; j++)
-                        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(kb + j * ldk + t), qv);
-                }
+#undef FA_QKRDP_CALL
             }
-            float *srow = st + r * FA_BK + j0;
-            if (nj == 16 && dfull == d2) {
-                _mm512_storeu_ps(srow, _mm512_mul_ps(_mm512_set1_ps(scale), fa_hsums_ps512(acc)));
-            } else {
-                float sums[16];
-                _mm512_storeu_ps(sums, fa_hsums_ps512(acc));
-                for (int j = 0; j < nj; j++) {
-                    float tail = 0;
-                    for (int64_t t = dfull; t < d2; t++) tail += FN(pair_dot)(q[t], kb[j * ldk + t]);
-                    srow[j] = scale * (sums[j] + tail);
-                }
+            const __m512 sums = fa_hsums_ps512(acc);
+            if (dfull == d2) {
+                _mm512_storeu_ps(srow, _mm512_mul_ps(_mm512_set1_ps(scale), sums));
+                continue;
+            }
+            _mm512_storeu_ps(srow, sums);
+            for (int j = 0; j < 16; j++) { /* the last d2 % 16 words */
+                float tail = 0;
+                for (int64_t t = dfull; t < d2; t++) tail += FN(pair_dot)(q[t], kb[j * ldk + t]);
+                srow[j] = scale * (srow[j] + tail);
             }
         }
     }
@@ -831,10 +936,114 @@ static void FN(pv_dp_block)(int mr, int nv, int64_t b2, const uint32_t *pw, cons
 #undef FA_PVDP_CALL
 }
 
+/* One pair of keys for pv_rows_dp_mk: V rows v0 and v0 + ldv (only v0 when
+ * !has1) interleaved as words against the rows' weight pairs wt. */
+FA_INLINE void FN(pv_rows_dp_pair)(const int mr, const int nch, const int has1, const char *v0, int64_t ldv,
+                                   const __m512bh *wt, __m512 (*lo)[4], __m512 (*hi)[4])
+{
+    FA_UNROLL for (int c = 0; c < nch; c++)
+    {
+        const __m512i a = _mm512_loadu_si512(v0 + 64 * c);
+        const __m512i b = has1 ? _mm512_loadu_si512(v0 + ldv + 64 * c) : _mm512_setzero_si512();
+        const __m512bh ul = (__m512bh)_mm512_unpacklo_epi16(a, b), uh = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        FA_UNROLL for (int r = 0; r < mr; r++)
+        {
+            lo[r][c] = _mm512_dpbf16_ps(lo[r][c], wt[r], ul);
+            hi[r][c] = _mm512_dpbf16_ps(hi[r][c], wt[r], uh);
+        }
+    }
+}
+
+/* o[r][x] = alpha[r] o[r][x] + sum_j pw[r][j] v[j][x] for r < mr (<= 2),
+ * x < 32 nch (nch <= 4), j < bk; weights as bfloat16 rows FA_BK apart, V
+ * bfloat16 rows ldv bytes apart, read in place.  Two V rows interleaved by
+ * vpunpck{l,h}wd become the words vdpbf16ps multiplies by a weight pair;
+ * the interleave puts each 32 columns in the order {0-3, 8-11, 16-19,
+ * 24-27} (lo) and {4-7, 12-15, 20-23, 28-31} (hi), so the accumulator is
+ * permuted to match on load and back on store. */
+FA_INLINE void FN(pv_rows_dp_mk)(const int mr, const int nch, int64_t bk, const uint16_t *pw, const char *v,
+                                 int64_t ldv, float *o, int64_t ldo, const float *alpha)
+{
+    __m512 lo[2][4], hi[2][4];
+    FA_UNROLL for (int r = 0; r < mr; r++)
+    {
+        const __m512 a = _mm512_set1_ps(alpha[r]);
+        FA_UNROLL for (int c = 0; c < nch; c++)
+        {
+            const __m512 n0 = _mm512_loadu_ps(o + r * ldo + 32 * c), n1 = _mm512_loadu_ps(o + r * ldo + 32 * c + 16);
+            lo[r][c] = _mm512_mul_ps(a, _mm512_shuffle_f32x4(n0, n1, _MM_SHUFFLE(2, 0, 2, 0)));
+            hi[r][c] = _mm512_mul_ps(a, _mm512_shuffle_f32x4(n0, n1, _MM_SHUFFLE(3, 1, 3, 1)));
+        }
+    }
+    __m512bh wt[2];
+    int64_t t = 0;
+    for (; 2 * t + 1 < bk; t++) {
+        FA_UNROLL for (int r = 0; r < mr; r++) wt[r] =
+            (__m512bh)_mm512_set1_epi32(*(const int32_t *)(pw + r * FA_BK + 2 * t));
+        FN(pv_rows_dp_pair)(mr, nch, 1, v + 2 * t * ldv, ldv, wt, lo, hi);
+        FA_IN_ORDER();
+    }
+    if (2 * t < bk) { /* an odd key out: its partner's weight is zero */
+        FA_UNROLL for (int r = 0; r < mr; r++) wt[r] =
+            (__m512bh)_mm512_set1_epi32(*(const int32_t *)(pw + r * FA_BK + 2 * t));
+        FN(pv_rows_dp_pair)(mr, nch, 0, v + 2 * t * ldv, ldv, wt, lo, hi);
+    }
+    FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int c = 0; c < nch; c++)
+    {
+        const __m512 t0 = _mm512_shuffle_f32x4(lo[r][c], hi[r][c], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512 t1 = _mm512_shuffle_f32x4(lo[r][c], hi[r][c], _MM_SHUFFLE(3, 2, 3, 2));
+        _mm512_storeu_ps(o + r * ldo + 32 * c, _mm512_shuffle_f32x4(t0, t0, _MM_SHUFFLE(3, 1, 2, 0)));
+        _mm512_storeu_ps(o + r * ldo + 32 * c + 16, _mm512_shuffle_f32x4(t1, t1, _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+}
+
+/* o = alpha o + P.V[k0 : k0 + bk] for a few rows (decoding) with V rows of
+ * contiguous bfloat16 and dv a multiple of 32: the weights rounded to
+ * bfloat16 (as in pv_tile_dp), V read in place, two rows at a time against
+ * up to 128 columns of every V row of the tile (in L1 for the second pair). */
+static void FN(pv_rows_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
+                           int64_t bk)
+{
+    const int64_t dv = p->dv, dvp = w->dvp;
+    uint16_t *pw = (uint16_t *)w->pw; /* row r at pw + r * FA_BK, zero past bk */
+    for (int64_t r = 0; r < bq; r++)
+        for (int64_t j = 0; j < bk; j += 16) {
+            const __mmask16 m = j + 16 <= bk ? (__mmask16)0xffff : (__mmask16)((1u << (bk - j)) - 1);
+            _mm256_storeu_si256((__m256i *)(pw + r * FA_BK + j),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, w->st + r * FA_BK + j)));
+        }
+    const char *v = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs;
+    for (int64_t cb = 0; cb < dv; cb += 128) {
+        const int nch = (int)fa_min64(4, (dv - cb) / 32);
+        for (int64_t r = 0; r < bq; r += 2) {
+            const uint16_t *pr = pw + r * FA_BK;
+            const char *vc = v + 2 * cb;
+            float *o = w->o + r * dvp + cb;
+            const float *al = w->alpha + r;
+#define FA_PVRDP_CALL(m, n) FN(pv_rows_dp_mk)((m), (n), bk, pr, vc, p->v_rs, o, dvp, al)
+            switch ((int)fa_min64(2, bq - r) * 8 + nch) {
+            case 8 + 1: FA_PVRDP_CALL(1, 1); break;
+            case 8 + 2: FA_PVRDP_CALL(1, 2); break;
+            case 8 + 3: FA_PVRDP_CALL(1, 3); break;
+            case 8 + 4: FA_PVRDP_CALL(1, 4); break;
+            case 16 + 1: FA_PVRDP_CALL(2, 1); break;
+            case 16 + 2: FA_PVRDP_CALL(2, 2); break;
+            case 16 + 3: FA_PVRDP_CALL(2, 3); break;
+            default: FA_PVRDP_CALL(2, 4); break;
+            }
+#undef FA_PVRDP_CALL
+        }
+    }
+}
+
 /* o = alpha o + P.V[k0 : k0 + bk]: weights and V packed as bfloat16 pairs of keys. */
 static void FN(pv_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
                            int64_t bk)
 {
+    if (bq <= FA_ROWS_MAX && p->v_cs == 2 && p->dv % 32 == 0) {
+        FN(pv_rows_dp)(p, e, w, bq, k0, bk);
+        return;
+    }
     const int64_t dvp = w->dvp, b2 = (bk + 1) / 2, bqp = fa_roundup64(bq, FA_W);
     uint32_t *vw = (uint32_t *)w->vp;
     const __m512 zero = _mm512_setzero_ps();

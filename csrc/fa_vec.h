@@ -10,6 +10,9 @@
  *   FA_MR, FA_NV    register tile of the micro-kernels: FA_MR rows by
  *                   FA_NV vectors (the largest that fits the register file
  *                   with the operand vectors beside it)
+ *   FA_RV           vectors of one row the few-row (decoding) kernels keep
+ *                   in registers: a chunk of a query row against FA_W
+ *                   accumulators, or two output rows of FA_RV vectors
  *   VZERO VLOAD VSTORE VBCAST VFMA VADD VMUL VSUB VMAX VHMAX VHSUM
  *   VNEGINF0(x)     x with -inf lanes replaced by 0
  *   VHSUMS(a)       from FA_W vectors a[0..FA_W), the vector whose lane j is
@@ -25,6 +28,7 @@
 #undef FA_W
 #undef FA_MR
 #undef FA_NV
+#undef FA_RV
 #undef VZERO
 #undef VLOAD
 #undef VSTORE
@@ -62,6 +66,7 @@
 #include <math.h>
 #define FA_MR 6
 #define FA_NV 4
+#define FA_RV 8
 
 #ifndef FA_AVX512_HELPERS
 #define FA_AVX512_HELPERS
@@ -158,6 +163,7 @@ static inline __m512d fa_exp_pd512(__m512d x)
 #include <math.h>
 #define FA_MR 6
 #define FA_NV 2
+#define FA_RV 4
 
 #ifndef FA_AVX2_HELPERS
 #define FA_AVX2_HELPERS
@@ -263,6 +269,7 @@ static inline double fa_hsum_pd256(__m256d a)
 #define FA_W 1
 #define FA_MR 4
 #define FA_NV 4
+#define FA_RV 1
 #define VZERO() ((FA_T)0)
 #define VLOAD(p) (*(p))
 #define VSTORE(p, x) (*(p) = (x))

@@ -29,6 +29,7 @@ SHAPES = [
     ((1,), (1,), 193, 200, 128, 64),
     ((2, 8), (2, 2), 1, 2500, 64, 64),  # decode: grouped heads, split keys, few-row kernel
     ((1, 4), (1, 4), 3, 2100, 97, 9),
+    ((1, 4), (1, 2), 1, 1501, 300, 160),  # decode: odd key count, dims beyond one register chunk
 ]
 
 

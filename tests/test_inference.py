@@ -7,7 +7,7 @@ import pytest
 
 import fastattn
 import fastattn.reference as ref
-from util import assert_close, randn
+from util import assert_close, randn, weight_rounding_allowance
 
 
 def gqa_inputs(rng, dtype, b, h, g, lq, lk, d, dv):
@@ -24,6 +24,7 @@ DECODE = [
     (1, 6, 3, 2, 1500, 130, 40),
     (1, 4, 4, 16, 2500, 97, 33),
     (1, 2, 2, 5, 64, 8, 8),
+    (1, 4, 2, 3, 1111, 300, 160),  # head dims beyond one register chunk of the few-row kernels
 ]
 
 
@@ -37,6 +38,26 @@ def test_decode_matches_reference(isa, dtype, rng, shape, causal):
     assert_close(lse, rlse)
     dot = fastattn.attention(q, k, v, causal=causal, weights="dot")
     assert_close(dot, ref.attention(q, k, v, causal=causal, weights="dot"))
+
+
+@pytest.mark.parametrize("dt", ["float32", "float64", "float16", "bfloat16"])
+def test_decode_every_key_counts(isa, dt):
+    """Few-row kernels handle every key of a tile and of its tails: with one
+    key's value row 1000 times the others, leaving that key out (or reading
+    it twice) moves the output far beyond the tolerance."""
+    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if dt == "bfloat16" else dt)
+    rng = np.random.default_rng(5)
+    for lk in (1, 2, 15, 17, 33, 64, 65, 129):
+        for j in sorted({0, lk // 2, lk - 1}):
+            q, k, v = gqa_inputs(rng, np.float32, 1, 4, 2, 1, lk, 40, 64)
+            v[:, :, j] *= 1000
+            q, k, v = (x.astype(dtype) for x in (q, k, v))
+            for weights in ("softmax", "dot"):
+                extra = None
+                if dt == "bfloat16" and isa == "avx512bf16":
+                    extra = weight_rounding_allowance(q, k, v, weights=weights)
+                out = fastattn.attention(q, k, v, weights=weights)
+                assert_close(out, ref.attention(q, k, v, weights=weights), extra=extra)
 
 
 @pytest.mark.parametrize("shape", DECODE[:3], ids=str)
