@@ -70,6 +70,8 @@ typedef struct {
     FA_T *alpha; /* FA_BQ: per-tile rescale of the accumulator */
     uint32_t *pw; /* FA_BK/2 x FA_BQ: bfloat16 weight pairs (dot-product path) */
     int64_t dvp; /* dv rounded up to the vector width */
+    int64_t qoff, ldq; /* few-row items: lead and length of the packed Q rows (see pack_q) */
+    int64_t voff, ldo; /* lead of the columns in the accumulator's rows, and their length (see plan_v) */
     void *block; /* the one allocation behind all of the above */
 } FN(scratch);
 
@@ -81,7 +83,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     const int64_t al = 64 / (int64_t)sizeof(FA_T);
     const int64_t limit = (INT64_MAX / 4) / (int64_t)sizeof(FA_T) / (FA_BQ + FA_BK);
     if (d > limit || dvp > limit) return -1;
-    const int64_t n_qt = fa_roundup64(d * FA_BQ, al), n_kp = fa_roundup64(FA_BK * d, al);
+    const int64_t n_qt = fa_roundup64((d + 2 * FA_W) * FA_BQ, al), n_kp = fa_roundup64(FA_BK * d, al);
     const int64_t n_vp = fa_roundup64(FA_BK * dvp, al), n_st = FA_BK * FA_BQ;
     const int64_t n_o = fa_roundup64(FA_BQ * dvp, al), n_r = fa_roundup64(FA_BQ, al);
     const int64_t n_pw = FA_BK / 2 * FA_BQ * 4 / (int64_t)sizeof(FA_T);
@@ -125,10 +127,23 @@ FA_INLINE void FN(qk_mk)(const int mr, const int nv, int64_t d, const FA_T *a, i
         VSTORE(c + r * ldc + v * FA_W, acc[r][v]);
 }
 
+/* Vector c of nc of a row at k, masked by mlo if it is the first and by
+ * mhi if it is the last (c and nc known at compile time). */
+FA_INLINE fa_vec FN(row_vec)(const int c, const int nc, const FA_T *k, fa_mask mlo, fa_mask mhi)
+{
+    if (c == 0 && nc == 1) return VLOAD_MASKZ(VMASK_AND(mlo, mhi), k);
+    if (c == 0) return VLOAD_MASKZ(mlo, k);
+    if (c == nc - 1) return VLOAD_MASKZ(mhi, k + c * FA_W);
+    return VLOAD(k + c * FA_W);
+}
+
 /* o[r][x] = alpha[r] * o[r][x] + sum_j pt[j * ldp + r * ldr] * v[j][x] for
- * r < mr, x < nv * FA_W (the weights as P^T: ldr = 1; as P rows: ldp = 1). */
-FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr,
-                         const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
+ * r < mr, x < nv * FA_W (the weights as P^T: ldr = 1; as P rows: ldp = 1).
+ * With `masked`, the first and last vector of each V row are masked by mlo
+ * and mhi (see row_vec). */
+FA_INLINE void FN(pv_mk)(const int mr, const int nv, const int masked, int64_t bk, const FA_T *pt, int64_t ldp,
+                         int64_t ldr, const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha,
+                         fa_mask mlo, fa_mask mhi)
 {
     fa_vec acc[FA_MR_MAX][FA_PV_NV_MAX];
     FA_UNROLL for (int r = 0; r < mr; r++)
@@ -138,7 +153,8 @@ FA_INLINE void FN(pv_mk)(const int mr, const int nv, int64_t bk, const FA_T *pt,
     }
     for (int64_t j = 0; j < bk; j++) {
         fa_vec bv[FA_PV_NV_MAX];
-        FA_UNROLL for (int x = 0; x < nv; x++) bv[x] = VLOAD(v + j * ldv + x * FA_W);
+        FA_UNROLL for (int x = 0; x < nv; x++) bv[x] =
+            masked ? FN(row_vec)(x, nv, v + j * ldv, mlo, mhi) : VLOAD(v + j * ldv + x * FA_W);
         FA_UNROLL for (int r = 0; r < mr; r++)
         {
             const fa_vec a = VBCAST(pt[j * ldp + r * ldr]);
@@ -176,79 +192,97 @@ static inline fa_vec FN(hsums)(const fa_vec *a)
 #endif
 }
 
-/* acc[j] += sum_c q[c] k[j][c] over nc vectors of D (c < nc * FA_W) for
- * j < FA_W: the query chunk in registers, each key row read front to back,
- * key after key, so a block of K streams from memory in address order. */
-FA_INLINE void FN(qk_rows_mk)(const int nc, const FA_T *q, const FA_T *k, int64_t ldk, fa_vec *acc)
+/* Vectors of a query row qk_rows keeps in registers: FA_RV, and one more
+ * for a row that starts part-way into a vector. */
+#define FA_QV (FA_RV + 1)
+#define FA_QV_MAX (FA_RV_MAX + 1)
+
+/* acc[j] += sum_c q[c] k[j][c] over nc vectors (c < nc * FA_W) for j <
+ * FA_W: the query chunk in registers, each key row read front to back, key
+ * after key, so a block of K streams from memory in address order.  With
+ * `masked`, the first and last vector of each row are masked by mlo and
+ * mhi. */
+FA_INLINE void FN(qk_rows_mk)(const int nc, const int masked, const FA_T *q, const FA_T *k, int64_t ldk,
+                              fa_mask mlo, fa_mask mhi, fa_vec *acc)
 {
-    fa_vec qv[FA_RV_MAX];
+    fa_vec qv[FA_QV_MAX];
     FA_UNROLL for (int c = 0; c < nc; c++) qv[c] = VLOAD(q + c * FA_W);
     FA_UNROLL for (int j = 0; j < FA_W; j++)
     {
-        FA_UNROLL for (int c = 0; c < nc; c++) acc[j] = VFMA(VLOAD(k + c * FA_W), qv[c], acc[j]);
+        FA_UNROLL for (int c = 0; c < nc; c++) acc[j] =
+            VFMA(masked ? FN(row_vec)(c, nc, k, mlo, mhi) : VLOAD(k + c * FA_W), qv[c], acc[j]);
         k += ldk;
         FA_IN_ORDER();
     }
 }
 
-/* q . k[j] for the last nj < FA_W keys of a block, one at a time. */
-static void FN(qk_rows_tail)(int nj, int64_t d, const FA_T *q, const FA_T *k, int64_t ldk, FA_T *s)
+/* Scores of a few query rows (decoding), as rows: s[r][j] = q[r] . k[j] for
+ * j < bk, r < bq (rows lds apart).  With so few rows the S^T micro-kernel
+ * would leave most vector lanes idle; here the lanes run along D instead,
+ * FA_W keys at a time, and one reduction tree turns FA_W dot-product
+ * vectors into FA_W scores.  Each query row is swept against the key block
+ * in turn: the first sweep reads the block from memory in address order
+ * (which the hardware prefetchers follow; a column-wise order halves the
+ * bandwidth), the others find it in L1.
+ *
+ * Alignment: K rows whose start lies `off` elements into a vector (the same
+ * for every row: see k_lead) are read as ldq / FA_W whole, aligned vectors
+ * from that vector's start, the first and last masked to the row; the
+ * packed query rows qr (ldq apart) hold off zeros, then q.  Loads that
+ * straddle cache lines would cost twice.  Rows that fill whole vectors need
+ * no masks (masked loads slow the streaming down a little). */
+static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int64_t ldq, const FA_T *k,
+                        int64_t ldk, int64_t bk, FA_T *st, int64_t lds, const FN(prefetch_plan) *pf)
 {
-    const int64_t dfull = d / FA_W * FA_W;
-    for (int j = 0; j < nj; j++) {
-        fa_vec a = VZERO();
-        for (int64_t c = 0; c < dfull; c += FA_W) a = VFMA(VLOAD(k + j * ldk + c), VLOAD(q + c), a);
-        FA_T t = VHSUM(a);
-        for (int64_t c = dfull; c < d; c++) t += q[c] * k[j * ldk + c];
-        s[j] = t;
-    }
-}
-
-/* Scores of a few query rows (decoding), as rows: s[r][j] = sum_c qr[r][c] *
- * k[j][c] for j < bk, r < bq (rows lds apart).  With so few rows the S^T
- * micro-kernel would leave most vector lanes idle; here the lanes run along
- * D instead, FA_W keys at a time, and one reduction tree turns FA_W
- * dot-product vectors into FA_W scores.  Each query row is swept against the
- * key block in turn: the first sweep reads the block from memory in address
- * order (which the hardware prefetchers follow; a column-wise order halves
- * the bandwidth), the others find it in L1. */
-static void FN(qk_rows)(int64_t bq, int64_t d, const FA_T *qr, int64_t ldq, const FA_T *k, int64_t ldk,
-                        int64_t bk, FA_T *st, int64_t lds, const FN(prefetch_plan) *pf)
-{
-    const int64_t dfull = d / FA_W * FA_W;
+    const int64_t nvec = ldq / FA_W;
+    const fa_mask m_first = VMASK((int)off, FA_W), m_last = VMASK(0, (int)(off + d - (nvec - 1) * FA_W));
+    const int masked = off != 0 || d % FA_W != 0;
+    const FA_T *ka = k - off;
     for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
-        const FA_T *kb = k + j0 * ldk;
+        const FA_T *kb = ka + j0 * ldk;
         /* spread the prefetch of later K and V rows over the work, as many
          * rows per key block as the block has keys, so requests never pile up */
         for (int64_t j = j0; j < j0 + FA_W; j++) FN(prefetch_row)(pf, j);
-        if (bk - j0 < FA_W) {
+        if (bk - j0 < FA_W) { /* the last keys of the tile, one at a time */
             for (int64_t r = 0; r < bq; r++)
-                FN(qk_rows_tail)((int)(bk - j0), d, qr + r * ldq, kb, ldk, st + r * lds + j0);
+                for (int64_t j = j0; j < bk; j++) {
+                    fa_vec a = VZERO();
+                    for (int64_t c = 0; c < nvec; c++) {
+                        const fa_mask m = VMASK_AND(c == 0 ? m_first : VMASK_ALL, c == nvec - 1 ? m_last : VMASK_ALL);
+                        a = VFMA(VLOAD_MASKZ(m, ka + j * ldk + c * FA_W), VLOAD(qr + r * ldq + c * FA_W), a);
+                    }
+                    st[r * lds + j] = VHSUM(a);
+                }
             continue;
         }
         for (int64_t r = 0; r < bq; r++) {
             const FA_T *q = qr + r * ldq;
             fa_vec acc[FA_W];
             FA_UNROLL for (int j = 0; j < FA_W; j++) acc[j] = VZERO();
-            for (int64_t c = 0; c < dfull; c += FA_RV * FA_W) {
-#define FA_QKR_CALL(n) FN(qk_rows_mk)((n), q + c, kb + c, ldk, acc)
-                switch ((int)fa_min64(FA_RV, (dfull - c) / FA_W)) { /* compile-time chunk widths */
+            for (int64_t c = 0; c < nvec; c += FA_QV) {
+                const int nc = (int)fa_min64(FA_QV, nvec - c);
+                const fa_mask mlo = c == 0 ? m_first : VMASK_ALL, mhi = c + nc == nvec ? m_last : VMASK_ALL;
+#define FA_QKR_CALL(n)                                                                              \
+    do {                                                                                            \
+        if (masked)                                                                                 \
+            FN(qk_rows_mk)((n), 1, q + c * FA_W, kb + c * FA_W, ldk, mlo, mhi, acc);                \
+        else                                                                                        \
+            FN(qk_rows_mk)((n), 0, q + c * FA_W, kb + c * FA_W, ldk, mlo, mhi, acc);                \
+    } while (0)
+                switch (nc) { /* compile-time chunk widths */
                 case 1: FA_QKR_CALL(1); break;
                 case 2: FA_QKR_CALL(2); break;
                 case 3: FA_QKR_CALL(3); break;
                 case 4: FA_QKR_CALL(4); break;
-                case 5: if (FA_RV >= 5) FA_QKR_CALL(5); break;
-                case 6: if (FA_RV >= 6) FA_QKR_CALL(6); break;
-                case 7: if (FA_RV >= 7) FA_QKR_CALL(7); break;
-                default: if (FA_RV >= 8) FA_QKR_CALL(8); break;
+                case 5: if (FA_QV >= 5) FA_QKR_CALL(5); break;
+                case 6: if (FA_QV >= 6) FA_QKR_CALL(6); break;
+                case 7: if (FA_QV >= 7) FA_QKR_CALL(7); break;
+                case 8: if (FA_QV >= 8) FA_QKR_CALL(8); break;
+                default: if (FA_QV >= 9) FA_QKR_CALL(9); break;
                 }
 #undef FA_QKR_CALL
             }
-            FA_T *srow = st + r * lds + j0;
-            VSTORE(srow, FN(hsums)(acc));
-            if (dfull < d) /* the last d % FA_W elements */
-                for (int j = 0; j < FA_W; j++)
-                    for (int64_t c = dfull; c < d; c++) srow[j] += q[c] * kb[j * ldk + c];
+            VSTORE(st + r * lds + j0, FN(hsums)(acc));
         }
     }
 }
@@ -300,18 +334,26 @@ static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp
                          int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
 {
 #define FA_PV_CALL(m, n)                                                                            \
-    if ((m) <= FA_MR && (n) <= FA_NV) FN(pv_mk)((m), (n), bk, pt, ldp, ldr, v, ldv, o, ldo, alpha)
+    if ((m) <= FA_MR && (n) <= FA_NV)                                                               \
+    FN(pv_mk)((m), (n), 0, bk, pt, ldp, ldr, v, ldv, o, ldo, alpha, VMASK_ALL, VMASK_ALL)
     FA_TILE_SWITCH(mr, nv, FA_PV_CALL)
 #undef FA_PV_CALL
 }
 
 /* pv_mk for at most two rows of weights (P as rows, ldr apart) and
- * nv <= FA_RV vectors of V: each V row is read whole, front to back. */
-static void FN(pv_rows_block)(int mr, int nv, int64_t bk, const FA_T *p, int64_t ldr, const FA_T *v,
-                              int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
+ * nv <= FA_RV vectors of V: each V row is read whole, front to back, the
+ * first and last vector masked if `masked`. */
+static void FN(pv_rows_block)(int mr, int nv, int masked, int64_t bk, const FA_T *p, int64_t ldr,
+                              const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha, fa_mask mlo,
+                              fa_mask mhi)
 {
 #define FA_PVR_CALL(m, n)                                                                           \
-    if ((n) <= FA_RV) FN(pv_mk)((m), (n), bk, p, 1, ldr, v, ldv, o, ldo, alpha)
+    if ((n) > FA_RV)                                                                                \
+        ;                                                                                           \
+    else if (masked)                                                                                \
+        FN(pv_mk)((m), (n), 1, bk, p, 1, ldr, v, ldv, o, ldo, alpha, mlo, mhi);                     \
+    else                                                                                            \
+        FN(pv_mk)((m), (n), 0, bk, p, 1, ldr, v, ldv, o, ldo, alpha, mlo, mhi)
     switch (mr * 16 + nv) {
     case 16 + 1: FA_PVR_CALL(1, 1); break;
     case 16 + 2: FA_PVR_CALL(1, 2); break;
@@ -403,16 +445,33 @@ static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64
         for (int64_t r = nr; r < nrp; r++) dst[c * ld + r] = 0;
 }
 
+/* Where an entry's K rows start within a vector, in elements (see
+ * qk_rows): 0 unless they are read in place with a row stride that keeps
+ * every row at the same place. */
+static int64_t FN(k_lead)(const fa_problem *p, const int64_t *e)
+{
+    const int64_t vb = FA_W * (int64_t)sizeof(FA_T);
+    const uintptr_t a = (uintptr_t)((const char *)p->k + e[FA_E_K]);
+    if (!FN(rows_in_place)(p->k_rs, p->k_cs) || p->k_rs % vb != 0 || a % sizeof(FA_T) != 0) return 0;
+    return (int64_t)(a % (uintptr_t)vb) / (int64_t)sizeof(FA_T);
+}
+
 /* The item's scaled query rows into w->qt: as Q^T (d x FA_BQ, zero past
  * row bq) for the S^T micro-kernel, or, for at most FA_ROWS_MAX rows, as
- * rows (bq x d) for qk_rows. */
-static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, FA_T *qt)
+ * rows for qk_rows: w->qoff zeros, the row, zeros up to w->ldq. */
+static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, FN(scratch) *w)
 {
     const int64_t lq = e[FA_E_LQ], d = p->d;
+    FA_T *qt = w->qt;
     if (bq <= FA_ROWS_MAX) {
+        const int64_t off = FN(k_lead)(p, e), ldq = fa_roundup64(off + d, FA_W);
+        w->qoff = off;
+        w->ldq = ldq;
         for (int64_t r = 0; r < bq; r++) {
             const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
-            for (int64_t c = 0; c < d; c++) qt[r * d + c] = (FA_T)p->scale * FA_AT(row, c * p->q_cs);
+            FA_T *dst = qt + r * ldq;
+            for (int64_t c = 0; c < ldq; c++) dst[c] = 0;
+            for (int64_t c = 0; c < d; c++) dst[off + c] = (FA_T)p->scale * FA_AT(row, c * p->q_cs);
         }
     } else {
         FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, lq, p->q_hs, row0, bq,
@@ -502,7 +561,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     int64_t ldk;
     const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
     if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
-        FN(qk_rows)(bq, d, w->qt, d, k, ldk, bk, w->st, FA_BK, pf);
+        FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, k, ldk, bk, w->st, FA_BK, pf);
     } else {
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
             const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
@@ -526,24 +585,42 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
 {
     const int64_t dvp = w->dvp;
     int64_t ldv;
-    const FA_T *v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
+    const FA_T *v;
     if (bq <= FA_ROWS_MAX) {
         /* weights as rows: two rows at a time against whole V rows (FA_RV
-         * vectors each), FA_W keys at a time so that the next row pair finds
-         * them in L1; alpha scales the accumulator once, at the first keys */
+         * vectors each, from the aligned vector in which they start: see
+         * plan_v), FA_W keys at a time so that the next row pair finds them
+         * in L1; alpha scales the accumulator once, at the first keys.  The
+         * lanes before and after a row land in accumulator lanes that are
+         * never stored, and lie within its neighbour rows' span (rows at
+         * least a vector apart); only tiles with the entry's first or last
+         * row, whose neighbours may be outside the array, are read through
+         * masks (masked loads slow the streaming down). */
         static const FA_T ones[2] = {1, 1};
+        const int64_t voff = w->voff, ldo = w->ldo, nvec = ldo / FA_W;
+        const int64_t vb = FA_W * (int64_t)sizeof(FA_T);
+        const int edge = k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < vb && p->v_rs > -vb);
+        if (FN(rows_in_place)(p->v_rs, p->v_cs)) { /* as plan_v decided */
+            v = (const FA_T *)((const char *)p->v + e[FA_E_V] + k0 * p->v_rs) - voff;
+            ldv = p->v_rs / (int64_t)sizeof(FA_T);
+        } else {
+            v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
+        }
+        const fa_mask m_first = VMASK((int)voff, FA_W), m_last = VMASK(0, (int)(voff + p->dv - (nvec - 1) * FA_W));
         for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
             const int64_t nj = fa_min64(FA_W, bk - j0);
-            for (int64_t cb = 0; cb < dvp; cb += FA_RV * FA_W) {
-                const int nv = (int)fa_min64(FA_RV, (dvp - cb) / FA_W);
+            for (int64_t cb = 0; cb < nvec; cb += FA_RV) {
+                const int nv = (int)fa_min64(FA_RV, nvec - cb);
+                const fa_mask mlo = cb == 0 ? m_first : VMASK_ALL, mhi = cb + nv == nvec ? m_last : VMASK_ALL;
                 for (int64_t r = 0; r < bq; r += 2)
-                    FN(pv_rows_block)((int)fa_min64(2, bq - r), nv, nj, w->st + r * FA_BK + j0, FA_BK,
-                                      v + j0 * ldv + cb, ldv, w->o + r * dvp + cb, dvp,
-                                      j0 == 0 ? w->alpha + r : ones);
+                    FN(pv_rows_block)((int)fa_min64(2, bq - r), nv, edge, nj, w->st + r * FA_BK + j0, FA_BK,
+                                      v + j0 * ldv + cb * FA_W, ldv, w->o + r * ldo + cb * FA_W, ldo,
+                                      j0 == 0 ? w->alpha + r : ones, mlo, mhi);
             }
         }
         return;
     }
+    v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
         for (int64_t r = 0; r < bq; r += FA_MR)
@@ -596,25 +673,32 @@ static void FN(dot_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
 static void FN(softmax_rows)(FN(scratch) *w, int64_t bq, int64_t bk)
 {
     const int64_t n = fa_roundup64(bk, FA_W);
+    FA_T mold[FA_W], muse[FA_W], tsum[FA_W]; /* per row; bq <= FA_W */
+    for (int64_t r = 0; r < FA_W; r++) mold[r] = muse[r] = tsum[r] = 0;
     for (int64_t r = 0; r < bq; r++) {
         FA_T *s = w->st + r * FA_BK;
         for (int64_t j = bk; j < n; j++) s[j] = (FA_T)-INFINITY;
         fa_vec vmax = VBCAST((FA_T)-INFINITY);
         for (int64_t j = 0; j < n; j += FA_W) vmax = VMAX(vmax, VLOAD(s + j));
-        const FA_T tmax = VHMAX(vmax), mold = w->rmax[r];
-        const FA_T mnew = tmax > mold ? tmax : (tmax != tmax ? tmax : mold);
-        const FA_T muse = mnew == (FA_T)-INFINITY ? (FA_T)0 : mnew;
-        const fa_vec vm = VBCAST(muse);
+        const FA_T tmax = VHMAX(vmax);
+        mold[r] = w->rmax[r];
+        const FA_T mnew = tmax > mold[r] ? tmax : (tmax != tmax ? tmax : mold[r]);
+        muse[r] = mnew == (FA_T)-INFINITY ? (FA_T)0 : mnew;
+        const fa_vec vm = VBCAST(muse[r]);
         fa_vec sum = VZERO();
         for (int64_t j = 0; j < n; j += FA_W) {
             const fa_vec x = VEXP(VSUB(VLOAD(s + j), vm));
             VSTORE(s + j, x);
             sum = VADD(sum, x);
         }
-        const FA_T alpha = (FA_T)exp((double)(mold - muse));
-        w->alpha[r] = alpha;
-        w->rsum[r] = w->rsum[r] * alpha + VHSUM(sum);
+        tsum[r] = VHSUM(sum);
         w->rmax[r] = mnew;
+    }
+    /* every row's rescale factor in one vector exp */
+    VSTORE(mold, VEXP(VSUB(VLOAD(mold), VLOAD(muse))));
+    for (int64_t r = 0; r < bq; r++) {
+        w->alpha[r] = mold[r];
+        w->rsum[r] = w->rsum[r] * mold[r] + tsum[r];
     }
 }
 
@@ -710,9 +794,45 @@ static void FN(merge_partials)(const fa_problem *p, const int64_t *e, const FA_T
     }
 }
 
+/* Can pv_rows_dp (bfloat16 on vdpbf16ps) read V in place? */
+static inline int FN(v_words_in_place)(const fa_problem *p) { return p->v_cs == 2; }
+
+/* The accumulator's layout.  A few-row item reading V rows in place reads
+ * them in whole, aligned vectors from the start of the vector in which they
+ * begin, voff elements before the row (when the row stride keeps every row
+ * there), so its accumulator rows hold column c at c + voff, ldo apart:
+ * whole vectors for pv_tile, whole pairs of them for pv_rows_dp (dp).
+ * unshift_rows restores the plain layout.  Other items: voff 0, ldo dvp. */
+static void FN(plan_v)(const fa_problem *p, const int64_t *e, int64_t bq, int dp, FN(scratch) *w)
+{
+    w->voff = 0;
+    w->ldo = w->dvp;
+    if (bq > FA_ROWS_MAX || p->dv <= 0) return;
+    const uintptr_t a = (uintptr_t)((const char *)p->v + e[FA_E_V]);
+    if (dp) {
+        if (!FN(v_words_in_place)(p)) return;
+        if (p->v_rs % 64 == 0 && a % 2 == 0) w->voff = (int64_t)(a % 64) / 2;
+        w->ldo = fa_roundup64(w->voff + p->dv, 32);
+        return;
+    }
+    if (!FN(rows_in_place)(p->v_rs, p->v_cs)) return;
+    const int64_t vb = FA_W * (int64_t)sizeof(FA_T);
+    if (p->v_rs % vb == 0 && a % sizeof(FA_T) == 0) w->voff = (int64_t)(a % (uintptr_t)vb) / (int64_t)sizeof(FA_T);
+    w->ldo = fa_roundup64(w->voff + p->dv, FA_W);
+}
+
+/* Accumulator rows back to the plain layout (rows dvp apart, column c at c),
+ * in place: row r moves down, never onto a later row's columns. */
+static void FN(unshift_rows)(FN(scratch) *w, int64_t bq, int64_t dv)
+{
+    if (w->voff == 0 && w->ldo == w->dvp) return;
+    for (int64_t r = 0; r < bq; r++)
+        memmove(w->o + r * w->dvp, w->o + r * w->ldo + w->voff, (size_t)dv * sizeof(FA_T));
+}
+
 static void FN(start_rows)(FN(scratch) *w, int64_t bq)
 {
-    memset(w->o, 0, (size_t)(bq * w->dvp) * sizeof(FA_T));
+    memset(w->o, 0, (size_t)(bq * w->ldo) * sizeof(FA_T));
     for (int64_t r = 0; r < FA_BQ; r++) {
         w->rmax[r] = (FA_T)-INFINITY;
         w->rsum[r] = 0;
@@ -739,74 +859,117 @@ static inline uint32_t FN(bf16_pair)(const char *row, int64_t cs, int64_t c, int
     return lo | (hi << 16);
 }
 
+/* Are K rows read in place as words (even D, contiguous 16-bit elements,
+ * rows a whole number of words apart)?  Else score_tile_dp packs them. */
+static inline int FN(k_words_in_place)(const fa_problem *p)
+{
+    return p->d % 2 == 0 && p->k_cs == 2 && p->k_rs % 4 == 0;
+}
+
+/* As k_lead, in words, for K rows read in place as words. */
+static int64_t FN(k_lead_dp)(const fa_problem *p, const int64_t *e)
+{
+    const uintptr_t a = (uintptr_t)((const char *)p->k + e[FA_E_K]);
+    if (!FN(k_words_in_place)(p) || p->k_rs % 64 != 0 || a % 4 != 0) return 0;
+    return (int64_t)(a % 64) / 4;
+}
+
 /* Q as words of two bfloat16 along D: transposed, qt[t][r] = (q[r][2t],
  * q[r][2t+1]) with zeros past the rows; or, for at most FA_ROWS_MAX rows,
- * row by row, qt[r][t]. */
-static void FN(pack_q_dp)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, uint32_t *qt)
+ * row by row as pack_q lays them out (w->qoff zero words, the row's words,
+ * zeros up to w->ldq). */
+static void FN(pack_q_dp)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, FN(scratch) *w)
 {
     const int64_t lq = e[FA_E_LQ], d2 = (p->d + 1) / 2, bqp = fa_roundup64(bq, FA_W);
+    uint32_t *qt = (uint32_t *)w->qt;
     const int rows = bq <= FA_ROWS_MAX;
+    const int64_t off = rows ? FN(k_lead_dp)(p, e) : 0, ldq = fa_roundup64(off + d2, 16);
+    w->qoff = off;
+    w->ldq = ldq;
     for (int64_t r = 0; r < bq; r++) {
         const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+        if (rows)
+            for (int64_t t = 0; t < ldq; t++) qt[r * ldq + t] = 0;
         for (int64_t t = 0; t < d2; t++)
-            qt[rows ? r * d2 + t : t * FA_BQ + r] = FN(bf16_pair)(row, p->q_cs, 2 * t, p->d);
+            qt[rows ? r * ldq + off + t : t * FA_BQ + r] = FN(bf16_pair)(row, p->q_cs, 2 * t, p->d);
     }
     if (!rows)
         for (int64_t t = 0; t < d2; t++)
             for (int64_t r = bq; r < bqp; r++) qt[t * FA_BQ + r] = 0;
 }
 
-static inline float FN(pair_dot)(uint32_t a, uint32_t b)
+/* Vector c of nc of a row of words at k, masked as in row_vec if `masked`. */
+FA_INLINE __m512bh FN(k_words)(const int masked, const int c, const int nc, const uint32_t *k, __mmask16 mlo,
+                               __mmask16 mhi)
 {
-    return fa_bits_f32(a << 16) * fa_bits_f32(b << 16) + fa_bits_f32(a & 0xffff0000u) * fa_bits_f32(b & 0xffff0000u);
+    if (!masked) return (__m512bh)_mm512_loadu_si512(k + c * 16);
+    if (c == 0 && nc == 1) return (__m512bh)_mm512_maskz_loadu_epi32(mlo & mhi, k);
+    if (c == 0) return (__m512bh)_mm512_maskz_loadu_epi32(mlo, k);
+    if (c == nc - 1) return (__m512bh)_mm512_maskz_loadu_epi32(mhi, k + c * 16);
+    return (__m512bh)_mm512_loadu_si512(k + c * 16);
 }
 
 /* acc[j] += sum_t <q[t], k[j][t]> over nc vectors of 16 words (t < 16 nc)
  * for j < 16: as qk_rows_mk, on vdpbf16ps. */
-FA_INLINE void FN(qk_rows_dp_mk)(const int nc, const uint32_t *q, const uint32_t *k, int64_t ldk, __m512 *acc)
+FA_INLINE void FN(qk_rows_dp_mk)(const int nc, const int masked, const uint32_t *q, const uint32_t *k,
+                                 int64_t ldk, __mmask16 mlo, __mmask16 mhi, __m512 *acc)
 {
-    __m512bh qv[FA_RV_MAX];
+    __m512bh qv[FA_QV_MAX];
     FA_UNROLL for (int c = 0; c < nc; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + c * 16);
     FA_UNROLL for (int j = 0; j < 16; j++)
     {
         FA_UNROLL for (int c = 0; c < nc; c++) acc[j] =
-            _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(k + c * 16), qv[c]);
+            _mm512_dpbf16_ps(acc[j], FN(k_words)(masked, c, nc, k, mlo, mhi), qv[c]);
         k += ldk;
         FA_IN_ORDER();
     }
 }
 
 /* Scores of a few query rows from word-packed Q rows (decoding): as qk_rows
- * (rows of st, FA_BK apart), with vdpbf16ps taking 32 elements of D per
+ * (rows of st, FA_BK apart; K rows from the aligned vector in which they
+ * start, off words before), with vdpbf16ps taking 32 elements of D per
  * instruction. */
-static void FN(qk_rows_dp)(int64_t bq, int64_t d2, const uint32_t *qw, const uint32_t *k, int64_t ldk,
-                           int64_t bk, float scale, float *st, const FN(prefetch_plan) *pf)
+static void FN(qk_rows_dp)(int64_t bq, int64_t d2, int64_t off, const uint32_t *qw, int64_t ldq,
+                           const uint32_t *k, int64_t ldk, int64_t bk, float scale, float *st,
+                           const FN(prefetch_plan) *pf)
 {
-    const int64_t dfull = d2 / 16 * 16;
+    const int64_t nvec = ldq / 16;
+    const __mmask16 m_first = (__mmask16)(0xffffu << off),
+                    m_last = (__mmask16)(0xffffu >> (16 - (off + d2 - (nvec - 1) * 16)));
+    const __m512 sc = _mm512_set1_ps(scale);
+    const int masked = off != 0 || d2 % 16 != 0;
+    const uint32_t *ka = k - off;
     for (int64_t j0 = 0; j0 < bk; j0 += 16) {
-        const int nj = (int)fa_min64(16, bk - j0);
-        const uint32_t *kb = k + j0 * ldk;
+        const uint32_t *kb = ka + j0 * ldk;
         for (int64_t j = j0; j < j0 + 16; j++) FN(prefetch_row)(pf, j); /* as in qk_rows */
-        for (int64_t r = 0; r < bq; r++) {
-            const uint32_t *q = qw + r * d2;
-            float *srow = st + r * FA_BK + j0;
-            if (nj < 16) { /* the last keys of the tile, one at a time */
-                for (int j = 0; j < nj; j++) {
+        if (bk - j0 < 16) { /* the last keys of the tile, one at a time */
+            for (int64_t r = 0; r < bq; r++)
+                for (int64_t j = j0; j < bk; j++) {
                     __m512 a = _mm512_setzero_ps();
-                    for (int64_t t = 0; t < dfull; t += 16)
-                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kb + j * ldk + t),
-                                             (__m512bh)_mm512_loadu_si512(q + t));
-                    float sum = _mm512_reduce_add_ps(a);
-                    for (int64_t t = dfull; t < d2; t++) sum += FN(pair_dot)(q[t], kb[j * ldk + t]);
-                    srow[j] = scale * sum;
+                    for (int64_t c = 0; c < nvec; c++) {
+                        const __mmask16 m = (c == 0 ? m_first : 0xffff) & (c == nvec - 1 ? m_last : 0xffff);
+                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi32(m, ka + j * ldk + c * 16),
+                                             (__m512bh)_mm512_loadu_si512(qw + r * ldq + c * 16));
+                    }
+                    st[r * FA_BK + j] = scale * _mm512_reduce_add_ps(a);
                 }
-                continue;
-            }
+            continue;
+        }
+        for (int64_t r = 0; r < bq; r++) {
+            const uint32_t *q = qw + r * ldq;
             __m512 acc[16];
             FA_UNROLL for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < dfull; t += FA_RV * 16) {
-#define FA_QKRDP_CALL(n) FN(qk_rows_dp_mk)((n), q + t, kb + t, ldk, acc)
-                switch ((int)fa_min64(FA_RV, (dfull - t) / 16)) { /* compile-time chunk widths */
+            for (int64_t c = 0; c < nvec; c += FA_QV) {
+                const int nc = (int)fa_min64(FA_QV, nvec - c);
+                const __mmask16 mlo = c == 0 ? m_first : 0xffff, mhi = c + nc == nvec ? m_last : 0xffff;
+#define FA_QKRDP_CALL(n)                                                                            \
+    do {                                                                                            \
+        if (masked)                                                                                 \
+            FN(qk_rows_dp_mk)((n), 1, q + c * 16, kb + c * 16, ldk, mlo, mhi, acc);                 \
+        else                                                                                        \
+            FN(qk_rows_dp_mk)((n), 0, q + c * 16, kb + c * 16, ldk, mlo, mhi, acc);                 \
+    } while (0)
+                switch (nc) { /* compile-time chunk widths */
                 case 1: FA_QKRDP_CALL(1); break;
                 case 2: FA_QKRDP_CALL(2); break;
                 case 3: FA_QKRDP_CALL(3); break;
@@ -814,21 +977,12 @@ static void FN(qk_rows_dp)(int64_t bq, int64_t d2, const uint32_t *qw, const uin
                 case 5: FA_QKRDP_CALL(5); break;
                 case 6: FA_QKRDP_CALL(6); break;
                 case 7: FA_QKRDP_CALL(7); break;
-                default: FA_QKRDP_CALL(8); break;
+                case 8: FA_QKRDP_CALL(8); break;
+                default: FA_QKRDP_CALL(9); break;
                 }
 #undef FA_QKRDP_CALL
             }
-            const __m512 sums = fa_hsums_ps512(acc);
-            if (dfull == d2) {
-                _mm512_storeu_ps(srow, _mm512_mul_ps(_mm512_set1_ps(scale), sums));
-                continue;
-            }
-            _mm512_storeu_ps(srow, sums);
-            for (int j = 0; j < 16; j++) { /* the last d2 % 16 words */
-                float tail = 0;
-                for (int64_t t = dfull; t < d2; t++) tail += FN(pair_dot)(q[t], kb[j * ldk + t]);
-                srow[j] = scale * (srow[j] + tail);
-            }
+            _mm512_storeu_ps(st + r * FA_BK + j0, _mm512_mul_ps(sc, fa_hsums_ps512(acc)));
         }
     }
 }
@@ -869,7 +1023,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
     const int64_t d2 = (p->d + 1) / 2, bqp = fa_roundup64(bq, FA_W);
     const uint32_t *k;
     int64_t ldk;
-    if (p->d % 2 == 0 && p->k_cs == 2 && p->k_rs % 4 == 0) {
+    if (FN(k_words_in_place)(p)) {
         k = (const uint32_t *)((const char *)p->k + e[FA_E_K] + k0 * p->k_rs);
         ldk = p->k_rs / 4;
     } else {
@@ -883,7 +1037,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
     }
     const uint32_t *qt = (const uint32_t *)w->qt;
     if (bq <= FA_ROWS_MAX) {
-        FN(qk_rows_dp)(bq, d2, qt, k, ldk, bk, (float)p->scale, w->st, pf);
+        FN(qk_rows_dp)(bq, d2, w->qoff, qt, w->ldq, k, ldk, bk, (float)p->scale, w->st, pf);
     } else {
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
             const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
@@ -936,15 +1090,32 @@ static void FN(pv_dp_block)(int mr, int nv, int64_t b2, const uint32_t *pw, cons
 #undef FA_PVDP_CALL
 }
 
+/* Most chunks of 32 columns pv_rows_dp_mk accumulates (4 make 128
+ * columns; the fifth takes a row that starts part-way into a chunk). */
+#define FA_PVDP_NCH 5
+
+/* Chunk c of nch (32 bfloat16) of a V row at v, masked as in row_vec if
+ * `masked`. */
+FA_INLINE __m512i FN(v_chunk)(const int masked, const int c, const int nch, const char *v, __mmask32 mlo,
+                              __mmask32 mhi)
+{
+    if (!masked) return _mm512_loadu_si512(v + 64 * c);
+    if (c == 0 && nch == 1) return _mm512_maskz_loadu_epi16(mlo & mhi, v);
+    if (c == 0) return _mm512_maskz_loadu_epi16(mlo, v);
+    if (c == nch - 1) return _mm512_maskz_loadu_epi16(mhi, v + 64 * c);
+    return _mm512_loadu_si512(v + 64 * c);
+}
+
 /* One pair of keys for pv_rows_dp_mk: V rows v0 and v0 + ldv (only v0 when
  * !has1) interleaved as words against the rows' weight pairs wt. */
-FA_INLINE void FN(pv_rows_dp_pair)(const int mr, const int nch, const int has1, const char *v0, int64_t ldv,
-                                   const __m512bh *wt, __m512 (*lo)[4], __m512 (*hi)[4])
+FA_INLINE void FN(pv_rows_dp_pair)(const int mr, const int nch, const int masked, const int has1, const char *v0,
+                                   int64_t ldv, __mmask32 mlo, __mmask32 mhi, const __m512bh *wt,
+                                   __m512 (*lo)[FA_PVDP_NCH], __m512 (*hi)[FA_PVDP_NCH])
 {
     FA_UNROLL for (int c = 0; c < nch; c++)
     {
-        const __m512i a = _mm512_loadu_si512(v0 + 64 * c);
-        const __m512i b = has1 ? _mm512_loadu_si512(v0 + ldv + 64 * c) : _mm512_setzero_si512();
+        const __m512i a = FN(v_chunk)(masked, c, nch, v0, mlo, mhi);
+        const __m512i b = has1 ? FN(v_chunk)(masked, c, nch, v0 + ldv, mlo, mhi) : _mm512_setzero_si512();
         const __m512bh ul = (__m512bh)_mm512_unpacklo_epi16(a, b), uh = (__m512bh)_mm512_unpackhi_epi16(a, b);
         FA_UNROLL for (int r = 0; r < mr; r++)
         {
@@ -955,16 +1126,18 @@ FA_INLINE void FN(pv_rows_dp_pair)(const int mr, const int nch, const int has1, 
 }
 
 /* o[r][x] = alpha[r] o[r][x] + sum_j pw[r][j] v[j][x] for r < mr (<= 2),
- * x < 32 nch (nch <= 4), j < bk; weights as bfloat16 rows FA_BK apart, V
- * bfloat16 rows ldv bytes apart, read in place.  Two V rows interleaved by
+ * x < 32 nch (nch <= FA_PVDP_NCH), j < bk; weights as bfloat16 rows FA_BK
+ * apart, V bfloat16 rows ldv bytes apart, read in place, the first and last
+ * chunk of each masked by mlo and mhi if `masked`.  Two V rows interleaved by
  * vpunpck{l,h}wd become the words vdpbf16ps multiplies by a weight pair;
  * the interleave puts each 32 columns in the order {0-3, 8-11, 16-19,
  * 24-27} (lo) and {4-7, 12-15, 20-23, 28-31} (hi), so the accumulator is
  * permuted to match on load and back on store. */
-FA_INLINE void FN(pv_rows_dp_mk)(const int mr, const int nch, int64_t bk, const uint16_t *pw, const char *v,
-                                 int64_t ldv, float *o, int64_t ldo, const float *alpha)
+FA_INLINE void FN(pv_rows_dp_mk)(const int mr, const int nch, const int masked, int64_t bk, const uint16_t *pw,
+                                 const char *v, int64_t ldv, float *o, int64_t ldo, const float *alpha,
+                                 __mmask32 mlo, __mmask32 mhi)
 {
-    __m512 lo[2][4], hi[2][4];
+    __m512 lo[2][FA_PVDP_NCH], hi[2][FA_PVDP_NCH];
     FA_UNROLL for (int r = 0; r < mr; r++)
     {
         const __m512 a = _mm512_set1_ps(alpha[r]);
@@ -980,13 +1153,13 @@ FA_INLINE void FN(pv_rows_dp_mk)(const int mr, const int nch, int64_t bk, const 
     for (; 2 * t + 1 < bk; t++) {
         FA_UNROLL for (int r = 0; r < mr; r++) wt[r] =
             (__m512bh)_mm512_set1_epi32(*(const int32_t *)(pw + r * FA_BK + 2 * t));
-        FN(pv_rows_dp_pair)(mr, nch, 1, v + 2 * t * ldv, ldv, wt, lo, hi);
+        FN(pv_rows_dp_pair)(mr, nch, masked, 1, v + 2 * t * ldv, ldv, mlo, mhi, wt, lo, hi);
         FA_IN_ORDER();
     }
     if (2 * t < bk) { /* an odd key out: its partner's weight is zero */
         FA_UNROLL for (int r = 0; r < mr; r++) wt[r] =
             (__m512bh)_mm512_set1_epi32(*(const int32_t *)(pw + r * FA_BK + 2 * t));
-        FN(pv_rows_dp_pair)(mr, nch, 0, v + 2 * t * ldv, ldv, wt, lo, hi);
+        FN(pv_rows_dp_pair)(mr, nch, masked, 0, v + 2 * t * ldv, ldv, mlo, mhi, wt, lo, hi);
     }
     FA_UNROLL for (int r = 0; r < mr; r++) FA_UNROLL for (int c = 0; c < nch; c++)
     {
@@ -998,13 +1171,16 @@ FA_INLINE void FN(pv_rows_dp_mk)(const int mr, const int nch, int64_t bk, const 
 }
 
 /* o = alpha o + P.V[k0 : k0 + bk] for a few rows (decoding) with V rows of
- * contiguous bfloat16 and dv a multiple of 32: the weights rounded to
- * bfloat16 (as in pv_tile_dp), V read in place, two rows at a time against
- * up to 128 columns of every V row of the tile (in L1 for the second pair). */
+ * contiguous bfloat16: the weights rounded to bfloat16 (as in pv_tile_dp),
+ * V read in place from the aligned 64 bytes in which each row starts (see
+ * plan_v), two rows at a time against up to FA_PVDP_NCH chunks of 32
+ * columns of every V row of the tile (in L1 for the second pair).  As in
+ * pv_tile, only the entry's first and last rows are read through masks. */
 static void FN(pv_rows_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
                            int64_t bk)
 {
-    const int64_t dv = p->dv, dvp = w->dvp;
+    const int64_t voff = w->voff, ldo = w->ldo, nchunk = ldo / 32;
+    if (nchunk == 0) return;
     uint16_t *pw = (uint16_t *)w->pw; /* row r at pw + r * FA_BK, zero past bk */
     for (int64_t r = 0; r < bq; r++)
         for (int64_t j = 0; j < bk; j += 16) {
@@ -1012,24 +1188,34 @@ static void FN(pv_rows_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w
             _mm256_storeu_si256((__m256i *)(pw + r * FA_BK + j),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, w->st + r * FA_BK + j)));
         }
-    const char *v = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs;
-    for (int64_t cb = 0; cb < dv; cb += 128) {
-        const int nch = (int)fa_min64(4, (dv - cb) / 32);
+    const __mmask32 m_first = (__mmask32)(0xffffffffu << voff),
+                    m_last = (__mmask32)(0xffffffffu >> (32 - (voff + p->dv - (nchunk - 1) * 32)));
+    const char *v = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs - 2 * voff;
+    const int edge = k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < 64 && p->v_rs > -64); /* as in pv_tile */
+    for (int64_t cb = 0; cb < nchunk; cb += FA_PVDP_NCH) {
+        const int nch = (int)fa_min64(FA_PVDP_NCH, nchunk - cb);
+        const __mmask32 mlo = cb == 0 ? m_first : 0xffffffffu, mhi = cb + nch == nchunk ? m_last : 0xffffffffu;
         for (int64_t r = 0; r < bq; r += 2) {
             const uint16_t *pr = pw + r * FA_BK;
-            const char *vc = v + 2 * cb;
-            float *o = w->o + r * dvp + cb;
+            const char *vc = v + 64 * cb;
+            float *o = w->o + r * ldo + 32 * cb;
             const float *al = w->alpha + r;
-#define FA_PVRDP_CALL(m, n) FN(pv_rows_dp_mk)((m), (n), bk, pr, vc, p->v_rs, o, dvp, al)
+#define FA_PVRDP_CALL(m, n)                                                                         \
+    if (edge)                                                                                       \
+        FN(pv_rows_dp_mk)((m), (n), 1, bk, pr, vc, p->v_rs, o, ldo, al, mlo, mhi);                  \
+    else                                                                                            \
+        FN(pv_rows_dp_mk)((m), (n), 0, bk, pr, vc, p->v_rs, o, ldo, al, mlo, mhi)
             switch ((int)fa_min64(2, bq - r) * 8 + nch) {
             case 8 + 1: FA_PVRDP_CALL(1, 1); break;
             case 8 + 2: FA_PVRDP_CALL(1, 2); break;
             case 8 + 3: FA_PVRDP_CALL(1, 3); break;
             case 8 + 4: FA_PVRDP_CALL(1, 4); break;
+            case 8 + 5: FA_PVRDP_CALL(1, 5); break;
             case 16 + 1: FA_PVRDP_CALL(2, 1); break;
             case 16 + 2: FA_PVRDP_CALL(2, 2); break;
             case 16 + 3: FA_PVRDP_CALL(2, 3); break;
-            default: FA_PVRDP_CALL(2, 4); break;
+            case 16 + 4: FA_PVRDP_CALL(2, 4); break;
+            default: FA_PVRDP_CALL(2, 5); break;
             }
 #undef FA_PVRDP_CALL
         }
@@ -1040,7 +1226,7 @@ static void FN(pv_rows_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w
 static void FN(pv_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
                            int64_t bk)
 {
-    if (bq <= FA_ROWS_MAX && p->v_cs == 2 && p->dv % 32 == 0) {
+    if (bq <= FA_ROWS_MAX && FN(v_words_in_place)(p)) { /* as plan_v decided */
         FN(pv_rows_dp)(p, e, w, bq, k0, bk);
         return;
     }
@@ -1105,18 +1291,22 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_i
 #endif
     if (dp) {
 #if FA_BF16_DP
-        FN(pack_q_dp)(p, e, row0, bq, (uint32_t *)w->qt);
+        FN(pack_q_dp)(p, e, row0, bq, w);
 #endif
     } else {
-        FN(pack_q)(p, e, row0, bq, w->qt);
+        FN(pack_q)(p, e, row0, bq, w);
     }
+    FN(plan_v)(p, e, bq, dp, w);
     FN(start_rows)(w, bq);
     int64_t klo, khi, unused;
     fa_block_range(p, lq, lk, row0, bq, &klo, &khi, &unused, &unused);
     klo = fa_max64(klo, it->k_lo);
     khi = fa_min64(khi, it->k_hi);
-    for (int64_t k0 = klo; k0 < khi; k0 += FA_BK) {
-        const int64_t bk = fa_min64(FA_BK, khi - k0);
+    /* bfloat16 decoding interleaves K and V reads more finely (measured
+     * faster); float32 keeps whole tiles */
+    const int64_t tile = dp && bq <= FA_ROWS_MAX ? FA_W : FA_BK;
+    for (int64_t k0 = klo; k0 < khi; k0 += tile) {
+        const int64_t bk = fa_min64(tile, khi - k0);
         /* decoding streams K and V once: ask for the tile after next (one
          * ahead is too late to hide the memory latency) */
         const int64_t pf0 = k0 + 2 * FA_BK;
@@ -1136,6 +1326,7 @@ static void FN(attention_item)(const fa_problem *p, const int64_t *e, const fa_i
         FN(weights_tile)(w, softmax, bq, bk);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
+    FN(unshift_rows)(w, bq, p->dv);
     if (it->part >= 0)
         FN(store_partial)(w, bq, slots + it->part * FN(slot_size)(w->dvp));
     else
@@ -1146,7 +1337,7 @@ static void FN(scores_item)(const fa_problem *p, const int64_t *e, FN(scratch) *
                             int64_t bq)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
-    FN(pack_q)(p, e, row0, bq, w->qt);
+    FN(pack_q)(p, e, row0, bq, w);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
         const FN(prefetch_plan) none = {0};
@@ -1165,6 +1356,7 @@ static void FN(wsum_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w,
                           int64_t bq)
 {
     const int64_t lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
+    FN(plan_v)(p, e, bq, 0, w);
     FN(start_rows)(w, bq);
     for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) {
         const int64_t bk = fa_min64(FA_BK, lk - k0);
@@ -1177,6 +1369,7 @@ static void FN(wsum_item)(const fa_problem *p, const int64_t *e, FN(scratch) *w,
                                 bqp, bk, 1, w->st, FA_BQ);
         FN(pv_tile)(p, e, w, bq, k0, bk);
     }
+    FN(unshift_rows)(w, bq, p->dv);
     FN(store_rows)(p, e, w, row0, bq, 0);
 }
 

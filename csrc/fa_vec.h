@@ -15,6 +15,10 @@
  *                   accumulators, or two output rows of FA_RV vectors
  *   VZERO VLOAD VSTORE VBCAST VFMA VADD VMUL VSUB VMAX VHMAX VHSUM
  *   VNEGINF0(x)     x with -inf lanes replaced by 0
+ *   fa_mask, VMASK(lo, hi), VMASK_ALL, VMASK_AND(a, b), VLOAD_MASKZ(m, p)
+ *                   lane masks (lanes lo <= i < hi) and a load of the masked
+ *                   lanes (others zero) that never touches memory outside
+ *                   them (no fault, no value read)
  *   VHSUMS(a)       from FA_W vectors a[0..FA_W), the vector whose lane j is
  *                   the sum of the lanes of a[j]
  *   VEXP(x)         exp of each lane, meant for x <= 0: -inf gives 0, NaN
@@ -44,6 +48,11 @@
 #undef VHSUM
 #undef VEXP
 #undef fa_vec
+#undef fa_mask
+#undef VMASK
+#undef VMASK_ALL
+#undef VMASK_AND
+#undef VLOAD_MASKZ
 
 /* Coefficients of exp on [-ln2/2, ln2/2] (Taylor to degree 7: truncation
  * below 6e-9 relative, so the float result is within rounding error). */
@@ -139,6 +148,11 @@ static inline __m512d fa_exp_pd512(__m512d x)
 #define VHSUM(a) _mm512_reduce_add_ps(a)
 #define VHSUMS(a) fa_hsums_ps512(a)
 #define VEXP(x) fa_exp_ps512(x)
+#define fa_mask __mmask16
+#define VMASK(lo, hi) ((__mmask16)(((1u << (hi)) - 1u) & ~((1u << (lo)) - 1u)))
+#define VMASK_ALL ((__mmask16)0xffff)
+#define VMASK_AND(a, b) ((__mmask16)((a) & (b)))
+#define VLOAD_MASKZ(m, p) _mm512_maskz_loadu_ps((m), (p))
 #else
 #define fa_vec __m512d
 #define FA_W 8
@@ -155,6 +169,11 @@ static inline __m512d fa_exp_pd512(__m512d x)
 #define VHMAX(a) _mm512_reduce_max_pd(a)
 #define VHSUM(a) _mm512_reduce_add_pd(a)
 #define VEXP(x) fa_exp_pd512(x)
+#define fa_mask __mmask8
+#define VMASK(lo, hi) ((__mmask8)(((1u << (hi)) - 1u) & ~((1u << (lo)) - 1u)))
+#define VMASK_ALL ((__mmask8)0xff)
+#define VMASK_AND(a, b) ((__mmask8)((a) & (b)))
+#define VLOAD_MASKZ(m, p) _mm512_maskz_loadu_pd((m), (p))
 #endif
 
 #elif FA_VEC_ISA == 1 /* AVX2 */
@@ -244,6 +263,13 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VHMAX(a) fa_hmax_ps256(a)
 #define VHSUM(a) fa_hsum_ps256(a)
 #define VEXP(x) fa_exp_ps256(x)
+#define fa_mask __m256i
+#define VMASK(lo, hi)                                                                               \
+    _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((lo) - 1)), \
+                     _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))
+#define VMASK_ALL _mm256_set1_epi32(-1)
+#define VMASK_AND(a, b) _mm256_and_si256((a), (b))
+#define VLOAD_MASKZ(m, p) _mm256_maskload_ps((p), (m))
 #else
 #define fa_vec __m256d
 #define FA_W 4
@@ -260,6 +286,13 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VHMAX(a) fa_hmax_pd256(a)
 #define VHSUM(a) fa_hsum_pd256(a)
 #define VEXP(x) fa_exp_pd256(x)
+#define fa_mask __m256i
+#define VMASK(lo, hi)                                                                               \
+    _mm256_and_si256(_mm256_cmpgt_epi64(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x((lo) - 1)), \
+                     _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), _mm256_setr_epi64x(0, 1, 2, 3)))
+#define VMASK_ALL _mm256_set1_epi64x(-1)
+#define VMASK_AND(a, b) _mm256_and_si256((a), (b))
+#define VLOAD_MASKZ(m, p) _mm256_maskload_pd((p), (m))
 #endif
 
 #else /* portable C: one-lane "vectors", a 4x4 register tile */
@@ -283,5 +316,10 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VHSUM(a) (a)
 #define VNEGINF0(a) ((a) == (FA_T)-INFINITY ? (FA_T)0 : (a))
 #define VEXP(x) ((FA_T)exp((double)(x)))
+#define fa_mask int
+#define VMASK(lo, hi) ((lo) <= 0 && 0 < (hi))
+#define VMASK_ALL 1
+#define VMASK_AND(a, b) ((a) && (b))
+#define VLOAD_MASKZ(m, p) ((m) ? *(p) : (FA_T)0)
 
 #endif

@@ -40,24 +40,59 @@ def test_decode_matches_reference(isa, dtype, rng, shape, causal):
     assert_close(dot, ref.attention(q, k, v, causal=causal, weights="dot"))
 
 
+def named_dtype(name):
+    return np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if name == "bfloat16" else name)
+
+
+def assert_both_weightings_match(isa, q, k, v, k_in=None, v_in=None):
+    """attention(q, k_in, v_in) (default k, v) against the reference over q,
+    k, v, softmax and dot weights; bfloat16 on AVX512-BF16 rounds the weights."""
+    for weights in ("softmax", "dot"):
+        extra = None
+        if q.dtype == named_dtype("bfloat16") and isa == "avx512bf16":
+            extra = weight_rounding_allowance(q, k, v, weights=weights)
+        out = fastattn.attention(q, k if k_in is None else k_in, v if v_in is None else v_in, weights=weights)
+        assert_close(out, ref.attention(q, k, v, weights=weights), extra=extra)
+
+
 @pytest.mark.parametrize("dt", ["float32", "float64", "float16", "bfloat16"])
 def test_decode_every_key_counts(isa, dt):
     """Few-row kernels handle every key of a tile and of its tails: with one
     key's value row 1000 times the others, leaving that key out (or reading
     it twice) moves the output far beyond the tolerance."""
-    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if dt == "bfloat16" else dt)
     rng = np.random.default_rng(5)
     for lk in (1, 2, 15, 17, 33, 64, 65, 129):
         for j in sorted({0, lk // 2, lk - 1}):
             q, k, v = gqa_inputs(rng, np.float32, 1, 4, 2, 1, lk, 40, 64)
             v[:, :, j] *= 1000
-            q, k, v = (x.astype(dtype) for x in (q, k, v))
-            for weights in ("softmax", "dot"):
-                extra = None
-                if dt == "bfloat16" and isa == "avx512bf16":
-                    extra = weight_rounding_allowance(q, k, v, weights=weights)
-                out = fastattn.attention(q, k, v, weights=weights)
-                assert_close(out, ref.attention(q, k, v, weights=weights), extra=extra)
+            assert_both_weightings_match(isa, *(x.astype(named_dtype(dt)) for x in (q, k, v)))
+
+
+def padded_rows(vals, pad, shift):
+    """vals (..., L, D) copied into rows of D + pad elements (the padding NaN),
+    the array starting `shift` bytes past a 64-byte boundary with NaN before
+    and after it."""
+    item = vals.dtype.itemsize
+    n = vals.size // vals.shape[-1] * (vals.shape[-1] + pad)
+    buf = np.full(n + 256 // item, np.nan, dtype=np.float32).astype(vals.dtype)
+    start = ((-buf.ctypes.data) % 64 + 64 + shift) // item
+    full = buf[start:start + n].reshape(vals.shape[:-1] + (vals.shape[-1] + pad,))
+    out = full[..., :vals.shape[-1]]
+    out[...] = vals
+    return out
+
+
+@pytest.mark.parametrize("dt", ["float32", "float64", "float16", "bfloat16"])
+def test_decode_rows_at_any_alignment(isa, dt):
+    """K and V rows at every offset from a 64-byte boundary, NaN in the
+    padding after each row and around the arrays: the few-row kernels align
+    their loads and mask them to the rows, so nothing else is read."""
+    dtype = named_dtype(dt)
+    per_line = 64 // dtype.itemsize  # K rows padded to whole 64-byte lines, V rows by 64 elements
+    q, k, v = gqa_inputs(np.random.default_rng(7), dtype, 1, 4, 2, 1, 77, 56, 64)
+    for shift in range(0, 64, dtype.itemsize):
+        ks, vs = padded_rows(k, per_line - 56 % per_line, shift), padded_rows(v, 64, shift)
+        assert_both_weightings_match(isa, q, k, v, ks, vs)
 
 
 @pytest.mark.parametrize("shape", DECODE[:3], ids=str)
