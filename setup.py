@@ -98,7 +98,10 @@ C_SOURCES = [
     "csrc/fa_path_avx512bf16.c",
 ]
 
-compile_args = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+# -fno-wrapv undoes the -fwrapv that Python's own build flags carry: with it,
+# GCC orders the decoding kernels' loads differently and they read memory
+# 25-45% slower.  Nothing here relies on signed overflow wrapping.
+compile_args = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-fno-wrapv", "-Wno-unknown-pragmas"]
 if sys.platform == "win32":
     compile_args = ["/O2"]
 

@@ -126,7 +126,7 @@ def bench_job(args):
     rows = _bench.run_prefill(shapes, threads, repeat=args.repeat, with_torch=not args.no_torch,
                               progress=progress)
     decode_shapes = [] if args.shape or args.no_decode else _bench.DECODE_SHAPES
-    decode = _bench.run_decode(decode_shapes, threads, repeat=max(args.repeat, 20),
+    decode = _bench.run_decode(decode_shapes, threads, repeat=max(args.repeat, 10),
                                with_torch=not args.no_torch, progress=progress)
     matmul_after = _bench.matmul_gflops(threads)
     matmul = max(matmul_before, matmul_after)
@@ -142,7 +142,8 @@ def bench_job(args):
     print(_bench.format_prefill(rows, matmul))
     if decode:
         print("\ndecode: one query row per head, causal, grouped heads; GB/s = bytes of K and V / time,"
-              "\nmatvec = numpy float32 matrix-vector product over an array of that size, same run\n")
+              "\nmatvec = numpy float32 matrix-vector product over an array of that size, same run,"
+              "\ntimed in 5 rounds of alternating blocks with fastattn (medians over all rounds)\n")
         print(_bench.format_decode(decode))
     if args.json:
         with open(args.json, "w") as f:

@@ -85,6 +85,24 @@ def interleaved_medians(fns, repeat, settle=SETTLE_SECONDS):
     return [float(np.median(ts)) for ts in times]
 
 
+def alternating_blocks(fns, repeat, rounds=5, settle=SETTLE_SECONDS):
+    """Median wall time of each function over `rounds` rounds, each round one
+    block of `repeat` calls per function (after a pause and a warm-up call).
+    Drift in the machine's speed during the measurement hits all functions
+    alike, while the calls of different libraries, whose thread pools keep
+    spinning after a call, never alternate call by call."""
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            time.sleep(settle)
+            fn()
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
+
+
 @contextlib.contextmanager
 def blas_threads(n):
     """Limit numpy's BLAS to n threads when threadpoolctl is available."""
@@ -203,9 +221,10 @@ def decode_inputs(b, h, g, lq, d, lk, seed=0):
             rng.standard_normal((b, g, lk, d), dtype=np.float32))
 
 
-def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
+def run_decode(shapes, threads, repeat=10, with_torch=True, progress=None):
     """Time decode steps; bandwidth = bytes of K and V read / time, compared
-    with numpy's float32 matrix-vector product over an array of that size."""
+    with numpy's float32 matrix-vector product over an array of that size
+    (alternating blocks of `repeat` calls: see alternating_blocks)."""
     torch_mod = torch_sdpa() if with_torch else None
     rows = []
     for n, (b, h, g, lq, d, lk) in enumerate(shapes, 1):
@@ -217,12 +236,11 @@ def run_decode(shapes, threads, repeat=20, with_torch=True, progress=None):
         row = dict(shape=[b, h, g, lq, d], lk=lk, bytes=nbytes, threads=threads, dtype="float32")
         mat = np.concatenate([k.reshape(-1, d), v.reshape(-1, d)])
         x = np.random.default_rng(n).standard_normal(d, dtype=np.float32)
-        # timed one after the other, not alternately: OpenBLAS's and OpenMP's
-        # thread pools keep spinning after each call and would slow each other
-        row["fastattn_ms"] = median_time(
-            lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads), repeat) * 1e3
         with blas_threads(threads):
-            row["matvec_ms"] = median_time(lambda: mat @ x, repeat) * 1e3
+            fa, mv = alternating_blocks(
+                [lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads),
+                 lambda: mat @ x], repeat)
+        row["fastattn_ms"], row["matvec_ms"] = fa * 1e3, mv * 1e3
         del mat
         if torch_mod is not None:  # Lq = 1: every key is visible, causal or not
             row["torch_ms"] = torch_median_ms(torch_mod, threads, (q, k, v),
