@@ -7,6 +7,7 @@ byte offsets into every array.  Broadcast dimensions get offset 0 and
 grouped-query heads map onto their shared key/value head, so nothing is ever
 expanded or copied beyond a dtype conversion of q, k or v.
 """
+import functools
 import math
 import numbers
 import operator
@@ -190,14 +191,19 @@ def _address(a):
     return a.__array_interface__["data"][0]
 
 
-def _lead_offsets(a, lead, core, group=1):
-    """Byte offset of each leading index of `a` (its dims before the last
-    `core`), broadcast to `lead` and flattened in C order.  With group > 1,
-    the last leading axis of `a` is indexed by lead_index // group (grouped
+def _layout(a, core):
+    """Shape and byte strides of a's leading dims (before the last `core`),
+    or None: all the entry table needs of an operand."""
+    return None if a is None else (a.shape[: a.ndim - core], a.strides[: a.ndim - core])
+
+
+def _lead_offsets(layout, lead, group=1):
+    """Byte offset of each leading index of an operand of this `layout`,
+    broadcast to `lead` and flattened in C order.  With group > 1, the last
+    leading axis of the operand is indexed by lead_index // group (grouped
     query heads sharing one key/value head)."""
+    shape, strides = layout
     n_lead = len(lead)
-    shape = a.shape[: a.ndim - core]
-    strides = a.strides[: a.ndim - core]
     offsets = np.zeros(lead, dtype=np.int64)
     first = n_lead - len(shape)
     for ax, (n, st) in enumerate(zip(shape, strides)):
@@ -213,6 +219,47 @@ def _lead_offsets(a, lead, core, group=1):
             continue
         offsets = offsets + (idx * st).reshape(index_shape)
     return offsets.reshape(-1)
+
+
+def _entry_table(lead, group, columns):
+    """The kernel's entry table (read-only): columns maps a column to one
+    value for every entry or to an array over `lead`; with group > 1 each
+    entry covers `group` consecutive query heads (the last lead axis)."""
+    n = math.prod(lead) // group
+    entries = np.zeros((n, _core.ENTRY_FIELDS), dtype=np.int64)
+    for col, val in columns.items():
+        if group > 1 and isinstance(val, np.ndarray):
+            val = val[::group]  # the first head of each group
+        entries[:, col] = val
+    entries.flags.writeable = False
+    return entries
+
+
+# Entry tables of at most this many entries are cached (64 of them, LRU).
+_CACHED_ENTRIES_MAX = 4096
+
+
+@functools.lru_cache(maxsize=64)
+def _scores_entries(lead, kv_group, group, lq, lk, q, k, v, mask, out, lse):
+    """The entry table of a _Scores run, from the operands' layouts (see
+    _layout).  Cached for small tables (see _Scores.run): a decoding loop
+    asks for the same one at every step, and building it costs more than a
+    small kernel call."""
+    cols = {
+        _core.E_Q: _lead_offsets(q, lead),
+        _core.E_K: _lead_offsets(k, lead, kv_group),
+        _core.E_OUT: _lead_offsets(out, lead),
+        _core.E_LQ: lq,
+        _core.E_LK: lk,
+        _core.E_HEAD: np.arange(math.prod(lead), dtype=np.int64),
+    }
+    if v is not None:
+        cols[_core.E_V] = _lead_offsets(v, lead, kv_group)
+    if mask is not None:
+        cols[_core.E_MASK] = _lead_offsets(mask, lead)
+    if lse is not None:
+        cols[_core.E_LSE] = _lead_offsets(lse, lead)
+    return _entry_table(lead, group, cols)
 
 
 def _core_strides(a):
@@ -265,17 +312,10 @@ def _head_stride(a, core):
     return a.strides[-core - 1]
 
 
-def _run(kind, dtype, num_threads, lead, columns, d, dv, q, k, v, out, lse, mask, mask_kind,
+def _run(kind, dtype, num_threads, entries, d, dv, q, k, v, out, lse, mask, mask_kind,
          weights=_core.WEIGHTS_SOFTMAX, scale=1.0, causal=False, window=(-1, -1), softcap=0.0,
          slopes=None, group=1, top_left=False):
-    """Run a kernel over `lead` entries; with group > 1 (grouped-query attention)
-    each kernel entry covers `group` consecutive query heads (the last lead axis)."""
-    n = math.prod(lead) // group
-    entries = np.zeros((n, _core.ENTRY_FIELDS), dtype=np.int64)
-    for col, val in columns.items():
-        if group > 1 and isinstance(val, np.ndarray):
-            val = val[::group]  # the first head of each group
-        entries[:, col] = val
+    """Run a kernel over the entries of an entry table (see _entry_table)."""
     none = (0, 0)
     q_rs, q_cs = _core_strides(q) if q is not None else none
     k_rs, k_cs = _core_strides(k) if k is not None else none
@@ -362,32 +402,17 @@ class _Scores:
         self.k = np.asarray(k, dtype=self.dtype)
         self.v = np.asarray(v, dtype=self.dtype) if v is not None else None
 
-    def columns(self):
-        lead = self.lead
-        cols = {
-            _core.E_Q: _lead_offsets(self.q, lead, 2),
-            _core.E_K: _lead_offsets(self.k, lead, 2, self.group),
-            _core.E_LQ: self.lq,
-            _core.E_LK: self.lk,
-            _core.E_HEAD: np.arange(math.prod(lead), dtype=np.int64),
-        }
-        if self.v is not None:
-            cols[_core.E_V] = _lead_offsets(self.v, lead, 2, self.group)
-        if self.mask is not None:
-            cols[_core.E_MASK] = _lead_offsets(self.mask, lead, 2)
-        return cols
-
     def run(self, kind, out, lse, num_threads):
-        cols = self.columns()
-        cols[_core.E_OUT] = _lead_offsets(out, self.lead, 2)
-        if lse is not None:
-            cols[_core.E_LSE] = _lead_offsets(lse, self.lead, 1)
+        group = self.group if kind == _core.KIND_ATTENTION else 1
+        small = math.prod(self.lead) <= _CACHED_ENTRIES_MAX
+        entries = (_scores_entries if small else _scores_entries.__wrapped__)(
+            self.lead, self.group, group, self.lq, self.lk, _layout(self.q, 2), _layout(self.k, 2),
+            _layout(self.v, 2), _layout(self.mask, 2), _layout(out, 2), _layout(lse, 1))
         _run(
-            kind, self.dtype, num_threads, self.lead, cols, self.d, self.dv,
+            kind, self.dtype, num_threads, entries, self.d, self.dv,
             self.q, self.k, self.v, out, lse, self.mask, self.mask_kind,
             weights=self.weights, scale=self.scale, causal=self.causal, window=self.window,
-            softcap=self.softcap, slopes=self.slopes, top_left=self.top_left,
-            group=self.group if kind == _core.KIND_ATTENTION else 1,
+            softcap=self.softcap, slopes=self.slopes, top_left=self.top_left, group=group,
         )
 
 
@@ -511,14 +536,14 @@ def weighted_sum(w, v, *, out=None, num_threads=None):
     out = _check_out(out, lead + (lq, dv), dtype, [("w", w), ("v", v)])
     w = np.asarray(w, dtype=dtype)
     v = np.asarray(v, dtype=dtype)
-    cols = {
-        _core.E_Q: _lead_offsets(w, lead, 2),
-        _core.E_V: _lead_offsets(v, lead, 2),
-        _core.E_OUT: _lead_offsets(out, lead, 2),
+    entries = _entry_table(lead, 1, {
+        _core.E_Q: _lead_offsets(_layout(w, 2), lead),
+        _core.E_V: _lead_offsets(_layout(v, 2), lead),
+        _core.E_OUT: _lead_offsets(_layout(out, 2), lead),
         _core.E_LQ: lq,
         _core.E_LK: lk,
-    }
-    _run(_core.KIND_WSUM, dtype, num_threads, lead, cols, 0, dv, w, None, v, out, None, None,
+    })
+    _run(_core.KIND_WSUM, dtype, num_threads, entries, 0, dv, w, None, v, out, None, None,
          _core.MASK_NONE)
     return out
 

@@ -80,6 +80,29 @@ def test_attention_property(problem):
 # ---- numerical range ------------------------------------------------------------
 
 
+def test_same_shapes_in_other_layouts_between_calls():
+    """Entry tables are cached by the operands' shapes and strides: calls that
+    alternate between layouts of the same shapes (contiguous, transposed
+    copies, broadcast, grouped heads, a slice of a bigger cache) each get
+    their own table."""
+    rng = np.random.default_rng(3)
+    q = randn(rng, (2, 4, 3, 16), np.float32)
+    kc = randn(rng, (2, 4, 40, 16), np.float32)
+    vc = randn(rng, (2, 4, 40, 16), np.float32)
+    layouts = [
+        (kc, vc),
+        (np.ascontiguousarray(kc.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3), vc),
+        (np.broadcast_to(kc[:1], kc.shape), np.broadcast_to(vc[:, :1], vc.shape)),
+        (kc[:, ::2], vc[:, 1::2]),  # grouped heads: 2 kv heads for 4 query heads
+        (randn(rng, (2, 4, 64, 16), np.float32)[:, :, 10:50], vc),
+    ]
+    for _ in range(2):
+        for k, v in layouts:
+            for out in (None, np.empty((2, 4, 3, 16), np.float32, order="F")):
+                got = fastattn.attention(q, k, v, causal=True, out=out)
+                assert_close(got, ref.attention(q, k, v, causal=True))
+
+
 def test_huge_scores_do_not_overflow(dtype):
     rng = np.random.default_rng(3)
     q = randn(rng, (2, 7, 16), dtype) * dtype.type(1e4)
