@@ -137,13 +137,54 @@ FA_INLINE fa_vec FN(row_vec)(const int c, const int nc, const FA_T *k, fa_mask m
     return VLOAD(k + c * FA_W);
 }
 
+/* The few-row kernels read K and V rows in place as vectors of FA_T or, on
+ * the AVX-512 float16 path (FA_HALF_ROWS), as float16 converted on load
+ * (h = 1): half the bytes of float32, no packing pass. */
+#undef FA_HALF_ROWS
+#if FA_S_KIND == 1 && FA_VEC_ISA == 2 && FA_T_IS_FLOAT
+#define FA_HALF_ROWS 1
+#else
+#define FA_HALF_ROWS 0
+#endif
+
+/* Bytes per element of rows read in place (h: float16). */
+#define FA_ROW_ES(h) ((h) ? 2 : (int64_t)sizeof(FA_T))
+
+/* As row_vec (masked) or a plain load, for a row of FA_T or of float16 (h). */
+FA_INLINE fa_vec FN(rvec)(const int h, const int masked, const int c, const int nc, const char *k, fa_mask mlo,
+                          fa_mask mhi)
+{
+#if FA_HALF_ROWS
+    if (h) {
+        const uint16_t *p = (const uint16_t *)k + c * FA_W;
+        if (masked && c == 0 && nc == 1) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(VMASK_AND(mlo, mhi), p));
+        if (masked && c == 0) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mlo, p));
+        if (masked && c == nc - 1) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mhi, p));
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    }
+#endif
+    (void)h;
+    return masked ? FN(row_vec)(c, nc, (const FA_T *)k, mlo, mhi) : VLOAD((const FA_T *)k + c * FA_W);
+}
+
+/* One vector at p under mask m, of FA_T or of float16 (h). */
+static inline fa_vec FN(rvec_m)(int h, fa_mask m, const char *p)
+{
+#if FA_HALF_ROWS
+    if (h) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+#endif
+    (void)h;
+    return VLOAD_MASKZ(m, (const FA_T *)p);
+}
+
 /* o[r][x] = alpha[r] * o[r][x] + sum_j pt[j * ldp + r * ldr] * v[j][x] for
  * r < mr, x < nv * FA_W (the weights as P^T: ldr = 1; as P rows: ldp = 1).
- * With `masked`, the first and last vector of each V row are masked by mlo
- * and mhi (see row_vec). */
-FA_INLINE void FN(pv_mk)(const int mr, const int nv, const int masked, int64_t bk, const FA_T *pt, int64_t ldp,
-                         int64_t ldr, const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha,
-                         fa_mask mlo, fa_mask mhi)
+ * V rows ldvb bytes apart, of FA_T or of float16 (h); with `masked`, the
+ * first and last vector of each V row are masked by mlo and mhi (see
+ * row_vec). */
+FA_INLINE void FN(pv_mk)(const int mr, const int nv, const int masked, const int h, int64_t bk, const FA_T *pt,
+                         int64_t ldp, int64_t ldr, const char *v, int64_t ldvb, FA_T *o, int64_t ldo,
+                         const FA_T *alpha, fa_mask mlo, fa_mask mhi)
 {
     fa_vec acc[FA_MR_MAX][FA_PV_NV_MAX];
     FA_UNROLL for (int r = 0; r < mr; r++)
@@ -153,8 +194,7 @@ FA_INLINE void FN(pv_mk)(const int mr, const int nv, const int masked, int64_t b
     }
     for (int64_t j = 0; j < bk; j++) {
         fa_vec bv[FA_PV_NV_MAX];
-        FA_UNROLL for (int x = 0; x < nv; x++) bv[x] =
-            masked ? FN(row_vec)(x, nv, v + j * ldv, mlo, mhi) : VLOAD(v + j * ldv + x * FA_W);
+        FA_UNROLL for (int x = 0; x < nv; x++) bv[x] = FN(rvec)(h, masked, x, nv, v + j * ldvb, mlo, mhi);
         FA_UNROLL for (int r = 0; r < mr; r++)
         {
             const fa_vec a = VBCAST(pt[j * ldp + r * ldr]);
@@ -202,16 +242,15 @@ static inline fa_vec FN(hsums)(const fa_vec *a)
  * after key, so a block of K streams from memory in address order.  With
  * `masked`, the first and last vector of each row are masked by mlo and
  * mhi. */
-FA_INLINE void FN(qk_rows_mk)(const int nc, const int masked, const FA_T *q, const FA_T *k, int64_t ldk,
-                              fa_mask mlo, fa_mask mhi, fa_vec *acc)
+FA_INLINE void FN(qk_rows_mk)(const int nc, const int masked, const int h, const FA_T *q, const char *k,
+                              int64_t ldkb, fa_mask mlo, fa_mask mhi, fa_vec *acc)
 {
     fa_vec qv[FA_QV_MAX];
     FA_UNROLL for (int c = 0; c < nc; c++) qv[c] = VLOAD(q + c * FA_W);
     FA_UNROLL for (int j = 0; j < FA_W; j++)
     {
-        FA_UNROLL for (int c = 0; c < nc; c++) acc[j] =
-            VFMA(masked ? FN(row_vec)(c, nc, k, mlo, mhi) : VLOAD(k + c * FA_W), qv[c], acc[j]);
-        k += ldk;
+        FA_UNROLL for (int c = 0; c < nc; c++) acc[j] = VFMA(FN(rvec)(h, masked, c, nc, k, mlo, mhi), qv[c], acc[j]);
+        k += ldkb;
         FA_IN_ORDER();
     }
 }
@@ -230,16 +269,17 @@ FA_INLINE void FN(qk_rows_mk)(const int nc, const int masked, const FA_T *q, con
  * from that vector's start, the first and last masked to the row; the
  * packed query rows qr (ldq apart) hold off zeros, then q.  Loads that
  * straddle cache lines would cost twice.  Rows that fill whole vectors need
- * no masks (masked loads slow the streaming down a little). */
-static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int64_t ldq, const FA_T *k,
-                        int64_t ldk, int64_t bk, FA_T *st, int64_t lds, const FN(prefetch_plan) *pf)
+ * no masks (masked loads slow the streaming down a little).  K rows are
+ * ldkb bytes apart, of FA_T or of float16 (h). */
+static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int64_t ldq, const char *k,
+                        int64_t ldkb, int h, int64_t bk, FA_T *st, int64_t lds, const FN(prefetch_plan) *pf)
 {
-    const int64_t nvec = ldq / FA_W;
+    const int64_t nvec = ldq / FA_W, es = FA_ROW_ES(h);
     const fa_mask m_first = VMASK((int)off, FA_W), m_last = VMASK(0, (int)(off + d - (nvec - 1) * FA_W));
     const int masked = off != 0 || d % FA_W != 0;
-    const FA_T *ka = k - off;
+    const char *ka = k - off * es;
     for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
-        const FA_T *kb = ka + j0 * ldk;
+        const char *kb = ka + j0 * ldkb;
         /* spread the prefetch of later K and V rows over the work, as many
          * rows per key block as the block has keys, so requests never pile up */
         for (int64_t j = j0; j < j0 + FA_W; j++) FN(prefetch_row)(pf, j);
@@ -249,7 +289,7 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
                     fa_vec a = VZERO();
                     for (int64_t c = 0; c < nvec; c++) {
                         const fa_mask m = VMASK_AND(c == 0 ? m_first : VMASK_ALL, c == nvec - 1 ? m_last : VMASK_ALL);
-                        a = VFMA(VLOAD_MASKZ(m, ka + j * ldk + c * FA_W), VLOAD(qr + r * ldq + c * FA_W), a);
+                        a = VFMA(FN(rvec_m)(h, m, ka + j * ldkb + c * FA_W * es), VLOAD(qr + r * ldq + c * FA_W), a);
                     }
                     st[r * lds + j] = VHSUM(a);
                 }
@@ -264,10 +304,15 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
                 const fa_mask mlo = c == 0 ? m_first : VMASK_ALL, mhi = c + nc == nvec ? m_last : VMASK_ALL;
 #define FA_QKR_CALL(n)                                                                              \
     do {                                                                                            \
-        if (masked)                                                                                 \
-            FN(qk_rows_mk)((n), 1, q + c * FA_W, kb + c * FA_W, ldk, mlo, mhi, acc);                \
+        const char *kc = kb + c * FA_W * es;                                                        \
+        if (FA_HALF_ROWS && h && masked)                                                            \
+            FN(qk_rows_mk)((n), 1, 1, q + c * FA_W, kc, ldkb, mlo, mhi, acc);                       \
+        else if (FA_HALF_ROWS && h)                                                                 \
+            FN(qk_rows_mk)((n), 0, 1, q + c * FA_W, kc, ldkb, mlo, mhi, acc);                       \
+        else if (masked)                                                                            \
+            FN(qk_rows_mk)((n), 1, 0, q + c * FA_W, kc, ldkb, mlo, mhi, acc);                       \
         else                                                                                        \
-            FN(qk_rows_mk)((n), 0, q + c * FA_W, kb + c * FA_W, ldk, mlo, mhi, acc);                \
+            FN(qk_rows_mk)((n), 0, 0, q + c * FA_W, kc, ldkb, mlo, mhi, acc);                       \
     } while (0)
                 switch (nc) { /* compile-time chunk widths */
                 case 1: FA_QKR_CALL(1); break;
@@ -335,25 +380,31 @@ static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp
 {
 #define FA_PV_CALL(m, n)                                                                            \
     if ((m) <= FA_MR && (n) <= FA_NV)                                                               \
-    FN(pv_mk)((m), (n), 0, bk, pt, ldp, ldr, v, ldv, o, ldo, alpha, VMASK_ALL, VMASK_ALL)
+    FN(pv_mk)((m), (n), 0, 0, bk, pt, ldp, ldr, (const char *)v, ldv * (int64_t)sizeof(FA_T), o, ldo, alpha,   \
+              VMASK_ALL, VMASK_ALL)
     FA_TILE_SWITCH(mr, nv, FA_PV_CALL)
 #undef FA_PV_CALL
 }
 
 /* pv_mk for at most two rows of weights (P as rows, ldr apart) and
- * nv <= FA_RV vectors of V: each V row is read whole, front to back, the
- * first and last vector masked if `masked`. */
-static void FN(pv_rows_block)(int mr, int nv, int masked, int64_t bk, const FA_T *p, int64_t ldr,
-                              const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha, fa_mask mlo,
+ * nv <= FA_RV vectors of V (rows ldvb bytes apart, of FA_T or of float16
+ * if h): each V row is read whole, front to back, the first and last vector
+ * masked if `masked`. */
+static void FN(pv_rows_block)(int mr, int nv, int masked, int h, int64_t bk, const FA_T *p, int64_t ldr,
+                              const char *v, int64_t ldvb, FA_T *o, int64_t ldo, const FA_T *alpha, fa_mask mlo,
                               fa_mask mhi)
 {
 #define FA_PVR_CALL(m, n)                                                                           \
     if ((n) > FA_RV)                                                                                \
         ;                                                                                           \
+    else if (FA_HALF_ROWS && h && masked)                                                           \
+        FN(pv_mk)((m), (n), 1, 1, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
+    else if (FA_HALF_ROWS && h)                                                                     \
+        FN(pv_mk)((m), (n), 0, 1, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
     else if (masked)                                                                                \
-        FN(pv_mk)((m), (n), 1, bk, p, 1, ldr, v, ldv, o, ldo, alpha, mlo, mhi);                     \
+        FN(pv_mk)((m), (n), 1, 0, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
     else                                                                                            \
-        FN(pv_mk)((m), (n), 0, bk, p, 1, ldr, v, ldv, o, ldo, alpha, mlo, mhi)
+        FN(pv_mk)((m), (n), 0, 0, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi)
     switch (mr * 16 + nv) {
     case 16 + 1: FA_PVR_CALL(1, 1); break;
     case 16 + 2: FA_PVR_CALL(1, 2); break;
@@ -399,6 +450,25 @@ static void FN(pv_rows_block)(int mr, int nv, int masked, int64_t bk, const FA_T
 static inline int FN(rows_in_place)(int64_t rs, int64_t cs)
 {
     return sizeof(FA_S) == sizeof(FA_T) && cs == (int64_t)sizeof(FA_T) && rs % (int64_t)sizeof(FA_T) == 0;
+}
+
+/* How the few-row kernels read the rows of this array in place: 1 as
+ * float16 (FA_HALF_ROWS), 0 as FA_T, -1 not at all (they are packed). */
+static inline int FN(few_rows_kind)(int64_t rs, int64_t cs)
+{
+    if (FA_HALF_ROWS && cs == 2 && rs % 2 == 0) return 1;
+    return FN(rows_in_place)(rs, cs) ? 0 : -1;
+}
+
+/* The lead, in elements, of rows read in place by the few-row kernels
+ * (kind as few_rows_kind) starting at address a, rows rs bytes apart: where
+ * they start within a vector, or 0 unless every row starts there. */
+static inline int64_t FN(rows_lead)(int kind, uintptr_t a, int64_t rs)
+{
+    if (kind < 0) return 0;
+    const int64_t es = FA_ROW_ES(kind), vb = FA_W * es;
+    if (rs % vb != 0 || a % (uintptr_t)es != 0) return 0;
+    return (int64_t)(a % (uintptr_t)vb) / es;
 }
 
 /* out[c] = row[c] (converted to FA_T) for c < n, elements cs bytes apart. */
@@ -450,10 +520,8 @@ static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64
  * every row at the same place. */
 static int64_t FN(k_lead)(const fa_problem *p, const int64_t *e)
 {
-    const int64_t vb = FA_W * (int64_t)sizeof(FA_T);
-    const uintptr_t a = (uintptr_t)((const char *)p->k + e[FA_E_K]);
-    if (!FN(rows_in_place)(p->k_rs, p->k_cs) || p->k_rs % vb != 0 || a % sizeof(FA_T) != 0) return 0;
-    return (int64_t)(a % (uintptr_t)vb) / (int64_t)sizeof(FA_T);
+    return FN(rows_lead)(FN(few_rows_kind)(p->k_rs, p->k_cs), (uintptr_t)((const char *)p->k + e[FA_E_K]),
+                         p->k_rs);
 }
 
 /* The item's scaled query rows into w->qt: as Q^T (d x FA_BQ, zero past
@@ -559,10 +627,15 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
 {
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
     int64_t ldk;
-    const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
-    if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
-        FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, k, ldk, bk, w->st, FA_BK, pf);
+    if (bq <= FA_ROWS_MAX && FN(few_rows_kind)(p->k_rs, p->k_cs) == 1) { /* float16 rows in place */
+        FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
+                    bk, w->st, FA_BK, pf);
+    } else if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
+        const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
+        FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)k, ldk * (int64_t)sizeof(FA_T), 0, bk, w->st,
+                    FA_BK, pf);
     } else {
+        const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
             const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
             for (int64_t j = 0; j < bk; j += FA_MR)
@@ -598,13 +671,17 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
          * masks (masked loads slow the streaming down). */
         static const FA_T ones[2] = {1, 1};
         const int64_t voff = w->voff, ldo = w->ldo, nvec = ldo / FA_W;
-        const int64_t vb = FA_W * (int64_t)sizeof(FA_T);
+        const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs), h = kind == 1; /* as plan_v decided */
+        const int64_t vb = FA_W * FA_ROW_ES(h);
         const int edge = k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < vb && p->v_rs > -vb);
-        if (FN(rows_in_place)(p->v_rs, p->v_cs)) { /* as plan_v decided */
-            v = (const FA_T *)((const char *)p->v + e[FA_E_V] + k0 * p->v_rs) - voff;
-            ldv = p->v_rs / (int64_t)sizeof(FA_T);
+        const char *vr;
+        int64_t ldvb;
+        if (kind >= 0) {
+            vr = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs - voff * FA_ROW_ES(h);
+            ldvb = p->v_rs;
         } else {
-            v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
+            vr = (const char *)FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
+            ldvb = ldv * (int64_t)sizeof(FA_T);
         }
         const fa_mask m_first = VMASK((int)voff, FA_W), m_last = VMASK(0, (int)(voff + p->dv - (nvec - 1) * FA_W));
         for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
@@ -613,9 +690,9 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
                 const int nv = (int)fa_min64(FA_RV, nvec - cb);
                 const fa_mask mlo = cb == 0 ? m_first : VMASK_ALL, mhi = cb + nv == nvec ? m_last : VMASK_ALL;
                 for (int64_t r = 0; r < bq; r += 2)
-                    FN(pv_rows_block)((int)fa_min64(2, bq - r), nv, edge, nj, w->st + r * FA_BK + j0, FA_BK,
-                                      v + j0 * ldv + cb * FA_W, ldv, w->o + r * ldo + cb * FA_W, ldo,
-                                      j0 == 0 ? w->alpha + r : ones, mlo, mhi);
+                    FN(pv_rows_block)((int)fa_min64(2, bq - r), nv, edge, h, nj, w->st + r * FA_BK + j0, FA_BK,
+                                      vr + j0 * ldvb + cb * FA_W * FA_ROW_ES(h), ldvb, w->o + r * ldo + cb * FA_W,
+                                      ldo, j0 == 0 ? w->alpha + r : ones, mlo, mhi);
             }
         }
         return;
@@ -815,9 +892,9 @@ static void FN(plan_v)(const fa_problem *p, const int64_t *e, int64_t bq, int dp
         w->ldo = fa_roundup64(w->voff + p->dv, 32);
         return;
     }
-    if (!FN(rows_in_place)(p->v_rs, p->v_cs)) return;
-    const int64_t vb = FA_W * (int64_t)sizeof(FA_T);
-    if (p->v_rs % vb == 0 && a % sizeof(FA_T) == 0) w->voff = (int64_t)(a % (uintptr_t)vb) / (int64_t)sizeof(FA_T);
+    const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs);
+    if (kind < 0) return;
+    w->voff = FN(rows_lead)(kind, a, p->v_rs);
     w->ldo = fa_roundup64(w->voff + p->dv, FA_W);
 }
 
@@ -1439,6 +1516,7 @@ void FA_CAT(fa_exp, FA_SUFFIX)(const float *x, float *y, int64_t n)
 #endif
 
 #undef FA_NVW
+#undef FA_HALF_ROWS
 #undef FA_LD
 #undef FA_ST
 #undef FA_AT
