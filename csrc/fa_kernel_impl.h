@@ -127,16 +127,6 @@ FA_INLINE void FN(qk_mk)(const int mr, const int nv, int64_t d, const FA_T *a, i
         VSTORE(c + r * ldc + v * FA_W, acc[r][v]);
 }
 
-/* Vector c of nc of a row at k, masked by mlo if it is the first and by
- * mhi if it is the last (c and nc known at compile time). */
-FA_INLINE fa_vec FN(row_vec)(const int c, const int nc, const FA_T *k, fa_mask mlo, fa_mask mhi)
-{
-    if (c == 0 && nc == 1) return VLOAD_MASKZ(VMASK_AND(mlo, mhi), k);
-    if (c == 0) return VLOAD_MASKZ(mlo, k);
-    if (c == nc - 1) return VLOAD_MASKZ(mhi, k + c * FA_W);
-    return VLOAD(k + c * FA_W);
-}
-
 /* The few-row kernels read K and V rows in place as vectors of FA_T or, on
  * the AVX-512 float16 path (FA_HALF_ROWS), as float16 converted on load
  * (h = 1): half the bytes of float32, no packing pass. */
@@ -150,7 +140,9 @@ FA_INLINE fa_vec FN(row_vec)(const int c, const int nc, const FA_T *k, fa_mask m
 /* Bytes per element of rows read in place (h: float16). */
 #define FA_ROW_ES(h) ((h) ? 2 : (int64_t)sizeof(FA_T))
 
-/* As row_vec (masked) or a plain load, for a row of FA_T or of float16 (h). */
+/* Vector c of nc of a row at k, of FA_T or of float16 (h); with `masked`,
+ * masked by mlo if it is the first and by mhi if it is the last (h, masked,
+ * c and nc known at compile time). */
 FA_INLINE fa_vec FN(rvec)(const int h, const int masked, const int c, const int nc, const char *k, fa_mask mlo,
                           fa_mask mhi)
 {
@@ -164,7 +156,11 @@ FA_INLINE fa_vec FN(rvec)(const int h, const int masked, const int c, const int 
     }
 #endif
     (void)h;
-    return masked ? FN(row_vec)(c, nc, (const FA_T *)k, mlo, mhi) : VLOAD((const FA_T *)k + c * FA_W);
+    const FA_T *p = (const FA_T *)k + c * FA_W;
+    if (masked && c == 0 && nc == 1) return VLOAD_MASKZ(VMASK_AND(mlo, mhi), p);
+    if (masked && c == 0) return VLOAD_MASKZ(mlo, p);
+    if (masked && c == nc - 1) return VLOAD_MASKZ(mhi, p);
+    return VLOAD(p);
 }
 
 /* One vector at p under mask m, of FA_T or of float16 (h). */
@@ -181,7 +177,7 @@ static inline fa_vec FN(rvec_m)(int h, fa_mask m, const char *p)
  * r < mr, x < nv * FA_W (the weights as P^T: ldr = 1; as P rows: ldp = 1).
  * V rows ldvb bytes apart, of FA_T or of float16 (h); with `masked`, the
  * first and last vector of each V row are masked by mlo and mhi (see
- * row_vec). */
+ * rvec). */
 FA_INLINE void FN(pv_mk)(const int mr, const int nv, const int masked, const int h, int64_t bk, const FA_T *pt,
                          int64_t ldp, int64_t ldr, const char *v, int64_t ldvb, FA_T *o, int64_t ldo,
                          const FA_T *alpha, fa_mask mlo, fa_mask mhi)
@@ -630,18 +626,18 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     if (bq <= FA_ROWS_MAX && FN(few_rows_kind)(p->k_rs, p->k_cs) == 1) { /* float16 rows in place */
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
-    } else if (bq <= FA_ROWS_MAX) { /* qt holds Q rows (see pack_q) */
-        const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
-        FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)k, ldk * (int64_t)sizeof(FA_T), 0, bk, w->st,
-                    FA_BK, pf);
     } else {
         const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
-        for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
-            const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
-            for (int64_t j = 0; j < bk; j += FA_MR)
-                FN(qk_block)((int)fa_min64(FA_MR, bk - j), nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ,
-                             w->st + j * FA_BQ + cb, FA_BQ);
-        }
+        if (bq <= FA_ROWS_MAX) /* qt holds Q rows (see pack_q) */
+            FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)k, ldk * (int64_t)sizeof(FA_T), 0, bk,
+                        w->st, FA_BK, pf);
+        else
+            for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
+                const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
+                for (int64_t j = 0; j < bk; j += FA_MR)
+                    FN(qk_block)((int)fa_min64(FA_MR, bk - j), nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ,
+                                 w->st + j * FA_BQ + cb, FA_BQ);
+            }
     }
     /* The causal/window bounds matter only where the tile is not visible to
      * every row of the item. */
@@ -649,6 +645,16 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
     const int bounds = k0 < all_lo || k0 + bk > all_hi;
     FN(apply_options)(p, e, w, row0, bq, k0, bk, bounds);
+}
+
+/* Must the few-row P.V kernels read the V rows of tile [k0, k0 + bk)
+ * through masks?  Read unmasked, a row's first and last vectors (vb bytes)
+ * reach past the row into its neighbour rows' span, which lies inside the
+ * array only when the rows are at least a vector apart and the tile holds
+ * neither the entry's first nor its last row. */
+static inline int FN(v_edge_tile)(const fa_problem *p, const int64_t *e, int64_t k0, int64_t bk, int64_t vb)
+{
+    return k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < vb && p->v_rs > -vb);
 }
 
 /* o = alpha * o + P . V[k0 : k0 + bk] for the item's rows, P in st (as P^T,
@@ -665,15 +671,12 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
          * plan_v), FA_W keys at a time so that the next row pair finds them
          * in L1; alpha scales the accumulator once, at the first keys.  The
          * lanes before and after a row land in accumulator lanes that are
-         * never stored, and lie within its neighbour rows' span (rows at
-         * least a vector apart); only tiles with the entry's first or last
-         * row, whose neighbours may be outside the array, are read through
-         * masks (masked loads slow the streaming down). */
+         * never stored; masks only where v_edge_tile says (masked loads slow
+         * the streaming down). */
         static const FA_T ones[2] = {1, 1};
         const int64_t voff = w->voff, ldo = w->ldo, nvec = ldo / FA_W;
         const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs), h = kind == 1; /* as plan_v decided */
-        const int64_t vb = FA_W * FA_ROW_ES(h);
-        const int edge = k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < vb && p->v_rs > -vb);
+        const int edge = FN(v_edge_tile)(p, e, k0, bk, FA_W * FA_ROW_ES(h));
         const char *vr;
         int64_t ldvb;
         if (kind >= 0) {
@@ -943,12 +946,12 @@ static inline int FN(k_words_in_place)(const fa_problem *p)
     return p->d % 2 == 0 && p->k_cs == 2 && p->k_rs % 4 == 0;
 }
 
-/* As k_lead, in words, for K rows read in place as words. */
+/* As k_lead, in words, for K rows read in place as words (a word is the
+ * size of FA_T here, float: rows_lead's element). */
 static int64_t FN(k_lead_dp)(const fa_problem *p, const int64_t *e)
 {
-    const uintptr_t a = (uintptr_t)((const char *)p->k + e[FA_E_K]);
-    if (!FN(k_words_in_place)(p) || p->k_rs % 64 != 0 || a % 4 != 0) return 0;
-    return (int64_t)(a % 64) / 4;
+    if (!FN(k_words_in_place)(p)) return 0;
+    return FN(rows_lead)(0, (uintptr_t)((const char *)p->k + e[FA_E_K]), p->k_rs);
 }
 
 /* Q as words of two bfloat16 along D: transposed, qt[t][r] = (q[r][2t],
@@ -975,7 +978,7 @@ static void FN(pack_q_dp)(const fa_problem *p, const int64_t *e, int64_t row0, i
             for (int64_t r = bq; r < bqp; r++) qt[t * FA_BQ + r] = 0;
 }
 
-/* Vector c of nc of a row of words at k, masked as in row_vec if `masked`. */
+/* Vector c of nc of a row of words at k, masked as in rvec if `masked`. */
 FA_INLINE __m512bh FN(k_words)(const int masked, const int c, const int nc, const uint32_t *k, __mmask16 mlo,
                                __mmask16 mhi)
 {
@@ -1171,7 +1174,7 @@ static void FN(pv_dp_block)(int mr, int nv, int64_t b2, const uint32_t *pw, cons
  * columns; the fifth takes a row that starts part-way into a chunk). */
 #define FA_PVDP_NCH 5
 
-/* Chunk c of nch (32 bfloat16) of a V row at v, masked as in row_vec if
+/* Chunk c of nch (32 bfloat16) of a V row at v, masked as in rvec if
  * `masked`. */
 FA_INLINE __m512i FN(v_chunk)(const int masked, const int c, const int nch, const char *v, __mmask32 mlo,
                               __mmask32 mhi)
@@ -1268,7 +1271,7 @@ static void FN(pv_rows_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     const __mmask32 m_first = (__mmask32)(0xffffffffu << voff),
                     m_last = (__mmask32)(0xffffffffu >> (32 - (voff + p->dv - (nchunk - 1) * 32)));
     const char *v = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs - 2 * voff;
-    const int edge = k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < 64 && p->v_rs > -64); /* as in pv_tile */
+    const int edge = FN(v_edge_tile)(p, e, k0, bk, 64);
     for (int64_t cb = 0; cb < nchunk; cb += FA_PVDP_NCH) {
         const int nch = (int)fa_min64(FA_PVDP_NCH, nchunk - cb);
         const __mmask32 mlo = cb == 0 ? m_first : 0xffffffffu, mhi = cb + nch == nchunk ? m_last : 0xffffffffu;
