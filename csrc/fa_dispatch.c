@@ -1,7 +1,8 @@
 /*
- * fa_dispatch.c - entry points of the C interface: checks a problem, picks
- * the kernel path (CPUID + XGETBV, once), splits the work into items and
- * runs them.  Compiled for the baseline instruction set only.
+ * fa_dispatch.c - entry points of the C interface: the table of kernel
+ * paths and the CPU features each needs (CPUID + XGETBV, read once); checks
+ * a problem, splits its work into items and runs them on the problem's
+ * path.  Compiled for the baseline instruction set only.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -21,51 +22,98 @@ static uint64_t fa_xgetbv(uint32_t index)
 
 /* The CPU must advertise the instructions *and* the OS must save the
  * registers (XCR0): YMM state for AVX2, plus opmask and ZMM state for AVX-512. */
-static int fa_detect_isa(void)
+static unsigned fa_detect_features(void)
 {
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return FA_ISA_GENERIC;
-    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
-    if (!osxsave || !avx || !fma) return FA_ISA_GENERIC;
+    unsigned a, b, c, d, f = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+    if (!osxsave || !avx) return 0;
     const uint64_t xcr0 = fa_xgetbv(0);
     const int ymm_state = (xcr0 & 0x6) == 0x6;
     const int zmm_state = (xcr0 & 0xe6) == 0xe6;
-    if (__get_cpuid_max(0, NULL) < 7) return FA_ISA_GENERIC;
+    if (!ymm_state) return 0;
+    if (f16c) f |= FA_CPU_F16C;
+    if (__get_cpuid_max(0, NULL) < 7) return f;
     __cpuid_count(7, 0, a, b, c, d);
     const unsigned max_subleaf = a;
-    const int avx2 = (b >> 5) & 1;
+    if (((b >> 5) & 1) && fma) f |= FA_CPU_AVX2;
     const int avx512 = ((b >> 16) & 1) && ((b >> 17) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1);
-    if (ymm_state && zmm_state && avx2 && avx512) {
-        if (max_subleaf < 1) return FA_ISA_AVX512;
-        __cpuid_count(7, 1, a, b, c, d);
-        return (a >> 5) & 1 ? FA_ISA_AVX512BF16 : FA_ISA_AVX512; /* AVX512_BF16 */
+    if (zmm_state && avx512) {
+        f |= FA_CPU_AVX512;
+        if (max_subleaf >= 1) {
+            __cpuid_count(7, 1, a, b, c, d);
+            if ((a >> 5) & 1) f |= FA_CPU_AVX512BF16;
+        }
     }
-    if (ymm_state && avx2) return FA_ISA_AVX2;
-    return FA_ISA_GENERIC;
+    return f;
 }
+#elif defined(__aarch64__)
+static unsigned fa_detect_features(void) { return FA_CPU_NEON; } /* Advanced SIMD is mandatory on AArch64 */
 #else
-static int fa_detect_isa(void) { return FA_ISA_GENERIC; }
+static unsigned fa_detect_features(void) { return 0; }
 #endif
 
-int fa_cpu_isa(void)
+static unsigned fa_cpu_features(void)
 {
     /* detection is idempotent, so a race here only repeats it */
     static volatile int cached = -1;
-    int isa = cached;
-    if (isa < 0) cached = isa = fa_detect_isa();
-    return isa;
+    int f = cached;
+    if (f < 0) cached = f = (int)fa_detect_features();
+    return (unsigned)f;
 }
 
-const char *fa_isa_name(int isa)
+/*
+ * The kernel paths of this build, in order of preference: the best path a
+ * CPU supports is the last one whose features it has.  A row names the
+ * driver of each element type (q/out and k/v stored alike) and the
+ * softmax exponential.
+ */
+static const fa_path fa_paths[] = {
+    {"generic", "any", 0, "",
+     {fa_run_f32_generic, fa_run_f64_generic, fa_run_f16_generic, fa_run_bf16_generic},
+     fa_exp_f32_generic},
+#if FA_HAVE_X86_PATHS
+    {"avx2", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C, "avx2 fma f16c",
+     {fa_run_f32_avx2, fa_run_f64_avx2, fa_run_f16_avx2, fa_run_bf16_avx2},
+     fa_exp_f32_avx2},
+    {"avx512", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C | FA_CPU_AVX512, "avx512f avx512bw avx512dq avx512vl",
+     {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512},
+     fa_exp_f32_avx512},
+    {"avx512bf16", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C | FA_CPU_AVX512 | FA_CPU_AVX512BF16,
+     "avx512f avx512bw avx512dq avx512vl avx512_bf16",
+     {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512bf16},
+     fa_exp_f32_avx512},
+#endif
+};
+
+#define FA_PATH_COUNT ((int)(sizeof fa_paths / sizeof fa_paths[0]))
+
+/* Kernel calls per path (fa_path_runs). */
+static int64_t fa_runs[FA_PATH_COUNT];
+
+int fa_path_count(void) { return FA_PATH_COUNT; }
+
+static const fa_path *fa_path_at(int path) { return path >= 0 && path < FA_PATH_COUNT ? &fa_paths[path] : NULL; }
+
+const char *fa_path_name(int path) { return fa_path_at(path) ? fa_paths[path].name : NULL; }
+const char *fa_path_arch(int path) { return fa_path_at(path) ? fa_paths[path].arch : NULL; }
+const char *fa_path_features(int path) { return fa_path_at(path) ? fa_paths[path].feature_names : NULL; }
+
+int fa_path_supported(int path)
 {
-    switch (isa) {
-    case FA_ISA_GENERIC: return "generic";
-    case FA_ISA_AVX2: return "avx2";
-    case FA_ISA_AVX512: return "avx512";
-    case FA_ISA_AVX512BF16: return "avx512bf16";
-    default: return "unknown";
-    }
+    const fa_path *p = fa_path_at(path);
+    return p != NULL && (p->needs & ~fa_cpu_features()) == 0;
 }
+
+int fa_best_path(void)
+{
+    int best = 0;
+    for (int i = 0; i < FA_PATH_COUNT; i++)
+        if (fa_path_supported(i)) best = i;
+    return best;
+}
+
+int64_t fa_path_runs(int path) { return fa_path_at(path) ? __atomic_load_n(&fa_runs[path], __ATOMIC_RELAXED) : 0; }
 
 int fa_openmp_enabled(void) { return fa_omp_enabled(); }
 const char *fa_compiler(void)
@@ -80,43 +128,11 @@ const char *fa_compiler(void)
 }
 int fa_omp_max_threads(void) { return fa_omp_threads(); }
 
-static const fa_run_fn fa_run_table[FA_ISA_COUNT][FA_DTYPE_COUNT] = {
-    {fa_run_f32_generic, fa_run_f64_generic, fa_run_f16_generic, fa_run_bf16_generic},
-#if FA_HAVE_X86_PATHS
-    {fa_run_f32_avx2, fa_run_f64_avx2, fa_run_f16_avx2, fa_run_bf16_avx2},
-    {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512},
-    {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512bf16},
-#else
-    {NULL, NULL, NULL, NULL},
-    {NULL, NULL, NULL, NULL},
-    {NULL, NULL, NULL, NULL},
-#endif
-};
-
-static const fa_exp_fn fa_exp_table[FA_ISA_COUNT] = {
-    fa_exp_f32_generic,
-#if FA_HAVE_X86_PATHS
-    fa_exp_f32_avx2,
-    fa_exp_f32_avx512,
-    fa_exp_f32_avx512,
-#else
-    NULL,
-    NULL,
-    NULL,
-#endif
-};
-
-static int fa_check_isa(int isa)
+int fa_exp_f32(int path, const float *x, float *y, int64_t n)
 {
-    if (isa < 0 || isa >= FA_ISA_COUNT || isa > fa_cpu_isa()) return FA_ERR_ISA;
-    return FA_OK;
-}
-
-int fa_exp_f32(int isa, const float *x, float *y, int64_t n)
-{
-    if (fa_check_isa(isa) != FA_OK) return FA_ERR_ISA;
+    if (!fa_path_supported(path)) return FA_ERR_ISA;
     if (n < 0) return FA_ERR_INVALID;
-    fa_exp_table[isa](x, y, n);
+    fa_paths[path].exp_f32(x, y, n);
     return FA_OK;
 }
 
@@ -161,9 +177,12 @@ static int fa_run(const fa_problem *p, int kind)
 {
     if (!p || !p->entries || p->n_entries < 0 || p->d < 0 || p->dv < 0 || p->num_threads < 1)
         return FA_ERR_INVALID;
-    if (p->dtype < 0 || p->dtype >= FA_DTYPE_COUNT) return FA_ERR_INVALID;
+    if (p->dtype < 0 || p->dtype >= FA_DTYPE_COUNT || p->kv_dtype < 0 || p->kv_dtype >= FA_DTYPE_COUNT)
+        return FA_ERR_INVALID;
     if (p->group < 1 || (p->group != 1 && kind != FA_KIND_ATTENTION)) return FA_ERR_INVALID;
-    if (fa_check_isa(p->isa) != FA_OK) return FA_ERR_ISA;
+    if (!fa_path_supported(p->path)) return FA_ERR_ISA;
+    /* the drivers read k and v as the type of q (no scales yet) */
+    if (p->kv_dtype != p->dtype || p->kv_scales != NULL) return FA_ERR_UNSUPPORTED;
 
     const int64_t nsplit = fa_split_count(p, kind);
     int64_t n_items = 0;
@@ -172,6 +191,7 @@ static int fa_run(const fa_problem *p, int kind)
         if (e[FA_E_LQ] < 0 || e[FA_E_LK] < 0 || e[FA_E_LQ] > INT64_MAX / p->group) return FA_ERR_INVALID;
         n_items += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ * nsplit;
     }
+    __atomic_fetch_add(&fa_runs[p->path], 1, __ATOMIC_RELAXED);
     if (n_items == 0) return FA_OK;
     if ((uint64_t)n_items > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
     fa_item *items = (fa_item *)malloc((size_t)n_items * sizeof(fa_item));
@@ -218,7 +238,7 @@ static int fa_run(const fa_problem *p, int kind)
     int threads = p->num_threads;
     if (total < (double)FA_SERIAL_WORK) threads = 1;
     if ((int64_t)threads > n_items) threads = (int)n_items;
-    const int status = fa_run_table[p->isa][p->dtype](p, kind, items, n_items, n_parts, threads);
+    const int status = fa_paths[p->path].run[p->dtype](p, kind, items, n_items, n_parts, threads);
     free(items);
     return status;
 }

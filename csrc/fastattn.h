@@ -23,16 +23,14 @@ enum {
     FA_OK = 0,
     FA_ERR_NOMEM = 1,   /* a scratch buffer could not be allocated */
     FA_ERR_INVALID = 2, /* inconsistent problem description */
-    FA_ERR_ISA = 3      /* the requested instruction set is not usable here */
+    FA_ERR_ISA = 3,     /* the requested kernel path does not exist or this CPU cannot run it */
+    FA_ERR_UNSUPPORTED = 4 /* no kernel for this combination of element types */
 };
 
-/* Instruction-set paths, in increasing order of capability.  AVX512BF16 is
- * AVX-512 plus the bfloat16 dot product (used by bfloat16 problems). */
-enum { FA_ISA_GENERIC = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_AVX512BF16 = 3, FA_ISA_COUNT = 4 };
-
-/* Element type of q, k, v and out.  The 16-bit types (IEEE binary16 and
- * bfloat16) are computed in float32; their lse and fa_scores output are
- * float32. */
+/* Element types.  `dtype` is that of q and out (and w for fa_weighted_sum),
+ * `kv_dtype` that of the stored k and v.  The 16-bit types (IEEE binary16
+ * and bfloat16) are computed in float32; their lse and fa_scores output are
+ * float32.  Kernels exist today for kv_dtype == dtype only. */
 enum { FA_F32 = 0, FA_F64 = 1, FA_F16 = 2, FA_BF16 = 3, FA_DTYPE_COUNT = 4 };
 
 /* Element type of the mask (independent of the data type). */
@@ -56,8 +54,10 @@ enum {
 };
 
 typedef struct {
-    int dtype;       /* FA_F32 or FA_F64 */
-    int isa;         /* FA_ISA_*, at most fa_cpu_isa() */
+    int dtype;       /* FA_F32, ...: element type of q and out */
+    int kv_dtype;    /* element type of k and v as stored */
+    const float *kv_scales; /* dequantisation scales of an 8-bit k/v (groundwork: must be NULL) */
+    int path;        /* kernel path: an index below fa_path_count() that fa_path_supported() */
     int num_threads; /* >= 1 */
 
     int64_t n_entries;
@@ -107,9 +107,20 @@ int fa_scores(const fa_problem *p);
  * q pointer and strides (lq x lk per entry). */
 int fa_weighted_sum(const fa_problem *p);
 
-/* The best path this CPU and operating system support. */
-int fa_cpu_isa(void);
-const char *fa_isa_name(int isa);
+/* Kernel paths.  Each path is built for one architecture (or for any) and
+ * needs a set of CPU features; the paths of this build are numbered
+ * 0 .. fa_path_count() - 1 in order of preference (0 is the portable path,
+ * which every CPU runs).  fa_best_path() is the last one this CPU and
+ * operating system support. */
+int fa_path_count(void);
+const char *fa_path_name(int path);     /* "avx2"; NULL past the table */
+const char *fa_path_arch(int path);     /* "x86_64", "aarch64" or "any" */
+const char *fa_path_features(int path); /* the CPU features it needs, e.g. "avx2 fma f16c" */
+int fa_path_supported(int path);        /* 1 if this CPU can run it */
+int fa_best_path(void);
+/* Kernel calls that ran on each path since the library was loaded (for
+ * tests that check which path executed). */
+int64_t fa_path_runs(int path);
 
 /* Build facts: the OpenMP version (yyyymm) or 0 for a serial build, the
  * OpenMP runtime's default thread count, and the compiler that built this. */
@@ -119,7 +130,7 @@ const char *fa_compiler(void);
 
 /* The softmax exponential of a path, exposed so its accuracy can be tested:
  * y[i] = exp(x[i]) for x[i] <= 0 (-inf gives exactly 0). */
-int fa_exp_f32(int isa, const float *x, float *y, int64_t n);
+int fa_exp_f32(int path, const float *x, float *y, int64_t n);
 
 #ifdef __cplusplus
 }

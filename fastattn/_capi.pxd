@@ -7,11 +7,7 @@ cdef extern from "fastattn.h" nogil:
         FA_ERR_NOMEM
         FA_ERR_INVALID
         FA_ERR_ISA
-        FA_ISA_GENERIC
-        FA_ISA_AVX2
-        FA_ISA_AVX512
-        FA_ISA_AVX512BF16
-        FA_ISA_COUNT
+        FA_ERR_UNSUPPORTED
         FA_F32
         FA_F64
         FA_F16
@@ -35,7 +31,9 @@ cdef extern from "fastattn.h" nogil:
 
     ctypedef struct fa_problem:
         int dtype
-        int isa
+        int kv_dtype
+        const float *kv_scales
+        int path
         int num_threads
         int64_t n_entries
         const int64_t *entries
@@ -63,9 +61,14 @@ cdef extern from "fastattn.h" nogil:
     int fa_attention(const fa_problem *p)
     int fa_scores(const fa_problem *p)
     int fa_weighted_sum(const fa_problem *p)
-    int fa_cpu_isa()
-    const char *fa_isa_name(int isa)
+    int fa_path_count()
+    const char *fa_path_name(int path)
+    const char *fa_path_arch(int path)
+    const char *fa_path_features(int path)
+    int fa_path_supported(int path)
+    int fa_best_path()
+    int64_t fa_path_runs(int path)
     int fa_openmp_enabled()
     int fa_omp_max_threads()
     const char *fa_compiler()
-    int fa_exp_f32(int isa, const float *x, float *y, int64_t n)
+    int fa_exp_f32(int path, const float *x, float *y, int64_t n)

@@ -1,12 +1,16 @@
-"""Library-wide settings: thread count and kernel path (instruction set)."""
+"""Library-wide settings: thread count and kernel path.
+
+Kernel paths are chosen by capability: each path of this build declares its
+architecture and the CPU features it needs (csrc/fa_dispatch.c), the
+default is the best one this CPU supports, and FASTATTN_ISA or set_isa()
+name another.
+"""
 import contextlib
 import os
 import sys
 import warnings
 
 from fastattn import _core
-
-ISA_NAMES = tuple(_core.isa_name(i) for i in range(_core.ISA_COUNT))
 
 _num_threads = None  # set_num_threads() value; None = follow the environment
 
@@ -25,7 +29,6 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-_isa_cap = None  # set_isa() value (index); None = the FASTATTN_ISA cap or the best
 
 
 def _usable_cpus():
@@ -86,72 +89,80 @@ def resolve_threads(num_threads):
     return n
 
 
-def _isa_index(name, what):
+# The kernel paths of this build, in order of preference: (name, architecture,
+# CPU features needed, whether this CPU has them).
+PATHS = _core.paths()
+ISA_NAMES = tuple(p[0] for p in PATHS)
+
+
+def _path_index(name, what):
+    """Index of the kernel path called `name`; ValueError if this build has no
+    such path or this CPU cannot run it."""
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, got {type(name).__name__}")
-    try:
-        return ISA_NAMES.index(name.lower())
-    except ValueError:
-        raise ValueError(f"{what} must be one of {', '.join(ISA_NAMES)}, got {name!r}") from None
-
-
-def _env_isa_cap():
-    value = os.environ.get("FASTATTN_ISA", "").strip()
-    if not value:
-        return None
-    try:
-        return _isa_index(value, "FASTATTN_ISA")
-    except ValueError as exc:
-        warnings.warn(f"{exc}; ignoring it", RuntimeWarning, stacklevel=3)
-        return None
-
-
-_env_cap = _env_isa_cap()
+    key = name.strip().lower()
+    if key not in ISA_NAMES:
+        raise ValueError(f"{what} must name a kernel path of this build ({', '.join(ISA_NAMES)}), got {name!r}")
+    index = ISA_NAMES.index(key)
+    if not PATHS[index][3]:
+        raise ValueError(f"{what}: kernel path {key!r} needs CPU features this CPU lacks "
+                         f"({PATHS[index][2]}); this CPU runs {', '.join(available_isas())}")
+    return index
 
 
 def available_isas():
-    """Kernel paths this CPU supports, from the portable one up."""
-    return list(ISA_NAMES[: _core.cpu_isa() + 1])
+    """Kernel paths this CPU supports, the portable one first, the preferred one last."""
+    return [p[0] for p in PATHS if p[3]]
 
 
-def isa_index():
-    best = _core.cpu_isa()
-    cap = _isa_cap if _isa_cap is not None else _env_cap
-    return best if cap is None else min(best, cap)
+def _env_path():
+    value = os.environ.get("FASTATTN_ISA", "").strip()
+    return _path_index(value, "FASTATTN_ISA") if value else None
+
+
+_env_choice = _env_path()  # an unknown or unsupported FASTATTN_ISA fails the import, naming it
+_choice = None  # set_isa() value (index); None = FASTATTN_ISA or the best path
+
+
+def path_index():
+    """Index of the kernel path calls run on now."""
+    if _choice is not None:
+        return _choice
+    return _core.best_path() if _env_choice is None else _env_choice
 
 
 def get_isa():
-    """The kernel path calls use now: 'avx512', 'avx2' or 'generic'."""
-    return ISA_NAMES[isa_index()]
+    """The kernel path calls use now, e.g. 'avx512', 'avx2' or 'generic'."""
+    return ISA_NAMES[path_index()]
 
 
 def set_isa(name):
-    """Cap the kernel path ('generic', 'avx2', 'avx512'); None restores the default.
+    """Run calls on the kernel path `name` (see available_isas()); None restores the default.
 
-    The default is the best path the CPU supports, capped by the
-    ``FASTATTN_ISA`` environment variable.  Asking for a path the CPU lacks is
-    a ValueError.
+    The default is the path named by the ``FASTATTN_ISA`` environment
+    variable, else the best path this CPU supports.  A name this build has no
+    path for, or a path whose CPU features this CPU lacks, is a ValueError.
     """
-    global _isa_cap
-    if name is None:
-        _isa_cap = None
-        return
-    index = _isa_index(name, "isa")
-    if index > _core.cpu_isa():
-        raise ValueError(f"isa {name!r} is not supported by this CPU (available: {', '.join(available_isas())})")
-    _isa_cap = index
+    global _choice
+    _choice = None if name is None else _path_index(name, "isa")
 
 
 @contextlib.contextmanager
 def use_isa(name):
     """Context manager: run the enclosed calls on kernel path `name`."""
-    global _isa_cap
-    saved = _isa_cap
+    global _choice
+    saved = _choice
     set_isa(name)
     try:
         yield
     finally:
-        _isa_cap = saved
+        _choice = saved
+
+
+def path_runs():
+    """Kernel calls that have run on each path, by name (for tests that check
+    which path executed)."""
+    return dict(zip(ISA_NAMES, _core.path_runs()))
 
 
 def show_config(file=None):
@@ -166,7 +177,9 @@ def show_config(file=None):
         f"  OpenMP          {('version ' + str(omp)) if omp else 'not available (serial build)'}",
         f"  threads         {get_num_threads()} (usable CPUs: {_usable_cpus()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
-        f"  kernel path     {get_isa()} (CPU supports: {', '.join(available_isas())}; "
-        f"FASTATTN_ISA={os.environ.get('FASTATTN_ISA', 'unset')})",
+        f"  kernel path     {get_isa()} (FASTATTN_ISA={os.environ.get('FASTATTN_ISA', 'unset')})",
+        "  paths of this build (architecture; CPU features needed; runs on this CPU):",
     ]
+    for name, arch, features, ok in PATHS:
+        lines.append(f"    {name:<12}  {arch}; {features or 'none'}; {'yes' if ok else 'no'}")
     print("\n".join(lines), file=file)

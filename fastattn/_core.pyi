@@ -1,12 +1,9 @@
 """Type stubs for the compiled module fastattn._core (thin kernel wrappers)."""
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
-KIND_ATTENTION: int
-KIND_SCORES: int
-KIND_WSUM: int
 DTYPE_F32: int
 DTYPE_F64: int
 DTYPE_F16: int
@@ -17,7 +14,6 @@ MASK_F32: int
 MASK_F64: int
 WEIGHTS_SOFTMAX: int
 WEIGHTS_DOT: int
-ISA_COUNT: int
 E_Q: int
 E_K: int
 E_V: int
@@ -29,38 +25,64 @@ E_LK: int
 E_HEAD: int
 ENTRY_FIELDS: int
 
-def run(
-    kind: int,
-    dtype: int,
-    isa: int,
-    num_threads: int,
-    entries: npt.NDArray[np.int64],
-    d: int,
-    dv: int,
-    q: int,
-    k: int,
-    v: int,
-    out: int,
-    lse: int,
-    strides: Tuple[int, int, int, int, int, int, int, int, int],
-    group: int,
-    head_strides: Tuple[int, int, int, int],
-    mask_kind: int,
-    mask: int,
-    mask_rs: int,
-    mask_cs: int,
-    weights: int,
-    scale: float,
-    causal: bool,
-    top_left: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    alibi_slopes: Optional[npt.NDArray[np.float64]],
-) -> None: ...
-def exp_f32(isa: int, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32]) -> None: ...
-def cpu_isa() -> int: ...
-def isa_name(isa: int) -> str: ...
+class Problem:
+    """fa_problem filled by name (addresses of element 0, byte strides)."""
+
+    keep: Tuple[Any, ...]
+    path: int
+    n_entries: int
+    def __init__(
+        self,
+        *,
+        dtype: int,
+        kv_dtype: int,
+        path: int,
+        num_threads: int,
+        entries: npt.NDArray[np.int64],
+        d: int,
+        dv: int,
+        group: int = 1,
+        q: int = 0,
+        q_rs: int = 0,
+        q_cs: int = 0,
+        q_hs: int = 0,
+        k: int = 0,
+        k_rs: int = 0,
+        k_cs: int = 0,
+        v: int = 0,
+        v_rs: int = 0,
+        v_cs: int = 0,
+        out: int = 0,
+        out_rs: int = 0,
+        out_cs: int = 0,
+        out_hs: int = 0,
+        lse: int = 0,
+        lse_rs: int = 0,
+        lse_hs: int = 0,
+        mask_kind: int = 0,
+        mask: int = 0,
+        mask_rs: int = 0,
+        mask_cs: int = 0,
+        mask_hs: int = 0,
+        weights: int = 0,
+        scale: float = 1.0,
+        causal: bool = False,
+        top_left: bool = False,
+        window_left: int = -1,
+        window_right: int = -1,
+        softcap: float = 0.0,
+        alibi_slopes: Optional[npt.NDArray[np.float64]] = None,
+        keep: Tuple[Any, ...] = (),
+    ) -> None: ...
+
+def attention(problem: Problem) -> None: ...
+def scores(problem: Problem) -> None: ...
+def weighted_sum(problem: Problem) -> None: ...
+def exp_f32(path: int, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32]) -> None: ...
+def paths() -> Tuple[Tuple[str, str, str, bool], ...]: ...
+def best_path() -> int: ...
+def path_runs() -> Tuple[int, ...]: ...
 def openmp_version() -> int: ...
 def omp_max_threads() -> int: ...
 def compiler() -> str: ...
+def address(a: np.ndarray) -> int: ...

@@ -1,16 +1,40 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Thin wrappers over the C kernels.
+"""Thin wrappers over the C kernels (csrc/fastattn.h).
 
-Everything here trusts its caller (fastattn._api), which has validated every
-array, shape, stride and option.  The wrappers fill one fa_problem, release
-the GIL for the whole kernel call and turn status codes into exceptions.
+Everything here trusts its caller, fastattn._problem, which builds every
+Problem from validated arrays.  A Problem is an fa_problem filled by name;
+each operation has its own entry point, which releases the GIL for the
+whole kernel call and turns status codes into exceptions.
 """
+from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uintptr_t
 from fastattn._capi cimport *
 
-KIND_ATTENTION = 0
-KIND_SCORES = 1
-KIND_WSUM = 2
+
+# The head of numpy's PyArrayObject: after the object header, the pointer to
+# element 0.  numpy keeps this layout public and stable (1.x and 2.x), and
+# reading it directly costs nanoseconds where __array_interface__ costs
+# microseconds, a large part of a small call.
+cdef extern from *:
+    """
+    typedef struct { PyObject_HEAD char *data; } fastattn_ndarray_head;
+    """
+    ctypedef struct fastattn_ndarray_head:
+        char *data
+
+
+cdef object _ndarray = None
+
+
+def address(a):
+    """Address of element 0 of the numpy array a (TypeError for anything else)."""
+    global _ndarray
+    if _ndarray is None:
+        import numpy
+        _ndarray = numpy.ndarray
+    if not isinstance(a, _ndarray):
+        raise TypeError(f"address() needs a numpy.ndarray, got {type(a).__name__}")
+    return <uintptr_t>(<fastattn_ndarray_head *><PyObject *>a).data
 
 DTYPE_F32 = FA_F32
 DTYPE_F64 = FA_F64
@@ -22,7 +46,6 @@ MASK_F32 = FA_MASK_F32
 MASK_F64 = FA_MASK_F64
 WEIGHTS_SOFTMAX = FA_WEIGHTS_SOFTMAX
 WEIGHTS_DOT = FA_WEIGHTS_DOT
-ISA_COUNT = FA_ISA_COUNT
 
 # Column indices of the entry table.
 E_Q = FA_E_Q
@@ -43,82 +66,139 @@ cdef int _check(int status) except -1:
     if status == FA_ERR_NOMEM:
         raise MemoryError("fastattn: could not allocate kernel scratch memory")
     if status == FA_ERR_ISA:
-        raise RuntimeError("fastattn: the requested instruction set is not usable on this CPU")
+        raise RuntimeError("fastattn: the requested kernel path is not usable on this CPU")
+    if status == FA_ERR_UNSUPPORTED:
+        raise TypeError("fastattn: no kernel for this combination of element types")
     raise RuntimeError(f"fastattn: kernel rejected the problem (status {status})")
 
 
-def run(int kind, int dtype, int isa, int num_threads, const int64_t[:, ::1] entries,
-        int64_t d, int64_t dv,
-        uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-        tuple strides, int64_t group, tuple head_strides,
-        int mask_kind, uintptr_t mask, int64_t mask_rs, int64_t mask_cs,
-        int weights, double scale, bint causal, bint top_left, int64_t window_left, int64_t window_right,
-        double softcap, const double[::1] alibi_slopes):
-    """Run one kernel. strides = (q_rs, q_cs, k_rs, k_cs, v_rs, v_cs, out_rs, out_cs, lse_rs)
-    and head_strides = (q_hs, out_hs, lse_hs, mask_hs), all in bytes; addresses are those
-    of element 0 of each array."""
+cdef class Problem:
+    """One kernel problem: the fields of fa_problem, set by name.
+
+    Addresses (q, k, v, out, lse, mask) are of element 0 of each array;
+    strides are in bytes (rs: rows, cs: columns, hs: heads of a group).
+    `keep` holds the arrays those addresses point into, so they live as long
+    as the problem does.
+    """
     cdef fa_problem p
+    cdef const int64_t[:, ::1] _entries
+    cdef const double[::1] _slopes
+    cdef readonly object keep
+
+    def __init__(self, *, int dtype, int kv_dtype, int path, int num_threads,
+                 const int64_t[:, ::1] entries, int64_t d, int64_t dv, int64_t group=1,
+                 uintptr_t q=0, int64_t q_rs=0, int64_t q_cs=0, int64_t q_hs=0,
+                 uintptr_t k=0, int64_t k_rs=0, int64_t k_cs=0,
+                 uintptr_t v=0, int64_t v_rs=0, int64_t v_cs=0,
+                 uintptr_t out=0, int64_t out_rs=0, int64_t out_cs=0, int64_t out_hs=0,
+                 uintptr_t lse=0, int64_t lse_rs=0, int64_t lse_hs=0,
+                 int mask_kind=FA_MASK_NONE, uintptr_t mask=0, int64_t mask_rs=0, int64_t mask_cs=0,
+                 int64_t mask_hs=0, int weights=FA_WEIGHTS_SOFTMAX, double scale=1.0, bint causal=False,
+                 bint top_left=False, int64_t window_left=-1, int64_t window_right=-1, double softcap=0.0,
+                 const double[::1] alibi_slopes=None, keep=()):
+        if entries.shape[1] != FA_ENTRY_FIELDS:
+            raise ValueError("entry table has the wrong number of columns")
+        self._entries = entries
+        self._slopes = alibi_slopes
+        self.keep = keep
+        self.p.dtype = dtype
+        self.p.kv_dtype = kv_dtype
+        self.p.kv_scales = NULL
+        self.p.path = path
+        self.p.num_threads = num_threads
+        self.p.n_entries = entries.shape[0]
+        self.p.entries = &entries[0, 0] if entries.shape[0] > 0 else NULL
+        self.p.d = d
+        self.p.dv = dv
+        self.p.group = group
+        self.p.q = <const void *>q
+        self.p.q_rs, self.p.q_cs, self.p.q_hs = q_rs, q_cs, q_hs
+        self.p.k = <const void *>k
+        self.p.k_rs, self.p.k_cs = k_rs, k_cs
+        self.p.v = <const void *>v
+        self.p.v_rs, self.p.v_cs = v_rs, v_cs
+        self.p.out = <void *>out
+        self.p.out_rs, self.p.out_cs, self.p.out_hs = out_rs, out_cs, out_hs
+        self.p.lse = <void *>lse
+        self.p.lse_rs, self.p.lse_hs = lse_rs, lse_hs
+        self.p.mask_kind = mask_kind
+        self.p.mask = <const void *>mask
+        self.p.mask_rs, self.p.mask_cs, self.p.mask_hs = mask_rs, mask_cs, mask_hs
+        self.p.weights = weights
+        self.p.scale = scale
+        self.p.causal = causal
+        self.p.top_left = top_left
+        self.p.window_left = window_left
+        self.p.window_right = window_right
+        self.p.softcap = softcap
+        self.p.alibi_slopes = &alibi_slopes[0] if alibi_slopes is not None and alibi_slopes.shape[0] > 0 else NULL
+
+    @property
+    def path(self):
+        return self.p.path
+
+    @property
+    def n_entries(self):
+        return self.p.n_entries
+
+
+ctypedef int (*_operation)(const fa_problem *p) noexcept nogil
+
+
+cdef _run(_operation op, Problem problem):
     cdef int status
-    if entries.shape[1] != FA_ENTRY_FIELDS:
-        raise ValueError("entry table has the wrong number of columns")
-    p.dtype = dtype
-    p.isa = isa
-    p.num_threads = num_threads
-    p.n_entries = entries.shape[0]
-    p.entries = &entries[0, 0] if entries.shape[0] > 0 else NULL
-    p.d = d
-    p.dv = dv
-    p.q = <const void *>q
-    p.k = <const void *>k
-    p.v = <const void *>v
-    p.out = <void *>out
-    p.lse = <void *>lse
-    p.q_rs, p.q_cs, p.k_rs, p.k_cs, p.v_rs, p.v_cs, p.out_rs, p.out_cs, p.lse_rs = strides
-    p.group = group
-    p.q_hs, p.out_hs, p.lse_hs, p.mask_hs = head_strides
-    p.mask_kind = mask_kind
-    p.mask = <const void *>mask
-    p.mask_rs = mask_rs
-    p.mask_cs = mask_cs
-    p.weights = weights
-    p.scale = scale
-    p.causal = causal
-    p.top_left = top_left
-    p.window_left = window_left
-    p.window_right = window_right
-    p.softcap = softcap
-    p.alibi_slopes = &alibi_slopes[0] if alibi_slopes is not None and alibi_slopes.shape[0] > 0 else NULL
-    if p.n_entries == 0:
+    if problem.p.n_entries == 0:
         return
     with nogil:
-        if kind == 0:
-            status = fa_attention(&p)
-        elif kind == 1:
-            status = fa_scores(&p)
-        else:
-            status = fa_weighted_sum(&p)
+        status = op(&problem.p)
     _check(status)
 
 
-def exp_f32(int isa, const float[::1] x, float[::1] y):
-    """y = exp(x) with the softmax exponential of path `isa` (for accuracy tests)."""
+def attention(Problem problem not None):
+    """Fused attention (fa_attention)."""
+    _run(fa_attention, problem)
+
+
+def scores(Problem problem not None):
+    """The score matrix with every option applied (fa_scores)."""
+    _run(fa_scores, problem)
+
+
+def weighted_sum(Problem problem not None):
+    """out = w v, w through the q fields (fa_weighted_sum)."""
+    _run(fa_weighted_sum, problem)
+
+
+def exp_f32(int path, const float[::1] x, float[::1] y):
+    """y = exp(x) with the softmax exponential of kernel path `path` (for accuracy tests)."""
     if x.shape[0] != y.shape[0]:
         raise ValueError("x and y differ in length")
     if x.shape[0] == 0:
         return
     cdef int status
     with nogil:
-        status = fa_exp_f32(isa, &x[0], &y[0], x.shape[0])
+        status = fa_exp_f32(path, &x[0], &y[0], x.shape[0])
     _check(status)
 
 
-def cpu_isa():
+def paths():
+    """The kernel paths of this build, in order of preference: a tuple of
+    (name, architecture, CPU features needed, supported by this CPU)."""
+    return tuple(
+        (fa_path_name(i).decode(), fa_path_arch(i).decode(), fa_path_features(i).decode(),
+         bool(fa_path_supported(i)))
+        for i in range(fa_path_count())
+    )
+
+
+def best_path():
     """Index of the best path this CPU and OS support."""
-    return fa_cpu_isa()
+    return fa_best_path()
 
 
-def isa_name(int isa):
-    return fa_isa_name(isa).decode()
+def path_runs():
+    """Kernel calls that ran on each path so far (a tuple, by path index)."""
+    return tuple(fa_path_runs(i) for i in range(fa_path_count()))
 
 
 def openmp_version():

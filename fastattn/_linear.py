@@ -9,6 +9,7 @@ D x Dv states.
 import numpy as np
 
 from fastattn import _api, _config
+from fastattn import _validate as _v
 
 # Rows per block of the causal (chunked) form: within a block the masked
 # product runs on the fused kernel, across blocks a running K^T V state.
@@ -33,7 +34,7 @@ def _feature(x, feature_map, name):
         return FEATURE_MAPS[feature_map](x)
     if not callable(feature_map):
         raise TypeError(f"feature_map must be a str, a callable or None, got {type(feature_map).__name__}")
-    y = _api._as_array(feature_map(x), f"feature_map({name})")
+    y = _v.as_array(feature_map(x), f"feature_map({name})")
     if y.ndim != x.ndim or y.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"feature_map({name}) must keep every dimension but the last: "
                          f"{x.shape} became {y.shape}")
@@ -49,9 +50,9 @@ def _group_heads(q, k, v):
     h, g = q.shape[-3], k.shape[-3]
     if g in (1, h) or h == 1:
         return q, k, v, lambda out: out
-    if g == 0 or h % g != 0 or v.shape[-3] != g:
-        raise ValueError(f"head counts do not match: q has {h} heads, k/v have {g} and "
-                         f"{v.shape[-3]}; grouped-query attention needs a multiple")
+    if v.shape[-3] != g:
+        raise ValueError("k and v must have the same number of heads")
+    _v.kv_group(h, g, [("q", q.shape), ("k", k.shape), ("v", v.shape)])
     qg = q.reshape(q.shape[:-3] + (g, h // g) + q.shape[-2:])
     kg, vg = k[..., None, :, :], v[..., None, :, :]
     return qg, kg, vg, lambda out: out.reshape(out.shape[:-4] + (h,) + out.shape[-2:])
@@ -91,25 +92,25 @@ def linear_attention(q, k, v, *, causal=False, feature_map=None, normalize=False
     ndarray, shape (broadcast(...), Lq, Dv)
     """
     num_threads = _config.resolve_threads(num_threads)
-    causal = _api._flag(causal, "causal")
-    normalize = _api._flag(normalize, "normalize")
-    eps = _api._real(eps, "eps")
-    q = _api._as_array(q, "q")
-    k = _api._as_array(k, "k")
-    v = _api._as_array(v, "v")
+    causal = _v.flag(causal, "causal")
+    normalize = _v.flag(normalize, "normalize")
+    eps = _v.real(eps, "eps")
+    q = _v.as_array(q, "q")
+    k = _v.as_array(k, "k")
+    v = _v.as_array(v, "v")
     for name, a, core in (("q", q, "(..., Lq, D)"), ("k", k, "(..., Lk, D)"), ("v", v, "(..., Lk, Dv)")):
-        _api._check_ndim(a, name, core)
+        _v.check_ndim(a, name, core)
     if v.shape[-2] != k.shape[-2]:
         raise ValueError(f"k and v must have the same length Lk: k {k.shape}, v {v.shape}")
-    out_dtype = _api._result_dtype([("q", q), ("k", k), ("v", v)])
-    dtype = _api._compute_dtype(out_dtype)  # half precision runs in float32 here
+    out_dtype = _v.result_dtype([("q", q), ("k", k), ("v", v)])
+    dtype = _v.compute_dtype(out_dtype)  # half precision runs in float32 here
     q, k, v = (np.asarray(a, dtype=dtype) for a in (q, k, v))
     q = np.asarray(_feature(q, feature_map, "q"), dtype=dtype)
     k = np.asarray(_feature(k, feature_map, "k"), dtype=dtype)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head dim D: q {q.shape}, k {k.shape}")
     q, k, v, restore = _group_heads(q, k, v)
-    lead = _api._broadcast([("q", q.shape[:-2]), ("k", k.shape[:-2]), ("v", v.shape[:-2])])
+    lead = _v.broadcast([("q", q.shape[:-2]), ("k", k.shape[:-2]), ("v", v.shape[:-2])])
     lq, lk = q.shape[-2], k.shape[-2]
     if lq == 0:
         return restore(np.zeros(lead + (0, v.shape[-1]), dtype=out_dtype))
@@ -153,7 +154,7 @@ def _causal(q, k, v, normalize, num_threads, dtype):
     pre = lk - lq
     kp, vp = k[..., :pre, :], v[..., :pre, :]
     k, v = k[..., pre:, :], v[..., pre:, :]
-    lead = _api._broadcast([("q", q.shape[:-2]), ("k", k.shape[:-2]), ("v", v.shape[:-2])])
+    lead = _v.broadcast([("q", q.shape[:-2]), ("k", k.shape[:-2]), ("v", v.shape[:-2])])
     d, dv = q.shape[-1], v.shape[-1]
     state = np.zeros(lead + (d, dv), np.float64)  # running phi(K)^T V, accumulated in float64
     ksum = np.zeros(lead + (d,), np.float64)

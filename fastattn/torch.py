@@ -100,8 +100,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if hq != hk and not enable_gqa and hk != 1:
         raise ValueError(f"query has {hq} heads and key {hk}: pass enable_gqa=True for grouped-query "
                          "attention (as in torch)")
-    if enable_gqa and hk and hq % hk != 0:
-        raise ValueError(f"enable_gqa: query heads ({hq}) must be a multiple of key heads ({hk})")
+    # the grouped-query rule itself (H a multiple of G) is fastattn's own, checked by attention()
     q, k, v = (_as_numpy(t) for t in (query, key, value))
     mask = _as_numpy(attn_mask) if attn_mask is not None else None
     if scale is None:

@@ -1,9 +1,17 @@
-"""Bad input gets a clear TypeError or ValueError that names the argument."""
+"""Bad input gets a clear TypeError or ValueError that names the argument.
+
+One table for every public entry point: (call, exception, message fragment).
+"""
+import os
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
 
 import fastattn
+from fastattn import _config
 
 f32 = np.float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -17,6 +25,44 @@ def attn(**kw):
     args.update(kw)
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     return fastattn.attention(q, k, v, **args)
+
+
+def varlen(q=None, k=None, v=None, cu_q=(0, 5, 10), cu_k=(0, 4, 10), **kw):
+    x = np.zeros((10, 2, 4), f32)
+    return fastattn.attention_varlen(x if q is None else q, x if k is None else k, x if v is None else v,
+                                     cu_q, cu_k, **kw)
+
+
+def linear(**kw):
+    x = np.zeros((4, 3), f32)
+    return fastattn.linear_attention(x, x, x, **kw)
+
+
+def sdpa(make):
+    """fastattn.torch.scaled_dot_product_attention with q = k = v of (1, 4, 5, 8)
+    and the arguments make(q) returns (skipped without torch)."""
+    torch = pytest.importorskip("torch")
+    import fastattn.torch as ft
+
+    q = torch.randn(1, 4, 5, 8)
+    args = dict(query=q, key=q, value=q)
+    args.update(make(torch, q))
+    return ft.scaled_dot_product_attention(**args)
+
+
+def unsupported_path():
+    """A kernel path of this build this CPU cannot run (skipped if it runs them all)."""
+    missing = [name for name, _, _, ok in _config.PATHS if not ok]
+    if not missing:
+        pytest.skip("this CPU runs every kernel path of the build")
+    fastattn.set_isa(missing[0])
+
+
+def huge_broadcast():
+    one = np.zeros(1, f32)
+    a = np.lib.stride_tricks.as_strided(one, (2**32, 1, 1, 1), (0, 0, 0, 0))
+    b = np.lib.stride_tricks.as_strided(one, (1, 2**32, 1, 1), (0, 0, 0, 0))
+    return fastattn.attention(a, b, b)
 
 
 def overlapping_out():
@@ -68,15 +114,68 @@ BAD = [
     (lambda: fastattn.scores(Q, np.zeros((2, 6, 9), f32)), ValueError, "same head dim"),
     (lambda: fastattn.weighted_sum(np.zeros((5, 7), f32), V[0]), ValueError, "w's last dim"),
     (lambda: fastattn.weighted_sum(np.zeros((5, 6), np.int64), V[0]), TypeError, "w must have dtype"),
+    (lambda: attn(out=np.zeros((2, 5, 4), BF16)), TypeError, "out must have dtype"),
+    (lambda: huge_broadcast(), ValueError, "too big"),
+    # attention_varlen
+    (lambda: varlen(cu_q=[0, 5, 9]), ValueError, "cu_seqlens_q must start at 0"),
+    (lambda: varlen(cu_q=[0, 5, 10], cu_k=[0, 10]), ValueError, "same length"),
+    (lambda: varlen(cu_q=[1, 5, 10]), ValueError, "cu_seqlens_q must start at 0"),
+    (lambda: varlen(cu_q=[0, 6, 10], cu_k=[0, 11, 10]), ValueError, "cu_seqlens_k"),
+    (lambda: varlen(cu_q=[0.0, 5.0, 10.0]), TypeError, "integer"),
+    (lambda: varlen(q=np.zeros((10, 3, 4), f32)), ValueError, "head counts do not match"),
+    (lambda: varlen(q=np.zeros((10, 2), f32)), ValueError, "q must have shape"),
+    (lambda: varlen(v=np.zeros((9, 2, 4), f32)), ValueError, "same length and heads"),
+    (lambda: varlen(alibi_slopes=np.ones(3)), ValueError, "alibi_slopes"),
+    (lambda: varlen(window=(1,)), TypeError, "window"),
+    # scores, weighted_sum, merge, linear_attention
+    (lambda: fastattn.scores(Q, np.zeros((2, 6, 9), f32)), ValueError, "same head dim"),
+    (lambda: fastattn.weighted_sum(np.zeros((5, 7), f32), V[0]), ValueError, "w's last dim"),
+    (lambda: fastattn.weighted_sum(np.zeros((5, 6), np.int64), V[0]), TypeError, "w must have dtype"),
+    (lambda: fastattn.merge([np.zeros((2, 3))], []), ValueError, "as many outputs"),
+    (lambda: fastattn.merge([np.zeros((2, 3))], [np.zeros(3)]), ValueError, "does not match"),
+    (lambda: linear(feature_map="relu"), ValueError, "feature_map"),
+    (lambda: linear(feature_map=3), TypeError, "feature_map"),
+    (lambda: linear(feature_map=lambda x: x[..., :1, :]), ValueError, "every dimension"),
+    (lambda: linear(causal="yes"), TypeError, "causal"),
+    (lambda: linear(eps="1"), TypeError, "eps"),
+    # fastattn.torch
+    (lambda: sdpa(lambda t, q: dict(query=q.to("meta"))), ValueError, "CPU tensors only"),
+    (lambda: sdpa(lambda t, q: dict(dropout_p=0.1)), ValueError, "dropout_p"),
+    (lambda: sdpa(lambda t, q: dict(query=q.clone().requires_grad_())), ValueError, "requires grad"),
+    (lambda: sdpa(lambda t, q: dict(query=q.bfloat16(), key=q.bfloat16(), value=q.bfloat16())), TypeError,
+     "float32"),
+    (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.int32))), TypeError, "attn_mask"),
+    (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.bool), is_causal=True)), ValueError, "both"),
+    (lambda: sdpa(lambda t, q: dict(key=q[:, :2], value=q[:, :2])), ValueError, "enable_gqa"),
+    (lambda: sdpa(lambda t, q: dict(key=q[:, :3], value=q[:, :3], enable_gqa=True)), ValueError,
+     "head counts do not match"),
+    (lambda: sdpa(lambda t, q: dict(query=q.numpy())), TypeError, "torch.Tensor"),
+    # settings
     (lambda: fastattn.set_num_threads(0), ValueError, "n must be >= 1"),
     (lambda: fastattn.set_isa(3), TypeError, "isa must be a str"),
+    (lambda: fastattn.set_isa("sse9"), ValueError, "isa must name a kernel path"),
+    (lambda: unsupported_path(), ValueError, "needs CPU features this CPU lacks"),
 ]
 
 
-@pytest.mark.parametrize("call, exc, fragment", BAD, ids=[b[2] for b in BAD])
+@pytest.mark.parametrize("call, exc, fragment", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
 def test_bad_input_raises(call, exc, fragment):
-    with pytest.raises(exc, match=fragment):
-        call()
+    try:
+        with pytest.raises(exc, match=fragment):
+            call()
+    finally:
+        fastattn.set_isa(None)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("sse9", "FASTATTN_ISA must name a kernel path"),
+    ("neon" if sys.platform != "linux" or os.uname().machine != "aarch64" else "avx2", "FASTATTN_ISA"),
+])
+def test_unknown_fastattn_isa_fails_the_import(value, fragment):
+    env = dict(os.environ, FASTATTN_ISA=value)
+    res = subprocess.run([sys.executable, "-c", "import fastattn"], capture_output=True, text=True, env=env)
+    assert res.returncode != 0
+    assert fragment in res.stderr and "ValueError" in res.stderr
 
 
 def test_out_with_overlapping_elements_is_rejected():

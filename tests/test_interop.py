@@ -37,11 +37,11 @@ def test_dlpack_buffer_and_array_interface_inputs():
     for wrap in (DLPackOnly, ArrayInterfaceOnly, memoryview):
         assert_close(fastattn.attention(wrap(q), wrap(q), wrap(q)), expected)
     # zero copy: what fastattn reads is q's memory
-    from fastattn import _api
+    from fastattn import _validate
 
-    assert np.shares_memory(_api._as_array(DLPackOnly(q), "q"), q)
-    assert np.shares_memory(_api._as_array(ArrayInterfaceOnly(q), "q"), q)
-    assert np.shares_memory(_api._as_array(memoryview(q), "q"), q)
+    assert np.shares_memory(_validate.as_array(DLPackOnly(q), "q"), q)
+    assert np.shares_memory(_validate.as_array(ArrayInterfaceOnly(q), "q"), q)
+    assert np.shares_memory(_validate.as_array(memoryview(q), "q"), q)
 
 
 def test_import_does_not_change_other_thread_settings():

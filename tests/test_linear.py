@@ -4,7 +4,7 @@ import pytest
 
 import fastattn
 import fastattn.reference as ref
-from util import assert_close, randn
+from util import assert_close, randn, stable_seed
 
 SHAPES = [
     ((), (), 1, 1, 1, 1),
@@ -19,7 +19,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_equals_dot_attention(dtype, shape, causal):
-    rng = np.random.default_rng(abs(hash((shape, causal))) % 2**32)
+    rng = np.random.default_rng(stable_seed((shape, causal)))
     lead_q, lead_k, lq, lk, d, dv = shape
     q, k = randn(rng, lead_q + (lq, d), dtype), randn(rng, lead_k + (lk, d), dtype)
     v = randn(rng, lead_k + (lk, dv), dtype)
@@ -58,19 +58,3 @@ def test_linear_grouped_heads(dtype):
         out = fastattn.linear_attention(q, k, v, causal=causal)
         assert out.shape == (2, 8, 290, 6)
         assert_close(out, ref.linear_attention(q, k, v, causal=causal))
-
-
-@pytest.mark.parametrize(
-    "kwargs, exc, fragment",
-    [
-        (dict(feature_map="relu"), ValueError, "feature_map"),
-        (dict(feature_map=3), TypeError, "feature_map"),
-        (dict(feature_map=lambda x: x[..., :1, :]), ValueError, "every dimension"),
-        (dict(causal="yes"), TypeError, "causal"),
-        (dict(eps="1"), TypeError, "eps"),
-    ],
-)
-def test_linear_bad_input(kwargs, exc, fragment):
-    q = np.zeros((4, 3), np.float32)
-    with pytest.raises(exc, match=fragment):
-        fastattn.linear_attention(q, q, q, **kwargs)

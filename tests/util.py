@@ -1,5 +1,14 @@
-"""Shared test helpers: the tolerance table and input generators."""
+"""Shared test helpers: the tolerance table, input generators and seeds."""
+import zlib
+
 import numpy as np
+
+
+def stable_seed(*parts):
+    """A seed derived from `parts` (e.g. a test id) that is the same in every
+    process, so a failure can be reproduced from its test id (Python's
+    hash() of strings changes from process to process)."""
+    return zlib.crc32(repr(parts).encode())
 
 # Tolerances per dtype, applied as |actual - expected| <= ATOL * mag + RTOL * |expected|,
 # where mag = max(1, max |expected|) over the finite entries.  They follow from each

@@ -1,0 +1,205 @@
+"""The problem builder: validated arrays in, one typed kernel problem out.
+
+A kernel problem (``_core.Problem``, fastattn.h's ``fa_problem`` filled by
+name) holds the address of element 0 of each operand, its byte strides
+along rows, columns and (for grouped-query heads) heads, and an entry
+table with one row per independent unit of work (a batch x head, or a
+packed sequence x head) giving byte offsets into every operand and the
+unit's lengths.  Broadcast dimensions get offset 0 and grouped query heads
+share their key/value head's offsets, so nothing is expanded or copied.
+
+Every call into the compiled kernels goes through this module: the public
+functions in fastattn._api validate, call one builder here, and the
+builder runs the problem on the kernel path chosen in fastattn._config.
+"""
+import functools
+import math
+
+import numpy as np
+
+from fastattn import _config, _core
+from fastattn._validate import DTYPES
+
+
+# ---- operands ------------------------------------------------------------------
+
+
+def _stride(a, axis):
+    """Byte stride of a along `axis`; 0 where a lacks that axis or it has length 1."""
+    if a is None or not -a.ndim <= axis < a.ndim or a.shape[axis] == 1:
+        return 0
+    return a.strides[axis]
+
+
+def _operand(name, a, rows, cols=None, heads=None):
+    """The problem fields of one operand: its address and the byte strides
+    between rows, between elements of a row and between heads of a group."""
+    if a is None:
+        return {}
+    fields = {name: _core.address(a), f"{name}_rs": _stride(a, rows)}
+    if cols is not None:
+        fields[f"{name}_cs"] = _stride(a, cols)
+    if heads is not None:
+        fields[f"{name}_hs"] = _stride(a, heads)
+    return fields
+
+
+def _problem(dtype, num_threads, entries, *, keep, **fields):
+    """A _core.Problem of q/out dtype `dtype` (k and v stored alike) on the
+    current kernel path.  `keep` lists the arrays the addresses point into."""
+    code = DTYPES[dtype]
+    return _core.Problem(dtype=code, kv_dtype=code, path=_config.path_index(), num_threads=num_threads,
+                         entries=entries, keep=tuple(keep), **fields)
+
+
+# ---- entry tables ----------------------------------------------------------------
+
+
+def _layout(a, core):
+    """Shape and byte strides of a's leading dims (before the last `core`),
+    or None: all the entry table needs of an operand."""
+    return None if a is None else (a.shape[: a.ndim - core], a.strides[: a.ndim - core])
+
+
+def _lead_offsets(layout, lead, group=1):
+    """Byte offset of each leading index of an operand of this `layout`,
+    broadcast to `lead` and flattened in C order.  With group > 1, the last
+    leading axis of the operand is indexed by lead_index // group (grouped
+    query heads sharing one key/value head)."""
+    shape, strides = layout
+    n_lead = len(lead)
+    offsets = np.zeros(lead, dtype=np.int64)
+    first = n_lead - len(shape)
+    for ax, (n, st) in enumerate(zip(shape, strides)):
+        pos = first + ax
+        index_shape = [1] * n_lead
+        if group > 1 and pos == n_lead - 1:
+            index_shape[pos] = lead[pos]
+            idx = np.arange(lead[pos], dtype=np.int64) // group
+        elif n != 1:
+            index_shape[pos] = n
+            idx = np.arange(n, dtype=np.int64)
+        else:
+            continue
+        offsets = offsets + (idx * st).reshape(index_shape)
+    return offsets.reshape(-1)
+
+
+def _entry_table(n, group, columns):
+    """The kernel's entry table (read-only) of n entries: columns maps a
+    column to one value for every entry or to an array over the query heads;
+    with group > 1 each entry covers `group` consecutive query heads and
+    takes the first one's values."""
+    entries = np.zeros((n, _core.ENTRY_FIELDS), dtype=np.int64)
+    for col, val in columns.items():
+        if group > 1 and isinstance(val, np.ndarray):
+            val = val[::group]
+        entries[:, col] = val
+    entries.flags.writeable = False
+    return entries
+
+
+# Entry tables of at most this many entries are cached (64 of them, LRU).
+_CACHED_ENTRIES_MAX = 4096
+
+
+@functools.lru_cache(maxsize=64)
+def _lead_entries(lead, kv_group, group, lq, lk, q, k, v, mask, out, lse):
+    """The entry table of operands with leading dimensions `lead`, from
+    their layouts (see _layout).  Cached for small tables (see _lead_table):
+    a decoding loop asks for the same one at every step, and building it
+    costs more than a small kernel call."""
+    cols = {
+        _core.E_Q: _lead_offsets(q, lead),
+        _core.E_OUT: _lead_offsets(out, lead),
+        _core.E_LQ: lq,
+        _core.E_LK: lk,
+        _core.E_HEAD: np.arange(math.prod(lead), dtype=np.int64),
+    }
+    for col, layout in ((_core.E_K, k), (_core.E_V, v)):
+        if layout is not None:
+            cols[col] = _lead_offsets(layout, lead, kv_group)
+    for col, layout in ((_core.E_MASK, mask), (_core.E_LSE, lse)):
+        if layout is not None:
+            cols[col] = _lead_offsets(layout, lead)
+    return _entry_table(math.prod(lead) // group, group, cols)
+
+
+def _lead_table(lead, kv_group, group, lq, lk, q=None, k=None, v=None, mask=None, out=None, lse=None):
+    small = math.prod(lead) <= _CACHED_ENTRIES_MAX
+    build = _lead_entries if small else _lead_entries.__wrapped__
+    return build(lead, kv_group, group, lq, lk, _layout(q, 2), _layout(k, 2), _layout(v, 2),
+                 _layout(mask, 2), _layout(out, 2), _layout(lse, 1))
+
+
+def _score_options(args):
+    return dict(mask_kind=args.mask_kind, weights=args.weights, scale=args.scale, causal=args.causal,
+                top_left=args.top_left, window_left=args.window[0], window_right=args.window[1],
+                softcap=args.softcap, alibi_slopes=args.slopes)
+
+
+# ---- the operations ----------------------------------------------------------------
+
+
+def attention(args, out, lse, num_threads):
+    """Run fused attention on validated arguments (_validate.ScoreArgs)."""
+    g = args.group
+    heads = -3 if g > 1 else None
+    entries = _lead_table(args.lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse)
+    problem = _problem(
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
+        keep=(args.q, args.k, args.v, args.mask, out, lse),
+        **_operand("q", args.q, -2, -1, heads), **_operand("k", args.k, -2, -1),
+        **_operand("v", args.v, -2, -1), **_operand("out", out, -2, -1, heads),
+        **_operand("lse", lse, -1, None, -2 if g > 1 else None),
+        **_operand("mask", args.mask, -2, -1, heads), **_score_options(args))
+    _core.attention(problem)
+
+
+def scores(args, out, num_threads):
+    """Write the score matrix of validated arguments (_validate.ScoreArgs) to out."""
+    entries = _lead_table(args.lead, args.group, 1, args.lq, args.lk, args.q, args.k, None, args.mask, out)
+    problem = _problem(
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, keep=(args.q, args.k, args.mask, out),
+        **_operand("q", args.q, -2, -1), **_operand("k", args.k, -2, -1), **_operand("out", out, -2, -1),
+        **_operand("mask", args.mask, -2, -1), **_score_options(args))
+    _core.scores(problem)
+
+
+def weighted_sum(w, v, out, lead, num_threads):
+    """out = w v over leading dimensions `lead` (w and v in out's dtype)."""
+    lq, lk = w.shape[-2:]
+    entries = _lead_table(lead, 1, 1, lq, lk, q=w, v=v, out=out)
+    problem = _problem(
+        out.dtype, num_threads, entries, d=0, dv=v.shape[-1], keep=(w, v, out),
+        **_operand("q", w, -2, -1), **_operand("v", v, -2, -1), **_operand("out", out, -2, -1))
+    _core.weighted_sum(problem)
+
+
+def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
+    """Fused attention over packed sequences: q (total_q, H, D), k and v
+    (total_k, G, D|Dv), out (total_q, H, Dv), lse (H, total_q); one entry per
+    (sequence, key/value head), the sequence's rows along the packed axis."""
+    g, group = args.k.shape[1], args.group
+    nseq = cu_q.shape[0] - 1
+    seq = np.repeat(np.arange(nseq), g)
+    kv_head = np.tile(np.arange(g), nseq)
+    head = kv_head * group  # the first query head of the entry's group
+    q, k, v = args.q, args.k, args.v
+    cols = {
+        _core.E_Q: cu_q[seq] * q.strides[0] + head * q.strides[1],
+        _core.E_K: cu_k[seq] * k.strides[0] + kv_head * k.strides[1],
+        _core.E_V: cu_k[seq] * v.strides[0] + kv_head * v.strides[1],
+        _core.E_OUT: cu_q[seq] * out.strides[0] + head * out.strides[1],
+        _core.E_LQ: (cu_q[1:] - cu_q[:-1])[seq],
+        _core.E_LK: (cu_k[1:] - cu_k[:-1])[seq],
+        _core.E_HEAD: head,
+    }
+    if lse is not None:
+        cols[_core.E_LSE] = cu_q[seq] * lse.strides[1] + head * lse.strides[0]
+    entries = _entry_table(nseq * g, 1, cols)
+    problem = _problem(
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, keep=(q, k, v, out, lse),
+        **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
+        **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
+    _core.attention(problem)

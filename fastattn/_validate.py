@@ -1,0 +1,369 @@
+"""Argument checks shared by every public function and by fastattn.torch.
+
+One place for each rule: what an array argument may be and its dtype,
+numpy's promotion of the inputs' dtypes (and the dtype kernels compute in),
+broadcasting of leading dimensions, the grouped-query head rule, ALiBi
+slopes, the score options, `out=` and packed-sequence offsets.  Errors name
+the argument, its shape and dtype: TypeError for types, ValueError for
+shapes and values.  Nothing here touches the kernels.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from fastattn import _core
+
+try:  # numpy's standard bfloat16 (as used by JAX)
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    BFLOAT16 = None
+
+# Element types the kernels take, with their kernel codes.
+DTYPES = {
+    np.dtype(np.float32): _core.DTYPE_F32,
+    np.dtype(np.float64): _core.DTYPE_F64,
+    np.dtype(np.float16): _core.DTYPE_F16,
+}
+if BFLOAT16 is not None:
+    DTYPES[BFLOAT16] = _core.DTYPE_BF16
+FLOAT_KINDS = "float16, bfloat16, float32 or float64"
+HALF_DTYPES = tuple(dt for dt in DTYPES if dt.itemsize == 2)
+
+MASK_KINDS = {
+    np.dtype(np.bool_): _core.MASK_BOOL,
+    np.dtype(np.float32): _core.MASK_F32,
+    np.dtype(np.float64): _core.MASK_F64,
+}
+WEIGHTS = {"softmax": _core.WEIGHTS_SOFTMAX, "dot": _core.WEIGHTS_DOT}
+ALIGNS = ("bottom-right", "top-left")
+
+
+# ---- dtypes --------------------------------------------------------------------
+
+
+def compute_dtype(dtype):
+    """The dtype kernels compute in (and return lse and scores in)."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
+def result_dtype(named):
+    """numpy's promotion of the named arrays' dtypes, as a TypeError naming them if none."""
+    try:
+        return np.result_type(*(a for _, a in named))
+    except TypeError:
+        desc = ", ".join(f"{n} ({a.dtype})" for n, a in named)
+        raise TypeError(f"no common dtype for {desc}; convert them to one dtype") from None
+
+
+# ---- arrays and scalars --------------------------------------------------------
+
+
+def as_array(x, name, kinds=FLOAT_KINDS, allowed=DTYPES):
+    """View x as an ndarray (no copy where numpy can view it) and check its dtype."""
+    if isinstance(x, np.ndarray):
+        a = x
+    else:
+        try:
+            if hasattr(x, "__dlpack__") and not hasattr(x, "__array__") and not hasattr(x, "__array_interface__"):
+                a = np.from_dlpack(x)  # zero-copy where the producer's memory is CPU memory
+            else:
+                a = np.asarray(x)  # buffer protocol, __array__, __array_interface__: views when possible
+        except Exception as exc:
+            raise TypeError(f"{name} must be an array of {kinds}, got {type(x).__name__}") from exc
+    if a.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {kinds}, got {a.dtype} (shape {a.shape})")
+    return a
+
+
+def check_ndim(a, name, core="(..., L, D)"):
+    if a.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions {core}, got shape {a.shape}")
+
+
+def real(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def flag(x, name):
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    return bool(x)
+
+
+# ---- score options -------------------------------------------------------------
+
+
+def window(window):
+    """(left, right) with -1 for unbounded; None means no window."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            w = -1
+        if isinstance(w, (bool, np.bool_)):
+            raise TypeError(f"window {side} must be an int, got {type(w).__name__}")
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise TypeError(f"window {side} must be an int, got {type(w).__name__}") from None
+        if w < -1:
+            raise ValueError(f"window {side} must be >= 0, or -1 for unbounded, got {w}")
+        out.append(min(w, 2**62))
+    return tuple(out)
+
+
+def top_left(align):
+    """True for align="top-left", False for "bottom-right"."""
+    if not isinstance(align, str) or align not in ALIGNS:
+        raise ValueError(f"align must be 'bottom-right' or 'top-left', got {align!r}")
+    return align == "top-left"
+
+
+def softcap(softcap):
+    if softcap is None:
+        return 0.0
+    cap = real(softcap, "softcap")
+    if not (cap >= 0.0 and math.isfinite(cap)):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    return cap
+
+
+def weights_and_lse(weights, return_lse):
+    """The kernel's weighting code, and return_lse checked against it."""
+    if not isinstance(weights, str) or weights not in WEIGHTS:
+        raise ValueError(f"weights must be 'softmax' or 'dot', got {weights!r}")
+    return_lse = flag(return_lse, "return_lse")
+    if return_lse and weights != "softmax":
+        raise ValueError("return_lse=True needs weights='softmax'")
+    return WEIGHTS[weights], return_lse
+
+
+def scale(scale, wmode, d):
+    """scale, defaulting to 1/sqrt(D) for softmax and 1 for dot weights."""
+    if scale is None:
+        return 1.0 if wmode == _core.WEIGHTS_DOT or d == 0 else 1.0 / math.sqrt(d)
+    return real(scale, "scale")
+
+
+def mask_operand(mask, lq, lk):
+    """Mask as (array viewed with >= 2 dims, kind), checking dtype and core dims."""
+    m = as_array(mask, "mask", "bool, float32 or float64", MASK_KINDS)
+    if m.ndim < 2:
+        m = m.reshape((1,) * (2 - m.ndim) + m.shape)
+    if m.shape[-2] not in (1, lq) or m.shape[-1] not in (1, lk):
+        raise ValueError(
+            f"mask of shape {m.shape} does not broadcast to (..., Lq, Lk) = (..., {lq}, {lk})"
+        )
+    return m, MASK_KINDS[m.dtype]
+
+
+def alibi_slopes(slopes, lead):
+    """One float64 slope per query head: slopes broadcast to the query heads'
+    leading dimensions `lead`, flattened in C order; None stays None."""
+    if slopes is None:
+        return None
+    s = as_array(slopes, "alibi_slopes")
+    try:
+        s = np.broadcast_to(s, lead)
+    except ValueError:
+        raise ValueError(
+            f"alibi_slopes of shape {s.shape} must broadcast to the leading "
+            f"dimensions {lead} (one slope per query head)"
+        ) from None
+    return np.ascontiguousarray(s, dtype=np.float64).reshape(-1)
+
+
+# ---- shapes ----------------------------------------------------------------------
+
+
+def broadcast(named_shapes, what="leading dimensions"):
+    """numpy's broadcasting rule, with an error naming every argument, and a
+    ValueError (not an overflow) when the result has 2**63 entries or more."""
+    desc = ", ".join(f"{n} {s}" for n, s in named_shapes)
+    ndim = max((len(s) for _, s in named_shapes), default=0)
+    out = [1] * ndim
+    for _, shape in named_shapes:
+        for ax, n in enumerate(shape, ndim - len(shape)):
+            if n != 1:
+                if out[ax] not in (1, n):
+                    raise ValueError(f"{what} do not broadcast: {desc}")
+                out[ax] = n
+    if math.prod(out) >= 2**63:
+        raise ValueError(f"{what} are too big: {tuple(out)} has 2**63 entries or more ({desc})")
+    return tuple(out)
+
+
+def kv_group(h, g, names=()):
+    """The grouped-query rule: with q's h heads over k/v's g heads, query
+    head i uses key/value head i // (h // g), so h must be a multiple of g.
+    Returns h // g (1 when the counts are equal)."""
+    if g == h:
+        return 1
+    if g == 0 or h % g != 0:
+        desc = ", ".join(f"{n} {s}" for n, s in names)
+        raise ValueError(
+            f"head counts do not match: q has {h} heads, k/v have {g}; grouped-query "
+            f"attention needs a multiple" + (f" ({desc})" if desc else "")
+        )
+    return h // g
+
+
+def lead_group(q_lead, kv_leads, names):
+    """Grouped-query heads for operands with leading dimensions: the factor
+    by which q's head axis (its last leading axis) exceeds the head axis k and
+    v share, or 1 where that axis broadcasts instead (k/v heads of 1, or q
+    without one).  Any other mismatch is left to broadcast() to report."""
+    if not q_lead:
+        return 1
+    h = q_lead[-1]
+    gs = {lead[-1] for lead in kv_leads if lead}
+    gs.discard(1)
+    if len(gs) != 1 or h <= 1:
+        return 1
+    g = gs.pop()
+    group = kv_group(h, g, names)
+    if group > 1 and any(lead and lead[-1] not in (1, g) for lead in kv_leads):
+        raise ValueError("k and v must have the same number of heads")
+    return group
+
+
+def check_out(out, shape, dtype, inputs, name="out"):
+    """`out` checked against the result's shape and dtype and the inputs, or a new array."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if any(st == 0 and n > 1 for n, st in zip(out.shape, out.strides)):
+        raise ValueError(f"{name} has overlapping elements (a zero stride), strides {out.strides}")
+    for other, a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{name} overlaps the input {other}")
+    return out
+
+
+def cu_seqlens(cu, name, total):
+    """Cumulative sequence lengths (int64): from 0, never decreasing, ending at `total`."""
+    cu = np.asarray(cu)
+    if cu.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {cu.dtype}")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {cu.shape}")
+    cu = cu.astype(np.int64)
+    if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] != total:
+        raise ValueError(
+            f"{name} must start at 0, never decrease and end at the packed length {total}, got {cu}"
+        )
+    return cu
+
+
+# ---- whole argument sets ------------------------------------------------------
+
+
+class _Options:
+    """Score options in the kernels' terms (shared by the argument sets)."""
+
+    def _options(self, wmode, scale_, causal, align, window_, softcap_):
+        self.weights = wmode
+        self.scale = scale(scale_, wmode, self.d)
+        self.causal = flag(causal, "causal")
+        self.top_left = top_left(align)
+        self.window = window(window_)
+        self.softcap = softcap(softcap_)
+
+
+class ScoreArgs(_Options):
+    """The validated arguments of attention() and scores(): arrays in the
+    result dtype, the leading dimensions they broadcast to, the grouped-query
+    factor and every score option in the kernels' terms."""
+
+    def __init__(self, q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode,
+                 align="bottom-right"):
+        q = as_array(q, "q")
+        k = as_array(k, "k")
+        check_ndim(q, "q")
+        check_ndim(k, "k")
+        arrays = [("q", q), ("k", k)]
+        if v is not None:
+            v = as_array(v, "v")
+            check_ndim(v, "v", "(..., Lk, Dv)")
+            arrays.append(("v", v))
+        self.originals = list(arrays)
+        self.dtype = result_dtype(arrays)
+        if q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"q and k must have the same head dim D: q {q.shape}, k {k.shape}")
+        if v is not None and v.shape[-2] != k.shape[-2]:
+            raise ValueError(f"k and v must have the same length Lk: k {k.shape}, v {v.shape}")
+        self.lq, self.d = q.shape[-2:]
+        self.lk = k.shape[-2]
+        self.dv = v.shape[-1] if v is not None else 0
+        self._options(wmode, scale_, causal, align, window_, softcap_)
+
+        self.mask, self.mask_kind = None, _core.MASK_NONE
+        if mask is not None:
+            self.mask, self.mask_kind = mask_operand(mask, self.lq, self.lk)
+            self.originals.append(("mask", self.mask))
+
+        leads = [(n, a.shape[:-2]) for n, a in arrays]
+        if self.mask is not None:
+            leads.append(("mask", self.mask.shape[:-2]))
+        kv_leads = [a.shape[:-2] for n, a in arrays if n in ("k", "v")]
+        self.group = lead_group(q.shape[:-2], kv_leads, leads)
+        if self.group > 1:  # broadcast the kv head axis as if it had q's length
+            h = q.shape[-3]
+            leads = [(n, s[:-1] + (h,)) if n in ("k", "v") else (n, s) for n, s in leads]
+        self.lead = broadcast(leads)
+        self.slopes = alibi_slopes(slopes, self.lead)
+
+        # kernels compute in the result dtype: convert (copies only q, k, v)
+        self.q = np.asarray(q, dtype=self.dtype)
+        self.k = np.asarray(k, dtype=self.dtype)
+        self.v = np.asarray(v, dtype=self.dtype) if v is not None else None
+
+
+class VarlenArgs(_Options):
+    """The validated arguments of attention_varlen(): q (total_q, H, D), k and
+    v (total_k, G, D|Dv) in the result dtype, the sequence offsets as int64,
+    the grouped-query factor H // G and the score options."""
+
+    def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale_, causal, window_, softcap_, slopes,
+                 wmode, align):
+        q = as_array(q, "q")
+        k = as_array(k, "k")
+        v = as_array(v, "v")
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            if a.ndim != 3:
+                raise ValueError(f"{name} must have shape (total, heads, dim), got {a.shape}")
+        total_q, h, self.d = q.shape
+        total_k, g, _ = k.shape
+        self.dv = v.shape[2]
+        if k.shape[2] != self.d:
+            raise ValueError(f"q and k must have the same head dim D: q {q.shape}, k {k.shape}")
+        if v.shape[:2] != k.shape[:2]:
+            raise ValueError(f"k and v must have the same length and heads: k {k.shape}, v {v.shape}")
+        self.group = kv_group(h, g, [("q", q.shape), ("k", k.shape), ("v", v.shape)])
+        self.cu_q = cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
+        self.cu_k = cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total_k)
+        if self.cu_q.shape != self.cu_k.shape:
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                             f"{self.cu_q.shape[0]} and {self.cu_k.shape[0]}")
+        self._options(wmode, scale_, causal, align, window_, softcap_)
+        self.mask, self.mask_kind = None, _core.MASK_NONE
+        self.slopes = alibi_slopes(slopes, (h,))
+        self.originals = [("q", q), ("k", k), ("v", v)]
+        self.dtype = result_dtype(self.originals)
+        self.q, self.k, self.v = (np.asarray(a, dtype=self.dtype) for a in (q, k, v))
