@@ -92,6 +92,7 @@ class BuildExt(build_ext):
 
 C_SOURCES = [
     "csrc/fa_dispatch.c",
+    "csrc/fa_driver.c",
     "csrc/fa_path_generic.c",
     "csrc/fa_path_avx2.c",
     "csrc/fa_path_avx512.c",
@@ -114,7 +115,9 @@ extensions = [
         depends=[
             "csrc/fastattn.h",
             "csrc/fa_internal.h",
-            "csrc/fa_kernel_impl.h",
+            "csrc/fa_tile.h",
+            "csrc/fa_tile_impl.h",
+            "csrc/fa_tile_bf16dp.h",
             "csrc/fa_path_instances.h",
             "csrc/fa_vec.h",
             "csrc/fa_half.h",

@@ -7,8 +7,32 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fa_internal.h"
 #include "fa_omp.h"
+#include "fa_tile.h"
+
+/* CPU features a kernel path may need (bits of fa_path.needs). */
+enum {
+    FA_CPU_AVX2 = 1u << 0,       /* AVX2 and FMA, with the OS saving YMM state */
+    FA_CPU_F16C = 1u << 1,       /* float16 conversions */
+    FA_CPU_AVX512 = 1u << 2,     /* AVX-512 F, BW, DQ, VL, with the OS saving ZMM and opmask state */
+    FA_CPU_AVX512BF16 = 1u << 3, /* the bfloat16 dot product, vdpbf16ps */
+    FA_CPU_NEON = 1u << 4        /* AArch64 Advanced SIMD (every AArch64 CPU) */
+};
+
+/*
+ * One kernel path: the architecture it is built for, the CPU features it
+ * needs, and its tile operations for each element type (a path may reuse
+ * another's for a type it adds nothing to, as avx512bf16 does for all but
+ * bfloat16).  Adding a path is one source file and one row of fa_paths.
+ */
+typedef struct {
+    const char *name;
+    const char *arch;
+    unsigned needs;            /* FA_CPU_* bits */
+    const char *feature_names; /* the same, for people */
+    const fa_tile_ops *ops[FA_DTYPE_COUNT];
+    fa_exp_fn exp_f32;
+} fa_path;
 
 #if FA_HAVE_X86_PATHS
 #include <cpuid.h>
@@ -70,18 +94,18 @@ static unsigned fa_cpu_features(void)
  */
 static const fa_path fa_paths[] = {
     {"generic", "any", 0, "",
-     {fa_run_f32_generic, fa_run_f64_generic, fa_run_f16_generic, fa_run_bf16_generic},
+     {&fa_ops_f32_generic, &fa_ops_f64_generic, &fa_ops_f16_generic, &fa_ops_bf16_generic},
      fa_exp_f32_generic},
 #if FA_HAVE_X86_PATHS
     {"avx2", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C, "avx2 fma f16c",
-     {fa_run_f32_avx2, fa_run_f64_avx2, fa_run_f16_avx2, fa_run_bf16_avx2},
+     {&fa_ops_f32_avx2, &fa_ops_f64_avx2, &fa_ops_f16_avx2, &fa_ops_bf16_avx2},
      fa_exp_f32_avx2},
     {"avx512", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C | FA_CPU_AVX512, "avx512f avx512bw avx512dq avx512vl",
-     {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512},
+     {&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512},
      fa_exp_f32_avx512},
     {"avx512bf16", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C | FA_CPU_AVX512 | FA_CPU_AVX512BF16,
      "avx512f avx512bw avx512dq avx512vl avx512_bf16",
-     {fa_run_f32_avx512, fa_run_f64_avx512, fa_run_f16_avx512, fa_run_bf16_avx512bf16},
+     {&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512bf16},
      fa_exp_f32_avx512},
 #endif
 };
@@ -238,7 +262,7 @@ static int fa_run(const fa_problem *p, int kind)
     int threads = p->num_threads;
     if (total < (double)FA_SERIAL_WORK) threads = 1;
     if ((int64_t)threads > n_items) threads = (int)n_items;
-    const int status = fa_paths[p->path].run[p->dtype](p, kind, items, n_items, n_parts, threads);
+    const int status = fa_run_items(p, kind, items, n_items, n_parts, threads, fa_paths[p->path].ops[p->dtype]);
     free(items);
     return status;
 }

@@ -2,7 +2,7 @@
  * fa_half.h - scalar conversions between float and the 16-bit storage types
  * (IEEE binary16 and bfloat16), with round-to-nearest-even, infinities, NaN
  * and subnormals handled.  Portable C; paths with F16C convert float16
- * vectors with it instead (fa_kernel_impl.h).
+ * vectors with it instead (fa_tile_impl.h).
  */
 #ifndef FA_HALF_H
 #define FA_HALF_H

@@ -47,53 +47,8 @@ typedef struct {
     int64_t cost;   /* estimated multiply-adds, for scheduling only */
 } fa_item;
 
-typedef int (*fa_run_fn)(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,
-                         int64_t n_parts, int num_threads);
-typedef void (*fa_exp_fn)(const float *x, float *y, int64_t n);
-
-/* CPU features a kernel path may need (bits of fa_path.needs). */
-enum {
-    FA_CPU_AVX2 = 1u << 0,       /* AVX2 and FMA, with the OS saving YMM state */
-    FA_CPU_F16C = 1u << 1,       /* float16 conversions */
-    FA_CPU_AVX512 = 1u << 2,     /* AVX-512 F, BW, DQ, VL, with the OS saving ZMM and opmask state */
-    FA_CPU_AVX512BF16 = 1u << 3, /* the bfloat16 dot product, vdpbf16ps */
-    FA_CPU_NEON = 1u << 4        /* AArch64 Advanced SIMD (every AArch64 CPU) */
-};
-
-/*
- * One kernel path: the architecture it is built for, the CPU features it
- * needs, and its driver for each element type (a path may reuse another's
- * driver for a type it adds nothing to, as avx512bf16 does for all but
- * bfloat16).  fa_dispatch.c holds the table; adding a path is one source
- * file and one row there.
- */
-typedef struct {
-    const char *name;
-    const char *arch;
-    unsigned needs;           /* FA_CPU_* bits */
-    const char *feature_names; /* the same, for people */
-    fa_run_fn run[FA_DTYPE_COUNT];
-    fa_exp_fn exp_f32;
-} fa_path;
-
-#define FA_DECLARE_PATH(isa)                                                                    \
-    int fa_run_f32_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,   \
-                         int64_t n_parts, int num_threads);                                      \
-    int fa_run_f64_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,   \
-                         int64_t n_parts, int num_threads);                                      \
-    int fa_run_f16_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,   \
-                         int64_t n_parts, int num_threads);                                      \
-    int fa_run_bf16_##isa(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,  \
-                          int64_t n_parts, int num_threads);                                     \
-    void fa_exp_f32_##isa(const float *x, float *y, int64_t n);
-
-FA_DECLARE_PATH(generic)
 #if defined(__x86_64__) || defined(_M_X64)
 #define FA_HAVE_X86_PATHS 1
-FA_DECLARE_PATH(avx2)
-FA_DECLARE_PATH(avx512)
-int fa_run_bf16_avx512bf16(const fa_problem *p, int kind, const fa_item *items, int64_t n_items,
-                           int64_t n_parts, int num_threads);
 #else
 #define FA_HAVE_X86_PATHS 0
 #endif

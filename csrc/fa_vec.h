@@ -2,14 +2,17 @@
  * fa_vec.h - a small vector vocabulary shared by every kernel path.
  *
  * Include after defining FA_T (float or double), FA_T_IS_FLOAT and
- * FA_VEC_ISA (0 = portable C, 1 = AVX2+FMA, 2 = AVX-512: a plain number,
- * since the preprocessor tests it).  It may be included several times in
+ * FA_VEC_ISA (0 = portable C, 1 = AVX2+FMA, 2 = AVX-512, 3 = AArch64 NEON:
+ * a plain number, since the preprocessor tests it).  It may be included several times in
  * one translation unit; each inclusion redefines:
  *
  *   fa_vec          the vector type, FA_W lanes of FA_T
  *   FA_MR, FA_NV    register tile of the micro-kernels: FA_MR rows by
  *                   FA_NV vectors (the largest that fits the register file
  *                   with the operand vectors beside it)
+ *   FA_ROWS_MAX     items of at most this many query rows use the few-row
+ *                   (decoding) kernels, whose lanes run along D; 0: none
+ *   FA_F16C         1 where float16 converts with x86's F16C instructions
  *   FA_RV           vectors of one row the few-row (decoding) kernels keep
  *                   in registers: a chunk of a query row against FA_W
  *                   accumulators, or two output rows of FA_RV vectors
@@ -30,6 +33,8 @@
  */
 
 #undef FA_W
+#undef FA_ROWS_MAX
+#undef FA_F16C
 #undef FA_MR
 #undef FA_NV
 #undef FA_RV
@@ -76,6 +81,8 @@
 #define FA_MR 6
 #define FA_NV 4
 #define FA_RV 8
+#define FA_ROWS_MAX (FA_W / 2)
+#define FA_F16C 1
 
 #ifndef FA_AVX512_HELPERS
 #define FA_AVX512_HELPERS
@@ -183,6 +190,9 @@ static inline __m512d fa_exp_pd512(__m512d x)
 #define FA_MR 6
 #define FA_NV 2
 #define FA_RV 4
+/* double vectors are too narrow for the few-row kernels to gain */
+#define FA_ROWS_MAX (FA_W >= 8 ? FA_W / 2 : 0)
+#define FA_F16C 1
 
 #ifndef FA_AVX2_HELPERS
 #define FA_AVX2_HELPERS
@@ -295,11 +305,129 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VLOAD_MASKZ(m, p) _mm256_maskload_pd((p), (m))
 #endif
 
+#elif FA_VEC_ISA == 3 /* AArch64 NEON (Advanced SIMD), 32 registers of 128 bits */
+
+#include <arm_neon.h>
+#include <math.h>
+#define FA_MR 6
+#define FA_NV 4
+#define FA_RV 8
+#define FA_F16C 0
+
+#ifndef FA_NEON_HELPERS
+#define FA_NEON_HELPERS
+/* exp(x) for float lanes, as fa_exp_ps256: x = n ln2 + r, exp(r) by the
+ * same polynomial, 2^n built in the exponent field; results that would be
+ * subnormal (x < -87.33) are flushed to 0; NaN propagates. */
+static inline float32x4_t fa_exp_f32x4(float32x4_t x)
+{
+    const float32x4_t lo = vdupq_n_f32(-87.33654f);
+    const uint32x4_t tiny = vcltq_f32(x, lo);
+    const float32x4_t xc = vmaxq_f32(lo, x); /* NaN stays NaN */
+    const float32x4_t n = vrndnq_f32(vmulq_f32(xc, vdupq_n_f32(FA_LOG2E)));
+    float32x4_t r = vfmsq_f32(xc, n, vdupq_n_f32(FA_LN2_HI));
+    r = vfmsq_f32(r, n, vdupq_n_f32(FA_LN2_LO));
+    float32x4_t y = vdupq_n_f32(FA_EXP_C7);
+    y = vfmaq_f32(vdupq_n_f32(FA_EXP_C6), y, r);
+    y = vfmaq_f32(vdupq_n_f32(FA_EXP_C5), y, r);
+    y = vfmaq_f32(vdupq_n_f32(FA_EXP_C4), y, r);
+    y = vfmaq_f32(vdupq_n_f32(FA_EXP_C3), y, r);
+    y = vfmaq_f32(vdupq_n_f32(FA_EXP_C2), y, r);
+    y = vfmaq_f32(vdupq_n_f32(1.0f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(1.0f), y, r);
+    /* n >= -126 here, so 2^n is a normal float */
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    y = vmulq_f32(y, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(y), tiny));
+}
+
+static inline float64x2_t fa_exp_f64x2(float64x2_t x)
+{
+    return vcombine_f64(vdup_n_f64(exp(vgetq_lane_f64(x, 0))), vdup_n_f64(exp(vgetq_lane_f64(x, 1))));
+}
+
+/* Lanes lo <= i < hi of a mask of 4 (or 2) lanes. */
+static inline uint32x4_t fa_mask_u32x4(int lo, int hi)
+{
+    const int32x4_t i = {0, 1, 2, 3};
+    return vandq_u32(vcgeq_s32(i, vdupq_n_s32(lo)), vcltq_s32(i, vdupq_n_s32(hi)));
+}
+static inline uint64x2_t fa_mask_u64x2(int lo, int hi)
+{
+    const int64x2_t i = {0, 1};
+    return vandq_u64(vcgeq_s64(i, vdupq_n_s64(lo)), vcltq_s64(i, vdupq_n_s64(hi)));
+}
+
+/* The masked lanes of p, others zero, without touching the memory of the
+ * others (NEON has no masked load). */
+static inline float32x4_t fa_load_maskz_f32x4(uint32x4_t m, const float *p)
+{
+    float t[4];
+    uint32_t b[4];
+    vst1q_u32(b, m);
+    for (int i = 0; i < 4; i++) t[i] = b[i] ? p[i] : 0.0f;
+    return vld1q_f32(t);
+}
+static inline float64x2_t fa_load_maskz_f64x2(uint64x2_t m, const double *p)
+{
+    return vcombine_f64(vdup_n_f64(vgetq_lane_u64(m, 0) ? p[0] : 0.0), vdup_n_f64(vgetq_lane_u64(m, 1) ? p[1] : 0.0));
+}
+#endif
+
+#if FA_T_IS_FLOAT
+#define fa_vec float32x4_t
+#define FA_W 4
+#define FA_ROWS_MAX 2
+#define VZERO() vdupq_n_f32(0.0f)
+#define VLOAD(p) vld1q_f32(p)
+#define VSTORE(p, x) vst1q_f32((p), (x))
+#define VBCAST(x) vdupq_n_f32(x)
+#define VFMA(a, b, c) vfmaq_f32((c), (a), (b))
+#define VMUL(a, b) vmulq_f32((a), (b))
+#define VADD(a, b) vaddq_f32((a), (b))
+#define VSUB(a, b) vsubq_f32((a), (b))
+/* a > b ? a : b lane by lane, as the other paths (a NaN in b is kept, in a dropped) */
+#define VMAX(a, b) vbslq_f32(vcgtq_f32((a), (b)), (a), (b))
+#define VNEGINF0(a) vbslq_f32(vceqq_f32((a), vdupq_n_f32(-INFINITY)), vdupq_n_f32(0.0f), (a))
+#define VHMAX(a) vmaxvq_f32(a)
+#define VHSUM(a) vaddvq_f32(a)
+#define VEXP(x) fa_exp_f32x4(x)
+#define fa_mask uint32x4_t
+#define VMASK(lo, hi) fa_mask_u32x4((lo), (hi))
+#define VMASK_ALL vdupq_n_u32(0xffffffffu)
+#define VMASK_AND(a, b) vandq_u32((a), (b))
+#define VLOAD_MASKZ(m, p) fa_load_maskz_f32x4((m), (p))
+#else
+#define fa_vec float64x2_t
+#define FA_W 2
+#define FA_ROWS_MAX 0
+#define VZERO() vdupq_n_f64(0.0)
+#define VLOAD(p) vld1q_f64(p)
+#define VSTORE(p, x) vst1q_f64((p), (x))
+#define VBCAST(x) vdupq_n_f64(x)
+#define VFMA(a, b, c) vfmaq_f64((c), (a), (b))
+#define VMUL(a, b) vmulq_f64((a), (b))
+#define VADD(a, b) vaddq_f64((a), (b))
+#define VSUB(a, b) vsubq_f64((a), (b))
+#define VMAX(a, b) vbslq_f64(vcgtq_f64((a), (b)), (a), (b))
+#define VNEGINF0(a) vbslq_f64(vceqq_f64((a), vdupq_n_f64(-INFINITY)), vdupq_n_f64(0.0), (a))
+#define VHMAX(a) vmaxvq_f64(a)
+#define VHSUM(a) vaddvq_f64(a)
+#define VEXP(x) fa_exp_f64x2(x)
+#define fa_mask uint64x2_t
+#define VMASK(lo, hi) fa_mask_u64x2((lo), (hi))
+#define VMASK_ALL vdupq_n_u64(~0ull)
+#define VMASK_AND(a, b) vandq_u64((a), (b))
+#define VLOAD_MASKZ(m, p) fa_load_maskz_f64x2((m), (p))
+#endif
+
 #else /* portable C: one-lane "vectors", a 4x4 register tile */
 
 #include <math.h>
 #define fa_vec FA_T
 #define FA_W 1
+#define FA_ROWS_MAX 0
+#define FA_F16C 0
 #define FA_MR 4
 #define FA_NV 4
 #define FA_RV 1

@@ -1,0 +1,108 @@
+/*
+ * fa_driver.c - runs a problem's work items on one path's tile operations:
+ * the OpenMP region, each thread's scratch, each item's walk over its key
+ * tiles and, for split-KV, the merge of the partial results.  Written once
+ * for every path and element type (see fa_tile.h); compiled for the baseline
+ * instruction set only.
+ */
+#include <stdlib.h>
+
+#include "fa_omp.h"
+#include "fa_tile.h"
+
+/* Fused attention over the keys of item `it`: rows [row0, row0 + bq) of
+ * entry e.  A split-KV item writes its unnormalised rows to its slot. */
+static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, const fa_item *it,
+                              void *w, int64_t row0, int64_t bq, char *slots, int64_t slot_bytes)
+{
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
+    const int few = bq <= ops->rows_max;
+    ops->attn_begin(p, e, w, row0, bq);
+    int64_t klo, khi, unused;
+    fa_block_range(p, lq, lk, row0, bq, &klo, &khi, &unused, &unused);
+    klo = fa_max64(klo, it->k_lo);
+    khi = fa_min64(khi, it->k_hi);
+    const int64_t tile = few ? ops->rows_tile : FA_BK;
+    for (int64_t k0 = klo; k0 < khi; k0 += tile) {
+        const int64_t bk = fa_min64(tile, khi - k0);
+        /* decoding streams K and V once: ask for the tile after next (one
+         * ahead is too late to hide the memory latency) */
+        const int64_t pf0 = k0 + 2 * FA_BK;
+        const fa_prefetch_plan pf = {
+            (const char *)p->k + e[FA_E_K] + pf0 * p->k_rs, (const char *)p->v + e[FA_E_V] + pf0 * p->v_rs,
+            p->k_rs, p->v_rs, p->d * p->k_cs, p->dv * p->v_cs,
+            few ? fa_max64(0, fa_min64(FA_BK, khi - pf0)) : 0};
+        ops->attn_score_tile(p, e, w, row0, bq, k0, bk, &pf);
+        ops->weights_tile(w, softmax, bq, bk);
+        ops->attn_pv_tile(p, e, w, bq, k0, bk);
+    }
+    if (it->part >= 0)
+        ops->store_partial(p, w, bq, slots + it->part * slot_bytes);
+    else
+        ops->store_rows(p, e, w, row0, bq, softmax);
+}
+
+static void fa_scores_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, void *w, int64_t row0,
+                           int64_t bq)
+{
+    const int64_t lk = e[FA_E_LK];
+    ops->scores_begin(p, e, w, row0, bq);
+    for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) ops->scores_tile(p, e, w, row0, bq, k0, fa_min64(FA_BK, lk - k0));
+}
+
+static void fa_wsum_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, void *w, int64_t row0,
+                         int64_t bq)
+{
+    const int64_t lk = e[FA_E_LK];
+    ops->wsum_begin(p, e, w, bq);
+    for (int64_t k0 = 0; k0 < lk; k0 += FA_BK) ops->wsum_tile(p, e, w, row0, bq, k0, fa_min64(FA_BK, lk - k0));
+    ops->store_rows(p, e, w, row0, bq, 0);
+}
+
+int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
+                 int num_threads, const fa_tile_ops *ops)
+{
+    int status = FA_OK;
+    if (n_items <= 0) return FA_OK;
+    /* a partial slot: FA_BQ rows of the accumulator, then the rows' max and sum */
+    const int64_t slot_bytes = FA_BQ * (fa_roundup64(p->dv, ops->width) + 2) * ops->elem_bytes;
+    char *slots = NULL;
+    if (n_parts > 0) {
+        if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / (uint64_t)slot_bytes) return FA_ERR_NOMEM;
+        slots = (char *)malloc((size_t)(n_parts * slot_bytes));
+        if (!slots) return FA_ERR_NOMEM;
+    }
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+        void *w = ops->scratch_new(p);
+        if (!w) {
+#pragma omp atomic write
+            status = FA_ERR_NOMEM;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_items; t++) {
+            if (!w) continue;
+            const int64_t *e = p->entries + items[t].entry * FA_ENTRY_FIELDS;
+            const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - row0);
+            switch (kind) {
+            case FA_KIND_ATTENTION: fa_attention_item(p, ops, e, &items[t], w, row0, bq, slots, slot_bytes); break;
+            case FA_KIND_SCORES: fa_scores_item(p, ops, e, w, row0, bq); break;
+            default: fa_wsum_item(p, ops, e, w, row0, bq); break;
+            }
+        }
+        if (n_parts > 0) { /* after the loop's barrier every partial is written */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < n_items; t++) {
+                const fa_item *it = &items[t];
+                if (!w || it->split != 0 || it->part < 0) continue;
+                const int64_t *e = p->entries + it->entry * FA_ENTRY_FIELDS;
+                const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
+                ops->merge_rows(p, e, w, slots, it->part, it->nsplit, it->row0, bq);
+            }
+        }
+        if (w) ops->scratch_free(w);
+    }
+    free(slots);
+    return status;
+}

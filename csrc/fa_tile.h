@@ -1,0 +1,92 @@
+/*
+ * fa_tile.h - the seam between the driver and the kernel paths.
+ *
+ * The driver (fa_driver.c, compiled once for the baseline instruction set)
+ * owns the work: items, the OpenMP region, each item's walk over its key
+ * tiles, split-KV and the merge of its partial results.  A kernel path
+ * supplies, for each element type, a table of tile operations that do the
+ * arithmetic on one tile at a time with that path's instructions: pack an
+ * item's queries, compute a score tile (with every score option), turn it
+ * into weights (online softmax or plain dot), add weights x V into the
+ * accumulator, and store rows.  The driver reaches them only through
+ * fa_tile_ops, so an operation's hot loops stay inlined inside it and a new
+ * path, element type or operation is a new table, not an edit of the driver.
+ *
+ * The tables are defined, with every operation named in full, in the path
+ * files (fa_path_<path>.c) from the template in fa_tile_impl.h.
+ */
+#ifndef FA_TILE_H
+#define FA_TILE_H
+
+#include "fa_internal.h"
+
+/* Rows of K and V to prefetch while a few-row (decoding) tile is computed:
+ * n rows each, from k and v (row strides k_rs, v_rs; bytes per row kb, vb). */
+typedef struct {
+    const char *k, *v;
+    int64_t k_rs, v_rs, kb, vb, n;
+} fa_prefetch_plan;
+
+/*
+ * The tile operations of one (element type, path).  `w` is the thread's
+ * scratch from scratch_new: the item's packed queries, the score tile, the
+ * output accumulator and the online-softmax state of its rows.  An item is
+ * up to FA_BQ rows of one entry, from row0; a tile is bk keys from k0.
+ */
+typedef struct {
+    const char *name;   /* element type and path, e.g. "f32_avx2" */
+    int elem_bytes;     /* size of the compute type (float or double) */
+    int width;          /* lanes of a vector of the compute type */
+    int rows_max;       /* items of at most this many rows use the few-row (decoding) kernels */
+    int rows_tile;      /* keys per tile for such items (FA_BK for others) */
+
+    void *(*scratch_new)(const fa_problem *p); /* NULL if out of memory */
+    void (*scratch_free)(void *w);
+
+    /* fused attention: begin (pack queries, reset the rows' state), then per
+     * key tile score -> weights -> P.V, then store the rows or a partial */
+    void (*attn_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);
+    void (*attn_score_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq,
+                            int64_t k0, int64_t bk, const fa_prefetch_plan *pf);
+    void (*weights_tile)(void *w, int softmax, int64_t bq, int64_t bk);
+    void (*attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk);
+    void (*store_rows)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int normalise);
+    /* split-KV: an item's unnormalised rows and their max and sum into a
+     * slot (FA_BQ * (dv rounded up to `width`) + 2 FA_BQ elements), and the
+     * merge of an entry's nsplit slots, first .. first + nsplit - 1 */
+    void (*store_partial)(const fa_problem *p, void *w, int64_t bq, void *slot);
+    void (*merge_rows)(const fa_problem *p, const int64_t *e, void *w, const void *slots, int64_t first,
+                       int nsplit, int64_t row0, int64_t bq);
+
+    /* scores: pack queries, then per key tile write the scores to out */
+    void (*scores_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);
+    void (*scores_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                        int64_t bk);
+
+    /* weighted sum: reset the rows, then per key tile accumulate W V */
+    void (*wsum_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t bq);
+    void (*wsum_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                      int64_t bk);
+} fa_tile_ops;
+
+/* Run the items of a problem on the tile operations `ops` (fa_driver.c). */
+int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
+                 int num_threads, const fa_tile_ops *ops);
+
+/* The softmax exponential of each path, exposed for accuracy tests. */
+typedef void (*fa_exp_fn)(const float *x, float *y, int64_t n);
+void fa_exp_f32_generic(const float *x, float *y, int64_t n);
+#if FA_HAVE_X86_PATHS
+void fa_exp_f32_avx2(const float *x, float *y, int64_t n);
+void fa_exp_f32_avx512(const float *x, float *y, int64_t n);
+#endif
+
+/* The tables of every path of this build (one per element type). */
+extern const fa_tile_ops fa_ops_f32_generic, fa_ops_f64_generic, fa_ops_f16_generic, fa_ops_bf16_generic;
+#if FA_HAVE_X86_PATHS
+extern const fa_tile_ops fa_ops_f32_avx2, fa_ops_f64_avx2, fa_ops_f16_avx2, fa_ops_bf16_avx2;
+extern const fa_tile_ops fa_ops_f32_avx512, fa_ops_f64_avx512, fa_ops_f16_avx512, fa_ops_bf16_avx512;
+extern const fa_tile_ops fa_ops_bf16_avx512bf16;
+#endif
+
+#endif /* FA_TILE_H */
