@@ -97,6 +97,7 @@ C_SOURCES = [
     "csrc/fa_path_avx2.c",
     "csrc/fa_path_avx512.c",
     "csrc/fa_path_avx512bf16.c",
+    "csrc/fa_path_neon.c",
 ]
 
 # -fno-wrapv undoes the -fwrapv that Python's own build flags carry: with it,

@@ -107,6 +107,10 @@ static const fa_path fa_paths[] = {
      "avx512f avx512bw avx512dq avx512vl avx512_bf16",
      {&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512bf16},
      fa_exp_f32_avx512},
+#elif defined(__aarch64__)
+    {"neon", "aarch64", FA_CPU_NEON, "neon (asimd)",
+     {&fa_ops_f32_neon, &fa_ops_f64_neon, &fa_ops_f16_neon, &fa_ops_bf16_neon},
+     fa_exp_f32_neon},
 #endif
 };
 

@@ -1,6 +1,7 @@
 """Properties of the kernel building blocks."""
 import io
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -148,6 +149,19 @@ def test_paths_are_chosen_by_capability():
     fastattn.show_config(file=text)
     for name, arch, _, ok in _config.PATHS:
         assert re.search(rf"^\s+{name}\s+{arch}; .*; {'yes' if ok else 'no'}$", text.getvalue(), re.M), name
+
+
+def test_the_architecture_s_own_path_is_preferred():
+    names = [p[0] for p in _config.PATHS]
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        assert names == ["generic", "neon"]
+    elif machine in ("x86_64", "amd64"):
+        assert names == ["generic", "avx2", "avx512", "avx512bf16"]
+    else:
+        assert names == ["generic"]
+    if not os.environ.get("FASTATTN_ISA"):
+        assert fastattn.get_isa() == fastattn.available_isas()[-1]
 
 
 @pytest.mark.parametrize("name", fastattn.available_isas())

@@ -1,0 +1,389 @@
+/*
+ * check_kernels.c - checks every kernel path of a build, without Python,
+ * against a scalar float64 reference written out here.
+ *
+ * For each path this CPU runs (fa_path_supported) and each element type it
+ * runs every operation of the C interface on shapes and options chosen so
+ * that every tile operation of the path's tables runs: prefill items
+ * (S^T tiles, online softmax, P.V, stored rows), few-row items (the
+ * decoding kernels), split-KV items (partial slots and their merge), dot
+ * weights, fa_scores and fa_weighted_sum; with causal in both alignments,
+ * windows, soft-cap, ALiBi, bool and float masks, grouped query heads and
+ * two entries per problem, at awkward sizes that leave tails everywhere.
+ * The x86 paths run natively; the NEON path runs under qemu-aarch64
+ * (tools/check_kernels.sh).  Exit status 0 when every check passes.
+ *
+ *   cc -O2 -fopenmp -Icsrc tests/c/check_kernels.c csrc/fa_*.c -lm
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fa_half.h"
+#include "fastattn.h"
+
+static const char *const DTYPE_NAMES[FA_DTYPE_COUNT] = {"f32", "f64", "f16", "bf16"};
+static const int DTYPE_BYTES[FA_DTYPE_COUNT] = {4, 8, 2, 2};
+
+/* ---- random numbers and storage ------------------------------------------ */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static double uniform(void) /* in [-1, 1) */
+{
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (double)(rng_state >> 11) / 4503599627370496.0 - 1.0;
+}
+
+/* Store x as dtype at p, and return the stored value as a double. */
+static double store(int dtype, void *p, double x)
+{
+    switch (dtype) {
+    case FA_F32: *(float *)p = (float)x; return *(float *)p;
+    case FA_F64: *(double *)p = x; return x;
+    case FA_F16: *(uint16_t *)p = fa_f32_to_f16((float)x); return fa_f16_to_f32(*(uint16_t *)p);
+    default: *(uint16_t *)p = fa_f32_to_bf16((float)x); return fa_bf16_to_f32(*(uint16_t *)p);
+    }
+}
+
+static double load(int dtype, const void *p)
+{
+    switch (dtype) {
+    case FA_F32: return *(const float *)p;
+    case FA_F64: return *(const double *)p;
+    case FA_F16: return fa_f16_to_f32(*(const uint16_t *)p);
+    default: return fa_bf16_to_f32(*(const uint16_t *)p);
+    }
+}
+
+/* An array of n values of dtype, random, with its values as doubles. */
+typedef struct {
+    char *data;
+    double *val;
+    int64_t n;
+} array;
+
+static array make_array(int dtype, int64_t n, double scale)
+{
+    array a = {malloc((size_t)(n ? n : 1) * 8), malloc((size_t)(n ? n : 1) * sizeof(double)), n};
+    for (int64_t i = 0; i < n; i++) a.val[i] = store(dtype, a.data + i * DTYPE_BYTES[dtype], scale * uniform());
+    return a;
+}
+
+static void free_array(array *a)
+{
+    free(a->data);
+    free(a->val);
+}
+
+/* ---- a case --------------------------------------------------------------- */
+
+typedef struct {
+    const char *what;
+    int64_t entries, group, lq, lk, d, dv;
+    int causal, top_left;
+    int64_t window_left, window_right;
+    double softcap;
+    int alibi, mask_kind, dot;
+} spec;
+
+static int failures = 0, checks = 0;
+
+/* Compare got with want (relative to the row's magnitude mag, plus an
+ * allowance of its own); report the first failure of a case. */
+static int close_enough(double got, double want, double tol_abs, double tol_rel, double extra)
+{
+    if (isinf(want) || isnan(want)) return got == want || (isnan(got) && isnan(want));
+    return fabs(got - want) <= tol_abs + tol_rel * fabs(want) + extra;
+}
+
+/* The scores of virtual row v = (head h, query i) of an entry: s[j], -inf where hidden. */
+static void ref_scores(const spec *c, double scale, const double *q, const double *k, const double *mask,
+                       const unsigned char *bmask, double slope, int64_t i, double *s)
+{
+    const int64_t pos = c->top_left ? i : i + c->lk - c->lq;
+    for (int64_t j = 0; j < c->lk; j++) {
+        double x = 0;
+        for (int64_t t = 0; t < c->d; t++) x += q[t] * k[j * c->d + t];
+        x *= scale;
+        if (c->softcap > 0) x = c->softcap * tanh(x / c->softcap);
+        if (c->alibi) x -= slope * (double)llabs(pos - j);
+        if (c->mask_kind == FA_MASK_F32 || c->mask_kind == FA_MASK_F64) x += mask[i * c->lk + j];
+        int visible = 1;
+        if (c->causal && j > pos) visible = 0;
+        if (c->window_left >= 0 && j < pos - c->window_left) visible = 0;
+        if (c->window_right >= 0 && j > pos + c->window_right) visible = 0;
+        if (c->mask_kind == FA_MASK_BOOL && !bmask[i * c->lk + j]) visible = 0;
+        s[j] = visible ? x : -INFINITY;
+    }
+}
+
+static void run_case(int path, int dtype, const spec *c)
+{
+    const int es = DTYPE_BYTES[dtype], cs = dtype == FA_F64 ? 8 : 4; /* storage, compute bytes */
+    const int64_t n = c->entries, g = c->group, lq = c->lq, lk = c->lk, d = c->d, dv = c->dv;
+    const int half = dtype == FA_F16 || dtype == FA_BF16;
+    const double scale = c->dot ? 0.5 : 1.0 / sqrt((double)(d ? d : 1));
+    /* inputs: q [n][g][lq][d], k [n][lk][d], v [n][lk][dv]; one mask for all */
+    array q = make_array(dtype, n * g * lq * d, 1.0), k = make_array(dtype, n * lk * d, 1.0);
+    array v = make_array(dtype, n * lk * dv, 1.0);
+    array w = make_array(dtype, n * lq * lk, 1.0); /* weights for fa_weighted_sum */
+    double *maskv = malloc((size_t)(lq * lk + 1) * sizeof(double));
+    unsigned char *bmask = malloc((size_t)(lq * lk + 1));
+    float *fmask = malloc((size_t)(lq * lk + 1) * sizeof(float));
+    for (int64_t t = 0; t < lq * lk; t++) {
+        bmask[t] = uniform() > -0.6; /* 80% visible */
+        fmask[t] = uniform() < -0.9 ? -INFINITY : (float)(0.5 * uniform());
+        maskv[t] = fmask[t];
+    }
+    double slopes[64];
+    for (int t = 0; t < 64; t++) slopes[t] = 0.05 + 0.01 * t;
+    char *out = calloc((size_t)(n * g * lq * (dv > lk ? dv : lk) + 1), 8);
+    char *lse = calloc((size_t)(n * g * lq + 1), 8);
+    double *s = malloc((size_t)(lk + 1) * sizeof(double));
+
+    int64_t entries[4][FA_ENTRY_FIELDS];
+    for (int64_t e = 0; e < n; e++) {
+        entries[e][FA_E_Q] = e * g * lq * d * es;
+        entries[e][FA_E_K] = e * lk * d * es;
+        entries[e][FA_E_V] = e * lk * dv * es;
+        entries[e][FA_E_OUT] = e * g * lq * dv * es;
+        entries[e][FA_E_MASK] = 0;
+        entries[e][FA_E_LSE] = e * g * lq * cs;
+        entries[e][FA_E_LQ] = lq;
+        entries[e][FA_E_LK] = lk;
+        entries[e][FA_E_HEAD] = e * g;
+    }
+    fa_problem p;
+    memset(&p, 0, sizeof p);
+    p.dtype = p.kv_dtype = dtype;
+    p.path = path;
+    p.num_threads = 2;
+    p.n_entries = n;
+    p.entries = &entries[0][0];
+    p.d = d;
+    p.dv = dv;
+    p.group = g;
+    p.q = q.data;
+    p.q_rs = d * es, p.q_cs = es, p.q_hs = lq * d * es;
+    p.k = k.data;
+    p.k_rs = d * es, p.k_cs = es;
+    p.v = v.data;
+    p.v_rs = dv * es, p.v_cs = es;
+    p.out = out;
+    p.out_rs = dv * es, p.out_cs = es, p.out_hs = lq * dv * es;
+    p.lse = c->dot ? NULL : lse;
+    p.lse_rs = cs, p.lse_hs = lq * cs;
+    p.mask_kind = c->mask_kind;
+    p.mask = c->mask_kind == FA_MASK_BOOL ? (const void *)bmask : c->mask_kind == FA_MASK_F32 ? (const void *)fmask
+                                                                                               : (const void *)maskv;
+    p.mask_rs = lk * (c->mask_kind == FA_MASK_BOOL ? 1 : c->mask_kind == FA_MASK_F32 ? 4 : 8);
+    p.mask_cs = c->mask_kind == FA_MASK_BOOL ? 1 : c->mask_kind == FA_MASK_F32 ? 4 : 8;
+    p.weights = c->dot ? FA_WEIGHTS_DOT : FA_WEIGHTS_SOFTMAX;
+    p.scale = scale;
+    p.causal = c->causal;
+    p.top_left = c->top_left;
+    p.window_left = c->window_left;
+    p.window_right = c->window_right;
+    p.softcap = c->softcap;
+    p.alibi_slopes = c->alibi ? slopes : NULL;
+
+    /* tolerances: float64 1e-12, float32 2e-5 of the magnitude; 16-bit
+     * results are rounded once to their type (2^-11 / 2^-8 relative), and
+     * bfloat16 on vdpbf16ps rounds the weights to bfloat16 (2^-8 sum|w||v|) */
+    const double tol = dtype == FA_F64 ? 1e-12 : 2e-5;
+    const double rel = dtype == FA_F16 ? 1.0 / 2048 : dtype == FA_BF16 ? 1.0 / 256 : tol;
+    int bad = 0;
+
+    /* fused attention */
+    int status = fa_attention(&p);
+    checks++;
+    if (status != FA_OK) {
+        printf("FAIL %s %s %s: fa_attention status %d\n", fa_path_name(path), DTYPE_NAMES[dtype], c->what, status);
+        failures++;
+        bad = 1;
+    }
+    for (int64_t e = 0; e < n && !bad; e++)
+        for (int64_t h = 0; h < g && !bad; h++)
+            for (int64_t i = 0; i < lq && !bad; i++) {
+                const double *qr = q.val + ((e * g + h) * lq + i) * d;
+                ref_scores(c, scale, qr, k.val + e * lk * d, maskv, bmask, slopes[e * g + h], i, s);
+                double m = -INFINITY, sum = 0, mag = 1;
+                for (int64_t j = 0; j < lk; j++) m = s[j] > m ? s[j] : m;
+                for (int64_t j = 0; j < lk; j++) {
+                    const double wj = c->dot ? (isinf(s[j]) ? 0 : s[j]) : (isinf(m) ? 0 : exp(s[j] - m));
+                    s[j] = wj;
+                    sum += wj;
+                }
+                const double norm = c->dot ? 1 : (sum > 0 ? 1 / sum : 0);
+                for (int64_t x = 0; x < dv && !bad; x++) {
+                    double want = 0, absw = 0;
+                    for (int64_t j = 0; j < lk; j++) {
+                        want += s[j] * norm * v.val[(e * lk + j) * dv + x];
+                        absw += fabs(s[j] * norm * v.val[(e * lk + j) * dv + x]);
+                    }
+                    mag = absw > mag ? absw : mag;
+                    const double got = load(dtype, out + entries[e][FA_E_OUT] + ((h * lq + i) * dv + x) * es);
+                    if (!close_enough(got, want, tol * mag, rel, half ? absw / 256 : 0)) {
+                        printf("FAIL %s %s %s: out[%lld][%lld][%lld][%lld] = %.9g, reference %.9g\n", fa_path_name(path),
+                               DTYPE_NAMES[dtype], c->what, (long long)e, (long long)h, (long long)i, (long long)x, got,
+                               want);
+                        failures++;
+                        bad = 1;
+                    }
+                }
+                if (!c->dot && !bad) {
+                    const double want = sum > 0 ? m + log(sum) : -INFINITY;
+                    const double got = load(cs == 8 ? FA_F64 : FA_F32, lse + entries[e][FA_E_LSE] + (h * lq + i) * cs);
+                    if (!close_enough(got, want, 2e-5 * (fabs(want) > 1 ? fabs(want) : 1), 0, 0)) {
+                        printf("FAIL %s %s %s: lse[%lld][%lld][%lld] = %.9g, reference %.9g\n", fa_path_name(path),
+                               DTYPE_NAMES[dtype], c->what, (long long)e, (long long)h, (long long)i, got, want);
+                        failures++;
+                        bad = 1;
+                    }
+                }
+            }
+
+    /* scores (one head per entry: fa_scores takes no groups), written in the compute type */
+    if (!bad && g == 1 && !c->dot) {
+        for (int64_t e = 0; e < n; e++) {
+            entries[e][FA_E_OUT] = e * lq * lk * cs;
+        }
+        p.out_rs = lk * cs, p.out_cs = cs, p.out_hs = 0;
+        status = fa_scores(&p);
+        checks++;
+        for (int64_t e = 0; e < n && !bad; e++)
+            for (int64_t i = 0; i < lq && !bad; i++) {
+                ref_scores(c, scale, q.val + (e * lq + i) * d, k.val + e * lk * d, maskv, bmask, slopes[e], i, s);
+                for (int64_t j = 0; j < lk && !bad; j++) {
+                    const double got = load(cs == 8 ? FA_F64 : FA_F32, out + entries[e][FA_E_OUT] + (i * lk + j) * cs);
+                    double mag = 0;
+                    for (int64_t t = 0; t < d; t++) mag += fabs(q.val[(e * lq + i) * d + t] * k.val[(e * lk + j) * d + t]);
+                    if (status != FA_OK || !close_enough(got, s[j], tol * (scale * mag + 1), 0, 0)) {
+                        printf("FAIL %s %s %s: scores[%lld][%lld][%lld] = %.9g, reference %.9g (status %d)\n",
+                               fa_path_name(path), DTYPE_NAMES[dtype], c->what, (long long)e, (long long)i,
+                               (long long)j, got, s[j], status);
+                        failures++;
+                        bad = 1;
+                    }
+                }
+            }
+    }
+
+    /* weighted sum: w (lq x lk per entry) through q */
+    if (!bad && g == 1) {
+        fa_problem ws = p;
+        for (int64_t e = 0; e < n; e++) {
+            entries[e][FA_E_Q] = e * lq * lk * es;
+            entries[e][FA_E_OUT] = e * lq * dv * es;
+        }
+        ws.q = w.data;
+        ws.q_rs = lk * es, ws.q_cs = es, ws.q_hs = 0;
+        ws.out_rs = dv * es, ws.out_cs = es, ws.out_hs = 0;
+        ws.d = 0;
+        ws.mask_kind = FA_MASK_NONE;
+        ws.lse = NULL;
+        status = fa_weighted_sum(&ws);
+        checks++;
+        for (int64_t e = 0; e < n && !bad; e++)
+            for (int64_t i = 0; i < lq && !bad; i++)
+                for (int64_t x = 0; x < dv && !bad; x++) {
+                    double want = 0, mag = 1;
+                    for (int64_t j = 0; j < lk; j++) {
+                        const double t = w.val[(e * lq + i) * lk + j] * v.val[(e * lk + j) * dv + x];
+                        want += t;
+                        mag += fabs(t);
+                    }
+                    const double got = load(dtype, out + entries[e][FA_E_OUT] + (i * dv + x) * es);
+                    if (status != FA_OK || !close_enough(got, want, tol * mag, rel, 0)) {
+                        printf("FAIL %s %s %s: weighted_sum[%lld][%lld][%lld] = %.9g, reference %.9g (status %d)\n",
+                               fa_path_name(path), DTYPE_NAMES[dtype], c->what, (long long)e, (long long)i,
+                               (long long)x, got, want, status);
+                        failures++;
+                        bad = 1;
+                    }
+                }
+    }
+
+    free_array(&q);
+    free_array(&k);
+    free_array(&v);
+    free_array(&w);
+    free(maskv);
+    free(bmask);
+    free(fmask);
+    free(out);
+    free(lse);
+    free(s);
+}
+
+/* The path's softmax exponential: relative error <= 1e-7 where exp(x) is a
+ * normal float (x in [-87, 0]); -inf gives 0, NaN stays NaN. */
+static void check_exp(int path)
+{
+    enum { N = 200003 };
+    static float x[N + 3], y[N + 3];
+    for (int i = 0; i < N; i++) x[i] = -87.0f * (float)i / (N - 1);
+    x[N] = -INFINITY, x[N + 1] = NAN, x[N + 2] = -200.0f;
+    checks++;
+    if (fa_exp_f32(path, x, y, N + 3) != FA_OK) {
+        printf("FAIL %s: fa_exp_f32 refused\n", fa_path_name(path));
+        failures++;
+        return;
+    }
+    double worst = 0;
+    for (int i = 0; i < N; i++) {
+        const double want = exp((double)x[i]), err = fabs(y[i] - want) / want;
+        worst = err > worst ? err : worst;
+    }
+    if (worst > 1e-7 || y[N] != 0 || !isnan(y[N + 1]) || y[N + 2] != 0) {
+        printf("FAIL %s: exp max relative error %.3g, exp(-inf) %g, exp(nan) %g, exp(-200) %g\n", fa_path_name(path),
+               worst, y[N], y[N + 1], y[N + 2]);
+        failures++;
+    }
+}
+
+int main(void)
+{
+    /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot */
+    const spec cases[] = {
+        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
+        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
+        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
+        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0},
+        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0},
+        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0},
+        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0},
+        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0},
+        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1},
+        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0},
+        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
+        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
+        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1},
+        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
+        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0},
+        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1},
+    };
+    const int n_cases = (int)(sizeof cases / sizeof cases[0]);
+    int paths = 0;
+    for (int path = 0; path < fa_path_count(); path++) {
+        if (!fa_path_supported(path)) {
+            printf("skip %s (this CPU lacks %s)\n", fa_path_name(path), fa_path_features(path));
+            continue;
+        }
+        paths++;
+        const int before = failures;
+        check_exp(path);
+        for (int dtype = 0; dtype < FA_DTYPE_COUNT; dtype++)
+            for (int c = 0; c < n_cases; c++) run_case(path, dtype, &cases[c]);
+        printf("%s %s (%s): %d cases x %d element types\n", failures == before ? "ok  " : "FAIL", fa_path_name(path),
+               fa_path_arch(path), n_cases, FA_DTYPE_COUNT);
+    }
+    if (failures)
+        printf("check_kernels: %d of %d checks FAILED\n", failures, checks);
+    else
+        printf("check_kernels: all %d checks ok on %d paths\n", checks, paths);
+    return failures || paths == 0 ? 1 : 0;
+}
