@@ -21,18 +21,24 @@ enum {
 
 /*
  * One kernel path: the architecture it is built for, the CPU features it
- * needs, and its tile operations for each element type (a path may reuse
- * another's for a type it adds nothing to, as avx512bf16 does for all but
- * bfloat16).  Adding a path is one source file and one row of fa_paths.
+ * needs, and its tile operations for each pair of element types, ops[q and
+ * out][k and v as stored] (NULL: no kernel for that pair).  A path may reuse
+ * another's tables for types it adds nothing to, as avx512bf16 does for all
+ * but bfloat16.  Adding a path is one source file and one row of fa_paths;
+ * adding a k/v storage type is a table and an entry in the rows.
  */
 typedef struct {
     const char *name;
     const char *arch;
     unsigned needs;            /* FA_CPU_* bits */
     const char *feature_names; /* the same, for people */
-    const fa_tile_ops *ops[FA_DTYPE_COUNT];
+    const fa_tile_ops *ops[FA_DTYPE_COUNT][FA_DTYPE_COUNT];
     fa_exp_fn exp_f32;
 } fa_path;
+
+/* The tables of a path that stores k and v as the type of q. */
+#define FA_SAME_TYPES(f32, f64, f16, bf16) \
+    {[FA_F32][FA_F32] = (f32), [FA_F64][FA_F64] = (f64), [FA_F16][FA_F16] = (f16), [FA_BF16][FA_BF16] = (bf16)}
 
 #if FA_HAVE_X86_PATHS
 #include <cpuid.h>
@@ -94,22 +100,22 @@ static unsigned fa_cpu_features(void)
  */
 static const fa_path fa_paths[] = {
     {"generic", "any", 0, "",
-     {&fa_ops_f32_generic, &fa_ops_f64_generic, &fa_ops_f16_generic, &fa_ops_bf16_generic},
+     FA_SAME_TYPES(&fa_ops_f32_generic, &fa_ops_f64_generic, &fa_ops_f16_generic, &fa_ops_bf16_generic),
      fa_exp_f32_generic},
 #if FA_HAVE_X86_PATHS
     {"avx2", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C, "avx2 fma f16c",
-     {&fa_ops_f32_avx2, &fa_ops_f64_avx2, &fa_ops_f16_avx2, &fa_ops_bf16_avx2},
+     FA_SAME_TYPES(&fa_ops_f32_avx2, &fa_ops_f64_avx2, &fa_ops_f16_avx2, &fa_ops_bf16_avx2),
      fa_exp_f32_avx2},
     {"avx512", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C | FA_CPU_AVX512, "avx512f avx512bw avx512dq avx512vl",
-     {&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512},
+     FA_SAME_TYPES(&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512),
      fa_exp_f32_avx512},
     {"avx512bf16", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C | FA_CPU_AVX512 | FA_CPU_AVX512BF16,
      "avx512f avx512bw avx512dq avx512vl avx512_bf16",
-     {&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512bf16},
+     FA_SAME_TYPES(&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512bf16),
      fa_exp_f32_avx512},
 #elif defined(__aarch64__)
     {"neon", "aarch64", FA_CPU_NEON, "neon (asimd)",
-     {&fa_ops_f32_neon, &fa_ops_f64_neon, &fa_ops_f16_neon, &fa_ops_bf16_neon},
+     FA_SAME_TYPES(&fa_ops_f32_neon, &fa_ops_f64_neon, &fa_ops_f16_neon, &fa_ops_bf16_neon),
      fa_exp_f32_neon},
 #endif
 };
@@ -209,8 +215,8 @@ static int fa_run(const fa_problem *p, int kind)
         return FA_ERR_INVALID;
     if (p->group < 1 || (p->group != 1 && kind != FA_KIND_ATTENTION)) return FA_ERR_INVALID;
     if (!fa_path_supported(p->path)) return FA_ERR_ISA;
-    /* the drivers read k and v as the type of q (no scales yet) */
-    if (p->kv_dtype != p->dtype || p->kv_scales != NULL) return FA_ERR_UNSUPPORTED;
+    const fa_tile_ops *ops = fa_paths[p->path].ops[p->dtype][p->kv_dtype];
+    if (!ops || (p->kv_scales != NULL) != ops->kv_scaled) return FA_ERR_UNSUPPORTED;
 
     const int64_t nsplit = fa_split_count(p, kind);
     int64_t n_items = 0;
@@ -266,7 +272,7 @@ static int fa_run(const fa_problem *p, int kind)
     int threads = p->num_threads;
     if (total < (double)FA_SERIAL_WORK) threads = 1;
     if ((int64_t)threads > n_items) threads = (int)n_items;
-    const int status = fa_run_items(p, kind, items, n_items, n_parts, threads, fa_paths[p->path].ops[p->dtype]);
+    const int status = fa_run_items(p, kind, items, n_items, n_parts, threads, ops);
     free(items);
     return status;
 }

@@ -56,7 +56,7 @@ enum {
 typedef struct {
     int dtype;       /* FA_F32, ...: element type of q and out */
     int kv_dtype;    /* element type of k and v as stored */
-    const float *kv_scales; /* dequantisation scales of an 8-bit k/v (groundwork: must be NULL) */
+    const float *kv_scales; /* dequantisation scales of an 8-bit k/v; NULL (no table takes them yet) */
     int path;        /* kernel path: an index below fa_path_count() that fa_path_supported() */
     int num_threads; /* >= 1 */
 
