@@ -8,7 +8,6 @@ name another.
 import contextlib
 import os
 import sys
-import warnings
 
 from fastattn import _core
 

@@ -112,6 +112,66 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     return out
 
 
+def _sum_to_shape(g, shape):
+    """Sum a gradient over the axes numpy broadcast to reach g's shape, and
+    over grouped query heads that shared one key/value head, so that it has
+    `shape` (the shape of the operand it belongs to)."""
+    shape = tuple(shape)
+    if len(shape) >= 3 and g.ndim >= 3 and g.shape[-3] != shape[-3] and shape[-3] not in (0, 1):
+        h, gk = g.shape[-3], shape[-3]
+        g = g.reshape(g.shape[:-3] + (gk, h // gk) + g.shape[-2:]).sum(axis=-3)
+    while g.ndim > len(shape):
+        g = g.sum(axis=0)
+    for ax, n in enumerate(shape):
+        if n == 1 and g.shape[ax] != 1:
+            g = g.sum(axis=ax, keepdims=True)
+    return g
+
+
+def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, weights="softmax",
+                       window=None, softcap=None, alibi_slopes=None, align="bottom-right"):
+    """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v, ...)), in float64.
+
+    Written out from the forward's formulas, without the saved lse: with
+    raw = scale q k^T, z = softcap tanh(raw / softcap) (or raw), the scores
+    s = z - ALiBi bias + float mask (-inf where hidden), weights P = softmax(s)
+    (or s itself on visible keys for weights="dot") and out = P v:
+      dv = P^T dout;  dP = dout v^T;
+      dS = P (dP - rowsum(dout * out)) for softmax, dP on visible keys for dot;
+      dRaw = dS (1 - (z / softcap)^2) with a soft-cap, else dS;
+      dq = scale dRaw k;  dk = scale dRaw^T q.
+    Masks and slopes get no gradient.  Gradients broadcast over shared
+    operands (grouped heads, leading dimensions of 1) are summed, so each has
+    the shape of its operand."""
+    q64, k64, v64, do = _f64(q), _f64(k), _f64(v), _f64(dout)
+    if weights == "dot" and scale is None:
+        scale = 1.0
+    d = q64.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    kr, vr = _repeat_kv_heads(q64, k64), _repeat_kv_heads(q64, v64)
+    raw = scale * (q64 @ np.swapaxes(kr, -1, -2))
+    s = scores(q64, k64, scale=scale, causal=causal, mask=mask, window=window, softcap=softcap,
+               alibi_slopes=alibi_slopes, align=align)
+    hidden = np.isneginf(s)
+    p = np.where(hidden, 0.0, s) if weights == "dot" else softmax(s)
+    out = p @ vr
+    dout_b = np.broadcast_to(do, out.shape)
+    dv = np.swapaxes(p, -1, -2) @ dout_b
+    dp = dout_b @ np.swapaxes(vr, -1, -2)
+    if weights == "dot":
+        ds = np.where(hidden, 0.0, dp)
+    else:
+        delta = np.sum(dout_b * out, axis=-1, keepdims=True)
+        ds = p * (dp - delta)
+    if softcap:
+        z = softcap * np.tanh(np.broadcast_to(raw, ds.shape) / softcap)
+        ds = ds * (1.0 - (z / softcap) ** 2)
+    dq = scale * (ds @ kr)
+    dk = scale * (np.swapaxes(ds, -1, -2) @ q64)
+    return _sum_to_shape(dq, q64.shape), _sum_to_shape(dk, k64.shape), _sum_to_shape(dv, v64.shape)
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, alibi_slopes=None,
                      **options):
     """Packed variable-length attention, one sequence at a time.

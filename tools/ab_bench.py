@@ -1,84 +1,125 @@
-"""Time two builds of fastattn against each other, in the same run.
+"""Time two builds of fastattn against each other, in one process.
 
-    python tools/ab_bench.py OLD_TREE NEW_TREE [--rounds 3] [--quick] [--threads N] [--isa NAME]
+    python tools/ab_bench.py OLD_TREE NEW_TREE [--rounds 15] [--block 0.1] [--quick] [--threads N] [--isa NAME]
 
 Each tree is a checkout with the extension built in place
-(``python setup.py build_ext --inplace``).  Every round runs the rows of
-``python -m fastattn bench`` (prefill, decode) and of ``bench --half``
-(float32, bfloat16 and float16 on the same data) once with each tree, in
-subprocesses, in alternating order, so that the machine's drift hits both
-builds alike; the table gives each row's median over the rounds and the
-ratio new / old of the times (above 1: the new build is slower).  Only
-fastattn is timed (no numpy or torch reference).
+(``python setup.py build_ext --inplace``).  OLD_TREE's package is copied
+under the name ``fastattn_old`` (its compiled module keeps its file; only
+the package name changes), so both builds live in this process and share
+one OpenMP runtime.  Every row of ``python -m fastattn bench`` (prefill,
+decode) and of ``bench --half`` (bfloat16 and float16) is timed with the
+two builds alternating call by call, on the same inputs, so the machine's
+drift hits both alike: the table gives each side's median and the ratio
+new / old (above 1: the new build is slower).
 """
 import argparse
-import json
+import importlib
 import os
+import re
+import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
+import time
 
-ROUND = r"""
-import json, sys
-import fastattn
-from fastattn import _bench
-quick, threads, isa = json.loads(sys.argv[1])
-if isa:
-    fastattn.set_isa(isa)
-threads = threads or fastattn.get_num_threads()
-shapes = _bench.QUICK_SHAPES if quick else _bench.PREFILL_SHAPES
-rows = {}
-for r in _bench.run_prefill(shapes, threads, with_torch=False, with_numpy=False):
-    rows[f"prefill {tuple(r['shape'])} {'causal' if r['causal'] else 'full'}"] = r["fastattn_ms"]
-for r in _bench.run_decode(_bench.DECODE_SHAPES, threads, with_torch=False):
-    rows[f"decode f32 {tuple(r['shape'])} Lk={r['lk']}"] = r["fastattn_ms"]
-half_prefill = (1, 8, 1024, 128) if quick else (1, 8, 4096, 128)
-for r in _bench.run_half(threads, prefill_shape=half_prefill):
-    case = (f"half prefill {tuple(r['shape'])} {'causal' if r['causal'] else 'full'}" if r["kind"] == "prefill"
-            else f"half decode Lk={r['lk']}")
-    for dt in ("float32", "bfloat16", "float16"):
-        rows[f"{case} {dt}"] = r[f"{dt}_ms"]
-print("RESULT " + json.dumps(dict(isa=fastattn.get_isa(), rows=rows)))
-"""
+import numpy as np
 
 
-def run_round(tree, args):
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
-    res = subprocess.run([sys.executable, "-c", ROUND, json.dumps([args.quick, args.threads, args.isa])],
-                         capture_output=True, text=True, env=env, cwd="/", check=True)
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+def import_old(tree):
+    """OLD_TREE's fastattn package, imported as fastattn_old."""
+    tmp = tempfile.mkdtemp(prefix="fastattn-ab-")
+    dst = os.path.join(tmp, "fastattn_old")
+    shutil.copytree(os.path.join(tree, "fastattn"), dst)
+    for name in os.listdir(dst):
+        if name.endswith(".py"):
+            path = os.path.join(dst, name)
+            with open(path) as f:
+                text = f.read()
+            text = re.sub(r"\bfrom fastattn\b", "from fastattn_old", text)
+            text = re.sub(r"^import fastattn$", "import fastattn_old as fastattn", text, flags=re.M)
+            with open(path, "w") as f:
+                f.write(text)
+    sys.path.insert(0, tmp)
+    module = importlib.import_module("fastattn_old")
+    # the compiled module also registers itself under the name it was built
+    # with (fastattn._core); that entry must not shadow the new build's
+    for name in [n for n in sys.modules if n == "fastattn" or n.startswith("fastattn.")]:
+        del sys.modules[name]
+    return module
+
+
+def import_new(tree):
+    sys.path.insert(0, os.path.abspath(tree))
+    return importlib.import_module("fastattn")
+
+
+def alternate(calls, rounds, min_block):
+    """Median seconds per call of each of `calls`, timed in alternating blocks."""
+    for c in calls:  # warm up, and size the blocks to ~min_block seconds
+        c()
+    t0 = time.perf_counter()
+    calls[0]()
+    n = max(1, int(min_block / max(time.perf_counter() - t0, 1e-9)))
+    times = [[] for _ in calls]
+    for r in range(rounds):
+        order = range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))
+        for i in order:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                calls[i]()
+            times[i].append((time.perf_counter() - t0) / n)
+    return [statistics.median(t) for t in times]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old")
     parser.add_argument("new")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--block", type=float, default=0.1, help="seconds per timed block (default 0.1)")
     parser.add_argument("--quick", action="store_true", help="the quick prefill shapes, a smaller half prefill")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--isa", default=None, help="kernel path for both builds (default: each one's best)")
     args = parser.parse_args()
-    times = {"old": {}, "new": {}}
-    paths = {}
-    for r in range(args.rounds):
-        order = ("old", "new") if r % 2 == 0 else ("new", "old")
-        for which in order:
-            print(f"round {r + 1}/{args.rounds}: {which}", file=sys.stderr, flush=True)
-            out = run_round(getattr(args, which), args)
-            paths[which] = out["isa"]
-            for row, ms in out["rows"].items():
-                times[which].setdefault(row, []).append(ms)
-    print(f"old: {args.old} ({paths['old']}), new: {args.new} ({paths['new']}); "
-          f"median of {args.rounds} alternating rounds")
-    header = f"{'row':<52} {'old ms':>9} {'new ms':>9} {'new/old':>8}"
+    old, new = import_old(args.old), import_new(args.new)
+    from fastattn import _bench
+
+    if args.isa:
+        old.set_isa(args.isa)
+        new.set_isa(args.isa)
+    threads = args.threads or new.get_num_threads()
+    rows = []
+    shapes = _bench.QUICK_SHAPES if args.quick else _bench.PREFILL_SHAPES
+    for shape in shapes:
+        q, k, v = _bench.make_inputs(*shape)
+        for causal in (False, True):
+            rows.append((f"prefill {shape} {'causal' if causal else 'full'}", (q, k, v), dict(causal=causal)))
+    for b, h, g, lq, d, lk in _bench.DECODE_SHAPES:
+        qkv = _bench.decode_inputs(b, h, g, lq, d, lk, seed=lk)
+        rows.append((f"decode f32 {(b, h, g, lq, d)} Lk={lk}", qkv, dict(causal=True)))
+    half_prefill = (1, 8, 1024, 128) if args.quick else (1, 8, 4096, 128)
+    base = _bench.make_inputs(*half_prefill)
+    decode = [(lk, _bench.decode_inputs(b, h, g, lq, d, lk, seed=lk)) for b, h, g, lq, d, lk in _bench.DECODE_SHAPES]
+    for name in ("bfloat16", "float16"):
+        dt = np.dtype(np.float16) if name == "float16" else new._api.BFLOAT16
+        for causal in (False, True):
+            rows.append((f"{name} prefill {half_prefill} {'causal' if causal else 'full'}",
+                         tuple(a.astype(dt) for a in base), dict(causal=causal)))
+        for lk, qkv in decode:
+            rows.append((f"{name} decode Lk={lk}", tuple(a.astype(dt) for a in qkv), dict(causal=True)))
+
+    print(f"old: {args.old} ({old.get_isa()}), new: {args.new} ({new.get_isa()}), {threads} threads; "
+          f"calls alternate between the builds, median of {args.rounds} blocks each")
+    header = f"{'row':<48} {'old ms':>9} {'new ms':>9} {'new/old':>8}"
     print(header)
     print("-" * len(header))
     worst = 0.0
-    for row in times["old"]:
-        old, new = statistics.median(times["old"][row]), statistics.median(times["new"][row])
-        worst = max(worst, new / old)
-        print(f"{row:<52} {old:>9.3f} {new:>9.3f} {new / old:>8.3f}")
+    for name, (q, k, v), options in rows:
+        out = np.empty(q.shape[:-1] + v.shape[-1:], dtype=np.result_type(q, k, v))
+        calls = [lambda m=m: m.attention(q, k, v, out=out, num_threads=threads, **options) for m in (old, new)]
+        t_old, t_new = alternate(calls, args.rounds, args.block)
+        worst = max(worst, t_new / t_old)
+        print(f"{name:<48} {t_old * 1e3:>9.3f} {t_new * 1e3:>9.3f} {t_new / t_old:>8.3f}", flush=True)
     print(f"slowest row: new/old = {worst:.3f}")
 
 

@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-flags="-O2 -std=gnu11 -fno-strict-aliasing -fopenmp -Wall -Wextra -Werror -Icsrc"
+# CHECK_CFLAGS adds flags, e.g. "-fsanitize=address,undefined -g" (tools/sanitize.sh)
+flags="-O2 -std=gnu11 -fno-strict-aliasing -fopenmp -Wall -Wextra -Werror -Icsrc ${CHECK_CFLAGS:-}"
 if [ "${1:-}" = "--aarch64" ]; then
     if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
         echo "installing gcc-aarch64-linux-gnu and qemu-user"
@@ -33,5 +34,5 @@ for src in tests/c/check_kernels.c csrc/fa_*.c; do
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-$cc -fopenmp "$out"/*.o -lm -o "$out/check_kernels"
+$cc -fopenmp ${CHECK_CFLAGS:-} "$out"/*.o -lm -o "$out/check_kernels"
 OMP_NUM_THREADS=2 "${run[@]}" "$out/check_kernels"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build fastattn with AddressSanitizer and UndefinedBehaviorSanitizer in a
-# scratch virtual environment and run the test suite under them.
+# scratch virtual environment and run the test suite under them, then the
+# C-level kernel check (tests/c/check_kernels.c) built with them.
 #   tools/sanitize.sh [pytest args...]
 # Python itself is not instrumented, so the ASan runtime is preloaded, leak
 # checking (which would report the interpreter's own allocations) is off, and
@@ -26,3 +27,6 @@ ubsan=$(${CC:-gcc} -print-file-name=libubsan.so)
 LD_PRELOAD="$asan $ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     python -m pytest -x -q -p no:cacheprovider -k "not memory_stays_flat" "$@" tests
+# The C-level kernel check under the same sanitizers (no Python in the way).
+CHECK_CFLAGS="$san -g" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    bash tools/check_kernels.sh
