@@ -119,6 +119,7 @@ extensions = [
             "csrc/fa_tile.h",
             "csrc/fa_tile_impl.h",
             "csrc/fa_tile_bf16dp.h",
+            "csrc/fa_tile_bwd.h",
             "csrc/fa_path_instances.h",
             "csrc/fa_vec.h",
             "csrc/fa_half.h",

@@ -207,7 +207,10 @@ static int64_t fa_split_count(const fa_problem *p, int kind)
     return fa_max64(1, fa_min64(want, max_lk / FA_SPLIT_MIN_KEYS));
 }
 
-static int fa_run(const fa_problem *p, int kind)
+/* The checks every entry point makes: a consistent problem whose path this
+ * CPU runs and has tile operations for its element types (*ops).  The call
+ * then counts as run on that path. */
+static int fa_check(const fa_problem *p, int kind, const fa_tile_ops **ops)
 {
     if (!p || !p->entries || p->n_entries < 0 || p->d < 0 || p->dv < 0 || p->num_threads < 1)
         return FA_ERR_INVALID;
@@ -215,17 +218,37 @@ static int fa_run(const fa_problem *p, int kind)
         return FA_ERR_INVALID;
     if (p->group < 1 || (p->group != 1 && kind != FA_KIND_ATTENTION)) return FA_ERR_INVALID;
     if (!fa_path_supported(p->path)) return FA_ERR_ISA;
-    const fa_tile_ops *ops = fa_paths[p->path].ops[p->dtype][p->kv_dtype];
-    if (!ops || (p->kv_scales != NULL) != ops->kv_scaled) return FA_ERR_UNSUPPORTED;
+    *ops = fa_paths[p->path].ops[p->dtype][p->kv_dtype];
+    if (!*ops || (p->kv_scales != NULL) != (*ops)->kv_scaled) return FA_ERR_UNSUPPORTED;
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+        if (e[FA_E_LQ] < 0 || e[FA_E_LK] < 0 || e[FA_E_LQ] > INT64_MAX / p->group) return FA_ERR_INVALID;
+    }
+    __atomic_fetch_add(&fa_runs[p->path], 1, __ATOMIC_RELAXED);
+    return FA_OK;
+}
 
+/* Below this many multiply-adds a call runs on one thread; never more
+ * threads than items. */
+static int fa_thread_count(const fa_problem *p, double work, int64_t n_items)
+{
+    int threads = p->num_threads;
+    if (work < (double)FA_SERIAL_WORK) threads = 1;
+    if ((int64_t)threads > n_items) threads = (int)n_items;
+    return threads;
+}
+
+static int fa_run(const fa_problem *p, int kind)
+{
+    const fa_tile_ops *ops;
+    const int checked = fa_check(p, kind, &ops);
+    if (checked != FA_OK) return checked;
     const int64_t nsplit = fa_split_count(p, kind);
     int64_t n_items = 0;
     for (int64_t i = 0; i < p->n_entries; i++) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
-        if (e[FA_E_LQ] < 0 || e[FA_E_LK] < 0 || e[FA_E_LQ] > INT64_MAX / p->group) return FA_ERR_INVALID;
         n_items += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ * nsplit;
     }
-    __atomic_fetch_add(&fa_runs[p->path], 1, __ATOMIC_RELAXED);
     if (n_items == 0) return FA_OK;
     if ((uint64_t)n_items > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
     fa_item *items = (fa_item *)malloc((size_t)n_items * sizeof(fa_item));
@@ -268,11 +291,57 @@ static int fa_run(const fa_problem *p, int kind)
         }
     }
     qsort(items, (size_t)n_items, sizeof(fa_item), fa_cmp_items);
+    const int status = fa_run_items(p, kind, items, n_items, n_parts, fa_thread_count(p, total, n_items), ops);
+    free(items);
+    return status;
+}
 
-    int threads = p->num_threads;
-    if (total < (double)FA_SERIAL_WORK) threads = 1;
-    if ((int64_t)threads > n_items) threads = (int)n_items;
-    const int status = fa_run_items(p, kind, items, n_items, n_parts, threads, ops);
+/* The backward in two walks, each item writing rows no other item writes:
+ * first one item per key block of an entry (its dk and dv rows, summed over
+ * every query row of the entry), then one per query tile (its dq rows).
+ * Item order and sums are fixed by the problem, so the gradients are
+ * bitwise the same for any thread count. */
+int fa_attention_backward(const fa_problem *p)
+{
+    const fa_tile_ops *ops;
+    const int checked = fa_check(p, FA_KIND_ATTENTION, &ops);
+    if (checked != FA_OK) return checked;
+    if (!p->dout || !p->gq || !p->gk || !p->gv) return FA_ERR_INVALID;
+    if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || !p->delta)) return FA_ERR_INVALID;
+    int64_t n_keys = 0, n_rows = 0;
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+        n_keys += (e[FA_E_LK] + FA_BK - 1) / FA_BK;
+        n_rows += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ;
+    }
+    const int64_t n_max = fa_max64(n_keys, n_rows);
+    if (n_max == 0) return FA_OK;
+    if ((uint64_t)n_max > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
+    fa_item *items = (fa_item *)calloc((size_t)n_max, sizeof(fa_item));
+    if (!items) return FA_ERR_NOMEM;
+    /* about 2.5 forward passes of work, of which the dk/dv walk does 4 products of 5 */
+    double work = 0;
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+        work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
+    }
+    int64_t t = 0;
+    for (int64_t i = 0; i < p->n_entries; i++)
+        for (int64_t k0 = 0; k0 < p->entries[i * FA_ENTRY_FIELDS + FA_E_LK]; k0 += FA_BK, t++) {
+            items[t].entry = i;
+            items[t].row0 = k0;
+            items[t].part = -1;
+        }
+    int status = fa_run_items(p, FA_KIND_BWD_KEYS, items, n_keys, 0, fa_thread_count(p, work, n_keys), ops);
+    t = 0;
+    for (int64_t i = 0; i < p->n_entries && status == FA_OK; i++)
+        for (int64_t row0 = 0; row0 < p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ]; row0 += FA_BQ, t++) {
+            items[t].entry = i;
+            items[t].row0 = row0;
+            items[t].part = -1;
+        }
+    if (status == FA_OK)
+        status = fa_run_items(p, FA_KIND_BWD_ROWS, items, n_rows, 0, fa_thread_count(p, work, n_rows), ops);
     free(items);
     return status;
 }

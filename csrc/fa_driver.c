@@ -1,7 +1,8 @@
 /*
  * fa_driver.c - runs a problem's work items on one path's tile operations:
  * the OpenMP region, each thread's scratch, each item's walk over its key
- * tiles and, for split-KV, the merge of the partial results.  Written once
+ * tiles (or, for the backward's dk and dv, a key block's walk over its query
+ * tiles) and, for split-KV, the merge of the partial results.  Written once
  * for every path and element type (see fa_tile.h); compiled for the baseline
  * instruction set only.
  */
@@ -60,6 +61,33 @@ static void fa_wsum_item(const fa_problem *p, const fa_tile_ops *ops, const int6
     ops->store_rows(p, e, w, row0, bq, 0);
 }
 
+/* Backward, dk and dv of keys [k0, k0 + bk) of entry e: summed over every
+ * query tile of the entry (all heads of a group) that sees them, in order,
+ * by this one item, so no other item writes these rows. */
+static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, void *w, int64_t k0)
+{
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq, bk = fa_min64(FA_BK, lk - k0);
+    ops->bwd_keys_begin(p, e, w, k0, bk);
+    for (int64_t row0 = 0; row0 < rows; row0 += FA_BQ) {
+        const int64_t bq = fa_min64(FA_BQ, rows - row0);
+        int64_t lo, hi, unused;
+        fa_block_range(p, lq, lk, row0, bq, &lo, &hi, &unused, &unused);
+        if (hi > k0 && lo < k0 + bk) ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk);
+    }
+    ops->bwd_keys_store(p, e, w, k0, bk);
+}
+
+/* Backward, dq of rows [row0, row0 + bq) of entry e, over the keys they see. */
+static void fa_bwd_rows_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, void *w, int64_t row0,
+                             int64_t bq)
+{
+    int64_t klo, khi, unused;
+    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &klo, &khi, &unused, &unused);
+    ops->bwd_rows_begin(p, e, w, row0, bq);
+    for (int64_t k0 = klo; k0 < khi; k0 += FA_BK) ops->bwd_rows_tile(p, e, w, row0, bq, k0, fa_min64(FA_BK, khi - k0));
+    ops->bwd_rows_store(p, e, w, row0, bq);
+}
+
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
                  int num_threads, const fa_tile_ops *ops)
 {
@@ -75,7 +103,8 @@ int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_
     }
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
-        void *w = ops->scratch_new(p);
+        const int bwd = kind == FA_KIND_BWD_KEYS || kind == FA_KIND_BWD_ROWS;
+        void *w = bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p);
         if (!w) {
 #pragma omp atomic write
             status = FA_ERR_NOMEM;
@@ -88,7 +117,9 @@ int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_
             switch (kind) {
             case FA_KIND_ATTENTION: fa_attention_item(p, ops, e, &items[t], w, row0, bq, slots, slot_bytes); break;
             case FA_KIND_SCORES: fa_scores_item(p, ops, e, w, row0, bq); break;
-            default: fa_wsum_item(p, ops, e, w, row0, bq); break;
+            case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w, row0, bq); break;
+            case FA_KIND_BWD_KEYS: fa_bwd_keys_item(p, ops, e, w, row0); break;
+            default: fa_bwd_rows_item(p, ops, e, w, row0, bq); break;
             }
         }
         if (n_parts > 0) { /* after the loop's barrier every partial is written */
@@ -101,7 +132,7 @@ int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_
                 ops->merge_rows(p, e, w, slots, it->part, it->nsplit, it->row0, bq);
             }
         }
-        if (w) ops->scratch_free(w);
+        if (w) (bwd ? ops->bwd_scratch_free : ops->scratch_free)(w);
     }
     free(slots);
     return status;

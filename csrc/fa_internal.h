@@ -27,7 +27,13 @@
 #define FA_RV_MAX 8
 
 /* What a run computes. */
-enum { FA_KIND_ATTENTION = 0, FA_KIND_SCORES = 1, FA_KIND_WSUM = 2 };
+enum {
+    FA_KIND_ATTENTION = 0,
+    FA_KIND_SCORES = 1,
+    FA_KIND_WSUM = 2,
+    FA_KIND_BWD_KEYS = 3, /* backward, dk and dv: an item is a key block (from row0) of an entry */
+    FA_KIND_BWD_ROWS = 4  /* backward, dq: an item is a query tile */
+};
 
 /*
  * One unit of parallel work: up to FA_BQ (virtual) query rows of one entry,

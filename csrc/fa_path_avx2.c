@@ -36,6 +36,14 @@ const fa_tile_ops fa_ops_f32_avx2 = {
     .scores_tile = fa_scores_tile_f32_avx2,
     .wsum_begin = fa_wsum_begin_f32_avx2,
     .wsum_tile = fa_wsum_tile_f32_avx2,
+    .bwd_scratch_new = fa_bwd_scratch_new_f32_avx2,
+    .bwd_scratch_free = fa_bwd_scratch_free_f32_avx2,
+    .bwd_keys_begin = fa_bwd_keys_begin_f32_avx2,
+    .bwd_keys_tile = fa_bwd_keys_tile_f32_avx2,
+    .bwd_keys_store = fa_bwd_keys_store_f32_avx2,
+    .bwd_rows_begin = fa_bwd_rows_begin_f32_avx2,
+    .bwd_rows_tile = fa_bwd_rows_tile_f32_avx2,
+    .bwd_rows_store = fa_bwd_rows_store_f32_avx2,
 };
 
 const fa_tile_ops fa_ops_f64_avx2 = {
@@ -54,6 +62,14 @@ const fa_tile_ops fa_ops_f64_avx2 = {
     .scores_tile = fa_scores_tile_f64_avx2,
     .wsum_begin = fa_wsum_begin_f64_avx2,
     .wsum_tile = fa_wsum_tile_f64_avx2,
+    .bwd_scratch_new = fa_bwd_scratch_new_f64_avx2,
+    .bwd_scratch_free = fa_bwd_scratch_free_f64_avx2,
+    .bwd_keys_begin = fa_bwd_keys_begin_f64_avx2,
+    .bwd_keys_tile = fa_bwd_keys_tile_f64_avx2,
+    .bwd_keys_store = fa_bwd_keys_store_f64_avx2,
+    .bwd_rows_begin = fa_bwd_rows_begin_f64_avx2,
+    .bwd_rows_tile = fa_bwd_rows_tile_f64_avx2,
+    .bwd_rows_store = fa_bwd_rows_store_f64_avx2,
 };
 
 const fa_tile_ops fa_ops_f16_avx2 = {
@@ -72,6 +88,14 @@ const fa_tile_ops fa_ops_f16_avx2 = {
     .scores_tile = fa_scores_tile_f16_avx2,
     .wsum_begin = fa_wsum_begin_f16_avx2,
     .wsum_tile = fa_wsum_tile_f16_avx2,
+    .bwd_scratch_new = fa_bwd_scratch_new_f16_avx2,
+    .bwd_scratch_free = fa_bwd_scratch_free_f16_avx2,
+    .bwd_keys_begin = fa_bwd_keys_begin_f16_avx2,
+    .bwd_keys_tile = fa_bwd_keys_tile_f16_avx2,
+    .bwd_keys_store = fa_bwd_keys_store_f16_avx2,
+    .bwd_rows_begin = fa_bwd_rows_begin_f16_avx2,
+    .bwd_rows_tile = fa_bwd_rows_tile_f16_avx2,
+    .bwd_rows_store = fa_bwd_rows_store_f16_avx2,
 };
 
 const fa_tile_ops fa_ops_bf16_avx2 = {
@@ -90,6 +114,14 @@ const fa_tile_ops fa_ops_bf16_avx2 = {
     .scores_tile = fa_scores_tile_bf16_avx2,
     .wsum_begin = fa_wsum_begin_bf16_avx2,
     .wsum_tile = fa_wsum_tile_bf16_avx2,
+    .bwd_scratch_new = fa_bwd_scratch_new_bf16_avx2,
+    .bwd_scratch_free = fa_bwd_scratch_free_bf16_avx2,
+    .bwd_keys_begin = fa_bwd_keys_begin_bf16_avx2,
+    .bwd_keys_tile = fa_bwd_keys_tile_bf16_avx2,
+    .bwd_keys_store = fa_bwd_keys_store_bf16_avx2,
+    .bwd_rows_begin = fa_bwd_rows_begin_bf16_avx2,
+    .bwd_rows_tile = fa_bwd_rows_tile_bf16_avx2,
+    .bwd_rows_store = fa_bwd_rows_store_bf16_avx2,
 };
 
 #if defined(__clang__)

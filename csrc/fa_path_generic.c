@@ -25,6 +25,14 @@ const fa_tile_ops fa_ops_f32_generic = {
     .scores_tile = fa_scores_tile_f32_generic,
     .wsum_begin = fa_wsum_begin_f32_generic,
     .wsum_tile = fa_wsum_tile_f32_generic,
+    .bwd_scratch_new = fa_bwd_scratch_new_f32_generic,
+    .bwd_scratch_free = fa_bwd_scratch_free_f32_generic,
+    .bwd_keys_begin = fa_bwd_keys_begin_f32_generic,
+    .bwd_keys_tile = fa_bwd_keys_tile_f32_generic,
+    .bwd_keys_store = fa_bwd_keys_store_f32_generic,
+    .bwd_rows_begin = fa_bwd_rows_begin_f32_generic,
+    .bwd_rows_tile = fa_bwd_rows_tile_f32_generic,
+    .bwd_rows_store = fa_bwd_rows_store_f32_generic,
 };
 
 const fa_tile_ops fa_ops_f64_generic = {
@@ -43,6 +51,14 @@ const fa_tile_ops fa_ops_f64_generic = {
     .scores_tile = fa_scores_tile_f64_generic,
     .wsum_begin = fa_wsum_begin_f64_generic,
     .wsum_tile = fa_wsum_tile_f64_generic,
+    .bwd_scratch_new = fa_bwd_scratch_new_f64_generic,
+    .bwd_scratch_free = fa_bwd_scratch_free_f64_generic,
+    .bwd_keys_begin = fa_bwd_keys_begin_f64_generic,
+    .bwd_keys_tile = fa_bwd_keys_tile_f64_generic,
+    .bwd_keys_store = fa_bwd_keys_store_f64_generic,
+    .bwd_rows_begin = fa_bwd_rows_begin_f64_generic,
+    .bwd_rows_tile = fa_bwd_rows_tile_f64_generic,
+    .bwd_rows_store = fa_bwd_rows_store_f64_generic,
 };
 
 const fa_tile_ops fa_ops_f16_generic = {
@@ -61,6 +77,14 @@ const fa_tile_ops fa_ops_f16_generic = {
     .scores_tile = fa_scores_tile_f16_generic,
     .wsum_begin = fa_wsum_begin_f16_generic,
     .wsum_tile = fa_wsum_tile_f16_generic,
+    .bwd_scratch_new = fa_bwd_scratch_new_f16_generic,
+    .bwd_scratch_free = fa_bwd_scratch_free_f16_generic,
+    .bwd_keys_begin = fa_bwd_keys_begin_f16_generic,
+    .bwd_keys_tile = fa_bwd_keys_tile_f16_generic,
+    .bwd_keys_store = fa_bwd_keys_store_f16_generic,
+    .bwd_rows_begin = fa_bwd_rows_begin_f16_generic,
+    .bwd_rows_tile = fa_bwd_rows_tile_f16_generic,
+    .bwd_rows_store = fa_bwd_rows_store_f16_generic,
 };
 
 const fa_tile_ops fa_ops_bf16_generic = {
@@ -79,4 +103,12 @@ const fa_tile_ops fa_ops_bf16_generic = {
     .scores_tile = fa_scores_tile_bf16_generic,
     .wsum_begin = fa_wsum_begin_bf16_generic,
     .wsum_tile = fa_wsum_tile_bf16_generic,
+    .bwd_scratch_new = fa_bwd_scratch_new_bf16_generic,
+    .bwd_scratch_free = fa_bwd_scratch_free_bf16_generic,
+    .bwd_keys_begin = fa_bwd_keys_begin_bf16_generic,
+    .bwd_keys_tile = fa_bwd_keys_tile_bf16_generic,
+    .bwd_keys_store = fa_bwd_keys_store_bf16_generic,
+    .bwd_rows_begin = fa_bwd_rows_begin_bf16_generic,
+    .bwd_rows_tile = fa_bwd_rows_tile_bf16_generic,
+    .bwd_rows_store = fa_bwd_rows_store_bf16_generic,
 };

@@ -30,6 +30,14 @@ const fa_tile_ops fa_ops_f32_neon = {
     .scores_tile = fa_scores_tile_f32_neon,
     .wsum_begin = fa_wsum_begin_f32_neon,
     .wsum_tile = fa_wsum_tile_f32_neon,
+    .bwd_scratch_new = fa_bwd_scratch_new_f32_neon,
+    .bwd_scratch_free = fa_bwd_scratch_free_f32_neon,
+    .bwd_keys_begin = fa_bwd_keys_begin_f32_neon,
+    .bwd_keys_tile = fa_bwd_keys_tile_f32_neon,
+    .bwd_keys_store = fa_bwd_keys_store_f32_neon,
+    .bwd_rows_begin = fa_bwd_rows_begin_f32_neon,
+    .bwd_rows_tile = fa_bwd_rows_tile_f32_neon,
+    .bwd_rows_store = fa_bwd_rows_store_f32_neon,
 };
 
 const fa_tile_ops fa_ops_f64_neon = {
@@ -48,6 +56,14 @@ const fa_tile_ops fa_ops_f64_neon = {
     .scores_tile = fa_scores_tile_f64_neon,
     .wsum_begin = fa_wsum_begin_f64_neon,
     .wsum_tile = fa_wsum_tile_f64_neon,
+    .bwd_scratch_new = fa_bwd_scratch_new_f64_neon,
+    .bwd_scratch_free = fa_bwd_scratch_free_f64_neon,
+    .bwd_keys_begin = fa_bwd_keys_begin_f64_neon,
+    .bwd_keys_tile = fa_bwd_keys_tile_f64_neon,
+    .bwd_keys_store = fa_bwd_keys_store_f64_neon,
+    .bwd_rows_begin = fa_bwd_rows_begin_f64_neon,
+    .bwd_rows_tile = fa_bwd_rows_tile_f64_neon,
+    .bwd_rows_store = fa_bwd_rows_store_f64_neon,
 };
 
 const fa_tile_ops fa_ops_f16_neon = {
@@ -66,6 +82,14 @@ const fa_tile_ops fa_ops_f16_neon = {
     .scores_tile = fa_scores_tile_f16_neon,
     .wsum_begin = fa_wsum_begin_f16_neon,
     .wsum_tile = fa_wsum_tile_f16_neon,
+    .bwd_scratch_new = fa_bwd_scratch_new_f16_neon,
+    .bwd_scratch_free = fa_bwd_scratch_free_f16_neon,
+    .bwd_keys_begin = fa_bwd_keys_begin_f16_neon,
+    .bwd_keys_tile = fa_bwd_keys_tile_f16_neon,
+    .bwd_keys_store = fa_bwd_keys_store_f16_neon,
+    .bwd_rows_begin = fa_bwd_rows_begin_f16_neon,
+    .bwd_rows_tile = fa_bwd_rows_tile_f16_neon,
+    .bwd_rows_store = fa_bwd_rows_store_f16_neon,
 };
 
 const fa_tile_ops fa_ops_bf16_neon = {
@@ -84,6 +108,14 @@ const fa_tile_ops fa_ops_bf16_neon = {
     .scores_tile = fa_scores_tile_bf16_neon,
     .wsum_begin = fa_wsum_begin_bf16_neon,
     .wsum_tile = fa_wsum_tile_bf16_neon,
+    .bwd_scratch_new = fa_bwd_scratch_new_bf16_neon,
+    .bwd_scratch_free = fa_bwd_scratch_free_bf16_neon,
+    .bwd_keys_begin = fa_bwd_keys_begin_bf16_neon,
+    .bwd_keys_tile = fa_bwd_keys_tile_bf16_neon,
+    .bwd_keys_store = fa_bwd_keys_store_bf16_neon,
+    .bwd_rows_begin = fa_bwd_rows_begin_bf16_neon,
+    .bwd_rows_tile = fa_bwd_rows_tile_bf16_neon,
+    .bwd_rows_store = fa_bwd_rows_store_bf16_neon,
 };
 
 #endif /* __aarch64__ */

@@ -68,6 +68,20 @@ typedef struct {
     void (*wsum_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t bq);
     void (*wsum_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
                       int64_t bk);
+
+    /* attention backward (fa_tile_bwd.h), with a scratch of its own: a key
+     * block's dk and dv summed over the entry's query tiles, then a query
+     * tile's dq summed over its key tiles */
+    void *(*bwd_scratch_new)(const fa_problem *p);
+    void (*bwd_scratch_free)(void *w);
+    void (*bwd_keys_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk);
+    void (*bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                          int64_t bk);
+    void (*bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk);
+    void (*bwd_rows_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);
+    void (*bwd_rows_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                          int64_t bk);
+    void (*bwd_rows_store)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);
 } fa_tile_ops;
 
 /* Run the items of a problem on the tile operations `ops` (fa_driver.c). */

@@ -1024,6 +1024,9 @@ void FA_OP(wsum_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t ro
  * named for this instance: fa_width_<suffix>, fa_rows_max_<suffix>. */
 enum { FA_CAT(fa_width, FA_SUFFIX) = FA_W, FA_CAT(fa_rows_max, FA_SUFFIX) = FA_ROWS_MAX };
 
+/* The backward's operations. */
+#include "fa_tile_bwd.h"
+
 /* A path may add operations of its own to this instance (FA_TILE_EXTRA
  * names the header), with every helper above in scope. */
 #ifdef FA_TILE_EXTRA

@@ -50,7 +50,13 @@ enum {
     FA_E_LQ = 6,   /* number of query rows */
     FA_E_LK = 7,   /* number of key/value rows */
     FA_E_HEAD = 8, /* index into alibi_slopes */
-    FA_ENTRY_FIELDS = 9
+    /* fa_attention_backward only (ignored by the others): */
+    FA_E_DOUT = 9,   /* offset of row 0 of the output's gradient dout */
+    FA_E_DELTA = 10, /* offset of element 0 of the row of delta = rowsum(dout * out) */
+    FA_E_GQ = 11,    /* offset of row 0 of the gradient of q */
+    FA_E_GK = 12,    /* offset of row 0 of the gradient of k */
+    FA_E_GV = 13,    /* offset of row 0 of the gradient of v */
+    FA_ENTRY_FIELDS = 14
 };
 
 typedef struct {
@@ -94,6 +100,16 @@ typedef struct {
     int64_t window_left, window_right; /* keys within [i'-left, i'+right]; -1 = unbounded */
     double softcap;                    /* 0: off; else s <- softcap * tanh(s / softcap) */
     const double *alibi_slopes;        /* NULL: off; else bias -slope[head] * |i' - j| */
+
+    /* fa_attention_backward: the output's gradient (rows like out's), delta
+     * = rowsum(dout * out) (compute type, like lse, which must be given for
+     * softmax weights), and the gradients it writes: gq like q, gk like k,
+     * gv like v, in the element type of q. */
+    const void *dout;
+    const void *delta;
+    void *gq, *gk, *gv;
+    int64_t dout_rs, dout_cs, dout_hs, delta_rs, delta_hs;
+    int64_t gq_rs, gq_cs, gq_hs, gk_rs, gk_cs, gv_rs, gv_cs;
 } fa_problem;
 
 /* Fused attention: out = weights(scale q k^T [+ options]) v, lse if requested. */
@@ -106,6 +122,14 @@ int fa_scores(const fa_problem *p);
 /* Weighted sum: out (lq x dv per entry) = w v, where w is given through the
  * q pointer and strides (lq x lk per entry). */
 int fa_weighted_sum(const fa_problem *p);
+
+/* The gradients of fused attention: given dout, the forward's lse (softmax)
+ * and delta, writes gq, gk and gv (FlashAttention-2's backward: scores and
+ * weights recomputed tile by tile; nothing of size Lq x Lk).  Each row of gk
+ * and gv is written by one item that sums over every query row of its entry
+ * (all heads of a group), so entries must not share k or v rows; results do
+ * not depend on the thread count. */
+int fa_attention_backward(const fa_problem *p);
 
 /* Kernel paths.  Each path is built for one architecture (or for any) and
  * needs a set of CPU features; the paths of this build are numbered

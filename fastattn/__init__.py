@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - depends on how fastattn was ins
         "installed, run Python outside the source directory"
     ) from exc
 
-from fastattn._api import attention, attention_varlen, merge, scores, weighted_sum
+from fastattn._api import attention, attention_backward, attention_varlen, merge, scores, weighted_sum
 from fastattn._linear import linear_attention
 from fastattn._config import (
     available_isas,
@@ -29,6 +29,7 @@ from fastattn._config import (
 
 __all__ = [
     "attention",
+    "attention_backward",
     "attention_varlen",
     "merge",
     "linear_attention",

@@ -74,6 +74,58 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     return (out, lse) if return_lse else out
 
 
+def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mask=None, weights="softmax",
+                       window=None, softcap=None, alibi_slopes=None, align="bottom-right", dq=None, dk=None,
+                       dv=None, num_threads=None):
+    """Gradients of :func:`attention`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
+
+    FlashAttention-2's backward: the weights are recomputed tile by tile
+    from the saved log-sum-exp, so nothing of size ``(Lq, Lk)`` is made, and
+    every gradient row is summed by one work item in a fixed order, so the
+    result is bitwise the same for any thread count.
+
+    Parameters
+    ----------
+    dout : array_like, shape (..., Lq, Dv)
+        The gradient of the loss with respect to attention's output.
+    q, k, v
+        The forward's inputs.
+    out, lse
+        What ``attention(q, k, v, return_lse=True, ...)`` returned for the
+        same arguments.  With ``weights="dot"``, which has no log-sum-exp,
+        pass ``lse=None``.
+    scale, causal, mask, weights, window, softcap, alibi_slopes, align
+        The forward's options, all supported.  Masks and slopes get no
+        gradient.
+    dq, dk, dv : ndarray, optional
+        Written in place; each must have the shape and dtype of the gradient.
+    num_threads : int, optional
+
+    Returns
+    -------
+    (dq, dk, dv) : ndarrays with the shapes of q, k and v
+        In the result dtype of q, k and v (16-bit inputs: 16-bit gradients,
+        computed in float32).  Where k or v were broadcast (grouped-query
+        heads, leading dimensions of 1), their gradients are summed over
+        everything that shared them.
+    """
+    wmode, _ = _v.weights_and_lse(weights, False)
+    num_threads = _config.resolve_threads(num_threads)
+    args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
+    dout, lse, delta = _v.backward_operands(args, dout, out, lse)
+    given = [(n, a, _v.check_out(a, s.shape, args.dtype, args.originals + [("dout", dout)], n) if a is not None else None)
+             for n, a, s in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v))]
+    grads = _problem.attention_backward(args, dout, lse, delta, num_threads)
+    result = []
+    for (name, _, dest), g in zip(given, grads):
+        if dest is None:
+            result.append(g)
+        else:
+            dest[...] = g
+            result.append(dest)
+    return tuple(result)
+
+
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,
            alibi_slopes=None, align="bottom-right", out=None, num_threads=None):
     """The score matrix ``scale * q k^T`` with every option of :func:`attention` applied.

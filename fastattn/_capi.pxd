@@ -27,6 +27,11 @@ cdef extern from "fastattn.h" nogil:
         FA_E_LQ
         FA_E_LK
         FA_E_HEAD
+        FA_E_DOUT
+        FA_E_DELTA
+        FA_E_GQ
+        FA_E_GK
+        FA_E_GV
         FA_ENTRY_FIELDS
 
     ctypedef struct fa_problem:
@@ -57,10 +62,18 @@ cdef extern from "fastattn.h" nogil:
         int64_t window_left, window_right
         double softcap
         const double *alibi_slopes
+        const void *dout
+        const void *delta
+        void *gq
+        void *gk
+        void *gv
+        int64_t dout_rs, dout_cs, dout_hs, delta_rs, delta_hs
+        int64_t gq_rs, gq_cs, gq_hs, gk_rs, gk_cs, gv_rs, gv_cs
 
     int fa_attention(const fa_problem *p)
     int fa_scores(const fa_problem *p)
     int fa_weighted_sum(const fa_problem *p)
+    int fa_attention_backward(const fa_problem *p)
     int fa_path_count()
     const char *fa_path_name(int path)
     const char *fa_path_arch(int path)

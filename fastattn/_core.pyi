@@ -23,6 +23,11 @@ E_LSE: int
 E_LQ: int
 E_LK: int
 E_HEAD: int
+E_DOUT: int
+E_DELTA: int
+E_GQ: int
+E_GK: int
+E_GV: int
 ENTRY_FIELDS: int
 
 class Problem:
@@ -72,12 +77,30 @@ class Problem:
         window_right: int = -1,
         softcap: float = 0.0,
         alibi_slopes: Optional[npt.NDArray[np.float64]] = None,
+        dout: int = 0,
+        dout_rs: int = 0,
+        dout_cs: int = 0,
+        dout_hs: int = 0,
+        delta: int = 0,
+        delta_rs: int = 0,
+        delta_hs: int = 0,
+        gq: int = 0,
+        gq_rs: int = 0,
+        gq_cs: int = 0,
+        gq_hs: int = 0,
+        gk: int = 0,
+        gk_rs: int = 0,
+        gk_cs: int = 0,
+        gv: int = 0,
+        gv_rs: int = 0,
+        gv_cs: int = 0,
         keep: Tuple[Any, ...] = (),
     ) -> None: ...
 
 def attention(problem: Problem) -> None: ...
 def scores(problem: Problem) -> None: ...
 def weighted_sum(problem: Problem) -> None: ...
+def attention_backward(problem: Problem) -> None: ...
 def exp_f32(path: int, x: npt.NDArray[np.float32], y: npt.NDArray[np.float32]) -> None: ...
 def paths() -> Tuple[Tuple[str, str, str, bool], ...]: ...
 def best_path() -> int: ...

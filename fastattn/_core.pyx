@@ -57,6 +57,11 @@ E_LSE = FA_E_LSE
 E_LQ = FA_E_LQ
 E_LK = FA_E_LK
 E_HEAD = FA_E_HEAD
+E_DOUT = FA_E_DOUT
+E_DELTA = FA_E_DELTA
+E_GQ = FA_E_GQ
+E_GK = FA_E_GK
+E_GV = FA_E_GV
 ENTRY_FIELDS = FA_ENTRY_FIELDS
 
 
@@ -75,7 +80,8 @@ cdef int _check(int status) except -1:
 cdef class Problem:
     """One kernel problem: the fields of fa_problem, set by name.
 
-    Addresses (q, k, v, out, lse, mask) are of element 0 of each array;
+    Addresses (q, k, v, out, lse, mask; for the backward dout, delta and the
+    gradients gq, gk, gv) are of element 0 of each array;
     strides are in bytes (rs: rows, cs: columns, hs: heads of a group).
     `keep` holds the arrays those addresses point into, so they live as long
     as the problem does.
@@ -95,7 +101,12 @@ cdef class Problem:
                  int mask_kind=FA_MASK_NONE, uintptr_t mask=0, int64_t mask_rs=0, int64_t mask_cs=0,
                  int64_t mask_hs=0, int weights=FA_WEIGHTS_SOFTMAX, double scale=1.0, bint causal=False,
                  bint top_left=False, int64_t window_left=-1, int64_t window_right=-1, double softcap=0.0,
-                 const double[::1] alibi_slopes=None, keep=()):
+                 const double[::1] alibi_slopes=None,
+                 uintptr_t dout=0, int64_t dout_rs=0, int64_t dout_cs=0, int64_t dout_hs=0,
+                 uintptr_t delta=0, int64_t delta_rs=0, int64_t delta_hs=0,
+                 uintptr_t gq=0, int64_t gq_rs=0, int64_t gq_cs=0, int64_t gq_hs=0,
+                 uintptr_t gk=0, int64_t gk_rs=0, int64_t gk_cs=0,
+                 uintptr_t gv=0, int64_t gv_rs=0, int64_t gv_cs=0, keep=()):
         if entries.shape[1] != FA_ENTRY_FIELDS:
             raise ValueError("entry table has the wrong number of columns")
         self._entries = entries
@@ -132,6 +143,16 @@ cdef class Problem:
         self.p.window_right = window_right
         self.p.softcap = softcap
         self.p.alibi_slopes = &alibi_slopes[0] if alibi_slopes is not None and alibi_slopes.shape[0] > 0 else NULL
+        self.p.dout = <const void *>dout
+        self.p.dout_rs, self.p.dout_cs, self.p.dout_hs = dout_rs, dout_cs, dout_hs
+        self.p.delta = <const void *>delta
+        self.p.delta_rs, self.p.delta_hs = delta_rs, delta_hs
+        self.p.gq = <void *>gq
+        self.p.gq_rs, self.p.gq_cs, self.p.gq_hs = gq_rs, gq_cs, gq_hs
+        self.p.gk = <void *>gk
+        self.p.gk_rs, self.p.gk_cs = gk_rs, gk_cs
+        self.p.gv = <void *>gv
+        self.p.gv_rs, self.p.gv_cs = gv_rs, gv_cs
 
     @property
     def path(self):
@@ -167,6 +188,11 @@ def scores(Problem problem not None):
 def weighted_sum(Problem problem not None):
     """out = w v, w through the q fields (fa_weighted_sum)."""
     _run(fa_weighted_sum, problem)
+
+
+def attention_backward(Problem problem not None):
+    """The gradients of fused attention (fa_attention_backward)."""
+    _run(fa_attention_backward, problem)
 
 
 def exp_f32(int path, const float[::1] x, float[::1] y):

@@ -203,3 +203,52 @@ def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
         **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
+
+
+def _grad_buffer(shape, natural, dtype):
+    """Where the kernel writes an operand's gradient: its own shape, or the
+    unbroadcast `natural` shape where the operand was broadcast (entries that
+    shared its rows then write rows of their own, summed afterwards)."""
+    return np.empty(natural if tuple(shape[:-2]) != natural[:-2] else shape, dtype=dtype)
+
+
+def _sum_to(g, shape):
+    """Sum a gradient written in its unbroadcast shape down to `shape`."""
+    if g.shape == tuple(shape):
+        return g
+    total = g.astype(np.float64) if g.dtype.itemsize < 8 else g
+    while total.ndim > len(shape):
+        total = total.sum(axis=0)
+    axes = tuple(ax for ax, n in enumerate(shape) if n == 1 and total.shape[ax] != 1)
+    return total.sum(axis=axes, keepdims=True).astype(g.dtype) if axes else total.astype(g.dtype)
+
+
+def attention_backward(args, dout, lse, delta, num_threads):
+    """The gradients (gq, gk, gv) of fused attention on validated arguments
+    (_validate.ScoreArgs, backward_operands), in the shapes of q, k and v."""
+    g, lead = args.group, args.lead
+    heads = -3 if g > 1 else None
+    kv_lead = lead[:-1] + (lead[-1] // g,) if g > 1 else lead
+    gq = _grad_buffer(args.q.shape, lead + args.q.shape[-2:], args.dtype)
+    gk = _grad_buffer(args.k.shape, kv_lead + args.k.shape[-2:], args.dtype)
+    gv = _grad_buffer(args.v.shape, kv_lead + args.v.shape[-2:], args.dtype)
+    entries = np.array(_lead_table(lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, dout, lse))
+    cols = {
+        _core.E_DOUT: _lead_offsets(_layout(dout, 2), lead),
+        _core.E_DELTA: _lead_offsets(_layout(delta, 1), lead),
+        _core.E_GQ: _lead_offsets(_layout(gq, 2), lead),
+        _core.E_GK: _lead_offsets(_layout(gk, 2), lead, g),
+        _core.E_GV: _lead_offsets(_layout(gv, 2), lead, g),
+    }
+    for col, val in cols.items():
+        entries[:, col] = val[::g] if g > 1 else val
+    problem = _problem(
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
+        keep=(args.q, args.k, args.v, args.mask, dout, lse, delta, gq, gk, gv),
+        **_operand("q", args.q, -2, -1, heads), **_operand("k", args.k, -2, -1),
+        **_operand("v", args.v, -2, -1), **_operand("lse", lse, -1, None, -2 if g > 1 else None),
+        **_operand("mask", args.mask, -2, -1, heads), **_operand("dout", dout, -2, -1, heads),
+        **_operand("delta", delta, -1, None, -2 if g > 1 else None), **_operand("gq", gq, -2, -1, heads),
+        **_operand("gk", gk, -2, -1), **_operand("gv", gv, -2, -1), **_score_options(args))
+    _core.attention_backward(problem)
+    return _sum_to(gq, args.q.shape), _sum_to(gk, args.k.shape), _sum_to(gv, args.v.shape)

@@ -367,3 +367,30 @@ class VarlenArgs(_Options):
         self.originals = [("q", q), ("k", k), ("v", v)]
         self.dtype = result_dtype(self.originals)
         self.q, self.k, self.v = (np.asarray(a, dtype=self.dtype) for a in (q, k, v))
+
+
+def backward_operands(args, dout, out, lse):
+    """dout (in the result dtype), and delta = rowsum(dout * out) and lse in
+    the compute dtype, checked against the forward's result shapes; lse is
+    None for dot weights, which have none."""
+    out_shape = args.lead + (args.lq, args.dv)
+    named = {}
+    for name, a in (("dout", dout), ("out", out)):
+        a = as_array(a, name)
+        if a.shape != out_shape:
+            raise ValueError(f"{name} must have the attention output's shape {out_shape}, got {a.shape}")
+        named[name] = a
+    cdt = compute_dtype(args.dtype)
+    if args.weights == _core.WEIGHTS_DOT:
+        if lse is not None:
+            raise ValueError("lse must be None with weights='dot' (dot weights have no log-sum-exp)")
+        lse = None
+    else:
+        if lse is None:
+            raise ValueError("lse is required with weights='softmax' (attention(..., return_lse=True) gives it)")
+        lse = as_array(lse, "lse")
+        if lse.shape != args.lead + (args.lq,):
+            raise ValueError(f"lse must have shape {args.lead + (args.lq,)} (the output's without Dv), got {lse.shape}")
+        lse = np.asarray(lse, dtype=cdt)
+    delta = np.einsum("...i,...i->...", named["dout"], named["out"], dtype=np.float64).astype(cdt)
+    return np.asarray(named["dout"], dtype=args.dtype), lse, delta

@@ -50,6 +50,15 @@ def sdpa(make):
     return ft.scaled_dot_product_attention(**args)
 
 
+def backward(**kw):
+    """attention_backward on the forward of (Q, K, V), with arguments replaced by kw."""
+    out, lse = fastattn.attention(Q, K, V, return_lse=True)
+    args = dict(dout=np.ones_like(out), q=Q, k=K, v=V, out=out, lse=lse)
+    args.update(kw)
+    pos = [args.pop(n) for n in ("dout", "q", "k", "v", "out", "lse")]
+    return fastattn.attention_backward(*pos, **args)
+
+
 def unsupported_path():
     """A kernel path of this build this CPU cannot run (skipped if it runs them all)."""
     missing = [name for name, _, _, ok in _config.PATHS if not ok]
@@ -127,6 +136,19 @@ BAD = [
     (lambda: varlen(v=np.zeros((9, 2, 4), f32)), ValueError, "same length and heads"),
     (lambda: varlen(alibi_slopes=np.ones(3)), ValueError, "alibi_slopes"),
     (lambda: varlen(window=(1,)), TypeError, "window"),
+    # attention_backward
+    (lambda: backward(dout=np.ones((2, 5, 3), f32)), ValueError, "dout must have the attention output's shape"),
+    (lambda: backward(out=np.ones((2, 4, 4), f32)), ValueError, "out must have the attention output's shape"),
+    (lambda: backward(lse=None), ValueError, "lse is required"),
+    (lambda: backward(lse=np.zeros((2, 6), f32)), ValueError, "lse must have shape"),
+    (lambda: backward(weights="dot"), ValueError, "lse must be None with weights='dot'"),
+    (lambda: backward(dout=np.ones((2, 5, 4), np.int32)), TypeError, "dout must have dtype"),
+    (lambda: backward(lse="x"), TypeError, "lse must have dtype"),
+    (lambda: backward(dq=np.zeros((2, 5, 8), np.float64)), TypeError, "dq must have dtype"),
+    (lambda: backward(dk=np.zeros((2, 5, 8), f32)), ValueError, "dk must have shape"),
+    (lambda: backward(k=np.zeros((2, 6, 7), f32)), ValueError, "same head dim"),
+    (lambda: backward(causal=1), TypeError, "causal"),
+    (lambda: backward(num_threads=0), ValueError, "num_threads"),
     # scores, weighted_sum, merge, linear_attention
     (lambda: fastattn.scores(Q, np.zeros((2, 6, 9), f32)), ValueError, "same head dim"),
     (lambda: fastattn.weighted_sum(np.zeros((5, 7), f32), V[0]), ValueError, "w's last dim"),

@@ -24,8 +24,9 @@ for isa in fastattn.available_isas():
             k = rng.standard_normal((2, 2, 53, 19)).astype(dt)
             v = rng.standard_normal((2, 2, 53, 7)).astype(dt)
             m = rng.random((37, 53)) < 0.8
-            fastattn.attention(q, k, v, causal=True, mask=m, return_lse=True, window=(20, 3),
-                               softcap=2.0, alibi_slopes=np.ones(4))
+            opts = dict(causal=True, mask=m, window=(20, 3), softcap=2.0, alibi_slopes=np.ones(4))
+            out, lse = fastattn.attention(q, k, v, return_lse=True, **opts)
+            fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, **opts)
             fastattn.attention(q[:, :, :1], k.repeat(20, axis=2), v.repeat(20, axis=2), causal=True)
             fastattn.scores(q, k.repeat(2, axis=1))
             fastattn.weighted_sum(m.astype(dt), v.repeat(2, axis=1))

@@ -7,9 +7,11 @@
  * that every tile operation of the path's tables runs: prefill items
  * (S^T tiles, online softmax, P.V, stored rows), few-row items (the
  * decoding kernels), split-KV items (partial slots and their merge), dot
- * weights, fa_scores and fa_weighted_sum; with causal in both alignments,
- * windows, soft-cap, ALiBi, bool and float masks, grouped query heads and
- * two entries per problem, at awkward sizes that leave tails everywhere.
+ * weights, fa_scores, fa_weighted_sum and fa_attention_backward (its
+ * key-block and query-tile walks, given the reference's lse and delta); with
+ * causal in both alignments, windows, soft-cap, ALiBi, bool and float
+ * masks, grouped query heads and two entries per problem, at awkward sizes
+ * that leave tails everywhere.
  * The x86 paths run natively; the NEON path runs under qemu-aarch64
  * (tools/check_kernels.sh).  Exit status 0 when every check passes.
  *
@@ -101,7 +103,7 @@ static int close_enough(double got, double want, double tol_abs, double tol_rel,
 
 /* The scores of virtual row v = (head h, query i) of an entry: s[j], -inf where hidden. */
 static void ref_scores(const spec *c, double scale, const double *q, const double *k, const double *mask,
-                       const unsigned char *bmask, double slope, int64_t i, double *s)
+                       const unsigned char *bmask, double slope, int64_t i, double *s, double *z)
 {
     const int64_t pos = c->top_left ? i : i + c->lk - c->lq;
     for (int64_t j = 0; j < c->lk; j++) {
@@ -109,6 +111,7 @@ static void ref_scores(const spec *c, double scale, const double *q, const doubl
         for (int64_t t = 0; t < c->d; t++) x += q[t] * k[j * c->d + t];
         x *= scale;
         if (c->softcap > 0) x = c->softcap * tanh(x / c->softcap);
+        if (z) z[j] = x;
         if (c->alibi) x -= slope * (double)llabs(pos - j);
         if (c->mask_kind == FA_MASK_F32 || c->mask_kind == FA_MASK_F64) x += mask[i * c->lk + j];
         int visible = 1;
@@ -118,6 +121,144 @@ static void ref_scores(const spec *c, double scale, const double *q, const doubl
         if (c->mask_kind == FA_MASK_BOOL && !bmask[i * c->lk + j]) visible = 0;
         s[j] = visible ? x : -INFINITY;
     }
+}
+
+/* fa_attention_backward on the problem p of fa_attention: the reference's
+ * lse and delta given, gradients against the reference's in float64. */
+/* What the backward's reference reads of a case, and its buffers. */
+typedef struct {
+    const spec *c;
+    double scale;
+    const array *q, *k, *v, *dout;
+    const double *maskv, *slopes;
+    const unsigned char *bmask;
+    double *P, *dS, *s, *z; /* rows x lk, rows x lk, lk, lk */
+} bwd_ref;
+
+/* The reference's weights P and dS (rows x lk) of entry e; stores the
+ * entry's lse and delta (compute type, cs bytes) for the kernel to read. */
+static void ref_backward_entry(const bwd_ref *b, int64_t e, char *lse, char *delta, int cs)
+{
+    const spec *c = b->c;
+    const int64_t g = c->group, lq = c->lq, lk = c->lk, d = c->d, dv = c->dv, rows = g * lq;
+    const int ct = cs == 8 ? FA_F64 : FA_F32;
+    for (int64_t h = 0; h < g; h++)
+        for (int64_t i = 0; i < lq; i++) {
+            const int64_t r = h * lq + i;
+            double *P = b->P + r * lk, *s = b->s, *z = b->z;
+            ref_scores(c, b->scale, b->q->val + ((e * g + h) * lq + i) * d, b->k->val + e * lk * d, b->maskv,
+                       b->bmask, b->slopes[e * g + h], i, s, z);
+            double m = -INFINITY, sum = 0;
+            for (int64_t j = 0; j < lk; j++) m = s[j] > m ? s[j] : m;
+            for (int64_t j = 0; j < lk; j++) sum += isinf(m) ? 0 : exp(s[j] - m);
+            const double l = sum > 0 ? m + log(sum) : -INFINITY;
+            for (int64_t j = 0; j < lk; j++) P[j] = c->dot ? (isinf(s[j]) ? 0 : s[j]) : (isinf(l) ? 0 : exp(s[j] - l));
+            const double *dor = b->dout->val + (e * rows + r) * dv, *vv = b->v->val + e * lk * dv;
+            double dl = 0;
+            for (int64_t x = 0; x < dv; x++) {
+                double o = 0;
+                for (int64_t j = 0; j < lk; j++) o += P[j] * vv[j * dv + x];
+                dl += dor[x] * o;
+            }
+            store(ct, lse + (e * rows + r) * cs, l);
+            dl = store(ct, delta + (e * rows + r) * cs, dl); /* as the kernel will read it */
+            for (int64_t j = 0; j < lk; j++) {
+                double dp = 0;
+                for (int64_t x = 0; x < dv; x++) dp += dor[x] * vv[j * dv + x];
+                double ds = c->dot ? (isinf(s[j]) ? 0 : dp) : P[j] * (dp - dl);
+                if (c->softcap > 0) ds *= 1 - (z[j] / c->softcap) * (z[j] / c->softcap);
+                b->dS[r * lk + j] = ds;
+            }
+        }
+}
+
+static int check_backward(int path, int dtype, const spec *c, const fa_problem *fwd, int64_t (*entries)[FA_ENTRY_FIELDS],
+                          const array *q, const array *k, const array *v, const double *maskv,
+                          const unsigned char *bmask, const double *slopes, double scale)
+{
+    const int es = DTYPE_BYTES[dtype], cs = dtype == FA_F64 ? 8 : 4;
+    const int64_t n = c->entries, g = c->group, lq = c->lq, lk = c->lk, d = c->d, dv = c->dv, rows = g * lq;
+    array dout = make_array(dtype, n * rows * dv, 1.0);
+    char *lse = calloc((size_t)(n * rows + 1), 8), *delta = calloc((size_t)(n * rows + 1), 8);
+    char *gq = calloc((size_t)(n * rows * d + 1), 8), *gk = calloc((size_t)(n * lk * d + 1), 8);
+    char *gv = calloc((size_t)(n * lk * dv + 1), 8);
+    double *P = malloc((size_t)(rows * lk + 1) * sizeof(double)), *dS = malloc((size_t)(rows * lk + 1) * sizeof(double));
+    double *z = malloc((size_t)(lk + 1) * sizeof(double)), *s = malloc((size_t)(lk + 1) * sizeof(double));
+    double *want = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
+    double *mag = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
+    fa_problem p = *fwd;
+    for (int64_t e = 0; e < n; e++) {
+        entries[e][FA_E_DOUT] = e * rows * dv * es;
+        entries[e][FA_E_DELTA] = entries[e][FA_E_LSE];
+        entries[e][FA_E_GQ] = entries[e][FA_E_Q];
+        entries[e][FA_E_GK] = entries[e][FA_E_K];
+        entries[e][FA_E_GV] = entries[e][FA_E_V];
+    }
+    p.dout = dout.data, p.dout_rs = dv * es, p.dout_cs = es, p.dout_hs = lq * dv * es;
+    p.lse = c->dot ? NULL : lse, p.lse_rs = cs, p.lse_hs = lq * cs;
+    p.delta = c->dot ? NULL : delta, p.delta_rs = cs, p.delta_hs = lq * cs;
+    p.gq = gq, p.gq_rs = d * es, p.gq_cs = es, p.gq_hs = lq * d * es;
+    p.gk = gk, p.gk_rs = d * es, p.gk_cs = es;
+    p.gv = gv, p.gv_rs = dv * es, p.gv_cs = es;
+    int bad = 0;
+    const bwd_ref ref = {c, scale, q, k, v, &dout, maskv, slopes, bmask, P, dS, s, z};
+    /* the reference's lse and delta of every entry first: the kernel reads them */
+    for (int64_t e = 0; e < n; e++) ref_backward_entry(&ref, e, lse, delta, cs);
+    const int status = fa_attention_backward(&p);
+    checks++;
+    if (status != FA_OK) {
+        printf("FAIL %s %s %s: fa_attention_backward status %d\n", fa_path_name(path), DTYPE_NAMES[dtype], c->what,
+               status);
+        bad = 1;
+    }
+    for (int64_t e = 0; e < n && !bad; e++) {
+        ref_backward_entry(&ref, e, lse, delta, cs);
+        const double tol = dtype == FA_F64 ? 1e-12 : 2e-5;
+        const double rel = dtype == FA_F16 ? 1.0 / 2048 : dtype == FA_BF16 ? 1.0 / 256 : tol;
+        /* gq = scale dS K, gk = scale dS^T Q, gv = P^T dout */
+        for (int which = 0; which < 3 && !bad; which++) {
+            const int64_t nr = which == 0 ? rows : lk, nc = which == 2 ? dv : d;
+            for (int64_t a = 0; a < nr; a++)
+                for (int64_t b = 0; b < nc; b++) {
+                    double t = 0, m = 0;
+                    for (int64_t o = 0; o < (which == 0 ? lk : rows); o++) {
+                        double term;
+                        if (which == 0) term = scale * dS[a * lk + o] * k->val[(e * lk + o) * d + b];
+                        else if (which == 1) term = scale * dS[o * lk + a] * q->val[(e * rows + o) * d + b];
+                        else term = P[o * lk + a] * dout.val[(e * rows + o) * dv + b];
+                        t += term;
+                        m += fabs(term);
+                    }
+                    want[a * nc + b] = t;
+                    mag[a * nc + b] = m;
+                }
+            const char *base = which == 0 ? gq + entries[e][FA_E_GQ] : which == 1 ? gk + entries[e][FA_E_GK]
+                                                                                    : gv + entries[e][FA_E_GV];
+            for (int64_t t = 0; t < nr * nc && !bad; t++) {
+                const double got = load(dtype, base + t * es);
+                if (!close_enough(got, want[t], tol * (mag[t] + 1), rel, 0)) {
+                    printf("FAIL %s %s %s: %s[%lld][%lld] = %.9g, reference %.9g\n", fa_path_name(path),
+                           DTYPE_NAMES[dtype], c->what, which == 0 ? "gq" : which == 1 ? "gk" : "gv", (long long)e,
+                           (long long)t, got, want[t]);
+                    bad = 1;
+                }
+            }
+        }
+    }
+    failures += bad;
+    free_array(&dout);
+    free(lse);
+    free(delta);
+    free(gq);
+    free(gk);
+    free(gv);
+    free(P);
+    free(dS);
+    free(z);
+    free(s);
+    free(want);
+    free(mag);
+    return bad;
 }
 
 static void run_case(int path, int dtype, const spec *c)
@@ -209,7 +350,7 @@ static void run_case(int path, int dtype, const spec *c)
         for (int64_t h = 0; h < g && !bad; h++)
             for (int64_t i = 0; i < lq && !bad; i++) {
                 const double *qr = q.val + ((e * g + h) * lq + i) * d;
-                ref_scores(c, scale, qr, k.val + e * lk * d, maskv, bmask, slopes[e * g + h], i, s);
+                ref_scores(c, scale, qr, k.val + e * lk * d, maskv, bmask, slopes[e * g + h], i, s, NULL);
                 double m = -INFINITY, sum = 0, mag = 1;
                 for (int64_t j = 0; j < lk; j++) m = s[j] > m ? s[j] : m;
                 for (int64_t j = 0; j < lk; j++) {
@@ -246,6 +387,8 @@ static void run_case(int path, int dtype, const spec *c)
                 }
             }
 
+    if (!bad) bad = check_backward(path, dtype, c, &p, entries, &q, &k, &v, maskv, bmask, slopes, scale);
+
     /* scores (one head per entry: fa_scores takes no groups), written in the compute type */
     if (!bad && g == 1 && !c->dot) {
         for (int64_t e = 0; e < n; e++) {
@@ -256,7 +399,7 @@ static void run_case(int path, int dtype, const spec *c)
         checks++;
         for (int64_t e = 0; e < n && !bad; e++)
             for (int64_t i = 0; i < lq && !bad; i++) {
-                ref_scores(c, scale, q.val + (e * lq + i) * d, k.val + e * lk * d, maskv, bmask, slopes[e], i, s);
+                ref_scores(c, scale, q.val + (e * lq + i) * d, k.val + e * lk * d, maskv, bmask, slopes[e], i, s, NULL);
                 for (int64_t j = 0; j < lk && !bad; j++) {
                     const double got = load(cs == 8 ? FA_F64 : FA_F32, out + entries[e][FA_E_OUT] + (i * lk + j) * cs);
                     double mag = 0;

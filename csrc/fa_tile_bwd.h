@@ -1,0 +1,248 @@
+/*
+ * fa_tile_bwd.h - the tile operations of the attention backward
+ * (FlashAttention-2), part of the template: fa_tile_impl.h includes it with
+ * its helpers in scope, once per element type and path.
+ *
+ * A tile pairs FA_BQ query rows (columns of the transposed tiles, along the
+ * vector lanes) with up to FA_BK keys.  Scores and weights are recomputed
+ * from the saved lse; every product runs on the forward's micro-kernels:
+ *   S^T  = K Q^T (scaled)          qk_block, K rows read in place
+ *   dP^T = V dO^T                   qk_block, V rows read in place
+ *   dV  += P^T dO,  dK += dS^T Q    pv_block over the key block's rows
+ *   dQ  += dS K                     pv_block over the query tile's rows
+ * with P = exp(S - lse) (or S itself for dot weights), dS = P (dP - delta)
+ * (dP for dot weights), times 1 - (z / softcap)^2 under a soft-cap.
+ */
+
+typedef struct {
+    FA_T *qt;    /* d x FA_BQ: scale * Q^T of the query tile, zero past its rows */
+    FA_T *qr;    /* FA_BQ x dp: scale * Q rows (for dK) */
+    FA_T *dot;   /* dv x FA_BQ: dO^T, zero past the rows */
+    FA_T *dor;   /* FA_BQ x dvp: dO rows (for dV) */
+    FA_T *kp;    /* FA_BK x dp: K rows when they cannot be read in place */
+    FA_T *vp;    /* FA_BK x dv: V rows when they cannot be read in place */
+    FA_T *st;    /* FA_BK x FA_BQ: S^T, then P^T */
+    FA_T *dpt;   /* FA_BK x FA_BQ: dP^T, then dS^T */
+    FA_T *zt;    /* FA_BK x FA_BQ: soft-capped scores (soft-cap only) */
+    FA_T *acc_k; /* FA_BK x dp: dK of the key block, or FA_BQ x dp: dQ of the query tile */
+    FA_T *acc_v; /* FA_BK x dvp: dV of the key block */
+    FA_T *lse;   /* FA_BQ: the rows' lse; +inf for a row that sees no key and past the rows */
+    FA_T *delta; /* FA_BQ: the rows' rowsum(dout * out) */
+    int64_t dp, dvp;
+    void *block;
+} FN(bwd_scratch);
+
+void *FA_OP(bwd_scratch_new)(const fa_problem *p)
+{
+    const int64_t d = p->d, dv = p->dv, dp = fa_roundup64(d, FA_W), dvp = fa_roundup64(dv, FA_W);
+    const int64_t al = 64 / (int64_t)sizeof(FA_T);
+    const int64_t limit = (INT64_MAX / 16) / (int64_t)sizeof(FA_T) / (FA_BQ + FA_BK);
+    if (dp > limit || dvp > limit) return NULL;
+    const int64_t n[13] = {fa_roundup64(d * FA_BQ, al),   fa_roundup64(FA_BQ * dp, al), fa_roundup64(dv * FA_BQ, al),
+                           fa_roundup64(FA_BQ * dvp, al), fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dv, al),
+                           FA_BK * FA_BQ,                 FA_BK * FA_BQ,                FA_BK * FA_BQ,
+                           fa_roundup64(FA_BK * dp, al),  fa_roundup64(FA_BK * dvp, al), fa_roundup64(FA_BQ, al),
+                           fa_roundup64(FA_BQ, al)};
+    int64_t total = 0;
+    for (int i = 0; i < 13; i++) total += n[i];
+    FN(bwd_scratch) *w = (FN(bwd_scratch) *)malloc(sizeof *w);
+    FA_T *b = w ? (FA_T *)aligned_alloc(64, (size_t)total * sizeof(FA_T)) : NULL;
+    if (!b) {
+        free(w);
+        return NULL;
+    }
+    FA_T **slot[13] = {&w->qt, &w->qr, &w->dot, &w->dor, &w->kp, &w->vp, &w->st,
+                       &w->dpt, &w->zt, &w->acc_k, &w->acc_v, &w->lse, &w->delta};
+    FA_T *at = b;
+    for (int i = 0; i < 13; i++) {
+        *slot[i] = at;
+        at += n[i];
+    }
+    w->block = b;
+    w->dp = dp;
+    w->dvp = dvp;
+    return w;
+}
+
+void FA_OP(bwd_scratch_free)(void *w)
+{
+    free(((FN(bwd_scratch) *)w)->block);
+    free(w);
+}
+
+/* The query tile's operands: scale Q^T (and scale Q rows if `rows`), dO^T
+ * (and dO rows if `rows`), its rows' lse and delta. */
+static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
+                              int rows)
+{
+    const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W);
+    FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, lq, p->q_hs, row0, bq, bqp, p->d, (FA_T)p->scale, w->qt,
+                        FA_BQ);
+    FN(pack_transposed)(p->dout, e[FA_E_DOUT], p->dout_rs, p->dout_cs, lq, p->dout_hs, row0, bq, bqp, p->dv, 1,
+                        w->dot, FA_BQ);
+    if (rows)
+        for (int64_t r = 0; r < bq; r++) {
+            const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+            const char *orow = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
+            FA_T *qd = w->qr + r * w->dp, *od = w->dor + r * w->dvp;
+            FN(load_row)(qrow, p->q_cs, p->d, qd);
+            for (int64_t c = 0; c < p->d; c++) qd[c] *= (FA_T)p->scale;
+            for (int64_t c = p->d; c < w->dp; c++) qd[c] = 0;
+            FN(load_row)(orow, p->dout_cs, p->dv, od);
+            for (int64_t c = p->dv; c < w->dvp; c++) od[c] = 0;
+        }
+    const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
+    for (int64_t r = 0; r < FA_BQ; r++) {
+        FA_T l = (FA_T)INFINITY, dl = 0;
+        if (r < bq && softmax) {
+            l = *(const FA_T *)((const char *)p->lse + e[FA_E_LSE] + fa_vrow_off(row0 + r, lq, p->lse_rs, p->lse_hs));
+            dl = *(const FA_T *)((const char *)p->delta + e[FA_E_DELTA] +
+                                 fa_vrow_off(row0 + r, lq, p->delta_rs, p->delta_hs));
+            if (l == (FA_T)-INFINITY) l = (FA_T)INFINITY; /* a row that sees no key: P = 0 */
+        }
+        w->lse[r] = l;
+        w->delta[r] = dl;
+    }
+}
+
+/* S^T, P^T (in st) and dS^T (in dpt) of the query tile packed in w and keys
+ * [k0, k0 + bk); returns the K rows (FA_BK x dp, ld *ldk) for dQ. */
+static const FA_T *FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
+                                int64_t k0, int64_t bk, int64_t *ldk)
+{
+    const int64_t d = p->d, dv = p->dv, bqp = fa_roundup64(bq, FA_W);
+    int64_t ldv;
+    const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, w->dp, w->kp, ldk);
+    const FA_T *v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, dv, dv, w->vp, &ldv);
+    for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
+        const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
+        for (int64_t j = 0; j < bk; j += FA_MR) {
+            const int mr = (int)fa_min64(FA_MR, bk - j);
+            FN(qk_block)(mr, nv, d, k + j * *ldk, *ldk, w->qt + cb, FA_BQ, w->st + j * FA_BQ + cb, FA_BQ);
+            FN(qk_block)(mr, nv, dv, v + j * ldv, ldv, w->dot + cb, FA_BQ, w->dpt + j * FA_BQ + cb, FA_BQ);
+        }
+    }
+    /* the score options, column by column; a soft-cap first, keeping z */
+    fa_problem opt = *p;
+    if (p->softcap > 0) {
+        const FA_T cap = (FA_T)p->softcap, inv = (FA_T)(1.0 / p->softcap);
+        for (int64_t j = 0; j < bk; j++)
+            for (int64_t r = 0; r < bqp; r++) { /* past the rows too: the scores there are 0 */
+                const FA_T z = cap * (FA_T)tanh((double)(w->st[j * FA_BQ + r] * inv));
+                w->st[j * FA_BQ + r] = w->zt[j * FA_BQ + r] = z;
+            }
+        opt.softcap = 0;
+    }
+    int64_t lo, hi, all_lo, all_hi;
+    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
+    const int bounds = k0 < all_lo || k0 + bk > all_hi;
+    if (bounds || p->mask_kind != FA_MASK_NONE || p->alibi_slopes)
+        for (int64_t r = 0; r < bq; r++) FN(score_options)(&opt, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds);
+    /* P and dS, FA_W query rows at a time */
+    if (p->weights == FA_WEIGHTS_SOFTMAX) {
+        for (int64_t j = 0; j < bk; j++)
+            for (int64_t c = 0; c < bqp; c += FA_W) {
+                FA_T *s = w->st + j * FA_BQ + c, *dp = w->dpt + j * FA_BQ + c;
+                const fa_vec pr = VEXP(VSUB(VLOAD(s), VLOAD(w->lse + c)));
+                VSTORE(s, pr);
+                VSTORE(dp, VMUL(pr, VSUB(VLOAD(dp), VLOAD(w->delta + c))));
+            }
+    } else {
+        for (int64_t j = 0; j < bk; j++)
+            for (int64_t r = 0; r < bqp; r++) {
+                FA_T *s = w->st + j * FA_BQ + r;
+                if (r >= bq || *s == (FA_T)-INFINITY) {
+                    *s = 0;
+                    w->dpt[j * FA_BQ + r] = 0;
+                }
+            }
+    }
+    if (p->softcap > 0) {
+        const fa_vec inv = VBCAST((FA_T)(1.0 / p->softcap)), one = VBCAST((FA_T)1);
+        for (int64_t j = 0; j < bk; j++)
+            for (int64_t c = 0; c < bqp; c += FA_W) {
+                FA_T *dp = w->dpt + j * FA_BQ + c;
+                const fa_vec t = VMUL(VLOAD(w->zt + j * FA_BQ + c), inv);
+                VSTORE(dp, VMUL(VLOAD(dp), VSUB(one, VMUL(t, t))));
+            }
+    }
+    return k;
+}
+
+static const FA_T FN(ones)[FA_MR_MAX] = {1, 1, 1, 1, 1, 1};
+
+/* o (rows of n elements, ldo apart) += sum_j pt[j * ldp + r * ldr] v[j] over
+ * nj terms, for rows r < nr: the backward's products on pv_block. */
+static void FN(bwd_accumulate)(int64_t nr, int64_t n, int64_t nj, const FA_T *pt, int64_t ldp, int64_t ldr,
+                               const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo)
+{
+    for (int64_t cb = 0; cb < n; cb += FA_NVW) {
+        const int nv = (int)fa_min64(FA_NV, (n - cb) / FA_W);
+        for (int64_t r = 0; r < nr; r += FA_MR)
+            FN(pv_block)((int)fa_min64(FA_MR, nr - r), nv, nj, pt + r * ldr, ldp, ldr, v + cb, ldv, o + r * ldo + cb,
+                         ldo, FN(ones));
+    }
+}
+
+/* ---- dK and dV: one key block, every query tile of its entry ---------------- */
+
+void FA_OP(bwd_keys_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk)
+{
+    FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
+    (void)p, (void)e, (void)k0;
+    memset(s->acc_k, 0, (size_t)(bk * s->dp) * sizeof(FA_T));
+    memset(s->acc_v, 0, (size_t)(bk * s->dvp) * sizeof(FA_T));
+}
+
+void FA_OP(bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                          int64_t bk)
+{
+    FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
+    int64_t ldk;
+    FN(bwd_pack_rows)(p, e, s, row0, bq, 1);
+    FN(bwd_tile)(p, e, s, row0, bq, k0, bk, &ldk);
+    /* dV += P^T dO and dK += dS^T (scale Q): rows are keys, terms queries */
+    FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, FA_BQ, s->dor, s->dvp, s->acc_v, s->dvp);
+    FN(bwd_accumulate)(bk, s->dp, bq, s->dpt, 1, FA_BQ, s->qr, s->dp, s->acc_k, s->dp);
+}
+
+void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk)
+{
+    const FN(bwd_scratch) *s = (const FN(bwd_scratch) *)w;
+    for (int64_t j = 0; j < bk; j++) {
+        char *gk = (char *)p->gk + e[FA_E_GK] + (k0 + j) * p->gk_rs;
+        char *gv = (char *)p->gv + e[FA_E_GV] + (k0 + j) * p->gv_rs;
+        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gk + c * p->gk_cs) = FA_ST(s->acc_k[j * s->dp + c]);
+        for (int64_t c = 0; c < p->dv; c++) *(FA_S *)(gv + c * p->gv_cs) = FA_ST(s->acc_v[j * s->dvp + c]);
+    }
+}
+
+/* ---- dQ: one query tile, every key tile it sees -------------------------- */
+
+void FA_OP(bwd_rows_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq)
+{
+    FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
+    FN(bwd_pack_rows)(p, e, s, row0, bq, 0);
+    memset(s->acc_k, 0, (size_t)(bq * s->dp) * sizeof(FA_T));
+}
+
+void FA_OP(bwd_rows_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                          int64_t bk)
+{
+    FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
+    int64_t ldk;
+    const FA_T *k = FN(bwd_tile)(p, e, s, row0, bq, k0, bk, &ldk);
+    /* dQ += dS K (scaled at the store): rows are queries, terms keys */
+    FN(bwd_accumulate)(bq, s->dp, bk, s->dpt, FA_BQ, 1, k, ldk, s->acc_k, s->dp);
+}
+
+void FA_OP(bwd_rows_store)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq)
+{
+    const FN(bwd_scratch) *s = (const FN(bwd_scratch) *)w;
+    const int64_t lq = e[FA_E_LQ];
+    const FA_T scale = (FA_T)p->scale;
+    for (int64_t r = 0; r < bq; r++) {
+        char *gq = (char *)p->gq + e[FA_E_GQ] + fa_vrow_off(row0 + r, lq, p->gq_rs, p->gq_hs);
+        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gq + c * p->gq_cs) = FA_ST(scale * s->acc_k[r * s->dp + c]);
+    }
+}

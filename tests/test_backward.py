@@ -1,0 +1,124 @@
+"""attention_backward against the float64 reference backward, on every path."""
+import numpy as np
+import pytest
+
+import fastattn
+import fastattn.reference as ref
+from util import HALF, assert_close, stable_seed
+
+# (q shape, k shape, v shape): odd lengths and head dims, Lq != Lk, several
+# query and key tiles, grouped heads, operands broadcast over leading dims
+SHAPES = [
+    ((2, 3, 70, 19), (2, 3, 97, 19), (2, 3, 97, 7)),
+    ((1, 4, 65, 16), (1, 2, 130, 16), (1, 2, 130, 9)),  # 4 query heads over 2 kv heads
+    ((3, 1, 9, 12), (1, 2, 20, 12), (1, 2, 20, 5)),  # q broadcast over heads, k and v over batch
+    ((40, 8), (150, 8), (150, 33)),
+]
+OPTIONS = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "causal top-left": dict(causal=True, align="top-left"),
+    "window": dict(window=(13, 4)),
+    "softcap alibi": dict(softcap=1.5, alibi_slopes=0.25, scale=0.7),
+    "bool mask": dict(mask="bool"),
+    "float mask causal": dict(mask="float", causal=True),
+    "dot": dict(weights="dot"),
+    "dot causal softcap": dict(weights="dot", causal=True, softcap=3.0),
+}
+
+
+def make(shapes, name, dtype, rng):
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in shapes)
+    options = dict(OPTIONS[name])
+    lq, lk = shapes[0][-2], shapes[1][-2]
+    if options.get("mask") == "bool":
+        m = rng.random((lq, lk)) < 0.7
+        m[1] = False  # a row that sees no key: zero gradients
+        options["mask"] = m
+    elif options.get("mask") == "float":
+        options["mask"] = np.where(rng.random((lq, lk)) < 0.2, -np.inf, rng.standard_normal((lq, lk)))
+    return q, k, v, options
+
+
+def forward(q, k, v, options):
+    if options.get("weights") == "dot":
+        return fastattn.attention(q, k, v, **options), None
+    return fastattn.attention(q, k, v, return_lse=True, **options)
+
+
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_backward_matches_reference(isa, dtype, shapes, name):
+    rng = np.random.default_rng(stable_seed(shapes, name, str(dtype)))
+    q, k, v, options = make(shapes, name, dtype, rng)
+    out, lse = forward(q, k, v, options)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dq, dk, dv = fastattn.attention_backward(dout, q, k, v, out, lse, **options)
+    want = ref.attention_backward(dout, q, k, v, **options)
+    for got, exp, x in zip((dq, dk, dv), want, (q, k, v)):
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert_close(got, exp)
+    if options.get("mask") is not None and options["mask"].dtype == bool:
+        assert np.all(dq[..., 1, :] == 0)
+
+
+def half_allowance(u, dout, out, q, k, options):
+    """What rounding the forward's output to 16 bits may move the gradients
+    by: delta = rowsum(dout * out) moves by up to u a (a = sum |dout| |out|),
+    so dS = P (dP - delta) by P u a, dq by scale u a (P |k|) and dk by
+    scale u P^T (a |q|); dv does not use delta."""
+    q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    scale = options.get("scale", 1 / np.sqrt(q.shape[-1]))
+    s = ref.scores(q64, k64, **{n: o for n, o in options.items() if n != "weights"})
+    p = ref.softmax(s)
+    a = np.sum(np.abs(np.asarray(dout, np.float64)) * np.abs(np.asarray(out, np.float64)), axis=-1)[..., None]
+    kr = ref._repeat_kv_heads(q64, np.abs(k64))
+    extra_q = scale * u * a * (p @ kr)
+    extra_k = scale * u * (np.swapaxes(p, -1, -2) @ (a * np.abs(q64)))
+    return ref._sum_to_shape(extra_q, q.shape), ref._sum_to_shape(extra_k, k.shape), 0
+
+
+@pytest.mark.parametrize("half", HALF, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["plain", "causal", "softcap alibi", "bool mask", "dot"])
+def test_backward_16bit(isa, half, name):
+    shapes = SHAPES[1]
+    rng = np.random.default_rng(stable_seed(shapes, name, np.dtype(half).name))
+    q, k, v, options = make(shapes, name, half, rng)
+    out, lse = forward(q, k, v, options)
+    dout = rng.standard_normal(out.shape).astype(half)
+    grads = fastattn.attention_backward(dout, q, k, v, out, lse, **options)
+    want = ref.attention_backward(dout, q, k, v, **options)
+    u = 2.0**-8 if np.dtype(half).name == "bfloat16" else 2.0**-11
+    extras = half_allowance(u, dout, out, q, k, options) if options.get("weights") != "dot" else (0, 0, 0)
+    for got, exp, x, extra in zip(grads, want, (q, k, v), extras):
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert_close(got, exp, extra=extra)
+
+
+@pytest.mark.parametrize("name", ["causal", "softcap alibi", "dot"])
+def test_backward_is_bitwise_the_same_for_any_thread_count(isa, name):
+    shapes = ((1, 4, 300, 32), (1, 2, 300, 32), (1, 2, 300, 24))
+    rng = np.random.default_rng(stable_seed(shapes, name))
+    q, k, v, options = make(shapes, name, np.float32, rng)
+    out, lse = forward(q, k, v, options)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    one = fastattn.attention_backward(dout, q, k, v, out, lse, num_threads=1, **options)
+    for threads in (2, 3, 5):
+        many = fastattn.attention_backward(dout, q, k, v, out, lse, num_threads=threads, **options)
+        for a, b in zip(one, many):
+            assert np.array_equal(a, b)
+
+
+def test_backward_writes_given_arrays_and_leaves_inputs():
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 30, 8)).astype(np.float32) for _ in range(3))
+    out, lse = fastattn.attention(q, k, v, return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    before = [a.copy() for a in (dout, q, k, v, out, lse)]
+    dq, dk, dv = (np.empty_like(a) for a in (q, k, v))
+    got = fastattn.attention_backward(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv)
+    assert got[0] is dq and got[1] is dk and got[2] is dv
+    for g, w in zip(got, ref.attention_backward(dout, q, k, v)):
+        assert_close(g, w)
+    for a, b in zip(before, (dout, q, k, v, out, lse)):
+        assert np.array_equal(a, b)
