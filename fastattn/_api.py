@@ -113,17 +113,10 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     num_threads = _config.resolve_threads(num_threads)
     args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
     dout, lse, delta = _v.backward_operands(args, dout, out, lse)
-    given = [(n, a, _v.check_out(a, s.shape, args.dtype, args.originals + [("dout", dout)], n) if a is not None else None)
-             for n, a, s in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v))]
-    grads = _problem.attention_backward(args, dout, lse, delta, num_threads)
-    result = []
-    for (name, _, dest), g in zip(given, grads):
-        if dest is None:
-            result.append(g)
-        else:
-            dest[...] = g
-            result.append(dest)
-    return tuple(result)
+    inputs = args.originals + [("dout", dout), ("out", out), ("lse", lse)]
+    dests = tuple(None if a is None else _v.check_out(a, x.shape, args.dtype, inputs, name)
+                  for name, a, x in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v)))
+    return _problem.attention_backward(args, dout, lse, delta, num_threads, dests)
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,

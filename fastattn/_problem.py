@@ -205,33 +205,41 @@ def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
     _core.attention(problem)
 
 
-def _grad_buffer(shape, natural, dtype):
-    """Where the kernel writes an operand's gradient: its own shape, or the
-    unbroadcast `natural` shape where the operand was broadcast (entries that
-    shared its rows then write rows of their own, summed afterwards)."""
-    return np.empty(natural if tuple(shape[:-2]) != natural[:-2] else shape, dtype=dtype)
+def _grad_buffer(shape, natural, dtype, dest):
+    """Where the kernel writes an operand's gradient: `dest` (or a new array)
+    of the operand's shape, or an array of the unbroadcast `natural` shape
+    where the operand was broadcast (entries that shared its rows then write
+    rows of their own, summed afterwards by _sum_to)."""
+    if tuple(shape[:-2]) != natural[:-2]:
+        return np.empty(natural, dtype=dtype)
+    return np.empty(shape, dtype=dtype) if dest is None else dest
 
 
-def _sum_to(g, shape):
-    """Sum a gradient written in its unbroadcast shape down to `shape`."""
-    if g.shape == tuple(shape):
-        return g
-    total = g.astype(np.float64) if g.dtype.itemsize < 8 else g
-    while total.ndim > len(shape):
-        total = total.sum(axis=0)
-    axes = tuple(ax for ax, n in enumerate(shape) if n == 1 and total.shape[ax] != 1)
-    return total.sum(axis=axes, keepdims=True).astype(g.dtype) if axes else total.astype(g.dtype)
+def _sum_to(g, shape, dest):
+    """A gradient written in its unbroadcast shape, summed down to `shape`
+    (into dest if given)."""
+    if g.shape != tuple(shape):
+        total = g.astype(np.float64) if g.dtype.itemsize < 8 else g
+        while total.ndim > len(shape):
+            total = total.sum(axis=0)
+        axes = tuple(ax for ax, n in enumerate(shape) if n == 1 and total.shape[ax] != 1)
+        g = (total.sum(axis=axes, keepdims=True) if axes else total).astype(g.dtype)
+    if dest is not None and dest is not g:
+        dest[...] = g
+        return dest
+    return g
 
 
-def attention_backward(args, dout, lse, delta, num_threads):
+def attention_backward(args, dout, lse, delta, num_threads, dests=(None, None, None)):
     """The gradients (gq, gk, gv) of fused attention on validated arguments
-    (_validate.ScoreArgs, backward_operands), in the shapes of q, k and v."""
+    (_validate.ScoreArgs, backward_operands), in the shapes of q, k and v,
+    written into `dests` where given (checked arrays, or None)."""
     g, lead = args.group, args.lead
     heads = -3 if g > 1 else None
     kv_lead = lead[:-1] + (lead[-1] // g,) if g > 1 else lead
-    gq = _grad_buffer(args.q.shape, lead + args.q.shape[-2:], args.dtype)
-    gk = _grad_buffer(args.k.shape, kv_lead + args.k.shape[-2:], args.dtype)
-    gv = _grad_buffer(args.v.shape, kv_lead + args.v.shape[-2:], args.dtype)
+    gq = _grad_buffer(args.q.shape, lead + args.q.shape[-2:], args.dtype, dests[0])
+    gk = _grad_buffer(args.k.shape, kv_lead + args.k.shape[-2:], args.dtype, dests[1])
+    gv = _grad_buffer(args.v.shape, kv_lead + args.v.shape[-2:], args.dtype, dests[2])
     entries = np.array(_lead_table(lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, dout, lse))
     cols = {
         _core.E_DOUT: _lead_offsets(_layout(dout, 2), lead),
@@ -251,4 +259,4 @@ def attention_backward(args, dout, lse, delta, num_threads):
         **_operand("delta", delta, -1, None, -2 if g > 1 else None), **_operand("gq", gq, -2, -1, heads),
         **_operand("gk", gk, -2, -1), **_operand("gv", gv, -2, -1), **_score_options(args))
     _core.attention_backward(problem)
-    return _sum_to(gq, args.q.shape), _sum_to(gk, args.k.shape), _sum_to(gv, args.v.shape)
+    return tuple(_sum_to(grad, x.shape, dest) for grad, x, dest in zip((gq, gk, gv), (args.q, args.k, args.v), dests))

@@ -52,6 +52,15 @@ PEAK_WORKLOADS = {
         out = np.empty_like(q)
         run = lambda: fastattn.attention(q, k, v, causal=True, out=out)
     """,
+    # backward: (1, 8, 16384, 64) float32 causal, gradients written in place
+    # (out is a stand-in: the gradients' pages are touched before measuring)
+    "backward": """
+        q, k, v, dout = (rng.standard_normal((1, 8, 16384, 64), dtype=np.float32) for _ in range(4))
+        o, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)
+        dq, dk, dv = (np.zeros_like(a) for a in (q, k, v))
+        out = np.zeros(0)
+        run = lambda: fastattn.attention_backward(dout, q, k, v, o, lse, causal=True, dq=dq, dk=dk, dv=dv)
+    """,
     # varlen: 16384 packed tokens in 3 sequences, 8 heads
     "varlen": """
         cu = np.array([0, 1000, 9000, 16384])
