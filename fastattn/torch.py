@@ -5,9 +5,13 @@ tensors without copying them (tensors and numpy arrays share memory both
 ways) and follows ``torch.nn.functional.scaled_dot_product_attention``:
 top-left causal alignment, bool masks (True = takes part) and float masks
 (added), ``scale`` defaulting to ``1/sqrt(E)``, grouped heads only with
-``enable_gqa=True``.  What it does not support raises an error instead of
-silently differing: CUDA and other devices, ``dropout_p > 0``, tensors that
-require grad while autograd is on.
+``enable_gqa=True``.  It supports autograd: it is the custom operator
+``torch.ops.fastattn.attention`` (with a fake implementation, so
+``torch.compile(..., fullgraph=True)`` traces it) whose gradient is the
+custom operator ``torch.ops.fastattn.attention_backward``, fastattn's
+FlashAttention-2 backward; masks get no gradient.  What it does not support
+raises an error instead of silently differing: CUDA and other devices,
+``dropout_p > 0``.
 
 ``fastattn.torch.patch()`` routes a model's attention through fastattn::
 
@@ -16,9 +20,11 @@ require grad while autograd is on.
 
 Inside the context, calls fastattn supports go to fastattn and all others
 to torch's own function; leaving the context restores torch's function.
+Training works the same way: gradients flow through fastattn's backward.
 """
 import contextlib
 import math
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -41,9 +47,6 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
             return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
         if t.device.type != "cpu":
             return ValueError, f"{name} is on {t.device}; fastattn runs on CPU tensors only"
-        if t.requires_grad and torch.is_grad_enabled():
-            return ValueError, (f"{name} requires grad; fastattn has no backward pass "
-                                "(use torch.no_grad() or torch.inference_mode())")
         if t.is_sparse or t.is_quantized or t.is_nested:
             return TypeError, f"{name} must be a dense tensor"
     for name, t in tensors[:3]:
@@ -57,8 +60,71 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
 
 
 def _as_numpy(t):
-    """A numpy view of a CPU tensor's memory (no copy)."""
-    return t.detach().numpy()
+    """A numpy view of a CPU tensor's memory (no copy); None stays None."""
+    return None if t is None else t.detach().numpy()
+
+
+def _lead(query, key, value, attn_mask):
+    """The broadcast leading dimensions of the result (k/v head axes count as
+    query's where they group query heads)."""
+    q = tuple(query.shape[:-2])
+    kv = [tuple(t.shape[:-2]) for t in (key, value)]
+    if q:
+        kv = [s[:-1] + (q[-1],) if s and s[-1] not in (1, q[-1]) else s for s in kv]
+    mask = tuple(attn_mask.shape[:-2]) if attn_mask is not None else ()
+    return tuple(torch.broadcast_shapes(q, *kv, mask))
+
+
+@torch.library.custom_op("fastattn::attention", mutates_args=(), device_types="cpu")
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  is_causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fastattn.attention with torch's conventions: (out, lse)."""
+    out, lse = _api.attention(*(_as_numpy(t) for t in (query, key, value)), scale=scale, causal=is_causal,
+                              mask=_as_numpy(attn_mask), align="top-left", return_lse=True)
+    return torch.from_numpy(out), torch.from_numpy(lse)
+
+
+@_attention_op.register_fake
+def _attention_fake(query, key, value, attn_mask, is_causal, scale):
+    lead = _lead(query, key, value, attn_mask)
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (query.new_empty(lead + (query.shape[-2], value.shape[-1])),
+            query.new_empty(lead + (query.shape[-2],), dtype=lse_dtype))
+
+
+@torch.library.custom_op("fastattn::attention_backward", mutates_args=(), device_types="cpu")
+def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                           scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn.attention_backward with torch's conventions: (dq, dk, dv)."""
+    grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)), scale=scale,
+                                    causal=is_causal, mask=_as_numpy(attn_mask), align="top-left")
+    return tuple(torch.from_numpy(g) for g in grads)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask)
+    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, attn_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fastattn.attention_backward(grad_out, query, key, value, out, lse, attn_mask,
+                                                       ctx.is_causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -101,12 +167,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"query has {hq} heads and key {hk}: pass enable_gqa=True for grouped-query "
                          "attention (as in torch)")
     # the grouped-query rule itself (H a multiple of G) is fastattn's own, checked by attention()
-    q, k, v = (_as_numpy(t) for t in (query, key, value))
-    mask = _as_numpy(attn_mask) if attn_mask is not None else None
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
-    out = _api.attention(q, k, v, scale=scale, causal=bool(is_causal), mask=mask, align="top-left")
-    return torch.from_numpy(out)
+    return torch.ops.fastattn.attention(query, key, value, attn_mask, bool(is_causal), float(scale))[0]
 
 
 def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

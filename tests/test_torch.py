@@ -109,3 +109,85 @@ def test_transformer_block_example():
     path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "torch_transformer_block.py")
     err = runpy.run_path(path)["main"]()
     assert err < 1e-4
+
+
+# ---- autograd -------------------------------------------------------------------
+
+GRAD_CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "bool mask": dict(attn_mask="bool"),
+    "float mask": dict(attn_mask="float"),
+    "scale": dict(scale=0.3),
+    "gqa causal": dict(is_causal=True, enable_gqa=True),
+}
+
+
+def grad_inputs(name, dtype, l=7, s=9):
+    gen = torch.Generator().manual_seed(len(name))
+    kv_heads = 1 if "gqa" in name else 2
+    q = torch.randn(2, 2, l, 5, dtype=dtype, generator=gen, requires_grad=True)
+    k = torch.randn(2, kv_heads, s if "causal" not in name else l, 5, dtype=dtype, generator=gen, requires_grad=True)
+    v = torch.randn(2, kv_heads, k.shape[-2], 3, dtype=dtype, generator=gen, requires_grad=True)
+    kw = dict(GRAD_CASES[name])
+    if kw.get("attn_mask") == "bool":
+        m = torch.rand(l, k.shape[-2], generator=gen) < 0.7
+        m[:, 0] = True
+        kw["attn_mask"] = m
+    elif kw.get("attn_mask") == "float":
+        kw["attn_mask"] = torch.randn(l, k.shape[-2], dtype=dtype, generator=gen)
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradcheck_float64(name):
+    q, k, v, kw = grad_inputs(name, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b, c: ft.scaled_dot_product_attention(a, b, c, **kw), (q, k, v))
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradients_match_torch(name):
+    q, k, v, kw = grad_inputs(name, torch.float32, l=40, s=70)
+    grads = []
+    for f in (ft.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        for t in (q, k, v):
+            t.grad = None
+        out = f(q, k, v, **kw)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    q, k, v, kw = grad_inputs("gqa causal", torch.float32)
+
+    def loss(a, b, c):
+        return (ft.scaled_dot_product_attention(a, b, c, **kw) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_patch_trains(monkeypatch):
+    """Inside patch(), a training step's forward and backward run on fastattn."""
+    calls = []
+    real = fastattn._api.attention_backward
+
+    def spy(*a, **kw):
+        calls.append(kw.get("align"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fastattn._api, "attention_backward", spy)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 8, requires_grad=True)
+    with ft.patch():
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    assert calls == ["top-left"]
+    got = q.grad.clone()
+    q.grad = None
+    F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    torch.testing.assert_close(got, q.grad, atol=1e-5, rtol=1e-4)
