@@ -191,3 +191,11 @@ def test_patch_trains(monkeypatch):
     q.grad = None
     F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     torch.testing.assert_close(got, q.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_training_example_losses_agree():
+    """A few steps of examples/train_tiny_transformer.py: fastattn's losses equal torch's."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_tiny_transformer.py")
+    ours, theirs = runpy.run_path(path)["main"](steps=4, length=64, quiet=True)
+    assert len(ours) == 4
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
