@@ -116,6 +116,14 @@ def bench_job(args):
         return linear_job(args, threads, progress)
     if args.plot:
         return plot_job(args, threads, progress)
+    if args.backward:
+        matmul = _bench.matmul_gflops(threads)
+        rows = _bench.run_backward(threads, repeat=args.repeat, with_torch=not args.no_torch, progress=progress,
+                                   shapes=[((s[0], s[1], s[1], s[2], s[3]), c) for s in args.shape
+                                           for c in (False, True)] if args.shape else None)
+        return report(args, threads, f"training step: forward + backward, median of {args.repeat}; backward flops = "
+                      f"2.5 x the forward's; numpy float32 matmul {matmul:.1f} GFLOP/s in the same run",
+                      _bench.format_backward(rows, matmul), backward=rows, matmul_gflops=matmul)
     if args.half:
         rows = _bench.run_half(threads, repeat=args.repeat, progress=progress)
         return report(args, threads, "half-precision storage vs float32, same data, same run, median of "
@@ -173,6 +181,8 @@ def parse_args(argv):
     bench.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     bench.add_argument("--plot", metavar="FILE.png",
                        help="plot GFLOP/s against sequence length (needs matplotlib)")
+    bench.add_argument("--backward", action="store_true",
+                       help="training step (forward + backward) against torch's SDPA with autograd")
     bench.add_argument("--half", action="store_true",
                        help="bfloat16 and float16 against float32 (prefill and decode)")
     bench.add_argument("--linear", action="store_true",

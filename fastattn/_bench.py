@@ -265,6 +265,86 @@ def format_decode(rows):
     return "\n".join(lines)
 
 
+# ((B, H, G, L, D), causal): the backward rows (H query heads over G kv heads)
+BACKWARD_SHAPES = [
+    ((1, 8, 8, 1024, 64), False),
+    ((1, 8, 8, 4096, 64), True),
+    ((4, 16, 16, 512, 64), False),
+    ((1, 32, 32, 2048, 128), True),
+    ((1, 32, 8, 2048, 128), True),
+]
+
+
+def run_backward(threads, repeat=3, shapes=None, dtypes=("float32", "bfloat16"), with_torch=True, progress=None):
+    """Training step of attention: fastattn's forward + backward and its
+    backward alone, against torch's SDPA forward + backward (autograd) on
+    the same data, same run.  The backward's flops are counted as 2.5 x the
+    forward's."""
+    from fastattn._api import BFLOAT16
+
+    torch_mod = torch_sdpa() if with_torch else None
+    shapes = BACKWARD_SHAPES if shapes is None else shapes
+    rows = []
+    for n, ((b, h, g, l, d), causal) in enumerate(shapes, 1):
+        rng = np.random.default_rng(n)
+        base = [rng.standard_normal(s, dtype=np.float32) for s in ((b, h, l, d), (b, g, l, d), (b, g, l, d),
+                                                                     (b, h, l, d))]
+        for name in dtypes:
+            if progress:
+                progress(f"[backward {n}/{len(shapes)}] (B,H,G,L,D)={(b, h, g, l, d)} causal={causal} {name}")
+            dt = BFLOAT16 if name == "bfloat16" else np.dtype(name)
+            q, k, v, dout = (a.astype(dt) for a in base)
+            opts = dict(causal=causal, num_threads=threads)
+            out, lse = fastattn.attention(q, k, v, return_lse=True, **opts)
+
+            def step():
+                o, s = fastattn.attention(q, k, v, return_lse=True, **opts)
+                fastattn.attention_backward(dout, q, k, v, o, s, **opts)
+
+            row = dict(shape=[b, h, g, l, d], causal=causal, dtype=name, threads=threads,
+                       flops=2.5 * attention_flops(b, h, l, l, d, causal),
+                       fastattn_ms=median_time(step, repeat) * 1e3,
+                       backward_ms=median_time(lambda: fastattn.attention_backward(dout, q, k, v, out, lse, **opts),
+                                               repeat) * 1e3)
+            if torch_mod is not None:
+                row["torch_ms"] = _torch_train_ms(torch_mod, threads, base, name, causal, g != h, repeat)
+            rows.append(row)
+    return rows
+
+
+def _torch_train_ms(torch_mod, threads, arrays, dtype, causal, gqa, repeat):
+    """Median ms of torch's SDPA forward + backward on `arrays` (q, k, v, dout)."""
+    torch, sdpa = torch_mod
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tdt = getattr(torch, dtype)
+        q, k, v = (torch.from_numpy(a).to(tdt).requires_grad_() for a in arrays[:3])
+        dout = torch.from_numpy(arrays[3]).to(tdt)
+
+        def step():
+            sdpa(q, k, v, is_causal=causal, enable_gqa=gqa).backward(dout)
+
+        return median_time(step, repeat) * 1e3
+    finally:
+        torch.set_num_threads(saved)
+
+
+def format_backward(rows, matmul_gflops):
+    header = (f"{'(B,H,G,L,D)':<22} {'causal':>6} {'dtype':>8} {'fwd+bwd ms':>10} {'torch ms':>9} {'x torch':>8} "
+              f"{'bwd ms':>9} {'bwd GFLOP/s':>11} {'% matmul':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gflops = r["flops"] / (r["backward_ms"] * 1e-3) / 1e9
+        th = r.get("torch_ms")
+        lines.append(
+            f"{str(tuple(r['shape'])):<22} {str(r['causal']):>6} {r['dtype']:>8} {r['fastattn_ms']:>10.1f} "
+            + (f"{th:>9.1f} {th / r['fastattn_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}")
+            + f" {r['backward_ms']:>9.1f} {gflops:>11.1f} {100 * gflops / matmul_gflops:>7.0f}%"
+        )
+    return "\n".join(lines)
+
+
 LINEAR_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 LINEAR_DIMS = [64, 128]
 

@@ -71,3 +71,12 @@ def test_decode_bench_runs():
     assert rows[0]["fastattn_ms"] > 0 and rows[0]["matvec_ms"] > 0
     assert rows[0]["bytes"] == 2 * 2 * 300 * 32 * 4
     assert "% matvec" in _bench.format_decode(rows)
+
+
+def test_backward_bench_runs():
+    from fastattn import _bench
+
+    rows = _bench.run_backward(1, repeat=1, shapes=[((1, 4, 2, 70, 16), True)], with_torch=False)
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert all(r["fastattn_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
+    assert "bwd GFLOP/s" in _bench.format_backward(rows, 100.0)
