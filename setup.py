@@ -7,6 +7,7 @@ warning, or an error when FASTATTN_REQUIRE_OPENMP=1).  No -march flag is
 used: instruction-set specific kernels carry target pragmas and are chosen at
 run time.
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -90,15 +91,9 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-C_SOURCES = [
-    "csrc/fa_dispatch.c",
-    "csrc/fa_driver.c",
-    "csrc/fa_path_generic.c",
-    "csrc/fa_path_avx2.c",
-    "csrc/fa_path_avx512.c",
-    "csrc/fa_path_avx512bf16.c",
-    "csrc/fa_path_neon.c",
-]
+# The dispatcher and driver, and every kernel path (fa_path_<name>.c; a
+# path for another architecture compiles to nothing).
+C_SOURCES = ["csrc/fa_dispatch.c", "csrc/fa_driver.c"] + sorted(glob.glob("csrc/fa_path_*.c"))
 
 # -fno-wrapv undoes the -fwrapv that Python's own build flags carry: with it,
 # GCC orders the decoding kernels' loads differently and they read memory

@@ -98,6 +98,19 @@ static unsigned fa_cpu_features(void)
  * driver of each element type (q/out and k/v stored alike) and the
  * softmax exponential.
  */
+extern const fa_tile_ops fa_ops_f32_generic, fa_ops_f64_generic, fa_ops_f16_generic, fa_ops_bf16_generic;
+void fa_exp_f32_generic(const float *x, float *y, int64_t n);
+#if FA_HAVE_X86_PATHS
+extern const fa_tile_ops fa_ops_f32_avx2, fa_ops_f64_avx2, fa_ops_f16_avx2, fa_ops_bf16_avx2;
+extern const fa_tile_ops fa_ops_f32_avx512, fa_ops_f64_avx512, fa_ops_f16_avx512, fa_ops_bf16_avx512;
+extern const fa_tile_ops fa_ops_bf16_avx512bf16;
+void fa_exp_f32_avx2(const float *x, float *y, int64_t n);
+void fa_exp_f32_avx512(const float *x, float *y, int64_t n);
+#elif defined(__aarch64__)
+extern const fa_tile_ops fa_ops_f32_neon, fa_ops_f64_neon, fa_ops_f16_neon, fa_ops_bf16_neon;
+void fa_exp_f32_neon(const float *x, float *y, int64_t n);
+#endif
+
 static const fa_path fa_paths[] = {
     {"generic", "any", 0, "",
      FA_SAME_TYPES(&fa_ops_f32_generic, &fa_ops_f64_generic, &fa_ops_f16_generic, &fa_ops_bf16_generic),

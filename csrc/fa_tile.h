@@ -88,24 +88,7 @@ typedef struct {
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
                  int num_threads, const fa_tile_ops *ops);
 
-/* The softmax exponential of each path, exposed for accuracy tests. */
+/* The softmax exponential of a path, exposed for accuracy tests. */
 typedef void (*fa_exp_fn)(const float *x, float *y, int64_t n);
-void fa_exp_f32_generic(const float *x, float *y, int64_t n);
-#if FA_HAVE_X86_PATHS
-void fa_exp_f32_avx2(const float *x, float *y, int64_t n);
-void fa_exp_f32_avx512(const float *x, float *y, int64_t n);
-#elif defined(__aarch64__)
-void fa_exp_f32_neon(const float *x, float *y, int64_t n);
-#endif
-
-/* The tables of every path of this build (one per element type). */
-extern const fa_tile_ops fa_ops_f32_generic, fa_ops_f64_generic, fa_ops_f16_generic, fa_ops_bf16_generic;
-#if FA_HAVE_X86_PATHS
-extern const fa_tile_ops fa_ops_f32_avx2, fa_ops_f64_avx2, fa_ops_f16_avx2, fa_ops_bf16_avx2;
-extern const fa_tile_ops fa_ops_f32_avx512, fa_ops_f64_avx512, fa_ops_f16_avx512, fa_ops_bf16_avx512;
-extern const fa_tile_ops fa_ops_bf16_avx512bf16;
-#elif defined(__aarch64__)
-extern const fa_tile_ops fa_ops_f32_neon, fa_ops_f64_neon, fa_ops_f16_neon, fa_ops_bf16_neon;
-#endif
 
 #endif /* FA_TILE_H */
