@@ -483,9 +483,12 @@ static inline void FN(load_row)(const char *row, int64_t cs, int64_t n, FA_T *ou
 #endif
 }
 
-/* dst[j][c] = src[r0 + j][c] for c < nc, zero for nc <= c < ld. */
-static void FN(pack_rows)(const void *base, int64_t off, int64_t rs, int64_t cs, int64_t r0, int64_t nr,
-                          int64_t nc, FA_T *dst, int64_t ld)
+/* dst[j][c] = src[r0 + j][c] for c < nc, zero for nc <= c < ld.  Aligned to
+ * a cache line: its conversion loop is the hot part of float16 decoding on
+ * AVX2, which ran 5-8% slower (same-process A/B, same machine code) when
+ * another function's growth moved it off one. */
+__attribute__((aligned(64))) static void FN(pack_rows)(const void *base, int64_t off, int64_t rs, int64_t cs,
+                                                       int64_t r0, int64_t nr, int64_t nc, FA_T *dst, int64_t ld)
 {
     for (int64_t j = 0; j < nr; j++) {
         FN(load_row)((const char *)base + off + (r0 + j) * rs, cs, nc, dst + j * ld);

@@ -113,10 +113,12 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     num_threads = _config.resolve_threads(num_threads)
     args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
     dout, lse, delta = _v.backward_operands(args, dout, out, lse)
-    inputs = args.originals + [("dout", dout), ("out", out), ("lse", lse)]
-    dests = tuple(None if a is None else _v.check_out(a, x.shape, args.dtype, inputs, name)
-                  for name, a, x in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v)))
-    return _problem.attention_backward(args, dout, lse, delta, num_threads, dests)
+    others = args.originals + [("dout", dout), ("out", out), ("lse", lse)]
+    dests = []
+    for name, a, x in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v)):
+        dests.append(None if a is None else _v.check_out(a, x.shape, args.dtype, others, name))
+        others.append((name, a))  # the gradients may not overlap one another either
+    return _problem.attention_backward(args, dout, lse, delta, num_threads, tuple(dests))
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,

@@ -59,6 +59,11 @@ def backward(**kw):
     return fastattn.attention_backward(*pos, **args)
 
 
+def same_grad_buffer():
+    buf = np.zeros((2, 6, 8), f32)
+    return backward(dq=buf[:, :5], dk=buf)
+
+
 def unsupported_path():
     """A kernel path of this build this CPU cannot run (skipped if it runs them all)."""
     missing = [name for name, _, _, ok in _config.PATHS if not ok]
@@ -146,6 +151,7 @@ BAD = [
     (lambda: backward(lse="x"), TypeError, "lse must have dtype"),
     (lambda: backward(dq=np.zeros((2, 5, 8), np.float64)), TypeError, "dq must have dtype"),
     (lambda: backward(dk=np.zeros((2, 5, 8), f32)), ValueError, "dk must have shape"),
+    (lambda: same_grad_buffer(), ValueError, "dk overlaps the input dq"),
     (lambda: backward(k=np.zeros((2, 6, 7), f32)), ValueError, "same head dim"),
     (lambda: backward(causal=1), TypeError, "causal"),
     (lambda: backward(num_threads=0), ValueError, "num_threads"),
