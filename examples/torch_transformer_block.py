@@ -13,8 +13,10 @@ import fastattn.torch
 class Block(nn.Module):
     """Pre-norm transformer block: causal grouped-query self-attention and an MLP."""
 
-    def __init__(self, dim=256, heads=8, kv_heads=2):
+    def __init__(self, dim=256, heads=8, kv_heads=2, attention=None):
         super().__init__()
+        # None: torch's function, looked up at each call (so fastattn.torch.patch() reaches it)
+        self.attention = attention
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
@@ -27,7 +29,7 @@ class Block(nn.Module):
         h = self.norm1(x)
         q = self.q(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(h).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        a = (self.attention or F.scaled_dot_product_attention)(q, k, v, is_causal=True, enable_gqa=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, -1))
         return x + self.mlp(self.norm2(x))
 

@@ -11,6 +11,8 @@ positions back.
 """
 import argparse
 import math
+import os
+import sys
 import time
 
 import torch
@@ -19,27 +21,8 @@ import torch.nn.functional as F
 
 import fastattn.torch
 
-
-class Block(nn.Module):
-    """Pre-norm block: causal grouped-query self-attention and an MLP."""
-
-    def __init__(self, attention, dim, heads, kv_heads):
-        super().__init__()
-        self.attention, self.heads, self.kv_heads, self.head_dim = attention, heads, kv_heads, dim // heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
-        self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        h = self.norm1(x)
-        q = self.q(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(h).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = self.attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, -1))
-        return x + self.mlp(self.norm2(x))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_transformer_block import Block  # noqa: E402  (the same block, attention passed in)
 
 
 class TinyLM(nn.Module):
@@ -47,7 +30,7 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(length, dim))
-        self.blocks = nn.ModuleList(Block(attention, dim, heads, kv_heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, attention) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
 
