@@ -15,7 +15,15 @@ except ImportError as exc:  # pragma: no cover - depends on how fastattn was ins
         "installed, run Python outside the source directory"
     ) from exc
 
-from fastattn._api import attention, attention_backward, attention_varlen, merge, scores, weighted_sum
+from fastattn._api import (
+    attention,
+    attention_backward,
+    attention_varlen,
+    attention_varlen_backward,
+    merge,
+    scores,
+    weighted_sum,
+)
 from fastattn._linear import linear_attention
 from fastattn._config import (
     available_isas,
@@ -31,6 +39,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_varlen",
+    "attention_varlen_backward",
     "merge",
     "linear_attention",
     "scores",

@@ -211,6 +211,35 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     return (out, lse) if return_lse else out
 
 
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
+                              weights="softmax", window=None, softcap=None, alibi_slopes=None, align="bottom-right",
+                              dq=None, dk=None, dv=None, num_threads=None):
+    """Gradients of :func:`attention_varlen`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
+
+    As :func:`attention_backward`, for a packed batch: dout and out have
+    the shape ``(total_q, H, Dv)`` and lse ``(H, total_q)``, as
+    ``attention_varlen(..., return_lse=True)`` returned them (``lse=None``
+    with ``weights="dot"``); the options are the forward's.  Each sequence's
+    keys belong to it alone, so dk and dv sum only over its query heads.
+
+    Returns
+    -------
+    (dq, dk, dv) : ndarrays with the shapes of q, k and v
+    """
+    wmode, _ = _v.weights_and_lse(weights, False)
+    num_threads = _config.resolve_threads(num_threads)
+    args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes,
+                         wmode, align)
+    total_q, h = args.q.shape[:2]
+    dout, lse, delta = _v.backward_operands(args, dout, out, lse, (total_q, h, args.dv), (h, total_q))
+    others = args.originals + [("dout", dout), ("out", out), ("lse", lse)]
+    dests = []
+    for name, a, x in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v)):
+        dests.append(None if a is None else _v.check_out(a, x.shape, args.dtype, others, name))
+        others.append((name, a))
+    return _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, lse, delta, num_threads, tuple(dests))
+
+
 def merge(outputs, lses):
     """Combine attention over disjoint key sets into attention over their union.
 

@@ -176,33 +176,61 @@ def weighted_sum(w, v, out, lead, num_threads):
     _core.weighted_sum(problem)
 
 
-def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
-    """Fused attention over packed sequences: q (total_q, H, D), k and v
-    (total_k, G, D|Dv), out (total_q, H, Dv), lse (H, total_q); one entry per
-    (sequence, key/value head), the sequence's rows along the packed axis."""
+def _varlen_columns(args, cu_q, cu_k, by_query, by_key, by_row):
+    """Entry-table columns of packed sequences, one entry per (sequence,
+    key/value head), the sequence's rows along the packed axis: q-like
+    arrays (total_q, H, ...) and k-like arrays (total_k, G, ...) by their
+    column, and (H, total_q) arrays (lse-like) likewise."""
     g, group = args.k.shape[1], args.group
     nseq = cu_q.shape[0] - 1
     seq = np.repeat(np.arange(nseq), g)
     kv_head = np.tile(np.arange(g), nseq)
     head = kv_head * group  # the first query head of the entry's group
-    q, k, v = args.q, args.k, args.v
     cols = {
-        _core.E_Q: cu_q[seq] * q.strides[0] + head * q.strides[1],
-        _core.E_K: cu_k[seq] * k.strides[0] + kv_head * k.strides[1],
-        _core.E_V: cu_k[seq] * v.strides[0] + kv_head * v.strides[1],
-        _core.E_OUT: cu_q[seq] * out.strides[0] + head * out.strides[1],
         _core.E_LQ: (cu_q[1:] - cu_q[:-1])[seq],
         _core.E_LK: (cu_k[1:] - cu_k[:-1])[seq],
         _core.E_HEAD: head,
     }
-    if lse is not None:
-        cols[_core.E_LSE] = cu_q[seq] * lse.strides[1] + head * lse.strides[0]
-    entries = _entry_table(nseq * g, 1, cols)
+    for col, a in by_query.items():
+        cols[col] = cu_q[seq] * a.strides[0] + head * a.strides[1]
+    for col, a in by_key.items():
+        cols[col] = cu_k[seq] * a.strides[0] + kv_head * a.strides[1]
+    for col, a in by_row.items():
+        if a is not None:
+            cols[col] = cu_q[seq] * a.strides[1] + head * a.strides[0]
+    return _entry_table(nseq * g, 1, cols)
+
+
+def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
+    """Fused attention over packed sequences: q (total_q, H, D), k and v
+    (total_k, G, D|Dv), out (total_q, H, Dv), lse (H, total_q)."""
+    q, k, v = args.q, args.k, args.v
+    entries = _varlen_columns(args, cu_q, cu_k, {_core.E_Q: q, _core.E_OUT: out}, {_core.E_K: k, _core.E_V: v},
+                              {_core.E_LSE: lse})
     problem = _problem(
-        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, keep=(q, k, v, out, lse),
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=args.group, keep=(q, k, v, out, lse),
         **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
+
+
+def attention_varlen_backward(args, cu_q, cu_k, dout, lse, delta, num_threads, dests=(None, None, None)):
+    """The gradients (gq, gk, gv) of attention over packed sequences: dout
+    like out (total_q, H, Dv), lse and delta (H, total_q); each (sequence,
+    key/value head) owns its k and v rows, so nothing is summed afterwards."""
+    q, k, v = args.q, args.k, args.v
+    gq, gk, gv = (np.empty(x.shape, args.dtype) if dest is None else dest for x, dest in zip((q, k, v), dests))
+    entries = _varlen_columns(args, cu_q, cu_k, {_core.E_Q: q, _core.E_DOUT: dout, _core.E_GQ: gq},
+                              {_core.E_K: k, _core.E_V: v, _core.E_GK: gk, _core.E_GV: gv},
+                              {_core.E_LSE: lse, _core.E_DELTA: delta})
+    problem = _problem(
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=args.group,
+        keep=(q, k, v, dout, lse, delta, gq, gk, gv),
+        **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
+        **_operand("lse", lse, 1, None, 0), **_operand("dout", dout, 0, 2, 1), **_operand("delta", delta, 1, None, 0),
+        **_operand("gq", gq, 0, 2, 1), **_operand("gk", gk, 0, 2), **_operand("gv", gv, 0, 2), **_score_options(args))
+    _core.attention_backward(problem)
+    return gq, gk, gv
 
 
 def _grad_buffer(shape, natural, dtype, dest):

@@ -369,11 +369,13 @@ class VarlenArgs(_Options):
         self.q, self.k, self.v = (np.asarray(a, dtype=self.dtype) for a in (q, k, v))
 
 
-def backward_operands(args, dout, out, lse):
+def backward_operands(args, dout, out, lse, out_shape=None, lse_shape=None):
     """dout (in the result dtype), and delta = rowsum(dout * out) and lse in
-    the compute dtype, checked against the forward's result shapes; lse is
-    None for dot weights, which have none."""
-    out_shape = args.lead + (args.lq, args.dv)
+    the compute dtype, checked against the forward's result shapes (by
+    default those of attention(); attention_varlen's are given); lse is None
+    for dot weights, which have none.  delta has lse's shape."""
+    out_shape = args.lead + (args.lq, args.dv) if out_shape is None else out_shape
+    lse_shape = out_shape[:-1] if lse_shape is None else lse_shape
     named = {}
     for name, a in (("dout", dout), ("out", out)):
         a = as_array(a, name)
@@ -389,8 +391,10 @@ def backward_operands(args, dout, out, lse):
         if lse is None:
             raise ValueError("lse is required with weights='softmax' (attention(..., return_lse=True) gives it)")
         lse = as_array(lse, "lse")
-        if lse.shape != args.lead + (args.lq,):
-            raise ValueError(f"lse must have shape {args.lead + (args.lq,)} (the output's without Dv), got {lse.shape}")
+        if lse.shape != lse_shape:
+            raise ValueError(f"lse must have shape {lse_shape}, as the forward returned it, got {lse.shape}")
         lse = np.asarray(lse, dtype=cdt)
     delta = np.einsum("...i,...i->...", named["dout"], named["out"], dtype=np.float64).astype(cdt)
+    if delta.shape != lse_shape:  # packed sequences: (total_q, H) as lse's (H, total_q), a view
+        delta = delta.T
     return np.asarray(named["dout"], dtype=args.dtype), lse, delta

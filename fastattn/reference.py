@@ -194,6 +194,20 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, a
     return (out, lse) if return_lse else out
 
 
+def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, **options):
+    """Gradients of attention_varlen, one sequence at a time (attention_backward)."""
+    dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for b in range(len(cu_seqlens_q) - 1):
+        qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
+        ks = slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
+        grads = attention_backward(*(np.swapaxes(a, 0, 1) for a in (dout[qs], q[qs], k[ks], v[ks])),
+                                   alibi_slopes=alibi_slopes, **options)
+        for full, rows, grad in zip((dq, dk, dv), (qs, ks, ks), grads):
+            full[rows] = np.swapaxes(grad, 0, 1)
+    return dq, dk, dv
+
+
 def merge(outputs, lses):
     """Attention over the union of disjoint key sets from per-set results."""
     lse = np.stack([_f64(s) for s in lses])

@@ -59,6 +59,16 @@ def backward(**kw):
     return fastattn.attention_backward(*pos, **args)
 
 
+def varlen_backward(cu_q=(0, 5, 10), **kw):
+    """attention_varlen_backward on a 2-sequence forward, arguments replaced by kw."""
+    x = np.ones((10, 2, 4), f32)
+    out, lse = fastattn.attention_varlen(x, x, x, [0, 5, 10], [0, 4, 10], return_lse=True)
+    args = dict(dout=np.ones_like(out), out=out, lse=lse)
+    args.update(kw)
+    return fastattn.attention_varlen_backward(args.pop("dout"), x, x, x, args.pop("out"), args.pop("lse"), cu_q,
+                                              [0, 4, 10], **args)
+
+
 def same_grad_buffer():
     buf = np.zeros((2, 6, 8), f32)
     return backward(dq=buf[:, :5], dk=buf)
@@ -155,6 +165,9 @@ BAD = [
     (lambda: backward(k=np.zeros((2, 6, 7), f32)), ValueError, "same head dim"),
     (lambda: backward(causal=1), TypeError, "causal"),
     (lambda: backward(num_threads=0), ValueError, "num_threads"),
+    (lambda: varlen_backward(lse=np.zeros((10, 2), f32)), ValueError, "lse must have shape"),
+    (lambda: varlen_backward(dout=np.zeros((10, 2, 3), f32)), ValueError, "dout must have the attention output's"),
+    (lambda: varlen_backward(cu_q=[0, 5, 9]), ValueError, "cu_seqlens_q"),
     # scores, weighted_sum, merge, linear_attention
     (lambda: fastattn.scores(Q, np.zeros((2, 6, 9), f32)), ValueError, "same head dim"),
     (lambda: fastattn.weighted_sum(np.zeros((5, 7), f32), V[0]), ValueError, "w's last dim"),
