@@ -113,12 +113,8 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     num_threads = _config.resolve_threads(num_threads)
     args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
     dout, lse, delta = _v.backward_operands(args, dout, out, lse)
-    others = args.originals + [("dout", dout), ("out", out), ("lse", lse)]
-    dests = []
-    for name, a, x in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v)):
-        dests.append(None if a is None else _v.check_out(a, x.shape, args.dtype, others, name))
-        others.append((name, a))  # the gradients may not overlap one another either
-    return _problem.attention_backward(args, dout, lse, delta, num_threads, tuple(dests))
+    dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
+    return _problem.attention_backward(args, dout, lse, delta, num_threads, dests)
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,
@@ -232,12 +228,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                          wmode, align)
     total_q, h = args.q.shape[:2]
     dout, lse, delta = _v.backward_operands(args, dout, out, lse, (total_q, h, args.dv), (h, total_q))
-    others = args.originals + [("dout", dout), ("out", out), ("lse", lse)]
-    dests = []
-    for name, a, x in (("dq", dq, args.q), ("dk", dk, args.k), ("dv", dv, args.v)):
-        dests.append(None if a is None else _v.check_out(a, x.shape, args.dtype, others, name))
-        others.append((name, a))
-    return _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, lse, delta, num_threads, tuple(dests))
+    dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
+    return _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, lse, delta, num_threads, dests)
 
 
 def merge(outputs, lses):

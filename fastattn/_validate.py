@@ -256,6 +256,18 @@ def check_out(out, shape, dtype, inputs, name="out"):
     return out
 
 
+def gradient_outs(args, given, inputs):
+    """The dq, dk, dv= arguments of a backward, each checked (check_out)
+    against its operand's shape and the result dtype, the inputs and the
+    gradients before it (they may not overlap one another), or None."""
+    others = args.originals + list(inputs)
+    dests = []
+    for name, a, x in zip(("dq", "dk", "dv"), given, (args.q, args.k, args.v)):
+        dests.append(None if a is None else check_out(a, x.shape, args.dtype, others, name))
+        others.append((name, a))
+    return tuple(dests)
+
+
 def cu_seqlens(cu, name, total):
     """Cumulative sequence lengths (int64): from 0, never decreasing, ending at `total`."""
     cu = np.asarray(cu)
