@@ -71,12 +71,12 @@ static inline int64_t fa_roundup64(int64_t a, int64_t m) { return (a + m - 1) / 
  * The keys row i of an entry may see, as the half-open range [*lo, *hi),
  * from the causal and window options (the mask is applied separately).
  * Query i sits at key position fa_pos(): i + lk - lq (bottom-right aligned,
- * the default) or i (top-left).  Both bounds are non-decreasing in i, so the
+ * the default) or i (top-left), plus q_shift.  Both bounds are non-decreasing in i, so the
  * keys a block of rows may see are [lo(first row), hi(last row)).
  */
 static inline int64_t fa_pos(const fa_problem *p, int64_t i, int64_t lq, int64_t lk)
 {
-    return p->top_left ? i : i + lk - lq;
+    return (p->top_left ? i : i + lk - lq) + p->q_shift;
 }
 
 static inline void fa_row_range(const fa_problem *p, int64_t i, int64_t lq, int64_t lk, int64_t *lo,
@@ -87,7 +87,7 @@ static inline void fa_row_range(const fa_problem *p, int64_t i, int64_t lq, int6
     if (p->causal) b = fa_min64(b, pos + 1);
     if (p->window_left >= 0) a = fa_max64(a, pos - p->window_left);
     if (p->window_right >= 0) b = fa_min64(b, pos + p->window_right + 1);
-    a = fa_max64(a, 0);
+    a = fa_min64(fa_max64(a, 0), lk); /* a row past the last key sees none: [lk, lk) */
     b = fa_min64(b, lk);
     if (b < a) b = a;
     *lo = a;

@@ -97,6 +97,7 @@ typedef struct {
     double scale; /* multiplies q.k */
     int causal;   /* key j visible iff j <= i', the query's key position */
     int top_left; /* i' = i (top-left alignment); else i' = i + lk - lq (bottom-right) */
+    int64_t q_shift; /* added to every i': the key position of query 0 is q_shift (top-left) */
     int64_t window_left, window_right; /* keys within [i'-left, i'+right]; -1 = unbounded */
     double softcap;                    /* 0: off; else s <- softcap * tanh(s / softcap) */
     const double *alibi_slopes;        /* NULL: off; else bias -slope[head] * |i' - j| */

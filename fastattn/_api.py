@@ -34,8 +34,9 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     scale : float, optional
         Multiplies ``q.k``.  Default ``1/sqrt(D)`` for softmax, ``1.0`` for dot.
     causal : bool
-        Bottom-right aligned: query i may see key j iff ``j <= i + Lk - Lq``
-        (so the last query sees every key, as in KV-cache decoding).
+        Query i may see key j iff ``j <= i'``, its key position: by default
+        ``i' = i + Lk - Lq`` (bottom-right aligned, so the last query sees
+        every key, as in KV-cache decoding; see ``align``).
     mask : array_like, optional
         Broadcastable to ``(..., Lq, Lk)``.  bool: True = may attend.
         float32/float64: added to the scores (``-inf`` masks).  Read in place.
@@ -51,9 +52,15 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     return_lse : bool
         Also return the natural-log log-sum-exp of each row's scores, shape
         ``(..., Lq)`` (-inf for a row with no visible key). Softmax only.
-    align : {"bottom-right", "top-left"}
-        Where query i sits among the keys for causal, window and ALiBi:
-        ``i' = i + Lk - Lq`` (default) or ``i' = i`` (PyTorch's ``is_causal``).
+    align : {"bottom-right", "top-left"} or int
+        Where query i sits among the keys (its key position ``i'``) for
+        causal, window and ALiBi: ``i' = i + Lk - Lq`` (default), ``i' = i``
+        (PyTorch's ``is_causal``), or ``i' = i + align`` for an int, the key
+        position of query 0.  An int aligns a block of a longer sequence:
+        queries from row ``a`` against keys from key ``c`` of a sequence of
+        ``Lq_all`` queries and ``Lk_all`` keys take
+        ``align = a - c + Lk_all - Lq_all`` (bottom-right) or ``a - c``
+        (top-left).  Rows that see no key give zeros (and lse ``-inf``).
     out : ndarray, optional
         Written in place; must have the exact result shape and dtype.
     num_threads : int, optional
@@ -178,8 +185,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
 
     Sequence ``b`` is rows ``cu_seqlens_q[b] : cu_seqlens_q[b+1]`` of q and
     ``cu_seqlens_k[b] : cu_seqlens_k[b+1]`` of k and v; it attends only
-    within itself.  Options are those of :func:`attention` (causal and window
-    are bottom-right aligned per sequence).
+    within itself.  Options are those of :func:`attention` (causal, window
+    and ALiBi are aligned per sequence: by default bottom-right, and an int
+    ``align`` is the key position of each sequence's first query).
 
     Parameters
     ----------

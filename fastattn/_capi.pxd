@@ -59,6 +59,7 @@ cdef extern from "fastattn.h" nogil:
         double scale
         int causal
         int top_left
+        int64_t q_shift
         int64_t window_left, window_right
         double softcap
         const double *alibi_slopes

@@ -100,7 +100,7 @@ cdef class Problem:
                  uintptr_t lse=0, int64_t lse_rs=0, int64_t lse_hs=0,
                  int mask_kind=FA_MASK_NONE, uintptr_t mask=0, int64_t mask_rs=0, int64_t mask_cs=0,
                  int64_t mask_hs=0, int weights=FA_WEIGHTS_SOFTMAX, double scale=1.0, bint causal=False,
-                 bint top_left=False, int64_t window_left=-1, int64_t window_right=-1, double softcap=0.0,
+                 bint top_left=False, int64_t q_shift=0, int64_t window_left=-1, int64_t window_right=-1, double softcap=0.0,
                  const double[::1] alibi_slopes=None,
                  uintptr_t dout=0, int64_t dout_rs=0, int64_t dout_cs=0, int64_t dout_hs=0,
                  uintptr_t delta=0, int64_t delta_rs=0, int64_t delta_hs=0,
@@ -139,6 +139,7 @@ cdef class Problem:
         self.p.scale = scale
         self.p.causal = causal
         self.p.top_left = top_left
+        self.p.q_shift = q_shift
         self.p.window_left = window_left
         self.p.window_right = window_right
         self.p.softcap = softcap

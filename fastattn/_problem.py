@@ -134,7 +134,7 @@ def _lead_table(lead, kv_group, group, lq, lk, q=None, k=None, v=None, mask=None
 
 def _score_options(args):
     return dict(mask_kind=args.mask_kind, weights=args.weights, scale=args.scale, causal=args.causal,
-                top_left=args.top_left, window_left=args.window[0], window_right=args.window[1],
+                top_left=args.top_left, q_shift=args.q_shift, window_left=args.window[0], window_right=args.window[1],
                 softcap=args.softcap, alibi_slopes=args.slopes)
 
 

@@ -121,11 +121,27 @@ def window(window):
     return tuple(out)
 
 
-def top_left(align):
-    """True for align="top-left", False for "bottom-right"."""
-    if not isinstance(align, str) or align not in ALIGNS:
-        raise ValueError(f"align must be 'bottom-right' or 'top-left', got {align!r}")
-    return align == "top-left"
+# the largest |align| given as a key position: positions and window bounds stay in int64
+ALIGN_MAX = 2**60
+
+
+def alignment(align):
+    """(top_left, shift) in the kernels' terms: query i sits at key position
+    ``(i if top_left else i + Lk - Lq) + shift``.  align is "bottom-right",
+    "top-left", or an int: the key position of query 0."""
+    if isinstance(align, str):
+        if align not in ALIGNS:
+            raise ValueError(f"align must be 'bottom-right', 'top-left' or an int, got {align!r}")
+        return align == "top-left", 0
+    if isinstance(align, (bool, np.bool_)):
+        raise TypeError(f"align must be 'bottom-right', 'top-left' or an int, got {type(align).__name__}")
+    try:
+        shift = operator.index(align)
+    except TypeError:
+        raise TypeError(f"align must be 'bottom-right', 'top-left' or an int, got {type(align).__name__}") from None
+    if abs(shift) > ALIGN_MAX:
+        raise ValueError(f"align must be within +-2**60, got {shift}")
+    return True, shift
 
 
 def softcap(softcap):
@@ -293,7 +309,7 @@ class _Options:
         self.weights = wmode
         self.scale = scale(scale_, wmode, self.d)
         self.causal = flag(causal, "causal")
-        self.top_left = top_left(align)
+        self.top_left, self.q_shift = alignment(align)
         self.window = window(window_)
         self.softcap = softcap(softcap_)
 

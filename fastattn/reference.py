@@ -23,8 +23,11 @@ def _repeat_kv_heads(q, kv):
 
 
 def positions(lq, lk, align="bottom-right"):
-    """Key position i' of each query row: i + Lk - Lq (bottom-right) or i (top-left)."""
-    return np.arange(lq)[:, None] + (lk - lq if align == "bottom-right" else 0)
+    """Key position i' of each query row: i + Lk - Lq (bottom-right), i
+    (top-left), or i + align for an int align."""
+    if isinstance(align, str):
+        return np.arange(lq)[:, None] + (lk - lq if align == "bottom-right" else 0)
+    return np.arange(lq)[:, None] + int(align)
 
 
 def visible(lq, lk, causal=False, window=None, align="bottom-right"):

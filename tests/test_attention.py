@@ -245,6 +245,33 @@ def test_window(isa, dtype, rng, window, causal):
     assert_close(out, ref.attention(q, k, v, window=window, causal=causal))
 
 
+@pytest.mark.parametrize("align", [0, 37, -20, 200, -80])
+def test_int_align(isa, dtype, rng, align):
+    """An int align is the key position of query 0: causal, window and ALiBi
+    follow it, and rows placed before every key they may see give zeros."""
+    q, k, v = make_qkv(rng, ((2, 3), (2, 3), 70, 90, 16, 8), dtype)
+    for kw in (dict(causal=True), dict(window=(9, 4), alibi_slopes=np.array([0.5, 0.25, 0.125])),
+               dict(causal=True, window=(30, -1), softcap=2.0)):
+        out, lse = fastattn.attention(q, k, v, align=align, return_lse=True, **kw)
+        rout, rlse = ref.attention(q, k, v, align=align, return_lse=True, **kw)
+        assert_close(out, rout)
+        assert_close(lse, rlse)
+        assert_close(fastattn.scores(q, k, align=align, **kw), ref.scores(q, k, align=align, **kw))
+
+
+def test_int_align_splits_a_sequence(dtype, rng):
+    """Blocks of queries against blocks of keys, each with align = a - c +
+    Lk - Lq, merged by their LSE, give the causal attention of the whole."""
+    q, k, v = make_qkv(rng, ((2,), (2,), 100, 130, 16, 8), dtype)
+    whole = fastattn.attention(q, k, v, causal=True)
+    rows = []
+    for a in range(0, 100, 33):
+        parts = [fastattn.attention(q[:, a:a + 33], k[:, c:c + 50], v[:, c:c + 50], causal=True,
+                                    align=a - c + 30, return_lse=True) for c in range(0, 130, 50)]
+        rows.append(fastattn.merge(*zip(*parts))[0])
+    assert_close(np.concatenate(rows, axis=1), whole)
+
+
 def test_softcap_alibi_and_lse(isa, dtype, rng):
     q, k, v = make_qkv(rng, ((2, 4), (2, 4), 70, 90, 24, 8), dtype)
     q *= 3

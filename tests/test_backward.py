@@ -18,6 +18,7 @@ OPTIONS = {
     "plain": {},
     "causal": dict(causal=True),
     "causal top-left": dict(causal=True, align="top-left"),
+    "causal window at key 9": dict(causal=True, window=(20, -1), align=9),
     "window": dict(window=(13, 4)),
     "softcap alibi": dict(softcap=1.5, alibi_slopes=0.25, scale=0.7),
     "bool mask": dict(mask="bool"),

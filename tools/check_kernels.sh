@@ -33,6 +33,8 @@ for src in tests/c/check_kernels.c csrc/fa_*.c; do
     $cc $flags -c "$src" -o "$out/$(basename "$src" .c).o" &
     pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+[ "$status" = 0 ] || { echo "check_kernels: compiling failed" >&2; exit 1; }
 $cc -fopenmp ${CHECK_CFLAGS:-} "$out"/*.o -lm -o "$out/check_kernels"
 OMP_NUM_THREADS=2 "${run[@]}" "$out/check_kernels"

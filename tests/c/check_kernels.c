@@ -89,6 +89,7 @@ typedef struct {
     int64_t window_left, window_right;
     double softcap;
     int alibi, mask_kind, dot;
+    int64_t shift; /* q_shift: added to every query's key position */
 } spec;
 
 static int failures = 0, checks = 0;
@@ -105,7 +106,7 @@ static int close_enough(double got, double want, double tol_abs, double tol_rel,
 static void ref_scores(const spec *c, double scale, const double *q, const double *k, const double *mask,
                        const unsigned char *bmask, double slope, int64_t i, double *s, double *z)
 {
-    const int64_t pos = c->top_left ? i : i + c->lk - c->lq;
+    const int64_t pos = (c->top_left ? i : i + c->lk - c->lq) + c->shift;
     for (int64_t j = 0; j < c->lk; j++) {
         double x = 0;
         for (int64_t t = 0; t < c->d; t++) x += q[t] * k[j * c->d + t];
@@ -326,6 +327,7 @@ static void run_case(int path, int dtype, const spec *c)
     p.scale = scale;
     p.causal = c->causal;
     p.top_left = c->top_left;
+    p.q_shift = c->shift;
     p.window_left = c->window_left;
     p.window_right = c->window_right;
     p.softcap = c->softcap;
@@ -490,24 +492,29 @@ static void check_exp(int path)
 
 int main(void)
 {
-    /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot */
+    /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift */
     const spec cases[] = {
-        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
-        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
-        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
-        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0},
-        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0},
-        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0},
-        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0},
-        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0},
-        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1},
-        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0},
-        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
-        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
-        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1},
-        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0},
-        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0},
-        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1},
+        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
+        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
+        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
+        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
+        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0},
+        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0},
+        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0},
+        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0},
+        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0},
+        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0},
+        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
+        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
+        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0},
+        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
+        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0},
+        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0},
+        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30},
+        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10},
+        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7},
+        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0},
+        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;
