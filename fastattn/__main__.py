@@ -124,6 +124,13 @@ def bench_job(args):
         return report(args, threads, f"training step: forward + backward, median of {args.repeat}; backward flops = "
                       f"2.5 x the forward's; numpy float32 matmul {matmul:.1f} GFLOP/s in the same run",
                       _bench.format_backward(rows, matmul), backward=rows, matmul_gflops=matmul)
+    if args.dask:
+        rows = _bench.run_dask(threads, repeat=args.repeat, cluster=not args.no_cluster, progress=progress,
+                               shape=tuple(args.shape[0]) if args.shape else _bench.DASK_SHAPE)
+        r0 = rows[0]
+        return report(args, threads, f"causal attention {tuple(r0['shape'])} float32 through fastattn.dask, "
+                      f"chunks of {r0['chunk']} queries and keys, median of {args.repeat}; vs one process = "
+                      "extra time over one fastattn.attention call", _bench.format_dask(rows), dask=rows)
     if args.half:
         rows = _bench.run_half(threads, repeat=args.repeat, progress=progress)
         return report(args, threads, "half-precision storage vs float32, same data, same run, median of "
@@ -187,6 +194,10 @@ def parse_args(argv):
                        help="bfloat16 and float16 against float32 (prefill and decode)")
     bench.add_argument("--linear", action="store_true",
                        help="linear vs quadratic dot-product attention over L = 256 .. 32768")
+    bench.add_argument("--dask", action="store_true",
+                       help="causal (1,8,32768,64) through fastattn.dask (threaded scheduler and a LocalCluster) "
+                            "against one process; needs dask and distributed")
+    bench.add_argument("--no-cluster", action="store_true", help="with --dask: skip the LocalCluster row")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("config", help="print the configuration")
     args = parser.parse_args(argv)

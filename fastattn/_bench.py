@@ -466,3 +466,68 @@ def format_half(rows):
         f32, bf, f16 = r["float32_ms"], r["bfloat16_ms"], r["float16_ms"]
         lines.append(f"{case:<34} {f32:>10.2f} {bf:>11.2f} {f32 / bf:>5.2f}x {f16:>10.2f} {f32 / f16:>5.2f}x")
     return "\n".join(lines)
+
+
+# causal prefill through fastattn.dask: (B, H, L, D), and the query and key chunk length
+DASK_SHAPE = (1, 8, 32768, 64)
+DASK_CHUNK = 4096
+
+
+def run_dask(threads, shape=DASK_SHAPE, chunk=DASK_CHUNK, repeat=3, cluster=True, progress=None):
+    """Causal attention of `shape` through fastattn.dask (chunks of `chunk`
+    queries and keys) against one fastattn.attention call on the same data,
+    same run: on dask's threaded scheduler with `threads` workers, and with
+    `cluster` on a LocalCluster of `threads` one-thread worker processes, its
+    inputs persisted on the workers first (not timed) and the result
+    gathered to the client (timed)."""
+    import dask
+    import dask.array as da
+
+    import fastattn.dask as fdask
+
+    b, h, l, d = shape
+    q, k, v = make_inputs(b, h, l, d)
+    flops = attention_flops(b, h, l, l, d, True)
+    rows = []
+
+    def row(case, seconds, tasks):
+        rows.append(dict(case=case, shape=list(shape), chunk=chunk, threads=threads, flops=flops,
+                         ms=seconds * 1e3, tasks=tasks))
+
+    if progress:
+        progress(f"[dask] single process {shape}")
+    out = np.empty_like(q)
+    row("fastattn.attention, one process", median_time(
+        lambda: fastattn.attention(q, k, v, causal=True, out=out, num_threads=threads), repeat), 1)
+    dq, dk, dv = (da.from_array(x, chunks=(b, h, chunk, d)) for x in (q, k, v))
+    result = fdask.attention(dq, dk, dv, causal=True)
+    tasks = sum(1 for key in dict(result.__dask_graph__())
+                if isinstance(key, tuple) and key[0].startswith("fastattn-attention-"))
+    if progress:
+        progress(f"[dask] threaded scheduler, {tasks} attention tasks")
+    with dask.config.set(scheduler="threads", num_workers=threads):
+        row(f"fastattn.dask, threaded scheduler, {threads} threads", median_time(result.compute, repeat), tasks)
+    if cluster:
+        from distributed import Client, LocalCluster, wait
+
+        if progress:
+            progress(f"[dask] LocalCluster of {threads} worker processes")
+        with LocalCluster(n_workers=threads, threads_per_worker=1, processes=True, dashboard_address=None,
+                          worker_dashboard_address=None) as lc, Client(lc) as client:
+            pq, pk, pv = client.persist([dq, dk, dv])
+            wait([pq, pk, pv])
+            result = fdask.attention(pq, pk, pv, causal=True)
+            row(f"fastattn.dask, LocalCluster, {threads} x 1-thread workers",
+                median_time(lambda: client.compute(result, sync=True), repeat), tasks)
+    return rows
+
+
+def format_dask(rows):
+    header = f"{'case':<52} {'ms':>9} {'GFLOP/s':>8} {'vs one process':>14} {'tasks':>6}"
+    lines = [header, "-" * len(header)]
+    base = rows[0]["ms"]
+    for r in rows:
+        gf = r["flops"] / (r["ms"] * 1e-3) / 1e9
+        lines.append(f"{r['case']:<52} {r['ms']:>9.1f} {gf:>8.1f} {100 * (r['ms'] / base - 1):>+13.1f}% "
+                     f"{r['tasks']:>6}")
+    return "\n".join(lines)

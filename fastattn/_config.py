@@ -6,8 +6,11 @@ default is the best one this CPU supports, and FASTATTN_ISA or set_isa()
 name another.
 """
 import contextlib
+import operator
 import os
 import sys
+
+import numpy as np
 
 from fastattn import _core
 
@@ -39,13 +42,12 @@ def _usable_cpus():
 
 
 def _check_thread_count(n, name):
-    if isinstance(n, bool) or not isinstance(n, int):
-        try:
-            import operator
-
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError(f"{name} must be an int, got {type(n).__name__}") from None
+    if isinstance(n, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}") from None
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
     return n

@@ -17,6 +17,8 @@ def examples():
 def test_readme_example_runs(code):
     if "import torch" in code:
         pytest.importorskip("torch")
+    if "fastattn.dask" in code:
+        pytest.importorskip("dask.array", reason="needs dask (pip install 'fastattn[dask]')")
     exec(compile(code, "README.md", "exec"), {})
 
 
