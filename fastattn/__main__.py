@@ -131,6 +131,13 @@ def bench_job(args):
         return report(args, threads, f"causal attention {tuple(r0['shape'])} float32 through fastattn.dask, "
                       f"chunks of {r0['chunk']} queries and keys, median of {args.repeat}; vs one process = "
                       "extra time over one fastattn.attention call", _bench.format_dask(rows), dask=rows)
+    if args.transformers:
+        rows = _bench.run_transformers(threads, repeat=args.repeat, progress=progress)
+        layers, hidden, heads, kv, mlp, vocab = _bench.TRANSFORMERS_MODEL
+        return report(args, threads, f"a Llama-style transformers model ({layers} layers, hidden {hidden}, {heads} "
+                      f"heads over {kv} kv heads, random weights), float32, batch 1, greedy generate(), median of "
+                      f"{args.repeat}; attention = time inside the attention functions; decode = generate(128) "
+                      "less the prefill", _bench.format_transformers(rows), transformers=rows)
     if args.half:
         rows = _bench.run_half(threads, repeat=args.repeat, progress=progress)
         return report(args, threads, "half-precision storage vs float32, same data, same run, median of "
@@ -197,6 +204,9 @@ def parse_args(argv):
     bench.add_argument("--dask", action="store_true",
                        help="causal (1,8,32768,64) through fastattn.dask (threaded scheduler and a LocalCluster) "
                             "against one process; needs dask and distributed")
+    bench.add_argument("--transformers", action="store_true",
+                       help="prefill (2048 tokens) and decode (128) of a small Llama-style transformers model, "
+                            "sdpa vs fastattn; needs transformers")
     bench.add_argument("--no-cluster", action="store_true", help="with --dask: skip the LocalCluster row")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("config", help="print the configuration")

@@ -531,3 +531,90 @@ def format_dask(rows):
         lines.append(f"{r['case']:<52} {r['ms']:>9.1f} {gf:>8.1f} {100 * (r['ms'] / base - 1):>+13.1f}% "
                      f"{r['tasks']:>6}")
     return "\n".join(lines)
+
+
+# a small Llama-style model for the transformers rows: (layers, hidden, heads, kv heads, MLP width, vocabulary)
+TRANSFORMERS_MODEL = (4, 1024, 16, 4, 2816, 32000)
+
+
+def run_transformers(threads, prompt=2048, new_tokens=128, repeat=3, progress=None):
+    """Prefill (`prompt` tokens, batch 1) and greedy decoding (`new_tokens`)
+    of a randomly initialised Llama-style model (TRANSFORMERS_MODEL), float32,
+    with attn_implementation "sdpa" and "fastattn", same run; the time spent
+    inside the attention functions is summed by a timing wrapper around each."""
+    import torch
+    import transformers
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import fastattn.transformers as fat
+
+    spent = {"sdpa": 0.0, "fastattn": 0.0}
+
+    def timed(name, fn):
+        def attention(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return attention
+
+    for name, fn in (("sdpa", sdpa_attention_forward), ("fastattn", fat.attention_forward)):
+        transformers.AttentionInterface.register(f"timed-{name}", timed(name, fn))
+    fat.register("timed-fastattn")  # the mask function; the attention function is re-registered below
+    transformers.AttentionInterface.register("timed-fastattn", timed("fastattn", fat.attention_forward))
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionMaskInterface.register("timed-sdpa", sdpa_mask)
+
+    layers, hidden, heads, kv_heads, mlp, vocab = TRANSFORMERS_MODEL
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, max_position_embeddings=prompt + new_tokens)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="timed-sdpa").eval()
+        ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+        for phase, n in (("prefill", 1), ("decode", new_tokens)):
+            row = dict(phase=phase, prompt=prompt, new_tokens=n, threads=threads, model=list(TRANSFORMERS_MODEL))
+            for name in ("sdpa", "fastattn"):
+                if progress:
+                    progress(f"[transformers] {phase} with {name}")
+                model.set_attn_implementation(f"timed-{name}")
+                with torch.no_grad():
+                    def run():
+                        return model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                              pad_token_id=0)
+                    run()  # warm-up
+                    totals, attn = [], []
+                    for _ in range(repeat):
+                        spent[name] = 0.0
+                        t0 = time.perf_counter()
+                        run()
+                        totals.append(time.perf_counter() - t0)
+                        attn.append(spent[name])
+                row[f"{name}_ms"] = float(np.median(totals)) * 1e3
+                row[f"{name}_attention_ms"] = float(np.median(attn)) * 1e3
+            rows.append(row)
+    finally:
+        torch.set_num_threads(saved)
+    # decode rows: the prefill's share is taken out (generate() prefills first)
+    pre, dec = rows
+    for name in ("sdpa", "fastattn"):
+        dec[f"{name}_ms"] -= pre[f"{name}_ms"]
+        dec[f"{name}_attention_ms"] -= pre[f"{name}_attention_ms"]
+    return rows
+
+
+def format_transformers(rows):
+    header = (f"{'phase':<22} {'sdpa ms':>9} {'attention':>10} {'share':>6} {'fastattn ms':>11} {'attention':>10} "
+              f"{'share':>6} {'attention x':>11} {'total x':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        case = f"prefill {r['prompt']}" if r["phase"] == "prefill" else f"decode {r['new_tokens']} tokens"
+        s, sa, f, fa = r["sdpa_ms"], r["sdpa_attention_ms"], r["fastattn_ms"], r["fastattn_attention_ms"]
+        lines.append(f"{case:<22} {s:>9.1f} {sa:>10.1f} {100 * sa / s:>5.0f}% {f:>11.1f} {fa:>10.1f} "
+                     f"{100 * fa / f:>5.0f}% {sa / fa:>10.2f}x {s / f:>7.2f}x")
+    return "\n".join(lines)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastattn import _api
 
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _original_sdpa = F.scaled_dot_product_attention
 
 
@@ -51,8 +51,8 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
             return TypeError, f"{name} must be a dense tensor"
     for name, t in tensors[:3]:
         if t.dtype not in _DTYPES:
-            return TypeError, f"{name} must be float32 or float64, got {t.dtype}"
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool,) + _DTYPES:
+            return TypeError, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, torch.float64):
         return TypeError, f"attn_mask must be bool, float32 or float64, got {attn_mask.dtype}"
     if dropout_p != 0.0:
         return ValueError, f"dropout_p must be 0 (fastattn has no dropout), got {dropout_p}"
@@ -61,7 +61,19 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
 
 def _as_numpy(t):
     """A numpy view of a CPU tensor's memory (no copy); None stays None."""
-    return None if t is None else t.detach().numpy()
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # numpy's bfloat16 is ml_dtypes': the same bits
+        return t.view(torch.int16).numpy().view(_api.BFLOAT16)
+    return t.numpy()
+
+
+def _as_tensor(a):
+    """A tensor sharing the memory of the numpy array a."""
+    if a.dtype == _api.BFLOAT16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _lead(query, key, value, attn_mask):
@@ -75,17 +87,28 @@ def _lead(query, key, value, attn_mask):
     return tuple(torch.broadcast_shapes(q, *kv, mask))
 
 
+def _options(is_causal, scale, window_left, window_right, softcap, bottom_right):
+    """The op's scalar arguments as fastattn.attention's keywords."""
+    return dict(scale=scale, causal=is_causal,
+                window=None if window_left < 0 and window_right < 0 else (window_left, window_right),
+                softcap=softcap if softcap > 0 else None, align="bottom-right" if bottom_right else "top-left")
+
+
 @torch.library.custom_op("fastattn::attention", mutates_args=(), device_types="cpu")
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                  is_causal: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fastattn.attention with torch's conventions: (out, lse)."""
-    out, lse = _api.attention(*(_as_numpy(t) for t in (query, key, value)), scale=scale, causal=is_causal,
-                              mask=_as_numpy(attn_mask), align="top-left", return_lse=True)
-    return torch.from_numpy(out), torch.from_numpy(lse)
+                  is_causal: bool, scale: float, window_left: int = -1, window_right: int = -1,
+                  softcap: float = 0.0, bottom_right: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fastattn.attention on tensors: (out, lse).  Causal, window and the
+    mask align top-left (torch's convention) unless bottom_right."""
+    out, lse = _api.attention(*(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask),
+                              return_lse=True,
+                              **_options(is_causal, scale, window_left, window_right, softcap, bottom_right))
+    return _as_tensor(out), _as_tensor(lse)
 
 
 @_attention_op.register_fake
-def _attention_fake(query, key, value, attn_mask, is_causal, scale):
+def _attention_fake(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
+                    bottom_right=False):
     lead = _lead(query, key, value, attn_mask)
     lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     return (query.new_empty(lead + (query.shape[-2], value.shape[-1])),
@@ -95,23 +118,26 @@ def _attention_fake(query, key, value, attn_mask, is_causal, scale):
 @torch.library.custom_op("fastattn::attention_backward", mutates_args=(), device_types="cpu")
 def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                           scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastattn.attention_backward with torch's conventions: (dq, dk, dv)."""
-    grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)), scale=scale,
-                                    causal=is_causal, mask=_as_numpy(attn_mask), align="top-left")
-    return tuple(torch.from_numpy(g) for g in grads)
+                           scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                           bottom_right: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn.attention_backward on tensors: (dq, dk, dv)."""
+    grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)),
+                                    mask=_as_numpy(attn_mask),
+                                    **_options(is_causal, scale, window_left, window_right, softcap, bottom_right))
+    return tuple(_as_tensor(g) for g in grads)
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale):
+def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left=-1,
+                             window_right=-1, softcap=0.0, bottom_right=False):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, is_causal, scale = inputs
+    query, key, value, attn_mask = inputs[:4]
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse, attn_mask)
-    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.options = inputs[4:]
     ctx.mark_non_differentiable(lse)
 
 
@@ -120,8 +146,8 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fastattn.attention_backward(grad_out, query, key, value, out, lse, attn_mask,
-                                                       ctx.is_causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+                                                       *ctx.options)
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -136,7 +162,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query : Tensor, shape (N, ..., L, E)
     key : Tensor, shape (N, ..., S, E)
     value : Tensor, shape (N, ..., S, Ev)
-        CPU tensors, float32 or float64.
+        CPU tensors, float32, float64, float16 or bfloat16 (16-bit inputs
+        are computed in float32 and give 16-bit outputs and gradients).
     attn_mask : Tensor, optional
         Broadcastable to (N, ..., L, S); bool (True = takes part in
         attention) or float (added to the scores).

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "fastattn", *args], capture_output=True, text=True,
@@ -80,3 +82,23 @@ def test_backward_bench_runs():
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     assert all(r["fastattn_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
     assert "bwd GFLOP/s" in _bench.format_backward(rows, 100.0)
+
+
+def test_transformers_bench_runs(monkeypatch):
+    pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")
+    from fastattn import _bench
+
+    monkeypatch.setattr(_bench, "TRANSFORMERS_MODEL", (1, 64, 4, 2, 128, 100))
+    rows = _bench.run_transformers(1, prompt=40, new_tokens=3, repeat=1)
+    assert [r["phase"] for r in rows] == ["prefill", "decode"]
+    assert all(r["fastattn_attention_ms"] > 0 and r["sdpa_attention_ms"] > 0 for r in rows)
+    assert "attention x" in _bench.format_transformers(rows)
+
+
+def test_dask_bench_runs():
+    pytest.importorskip("dask.array", reason="needs dask (pip install 'fastattn[dask]')")
+    from fastattn import _bench
+
+    rows = _bench.run_dask(1, shape=(1, 2, 256, 16), chunk=64, repeat=1, cluster=False)
+    assert [r["tasks"] for r in rows] == [1, 10]
+    assert "vs one process" in _bench.format_dask(rows)

@@ -188,8 +188,9 @@ BAD = [
     # fastattn.torch
     (lambda: sdpa(lambda t, q: dict(query=q.to("meta"))), ValueError, "CPU tensors only"),
     (lambda: sdpa(lambda t, q: dict(dropout_p=0.1)), ValueError, "dropout_p"),
-    (lambda: sdpa(lambda t, q: dict(query=q.bfloat16(), key=q.bfloat16(), value=q.bfloat16())), TypeError,
-     "float32"),
+    (lambda: sdpa(lambda t, q: dict(query=q.int(), key=q.int(), value=q.int())), TypeError,
+     "float32, float64, float16 or bfloat16"),
+    (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.float16))), TypeError, "attn_mask"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.int32))), TypeError, "attn_mask"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.bool), is_causal=True)), ValueError, "both"),
     (lambda: sdpa(lambda t, q: dict(key=q[:, :2], value=q[:, :2])), ValueError, "enable_gqa"),

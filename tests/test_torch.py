@@ -199,3 +199,22 @@ def test_training_example_losses_agree():
     ours, theirs = runpy.run_path(path)["main"](steps=4, length=64, quiet=True)
     assert len(ours) == 4
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_tensors_forward_and_backward(dtype):
+    """16-bit tensors (bfloat16 viewed through ml_dtypes, no copy): the output
+    and gradients are 16-bit, within one 16-bit rounding of float32 math on
+    the same 16-bit inputs."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 33, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    dout = torch.randn(2, 4, 33, 16, generator=g).to(dtype)
+    out = ft.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.backward(dout)
+    assert out.dtype == dtype and q.grad.dtype == dtype
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q32, k32, v32, is_causal=True)
+    ref.backward(dout.float())
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for got, want in ((out, ref), (q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        torch.testing.assert_close(got.float(), want, atol=1e-4 + eps * want.abs().max().item(), rtol=eps)

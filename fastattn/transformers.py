@@ -1,0 +1,84 @@
+"""fastattn as an attention implementation of Hugging Face transformers.
+
+::
+
+    import fastattn.transformers
+    fastattn.transformers.register()                       # once: the name "fastattn"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fastattn")
+    # or, on a model already loaded: model.set_attn_implementation("fastattn")
+
+``register(name)`` adds fastattn's attention function to
+``transformers.AttentionInterface`` and, under the same name, the mask
+function of transformers' FlashAttention contract to
+``transformers.masking_utils.AttentionMaskInterface``: a layer receives no
+dense ``(B, 1, Lq, Lk)`` mask, only ``None`` (no padding) or the 2-D key
+padding mask ``(B, Lk)`` of the batch, and the causal flag, the sliding
+window and the soft-cap arrive as the layer's arguments.  fastattn then runs
+the whole batch in one call: causal and window bottom-right aligned (the
+queries are the last ``Lq`` of the keys, as with transformers' caches), the
+padding mask read in place as a ``(B, 1, 1, Lk)`` view, grouped key/value
+heads and the ``(B, H, L, D)`` layout read through their strides, no copies.
+
+Mapped: ``attention_mask`` (2-D padding, bool), ``is_causal`` (else the
+module's), ``scaling``, ``sliding_window`` (key ``j`` visible from query
+position ``i`` iff ``i - sliding_window < j <= i``), ``softcap``, grouped
+key/value heads, float32, float64, float16 and bfloat16.  ``dropout`` must
+be 0 (models pass 0 in eval mode; training with dropout raises), and
+attention sinks (``s_aux``) raise ``NotImplementedError``.  Several
+sequences packed into one batch row (padding-free training through
+``position_ids``) are not detected: pass an attention mask or use one
+sequence per row.  The call goes through the custom operator
+``torch.ops.fastattn.attention`` (with a fake implementation and fastattn's
+backward as its gradient), so ``torch.compile(model, fullgraph=True)``
+traces it and training works.
+"""
+import math
+
+import torch
+
+import fastattn.torch  # noqa: F401  (defines the torch.ops.fastattn operators)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                      softcap=None, is_causal=None, s_aux=None, **kwargs):
+    """transformers' attention function signature: query (B, H, Lq, D), key
+    and value (B, G, Lk, D|Dv); returns (output (B, Lq, H, Dv), None)."""
+    if s_aux is not None:
+        raise NotImplementedError("fastattn has no attention sinks (s_aux) yet; use attn_implementation='eager'")
+    if dropout:
+        raise ValueError(f"fastattn has no dropout: dropout must be 0 (the model in eval mode), got {dropout}")
+    if kwargs.get("output_attentions", False):
+        raise ValueError("fastattn never forms the attention weights: output_attentions needs 'eager'")
+    is_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"fastattn takes the 2-D padding mask (batch, keys) its mask function makes, got "
+                             f"shape {tuple(attention_mask.shape)}")
+        n = attention_mask.shape[1]
+        if n < key.shape[2]:  # a static cache: keys past the mask are not filled yet
+            key, value = key[:, :, :n], value[:, :, :n]
+        mask = attention_mask[:, None, None, :].to(torch.bool)
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
+    # FlashAttention's window: (W - 1) keys back and, without causality, ahead
+    left = int(sliding_window) - 1 if sliding_window else -1
+    right = -1 if left < 0 else (0 if is_causal else left)
+    out, _ = torch.ops.fastattn.attention(query, key, value, mask, is_causal, float(scaling), left, right,
+                                          float(softcap or 0.0), True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name="fastattn"):
+    """Register fastattn with transformers under `name` (for
+    ``attn_implementation=name``); returns the name."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("fastattn.transformers needs transformers: pip install 'fastattn[transformers]'") from exc
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, flash_attention_mask)
+    return name
