@@ -36,7 +36,7 @@ import math
 
 import torch
 
-import fastattn.torch  # noqa: F401  (defines the torch.ops.fastattn operators)
+import fastattn.torch
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -64,8 +64,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     # FlashAttention's window: (W - 1) keys back and, without causality, ahead
     left = int(sliding_window) - 1 if sliding_window else -1
     right = -1 if left < 0 else (0 if is_causal else left)
-    out, _ = torch.ops.fastattn.attention(query, key, value, mask, is_causal, float(scaling), left, right,
-                                          float(softcap or 0.0), True)
+    out, _ = fastattn.torch.attention(query, key, value, mask, is_causal, float(scaling), left, right,
+                                      float(softcap or 0.0), True)
     return out.transpose(1, 2).contiguous(), None
 
 
