@@ -138,11 +138,13 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
     Written out from the forward's formulas, without the saved lse: with
     raw = scale q k^T, z = softcap tanh(raw / softcap) (or raw), the scores
     s = z - ALiBi bias + float mask (-inf where hidden), weights P = softmax(s)
-    (or s itself on visible keys for weights="dot") and out = P v:
+    (or s itself on visible keys for weights="dot") and out = P v::
+
       dv = P^T dout;  dP = dout v^T;
       dS = P (dP - rowsum(dout * out)) for softmax, dP on visible keys for dot;
       dRaw = dS (1 - (z / softcap)^2) with a soft-cap, else dS;
       dq = scale dRaw k;  dk = scale dRaw^T q.
+
     Masks and slopes get no gradient.  Gradients broadcast over shared
     operands (grouped heads, leading dimensions of 1) are summed, so each has
     the shape of its operand."""

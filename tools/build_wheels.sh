@@ -22,7 +22,7 @@ trap 'rm -rf "$venv"' EXIT
 python -m venv "$venv/env"
 "$venv/env/bin/python" -m pip install -q --upgrade pip
 "$venv/env/bin/python" -m pip install -q "$wheel" pytest hypothesis threadpoolctl
-cp -r tests tools README.md examples "$venv/"
+cp -r tests tools README.md docs examples "$venv/"
 cd "$venv"
 env/bin/python -c "import fastattn, sys; print('installed', fastattn.__file__); fastattn.show_config()"
 env/bin/python -c "import fastattn._core as c; assert 'site-packages' in c.__file__, c.__file__"
