@@ -582,10 +582,25 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
                         k0 * p->mask_cs;
         const int64_t cs = p->mask_cs;
         switch (p->mask_kind) {
-        case FA_MASK_BOOL:
-            for (int64_t j = 0; j < bk; j++)
-                if (!m[j * cs]) s[j * ld] = (FA_T)-INFINITY;
+        case FA_MASK_BOOL: { /* a select on the bits, not a branch (random masks mispredict); a
+                              * hidden score is -inf even where it was NaN */
+#if FA_T_IS_FLOAT
+            typedef uint32_t bits_t;
+#else
+            typedef uint64_t bits_t;
+#endif
+            const FA_T ninf = (FA_T)-INFINITY;
+            bits_t nb;
+            memcpy(&nb, &ninf, sizeof nb);
+            for (int64_t j = 0; j < bk; j++) {
+                const bits_t keep = (bits_t)0 - (bits_t)(m[j * cs] != 0);
+                bits_t b;
+                memcpy(&b, &s[j * ld], sizeof b);
+                b = (b & keep) | (nb & ~keep);
+                memcpy(&s[j * ld], &b, sizeof b);
+            }
             break;
+        }
         case FA_MASK_F32:
             for (int64_t j = 0; j < bk; j++) s[j * ld] += (FA_T) * (const float *)(m + j * cs);
             break;

@@ -100,6 +100,19 @@ def test_masks(isa, dtype, rng, mshape, kind, causal):
     assert_close(s, ref.scores(q, k, mask=mask, causal=causal))
 
 
+def test_bool_mask_hides_nan_keys(isa, dtype, rng):
+    """Scores a bool mask hides do not reach the result, NaN ones included
+    (keys of an unfilled cache past its length, masked out; their values
+    must still be finite: a weight of 0 times NaN is NaN, as in torch)."""
+    q, k, v = make_qkv(rng, ((2,), (2,), 70, 90, 16, 8), dtype)
+    keep = rng.random((70, 90)) < 0.5
+    keep[:, 80:] = False
+    k[:, 80:] = np.nan
+    got = fastattn.attention(q, k, v, mask=keep)
+    assert np.isfinite(got).all()
+    assert_close(got, ref.attention(q[:, :, :], k[:, :80], v[:, :80], mask=keep[:, :80]))
+
+
 def test_mask_broadcasts_leading_dims(rng, dtype):
     q, k, v = make_qkv(rng, ((3,), (3,), 6, 8, 4, 4), dtype)
     mask = rng.random((2, 1, 6, 8)) < 0.5

@@ -85,6 +85,7 @@ def test_backward_bench_runs():
 
 
 def test_transformers_bench_runs(monkeypatch):
+    pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[transformers]')")
     pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")
     from fastattn import _bench
 

@@ -25,6 +25,7 @@ def test_example_runs(code):
     if "fastattn.dask" in code:
         pytest.importorskip("dask.array", reason="needs dask (pip install 'fastattn[dask]')")
     if "fastattn.transformers" in code:
+        pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[transformers]')")
         pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")
     exec(compile(code, "example", "exec"), {})
 
