@@ -169,7 +169,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.fastattn.attention_backward(grad_out, query, key, value, out, lse, attn_mask,
                                                        *ctx.options)
-    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+    return (dq, dk, dv) + (None,) * (1 + len(ctx.options))  # no gradient for the mask and the options
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
