@@ -103,3 +103,15 @@ def test_dask_bench_runs():
     rows = _bench.run_dask(1, shape=(1, 2, 256, 16), chunk=64, repeat=1, cluster=False)
     assert [r["tasks"] for r in rows] == [1, 10]
     assert "vs one process" in _bench.format_dask(rows)
+
+
+def test_benchmark_suite_without_pytest_benchmark_is_skipped():
+    import os
+
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench")
+    if not os.path.isdir(bench):
+        pytest.skip("no bench/ beside the tests")
+    res = subprocess.run([sys.executable, "-m", "pytest", bench, "-q", "-p", "no:benchmark", "-p", "no:cacheprovider"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert "skipped" in res.stdout and "pip install -e '.[bench]'" in res.stdout and "error" not in res.stdout
