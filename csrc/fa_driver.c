@@ -7,9 +7,42 @@
  * instruction set only.
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "fa_omp.h"
 #include "fa_tile.h"
+
+/* What a bool mask says of rows [row0, row0 + bq) and keys [k0, k0 + bk)
+ * of entry e: every key hidden (the tile is skipped), none hidden (the tile
+ * runs without reading the mask), or some of each. */
+enum { FA_TILE_MIXED, FA_TILE_HIDDEN, FA_TILE_VISIBLE };
+
+static int fa_bool_tile(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
+{
+    const int64_t lq = e[FA_E_LQ], cs = p->mask_cs;
+    /* rows that share one mask row (a mask broadcast over rows and heads) are read once */
+    const int64_t rows = p->mask_rs == 0 && (p->mask_hs == 0 || p->group == 1) ? 1 : bq;
+    int any = 0, all = 1;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t v = row0 + r;
+        const unsigned char *m = (const unsigned char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs +
+                                 (v % lq) * p->mask_rs + k0 * cs;
+        int64_t j = 0;
+        if (cs == 1)
+            for (; j + 8 <= bk; j += 8) { /* eight at a time: any nonzero byte, any zero byte */
+                uint64_t x;
+                memcpy(&x, m + j, 8);
+                any |= x != 0;
+                all &= ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) == 0;
+            }
+        for (; j < bk; j++) {
+            any |= m[j * cs] != 0;
+            all &= m[j * cs] != 0;
+        }
+        if (any && !all) return FA_TILE_MIXED;
+    }
+    return any ? FA_TILE_VISIBLE : FA_TILE_HIDDEN;
+}
 
 /* Fused attention over the keys of item `it`: rows [row0, row0 + bq) of
  * entry e.  A split-KV item writes its unnormalised rows to its slot. */
@@ -25,8 +58,22 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     klo = fa_max64(klo, it->k_lo);
     khi = fa_min64(khi, it->k_hi);
     const int64_t tile = few ? ops->rows_tile : FA_BK;
+    /* a bool mask is read per tile first: tiles it hides entirely are
+     * skipped, tiles it hides nothing of run as if unmasked */
+    const int bool_mask = p->mask_kind == FA_MASK_BOOL;
+    fa_problem unmasked;
+    if (bool_mask) {
+        unmasked = *p;
+        unmasked.mask_kind = FA_MASK_NONE;
+    }
     for (int64_t k0 = klo; k0 < khi; k0 += tile) {
         const int64_t bk = fa_min64(tile, khi - k0);
+        const fa_problem *tp = p;
+        if (bool_mask) {
+            const int kind = fa_bool_tile(p, e, row0, bq, k0, bk);
+            if (kind == FA_TILE_HIDDEN) continue;
+            if (kind == FA_TILE_VISIBLE) tp = &unmasked;
+        }
         /* decoding streams K and V once: ask for the tile after next (one
          * ahead is too late to hide the memory latency) */
         const int64_t pf0 = k0 + 2 * FA_BK;
@@ -34,9 +81,9 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
             (const char *)p->k + e[FA_E_K] + pf0 * p->k_rs, (const char *)p->v + e[FA_E_V] + pf0 * p->v_rs,
             p->k_rs, p->v_rs, p->d * p->k_cs, p->dv * p->v_cs,
             few ? fa_max64(0, fa_min64(FA_BK, khi - pf0)) : 0};
-        ops->attn_score_tile(p, e, w, row0, bq, k0, bk, &pf);
+        ops->attn_score_tile(tp, e, w, row0, bq, k0, bk, &pf);
         ops->weights_tile(w, softmax, bq, bk);
-        ops->attn_pv_tile(p, e, w, bq, k0, bk);
+        ops->attn_pv_tile(tp, e, w, bq, k0, bk);
     }
     if (it->part >= 0)
         ops->store_partial(p, w, bq, slots + it->part * slot_bytes);

@@ -131,6 +131,11 @@ def bench_job(args):
         return report(args, threads, f"causal attention {tuple(r0['shape'])} float32 through fastattn.dask, "
                       f"chunks of {r0['chunk']} queries and keys, median of {args.repeat}; vs one process = "
                       "extra time over one fastattn.attention call", _bench.format_dask(rows), dask=rows)
+    if args.masks:
+        rows = _bench.run_masks(threads, repeat=args.repeat, with_torch=not args.no_torch, progress=progress)
+        return report(args, threads, f"bool masks (1 x 1 x L x L, broadcast over heads) against the same mask as "
+                      f"an additive float32 mask, no mask, and torch's SDPA with the bool mask; median of "
+                      f"{args.repeat}", _bench.format_masks(rows), masks=rows)
     if args.transformers:
         rows = _bench.run_transformers(threads, repeat=args.repeat, progress=progress)
         layers, hidden, heads, kv, mlp, vocab = _bench.TRANSFORMERS_MODEL
@@ -204,6 +209,8 @@ def parse_args(argv):
     bench.add_argument("--dask", action="store_true",
                        help="causal (1,8,32768,64) through fastattn.dask (threaded scheduler and a LocalCluster) "
                             "against one process; needs dask and distributed")
+    bench.add_argument("--masks", action="store_true",
+                       help="bool masks (random, causal, 8 documents) against additive masks, no mask and torch")
     bench.add_argument("--transformers", action="store_true",
                        help="prefill (2048 tokens) and decode (128) of a small Llama-style transformers model, "
                             "sdpa vs fastattn; needs transformers")

@@ -618,3 +618,55 @@ def format_transformers(rows):
         lines.append(f"{case:<22} {s:>9.1f} {sa:>10.1f} {100 * sa / s:>5.0f}% {f:>11.1f} {fa:>10.1f} "
                      f"{100 * fa / f:>5.0f}% {sa / fa:>10.2f}x {s / f:>7.2f}x")
     return "\n".join(lines)
+
+
+# masked attention rows: ((B, H, L, D), mask name)
+MASK_CASES = [((1, 8, 2048, 64), "random 50%"), ((1, 8, 2048, 64), "random 50% + causal"),
+              ((1, 8, 8192, 64), "8 documents")]
+
+
+def _mask_of(name, l, rng):
+    """The (1, 1, l, l) bool mask of a case (True = may attend) and whether it runs causal."""
+    if name.startswith("random"):
+        return rng.random((1, 1, l, l)) < 0.5, name.endswith("causal")
+    doc = np.arange(l) // (l // 8)  # 8 documents of l / 8 tokens: block-diagonal
+    return (doc[:, None] == doc[None, :])[None, None], False
+
+
+def run_masks(threads, cases=None, repeat=3, with_torch=True, progress=None):
+    """fastattn with a bool mask, the same mask as an additive float32 mask
+    (0 / -inf), and no mask, against torch's SDPA with the same bool mask,
+    same data, same run."""
+    torch_mod = torch_sdpa() if with_torch else None
+    rows = []
+    for n, (shape, name) in enumerate(MASK_CASES if cases is None else cases, 1):
+        if progress:
+            progress(f"[masks {n}] {shape} {name}")
+        b, h, l, d = shape
+        rng = np.random.default_rng(n)
+        q, k, v = make_inputs(b, h, l, d, seed=n)
+        mask, causal = _mask_of(name, l, rng)
+        additive = np.where(mask, np.float32(0), np.float32(-np.inf))
+        out = np.empty_like(q)
+        row = dict(shape=list(shape), mask=name, threads=threads)
+        for key, m in (("bool_ms", mask), ("float_ms", additive), ("none_ms", None)):
+            row[key] = median_time(lambda: fastattn.attention(q, k, v, mask=m, causal=causal, out=out,
+                                                              num_threads=threads), repeat) * 1e3
+        if torch_mod is not None:
+            tmask = mask & np.tril(np.ones((l, l), dtype=bool)) if causal else mask
+            row["torch_ms"] = torch_median_ms(torch_mod, threads, (q, k, v, tmask),
+                                              lambda f, *t: f(t[0], t[1], t[2], attn_mask=t[3]), repeat)
+        rows.append(row)
+    return rows
+
+
+def format_masks(rows):
+    header = (f"{'(B,H,L,D)':<18} {'mask':<20} {'bool ms':>9} {'float ms':>9} {'bool/float':>10} {'no mask ms':>10} "
+              f"{'torch ms':>9} {'x torch':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        th = r.get("torch_ms")
+        lines.append(f"{str(tuple(r['shape'])):<18} {r['mask']:<20} {r['bool_ms']:>9.1f} {r['float_ms']:>9.1f} "
+                     f"{r['bool_ms'] / r['float_ms']:>10.2f} {r['none_ms']:>10.1f} "
+                     + (f"{th:>9.1f} {th / r['bool_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}"))
+    return "\n".join(lines)

@@ -100,6 +100,37 @@ def test_masks(isa, dtype, rng, mshape, kind, causal):
     assert_close(s, ref.scores(q, k, mask=mask, causal=causal))
 
 
+def document_mask(lq, lk, docs):
+    """Block-diagonal: query i and key j attend iff they fall in the same of
+    `docs` equal documents (bottom-right aligned)."""
+    qd = (np.arange(lq) + lk - lq) * docs // lk
+    kd = np.arange(lk) * docs // lk
+    return qd[:, None] == kd[None, :]
+
+
+@pytest.mark.parametrize("case", ["documents", "documents causal", "key padding", "per-head documents",
+                                  "decode", "split-KV decode"])
+def test_structured_bool_masks(isa, dtype, rng, case):
+    """Masks whose tiles are wholly hidden (skipped), wholly visible (run
+    unmasked) or mixed, in every layout the tile classification reads."""
+    h, g = (4, 2) if case == "per-head documents" else (2, 2)
+    lq, lk = {"decode": (1, 700), "split-KV decode": (2, 5000)}.get(case, (300, 300))
+    q, k, v = make_qkv(rng, ((2, h), (2, g), lq, lk, 16, 8), dtype)
+    kw = dict(causal=case.endswith("causal") or "decode" in case)
+    if case == "key padding":
+        mask = np.ones((2, 1, 1, lk), dtype=bool)
+        mask[0, ..., :130] = False  # left padding, whole tiles and a part
+        mask[1, ..., 250:] = False
+    elif case == "per-head documents":
+        mask = np.stack([document_mask(lq, lk, n) for n in (2, 3, 5, 7)])[None]
+    else:
+        mask = np.broadcast_to(document_mask(lq, lk, 6), (2, 1, lq, lk))
+    out, lse = fastattn.attention(q, k, v, mask=mask, return_lse=True, **kw)
+    rout, rlse = ref.attention(q, k, v, mask=mask, return_lse=True, **kw)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+
+
 def test_bool_mask_hides_nan_keys(isa, dtype, rng):
     """Scores a bool mask hides do not reach the result, NaN ones included
     (keys of an unfilled cache past its length, masked out; their values

@@ -115,3 +115,13 @@ def test_benchmark_suite_without_pytest_benchmark_is_skipped():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:]
     assert "skipped" in res.stdout and "pip install -e '.[bench]'" in res.stdout and "error" not in res.stdout
+
+
+def test_masks_bench_runs():
+    from fastattn import _bench
+
+    rows = _bench.run_masks(1, cases=[((1, 2, 128, 16), "random 50% + causal"), ((1, 2, 256, 16), "8 documents")],
+                            repeat=1, with_torch=False)
+    assert [r["mask"] for r in rows] == ["random 50% + causal", "8 documents"]
+    assert all(r["bool_ms"] > 0 and r["float_ms"] > 0 and r["none_ms"] > 0 for r in rows)
+    assert "bool/float" in _bench.format_masks(rows)
