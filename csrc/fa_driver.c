@@ -12,36 +12,57 @@
 #include "fa_omp.h"
 #include "fa_tile.h"
 
-/* What a bool mask says of rows [row0, row0 + bq) and keys [k0, k0 + bk)
- * of entry e: every key hidden (the tile is skipped), none hidden (the tile
- * runs without reading the mask), or some of each. */
+/* What a mask says of rows [row0, row0 + bq) and keys [k0, k0 + bk) of
+ * entry e: every key hidden (the tile is skipped), none hidden and nothing
+ * added (the tile runs without reading the mask), or neither.  A bool mask
+ * hides with 0; a float mask hides with -inf and adds nothing with +-0. */
 enum { FA_TILE_MIXED, FA_TILE_HIDDEN, FA_TILE_VISIBLE };
 
-static int fa_bool_tile(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
+static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
 {
     const int64_t lq = e[FA_E_LQ], cs = p->mask_cs;
     /* rows that share one mask row (a mask broadcast over rows and heads) are read once */
     const int64_t rows = p->mask_rs == 0 && (p->mask_hs == 0 || p->group == 1) ? 1 : bq;
-    int any = 0, all = 1;
+    int hidden = 1, visible = 1;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t v = row0 + r;
         const unsigned char *m = (const unsigned char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs +
                                  (v % lq) * p->mask_rs + k0 * cs;
         int64_t j = 0;
-        if (cs == 1)
-            for (; j + 8 <= bk; j += 8) { /* eight at a time: any nonzero byte, any zero byte */
-                uint64_t x;
-                memcpy(&x, m + j, 8);
-                any |= x != 0;
-                all &= ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) == 0;
+        switch (p->mask_kind) {
+        case FA_MASK_BOOL:
+            if (cs == 1)
+                for (; j + 8 <= bk; j += 8) { /* eight at a time: any nonzero byte, any zero byte */
+                    uint64_t x;
+                    memcpy(&x, m + j, 8);
+                    hidden &= x == 0;
+                    visible &= ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) == 0;
+                }
+            for (; j < bk; j++) {
+                hidden &= m[j * cs] == 0;
+                visible &= m[j * cs] != 0;
             }
-        for (; j < bk; j++) {
-            any |= m[j * cs] != 0;
-            all &= m[j * cs] != 0;
+            break;
+        case FA_MASK_F32:
+            for (; j < bk; j++) {
+                uint32_t x;
+                memcpy(&x, m + j * cs, 4);
+                hidden &= x == 0xff800000u;
+                visible &= (x & 0x7fffffffu) == 0;
+            }
+            break;
+        default: /* FA_MASK_F64 */
+            for (; j < bk; j++) {
+                uint64_t x;
+                memcpy(&x, m + j * cs, 8);
+                hidden &= x == 0xfff0000000000000ULL;
+                visible &= (x & 0x7fffffffffffffffULL) == 0;
+            }
+            break;
         }
-        if (any && !all) return FA_TILE_MIXED;
+        if (!hidden && !visible) return FA_TILE_MIXED;
     }
-    return any ? FA_TILE_VISIBLE : FA_TILE_HIDDEN;
+    return hidden ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
 }
 
 /* Fused attention over the keys of item `it`: rows [row0, row0 + bq) of
@@ -58,19 +79,19 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     klo = fa_max64(klo, it->k_lo);
     khi = fa_min64(khi, it->k_hi);
     const int64_t tile = few ? ops->rows_tile : FA_BK;
-    /* a bool mask is read per tile first: tiles it hides entirely are
-     * skipped, tiles it hides nothing of run as if unmasked */
-    const int bool_mask = p->mask_kind == FA_MASK_BOOL;
+    /* a mask is read per tile first: tiles it hides entirely are skipped,
+     * tiles it leaves alone run as if unmasked */
+    const int masked = p->mask_kind != FA_MASK_NONE;
     fa_problem unmasked;
-    if (bool_mask) {
+    if (masked) {
         unmasked = *p;
         unmasked.mask_kind = FA_MASK_NONE;
     }
     for (int64_t k0 = klo; k0 < khi; k0 += tile) {
         const int64_t bk = fa_min64(tile, khi - k0);
         const fa_problem *tp = p;
-        if (bool_mask) {
-            const int kind = fa_bool_tile(p, e, row0, bq, k0, bk);
+        if (masked) {
+            const int kind = fa_mask_tile(p, e, row0, bq, k0, bk);
             if (kind == FA_TILE_HIDDEN) continue;
             if (kind == FA_TILE_VISIBLE) tp = &unmasked;
         }

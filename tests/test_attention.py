@@ -112,7 +112,8 @@ def document_mask(lq, lk, docs):
                                   "decode", "split-KV decode"])
 def test_structured_bool_masks(isa, dtype, rng, case):
     """Masks whose tiles are wholly hidden (skipped), wholly visible (run
-    unmasked) or mixed, in every layout the tile classification reads."""
+    unmasked) or mixed, in every layout the tile classification reads, as
+    bool masks and as additive float32 and float64 masks (0 / -0 / -inf)."""
     h, g = (4, 2) if case == "per-head documents" else (2, 2)
     lq, lk = {"decode": (1, 700), "split-KV decode": (2, 5000)}.get(case, (300, 300))
     q, k, v = make_qkv(rng, ((2, h), (2, g), lq, lk, 16, 8), dtype)
@@ -125,10 +126,13 @@ def test_structured_bool_masks(isa, dtype, rng, case):
         mask = np.stack([document_mask(lq, lk, n) for n in (2, 3, 5, 7)])[None]
     else:
         mask = np.broadcast_to(document_mask(lq, lk, 6), (2, 1, lq, lk))
-    out, lse = fastattn.attention(q, k, v, mask=mask, return_lse=True, **kw)
     rout, rlse = ref.attention(q, k, v, mask=mask, return_lse=True, **kw)
-    assert_close(out, rout)
-    assert_close(lse, rlse)
+    zero = np.where(np.arange(lk) % 7 == 0, -0.0, 0.0)  # -0.0 adds nothing too
+    additive = np.where(mask, zero, -np.inf)
+    for m in (mask, additive.astype(np.float32), additive):
+        out, lse = fastattn.attention(q, k, v, mask=m, return_lse=True, **kw)
+        assert_close(out, rout)
+        assert_close(lse, rlse)
 
 
 def test_bool_mask_hides_nan_keys(isa, dtype, rng):
