@@ -6,13 +6,10 @@ default is the best one this CPU supports, and FASTATTN_ISA or set_isa()
 name another.
 """
 import contextlib
-import operator
 import os
 import sys
 
-import numpy as np
-
-from fastattn import _core
+from fastattn import _core, _validate
 
 _num_threads = None  # set_num_threads() value; None = follow the environment
 
@@ -41,18 +38,6 @@ def _usable_cpus():
         return os.cpu_count() or 1
 
 
-def _check_thread_count(n, name):
-    if isinstance(n, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
-    return n
-
-
 def set_num_threads(n):
     """Set the default number of threads for fastattn calls (None: follow the environment).
 
@@ -64,7 +49,7 @@ def set_num_threads(n):
         CPU this process may run on.
     """
     global _num_threads
-    _num_threads = None if n is None else _check_thread_count(n, "n")
+    _num_threads = None if n is None else _validate.count(n, "n")
 
 
 def get_num_threads():
@@ -82,7 +67,7 @@ def get_num_threads():
 def resolve_threads(num_threads):
     """Threads for one call (validating num_threads), noting when the pool starts."""
     global _pool_started
-    n = get_num_threads() if num_threads is None else _check_thread_count(num_threads, "num_threads")
+    n = get_num_threads() if num_threads is None else _validate.count(num_threads, "num_threads")
     if _forked_child:
         return 1
     if n > 1:

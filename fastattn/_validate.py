@@ -90,6 +90,25 @@ def real(x, name):
     return float(x)
 
 
+def integer(x, name, what="an int"):
+    """x as a Python int (anything with __index__ but a bool), or a TypeError
+    saying that `name` must be `what`."""
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}") from None
+
+
+def count(x, name, minimum=1):
+    """An int of at least `minimum` (a TypeError or ValueError naming `name`)."""
+    n = integer(x, name)
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
 def flag(x, name):
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
@@ -107,14 +126,7 @@ def window(window):
         raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
     out = []
     for side, w in zip(("left", "right"), window):
-        if w is None:
-            w = -1
-        if isinstance(w, (bool, np.bool_)):
-            raise TypeError(f"window {side} must be an int, got {type(w).__name__}")
-        try:
-            w = operator.index(w)
-        except TypeError:
-            raise TypeError(f"window {side} must be an int, got {type(w).__name__}") from None
+        w = -1 if w is None else integer(w, f"window {side}")
         if w < -1:
             raise ValueError(f"window {side} must be >= 0, or -1 for unbounded, got {w}")
         out.append(min(w, 2**62))
@@ -133,12 +145,7 @@ def alignment(align):
         if align not in ALIGNS:
             raise ValueError(f"align must be 'bottom-right', 'top-left' or an int, got {align!r}")
         return align == "top-left", 0
-    if isinstance(align, (bool, np.bool_)):
-        raise TypeError(f"align must be 'bottom-right', 'top-left' or an int, got {type(align).__name__}")
-    try:
-        shift = operator.index(align)
-    except TypeError:
-        raise TypeError(f"align must be 'bottom-right', 'top-left' or an int, got {type(align).__name__}") from None
+    shift = integer(align, "align", "'bottom-right', 'top-left' or an int")
     if abs(shift) > ALIGN_MAX:
         raise ValueError(f"align must be within +-2**60, got {shift}")
     return True, shift

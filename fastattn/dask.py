@@ -49,7 +49,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("fastattn.dask needs dask: pip install 'fastattn[dask]'") from exc
 
 import fastattn
-from fastattn import _config
 from fastattn import _validate as _v
 
 SPLIT_EVERY = 8
@@ -83,10 +82,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     """
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     if num_threads is not None:
-        num_threads = _config._check_thread_count(num_threads, "num_threads")
-    split_every = SPLIT_EVERY if split_every is None else _config._check_thread_count(split_every, "split_every")
-    if split_every < 2:
-        raise ValueError(f"split_every must be at least 2, got {split_every}")
+        num_threads = _v.count(num_threads, "num_threads")
+    split_every = SPLIT_EVERY if split_every is None else _v.count(split_every, "split_every", 2)
     q, k, v = (_dask_array(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     mask = None if mask is None else _dask_array(mask, "mask")
 
@@ -99,8 +96,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     if alibi_slopes is not None:
         slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), args.lead)
     plan = _Plan(q, k, v, mask, args)
-    return plan.graph(dict(scale=scale, causal=causal, weights=weights, window=window, softcap=softcap),
-                      slopes, return_lse, split_every, num_threads)
+    return plan.graph(dict(scale=scale, weights=weights, softcap=softcap), slopes, return_lse, split_every,
+                      num_threads)
 
 
 # ---- arguments -------------------------------------------------------------------
@@ -209,10 +206,13 @@ class _Plan:
         return lo, hi, off
 
     def graph(self, options, slopes, return_lse, split_every, num_threads):
+        """The result arrays: `options` are fastattn.attention's keywords
+        every task passes unchanged (causal, window and align are the
+        validated ones, aligned per task)."""
         args = self.args
         dot = args.weights == fastattn._core.WEIGHTS_DOT
-        token = dask.base.tokenize(*(x.name for x in self.ops.values()), options, args.q_shift, args.top_left,
-                                   slopes, return_lse, split_every, num_threads)
+        token = dask.base.tokenize(*(x.name for x in self.ops.values()), options, args.causal, args.window,
+                                   args.q_shift, args.top_left, slopes, return_lse, split_every, num_threads)
         part_name = f"fastattn-attention-{token}"
         merge_name = f"fastattn-merge-{token}"
         empty_name = f"fastattn-empty-{token}"
@@ -220,7 +220,7 @@ class _Plan:
         lse_name = f"fastattn-lse-{token}"
         cdt = _v.compute_dtype(args.dtype)
         lead_bounds = [_bounds(c) for c in self.lead_chunks]
-        blocks = []  # (lead_idx, i, [key chunks])
+        blocks = []  # (lead index, query chunk, its rows [a0, a1), their position offset, visible key chunks)
         for lead_idx in itertools.product(*(range(len(c)) for c in self.lead_chunks)):
             for i in range(len(self.q_bounds) - 1):
                 a0, a1 = int(self.q_bounds[i]), int(self.q_bounds[i + 1])
@@ -229,16 +229,14 @@ class _Plan:
                       if a1 > a0 and self.k_bounds[j] < hi and self.k_bounds[j + 1] > lo]
                 blocks.append((lead_idx, i, a0, a1, off, js))
         n_tasks = sum(len(b[-1]) for b in blocks)
-        opts = dict(options)
-        opts.pop("causal"), opts.pop("window")
-        dsk = {}
+        dsk, out_dsk, lse_dsk = {}, {}, {}  # attention, zero and merge tasks; the two results
         for lead_idx, i, a0, a1, off, js in blocks:
             lead_sel = tuple(slice(int(b[t]), int(b[t + 1])) for b, t in zip(lead_bounds, lead_idx))
             block_slopes = None if slopes is None else np.ascontiguousarray(slopes[lead_sel])
             parts = []
             for j in js:
                 c0 = int(self.k_bounds[j])
-                task = _BlockTask(opts, args.causal, args.window, a0 + off - c0, block_slopes,
+                task = _BlockTask(options, args.causal, args.window, a0 + off - c0, block_slopes,
                                   need_lse=not dot, num_threads=num_threads, n_tasks=n_tasks)
                 key = (part_name,) + lead_idx + (i, j)
                 dsk[key] = (task, self.block("q", lead_idx, i, j), self.block("k", lead_idx, i, j),
@@ -260,26 +258,23 @@ class _Plan:
                     dsk[key] = (_merge_parts, dot, args.dtype if final else cdt) + tuple(group)
                     parts.append(key)
                 level += 1
-            dsk[(out_name,) + lead_idx + (i, 0)] = (operator.getitem, parts[0], 0)
+            out_dsk[(out_name,) + lead_idx + (i, 0)] = (operator.getitem, parts[0], 0)
             if return_lse:
-                dsk[(lse_name,) + lead_idx + (i,)] = (operator.getitem, parts[0], 1)
+                lse_dsk[(lse_name,) + lead_idx + (i,)] = (operator.getitem, parts[0], 1)
 
-        deps = [x for x in self.ops.values()]
-        inner = {k: t for k, t in dsk.items() if k[0] in (part_name, merge_name, empty_name)}
-        graph = HighLevelGraph.from_collections(part_name, inner, dependencies=deps)
+        graph = HighLevelGraph.from_collections(part_name, dsk, dependencies=list(self.ops.values()))
         layers, dependencies = dict(graph.layers), dict(graph.dependencies)
-        outs = [(out_name, (args.dv,), 1)] + ([(lse_name, (), 0)] if return_lse else [])
-        arrays = []
-        for name, tail, _ in outs:
-            layers[name] = {k: t for k, t in dsk.items() if k[0] == name}
+        rows = tuple(self.lead_chunks) + (tuple(np.diff(self.q_bounds).tolist()),)
+        outs = [(out_name, out_dsk, rows + ((args.dv,),), args.dtype)]
+        if return_lse:
+            outs.append((lse_name, lse_dsk, rows, cdt))
+        for name, layer, _, _ in outs:
+            layers[name] = layer
             dependencies[name] = {part_name}
         hlg = HighLevelGraph(layers, dependencies)
-        for name, tail, has_dv in outs:
-            chunks = tuple(self.lead_chunks) + (tuple(np.diff(self.q_bounds).tolist()),) + (((args.dv,),) if has_dv else ())
-            dt = args.dtype if has_dv else cdt
-            meta = np.empty((0,) * len(chunks), dtype=dt)
-            arrays.append(da.Array(hlg, name, chunks, meta=meta))
-        return (arrays[0], arrays[1]) if return_lse else arrays[0]
+        arrays = [da.Array(hlg, name, chunks, meta=np.empty((0,) * len(chunks), dtype=dt))
+                  for name, _, chunks, dt in outs]
+        return tuple(arrays) if return_lse else arrays[0]
 
 
 # ---- tasks --------------------------------------------------------------------------
