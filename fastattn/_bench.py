@@ -545,6 +545,7 @@ def run_transformers(threads, prompt=2048, new_tokens=128, repeat=3, progress=No
     import torch
     import transformers
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     import fastattn.transformers as fat
 
@@ -559,12 +560,11 @@ def run_transformers(threads, prompt=2048, new_tokens=128, repeat=3, progress=No
                 spent[name] += time.perf_counter() - t0
         return attention
 
+    # each name's mask function as its untimed twin's, then the timed attention functions
+    fat.register("timed-fastattn")
+    AttentionMaskInterface.register("timed-sdpa", sdpa_mask)
     for name, fn in (("sdpa", sdpa_attention_forward), ("fastattn", fat.attention_forward)):
         transformers.AttentionInterface.register(f"timed-{name}", timed(name, fn))
-    fat.register("timed-fastattn")  # the mask function; the attention function is re-registered below
-    transformers.AttentionInterface.register("timed-fastattn", timed("fastattn", fat.attention_forward))
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionMaskInterface.register("timed-sdpa", sdpa_mask)
 
     layers, hidden, heads, kv_heads, mlp, vocab = TRANSFORMERS_MODEL
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
