@@ -190,32 +190,6 @@ def test_task_threads():
             fastattn.set_num_threads(saved)
 
 
-# ---- bad input ----------------------------------------------------------------------
-
-
-Q = da.zeros((2, 5, 8), chunks=(1, 5, 8), dtype=np.float32)
-V = da.zeros((2, 6, 4), dtype=np.float32)
-
-
-@pytest.mark.parametrize("call, exc, fragment", [
-    (lambda: fdask.attention(Q, Q[:, :, :4], V), ValueError, "head dim"),
-    (lambda: fdask.attention(Q, Q, V), ValueError, "same length Lk"),
-    (lambda: fdask.attention(Q.astype(np.int32), Q, Q), TypeError, "q must have dtype"),
-    (lambda: fdask.attention(Q, Q, Q, window=(-2, 0)), ValueError, "window left"),
-    (lambda: fdask.attention(Q, Q, Q, mask=da.zeros((3, 5), dtype=bool)), ValueError, "mask"),
-    (lambda: fdask.attention(Q, Q, Q, align=1.5), TypeError, "align"),
-    (lambda: fdask.attention(Q, Q, Q, weights="dot", return_lse=True), ValueError, "return_lse"),
-    (lambda: fdask.attention(Q, Q, Q, split_every=1), ValueError, "split_every"),
-    (lambda: fdask.attention(Q, Q, Q, split_every=2.0), TypeError, "split_every"),
-    (lambda: fdask.attention(Q, Q, Q, num_threads=0), ValueError, "num_threads"),
-    (lambda: fdask.attention(Q[Q[:, 0, 0] >= 0], Q, Q), ValueError, "unknown chunk sizes"),
-    (lambda: fdask.attention(object(), Q, Q), TypeError, "q must"),
-], ids=lambda x: x if isinstance(x, str) else "")
-def test_bad_input_raises_when_the_graph_is_built(call, exc, fragment):
-    with pytest.raises(exc, match=fragment):
-        call()
-
-
 # ---- a cluster of two worker processes ------------------------------------------------
 
 

@@ -50,6 +50,38 @@ def sdpa(make):
     return ft.scaled_dot_product_attention(**args)
 
 
+def dask_attention(make, **kw):
+    """fastattn.dask.attention on the dask arrays make(da, Q, V) returns, with
+    Q of (2, 5, 8) in two chunks and V of (2, 6, 4) (skipped without dask)."""
+    da = pytest.importorskip("dask.array", reason="needs dask (pip install 'fastattn[dask]')")
+    import fastattn.dask
+
+    q = da.zeros((2, 5, 8), chunks=(1, 5, 8), dtype=f32)
+    return fastattn.dask.attention(*make(da, q, da.zeros((2, 6, 4), dtype=f32)), **kw)
+
+
+def hf_attention(make=None, **kw):
+    """fastattn.transformers.attention_forward on q of (1, 4, 3, 16) over two
+    key/value heads, with the arguments make(torch) returns and kw
+    (skipped without transformers)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")
+    import fastattn.transformers
+
+    q = torch.zeros(1, 4, 3, 16)
+    args = dict(attention_mask=None)
+    args.update(make(torch) if make else {}, **kw)
+    return fastattn.transformers.attention_forward(None, q, q[:, :2], q[:, :2], **args)
+
+
+def hf_register(name):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")
+    import fastattn.transformers
+
+    return fastattn.transformers.register(name)
+
+
 def backward(**kw):
     """attention_backward on the forward of (Q, K, V), with arguments replaced by kw."""
     out, lse = fastattn.attention(Q, K, V, return_lse=True)
@@ -197,8 +229,28 @@ BAD = [
     (lambda: sdpa(lambda t, q: dict(key=q[:, :3], value=q[:, :3], enable_gqa=True)), ValueError,
      "head counts do not match"),
     (lambda: sdpa(lambda t, q: dict(query=q.numpy())), TypeError, "torch.Tensor"),
+    # fastattn.dask: every rule raises when the graph is built
+    (lambda: dask_attention(lambda da, q, v: (q, q[:, :, :4], v)), ValueError, "head dim"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, v)), ValueError, "same length Lk"),
+    (lambda: dask_attention(lambda da, q, v: (q.astype(np.int32), q, q)), TypeError, "q must have dtype"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, q), window=(-2, 0)), ValueError, "window left"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, q), mask=np.zeros((3, 5), dtype=bool)), ValueError, "mask"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, q), align=1.5), TypeError, "align"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, q), weights="dot", return_lse=True), ValueError, "return_lse"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, q), split_every=1), ValueError, "split_every"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, q), split_every=2.0), TypeError, "split_every"),
+    (lambda: dask_attention(lambda da, q, v: (q, q, q), num_threads=0), ValueError, "num_threads"),
+    (lambda: dask_attention(lambda da, q, v: (q[q[:, 0, 0] >= 0], q, q)), ValueError, "unknown chunk sizes"),
+    (lambda: dask_attention(lambda da, q, v: (object(), q, q)), TypeError, "q must"),
+    # fastattn.transformers
+    (lambda: hf_attention(dropout=0.1), ValueError, "dropout"),
+    (lambda: hf_attention(lambda t: dict(s_aux=t.zeros(4))), NotImplementedError, "sinks"),
+    (lambda: hf_attention(lambda t: dict(attention_mask=t.ones(1, 1, 3, 3, dtype=t.bool))), ValueError,
+     "2-D padding mask"),
+    (lambda: hf_register(""), TypeError, "name"),
     # settings
     (lambda: fastattn.set_num_threads(0), ValueError, "n must be >= 1"),
+    (lambda: fastattn.set_num_threads(True), TypeError, "n must be an int"),
     (lambda: fastattn.set_isa(3), TypeError, "isa must be a str"),
     (lambda: fastattn.set_isa("sse9"), ValueError, "isa must name a kernel path"),
     (lambda: unsupported_path(), ValueError, "needs CPU features this CPU lacks"),

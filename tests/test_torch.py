@@ -80,15 +80,21 @@ def test_fully_masked_rows_match_torch():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_patch_routes_and_restores(monkeypatch):
+def record_align(monkeypatch, name):
+    """The align= of every call of fastattn._api.<name> from now on (a list)."""
     calls = []
-    real = fastattn._api.attention
+    real = getattr(fastattn._api, name)
 
     def spy(*a, **kw):
         calls.append(kw.get("align"))
         return real(*a, **kw)
 
-    monkeypatch.setattr(fastattn._api, "attention", spy)
+    monkeypatch.setattr(fastattn._api, name, spy)
+    return calls
+
+
+def test_patch_routes_and_restores(monkeypatch):
+    calls = record_align(monkeypatch, "attention")
     original = F.scaled_dot_product_attention
     q = torch.randn(1, 2, 6, 8)
     with ft.patch():
@@ -174,14 +180,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 def test_patch_trains(monkeypatch):
     """Inside patch(), a training step's forward and backward run on fastattn."""
-    calls = []
-    real = fastattn._api.attention_backward
-
-    def spy(*a, **kw):
-        calls.append(kw.get("align"))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(fastattn._api, "attention_backward", spy)
+    calls = record_align(monkeypatch, "attention_backward")
     torch.manual_seed(0)
     q = torch.randn(1, 2, 6, 8, requires_grad=True)
     with ft.patch():

@@ -118,21 +118,6 @@ def test_training_step_gradients_match():
     assert torch.allclose(grads[NAME], grads["sdpa"], rtol=1e-4, atol=1e-6)
 
 
-def test_unsupported_arguments_raise():
-    m = model("llama", torch.float32)
-    m.set_attn_implementation(NAME)
-    q = torch.zeros(1, 4, 3, 16)
-    attn = m.model.layers[0].self_attn
-    with pytest.raises(ValueError, match="dropout"):
-        fat.attention_forward(attn, q, q[:, :2], q[:, :2], None, dropout=0.1)
-    with pytest.raises(NotImplementedError, match="sinks"):
-        fat.attention_forward(attn, q, q[:, :2], q[:, :2], None, s_aux=torch.zeros(4))
-    with pytest.raises(ValueError, match="2-D padding mask"):
-        fat.attention_forward(attn, q, q[:, :2], q[:, :2], torch.ones(1, 1, 3, 3, dtype=torch.bool))
-    with pytest.raises(TypeError, match="name"):
-        fat.register("")
-
-
 @pytest.mark.slow
 def test_compiles_without_graph_breaks():
     """torch.compile(model, fullgraph=True): a graph break would raise (~25 s of compiling)."""
