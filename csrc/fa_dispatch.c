@@ -187,12 +187,14 @@ int fa_exp_f32(int path, const float *x, float *y, int64_t n)
  * costs more than it saves. */
 #define FA_SERIAL_WORK (1 << 18)
 
-/* Split-KV: when an attention problem has at most FA_SPLIT_MAX_ENTRIES
- * entries of one item each (decoding: a few query rows per head against a
- * long KV cache), each entry's keys are split into chunks of at least
- * FA_SPLIT_MIN_KEYS keys so that about FA_SPLIT_TARGET items exist.  The
- * split depends on the problem only, never on the thread count, so results
- * are bitwise identical for any number of threads. */
+/* Split-KV: entries of one item each (decoding: a few query rows per head
+ * against a long KV cache), when there are at most FA_SPLIT_MAX_ENTRIES of
+ * them, have their keys split into chunks of at least FA_SPLIT_MIN_KEYS
+ * keys, so that about FA_SPLIT_TARGET such items exist; entries of several
+ * items (prefill) give enough items of their own and are not split.  A
+ * batch may mix both (continuous batching).  The split depends on the
+ * problem only, never on the thread count, so results are bitwise
+ * identical for any number of threads. */
 #define FA_SPLIT_MAX_ENTRIES 64
 #define FA_SPLIT_TARGET 64
 #define FA_SPLIT_MIN_KEYS 1024
@@ -206,19 +208,53 @@ static int fa_cmp_items(const void *a, const void *b)
     return x->k_lo < y->k_lo ? -1 : (x->k_lo > y->k_lo);
 }
 
-/* Number of key splits for each entry of this problem (1: no split). */
-static int64_t fa_split_count(const fa_problem *p, int kind)
+/* The entries from entry i that form a bundle (fa_internal.h): decoding
+ * entries (few-row kernels), unmasked, of the same lengths and pages, whose
+ * k and v offsets step up by one amount and stay within one row; 1 if
+ * entry i bundles with none. */
+static int fa_bundle_len(const fa_problem *p, const fa_tile_ops *ops, int kind, int64_t i)
 {
-    if (kind != FA_KIND_ATTENTION || p->n_entries > FA_SPLIT_MAX_ENTRIES || p->n_entries == 0) return 1;
-    int64_t max_lk = 0;
-    for (int64_t i = 0; i < p->n_entries; i++) {
-        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
-        if (p->group * e[FA_E_LQ] > FA_BQ) return 1; /* prefill: rows give enough items */
-        max_lk = fa_max64(max_lk, e[FA_E_LK]);
+    const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+    if (kind != FA_KIND_ATTENTION || p->mask_kind != FA_MASK_NONE || p->group * e[FA_E_LQ] > ops->rows_max ||
+        i + 1 >= p->n_entries || p->k_cs <= 0 || p->v_cs <= 0)
+        return 1;
+    const int64_t ks = e[FA_ENTRY_FIELDS + FA_E_K] - e[FA_E_K], vs = e[FA_ENTRY_FIELDS + FA_E_V] - e[FA_E_V];
+    if (ks <= 0 || vs <= 0) return 1;
+    int n = 1;
+    while (n < FA_BUNDLE_MAX && i + n < p->n_entries) {
+        const int64_t *f = e + n * FA_ENTRY_FIELDS;
+        if (f[FA_E_LQ] != e[FA_E_LQ] || f[FA_E_LK] != e[FA_E_LK] || f[FA_E_K] - e[FA_E_K] != n * ks ||
+            f[FA_E_V] - e[FA_E_V] != n * vs || (p->pages && f[FA_E_PAGES] != e[FA_E_PAGES]))
+            break;
+        if (n * ks + p->d * p->k_cs > p->k_rs || n * vs + p->dv * p->v_cs > p->v_rs) break; /* beyond one row */
+        n++;
     }
-    const int64_t want = (FA_SPLIT_TARGET + p->n_entries - 1) / p->n_entries;
-    return fa_max64(1, fa_min64(want, max_lk / FA_SPLIT_MIN_KEYS));
+    return n;
 }
+
+/* The most key splits of an entry (or bundle) of one item (1: no split). */
+static int64_t fa_split_want(const fa_problem *p, const fa_tile_ops *ops, int kind)
+{
+    if (kind != FA_KIND_ATTENTION) return 1;
+    int64_t single = 0;
+    for (int64_t i = 0, n; i < p->n_entries; i += n) {
+        n = fa_bundle_len(p, ops, kind, i);
+        single += p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ] <= FA_BQ;
+    }
+    if (single == 0 || single > FA_SPLIT_MAX_ENTRIES) return 1;
+    return (FA_SPLIT_TARGET + single - 1) / single;
+}
+
+/* Key splits of entry e, given fa_split_want's `want`. */
+static int64_t fa_split_count(const fa_problem *p, const int64_t *e, int64_t want)
+{
+    if (want <= 1 || p->group * e[FA_E_LQ] > FA_BQ) return 1;
+    return fa_max64(1, fa_min64(want, e[FA_E_LK] / FA_SPLIT_MIN_KEYS));
+}
+
+/* A page stride that starts every page at the same place within a vector
+ * (of up to 64 bytes) as the rows of a page. */
+static int fa_page_stride_ok(int64_t ps, int64_t rs) { return ps % 64 == 0 || (rs != 0 && ps % rs == 0); }
 
 /* The checks every entry point makes: a consistent problem whose path this
  * CPU runs and has tile operations for its element types (*ops).  The call
@@ -233,9 +269,18 @@ static int fa_check(const fa_problem *p, int kind, const fa_tile_ops **ops)
     if (!fa_path_supported(p->path)) return FA_ERR_ISA;
     *ops = fa_paths[p->path].ops[p->dtype][p->kv_dtype];
     if (!*ops || (p->kv_scales != NULL) != (*ops)->kv_scaled) return FA_ERR_UNSUPPORTED;
+    if (p->sinks && p->weights != FA_WEIGHTS_SOFTMAX) return FA_ERR_INVALID;
+    if (p->pages && (kind != FA_KIND_ATTENTION || p->page_size < 1 || p->n_pages < 1 ||
+                     !fa_page_stride_ok(p->k_ps, p->k_rs) || !fa_page_stride_ok(p->v_ps, p->v_rs)))
+        return FA_ERR_INVALID;
     for (int64_t i = 0; i < p->n_entries; i++) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
         if (e[FA_E_LQ] < 0 || e[FA_E_LK] < 0 || e[FA_E_LQ] > INT64_MAX / p->group) return FA_ERR_INVALID;
+        if (p->pages) /* every page the entry's keys use */
+            for (int64_t j = 0; j < e[FA_E_LK]; j += p->page_size) {
+                const int64_t page = fa_page_of(p, e, j);
+                if (page < 0 || page >= p->n_pages) return FA_ERR_INVALID;
+            }
     }
     __atomic_fetch_add(&fa_runs[p->path], 1, __ATOMIC_RELAXED);
     return FA_OK;
@@ -256,11 +301,12 @@ static int fa_run(const fa_problem *p, int kind)
     const fa_tile_ops *ops;
     const int checked = fa_check(p, kind, &ops);
     if (checked != FA_OK) return checked;
-    const int64_t nsplit = fa_split_count(p, kind);
+    const int64_t want = fa_split_want(p, ops, kind);
     int64_t n_items = 0;
-    for (int64_t i = 0; i < p->n_entries; i++) {
+    for (int64_t i = 0, n; i < p->n_entries; i += n) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
-        n_items += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ * nsplit;
+        n = fa_bundle_len(p, ops, kind, i);
+        n_items += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ * fa_split_count(p, e, want);
     }
     if (n_items == 0) return FA_OK;
     if ((uint64_t)n_items > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
@@ -275,9 +321,11 @@ static int fa_run(const fa_problem *p, int kind)
      * last and even out the finish. */
     double total = 0;
     int64_t t = 0, n_parts = 0;
-    for (int64_t i = 0; i < p->n_entries; i++) {
+    for (int64_t i = 0, n; i < p->n_entries; i += n) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
         const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq;
+        const int64_t nsplit = fa_split_count(p, e, want);
+        n = fa_bundle_len(p, ops, kind, i);
         const int64_t chunk = fa_roundup64((lk + nsplit - 1) / nsplit, FA_BK);
         for (int64_t row0 = 0; row0 < rows; row0 += FA_BQ) {
             const int64_t bq = fa_min64(FA_BQ, rows - row0);
@@ -294,13 +342,15 @@ static int fa_run(const fa_problem *p, int kind)
                 it->row0 = row0;
                 it->k_lo = nsplit > 1 ? s * chunk : 0;
                 it->k_hi = nsplit > 1 ? (s + 1) * chunk : INT64_MAX;
-                it->part = nsplit > 1 ? n_parts++ : -1;
+                it->part = nsplit > 1 ? n_parts + s : -1; /* entry b of the bundle: + b * nsplit */
                 it->split = (int32_t)s;
                 it->nsplit = (int32_t)nsplit;
+                it->bundle = (int32_t)n;
                 const int64_t keys = fa_max64(0, fa_min64(hi, it->k_hi) - fa_max64(lo, it->k_lo));
-                it->cost = bq * (keys + 1) * width;
+                it->cost = n * bq * (keys + 1) * width;
                 total += (double)it->cost;
             }
+            if (nsplit > 1) n_parts += n * nsplit;
         }
     }
     qsort(items, (size_t)n_items, sizeof(fa_item), fa_cmp_items);
@@ -319,7 +369,7 @@ int fa_attention_backward(const fa_problem *p)
     const fa_tile_ops *ops;
     const int checked = fa_check(p, FA_KIND_ATTENTION, &ops);
     if (checked != FA_OK) return checked;
-    if (!p->dout || !p->gq || !p->gk || !p->gv) return FA_ERR_INVALID;
+    if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages) return FA_ERR_INVALID;
     if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || !p->delta)) return FA_ERR_INVALID;
     int64_t n_keys = 0, n_rows = 0;
     for (int64_t i = 0; i < p->n_entries; i++) {
@@ -344,6 +394,7 @@ int fa_attention_backward(const fa_problem *p)
             items[t].entry = i;
             items[t].row0 = k0;
             items[t].part = -1;
+            items[t].bundle = 1;
         }
     int status = fa_run_items(p, FA_KIND_BWD_KEYS, items, n_keys, 0, fa_thread_count(p, work, n_keys), ops);
     t = 0;
@@ -352,6 +403,7 @@ int fa_attention_backward(const fa_problem *p)
             items[t].entry = i;
             items[t].row0 = row0;
             items[t].part = -1;
+            items[t].bundle = 1;
         }
     if (status == FA_OK)
         status = fa_run_items(p, FA_KIND_BWD_ROWS, items, n_rows, 0, fa_thread_count(p, work, n_rows), ops);

@@ -65,51 +65,148 @@ static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int
     return hidden ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
 }
 
-/* Fused attention over the keys of item `it`: rows [row0, row0 + bq) of
- * entry e.  A split-KV item writes its unnormalised rows to its slot. */
-static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, const fa_item *it,
-                              void *w, int64_t row0, int64_t bq, char *slots, int64_t slot_bytes)
+/* Paged k and v: a copy ev of entry e whose k and v offsets put keys
+ * [k0, end of k0's page) where the tile operations look for them,
+ * e[FA_E_K] + j * k_rs; returns the end of the page (its last key + 1). */
+static int64_t fa_page_view(const fa_problem *p, const int64_t *e, int64_t k0, int64_t *ev)
 {
-    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    const int64_t first = k0 - k0 % p->page_size, page = fa_page_of(p, e, k0);
+    memcpy(ev, e, FA_ENTRY_FIELDS * sizeof *ev);
+    ev[FA_E_K] = e[FA_E_K] + page * p->k_ps - first * p->k_rs;
+    ev[FA_E_V] = e[FA_E_V] + page * p->v_ps - first * p->v_rs;
+    return first + p->page_size;
+}
+
+/* Bytes of an element of each storage type. */
+static const int64_t fa_dtype_bytes[FA_DTYPE_COUNT] = {[FA_F32] = 4, [FA_F64] = 8, [FA_F16] = 2, [FA_BF16] = 2};
+
+/* Does a thread gather the key tiles of this problem's prefill items into
+ * contiguous rows (fa_attention_item)?  When k and v are paged, or their
+ * rows lie further apart than their length (the heads of packed sequences
+ * side by side): read in place, rows a power of two apart fall into a few
+ * cache sets; elements of a row must be contiguous. */
+static int fa_gathers(const fa_problem *p, int kind)
+{
+    const int64_t es = fa_dtype_bytes[p->kv_dtype];
+    return kind == FA_KIND_ATTENTION && p->k_cs == es && p->v_cs == es &&
+           (p->pages || p->k_rs != p->d * es || p->v_rs != p->dv * es);
+}
+
+/* Fused attention over the keys of item `it`: rows [row0, row0 + bq) of
+ * each entry of its bundle (fa_item.bundle; one entry but for decoding
+ * from packed or paged caches), entry b on scratch w[b].  A split-KV item
+ * writes its unnormalised rows to its slots.  With paged k and v a tile of
+ * a decoding item never crosses a page: each tile runs on the entry rebased
+ * onto its page (fa_page_view); a tile of a prefill item, whose rows are
+ * read many times over, is gathered from its pages or strided rows into
+ * `gather` (when fa_gathers: FA_BK rows of k, then of v) and read there. */
+static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const fa_item *it, void *const *w,
+                              char *slots, int64_t slot_bytes, char *gather)
+{
+    const int nb = it->bundle;
+    const int64_t *e = p->entries + it->entry * FA_ENTRY_FIELDS; /* the bundle's first entry */
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], row0 = it->row0, bq = fa_min64(FA_BQ, p->group * lq - row0);
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
     const int few = bq <= ops->rows_max;
-    ops->attn_begin(p, e, w, row0, bq);
     int64_t klo, khi, unused;
     fa_block_range(p, lq, lk, row0, bq, &klo, &khi, &unused, &unused);
     klo = fa_max64(klo, it->k_lo);
     khi = fa_min64(khi, it->k_hi);
+    const int paged = p->pages != NULL;
+    int64_t ev[FA_BUNDLE_MAX][FA_ENTRY_FIELDS], page_end = 0;
+    const int64_t *te[FA_BUNDLE_MAX]; /* the entries as the tile operations see them */
+    for (int b = 0; b < nb; b++) {
+        te[b] = e + b * FA_ENTRY_FIELDS;
+        if (paged && klo < khi) { /* begin on the first page: where its rows sit within a vector holds for all */
+            page_end = fa_page_view(p, te[b], klo, ev[b]);
+            te[b] = ev[b];
+        }
+        ops->attn_begin(p, te[b], w[b], row0, bq);
+    }
     const int64_t tile = few ? ops->rows_tile : FA_BK;
+    /* gathered tiles: the tile operations read a problem whose k and v are
+     * the gathered rows, tile row j at offset 0 + (k0 + j) * rs of entry gv */
+    const int gathered = !few && gather != NULL;
+    const int64_t es = fa_dtype_bytes[p->kv_dtype], kb = p->d * es, vb = p->dv * es;
+    fa_problem packed;
+    int64_t gv[FA_ENTRY_FIELDS];
+    const fa_problem *base = p;
+    if (gathered) {
+        packed = *p;
+        packed.pages = NULL;
+        packed.k = gather;
+        packed.v = gather + FA_BK * kb;
+        packed.k_rs = kb;
+        packed.v_rs = vb;
+        base = &packed;
+        memcpy(gv, e, sizeof gv);
+    }
     /* a mask is read per tile first: tiles it hides entirely are skipped,
-     * tiles it leaves alone run as if unmasked */
+     * tiles it leaves alone run as if unmasked (no bundle has a mask) */
     const int masked = p->mask_kind != FA_MASK_NONE;
     fa_problem unmasked;
     if (masked) {
-        unmasked = *p;
+        unmasked = *base;
         unmasked.mask_kind = FA_MASK_NONE;
     }
-    for (int64_t k0 = klo; k0 < khi; k0 += tile) {
-        const int64_t bk = fa_min64(tile, khi - k0);
-        const fa_problem *tp = p;
+    /* decoding streams K and V once: ask for the rows two tiles ahead (one
+     * is too late to hide the memory latency), a bundle's whole rows as
+     * many keys ahead as would make the same bytes */
+    const int64_t pf_ahead = fa_max64(16, 2 * FA_BK / nb);
+    const int64_t *last = e + (nb - 1) * FA_ENTRY_FIELDS;
+    const int64_t pf_kb = last[FA_E_K] - e[FA_E_K] + p->d * p->k_cs, pf_vb = last[FA_E_V] - e[FA_E_V] + p->dv * p->v_cs;
+    const fa_prefetch_plan pf_none = {NULL, NULL, 0, 0, 0, 0, 0};
+    for (int64_t k0 = klo, bk; k0 < khi; k0 += bk) {
+        bk = fa_min64(tile, khi - k0);
+        if (paged && !gathered) {
+            if (k0 >= page_end)
+                for (int b = 0; b < nb; b++) page_end = fa_page_view(p, e + b * FA_ENTRY_FIELDS, k0, ev[b]);
+            bk = fa_min64(bk, page_end - k0);
+        }
+        const fa_problem *tp = base;
         if (masked) {
             const int kind = fa_mask_tile(p, e, row0, bq, k0, bk);
             if (kind == FA_TILE_HIDDEN) continue;
             if (kind == FA_TILE_VISIBLE) tp = &unmasked;
         }
-        /* decoding streams K and V once: ask for the tile after next (one
-         * ahead is too late to hide the memory latency) */
-        const int64_t pf0 = k0 + 2 * FA_BK;
-        const fa_prefetch_plan pf = {
-            (const char *)p->k + e[FA_E_K] + pf0 * p->k_rs, (const char *)p->v + e[FA_E_V] + pf0 * p->v_rs,
-            p->k_rs, p->v_rs, p->d * p->k_cs, p->dv * p->v_cs,
-            few ? fa_max64(0, fa_min64(FA_BK, khi - pf0)) : 0};
-        ops->attn_score_tile(tp, e, w, row0, bq, k0, bk, &pf);
-        ops->weights_tile(w, softmax, bq, bk);
-        ops->attn_pv_tile(tp, e, w, bq, k0, bk);
+        if (gathered) {
+            for (int64_t j = 0, key = k0; j < bk; j++, key++) {
+                int64_t ko = e[FA_E_K] + key * p->k_rs, vo = e[FA_E_V] + key * p->v_rs;
+                if (paged) {
+                    const int64_t page = fa_page_of(p, e, key), off = key % p->page_size;
+                    ko = e[FA_E_K] + page * p->k_ps + off * p->k_rs;
+                    vo = e[FA_E_V] + page * p->v_ps + off * p->v_rs;
+                }
+                memcpy(gather + j * kb, (const char *)p->k + ko, (size_t)kb);
+                memcpy(gather + FA_BK * kb + j * vb, (const char *)p->v + vo, (size_t)vb);
+            }
+            gv[FA_E_K] = -k0 * kb;
+            gv[FA_E_V] = -k0 * vb;
+            te[0] = gv;
+        }
+        const int64_t pf0 = k0 + pf_ahead;
+        int64_t pf_n = few ? fa_max64(0, fa_min64(nb > 1 ? bk : FA_BK, khi - pf0)) : 0;
+        int64_t pf_k = e[FA_E_K] + pf0 * p->k_rs, pf_v = e[FA_E_V] + pf0 * p->v_rs;
+        if (paged && pf_n > 0) { /* from the page that holds them, up to its end */
+            const int64_t page = fa_page_of(p, e, pf0), off = pf0 % p->page_size;
+            pf_n = fa_min64(pf_n, p->page_size - off);
+            pf_k = e[FA_E_K] + page * p->k_ps + off * p->k_rs;
+            pf_v = e[FA_E_V] + page * p->v_ps + off * p->v_rs;
+        }
+        const fa_prefetch_plan pf = {(const char *)p->k + pf_k, (const char *)p->v + pf_v, p->k_rs, p->v_rs,
+                                     pf_kb, pf_vb, pf_n};
+        for (int b = 0; b < nb; b++) {
+            ops->attn_score_tile(tp, te[b], w[b], row0, bq, k0, bk, b == 0 ? &pf : &pf_none);
+            ops->weights_tile(w[b], softmax, bq, bk);
+            ops->attn_pv_tile(tp, te[b], w[b], bq, k0, bk);
+        }
     }
-    if (it->part >= 0)
-        ops->store_partial(p, w, bq, slots + it->part * slot_bytes);
-    else
-        ops->store_rows(p, e, w, row0, bq, softmax);
+    for (int b = 0; b < nb; b++) {
+        if (it->part >= 0)
+            ops->store_partial(p, w[b], bq, slots + (it->part + (int64_t)b * it->nsplit) * slot_bytes);
+        else
+            ops->store_rows(p, e + b * FA_ENTRY_FIELDS, w[b], row0, bq, softmax);
+    }
 }
 
 static void fa_scores_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, void *w, int64_t row0,
@@ -172,35 +269,48 @@ int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
         const int bwd = kind == FA_KIND_BWD_KEYS || kind == FA_KIND_BWD_ROWS;
-        void *w = bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p);
-        if (!w) {
-#pragma omp atomic write
-            status = FA_ERR_NOMEM;
+        /* scratch of entry 0, and of the other entries of bundles as they come */
+        void *w[FA_BUNDLE_MAX] = {bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
+        int n_w = w[0] != NULL;
+        char *gather = NULL;
+        if (fa_gathers(p, kind)) {
+            const int64_t es = fa_dtype_bytes[p->kv_dtype];
+            gather = (char *)aligned_alloc(64, (size_t)fa_roundup64(FA_BK * (p->d + p->dv) * es + 1, 64));
+            if (!gather) n_w = 0;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_items; t++) {
-            if (!w) continue;
+            for (; n_w > 0 && n_w < items[t].bundle; n_w++)
+                if (!(w[n_w] = ops->scratch_new(p))) break;
+            if (n_w < items[t].bundle || n_w == 0) {
+#pragma omp atomic write
+                status = FA_ERR_NOMEM;
+                continue;
+            }
             const int64_t *e = p->entries + items[t].entry * FA_ENTRY_FIELDS;
             const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - row0);
             switch (kind) {
-            case FA_KIND_ATTENTION: fa_attention_item(p, ops, e, &items[t], w, row0, bq, slots, slot_bytes); break;
-            case FA_KIND_SCORES: fa_scores_item(p, ops, e, w, row0, bq); break;
-            case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w, row0, bq); break;
-            case FA_KIND_BWD_KEYS: fa_bwd_keys_item(p, ops, e, w, row0); break;
-            default: fa_bwd_rows_item(p, ops, e, w, row0, bq); break;
+            case FA_KIND_ATTENTION: fa_attention_item(p, ops, &items[t], w, slots, slot_bytes, gather); break;
+            case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
+            case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
+            case FA_KIND_BWD_KEYS: fa_bwd_keys_item(p, ops, e, w[0], row0); break;
+            default: fa_bwd_rows_item(p, ops, e, w[0], row0, bq); break;
             }
         }
         if (n_parts > 0) { /* after the loop's barrier every partial is written */
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < n_items; t++) {
                 const fa_item *it = &items[t];
-                if (!w || it->split != 0 || it->part < 0) continue;
-                const int64_t *e = p->entries + it->entry * FA_ENTRY_FIELDS;
-                const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
-                ops->merge_rows(p, e, w, slots, it->part, it->nsplit, it->row0, bq);
+                if (n_w == 0 || it->split != 0 || it->part < 0) continue;
+                for (int b = 0; b < it->bundle; b++) {
+                    const int64_t *e = p->entries + (it->entry + b) * FA_ENTRY_FIELDS;
+                    const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
+                    ops->merge_rows(p, e, w[0], slots, it->part + (int64_t)b * it->nsplit, it->nsplit, it->row0, bq);
+                }
             }
         }
-        if (w) (bwd ? ops->bwd_scratch_free : ops->scratch_free)(w);
+        for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);
+        free(gather);
     }
     free(slots);
     return status;

@@ -50,8 +50,22 @@ typedef struct {
     int64_t part;   /* partial slot, or -1: write the output directly */
     int32_t split;  /* index of this split within its entry */
     int32_t nsplit; /* splits of the entry (1: no split) */
+    int32_t bundle; /* entries entry .. entry + bundle - 1 run in lockstep (see fa_bundle_len) */
     int64_t cost;   /* estimated multiply-adds, for scheduling only */
 } fa_item;
+
+/*
+ * A bundle: consecutive decoding entries whose K and V rows interleave,
+ * the heads of one sequence side by side within each row (packed and paged
+ * caches store (tokens, heads, dim)).  Walked one head at a time, each head
+ * reads a slice of every row, a stride the hardware prefetchers do not
+ * follow; a bundle's item walks the key tiles once and runs every entry of
+ * the bundle on each tile, so whole rows stream in order.  Each entry keeps
+ * its own scratch and does the same arithmetic in the same order as alone.
+ * With split-KV, entry b of a bundle item of split s writes partial slot
+ * part + b * nsplit (part is the slot of entry 0).
+ */
+#define FA_BUNDLE_MAX 16
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define FA_HAVE_X86_PATHS 1
@@ -113,6 +127,12 @@ static inline void fa_block_range(const fa_problem *p, int64_t lq, int64_t lk, i
     }
     fa_row_range(p, imin, lq, lk, lo, all_hi);
     fa_row_range(p, imax, lq, lk, all_lo, hi);
+}
+
+/* Paged k and v (p->pages): the page that holds key j of entry e. */
+static inline int64_t fa_page_of(const fa_problem *p, const int64_t *e, int64_t j)
+{
+    return p->pages[e[FA_E_PAGES] + j / p->page_size];
 }
 
 #endif /* FA_INTERNAL_H */

@@ -666,10 +666,16 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
  * through masks?  Read unmasked, a row's first and last vectors (vb bytes)
  * reach past the row into its neighbour rows' span, which lies inside the
  * array only when the rows are at least a vector apart and the tile holds
- * neither the entry's first nor its last row. */
+ * neither the entry's first nor its last row (nor, paged, lies in the
+ * array's first or last page). */
 static inline int FN(v_edge_tile)(const fa_problem *p, const int64_t *e, int64_t k0, int64_t bk, int64_t vb)
 {
-    return k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < vb && p->v_rs > -vb);
+    if (k0 == 0 || k0 + bk == e[FA_E_LK] || (p->v_rs < vb && p->v_rs > -vb)) return 1;
+    if (!p->pages) return 0;
+    /* paged: a tile's rows are its page's, whose neighbours in memory are
+     * other pages, except past the first and the last page of the array */
+    const int64_t page = fa_page_of(p, e, k0);
+    return page == 0 || page == p->n_pages - 1;
 }
 
 /* o = alpha * o + P . V[k0 : k0 + bk] for the item's rows, P in st (as P^T,
@@ -820,13 +826,29 @@ static void FN(weights_tile)(FN(scratch) *w, int softmax, int64_t bq, int64_t bk
 
 /* ---- work items --------------------------------------------------------- */
 
-/* Write one output row: out = o * inv; lse = rmax + log(rsum) when asked. */
+/* Write one output row: out = o * inv; lse = rmax + log(rsum) when asked.
+ * An attention sink adds exp(sink) to the softmax sum (in terms of the
+ * larger of rmax and the sink, so that neither overflows). */
 static void FN(store_row)(const fa_problem *p, const int64_t *e, int64_t v, const FA_T *o, FA_T rmax,
                           FA_T rsum, int normalise)
 {
     const int64_t dv = p->dv, lq = e[FA_E_LQ];
     FA_T inv = 1;
-    if (normalise) inv = rsum == 0 ? (FA_T)0 : (FA_T)1 / rsum;
+    if (normalise && p->sinks) {
+        const FA_T sink = (FA_T)p->sinks[e[FA_E_HEAD] + v / lq];
+        if (rsum == 0) {
+            rmax = sink;
+            rsum = 1;
+            inv = 0;
+        } else {
+            const FA_T m = sink > rmax ? sink : rmax, f = (FA_T)exp((double)(rmax - m));
+            rsum = rsum * f + (FA_T)exp((double)(sink - m));
+            rmax = m;
+            inv = f / rsum;
+        }
+    } else if (normalise) {
+        inv = rsum == 0 ? (FA_T)0 : (FA_T)1 / rsum;
+    }
     char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(v, lq, p->out_rs, p->out_hs);
     if (p->out_cs == (int64_t)sizeof(FA_S)) {
         FA_S *dst = (FA_S *)row;

@@ -56,7 +56,9 @@ enum {
     FA_E_GQ = 11,    /* offset of row 0 of the gradient of q */
     FA_E_GK = 12,    /* offset of row 0 of the gradient of k */
     FA_E_GV = 13,    /* offset of row 0 of the gradient of v */
-    FA_ENTRY_FIELDS = 14
+    /* paged k and v only (ignored without p->pages): */
+    FA_E_PAGES = 14, /* index into p->pages of the entry's first page */
+    FA_ENTRY_FIELDS = 15
 };
 
 typedef struct {
@@ -101,6 +103,21 @@ typedef struct {
     int64_t window_left, window_right; /* keys within [i'-left, i'+right]; -1 = unbounded */
     double softcap;                    /* 0: off; else s <- softcap * tanh(s / softcap) */
     const double *alibi_slopes;        /* NULL: off; else bias -slope[head] * |i' - j| */
+    /* Attention sinks (softmax weights only): NULL: off; else one logit per
+     * query head, sinks[head] (indexed like alibi_slopes), added to every
+     * row's softmax denominator as a key with no value. */
+    const double *sinks;
+
+    /* Paged k and v (fa_attention only).  NULL: key j of an entry is row
+     * e[FA_E_K] + j * k_rs of k (and likewise v).  Else the keys lie in
+     * pages of page_size rows: key j is row j % page_size of page
+     * pages[e[FA_E_PAGES] + j / page_size], at k + page * k_ps + e[FA_E_K]
+     * + (j % page_size) * k_rs (v: v_ps, v_rs).  Every page id an entry
+     * uses must be in [0, n_pages), and a page stride must be a multiple of
+     * 64 bytes or of its row stride (so every page starts at the same place
+     * within a vector). */
+    const int32_t *pages;
+    int64_t page_size, n_pages, k_ps, v_ps;
 
     /* fa_attention_backward: the output's gradient (rows like out's), delta
      * = rowsum(dout * out) (compute type, like lse, which must be given for

@@ -18,10 +18,12 @@ except ImportError as exc:  # pragma: no cover - depends on how fastattn was ins
 from fastattn._api import (
     attention,
     attention_backward,
+    attention_paged,
     attention_varlen,
     attention_varlen_backward,
     merge,
     scores,
+    cache_write,
     weighted_sum,
 )
 from fastattn._linear import linear_attention
@@ -38,8 +40,10 @@ from fastattn._config import (
 __all__ = [
     "attention",
     "attention_backward",
+    "attention_paged",
     "attention_varlen",
     "attention_varlen_backward",
+    "cache_write",
     "merge",
     "linear_attention",
     "scores",

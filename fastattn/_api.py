@@ -13,7 +13,7 @@ HALF_DTYPES = _v.HALF_DTYPES
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax", window=None,
-              softcap=None, alibi_slopes=None, return_lse=False, align="bottom-right", out=None,
+              softcap=None, alibi_slopes=None, sinks=None, return_lse=False, align="bottom-right", out=None,
               num_threads=None):
     """Fused attention: each output row is a weighted sum of value rows.
 
@@ -49,6 +49,12 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     alibi_slopes : array_like, optional
         One slope per query head (broadcast to the leading dims); adds
         ``-slope * |i' - j|`` to the scores.
+    sinks : array_like, optional
+        Attention sinks: one logit per query head (broadcast to the leading
+        dims), added to every row's softmax denominator as ``exp(sink)``, a
+        key with no value (as in gpt-oss), so a row may give little weight
+        to every key.  Finite, or ``-inf`` for a head without one.  Softmax
+        only; the lse includes them.
     return_lse : bool
         Also return the natural-log log-sum-exp of each row's scores, shape
         ``(..., Lq)`` (-inf for a row with no visible key). Softmax only.
@@ -74,7 +80,7 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     """
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
-    args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
+    args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
     out = _v.check_out(out, args.lead + (args.lq, args.dv), args.dtype, args.originals)
     lse = np.empty(args.lead + (args.lq,), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
     _problem.attention(args, out, lse, num_threads)
@@ -82,8 +88,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mask=None, weights="softmax",
-                       window=None, softcap=None, alibi_slopes=None, align="bottom-right", dq=None, dk=None,
-                       dv=None, num_threads=None):
+                       window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right", dq=None,
+                       dk=None, dv=None, num_threads=None):
     """Gradients of :func:`attention`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     FlashAttention-2's backward: the weights are recomputed tile by tile
@@ -101,9 +107,9 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
         What ``attention(q, k, v, return_lse=True, ...)`` returned for the
         same arguments.  With ``weights="dot"``, which has no log-sum-exp,
         pass ``lse=None``.
-    scale, causal, mask, weights, window, softcap, alibi_slopes, align
-        The forward's options, all supported.  Masks and slopes get no
-        gradient.
+    scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, align
+        The forward's options, all supported.  Masks, slopes and sinks get
+        no gradient (sinks enter through the forward's lse).
     dq, dk, dv : ndarray, optional
         Written in place; each must have the shape and dtype of the gradient.
     num_threads : int, optional
@@ -118,7 +124,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     """
     wmode, _ = _v.weights_and_lse(weights, False)
     num_threads = _config.resolve_threads(num_threads)
-    args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align)
+    args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
     dout, lse, delta = _v.backward_operands(args, dout, out, lse)
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
     return _problem.attention_backward(args, dout, lse, delta, num_threads, dests)
@@ -179,7 +185,7 @@ def weighted_sum(w, v, *, out=None, num_threads=None):
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
-                     weights="softmax", window=None, softcap=None, alibi_slopes=None,
+                     weights="softmax", window=None, softcap=None, alibi_slopes=None, sinks=None,
                      return_lse=False, align="bottom-right", out=None, num_threads=None):
     """Attention over a packed batch of variable-length sequences (no padding).
 
@@ -195,7 +201,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     k : array_like, shape (total_k, G, D)
     v : array_like, shape (total_k, G, Dv)
         float32, float64, float16 or bfloat16; H a multiple of G (grouped-query
-        heads).  alibi_slopes broadcast to (H,).
+        heads).  alibi_slopes and sinks broadcast to (H,).
     cu_seqlens_q, cu_seqlens_k : array_like of int, shape (batch + 1,)
         Cumulative sequence lengths, starting at 0.
 
@@ -207,7 +213,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap,
-                         alibi_slopes, wmode, align)
+                         alibi_slopes, wmode, align, sinks)
     total_q, h = args.q.shape[:2]
     out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
@@ -216,8 +222,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
-                              weights="softmax", window=None, softcap=None, alibi_slopes=None, align="bottom-right",
-                              dq=None, dk=None, dv=None, num_threads=None):
+                              weights="softmax", window=None, softcap=None, alibi_slopes=None, sinks=None,
+                              align="bottom-right", dq=None, dk=None, dv=None, num_threads=None):
     """Gradients of :func:`attention_varlen`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     As :func:`attention_backward`, for a packed batch: dout and out have
@@ -233,11 +239,89 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     wmode, _ = _v.weights_and_lse(weights, False)
     num_threads = _config.resolve_threads(num_threads)
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes,
-                         wmode, align)
+                         wmode, align, sinks)
     total_q, h = args.q.shape[:2]
     dout, lse, delta = _v.backward_operands(args, dout, out, lse, (total_q, h, args.dv), (h, total_q))
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
     return _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, lse, delta, num_threads, dests)
+
+
+def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, scale=None, causal=True,
+                    window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False, out=None,
+                    num_threads=None):
+    """Attention over a paged KV cache, for a batch that mixes decoding and prefill.
+
+    The keys and values of sequence ``b`` are its first ``seq_lens[b]``
+    tokens, stored in blocks (pages) of ``block_size`` tokens: token ``j``
+    is slot ``j % block_size`` of block ``block_table[b, j // block_size]``
+    (FlashAttention's and vLLM's paged layout).  Its queries are its last
+    ``n_b`` tokens (already written to the cache, see :func:`cache_write`),
+    so causal, window and ALiBi are aligned bottom-right per sequence.  One
+    call serves a continuous batch: some sequences decoding one token,
+    others prefilling a chunk of many; long decodes are split over the keys
+    so that every core has work.  The cache is read in place.
+
+    Parameters
+    ----------
+    q : array_like, shape (total_q, H, D), or (batch, H, D)
+        Sequence ``b``'s queries are rows ``cu_seqlens_q[b] : cu_seqlens_q[b+1]``;
+        without ``cu_seqlens_q``, one query per sequence (decoding).
+    k_cache : ndarray, shape (num_blocks, block_size, G, D)
+    v_cache : ndarray, shape (num_blocks, block_size, G, Dv)
+        float32, float64, float16 or bfloat16, the dtype of q; H a multiple
+        of G (grouped-query heads).  A block stride must be a multiple of
+        64 bytes or of the row stride (true of any contiguous cache).
+    block_table : array_like of int, shape (batch, max_blocks_per_seq)
+        The blocks of each sequence, in order; entries past a sequence's
+        last block are not read.  Every block a sequence uses must exist.
+    seq_lens : array_like of int, shape (batch,)
+        Keys of each sequence, this step's tokens included.
+    cu_seqlens_q : array_like of int, shape (batch + 1,), optional
+    scale, causal, window, softcap, alibi_slopes, sinks
+        As in :func:`attention` (causal by default; slopes and sinks
+        broadcast to (H,)).
+    return_lse : bool
+        Also return the log-sum-exp, shape (H, total_q).
+    out : ndarray, optional
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray, shape (total_q, H, Dv)
+        With return_lse, the pair ``(out, lse)``.
+    """
+    return_lse = _v.flag(return_lse, "return_lse")
+    num_threads = _config.resolve_threads(num_threads)
+    args = _v.PagedArgs(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window, softcap,
+                        alibi_slopes, sinks)
+    total_q, h = args.q.shape[:2]
+    out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
+    lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
+    _problem.attention_paged(args, out, lse, num_threads)
+    return (out, lse) if return_lse else out
+
+
+def cache_write(k, v, k_cache, v_cache, slot_mapping):
+    """Write new tokens' keys and values into a paged KV cache, in place.
+
+    Token ``t`` goes to slot ``slot_mapping[t]`` = ``block * block_size +
+    offset``: ``k_cache[block, offset] = k[t]`` (converted to the cache's
+    dtype, rounding to nearest); a slot of -1 skips the token (padding).
+
+    Parameters
+    ----------
+    k : array_like, shape (T, G, D)
+    v : array_like, shape (T, G, Dv)
+    k_cache, v_cache : ndarray, shapes (num_blocks, block_size, G, D|Dv)
+        As :func:`attention_paged` reads them; written in place.
+    slot_mapping : array_like of int, shape (T,)
+        Distinct slots in ``[0, num_blocks * block_size)``, or -1.
+    """
+    k, v, k_cache, v_cache, keep, slots = _v.cache_slots(k, v, k_cache, v_cache, slot_mapping)
+    bs = k_cache.shape[1]
+    blocks, offsets = slots // bs, slots % bs
+    k_cache[blocks, offsets] = k[keep]
+    v_cache[blocks, offsets] = v[keep]
 
 
 def merge(outputs, lses):

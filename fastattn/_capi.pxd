@@ -1,5 +1,5 @@
 # Declarations of the C interface in csrc/fastattn.h, written once.
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t
 
 cdef extern from "fastattn.h" nogil:
     enum:
@@ -32,6 +32,7 @@ cdef extern from "fastattn.h" nogil:
         FA_E_GQ
         FA_E_GK
         FA_E_GV
+        FA_E_PAGES
         FA_ENTRY_FIELDS
 
     ctypedef struct fa_problem:
@@ -63,6 +64,9 @@ cdef extern from "fastattn.h" nogil:
         int64_t window_left, window_right
         double softcap
         const double *alibi_slopes
+        const double *sinks
+        const int32_t *pages
+        int64_t page_size, n_pages, k_ps, v_ps
         const void *dout
         const void *delta
         void *gq

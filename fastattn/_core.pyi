@@ -28,6 +28,7 @@ E_DELTA: int
 E_GQ: int
 E_GK: int
 E_GV: int
+E_PAGES: int
 ENTRY_FIELDS: int
 
 class Problem:
@@ -73,10 +74,17 @@ class Problem:
         scale: float = 1.0,
         causal: bool = False,
         top_left: bool = False,
+        q_shift: int = 0,
         window_left: int = -1,
         window_right: int = -1,
         softcap: float = 0.0,
         alibi_slopes: Optional[npt.NDArray[np.float64]] = None,
+        sinks: Optional[npt.NDArray[np.float64]] = None,
+        pages: Optional[npt.NDArray[np.int32]] = None,
+        page_size: int = 0,
+        n_pages: int = 0,
+        k_ps: int = 0,
+        v_ps: int = 0,
         dout: int = 0,
         dout_rs: int = 0,
         dout_cs: int = 0,

@@ -7,7 +7,7 @@ each operation has its own entry point, which releases the GIL for the
 whole kernel call and turns status codes into exceptions.
 """
 from cpython.object cimport PyObject
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uintptr_t
 from fastattn._capi cimport *
 
 
@@ -62,6 +62,7 @@ E_DELTA = FA_E_DELTA
 E_GQ = FA_E_GQ
 E_GK = FA_E_GK
 E_GV = FA_E_GV
+E_PAGES = FA_E_PAGES
 ENTRY_FIELDS = FA_ENTRY_FIELDS
 
 
@@ -82,13 +83,16 @@ cdef class Problem:
 
     Addresses (q, k, v, out, lse, mask; for the backward dout, delta and the
     gradients gq, gk, gv) are of element 0 of each array;
-    strides are in bytes (rs: rows, cs: columns, hs: heads of a group).
+    strides are in bytes (rs: rows, cs: columns, hs: heads of a group,
+    ps: pages of a paged k or v, whose page table is `pages`).
     `keep` holds the arrays those addresses point into, so they live as long
     as the problem does.
     """
     cdef fa_problem p
     cdef const int64_t[:, ::1] _entries
     cdef const double[::1] _slopes
+    cdef const double[::1] _sinks
+    cdef const int32_t[::1] _pages
     cdef readonly object keep
 
     def __init__(self, *, int dtype, int kv_dtype, int path, int num_threads,
@@ -101,7 +105,9 @@ cdef class Problem:
                  int mask_kind=FA_MASK_NONE, uintptr_t mask=0, int64_t mask_rs=0, int64_t mask_cs=0,
                  int64_t mask_hs=0, int weights=FA_WEIGHTS_SOFTMAX, double scale=1.0, bint causal=False,
                  bint top_left=False, int64_t q_shift=0, int64_t window_left=-1, int64_t window_right=-1, double softcap=0.0,
-                 const double[::1] alibi_slopes=None,
+                 const double[::1] alibi_slopes=None, const double[::1] sinks=None,
+                 const int32_t[::1] pages=None, int64_t page_size=0, int64_t n_pages=0,
+                 int64_t k_ps=0, int64_t v_ps=0,
                  uintptr_t dout=0, int64_t dout_rs=0, int64_t dout_cs=0, int64_t dout_hs=0,
                  uintptr_t delta=0, int64_t delta_rs=0, int64_t delta_hs=0,
                  uintptr_t gq=0, int64_t gq_rs=0, int64_t gq_cs=0, int64_t gq_hs=0,
@@ -144,6 +150,11 @@ cdef class Problem:
         self.p.window_right = window_right
         self.p.softcap = softcap
         self.p.alibi_slopes = &alibi_slopes[0] if alibi_slopes is not None and alibi_slopes.shape[0] > 0 else NULL
+        self._sinks = sinks
+        self.p.sinks = &sinks[0] if sinks is not None and sinks.shape[0] > 0 else NULL
+        self._pages = pages
+        self.p.pages = &pages[0] if pages is not None and pages.shape[0] > 0 else NULL
+        self.p.page_size, self.p.n_pages, self.p.k_ps, self.p.v_ps = page_size, n_pages, k_ps, v_ps
         self.p.dout = <const void *>dout
         self.p.dout_rs, self.p.dout_cs, self.p.dout_hs = dout_rs, dout_cs, dout_hs
         self.p.delta = <const void *>delta

@@ -135,7 +135,7 @@ def _lead_table(lead, kv_group, group, lq, lk, q=None, k=None, v=None, mask=None
 def _score_options(args):
     return dict(mask_kind=args.mask_kind, weights=args.weights, scale=args.scale, causal=args.causal,
                 top_left=args.top_left, q_shift=args.q_shift, window_left=args.window[0], window_right=args.window[1],
-                softcap=args.softcap, alibi_slopes=args.slopes)
+                softcap=args.softcap, alibi_slopes=args.slopes, sinks=args.sinks)
 
 
 # ---- the operations ----------------------------------------------------------------
@@ -210,6 +210,38 @@ def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=args.group, keep=(q, k, v, out, lse),
         **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
+        **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
+    _core.attention(problem)
+
+
+def attention_paged(args, out, lse, num_threads):
+    """Fused attention over a paged KV cache (_validate.PagedArgs): one entry
+    per (sequence, key/value head) over its pages of block_table; q and out
+    (total_q, H, D|Dv), lse (H, total_q)."""
+    q, k, v, g, group = args.q, args.k, args.v, args.k.shape[2], args.group
+    nseq = args.seq_lens.shape[0]
+    seq = np.repeat(np.arange(nseq), g)
+    kv_head = np.tile(np.arange(g), nseq)
+    head = kv_head * group  # the first query head of the entry's group
+    first = args.cu_q[seq]
+    cols = {
+        _core.E_Q: first * q.strides[0] + head * q.strides[1],
+        _core.E_OUT: first * out.strides[0] + head * out.strides[1],
+        _core.E_K: kv_head * k.strides[2],
+        _core.E_V: kv_head * v.strides[2],
+        _core.E_LQ: (args.cu_q[1:] - args.cu_q[:-1])[seq],
+        _core.E_LK: args.seq_lens[seq],
+        _core.E_HEAD: head,
+        _core.E_PAGES: seq * args.table.shape[1],
+    }
+    if lse is not None:
+        cols[_core.E_LSE] = first * lse.strides[1] + head * lse.strides[0]
+    entries = _entry_table(nseq * g, 1, cols)
+    table = args.table.reshape(-1)
+    problem = _problem(
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, keep=(q, k, v, out, lse, table),
+        pages=table, page_size=args.block_size, n_pages=k.shape[0], k_ps=_stride(k, 0), v_ps=_stride(v, 0),
+        **_operand("q", q, 0, 2, 1), **_operand("k", k, 1, 3), **_operand("v", v, 1, 3),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
 

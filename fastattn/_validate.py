@@ -3,7 +3,8 @@
 One place for each rule: what an array argument may be and its dtype,
 numpy's promotion of the inputs' dtypes (and the dtype kernels compute in),
 broadcasting of leading dimensions, the grouped-query head rule, ALiBi
-slopes, the score options, `out=` and packed-sequence offsets.  Errors name
+slopes and sinks, the score options, `out=`, packed-sequence offsets and
+paged KV caches.  Errors name
 the argument, its shape and dtype: TypeError for types, ValueError for
 shapes and values.  Nothing here touches the kernels.
 """
@@ -189,20 +190,38 @@ def mask_operand(mask, lq, lk):
     return m, MASK_KINDS[m.dtype]
 
 
-def alibi_slopes(slopes, lead):
-    """One float64 slope per query head: slopes broadcast to the query heads'
-    leading dimensions `lead`, flattened in C order; None stays None."""
-    if slopes is None:
+def per_head(values, lead, name):
+    """One float64 value per query head: values broadcast to the query
+    heads' leading dimensions `lead`, flattened in C order; None stays None."""
+    if values is None:
         return None
-    s = as_array(slopes, "alibi_slopes")
+    s = as_array(values, name)
     try:
         s = np.broadcast_to(s, lead)
     except ValueError:
         raise ValueError(
-            f"alibi_slopes of shape {s.shape} must broadcast to the leading "
-            f"dimensions {lead} (one slope per query head)"
+            f"{name} of shape {s.shape} must broadcast to the leading "
+            f"dimensions {lead} (one value per query head)"
         ) from None
     return np.ascontiguousarray(s, dtype=np.float64).reshape(-1)
+
+
+def alibi_slopes(slopes, lead):
+    """One float64 ALiBi slope per query head (per_head)."""
+    return per_head(slopes, lead, "alibi_slopes")
+
+
+def sinks(values, lead, wmode):
+    """One float64 sink logit per query head (per_head): finite, or -inf
+    for a head without one; softmax weights only."""
+    s = per_head(values, lead, "sinks")
+    if s is None:
+        return None
+    if wmode != _core.WEIGHTS_SOFTMAX:
+        raise ValueError("sinks need weights='softmax' (they add to the softmax's denominator)")
+    if np.any(np.isnan(s) | (s == np.inf)):
+        raise ValueError(f"sinks must be finite (or -inf for none), got {values!r}")
+    return s
 
 
 # ---- shapes ----------------------------------------------------------------------
@@ -314,6 +333,7 @@ class _Options:
 
     def _options(self, wmode, scale_, causal, align, window_, softcap_):
         self.weights = wmode
+        self.sinks = None
         self.scale = scale(scale_, wmode, self.d)
         self.causal = flag(causal, "causal")
         self.top_left, self.q_shift = alignment(align)
@@ -327,7 +347,7 @@ class ScoreArgs(_Options):
     factor and every score option in the kernels' terms."""
 
     def __init__(self, q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode,
-                 align="bottom-right"):
+                 align="bottom-right", sinks_=None):
         q = as_array(q, "q")
         k = as_array(k, "k")
         check_ndim(q, "q")
@@ -363,6 +383,7 @@ class ScoreArgs(_Options):
             leads = [(n, s[:-1] + (h,)) if n in ("k", "v") else (n, s) for n, s in leads]
         self.lead = broadcast(leads)
         self.slopes = alibi_slopes(slopes, self.lead)
+        self.sinks = sinks(sinks_, self.lead, wmode)
 
         # kernels compute in the result dtype: convert (copies only q, k, v)
         self.q = np.asarray(q, dtype=self.dtype)
@@ -376,7 +397,7 @@ class VarlenArgs(_Options):
     the grouped-query factor H // G and the score options."""
 
     def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale_, causal, window_, softcap_, slopes,
-                 wmode, align):
+                 wmode, align, sinks_=None):
         q = as_array(q, "q")
         k = as_array(k, "k")
         v = as_array(v, "v")
@@ -399,6 +420,7 @@ class VarlenArgs(_Options):
         self._options(wmode, scale_, causal, align, window_, softcap_)
         self.mask, self.mask_kind = None, _core.MASK_NONE
         self.slopes = alibi_slopes(slopes, (h,))
+        self.sinks = sinks(sinks_, (h,), wmode)
         self.originals = [("q", q), ("k", k), ("v", v)]
         self.dtype = result_dtype(self.originals)
         self.q, self.k, self.v = (np.asarray(a, dtype=self.dtype) for a in (q, k, v))
@@ -433,3 +455,124 @@ def backward_operands(args, dout, out, lse, out_shape=None, lse_shape=None):
     if delta.shape != lse_shape:  # packed sequences: (total_q, H) as lse's (H, total_q), a view
         delta = delta.T
     return np.asarray(named["dout"], dtype=args.dtype), lse, delta
+
+
+def int_array(a, name, ndim, shape_desc):
+    """An integer array of `ndim` dimensions, as C-contiguous int64 (a
+    TypeError for other dtypes, a ValueError for other shapes)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape_desc}, got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def kv_cache(k_cache, v_cache):
+    """The paged caches (num_blocks, block_size, G, D) and (..., Dv): same
+    blocks, block size and heads; page strides that keep every page at the
+    same place within a 64-byte vector as its rows (fastattn.h)."""
+    k_cache = as_array(k_cache, "k_cache")
+    v_cache = as_array(v_cache, "v_cache")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.ndim != 4:
+            raise ValueError(f"{name} must have shape (num_blocks, block_size, kv_heads, dim), got {c.shape}")
+        ps, rs = c.strides[0] if c.shape[0] > 1 else 0, c.strides[1] if c.shape[1] > 1 else 0
+        if ps % 64 != 0 and (rs == 0 or ps % rs != 0):
+            raise ValueError(f"{name}'s block stride ({ps} bytes) must be a multiple of 64 bytes or of its row "
+                             f"stride ({rs} bytes)")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must have the same blocks, block size and heads: "
+                         f"k_cache {k_cache.shape}, v_cache {v_cache.shape}")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache and v_cache must have one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    if 0 in k_cache.shape[:3]:
+        raise ValueError(f"k_cache must have at least one block, row and head, got shape {k_cache.shape}")
+    return k_cache, v_cache
+
+
+class PagedArgs(_Options):
+    """The validated arguments of attention_paged(): q (total_q, H, D), the
+    caches (kv_cache), the block table as C-contiguous int32, sequence
+    lengths and query offsets as int64, the grouped-query factor and the
+    score options.  Every page a sequence's keys use is checked to exist."""
+
+    def __init__(self, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale_, causal, window_,
+                 softcap_, slopes, sinks_):
+        q = as_array(q, "q")
+        if q.ndim != 3:
+            raise ValueError(f"q must have shape (total_q, heads, dim) or (batch, heads, dim), got {q.shape}")
+        self.k, self.v = kv_cache(k_cache, v_cache)
+        total_q, h, self.d = q.shape
+        n_blocks, self.block_size, g, d = self.k.shape
+        self.dv = self.v.shape[3]
+        if d != self.d:
+            raise ValueError(f"q and k_cache must have the same head dim D: q {q.shape}, k_cache {self.k.shape}")
+        if q.dtype != self.k.dtype:
+            raise TypeError(f"q and the caches must have one dtype, got q {q.dtype}, k_cache {self.k.dtype}")
+        self.group = kv_group(h, g, [("q", q.shape), ("k_cache", self.k.shape), ("v_cache", self.v.shape)])
+        table = int_array(block_table, "block_table", 2, "(batch, max_blocks_per_seq)")
+        self.seq_lens = int_array(seq_lens, "seq_lens", 1, "(batch,)")
+        batch = self.seq_lens.shape[0]
+        if table.shape[0] != batch:
+            raise ValueError(f"block_table has {table.shape[0]} rows for {batch} sequences (seq_lens {batch})")
+        if cu_seqlens_q is None:
+            if total_q != batch:
+                raise ValueError(f"q of shape {q.shape} has {total_q} queries for {batch} sequences; pass "
+                                 f"cu_seqlens_q for several queries per sequence")
+            self.cu_q = np.arange(batch + 1, dtype=np.int64)
+        else:
+            self.cu_q = cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
+            if self.cu_q.shape[0] != batch + 1:
+                raise ValueError(f"cu_seqlens_q has {self.cu_q.shape[0]} entries for {batch} sequences "
+                                 f"(needs batch + 1)")
+        lens, bs = self.seq_lens, self.block_size
+        if np.any(lens < 0) or np.any(lens > table.shape[1] * bs):
+            raise ValueError(f"seq_lens must be in [0, max_blocks_per_seq * block_size = {table.shape[1] * bs}], "
+                             f"got {lens}")
+        n_q = np.diff(self.cu_q)
+        if np.any(n_q > lens):
+            b = int(np.argmax(n_q > lens))
+            raise ValueError(f"sequence {b} has {n_q[b]} queries but seq_lens[{b}] = {lens[b]} keys; its queries "
+                             f"are its last tokens, so seq_lens counts them too")
+        used = np.arange(table.shape[1])[None, :] < ((lens + bs - 1) // bs)[:, None]
+        pages = table[used]
+        if pages.size and (pages.min() < 0 or pages.max() >= n_blocks):
+            b = int(np.nonzero(((table < 0) | (table >= n_blocks)) & used)[0][0])
+            raise ValueError(f"block_table row {b} uses block ids outside [0, {n_blocks}): {table[b][used[b]]}")
+        self.table = table.astype(np.int32)
+        self._options(_core.WEIGHTS_SOFTMAX, scale_, causal, "bottom-right", window_, softcap_)
+        self.mask, self.mask_kind = None, _core.MASK_NONE
+        self.slopes = alibi_slopes(slopes, (h,))
+        self.sinks = sinks(sinks_, (h,), _core.WEIGHTS_SOFTMAX)
+        self.q = q
+        self.dtype = q.dtype
+        self.originals = [("q", q), ("k_cache", self.k), ("v_cache", self.v)]
+
+
+def cache_slots(k, v, k_cache, v_cache, slot_mapping):
+    """The checked arguments of cache_write(): k (T, G, D) and v (T, G, Dv)
+    against the caches, and the tokens that are written with their slots."""
+    k_cache, v_cache = kv_cache(k_cache, v_cache)
+    k = as_array(k, "k")
+    v = as_array(v, "v")
+    n_blocks, bs, g = k_cache.shape[:3]
+    if k.ndim != 3 or k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"k must have shape (tokens, {g}, {k_cache.shape[3]}) for k_cache {k_cache.shape}, "
+                         f"got {k.shape}")
+    if v.shape != k.shape[:1] + v_cache.shape[2:]:
+        raise ValueError(f"v must have shape ({k.shape[0]}, {g}, {v_cache.shape[3]}) for v_cache "
+                         f"{v_cache.shape}, got {v.shape}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.flags.writeable:
+            raise ValueError(f"{name} is read-only")
+    slots = int_array(slot_mapping, "slot_mapping", 1, f"({k.shape[0]},)")
+    if slots.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping has {slots.shape[0]} slots for {k.shape[0]} tokens")
+    keep = slots >= 0
+    if np.any(slots < -1) or np.any(slots >= n_blocks * bs):
+        raise ValueError(f"slot_mapping must hold -1 (skip) or slots in [0, {n_blocks * bs}), got {slots}")
+    written = slots[keep]
+    if np.unique(written).size != written.size:
+        raise ValueError("slot_mapping writes one slot twice")
+    return k, v, k_cache, v_cache, keep, written

@@ -92,26 +92,38 @@ def logsumexp(s):
         return (np.log(np.sum(np.exp(s - m), axis=-1, keepdims=True)) + m)[..., 0]
 
 
+def _sink_weights(s, sinks):
+    """Softmax weights and log-sum-exp of scores s whose rows' denominators
+    also count exp(sink) (a key with no value; one sink per query head,
+    broadcast like ALiBi slopes)."""
+    if sinks is None:
+        return softmax(s), logsumexp(s)
+    col = np.broadcast_to(_f64(sinks)[..., None, None], s.shape[:-1] + (1,))
+    ext = np.concatenate([s, col], axis=-1)
+    return softmax(ext)[..., :-1], logsumexp(ext)
+
+
 def weighted_sum(w, v):
     """out[..., i, :] = sum_j w[..., i, j] v[..., j, :]."""
     return _f64(w) @ _f64(v)
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax", window=None,
-              softcap=None, alibi_slopes=None, return_lse=False, align="bottom-right"):
-    """Attention in float64: softmax (or plain dot) weights of the scores, times v."""
+              softcap=None, alibi_slopes=None, sinks=None, return_lse=False, align="bottom-right"):
+    """Attention in float64: softmax (or plain dot) weights of the scores, times v.
+    Sinks add exp(sink) to each row's softmax denominator."""
     if weights == "dot" and scale is None:
         scale = 1.0
     s = scores(q, k, scale=scale, causal=causal, mask=mask, window=window, softcap=softcap,
                alibi_slopes=alibi_slopes, align=align)
     v = _repeat_kv_heads(_f64(q), _f64(v))
     if weights == "dot":
-        w = np.where(np.isneginf(s), 0.0, s)
+        w, lse = np.where(np.isneginf(s), 0.0, s), None
     else:
-        w = softmax(s)
+        w, lse = _sink_weights(s, sinks)
     out = w @ v
     if return_lse:
-        return out, logsumexp(s)
+        return out, lse
     return out
 
 
@@ -132,7 +144,7 @@ def _sum_to_shape(g, shape):
 
 
 def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, weights="softmax",
-                       window=None, softcap=None, alibi_slopes=None, align="bottom-right"):
+                       window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right"):
     """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v, ...)), in float64.
 
     Written out from the forward's formulas, without the saved lse: with
@@ -145,7 +157,9 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
       dRaw = dS (1 - (z / softcap)^2) with a soft-cap, else dS;
       dq = scale dRaw k;  dk = scale dRaw^T q.
 
-    Masks and slopes get no gradient.  Gradients broadcast over shared
+    Sinks only enlarge the softmax's denominators (P = softmax over the
+    keys and the sink, the sink's column dropped); the formulas stand.
+    Masks, slopes and sinks get no gradient.  Gradients broadcast over shared
     operands (grouped heads, leading dimensions of 1) are summed, so each has
     the shape of its operand."""
     q64, k64, v64, do = _f64(q), _f64(k), _f64(v), _f64(dout)
@@ -159,7 +173,7 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
     s = scores(q64, k64, scale=scale, causal=causal, mask=mask, window=window, softcap=softcap,
                alibi_slopes=alibi_slopes, align=align)
     hidden = np.isneginf(s)
-    p = np.where(hidden, 0.0, s) if weights == "dot" else softmax(s)
+    p = np.where(hidden, 0.0, s) if weights == "dot" else _sink_weights(s, sinks)[0]
     out = p @ vr
     dout_b = np.broadcast_to(do, out.shape)
     dv = np.swapaxes(p, -1, -2) @ dout_b
@@ -177,7 +191,7 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
     return _sum_to_shape(dq, q64.shape), _sum_to_shape(dk, k64.shape), _sum_to_shape(dv, v64.shape)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, alibi_slopes=None,
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, alibi_slopes=None, sinks=None,
                      **options):
     """Packed variable-length attention, one sequence at a time.
 
@@ -193,13 +207,39 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, a
         qb = np.swapaxes(q[qs], 0, 1)  # (H, Lq, D)
         kb = np.swapaxes(k[ks], 0, 1)
         vb = np.swapaxes(v[ks], 0, 1)
-        o, l = attention(qb, kb, vb, return_lse=True, alibi_slopes=alibi_slopes, **options)
+        o, l = attention(qb, kb, vb, return_lse=True, alibi_slopes=alibi_slopes, sinks=sinks, **options)
         out[qs] = np.swapaxes(o, 0, 1)
         lse[:, qs] = l
     return (out, lse) if return_lse else out
 
 
-def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, **options):
+def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, causal=True,
+                    return_lse=False, alibi_slopes=None, sinks=None, **options):
+    """Attention over a paged KV cache, one sequence at a time: sequence b's
+    keys are rows 0 .. seq_lens[b] - 1 of the pages block_table[b] (row j in
+    page block_table[b, j // block_size], slot j % block_size), gathered
+    into contiguous arrays; its queries are its last tokens (bottom-right).
+    q (total_q, H, D) with cu_seqlens_q, or (B, H, D): one query per sequence."""
+    q = _f64(q)
+    k_cache, v_cache = _f64(k_cache), _f64(v_cache)
+    bs = k_cache.shape[1]
+    cu = np.arange(q.shape[0] + 1) if cu_seqlens_q is None else np.asarray(cu_seqlens_q)
+    out = np.zeros(q.shape[:2] + (v_cache.shape[-1],))
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf)
+    for b, n in enumerate(np.asarray(seq_lens)):
+        j = np.arange(n)
+        pages = np.asarray(block_table)[b, j // bs]
+        kb, vb = k_cache[pages, j % bs], v_cache[pages, j % bs]  # (n, G, D)
+        qs = slice(cu[b], cu[b + 1])
+        o, l = attention(np.swapaxes(q[qs], 0, 1), np.swapaxes(kb, 0, 1), np.swapaxes(vb, 0, 1), causal=causal,
+                         return_lse=True, alibi_slopes=alibi_slopes, sinks=sinks, **options)
+        out[qs] = np.swapaxes(o, 0, 1)
+        lse[:, qs] = l
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, sinks=None,
+                              **options):
     """Gradients of attention_varlen, one sequence at a time (attention_backward)."""
     dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
@@ -207,7 +247,7 @@ def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, alib
         qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
         ks = slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
         grads = attention_backward(*(np.swapaxes(a, 0, 1) for a in (dout[qs], q[qs], k[ks], v[ks])),
-                                   alibi_slopes=alibi_slopes, **options)
+                                   alibi_slopes=alibi_slopes, sinks=sinks, **options)
         for full, rows, grad in zip((dq, dk, dv), (qs, ks, ks), grads):
             full[rows] = np.swapaxes(grad, 0, 1)
     return dq, dk, dv

@@ -33,6 +33,26 @@ def varlen(q=None, k=None, v=None, cu_q=(0, 5, 10), cu_k=(0, 4, 10), **kw):
                                      cu_q, cu_k, **kw)
 
 
+def paged(**kw):
+    """attention_paged on 2 sequences (one decoding, one a 3-query chunk)
+    over 4 blocks of 4 rows, arguments replaced by kw."""
+    c = np.zeros((4, 4, 2, 8), f32)
+    args = dict(q=np.zeros((4, 4, 8), f32), k_cache=c, v_cache=c, block_table=np.array([[0, 1], [2, 3]], np.int32),
+                seq_lens=[5, 8], cu_seqlens_q=[0, 1, 4])
+    args.update(kw)
+    positional = [args.pop(n) for n in ("q", "k_cache", "v_cache", "block_table", "seq_lens")]
+    return fastattn.attention_paged(*positional, **args)
+
+
+def write(**kw):
+    """cache_write of 3 tokens into 4 blocks of 4 rows, arguments replaced by kw."""
+    c = np.zeros((4, 4, 2, 8), f32)
+    args = dict(k=np.zeros((3, 2, 8), f32), v=np.zeros((3, 2, 8), f32), k_cache=c, v_cache=c.copy(),
+                slot_mapping=[0, 1, -1])
+    args.update(kw)
+    return fastattn.cache_write(**args)
+
+
 def linear(**kw):
     x = np.zeros((4, 3), f32)
     return fastattn.linear_attention(x, x, x, **kw)
@@ -206,6 +226,56 @@ BAD = [
     (lambda: varlen_backward(lse=np.zeros((10, 2), f32)), ValueError, "lse must have shape"),
     (lambda: varlen_backward(dout=np.zeros((10, 2, 3), f32)), ValueError, "dout must have the attention output's"),
     (lambda: varlen_backward(cu_q=[0, 5, 9]), ValueError, "cu_seqlens_q"),
+    # sinks
+    (lambda: attn(sinks=np.ones(3)), ValueError, "sinks of shape"),
+    (lambda: attn(sinks=np.ones(2), weights="dot"), ValueError, "sinks need weights='softmax'"),
+    (lambda: attn(sinks=np.array([np.nan, 0.0])), ValueError, "sinks must be finite"),
+    (lambda: attn(sinks=np.array([np.inf, 0.0])), ValueError, "sinks must be finite"),
+    (lambda: attn(sinks=["a", "b"]), TypeError, "sinks must have dtype"),
+    (lambda: varlen(sinks=np.ones(3)), ValueError, "sinks"),
+    # attention_paged
+    (lambda: paged(q=np.zeros((4, 8), f32)), ValueError, "q must have shape"),
+    (lambda: paged(q=np.zeros((4, 3, 8), f32)), ValueError, "head counts do not match"),
+    (lambda: paged(q=np.zeros((4, 4, 7), f32)), ValueError, "same head dim"),
+    (lambda: paged(q=np.zeros((4, 4, 8), np.float64)), TypeError, "q and the caches must have one dtype"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 8), f32)), ValueError, "k_cache must have shape"),
+    (lambda: paged(v_cache=np.zeros((4, 4, 1, 8), f32)), ValueError, "same blocks, block size and heads"),
+    (lambda: paged(v_cache=np.zeros((4, 4, 2, 8), np.float64)), TypeError, "one dtype"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), np.int8)), TypeError, "k_cache must have dtype"),
+    (lambda: paged(k_cache=np.zeros((0, 4, 2, 8), f32), v_cache=np.zeros((0, 4, 2, 8), f32)), ValueError,
+     "at least one block"),
+    (lambda: paged(k_cache=np.lib.stride_tricks.as_strided(np.zeros(400, f32), (4, 4, 2, 8), (40, 64, 32, 4))),
+     ValueError, "block stride"),
+    (lambda: paged(block_table=np.array([[0, 1], [2, 4]], np.int32)), ValueError, "block ids outside"),
+    (lambda: paged(block_table=np.array([[0, -1], [2, 3]], np.int32)), ValueError, "row 0 uses block ids"),
+    (lambda: paged(block_table=np.array([[0.0, 1.0], [2.0, 3.0]])), TypeError, "block_table must be an integer"),
+    (lambda: paged(block_table=np.array([0, 1, 2, 3], np.int32)), ValueError, "block_table must have shape"),
+    (lambda: paged(block_table=np.array([[0, 1]], np.int32)), ValueError, "block_table has 1 rows"),
+    (lambda: paged(seq_lens=[5, 9]), ValueError, "seq_lens must be in"),
+    (lambda: paged(seq_lens=[-1, 8]), ValueError, "seq_lens must be in"),
+    (lambda: paged(seq_lens=[5.0, 8.0]), TypeError, "seq_lens must be an integer"),
+    (lambda: paged(seq_lens=[5, 2]), ValueError, "sequence 1 has 3 queries"),
+    (lambda: paged(cu_seqlens_q=[0, 1, 3]), ValueError, "cu_seqlens_q must start at 0"),
+    (lambda: paged(cu_seqlens_q=[0, 4]), ValueError, "cu_seqlens_q has 2 entries"),
+    (lambda: paged(cu_seqlens_q=None), ValueError, "pass cu_seqlens_q"),
+    (lambda: paged(sinks=np.ones(3)), ValueError, "sinks"),
+    (lambda: paged(alibi_slopes=np.ones(3)), ValueError, "alibi_slopes"),
+    (lambda: paged(window=(-3, 0)), ValueError, "window left"),
+    (lambda: paged(causal="yes"), TypeError, "causal"),
+    (lambda: paged(return_lse=1), TypeError, "return_lse"),
+    (lambda: paged(out=np.zeros((4, 4, 7), f32)), ValueError, "out must have shape"),
+    (lambda: paged(num_threads=0), ValueError, "num_threads"),
+    # cache_write
+    (lambda: write(k=np.zeros((3, 2, 7), f32)), ValueError, "k must have shape"),
+    (lambda: write(v=np.zeros((2, 2, 8), f32)), ValueError, "v must have shape"),
+    (lambda: write(k=np.zeros((3, 2, 8), np.int32)), TypeError, "k must have dtype"),
+    (lambda: write(slot_mapping=[0, 1]), ValueError, "2 slots for 3 tokens"),
+    (lambda: write(slot_mapping=[0, 16, -1]), ValueError, "slot_mapping must hold -1"),
+    (lambda: write(slot_mapping=[0, -2, 1]), ValueError, "slot_mapping must hold -1"),
+    (lambda: write(slot_mapping=[3, 3, -1]), ValueError, "one slot twice"),
+    (lambda: write(slot_mapping=[0.0, 1.0, 2.0]), TypeError, "slot_mapping must be an integer"),
+    (lambda: write(k_cache=np.broadcast_to(np.zeros((1, 1, 1, 8), f32), (4, 4, 2, 8))), ValueError,
+     "k_cache is read-only"),
     # scores, weighted_sum, merge, linear_attention
     (lambda: fastattn.scores(Q, np.zeros((2, 6, 9), f32)), ValueError, "same head dim"),
     (lambda: fastattn.weighted_sum(np.zeros((5, 7), f32), V[0]), ValueError, "w's last dim"),

@@ -90,7 +90,12 @@ typedef struct {
     double softcap;
     int alibi, mask_kind, dot;
     int64_t shift; /* q_shift: added to every query's key position */
+    int64_t page;  /* > 0: k and v in shuffled pages of this many rows (fa_attention only) */
+    int sinks;     /* an attention sink per query head */
 } spec;
+
+/* The sink of query head t (a spread around the scores' range, some above it). */
+static double sink_of(int64_t t) { return 1.5 - 0.6 * (double)t; }
 
 static int failures = 0, checks = 0;
 
@@ -149,9 +154,10 @@ static void ref_backward_entry(const bwd_ref *b, int64_t e, char *lse, char *del
             double *P = b->P + r * lk, *s = b->s, *z = b->z;
             ref_scores(c, b->scale, b->q->val + ((e * g + h) * lq + i) * d, b->k->val + e * lk * d, b->maskv,
                        b->bmask, b->slopes[e * g + h], i, s, z);
-            double m = -INFINITY, sum = 0;
+            double m = c->sinks ? sink_of(e * g + h) : -INFINITY, sum = 0;
             for (int64_t j = 0; j < lk; j++) m = s[j] > m ? s[j] : m;
             for (int64_t j = 0; j < lk; j++) sum += isinf(m) ? 0 : exp(s[j] - m);
+            if (c->sinks) sum += exp(sink_of(e * g + h) - m);
             const double l = sum > 0 ? m + log(sum) : -INFINITY;
             for (int64_t j = 0; j < lk; j++) P[j] = c->dot ? (isinf(s[j]) ? 0 : s[j]) : (isinf(l) ? 0 : exp(s[j] - l));
             const double *dor = b->dout->val + (e * rows + r) * dv, *vv = b->v->val + e * lk * dv;
@@ -280,8 +286,11 @@ static void run_case(int path, int dtype, const spec *c)
         fmask[t] = uniform() < -0.9 ? -INFINITY : (float)(0.5 * uniform());
         maskv[t] = fmask[t];
     }
-    double slopes[64];
-    for (int t = 0; t < 64; t++) slopes[t] = 0.05 + 0.01 * t;
+    double slopes[64], sinks[64];
+    for (int t = 0; t < 64; t++) {
+        slopes[t] = 0.05 + 0.01 * t;
+        sinks[t] = sink_of(t);
+    }
     char *out = calloc((size_t)(n * g * lq * (dv > lk ? dv : lk) + 1), 8);
     char *lse = calloc((size_t)(n * g * lq + 1), 8);
     double *s = malloc((size_t)(lk + 1) * sizeof(double));
@@ -332,6 +341,42 @@ static void run_case(int path, int dtype, const spec *c)
     p.window_right = c->window_right;
     p.softcap = c->softcap;
     p.alibi_slopes = c->alibi ? slopes : NULL;
+    p.sinks = c->sinks ? sinks : NULL;
+
+    /* paged: the entries are the heads of one sequence, side by side in
+     * each row of its pages (as in a (blocks, page, heads, dim) cache), the
+     * pages of c->page rows in shuffled order among two spare ones, a row's
+     * gap between pages */
+    const int64_t n_used = c->page > 0 ? (lk + c->page - 1) / c->page : 0, n_pages = n_used + 2;
+    char *kpaged = NULL, *vpaged = NULL;
+    int32_t *pages = NULL;
+    if (c->page > 0) {
+        const int64_t krs = n * d * es, vrs = n * dv * es, kps = (c->page + 1) * krs, vps = (c->page + 1) * vrs;
+        kpaged = calloc((size_t)(n_pages * kps + 1), 1);
+        vpaged = calloc((size_t)(n_pages * vps + 1), 1);
+        pages = malloc((size_t)(n_pages + 1) * sizeof(int32_t));
+        for (int64_t t = 0; t < n_pages; t++) pages[t] = (int32_t)t;
+        for (int64_t t = n_pages - 1; t > 0; t--) { /* shuffle */
+            const int64_t u = (int64_t)((uniform() + 1) * 0.5 * (double)(t + 1)) % (t + 1);
+            const int32_t x = pages[t];
+            pages[t] = pages[u];
+            pages[u] = x;
+        }
+        for (int64_t e = 0; e < n; e++) {
+            for (int64_t j = 0; j < lk; j++) {
+                const int64_t page = pages[j / c->page], row = j % c->page;
+                memcpy(kpaged + page * kps + row * krs + e * d * es, k.data + (e * lk + j) * d * es, (size_t)(d * es));
+                memcpy(vpaged + page * vps + row * vrs + e * dv * es, v.data + (e * lk + j) * dv * es,
+                       (size_t)(dv * es));
+            }
+            entries[e][FA_E_K] = e * d * es;
+            entries[e][FA_E_V] = e * dv * es;
+            entries[e][FA_E_PAGES] = 0;
+        }
+        p.k = kpaged, p.v = vpaged;
+        p.k_rs = krs, p.v_rs = vrs;
+        p.pages = pages, p.page_size = c->page, p.n_pages = n_pages, p.k_ps = kps, p.v_ps = vps;
+    }
 
     /* tolerances: float64 1e-12, float32 2e-5 of the magnitude; 16-bit
      * results are rounded once to their type (2^-11 / 2^-8 relative), and
@@ -353,13 +398,14 @@ static void run_case(int path, int dtype, const spec *c)
             for (int64_t i = 0; i < lq && !bad; i++) {
                 const double *qr = q.val + ((e * g + h) * lq + i) * d;
                 ref_scores(c, scale, qr, k.val + e * lk * d, maskv, bmask, slopes[e * g + h], i, s, NULL);
-                double m = -INFINITY, sum = 0, mag = 1;
+                double m = c->sinks ? sink_of(e * g + h) : -INFINITY, sum = 0, mag = 1;
                 for (int64_t j = 0; j < lk; j++) m = s[j] > m ? s[j] : m;
                 for (int64_t j = 0; j < lk; j++) {
                     const double wj = c->dot ? (isinf(s[j]) ? 0 : s[j]) : (isinf(m) ? 0 : exp(s[j] - m));
                     s[j] = wj;
                     sum += wj;
                 }
+                if (c->sinks) sum += exp(sink_of(e * g + h) - m);
                 const double norm = c->dot ? 1 : (sum > 0 ? 1 / sum : 0);
                 for (int64_t x = 0; x < dv && !bad; x++) {
                     double want = 0, absw = 0;
@@ -389,6 +435,15 @@ static void run_case(int path, int dtype, const spec *c)
                 }
             }
 
+    if (c->page > 0) { /* the backward and the other operations take no pages */
+        checks++;
+        if (!bad && (fa_attention_backward(&p) != FA_ERR_INVALID || fa_scores(&p) != FA_ERR_INVALID)) {
+            printf("FAIL %s %s %s: paged k and v accepted by the backward or scores\n", fa_path_name(path),
+                   DTYPE_NAMES[dtype], c->what);
+            failures++;
+        }
+        bad = 1;
+    }
     if (!bad) bad = check_backward(path, dtype, c, &p, entries, &q, &k, &v, maskv, bmask, slopes, scale);
 
     /* scores (one head per entry: fa_scores takes no groups), written in the compute type */
@@ -462,6 +517,9 @@ static void run_case(int path, int dtype, const spec *c)
     free(out);
     free(lse);
     free(s);
+    free(kpaged);
+    free(vpaged);
+    free(pages);
 }
 
 /* The path's softmax exponential: relative error <= 1e-7 where exp(x) is a
@@ -492,29 +550,35 @@ static void check_exp(int path)
 
 int main(void)
 {
-    /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift */
+    /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks */
     const spec cases[] = {
-        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
-        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
-        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
-        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
-        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0},
-        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0},
-        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0},
-        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0},
-        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0},
-        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0},
-        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
-        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
-        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0},
-        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0},
-        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0},
-        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0},
-        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30},
-        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10},
-        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7},
-        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0},
-        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60},
+        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
+        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
+        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
+        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
+        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0},
+        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0},
+        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0},
+        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0},
+        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0},
+        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0},
+        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
+        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
+        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0},
+        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
+        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0},
+        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0},
+        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0},
+        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0},
+        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0},
+        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0},
+        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0},
+        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1},
+        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1},
+        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0},
+        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1},
+        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1},
+        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;

@@ -1,0 +1,235 @@
+"""Serving: attention sinks, the paged KV cache (attention_paged, cache_write)
+and mixed prefill/decode batches in one call."""
+import numpy as np
+import pytest
+
+import fastattn
+import fastattn.reference as ref
+from util import assert_close, randn, stable_seed
+
+
+# ---- sinks ------------------------------------------------------------------------
+
+
+def sink_values(rng, h):
+    """One sink per head, some above every score, one head without (-inf)."""
+    s = rng.uniform(-3.0, 4.0, h)
+    s[0] = -np.inf
+    return s
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 33, 47, 16, 8), (1, 8, 2, 1, 3000, 64, 32), (1, 2, 1, 70, 20, 8, 8)],
+                         ids=["prefill-gqa", "split-kv-decode", "lq>lk"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks_match_reference(isa, dtype, rng, shape, causal):
+    b, h, g, lq, lk, d, dv = shape
+    q, k, v = randn(rng, (b, h, lq, d), dtype), randn(rng, (b, g, lk, d), dtype), randn(rng, (b, g, lk, dv), dtype)
+    sinks = sink_values(rng, h)
+    # top-left causal with lq > lk leaves rows with no key: their weight is all the sink's
+    align = "top-left" if lq > lk else "bottom-right"
+    out, lse = fastattn.attention(q, k, v, causal=causal, sinks=sinks, return_lse=True, align=align)
+    rout, rlse = ref.attention(q, k, v, causal=causal, sinks=sinks, return_lse=True, align=align)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+
+
+def test_sinks_are_a_key_with_no_value(rng):
+    """A sink is the same as one more key whose score is the sink and whose
+    value is zero: computed that way through an additive mask."""
+    q, k, v = randn(rng, (2, 3, 9, 8), np.float64), randn(rng, (2, 3, 12, 8), np.float64), randn(rng, (2, 3, 12, 5),
+                                                                                               np.float64)
+    sinks = np.array([0.7, -1.0, 3.0])
+    k1 = np.concatenate([k, np.zeros((2, 3, 1, 8))], axis=2)
+    v1 = np.concatenate([v, np.zeros((2, 3, 1, 5))], axis=2)
+    mask = np.zeros((3, 1, 13))
+    mask[:, 0, -1] = sinks
+    want, want_lse = fastattn.attention(q, k1, v1, mask=mask, return_lse=True)
+    got, got_lse = fastattn.attention(q, k, v, sinks=sinks, return_lse=True)
+    assert_close(got, want)
+    assert_close(got_lse, want_lse)
+    assert_close(ref.attention(q, k, v, sinks=sinks), want)
+
+
+def test_sink_of_minus_inf_changes_nothing(rng):
+    q, k, v = (randn(rng, (1, 4, 20, 16), np.float32) for _ in range(3))
+    plain = fastattn.attention(q, k, v, causal=True, return_lse=True)
+    none = fastattn.attention(q, k, v, causal=True, sinks=np.full(4, -np.inf), return_lse=True)
+    np.testing.assert_array_equal(none[0], plain[0])
+    np.testing.assert_array_equal(none[1], plain[1])
+
+
+def test_sinks_varlen_and_backward(dtype, rng):
+    cu_q, cu_k = np.array([0, 5, 5, 40]), np.array([0, 9, 20, 61])
+    q, k, v = randn(rng, (40, 4, 8), dtype), randn(rng, (61, 2, 8), dtype), randn(rng, (61, 2, 6), dtype)
+    sinks = sink_values(rng, 4)
+    out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, causal=True, sinks=sinks, return_lse=True)
+    rout, rlse = ref.attention_varlen(q, k, v, cu_q, cu_k, causal=True, sinks=sinks, return_lse=True)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    dout = randn(rng, out.shape, dtype)
+    grads = fastattn.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=True, sinks=sinks)
+    want = ref.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, causal=True, sinks=sinks)
+    for g, w in zip(grads, want):
+        assert_close(g, w, mag=max(1.0, float(np.abs(w).max())) * 4)
+
+
+def test_sinks_backward_matches_finite_differences():
+    """The reference backward with sinks against central differences of the
+    reference forward (the kernel's backward is checked against it above)."""
+    rng = np.random.default_rng(stable_seed("sinks-fd"))
+    q, k, v = (rng.standard_normal((1, 2, 4, 3)) for _ in range(3))
+    sinks, dout = np.array([0.5, -0.3]), rng.standard_normal((1, 2, 4, 3))
+    grads = ref.attention_backward(dout, q, k, v, causal=True, sinks=sinks)
+    for x, g in zip((q, k, v), grads):
+        num = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            old = x[idx]
+            x[idx] = old + 1e-6
+            up = np.sum(dout * ref.attention(q, k, v, causal=True, sinks=sinks))
+            x[idx] = old - 1e-6
+            down = np.sum(dout * ref.attention(q, k, v, causal=True, sinks=sinks))
+            x[idx] = old
+            num[idx] = (up - down) / 2e-6
+        np.testing.assert_allclose(g, num, atol=1e-7)
+
+
+# ---- the paged cache --------------------------------------------------------------
+
+
+def paged_cache(rng, dtype, n_blocks, block_size, g, d, dv):
+    return randn(rng, (n_blocks, block_size, g, d), dtype), randn(rng, (n_blocks, block_size, g, dv), dtype)
+
+
+def block_table(rng, seq_lens, block_size, n_blocks, width=None):
+    """Each sequence's blocks, drawn at random without repeats; unused
+    entries hold garbage ids that must never be read."""
+    need = [(n + block_size - 1) // block_size for n in seq_lens]
+    width = max(max(need), 1) if width is None else width
+    ids = rng.permutation(n_blocks)[: sum(need)]
+    table = np.full((len(seq_lens), width), 10**9, dtype=np.int32)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = ids[at: at + n]
+        at += n
+    return table
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 16, 32, 64, 100])
+def test_paged_decode_matches_reference(isa, dtype, rng, block_size):
+    h, g, d, dv = 8, 2, 24, 16
+    lens = [1, 150, 77, 300, block_size * 3]
+    n_blocks = sum((n + block_size - 1) // block_size for n in lens) + 3
+    kc, vc = paged_cache(rng, dtype, n_blocks, block_size, g, d, dv)
+    table = block_table(rng, lens, block_size, n_blocks)
+    q = randn(rng, (len(lens), h, d), dtype)
+    out, lse = fastattn.attention_paged(q, kc, vc, table, lens, return_lse=True)
+    rout, rlse = ref.attention_paged(q, kc, vc, table, lens, return_lse=True)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+
+
+def test_paged_mixed_batch_with_every_option(isa, dtype, rng):
+    """Sequences decoding one token, one prefilling a chunk, one whole
+    prompt, a long one split over the keys, and an empty one, in one call,
+    with grouped heads, window, soft-cap, ALiBi and sinks."""
+    h, g, d, dv, bs = 6, 3, 16, 8, 16
+    lens = np.array([2100, 40, 90, 1, 0, 33])
+    n_q = np.array([1, 40, 25, 1, 0, 3])
+    cu = np.concatenate([[0], np.cumsum(n_q)])
+    n_blocks = int(sum((n + bs - 1) // bs for n in lens)) + 2
+    kc, vc = paged_cache(rng, dtype, n_blocks, bs, g, d, dv)
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (cu[-1], h, d), dtype)
+    opts = dict(window=(60, 0), softcap=3.0, alibi_slopes=rng.uniform(0.01, 0.1, h), sinks=sink_values(rng, h))
+    out, lse = fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, return_lse=True, **opts)
+    rout, rlse = ref.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, return_lse=True, **opts)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    plain = fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, causal=False)
+    assert_close(plain, ref.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, causal=False))
+
+
+def contiguous_kv(kc, vc, table, n, bs):
+    j = np.arange(n)
+    pages = table[j // bs]
+    return kc[pages, j % bs], vc[pages, j % bs]  # (n, G, D)
+
+
+def test_paged_equals_contiguous_attention(isa, rng):
+    """Pages of 64 keys fall on the contiguous kernel's key tiles: the same
+    sums in the same order, bit for bit; other sizes agree to rounding."""
+    h, g, d, bs = 8, 2, 64, 64
+    lens = [3000, 700]
+    n_blocks = 64
+    kc, vc = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (2, h, d), np.float32)
+    out = fastattn.attention_paged(q, kc, vc, table, lens)
+    for b, n in enumerate(lens):
+        k, v = contiguous_kv(kc, vc, table[b], n, bs)
+        want = fastattn.attention(q[b][:, None], np.swapaxes(k, 0, 1), np.swapaxes(v, 0, 1))[:, 0]
+        assert_close(out[b], want)
+    # one sequence alone: the split and the tiles are the contiguous call's
+    one = fastattn.attention_paged(q[:1], kc, vc, table[:1], lens[:1])
+    k, v = contiguous_kv(kc, vc, table[0], lens[0], bs)
+    kt, vt = np.ascontiguousarray(np.swapaxes(k, 0, 1)), np.ascontiguousarray(np.swapaxes(v, 0, 1))
+    same = fastattn.attention(q[0][None, :, None], kt[None], vt[None])[0, :, 0]
+    np.testing.assert_array_equal(one[0], same)
+
+
+def test_paged_bitwise_identical_across_thread_counts(isa, rng):
+    h, g, d, bs = 4, 2, 32, 16
+    lens = np.array([5000, 300, 17])
+    n_q = np.array([1, 100, 1])
+    cu = np.concatenate([[0], np.cumsum(n_q)])
+    n_blocks = int(sum((n + bs - 1) // bs for n in lens))
+    kc, vc = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (cu[-1], h, d), np.float32)
+    outs = [fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, num_threads=t) for t in (1, 2, 3, 7)]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_paged_reads_strided_caches_in_place(rng):
+    """A cache that is a view (every other block, a head slice of a bigger
+    buffer) is read through its strides, never copied."""
+    big_k = randn(rng, (20, 16, 4, 32), np.float32)
+    big_v = randn(rng, (20, 16, 4, 32), np.float32)
+    kc, vc = big_k[::2, :, 1:3], big_v[::2, :, 1:3]
+    lens = [100, 37]
+    table = block_table(rng, lens, 16, 10)
+    q = randn(rng, (2, 4, 32), np.float32)
+    assert_close(fastattn.attention_paged(q, kc, vc, table, lens), ref.attention_paged(q, kc, vc, table, lens))
+
+
+def test_cache_write_then_attend(dtype, rng):
+    """Tokens written by cache_write (with -1 slots skipped) are read back by
+    attention_paged as the contiguous keys they came from."""
+    g, d, bs, n_blocks = 2, 8, 4, 12
+    kc, vc = np.zeros((n_blocks, bs, g, d), dtype), np.zeros((n_blocks, bs, g, d), dtype)
+    table = np.array([[5, 0, 9], [3, 11, 2]], dtype=np.int32)
+    k, v = randn(rng, (2, 10, g, d), dtype), randn(rng, (2, 10, g, d), dtype)
+    # write the first 7 tokens of each sequence in one call, with padding
+    slots = [table[b, j // bs] * bs + j % bs for b in range(2) for j in range(7)] + [-1, -1]
+    fastattn.cache_write(np.concatenate([k[0, :7], k[1, :7], k[0, :2]]),
+                         np.concatenate([v[0, :7], v[1, :7], v[0, :2]]), kc, vc, slots)
+    for b in range(2):
+        got_k, got_v = contiguous_kv(kc, vc, table[b], 7, bs)
+        np.testing.assert_array_equal(got_k, k[b, :7])
+        np.testing.assert_array_equal(got_v, v[b, :7])
+    assert np.count_nonzero(kc) == 2 * 7 * g * d  # nothing else was written
+    q = randn(rng, (2, 4, d), dtype)
+    out = fastattn.attention_paged(q, kc, vc, table, [7, 7])
+    for b in range(2):
+        want = ref.attention(q[b][:, None], np.swapaxes(k[b, :7], 0, 1), np.swapaxes(v[b, :7], 0, 1))[:, 0]
+        assert_close(out[b], want)
+
+
+def test_cache_write_rounds_to_a_16_bit_cache(rng):
+    bf16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    kc = np.zeros((2, 4, 1, 8), bf16)
+    k = randn(rng, (3, 1, 8), np.float32)
+    fastattn.cache_write(k, k, kc, kc.copy(), [0, 5, 6])
+    np.testing.assert_array_equal(kc[1, 1:3], k[1:].astype(bf16))
+    np.testing.assert_array_equal(kc[0, 0], k[0].astype(bf16))
