@@ -136,6 +136,16 @@ def bench_job(args):
         return report(args, threads, f"bool masks (1 x 1 x L x L, broadcast over heads) against the same mask as "
                       f"an additive float32 mask, no mask, and torch's SDPA with the bool mask; median of "
                       f"{args.repeat}", _bench.format_masks(rows), masks=rows)
+    if args.paged:
+        rows, mixed = _bench.run_paged(threads, repeat=max(args.repeat, 10), with_torch=not args.no_torch,
+                                       progress=progress)
+        h, g, d = _bench.PAGED_HEADS
+        return report(args, threads, f"paged KV cache decode, float32, {h} heads over {g} kv heads, D {d}, one "
+                      "query per sequence, shuffled blocks; against fastattn on the same keys stored contiguously "
+                      "(one sequence: attention on (1, G, Lk, D); a batch: attention_varlen on packed keys); bf16 = "
+                      "the same paged call with a bfloat16 cache and queries; GB/s = float32 K and V bytes / time; "
+                      f"medians of 5 rounds of alternating blocks", _bench.format_paged(rows, mixed), paged=rows,
+                      paged_mixed=mixed)
     if args.transformers:
         rows = _bench.run_transformers(threads, repeat=args.repeat, progress=progress)
         layers, hidden, heads, kv, mlp, vocab = _bench.TRANSFORMERS_MODEL
@@ -211,6 +221,9 @@ def parse_args(argv):
                             "against one process; needs dask and distributed")
     bench.add_argument("--masks", action="store_true",
                        help="bool masks (random, causal, 8 documents) against additive masks, no mask and torch")
+    bench.add_argument("--paged", action="store_true",
+                       help="paged KV cache decode against contiguous decode, and a mixed prefill/decode batch "
+                            "against torch")
     bench.add_argument("--transformers", action="store_true",
                        help="prefill (2048 tokens) and decode (128) of a small Llama-style transformers model, "
                             "sdpa vs fastattn; needs transformers")

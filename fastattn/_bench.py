@@ -670,3 +670,143 @@ def format_masks(rows):
                      f"{r['bool_ms'] / r['float_ms']:>10.2f} {r['none_ms']:>10.1f} "
                      + (f"{th:>9.1f} {th / r['bool_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}"))
     return "\n".join(lines)
+
+
+# paged KV cache rows: (Lk, batch, block size); a batch of 16 has lengths drawn from [Lk / 4, Lk]
+PAGED_HEADS = (32, 8, 128)  # H, G, D
+PAGED_CASES = [(4096, 1, 16), (4096, 1, 32), (16384, 1, 16), (16384, 1, 32), (32768, 1, 16), (32768, 1, 32),
+               (4096, 16, 16), (16384, 16, 16), (16384, 16, 32)]
+# mixed batch: 8 sequences decoding (Lk 2048 .. 8192) and one prefill chunk of 512 queries after 8192 cached keys
+PAGED_MIXED = (8, 2048, 8192, 512, 8192)
+
+
+def _filled(shape, rng, dtype=np.float32):
+    """An array of `shape` holding random values (a 1 MiB random block,
+    repeated: the timing does not depend on the values)."""
+    n = int(np.prod(shape))
+    block = rng.standard_normal(min(n, 1 << 18), dtype=np.float32).astype(dtype)
+    return np.resize(block, n).reshape(shape)
+
+
+def paged_problem(lens, bs, n_q=None, dtype=np.float32, seed=0):
+    """A paged cache holding sequences of `lens` keys in shuffled blocks, its
+    block table, queries (n_q per sequence, default 1) and the same keys
+    packed contiguously: (q, k_cache, v_cache, table, cu_q, k_packed, v_packed, cu_k)."""
+    h, g, d = PAGED_HEADS
+    rng = np.random.default_rng(seed)
+    lens = np.asarray(lens)
+    n_q = np.ones_like(lens) if n_q is None else np.asarray(n_q)
+    need = (lens + bs - 1) // bs
+    n_blocks = int(need.sum())
+    k_cache, v_cache = _filled((n_blocks, bs, g, d), rng, dtype), _filled((n_blocks, bs, g, d), rng, dtype)
+    ids = rng.permutation(n_blocks).astype(np.int32)
+    table = np.zeros((len(lens), int(need.max())), dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(need)])
+    for b, n in enumerate(need):
+        table[b, :n] = ids[starts[b]: starts[b + 1]]
+    j = [np.arange(n) for n in lens]
+    k_packed = np.concatenate([k_cache[table[b, jb // bs], jb % bs] for b, jb in enumerate(j)])
+    v_packed = np.concatenate([v_cache[table[b, jb // bs], jb % bs] for b, jb in enumerate(j)])
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(x)]) for x in (n_q, lens))
+    q = _filled((int(cu_q[-1]), h, d), rng, dtype)
+    return q, k_cache, v_cache, table, cu_q, k_packed, v_packed, cu_k
+
+
+def run_paged(threads, repeat=10, cases=None, with_torch=True, progress=None):
+    """Paged decode (attention_paged) against fastattn's decode over the same
+    keys stored contiguously (one sequence: attention on (1, G, Lk, D); a
+    batch: attention_varlen on the packed keys), float32 and bfloat16; and a
+    mixed batch (decodes and a prefill chunk in one call) against torch's
+    SDPA per sequence after a gather of its blocks.  Same data, same run."""
+    from fastattn._api import BFLOAT16
+
+    bf16 = np.dtype(BFLOAT16) if BFLOAT16 is not None else None
+    rows = []
+    for n, (lk, batch, bs) in enumerate(PAGED_CASES if cases is None else cases, 1):
+        if progress:
+            progress(f"[paged {n}] Lk={lk} batch={batch} block={bs}")
+        rng = np.random.default_rng(n)
+        lens = np.full(batch, lk) if batch == 1 else rng.integers(lk // 4, lk + 1, batch)
+        q, kc, vc, table, cu_q, kp, vp, cu_k = paged_problem(lens, bs, seed=n)
+        h, g, d = PAGED_HEADS
+        if batch == 1:
+            kt, vt = (np.ascontiguousarray(x.transpose(1, 0, 2))[None] for x in (kp, vp))
+            q4 = q[:, :, None]
+            contiguous = lambda: fastattn.attention(q4, kt, vt, num_threads=threads)  # noqa: E731
+        else:
+            contiguous = lambda: fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, num_threads=threads)  # noqa: E731
+        fns = [lambda: fastattn.attention_paged(q, kc, vc, table, lens, num_threads=threads), contiguous]
+        if bf16 is not None and bs == 16:  # the same cache in bfloat16 (queries too)
+            qb, kcb, vcb = (x.astype(bf16) for x in (q, kc, vc))
+            fns.append(lambda: fastattn.attention_paged(qb, kcb, vcb, table, lens, num_threads=threads))
+        times = alternating_blocks(fns, repeat)
+        row = dict(lk=lk, batch=batch, block=bs, keys=int(lens.sum()), threads=threads,
+                   bytes=2 * int(lens.sum()) * g * d * 4, paged_ms=times[0] * 1e3, contiguous_ms=times[1] * 1e3)
+        if len(times) > 2:
+            row["bf16_ms"] = times[2] * 1e3
+        rows.append(row)
+    mixed = run_paged_mixed(threads, repeat=max(3, repeat // 3), with_torch=with_torch, progress=progress)
+    return rows, mixed
+
+
+def run_paged_mixed(threads, repeat=3, with_torch=True, progress=None):
+    n_dec, lo, hi, chunk, cached = PAGED_MIXED
+    if progress:
+        progress(f"[paged mixed] {n_dec} decodes (Lk {lo}..{hi}) + a {chunk}-query chunk after {cached} keys")
+    rng = np.random.default_rng(99)
+    lens = np.concatenate([rng.integers(lo, hi + 1, n_dec), [cached + chunk]])
+    n_q = np.concatenate([np.ones(n_dec, dtype=np.int64), [chunk]])
+    bs = 16
+    q, kc, vc, table, cu_q, _, _, _ = paged_problem(lens, bs, n_q=n_q, seed=99)
+    row = dict(decodes=n_dec, lk_range=[lo, hi], chunk=chunk, cached=cached, block=bs, threads=threads)
+    row["fastattn_ms"] = median_time(lambda: fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu_q,
+                                                                      num_threads=threads), repeat) * 1e3
+    torch_mod = torch_sdpa() if with_torch else None
+    if torch_mod is not None:
+        torch, sdpa = torch_mod
+        h, g, d = PAGED_HEADS
+        tk, tv, tq = torch.from_numpy(kc), torch.from_numpy(vc), torch.from_numpy(q)
+        blocks = [torch.from_numpy(table[b, : (n + bs - 1) // bs].astype(np.int64)) for b, n in enumerate(lens)]
+        # bottom-right causal mask of the chunk (built once, outside the timing)
+        i = np.arange(chunk)[:, None] + cached
+        chunk_mask = torch.from_numpy(np.arange(cached + chunk)[None, :] <= i)
+
+        def torch_step():
+            outs = []
+            for b, n in enumerate(lens):
+                k = tk.index_select(0, blocks[b]).reshape(-1, g, d)[:n].transpose(0, 1)[None]
+                v = tv.index_select(0, blocks[b]).reshape(-1, g, d)[:n].transpose(0, 1)[None]
+                qb = tq[cu_q[b]: cu_q[b + 1]].transpose(0, 1)[None]
+                mask = chunk_mask if n_q[b] > 1 else None
+                outs.append(sdpa(qb, k, v, attn_mask=mask, enable_gqa=True))
+            return outs
+
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                row["torch_ms"] = median_time(torch_step, repeat) * 1e3
+        finally:
+            torch.set_num_threads(saved)
+    return row
+
+
+def format_paged(rows, mixed):
+    header = (f"{'Lk':>6} {'batch':>5} {'block':>5} {'paged ms':>9} {'GB/s':>6} {'contig ms':>9} {'GB/s':>6} "
+              f"{'paged/contig':>12} {'bf16 ms':>8} {'x f32 contig':>12}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gb = r["bytes"] / 1e9
+        bf = r.get("bf16_ms")
+        lines.append(f"{r['lk']:>6} {r['batch']:>5} {r['block']:>5} {r['paged_ms']:>9.2f} "
+                     f"{gb / (r['paged_ms'] * 1e-3):>6.1f} {r['contiguous_ms']:>9.2f} "
+                     f"{gb / (r['contiguous_ms'] * 1e-3):>6.1f} {r['contiguous_ms'] / r['paged_ms']:>11.1%} "
+                     + (f"{bf:>8.2f} {r['contiguous_ms'] / bf:>11.2f}x" if bf else f"{'-':>8} {'-':>12}"))
+    th = mixed.get("torch_ms")
+    lines.append("")
+    lines.append(f"mixed batch: {mixed['decodes']} decodes (Lk {mixed['lk_range'][0]}..{mixed['lk_range'][1]}) + "
+                 f"a {mixed['chunk']}-query prefill chunk after {mixed['cached']} keys, one call: "
+                 f"{mixed['fastattn_ms']:.1f} ms"
+                 + (f"; torch (gather + SDPA per sequence) {th:.1f} ms: {th / mixed['fastattn_ms']:.2f}x" if th
+                    else ""))
+    return "\n".join(lines)
