@@ -32,13 +32,18 @@ typedef struct {
     const char *arch;
     unsigned needs;            /* FA_CPU_* bits */
     const char *feature_names; /* the same, for people */
-    const fa_tile_ops *ops[FA_DTYPE_COUNT][FA_DTYPE_COUNT];
+    const fa_tile_ops *ops[FA_DTYPE_COUNT][FA_KV_DTYPE_COUNT];
     fa_exp_fn exp_f32;
 } fa_path;
 
-/* The tables of a path that stores k and v as the type of q. */
-#define FA_SAME_TYPES(f32, f64, f16, bf16) \
-    {[FA_F32][FA_F32] = (f32), [FA_F64][FA_F64] = (f64), [FA_F16][FA_F16] = (f16), [FA_BF16][FA_BF16] = (bf16)}
+/* The tables of a path: k and v stored as the type of q, or in 8 bits
+ * (dequantised as the tiles are read: the same tables, but for bfloat16,
+ * whose table for 8-bit k and v is bf16_q8). */
+#define FA_KV8(q, t) [q][FA_I8] = (t), [q][FA_E4M3] = (t), [q][FA_E5M2] = (t)
+#define FA_TYPES(f32, f64, f16, bf16, bf16_q8)                                                                   \
+    {[FA_F32][FA_F32] = (f32), [FA_F64][FA_F64] = (f64), [FA_F16][FA_F16] = (f16), [FA_BF16][FA_BF16] = (bf16), \
+     FA_KV8(FA_F32, f32), FA_KV8(FA_F64, f64), FA_KV8(FA_F16, f16), FA_KV8(FA_BF16, bf16_q8)}
+#define FA_SAME_TYPES(f32, f64, f16, bf16) FA_TYPES(f32, f64, f16, bf16, bf16)
 
 #if FA_HAVE_X86_PATHS
 #include <cpuid.h>
@@ -124,7 +129,8 @@ static const fa_path fa_paths[] = {
      fa_exp_f32_avx512},
     {"avx512bf16", "x86_64", FA_CPU_AVX2 | FA_CPU_F16C | FA_CPU_AVX512 | FA_CPU_AVX512BF16,
      "avx512f avx512bw avx512dq avx512vl avx512_bf16",
-     FA_SAME_TYPES(&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512bf16),
+     FA_TYPES(&fa_ops_f32_avx512, &fa_ops_f64_avx512, &fa_ops_f16_avx512, &fa_ops_bf16_avx512bf16,
+              &fa_ops_bf16_avx512),
      fa_exp_f32_avx512},
 #elif defined(__aarch64__)
     {"neon", "aarch64", FA_CPU_NEON, "neon (asimd)",
@@ -263,12 +269,16 @@ static int fa_check(const fa_problem *p, int kind, const fa_tile_ops **ops)
 {
     if (!p || !p->entries || p->n_entries < 0 || p->d < 0 || p->dv < 0 || p->num_threads < 1)
         return FA_ERR_INVALID;
-    if (p->dtype < 0 || p->dtype >= FA_DTYPE_COUNT || p->kv_dtype < 0 || p->kv_dtype >= FA_DTYPE_COUNT)
+    if (p->dtype < 0 || p->dtype >= FA_DTYPE_COUNT || p->kv_dtype < 0 || p->kv_dtype >= FA_KV_DTYPE_COUNT)
+        return FA_ERR_INVALID;
+    const int kv8 = p->kv_dtype >= FA_I8; /* forward attention only, with scales */
+    if (kv8 ? kind != FA_KIND_ATTENTION || !p->k_scales || !p->v_scales || p->k_cs != 1 || p->v_cs != 1
+            : p->k_scales || p->v_scales)
         return FA_ERR_INVALID;
     if (p->group < 1 || (p->group != 1 && kind != FA_KIND_ATTENTION)) return FA_ERR_INVALID;
     if (!fa_path_supported(p->path)) return FA_ERR_ISA;
     *ops = fa_paths[p->path].ops[p->dtype][p->kv_dtype];
-    if (!*ops || (p->kv_scales != NULL) != (*ops)->kv_scaled) return FA_ERR_UNSUPPORTED;
+    if (!*ops) return FA_ERR_UNSUPPORTED;
     if (p->sinks && p->weights != FA_WEIGHTS_SOFTMAX) return FA_ERR_INVALID;
     if (p->pages && (kind != FA_KIND_ATTENTION || p->page_size < 1 || p->n_pages < 1 ||
                      !fa_page_stride_ok(p->k_ps, p->k_rs) || !fa_page_stride_ok(p->v_ps, p->v_rs)))
@@ -369,7 +379,7 @@ int fa_attention_backward(const fa_problem *p)
     const fa_tile_ops *ops;
     const int checked = fa_check(p, FA_KIND_ATTENTION, &ops);
     if (checked != FA_OK) return checked;
-    if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages) return FA_ERR_INVALID;
+    if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages || p->kv_dtype != p->dtype) return FA_ERR_INVALID;
     if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || !p->delta)) return FA_ERR_INVALID;
     int64_t n_keys = 0, n_rows = 0;
     for (int64_t i = 0; i < p->n_entries; i++) {

@@ -74,21 +74,28 @@ static int64_t fa_page_view(const fa_problem *p, const int64_t *e, int64_t k0, i
     memcpy(ev, e, FA_ENTRY_FIELDS * sizeof *ev);
     ev[FA_E_K] = e[FA_E_K] + page * p->k_ps - first * p->k_rs;
     ev[FA_E_V] = e[FA_E_V] + page * p->v_ps - first * p->v_rs;
+    ev[FA_E_KS] = e[FA_E_KS] + page * p->ks_ps - first * p->ks_rs;
+    ev[FA_E_VS] = e[FA_E_VS] + page * p->vs_ps - first * p->vs_rs;
     return first + p->page_size;
 }
 
+/* How far ahead a bundle's prefetch may reach, in bytes of K and V rows. */
+#define FA_PREFETCH_BYTES (256 * 1024)
+
 /* Bytes of an element of each storage type. */
-static const int64_t fa_dtype_bytes[FA_DTYPE_COUNT] = {[FA_F32] = 4, [FA_F64] = 8, [FA_F16] = 2, [FA_BF16] = 2};
+static const int64_t fa_dtype_bytes[FA_KV_DTYPE_COUNT] = {[FA_F32] = 4, [FA_F64] = 8, [FA_F16] = 2, [FA_BF16] = 2,
+                                                         [FA_I8] = 1, [FA_E4M3] = 1, [FA_E5M2] = 1};
 
 /* Does a thread gather the key tiles of this problem's prefill items into
  * contiguous rows (fa_attention_item)?  When k and v are paged, or their
  * rows lie further apart than their length (the heads of packed sequences
  * side by side): read in place, rows a power of two apart fall into a few
- * cache sets; elements of a row must be contiguous. */
+ * cache sets; elements of a row must be contiguous.  (8-bit rows are
+ * converted tile by tile anyway.) */
 static int fa_gathers(const fa_problem *p, int kind)
 {
     const int64_t es = fa_dtype_bytes[p->kv_dtype];
-    return kind == FA_KIND_ATTENTION && p->k_cs == es && p->v_cs == es &&
+    return kind == FA_KIND_ATTENTION && p->kv_dtype < FA_I8 && p->k_cs == es && p->v_cs == es &&
            (p->pages || p->k_rs != p->d * es || p->v_rs != p->dv * es);
 }
 
@@ -150,11 +157,15 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
         unmasked.mask_kind = FA_MASK_NONE;
     }
     /* decoding streams K and V once: ask for the rows two tiles ahead (one
-     * is too late to hide the memory latency), a bundle's whole rows as
-     * many keys ahead as would make the same bytes */
-    const int64_t pf_ahead = fa_max64(16, 2 * FA_BK / nb);
+     * is too late to hide the memory latency); a bundle asks for its whole
+     * rows, two of its tiles (pages) ahead but at most FA_PREFETCH_BYTES */
     const int64_t *last = e + (nb - 1) * FA_ENTRY_FIELDS;
     const int64_t pf_kb = last[FA_E_K] - e[FA_E_K] + p->d * p->k_cs, pf_vb = last[FA_E_V] - e[FA_E_V] + p->dv * p->v_cs;
+    int64_t pf_ahead = 2 * FA_BK;
+    if (nb > 1) {
+        const int64_t step = paged ? fa_min64(tile, p->page_size) : tile;
+        pf_ahead = fa_max64(step, fa_min64(2 * step, FA_PREFETCH_BYTES / fa_max64(1, pf_kb + pf_vb)));
+    }
     const fa_prefetch_plan pf_none = {NULL, NULL, 0, 0, 0, 0, 0};
     for (int64_t k0 = klo, bk; k0 < khi; k0 += bk) {
         bk = fa_min64(tile, khi - k0);

@@ -62,4 +62,12 @@ static inline uint16_t fa_f32_to_f16(float f)
     return (uint16_t)(sign | (uint16_t)(r >> 13));
 }
 
+/* The 8-bit floats as float16 bit patterns: e5m2 is the top byte of a
+ * float16; e4m3's exponent (bias 7) and mantissa, moved into a float16's
+ * (bias 15), give 2^-8 times its value, subnormals included (its NaN, 0x7f,
+ * reads as 480).  Multiply by FA_E4M3_UNIT to undo the 2^-8. */
+#define FA_E4M3_UNIT 256.0f
+static inline uint16_t fa_e5m2_f16_bits(uint8_t x) { return (uint16_t)(x << 8); }
+static inline uint16_t fa_e4m3_f16_bits(uint8_t x) { return (uint16_t)(((x & 0x80u) << 8) | ((x & 0x7fu) << 7)); }
+
 #endif /* FA_HALF_H */

@@ -39,7 +39,6 @@ typedef struct {
     int width;          /* lanes of a vector of the compute type */
     int rows_max;       /* items of at most this many rows use the few-row (decoding) kernels */
     int rows_tile;      /* keys per tile for such items (FA_BK for others) */
-    int kv_scaled;      /* 1 if the operations dequantise k and v with p->kv_scales */
 
     void *(*scratch_new)(const fa_problem *p); /* NULL if out of memory */
     void (*scratch_free)(void *w);

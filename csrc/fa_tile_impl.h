@@ -474,6 +474,10 @@ static inline void FN(load_row)(const char *row, int64_t cs, int64_t n, FA_T *ou
     int64_t c = 0;
 #if FA_S_KIND == 1 && FA_F16C
     for (; c + 8 <= n; c += 8) _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + c))));
+#elif FA_S_KIND == 2 && (FA_VEC_ISA == 1 || FA_VEC_ISA == 2)
+    for (; c + 8 <= n; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + c))), 16)));
 #elif FA_S_KIND == 1 && FA_VEC_ISA == 3
     for (; c + 4 <= n; c += 4) vst1q_f32(out + c, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + c))));
 #elif FA_S_KIND == 2 && FA_VEC_ISA == 3
@@ -481,6 +485,65 @@ static inline void FN(load_row)(const char *row, int64_t cs, int64_t n, FA_T *ou
 #endif
     for (; c < n; c++) out[c] = FA_LD(src + c);
 #endif
+}
+
+/* out[c] = scale * value of the 8-bit element c of a row (kv: FA_I8,
+ * FA_E4M3 or FA_E5M2), elements cs bytes apart, for c < n.  The floats
+ * convert through float16 bit patterns (fa_half.h), in vectors where the
+ * path converts float16 in vectors. */
+static void FN(load_row8)(const uint8_t *src, int64_t cs, int kv, FA_T scale, int64_t n, FA_T *out)
+{
+    int64_t c = 0;
+    if (kv == FA_I8) {
+#if FA_T_IS_FLOAT && FA_VEC_ISA == 2
+        if (cs == 1) {
+            const __m512 vs = _mm512_set1_ps(scale);
+            for (; c + 16 <= n; c += 16)
+                _mm512_storeu_ps(out + c, _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                _mm_loadu_si128((const __m128i *)(src + c))))));
+        }
+#elif FA_T_IS_FLOAT && FA_VEC_ISA == 1
+        if (cs == 1) {
+            const __m256 vs = _mm256_set1_ps(scale);
+            for (; c + 8 <= n; c += 8)
+                _mm256_storeu_ps(out + c, _mm256_mul_ps(vs, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                                _mm_loadl_epi64((const __m128i *)(src + c))))));
+        }
+#endif
+        for (; c < n; c++) out[c] = scale * (FA_T)(int8_t)src[c * cs];
+        return;
+    }
+    const int e4 = kv == FA_E4M3;
+    if (e4) scale *= (FA_T)FA_E4M3_UNIT;
+#if FA_T_IS_FLOAT && FA_F16C
+    if (cs == 1) {
+        const __m256 vs = _mm256_set1_ps(scale);
+        const __m128i sign = _mm_set1_epi16(0x80), mag = _mm_set1_epi16(0x7f);
+        for (; c + 8 <= n; c += 8) {
+            const __m128i x = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(src + c)));
+            const __m128i h = e4 ? _mm_or_si128(_mm_slli_epi16(_mm_and_si128(x, sign), 8),
+                                                _mm_slli_epi16(_mm_and_si128(x, mag), 7))
+                                 : _mm_slli_epi16(x, 8);
+            _mm256_storeu_ps(out + c, _mm256_mul_ps(vs, _mm256_cvtph_ps(h)));
+        }
+    }
+#elif FA_T_IS_FLOAT && FA_VEC_ISA == 3
+    if (cs == 1) {
+        const float32x4_t vs = vdupq_n_f32(scale);
+        for (; c + 8 <= n; c += 8) {
+            const uint16x8_t x = vmovl_u8(vld1_u8(src + c));
+            const uint16x8_t h = e4 ? vorrq_u16(vshlq_n_u16(vandq_u16(x, vdupq_n_u16(0x80)), 8),
+                                                vshlq_n_u16(vandq_u16(x, vdupq_n_u16(0x7f)), 7))
+                                    : vshlq_n_u16(x, 8);
+            vst1q_f32(out + c, vmulq_f32(vs, vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h)))));
+            vst1q_f32(out + c + 4, vmulq_f32(vs, vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)))));
+        }
+    }
+#endif
+    for (; c < n; c++) {
+        const uint8_t x = src[c * cs];
+        out[c] = scale * (FA_T)fa_f16_to_f32(e4 ? fa_e4m3_f16_bits(x) : fa_e5m2_f16_bits(x));
+    }
 }
 
 /* dst[j][c] = src[r0 + j][c] for c < nc, zero for nc <= c < ld.  Aligned to
@@ -553,6 +616,26 @@ static const FA_T *FN(key_rows)(const void *base, int64_t off, int64_t rs, int64
         return (const FA_T *)((const char *)base + off + k0 * rs);
     }
     FN(pack_rows)(base, off, rs, cs, k0, bk, n, buf, np);
+    *ld = np;
+    return buf;
+}
+
+/* Rows k0 .. k0 + bk of entry e's K (v = 0) or V (v = 1), as key_rows
+ * gives them; 8-bit rows are dequantised into buf with their scales. */
+static const FA_T *FN(kv_rows)(const fa_problem *p, const int64_t *e, int v, int64_t k0, int64_t bk, int64_t n,
+                               int64_t np, FA_T *buf, int64_t *ld)
+{
+    const void *base = v ? p->v : p->k;
+    const int64_t off = e[v ? FA_E_V : FA_E_K], rs = v ? p->v_rs : p->k_rs, cs = v ? p->v_cs : p->k_cs;
+    if (p->kv_dtype < FA_I8) return FN(key_rows)(base, off, rs, cs, k0, bk, n, np, buf, ld);
+    const char *scales = (const char *)(v ? p->v_scales : p->k_scales) + e[v ? FA_E_VS : FA_E_KS];
+    const int64_t srs = v ? p->vs_rs : p->ks_rs;
+    for (int64_t j = 0; j < bk; j++) {
+        const float scale = *(const float *)(scales + (k0 + j) * srs);
+        FA_T *dst = buf + j * np;
+        FN(load_row8)((const uint8_t *)base + off + (k0 + j) * rs, cs, p->kv_dtype, (FA_T)scale, n, dst);
+        for (int64_t c = n; c < np; c++) dst[c] = 0;
+    }
     *ld = np;
     return buf;
 }
@@ -642,7 +725,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
     } else {
-        const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, d, w->kp, &ldk);
+        const FA_T *k = FN(kv_rows)(p, e, 0, k0, bk, d, d, w->kp, &ldk);
         if (bq <= FA_ROWS_MAX) /* qt holds Q rows (see pack_q) */
             FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)k, ldk * (int64_t)sizeof(FA_T), 0, bk,
                         w->st, FA_BK, pf);
@@ -704,7 +787,7 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
             vr = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs - voff * FA_ROW_ES(h);
             ldvb = p->v_rs;
         } else {
-            vr = (const char *)FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
+            vr = (const char *)FN(kv_rows)(p, e, 1, k0, bk, p->dv, dvp, w->vp, &ldv);
             ldvb = ldv * (int64_t)sizeof(FA_T);
         }
         const fa_mask m_first = VMASK((int)voff, FA_W), m_last = VMASK(0, (int)(voff + p->dv - (nvec - 1) * FA_W));
@@ -721,7 +804,7 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
         }
         return;
     }
-    v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, dvp, w->vp, &ldv);
+    v = FN(kv_rows)(p, e, 1, k0, bk, p->dv, dvp, w->vp, &ldv);
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
         for (int64_t r = 0; r < bq; r += FA_MR)

@@ -28,10 +28,14 @@ enum {
 };
 
 /* Element types.  `dtype` is that of q and out (and w for fa_weighted_sum),
- * `kv_dtype` that of the stored k and v.  The 16-bit types (IEEE binary16
- * and bfloat16) are computed in float32; their lse and fa_scores output are
- * float32.  Kernels exist today for kv_dtype == dtype only. */
+ * `kv_dtype` that of the stored k and v: dtype itself, or (fa_attention
+ * only) one of the 8-bit types, dequantised with scales: int8 (symmetric,
+ * value = scale * x), float8 e4m3 (ml_dtypes float8_e4m3fn: no infinities,
+ * its NaN is not kept) and e5m2 (value = scale * x).  The 16-bit types (IEEE
+ * binary16 and bfloat16) are computed in float32; their lse and fa_scores
+ * output are float32. */
 enum { FA_F32 = 0, FA_F64 = 1, FA_F16 = 2, FA_BF16 = 3, FA_DTYPE_COUNT = 4 };
+enum { FA_I8 = 4, FA_E4M3 = 5, FA_E5M2 = 6, FA_KV_DTYPE_COUNT = 7 };
 
 /* Element type of the mask (independent of the data type). */
 enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_F32 = 2, FA_MASK_F64 = 3 };
@@ -58,13 +62,15 @@ enum {
     FA_E_GV = 13,    /* offset of row 0 of the gradient of v */
     /* paged k and v only (ignored without p->pages): */
     FA_E_PAGES = 14, /* index into p->pages of the entry's first page */
-    FA_ENTRY_FIELDS = 15
+    /* 8-bit k and v only: */
+    FA_E_KS = 15, /* offset of the scale of row 0 of k in k_scales (paged: of page 0) */
+    FA_E_VS = 16, /* the same in v_scales */
+    FA_ENTRY_FIELDS = 17
 };
 
 typedef struct {
     int dtype;       /* FA_F32, ...: element type of q and out */
     int kv_dtype;    /* element type of k and v as stored */
-    const float *kv_scales; /* dequantisation scales of an 8-bit k/v; NULL (no table takes them yet) */
     int path;        /* kernel path: an index below fa_path_count() that fa_path_supported() */
     int num_threads; /* >= 1 */
 
@@ -118,6 +124,14 @@ typedef struct {
      * within a vector). */
     const int32_t *pages;
     int64_t page_size, n_pages, k_ps, v_ps;
+
+    /* 8-bit k and v (kv_dtype FA_I8, FA_E4M3, FA_E5M2; required then, else
+     * NULL; their rows' elements contiguous, k_cs = v_cs = 1): row j of k
+     * holds scale * x, the float32 scale at k_scales +
+     * e[FA_E_KS] + j * ks_rs (paged: + page * ks_ps, j the row within its
+     * page), bytes; a stride of 0 shares one scale (per tensor).  v alike. */
+    const float *k_scales, *v_scales;
+    int64_t ks_rs, ks_ps, vs_rs, vs_ps;
 
     /* fa_attention_backward: the output's gradient (rows like out's), delta
      * = rowsum(dout * out) (compute type, like lse, which must be given for

@@ -247,8 +247,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
 
 def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, scale=None, causal=True,
-                    window=None, softcap=None, alibi_slopes=None, sinks=None, return_lse=False, out=None,
-                    num_threads=None):
+                    window=None, softcap=None, alibi_slopes=None, sinks=None, k_scale=None, v_scale=None,
+                    return_lse=False, out=None, num_threads=None):
     """Attention over a paged KV cache, for a batch that mixes decoding and prefill.
 
     The keys and values of sequence ``b`` are its first ``seq_lens[b]``
@@ -268,9 +268,11 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
         without ``cu_seqlens_q``, one query per sequence (decoding).
     k_cache : ndarray, shape (num_blocks, block_size, G, D)
     v_cache : ndarray, shape (num_blocks, block_size, G, Dv)
-        float32, float64, float16 or bfloat16, the dtype of q; H a multiple
-        of G (grouped-query heads).  A block stride must be a multiple of
-        64 bytes or of the row stride (true of any contiguous cache).
+        The dtype of q, or 8 bits: int8, ``ml_dtypes.float8_e4m3fn`` or
+        ``float8_e5m2``, dequantised as the kernel reads them (the queries
+        and the result keep q's dtype).  H a multiple of G (grouped-query
+        heads).  A block stride must be a multiple of 64 bytes or of the row
+        stride (true of any contiguous cache).
     block_table : array_like of int, shape (batch, max_blocks_per_seq)
         The blocks of each sequence, in order; entries past a sequence's
         last block are not read.  Every block a sequence uses must exist.
@@ -280,6 +282,12 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     scale, causal, window, softcap, alibi_slopes, sinks
         As in :func:`attention` (causal by default; slopes and sinks
         broadcast to (H,)).
+    k_scale, v_scale : optional
+        The scales of an 8-bit cache (required then, else None): for int8,
+        float32 arrays of shape (num_blocks, block_size, G), the stored
+        value of a token and head times its scale being its key (symmetric,
+        filled by :func:`cache_write`); for float8, one float each (per
+        tensor).
     return_lse : bool
         Also return the log-sum-exp, shape (H, total_q).
     out : ndarray, optional
@@ -293,7 +301,7 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     return_lse = _v.flag(return_lse, "return_lse")
     num_threads = _config.resolve_threads(num_threads)
     args = _v.PagedArgs(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window, softcap,
-                        alibi_slopes, sinks)
+                        alibi_slopes, sinks, k_scale, v_scale)
     total_q, h = args.q.shape[:2]
     out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
@@ -301,12 +309,17 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     return (out, lse) if return_lse else out
 
 
-def cache_write(k, v, k_cache, v_cache, slot_mapping):
+def cache_write(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
     """Write new tokens' keys and values into a paged KV cache, in place.
 
     Token ``t`` goes to slot ``slot_mapping[t]`` = ``block * block_size +
-    offset``: ``k_cache[block, offset] = k[t]`` (converted to the cache's
-    dtype, rounding to nearest); a slot of -1 skips the token (padding).
+    offset``: ``k_cache[block, offset] = k[t]``, converted to the cache's
+    dtype; a slot of -1 skips the token (padding).  Float caches round to
+    nearest.  An int8 cache stores each token and head symmetrically
+    quantised, ``round(k / s)`` with ``s = max|k| / 127``, and writes ``s``
+    to ``k_scale[block, offset, head]``; a float8 cache stores
+    ``k / k_scale`` (its per-tensor scale, given), rounded to nearest and
+    clipped to the type's largest finite value.
 
     Parameters
     ----------
@@ -316,12 +329,27 @@ def cache_write(k, v, k_cache, v_cache, slot_mapping):
         As :func:`attention_paged` reads them; written in place.
     slot_mapping : array_like of int, shape (T,)
         Distinct slots in ``[0, num_blocks * block_size)``, or -1.
+    k_scale, v_scale : optional
+        An 8-bit cache's scales, as :func:`attention_paged` takes them
+        (int8: written here).
     """
     k, v, k_cache, v_cache, keep, slots = _v.cache_slots(k, v, k_cache, v_cache, slot_mapping)
+    scales = _v.cache_scales(k_cache, k_scale, v_scale)
     bs = k_cache.shape[1]
     blocks, offsets = slots // bs, slots % bs
-    k_cache[blocks, offsets] = k[keep]
-    v_cache[blocks, offsets] = v[keep]
+    for x, cache, sc in ((k[keep], k_cache, scales[0]), (v[keep], v_cache, scales[1])):
+        if cache.dtype == np.int8:
+            x = x.astype(np.float32)
+            s = np.max(np.abs(x), axis=-1) / np.float32(127)  # (tokens, G)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                codes = np.where(s[..., None] > 0, np.rint(x / s[..., None]), 0)
+            cache[blocks, offsets] = np.clip(codes, -127, 127).astype(np.int8)
+            sc[blocks, offsets] = s
+        elif cache.dtype in _v.KV8_DTYPES:
+            top = float(_v.ml_dtypes.finfo(cache.dtype).max)
+            cache[blocks, offsets] = np.clip(x.astype(np.float32) / sc[0], -top, top).astype(cache.dtype)
+        else:
+            cache[blocks, offsets] = x
 
 
 def merge(outputs, lses):

@@ -12,6 +12,9 @@ cdef extern from "fastattn.h" nogil:
         FA_F64
         FA_F16
         FA_BF16
+        FA_I8
+        FA_E4M3
+        FA_E5M2
         FA_MASK_NONE
         FA_MASK_BOOL
         FA_MASK_F32
@@ -33,12 +36,13 @@ cdef extern from "fastattn.h" nogil:
         FA_E_GK
         FA_E_GV
         FA_E_PAGES
+        FA_E_KS
+        FA_E_VS
         FA_ENTRY_FIELDS
 
     ctypedef struct fa_problem:
         int dtype
         int kv_dtype
-        const float *kv_scales
         int path
         int num_threads
         int64_t n_entries
@@ -67,6 +71,9 @@ cdef extern from "fastattn.h" nogil:
         const double *sinks
         const int32_t *pages
         int64_t page_size, n_pages, k_ps, v_ps
+        const float *k_scales
+        const float *v_scales
+        int64_t ks_rs, ks_ps, vs_rs, vs_ps
         const void *dout
         const void *delta
         void *gq

@@ -8,6 +8,9 @@ DTYPE_F32: int
 DTYPE_F64: int
 DTYPE_F16: int
 DTYPE_BF16: int
+DTYPE_I8: int
+DTYPE_E4M3: int
+DTYPE_E5M2: int
 MASK_NONE: int
 MASK_BOOL: int
 MASK_F32: int
@@ -29,6 +32,8 @@ E_GQ: int
 E_GK: int
 E_GV: int
 E_PAGES: int
+E_KS: int
+E_VS: int
 ENTRY_FIELDS: int
 
 class Problem:
@@ -85,6 +90,12 @@ class Problem:
         n_pages: int = 0,
         k_ps: int = 0,
         v_ps: int = 0,
+        k_scales: int = 0,
+        ks_rs: int = 0,
+        ks_ps: int = 0,
+        v_scales: int = 0,
+        vs_rs: int = 0,
+        vs_ps: int = 0,
         dout: int = 0,
         dout_rs: int = 0,
         dout_cs: int = 0,

@@ -40,6 +40,9 @@ DTYPE_F32 = FA_F32
 DTYPE_F64 = FA_F64
 DTYPE_F16 = FA_F16
 DTYPE_BF16 = FA_BF16
+DTYPE_I8 = FA_I8
+DTYPE_E4M3 = FA_E4M3
+DTYPE_E5M2 = FA_E5M2
 MASK_NONE = FA_MASK_NONE
 MASK_BOOL = FA_MASK_BOOL
 MASK_F32 = FA_MASK_F32
@@ -63,6 +66,8 @@ E_GQ = FA_E_GQ
 E_GK = FA_E_GK
 E_GV = FA_E_GV
 E_PAGES = FA_E_PAGES
+E_KS = FA_E_KS
+E_VS = FA_E_VS
 ENTRY_FIELDS = FA_ENTRY_FIELDS
 
 
@@ -108,6 +113,8 @@ cdef class Problem:
                  const double[::1] alibi_slopes=None, const double[::1] sinks=None,
                  const int32_t[::1] pages=None, int64_t page_size=0, int64_t n_pages=0,
                  int64_t k_ps=0, int64_t v_ps=0,
+                 uintptr_t k_scales=0, int64_t ks_rs=0, int64_t ks_ps=0,
+                 uintptr_t v_scales=0, int64_t vs_rs=0, int64_t vs_ps=0,
                  uintptr_t dout=0, int64_t dout_rs=0, int64_t dout_cs=0, int64_t dout_hs=0,
                  uintptr_t delta=0, int64_t delta_rs=0, int64_t delta_hs=0,
                  uintptr_t gq=0, int64_t gq_rs=0, int64_t gq_cs=0, int64_t gq_hs=0,
@@ -120,7 +127,6 @@ cdef class Problem:
         self.keep = keep
         self.p.dtype = dtype
         self.p.kv_dtype = kv_dtype
-        self.p.kv_scales = NULL
         self.p.path = path
         self.p.num_threads = num_threads
         self.p.n_entries = entries.shape[0]
@@ -155,6 +161,9 @@ cdef class Problem:
         self._pages = pages
         self.p.pages = &pages[0] if pages is not None and pages.shape[0] > 0 else NULL
         self.p.page_size, self.p.n_pages, self.p.k_ps, self.p.v_ps = page_size, n_pages, k_ps, v_ps
+        self.p.k_scales = <const float *>k_scales
+        self.p.v_scales = <const float *>v_scales
+        self.p.ks_rs, self.p.ks_ps, self.p.vs_rs, self.p.vs_ps = ks_rs, ks_ps, vs_rs, vs_ps
         self.p.dout = <const void *>dout
         self.p.dout_rs, self.p.dout_cs, self.p.dout_hs = dout_rs, dout_cs, dout_hs
         self.p.delta = <const void *>delta

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from fastattn import _config, _core
-from fastattn._validate import DTYPES
+from fastattn._validate import CACHE_DTYPES, DTYPES
 
 
 # ---- operands ------------------------------------------------------------------
@@ -44,11 +44,13 @@ def _operand(name, a, rows, cols=None, heads=None):
     return fields
 
 
-def _problem(dtype, num_threads, entries, *, keep, **fields):
-    """A _core.Problem of q/out dtype `dtype` (k and v stored alike) on the
-    current kernel path.  `keep` lists the arrays the addresses point into."""
+def _problem(dtype, num_threads, entries, *, keep, kv_dtype=None, **fields):
+    """A _core.Problem of q/out dtype `dtype` (k and v stored alike, or as
+    kv_dtype, a cache dtype) on the current kernel path.  `keep` lists the
+    arrays the addresses point into."""
     code = DTYPES[dtype]
-    return _core.Problem(dtype=code, kv_dtype=code, path=_config.path_index(), num_threads=num_threads,
+    kv_code = code if kv_dtype is None else CACHE_DTYPES[kv_dtype]
+    return _core.Problem(dtype=code, kv_dtype=kv_code, path=_config.path_index(), num_threads=num_threads,
                          entries=entries, keep=tuple(keep), **fields)
 
 
@@ -236,10 +238,17 @@ def attention_paged(args, out, lse, num_threads):
     }
     if lse is not None:
         cols[_core.E_LSE] = first * lse.strides[1] + head * lse.strides[0]
+    scales = {}
+    for name, sc, col in (("k", args.k_scale, _core.E_KS), ("v", args.v_scale, _core.E_VS)):
+        if sc is not None:  # (blocks, block_size, G) per token and head, or one per tensor
+            cols[col] = kv_head * _stride(sc, 2)
+            scales.update({f"{name}_scales": _core.address(sc), f"{name}s_rs": _stride(sc, 1),
+                           f"{name}s_ps": _stride(sc, 0)})
     entries = _entry_table(nseq * g, 1, cols)
     table = args.table.reshape(-1)
     problem = _problem(
-        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, keep=(q, k, v, out, lse, table),
+        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, kv_dtype=args.kv_dtype,
+        keep=(q, k, v, out, lse, table, args.k_scale, args.v_scale), **scales,
         pages=table, page_size=args.block_size, n_pages=k.shape[0], k_ps=_stride(k, 0), v_ps=_stride(v, 0),
         **_operand("q", q, 0, 2, 1), **_operand("k", k, 1, 3), **_operand("v", v, 1, 3),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))

@@ -34,6 +34,15 @@ if BFLOAT16 is not None:
 FLOAT_KINDS = "float16, bfloat16, float32 or float64"
 HALF_DTYPES = tuple(dt for dt in DTYPES if dt.itemsize == 2)
 
+# 8-bit storage types of a paged KV cache, with their kernel codes: int8
+# (a scale per token and head), float8 e4m3 and e5m2 (a scale per tensor).
+KV8_DTYPES = {np.dtype(np.int8): _core.DTYPE_I8}
+if BFLOAT16 is not None:
+    KV8_DTYPES[np.dtype(ml_dtypes.float8_e4m3fn)] = _core.DTYPE_E4M3
+    KV8_DTYPES[np.dtype(ml_dtypes.float8_e5m2)] = _core.DTYPE_E5M2
+CACHE_DTYPES = {**DTYPES, **KV8_DTYPES}
+CACHE_KINDS = FLOAT_KINDS + ", int8, float8_e4m3fn or float8_e5m2"
+
 MASK_KINDS = {
     np.dtype(np.bool_): _core.MASK_BOOL,
     np.dtype(np.float32): _core.MASK_F32,
@@ -472,11 +481,13 @@ def kv_cache(k_cache, v_cache):
     """The paged caches (num_blocks, block_size, G, D) and (..., Dv): same
     blocks, block size and heads; page strides that keep every page at the
     same place within a 64-byte vector as its rows (fastattn.h)."""
-    k_cache = as_array(k_cache, "k_cache")
-    v_cache = as_array(v_cache, "v_cache")
+    k_cache = as_array(k_cache, "k_cache", CACHE_KINDS, CACHE_DTYPES)
+    v_cache = as_array(v_cache, "v_cache", CACHE_KINDS, CACHE_DTYPES)
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.ndim != 4:
             raise ValueError(f"{name} must have shape (num_blocks, block_size, kv_heads, dim), got {c.shape}")
+        if c.dtype in KV8_DTYPES and c.shape[3] > 1 and c.strides[3] != 1:
+            raise ValueError(f"an 8-bit {name} must have contiguous rows (last stride 1), got strides {c.strides}")
         ps, rs = c.strides[0] if c.shape[0] > 1 else 0, c.strides[1] if c.shape[1] > 1 else 0
         if ps % 64 != 0 and (rs == 0 or ps % rs != 0):
             raise ValueError(f"{name}'s block stride ({ps} bytes) must be a multiple of 64 bytes or of its row "
@@ -491,6 +502,40 @@ def kv_cache(k_cache, v_cache):
     return k_cache, v_cache
 
 
+def cache_scales(k_cache, k_scale, v_scale):
+    """The scales of an 8-bit cache, read (and written by cache_write) in
+    place: float32 arrays (num_blocks, block_size, G) for int8, one float32
+    each (per tensor, returned as a 1-element array) for float8; None and
+    None for a float cache."""
+    out = []
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if k_cache.dtype not in KV8_DTYPES:
+            if s is not None:
+                raise ValueError(f"{name} is only for 8-bit caches (this one is {k_cache.dtype})")
+            out.append(None)
+            continue
+        if s is None:
+            raise ValueError(f"an {k_cache.dtype} cache needs {name}")
+        if k_cache.dtype == np.int8:
+            if not isinstance(s, np.ndarray) or s.dtype != np.float32:
+                raise TypeError(f"{name} of an int8 cache must be a float32 numpy array (one scale per token and "
+                                f"head), got {type(s).__name__} {getattr(s, 'dtype', '')}")
+            if s.shape != k_cache.shape[:3]:
+                raise ValueError(f"{name} must have shape {k_cache.shape[:3]} (num_blocks, block_size, kv_heads), "
+                                 f"got {s.shape}")
+        else:
+            value = real(s, name) if not isinstance(s, np.ndarray) else None
+            if value is None:
+                if s.size != 1 or s.dtype.kind != "f":
+                    raise ValueError(f"{name} of a float8 cache is one float (per tensor), got shape {s.shape}")
+                value = float(s.reshape(-1)[0])
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            s = np.array([value], dtype=np.float32)
+        out.append(s)
+    return out
+
+
 class PagedArgs(_Options):
     """The validated arguments of attention_paged(): q (total_q, H, D), the
     caches (kv_cache), the block table as C-contiguous int32, sequence
@@ -498,18 +543,21 @@ class PagedArgs(_Options):
     score options.  Every page a sequence's keys use is checked to exist."""
 
     def __init__(self, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale_, causal, window_,
-                 softcap_, slopes, sinks_):
+                 softcap_, slopes, sinks_, k_scale=None, v_scale=None):
         q = as_array(q, "q")
         if q.ndim != 3:
             raise ValueError(f"q must have shape (total_q, heads, dim) or (batch, heads, dim), got {q.shape}")
         self.k, self.v = kv_cache(k_cache, v_cache)
+        self.k_scale, self.v_scale = cache_scales(self.k, k_scale, v_scale)
+        self.kv_dtype = self.k.dtype
         total_q, h, self.d = q.shape
         n_blocks, self.block_size, g, d = self.k.shape
         self.dv = self.v.shape[3]
         if d != self.d:
             raise ValueError(f"q and k_cache must have the same head dim D: q {q.shape}, k_cache {self.k.shape}")
-        if q.dtype != self.k.dtype:
-            raise TypeError(f"q and the caches must have one dtype, got q {q.dtype}, k_cache {self.k.dtype}")
+        if q.dtype != self.k.dtype and self.k.dtype not in KV8_DTYPES:
+            raise TypeError(f"q and the caches must have one dtype (or 8-bit caches), got q {q.dtype}, "
+                            f"k_cache {self.k.dtype}")
         self.group = kv_group(h, g, [("q", q.shape), ("k_cache", self.k.shape), ("v_cache", self.v.shape)])
         table = int_array(block_table, "block_table", 2, "(batch, max_blocks_per_seq)")
         self.seq_lens = int_array(seq_lens, "seq_lens", 1, "(batch,)")
@@ -547,7 +595,8 @@ class PagedArgs(_Options):
         self.sinks = sinks(sinks_, (h,), _core.WEIGHTS_SOFTMAX)
         self.q = q
         self.dtype = q.dtype
-        self.originals = [("q", q), ("k_cache", self.k), ("v_cache", self.v)]
+        self.originals = [("q", q), ("k_cache", self.k), ("v_cache", self.v), ("k_scale", self.k_scale),
+                          ("v_scale", self.v_scale)]
 
 
 def cache_slots(k, v, k_cache, v_cache, slot_mapping):

@@ -213,15 +213,27 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, a
     return (out, lse) if return_lse else out
 
 
+def dequantize(cache, scale):
+    """An 8-bit cache's values in float64: int8 codes times their per-token
+    and head scales (num_blocks, block_size, G), float8 times the per-tensor
+    scale; a float cache as it is (scale None)."""
+    cache = _f64(cache)
+    if scale is None:
+        return cache
+    scale = np.asarray(scale, dtype=np.float32).astype(np.float64)  # scales are stored as float32
+    return cache * (scale[..., None] if scale.ndim == 3 else scale.reshape(()))
+
+
 def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, causal=True,
-                    return_lse=False, alibi_slopes=None, sinks=None, **options):
+                    return_lse=False, alibi_slopes=None, sinks=None, k_scale=None, v_scale=None, **options):
     """Attention over a paged KV cache, one sequence at a time: sequence b's
     keys are rows 0 .. seq_lens[b] - 1 of the pages block_table[b] (row j in
     page block_table[b, j // block_size], slot j % block_size), gathered
     into contiguous arrays; its queries are its last tokens (bottom-right).
-    q (total_q, H, D) with cu_seqlens_q, or (B, H, D): one query per sequence."""
+    q (total_q, H, D) with cu_seqlens_q, or (B, H, D): one query per
+    sequence.  8-bit caches are dequantised first (dequantize)."""
     q = _f64(q)
-    k_cache, v_cache = _f64(k_cache), _f64(v_cache)
+    k_cache, v_cache = dequantize(k_cache, k_scale), dequantize(v_cache, v_scale)
     bs = k_cache.shape[1]
     cu = np.arange(q.shape[0] + 1) if cu_seqlens_q is None else np.asarray(cu_seqlens_q)
     out = np.zeros(q.shape[:2] + (v_cache.shape[-1],))

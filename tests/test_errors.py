@@ -15,6 +15,7 @@ from fastattn import _config
 
 f32 = np.float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
+F8 = np.dtype(ml_dtypes.float8_e4m3fn)
 Q = np.zeros((2, 5, 8), f32)
 K = np.zeros((2, 6, 8), f32)
 V = np.zeros((2, 6, 4), f32)
@@ -241,7 +242,7 @@ BAD = [
     (lambda: paged(k_cache=np.zeros((4, 4, 8), f32)), ValueError, "k_cache must have shape"),
     (lambda: paged(v_cache=np.zeros((4, 4, 1, 8), f32)), ValueError, "same blocks, block size and heads"),
     (lambda: paged(v_cache=np.zeros((4, 4, 2, 8), np.float64)), TypeError, "one dtype"),
-    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), np.int8)), TypeError, "k_cache must have dtype"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), np.int8)), TypeError, "k_cache and v_cache must have one dtype"),
     (lambda: paged(k_cache=np.zeros((0, 4, 2, 8), f32), v_cache=np.zeros((0, 4, 2, 8), f32)), ValueError,
      "at least one block"),
     (lambda: paged(k_cache=np.lib.stride_tricks.as_strided(np.zeros(400, f32), (4, 4, 2, 8), (40, 64, 32, 4))),
@@ -265,6 +266,20 @@ BAD = [
     (lambda: paged(return_lse=1), TypeError, "return_lse"),
     (lambda: paged(out=np.zeros((4, 4, 7), f32)), ValueError, "out must have shape"),
     (lambda: paged(num_threads=0), ValueError, "num_threads"),
+    (lambda: paged(k_scale=np.ones((4, 4, 2), f32)), ValueError, "k_scale is only for 8-bit caches"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), np.int8), v_cache=np.zeros((4, 4, 2, 8), np.int8)), ValueError,
+     "needs k_scale"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), np.int8), v_cache=np.zeros((4, 4, 2, 8), np.int8),
+                   k_scale=np.ones((4, 4, 2)), v_scale=np.ones((4, 4, 2), f32)), TypeError, "k_scale of an int8"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), np.int8), v_cache=np.zeros((4, 4, 2, 8), np.int8),
+                   k_scale=np.ones((4, 4, 2), f32), v_scale=np.ones((4, 4), f32)), ValueError, "v_scale must have shape"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), F8), v_cache=np.zeros((4, 4, 2, 8), F8), k_scale=0.0,
+                   v_scale=1.0), ValueError, "k_scale must be a finite number > 0"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), F8), v_cache=np.zeros((4, 4, 2, 8), F8), k_scale=np.ones(2),
+                   v_scale=1.0), ValueError, "one float"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 16), np.int8)[..., ::2], v_cache=np.zeros((4, 4, 2, 8), np.int8),
+                   k_scale=np.ones((4, 4, 2), f32), v_scale=np.ones((4, 4, 2), f32)), ValueError, "contiguous rows"),
+    (lambda: paged(k_cache=np.zeros((4, 4, 2, 8), np.int16)), TypeError, "k_cache must have dtype"),
     # cache_write
     (lambda: write(k=np.zeros((3, 2, 7), f32)), ValueError, "k must have shape"),
     (lambda: write(v=np.zeros((2, 2, 8), f32)), ValueError, "v must have shape"),
@@ -276,6 +291,9 @@ BAD = [
     (lambda: write(slot_mapping=[0.0, 1.0, 2.0]), TypeError, "slot_mapping must be an integer"),
     (lambda: write(k_cache=np.broadcast_to(np.zeros((1, 1, 1, 8), f32), (4, 4, 2, 8))), ValueError,
      "k_cache is read-only"),
+    (lambda: write(k_cache=np.zeros((4, 4, 2, 8), np.int8), v_cache=np.zeros((4, 4, 2, 8), np.int8)), ValueError,
+     "needs k_scale"),
+    (lambda: write(k_scale=np.ones((4, 4, 2), f32)), ValueError, "only for 8-bit caches"),
     # scores, weighted_sum, merge, linear_attention
     (lambda: fastattn.scores(Q, np.zeros((2, 6, 9), f32)), ValueError, "same head dim"),
     (lambda: fastattn.weighted_sum(np.zeros((5, 7), f32), V[0]), ValueError, "w's last dim"),
@@ -314,7 +332,7 @@ BAD = [
     (lambda: dask_attention(lambda da, q, v: (object(), q, q)), TypeError, "q must"),
     # fastattn.transformers
     (lambda: hf_attention(dropout=0.1), ValueError, "dropout"),
-    (lambda: hf_attention(lambda t: dict(s_aux=t.zeros(4))), NotImplementedError, "sinks"),
+    (lambda: hf_attention(lambda t: dict(s_aux=t.zeros(4, requires_grad=True))), ValueError, "no gradient"),
     (lambda: hf_attention(lambda t: dict(attention_mask=t.ones(1, 1, 3, 3, dtype=t.bool))), ValueError,
      "2-D padding mask"),
     (lambda: hf_register(""), TypeError, "name"),

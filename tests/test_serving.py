@@ -233,3 +233,117 @@ def test_cache_write_rounds_to_a_16_bit_cache(rng):
     fastattn.cache_write(k, k, kc, kc.copy(), [0, 5, 6])
     np.testing.assert_array_equal(kc[1, 1:3], k[1:].astype(bf16))
     np.testing.assert_array_equal(kc[0, 0], k[0].astype(bf16))
+
+
+# ---- 8-bit caches -----------------------------------------------------------------
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+KV8 = [np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)]
+
+
+def quantized_cache(rng, kv, n_blocks, bs, g, d, dv, tensor_scale=0.05):
+    """A float32 cache and its 8-bit copy written by cache_write, with the scales."""
+    kf, vf = paged_cache(rng, np.float32, n_blocks, bs, g, d, dv)
+    kq, vq = np.zeros(kf.shape, kv), np.zeros(vf.shape, kv)
+    if kv == np.int8:
+        ks, vs = np.zeros(kf.shape[:3], np.float32), np.zeros(vf.shape[:3], np.float32)
+    else:
+        ks = vs = tensor_scale
+    n = n_blocks * bs
+    fastattn.cache_write(kf.reshape(n, g, d), vf.reshape(n, g, dv), kq, vq, np.arange(n), k_scale=ks, v_scale=vs)
+    return kf, vf, kq, vq, ks, vs
+
+
+@pytest.mark.parametrize("kv", KV8, ids=lambda t: t.name)
+@pytest.mark.parametrize("qdt", ["float32", "float16", "bfloat16", "float64"])
+def test_8bit_cache_matches_reference_on_the_dequantized_cache(isa, rng, kv, qdt):
+    """Queries stay in their float type; the 8-bit keys and values are
+    dequantised exactly (scale times an integer or an 8-bit float), so the
+    result is within the query type's rounding of the float64 reference on
+    the dequantised cache."""
+    qdt = np.dtype(ml_dtypes.bfloat16) if qdt == "bfloat16" else np.dtype(qdt)
+    h, g, d, dv, bs = 8, 2, 40, 24, 16
+    lens = np.array([2200, 33, 1, 90])
+    n_q = np.array([1, 20, 1, 3])
+    cu = np.concatenate([[0], np.cumsum(n_q)])
+    n_blocks = int(sum((n + bs - 1) // bs for n in lens)) + 1
+    _, _, kq, vq, ks, vs = quantized_cache(rng, kv, n_blocks, bs, g, d, dv)
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (cu[-1], h, d), qdt)
+    opts = dict(cu_seqlens_q=cu, k_scale=ks, v_scale=vs, sinks=sink_values(rng, h), window=(500, 0))
+    out, lse = fastattn.attention_paged(q, kq, vq, table, lens, return_lse=True, **opts)
+    assert out.dtype == qdt
+    rout, rlse = ref.attention_paged(q, kq, vq, table, lens, return_lse=True, **opts)
+    assert_close(out, rout)
+    assert_close(lse, rlse, dtype=np.float64 if qdt == np.float64 else np.float32)
+
+
+@pytest.mark.parametrize("kv", KV8, ids=lambda t: t.name)
+def test_8bit_cache_error_against_the_float_cache_is_bounded_by_its_step(rng, kv):
+    """Against attention on the unquantised cache, the error of a row is at
+    most what the quantisation steps allow: each key moves by at most half
+    a step per element (int8: scale / 2; float8: half a unit in the last
+    place, relative 2^-4 (e4m3) or 2^-3 (e5m2)), which moves a score by at
+    most |q| . |dk| and the output by at most max|dv| + the weights' change."""
+    h, g, d, bs = 4, 2, 32, 16
+    lens = np.array([700, 300])
+    n_blocks = int(sum((n + bs - 1) // bs for n in lens))
+    kf, vf, kq, vq, ks, vs = quantized_cache(rng, kv, n_blocks, bs, g, d, d, tensor_scale=1 / 64)
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (2, h, d), np.float32)
+    got = fastattn.attention_paged(q, kq, vq, table, lens, k_scale=ks, v_scale=vs)
+    want = ref.attention_paged(q, kf, vf, table, lens)
+    dk = np.abs(ref.dequantize(kq, ks) - kf).max()
+    dv = np.abs(ref.dequantize(vq, vs) - vf).max()
+    rel = {np.dtype(np.int8): 0.0}.get(kv, 2.0**-4 if kv == KV8[1] else 2.0**-3)
+    assert dk <= (np.abs(ks).max() / 2 if kv == np.int8 else rel * np.abs(kf).max() + 2.0**-9) + 1e-7
+    # a score moves by at most eps = scale |q|_1 dk; softmax weights by a factor within exp(+-2 eps)
+    eps = np.abs(q).sum(axis=-1).max() / np.sqrt(d) * dk
+    vmax = np.abs(vf).max()
+    bound = dv + 2 * vmax * (np.exp(2 * eps) - 1)
+    err = np.abs(got - want).max()
+    assert err <= bound, (err, bound)
+    assert err > 0  # the cache was quantised
+
+
+def test_int8_cache_write_quantizes_per_token_and_head(rng):
+    k = randn(rng, (5, 3, 16), np.float32)
+    k[2, 1] = 0  # an all-zero row: scale 0, codes 0
+    kc, vc = np.zeros((2, 4, 3, 16), np.int8), np.zeros((2, 4, 3, 16), np.int8)
+    ks, vs = np.full((2, 4, 3), -1, np.float32), np.full((2, 4, 3), -1, np.float32)
+    fastattn.cache_write(k, k, kc, vc, [0, 1, 2, 5, -1], k_scale=ks, v_scale=vs)
+    amax = np.abs(k[:4]).max(axis=-1)
+    np.testing.assert_allclose(ks.reshape(8, 3)[[0, 1, 2, 5]], amax / 127, rtol=1e-6)
+    codes = kc.reshape(8, 3, 16)[[0, 1, 2, 5]]
+    assert np.abs(codes).max() == 127
+    assert not codes[2, 1].any()
+    np.testing.assert_array_equal(codes, np.rint(k[:4] / np.maximum(amax, 1e-30)[..., None] * 127))
+    assert (ks.reshape(8, 3)[[3, 4, 6, 7]] == -1).all()  # slots not written keep their scales
+
+
+def test_float8_cache_write_clips_to_the_largest_finite(rng):
+    kc, vc = np.zeros((1, 4, 1, 2), KV8[1]), np.zeros((1, 4, 1, 2), KV8[1])
+    k = np.array([[[1e6, -1e6]], [[0.3, -0.3]]], np.float32)
+    fastattn.cache_write(k, k, kc, vc, [0, 1], k_scale=2.0, v_scale=2.0)
+    np.testing.assert_array_equal(kc[0, 0, 0].astype(np.float32), [448, -448])
+    np.testing.assert_array_equal(kc[0, 1, 0], np.array([0.15, -0.15], np.float32).astype(KV8[1]))
+
+
+def test_paged_generation_example_matches_contiguous_attention():
+    """examples/paged_generation.py: the serving loop on a paged float32 cache
+    generates the tokens of the same loop on contiguous per-sequence K/V,
+    reusing the blocks of finished requests; bfloat16 and int8 caches run."""
+    import os
+    import runpy
+
+    ex = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "examples", "paged_generation.py"))
+    model = ex["TinyModel"]()
+    cache = ex["PagedCache"]("float32")
+    paged, n = ex["run"](model, 40, ex["paged_attention"](cache), 2)
+    contiguous, m = ex["run"](model, 40, ex["contiguous_attention"](), 2)
+    assert n == m and sum(map(len, paged)) > 50
+    assert paged == contiguous
+    assert cache.handed_out > ex["NUM_BLOCKS"]  # blocks of finished requests were handed out again
+    for kind in ("bfloat16", "int8"):
+        c = ex["PagedCache"](ex["BF16"] if kind == "bfloat16" else kind)
+        assert sum(map(len, ex["run"](model, 12, ex["paged_attention"](c), 2)[0])) > 0

@@ -92,7 +92,40 @@ typedef struct {
     int64_t shift; /* q_shift: added to every query's key position */
     int64_t page;  /* > 0: k and v in shuffled pages of this many rows (fa_attention only) */
     int sinks;     /* an attention sink per query head */
+    int kv8;       /* FA_I8, FA_E4M3, FA_E5M2: k and v stored in 8 bits with scales (fa_attention only) */
 } spec;
+
+/* The value of an 8-bit float, decoded from its fields. */
+static double f8_value(int kv, unsigned x)
+{
+    const double sign = x & 0x80 ? -1 : 1;
+    if (kv == FA_E4M3) {
+        const int e = (x >> 3) & 15, m = x & 7;
+        return sign * (e ? ldexp(1 + m / 8.0, e - 7) : ldexp(m / 8.0, -6));
+    }
+    const int e = (x >> 2) & 31, m = x & 3;
+    return sign * (e ? ldexp(1 + m / 4.0, e - 15) : ldexp(m / 4.0, -14));
+}
+
+/* A random 8-bit code of kind kv (int8 in [-127, 127]; floats of moderate
+ * exponent, a few subnormal) and its value times scale. */
+static uint8_t random_code(int kv, double scale, double *value)
+{
+    const double u = (uniform() + 1) * 0.5;
+    unsigned x;
+    if (kv == FA_I8) {
+        const int i = (int)(u * 255) - 127;
+        *value = scale * i;
+        return (uint8_t)(int8_t)i;
+    }
+    const unsigned sign = uniform() < 0 ? 0x80u : 0;
+    if (kv == FA_E4M3) /* exponents 0 (subnormal) .. 9 */
+        x = sign | ((unsigned)(u * 10) << 3) | (unsigned)(((uniform() + 1) * 0.5) * 8) % 8;
+    else /* exponents 0, 12 .. 17 */
+        x = sign | ((u < 0.1 ? 0u : 12u + (unsigned)(u * 6)) << 2) | (unsigned)(((uniform() + 1) * 0.5) * 4) % 4;
+    *value = scale * f8_value(kv, x);
+    return (uint8_t)x;
+}
 
 /* The sink of query head t (a spread around the scores' range, some above it). */
 static double sink_of(int64_t t) { return 1.5 - 0.6 * (double)t; }
@@ -307,6 +340,26 @@ static void run_case(int path, int dtype, const spec *c)
         entries[e][FA_E_LK] = lk;
         entries[e][FA_E_HEAD] = e * g;
     }
+    /* 8-bit k and v: codes (entry-major like k and v) with their scales,
+     * one per row for int8, one per tensor for the floats; the reference
+     * reads the dequantised values */
+    uint8_t *k8 = NULL, *v8 = NULL;
+    float *ksc = NULL, *vsc = NULL;
+    if (c->kv8) {
+        k8 = malloc((size_t)(n * lk * d + 1));
+        v8 = malloc((size_t)(n * lk * dv + 1));
+        ksc = malloc((size_t)(n * lk + 1) * sizeof(float));
+        vsc = malloc((size_t)(n * lk + 1) * sizeof(float));
+        for (int64_t r = 0; r < n * lk; r++) {
+            ksc[r] = c->kv8 == FA_I8 ? (float)(0.01 + 0.005 * uniform()) : 0.25f;
+            vsc[r] = c->kv8 == FA_I8 ? (float)(0.01 + 0.005 * uniform()) : 0.5f;
+            for (int64_t t = 0; t < d; t++) k8[r * d + t] = random_code(c->kv8, ksc[r], &k.val[r * d + t]);
+            for (int64_t t = 0; t < dv; t++) v8[r * dv + t] = random_code(c->kv8, vsc[r], &v.val[r * dv + t]);
+        }
+    }
+    const int kes = c->kv8 ? 1 : es; /* bytes of a stored k or v element */
+    const int64_t srs = c->kv8 == FA_I8 ? 4 : 0; /* between the scales of rows */
+
     fa_problem p;
     memset(&p, 0, sizeof p);
     p.dtype = p.kv_dtype = dtype;
@@ -342,18 +395,32 @@ static void run_case(int path, int dtype, const spec *c)
     p.softcap = c->softcap;
     p.alibi_slopes = c->alibi ? slopes : NULL;
     p.sinks = c->sinks ? sinks : NULL;
+    if (c->kv8) {
+        p.kv_dtype = c->kv8;
+        p.k = k8, p.k_rs = d, p.k_cs = 1;
+        p.v = v8, p.v_rs = dv, p.v_cs = 1;
+        p.k_scales = ksc, p.v_scales = vsc, p.ks_rs = p.vs_rs = srs;
+        for (int64_t e = 0; e < n; e++) {
+            entries[e][FA_E_K] = e * lk * d;
+            entries[e][FA_E_V] = e * lk * dv;
+            entries[e][FA_E_KS] = entries[e][FA_E_VS] = e * lk * srs;
+        }
+    }
 
     /* paged: the entries are the heads of one sequence, side by side in
      * each row of its pages (as in a (blocks, page, heads, dim) cache), the
      * pages of c->page rows in shuffled order among two spare ones, a row's
      * gap between pages */
     const int64_t n_used = c->page > 0 ? (lk + c->page - 1) / c->page : 0, n_pages = n_used + 2;
-    char *kpaged = NULL, *vpaged = NULL;
+    char *kpaged = NULL, *vpaged = NULL, *kspaged = NULL, *vspaged = NULL;
     int32_t *pages = NULL;
     if (c->page > 0) {
-        const int64_t krs = n * d * es, vrs = n * dv * es, kps = (c->page + 1) * krs, vps = (c->page + 1) * vrs;
+        const int64_t krs = n * d * kes, vrs = n * dv * kes, kps = (c->page + 1) * krs, vps = (c->page + 1) * vrs;
+        const int64_t sps = (c->page + 1) * n * srs; /* scales: (page, row, entry) */
         kpaged = calloc((size_t)(n_pages * kps + 1), 1);
         vpaged = calloc((size_t)(n_pages * vps + 1), 1);
+        kspaged = calloc((size_t)(n_pages * sps + 4), 1);
+        vspaged = calloc((size_t)(n_pages * sps + 4), 1);
         pages = malloc((size_t)(n_pages + 1) * sizeof(int32_t));
         for (int64_t t = 0; t < n_pages; t++) pages[t] = (int32_t)t;
         for (int64_t t = n_pages - 1; t > 0; t--) { /* shuffle */
@@ -365,17 +432,27 @@ static void run_case(int path, int dtype, const spec *c)
         for (int64_t e = 0; e < n; e++) {
             for (int64_t j = 0; j < lk; j++) {
                 const int64_t page = pages[j / c->page], row = j % c->page;
-                memcpy(kpaged + page * kps + row * krs + e * d * es, k.data + (e * lk + j) * d * es, (size_t)(d * es));
-                memcpy(vpaged + page * vps + row * vrs + e * dv * es, v.data + (e * lk + j) * dv * es,
-                       (size_t)(dv * es));
+                memcpy(kpaged + page * kps + row * krs + e * d * kes,
+                       (const char *)p.k + entries[e][FA_E_K] + j * p.k_rs, (size_t)(d * kes));
+                memcpy(vpaged + page * vps + row * vrs + e * dv * kes,
+                       (const char *)p.v + entries[e][FA_E_V] + j * p.v_rs, (size_t)(dv * kes));
+                if (c->kv8) {
+                    memcpy(kspaged + page * sps + (row * n + e) * srs, ksc + e * lk + j, 4);
+                    memcpy(vspaged + page * sps + (row * n + e) * srs, vsc + e * lk + j, 4);
+                }
             }
-            entries[e][FA_E_K] = e * d * es;
-            entries[e][FA_E_V] = e * dv * es;
+            entries[e][FA_E_K] = e * d * kes;
+            entries[e][FA_E_V] = e * dv * kes;
+            entries[e][FA_E_KS] = entries[e][FA_E_VS] = e * srs;
             entries[e][FA_E_PAGES] = 0;
         }
         p.k = kpaged, p.v = vpaged;
         p.k_rs = krs, p.v_rs = vrs;
         p.pages = pages, p.page_size = c->page, p.n_pages = n_pages, p.k_ps = kps, p.v_ps = vps;
+        if (c->kv8) {
+            p.k_scales = (const float *)kspaged, p.v_scales = (const float *)vspaged;
+            p.ks_rs = p.vs_rs = n * srs, p.ks_ps = p.vs_ps = sps;
+        }
     }
 
     /* tolerances: float64 1e-12, float32 2e-5 of the magnitude; 16-bit
@@ -435,10 +512,10 @@ static void run_case(int path, int dtype, const spec *c)
                 }
             }
 
-    if (c->page > 0) { /* the backward and the other operations take no pages */
+    if (c->page > 0 || c->kv8) { /* the backward and the other operations take no pages, no 8-bit k and v */
         checks++;
         if (!bad && (fa_attention_backward(&p) != FA_ERR_INVALID || fa_scores(&p) != FA_ERR_INVALID)) {
-            printf("FAIL %s %s %s: paged k and v accepted by the backward or scores\n", fa_path_name(path),
+            printf("FAIL %s %s %s: paged or 8-bit k and v accepted by the backward or scores\n", fa_path_name(path),
                    DTYPE_NAMES[dtype], c->what);
             failures++;
         }
@@ -519,7 +596,13 @@ static void run_case(int path, int dtype, const spec *c)
     free(s);
     free(kpaged);
     free(vpaged);
+    free(kspaged);
+    free(vspaged);
     free(pages);
+    free(k8);
+    free(v8);
+    free(ksc);
+    free(vsc);
 }
 
 /* The path's softmax exponential: relative error <= 1e-7 where exp(x) is a
@@ -550,35 +633,43 @@ static void check_exp(int path)
 
 int main(void)
 {
-    /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks */
+    /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks,
+     * kv8 */
     const spec cases[] = {
-        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
-        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
-        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
-        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
-        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0},
-        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0},
-        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0},
-        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0},
-        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0},
-        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0},
-        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
-        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
-        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0},
-        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0},
-        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0},
-        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0},
-        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0},
-        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0},
-        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0},
-        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0},
-        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0},
-        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1},
-        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1},
-        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0},
-        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1},
-        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1},
-        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0},
+        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0},
+        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0},
+        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0},
+        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0},
+        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0},
+        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0},
+        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0},
+        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0},
+        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0, 0},
+        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0, 0},
+        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0, 0},
+        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0},
+        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0, 0},
+        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1, 0},
+        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0},
+        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0},
+        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1, 0},
+        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0},
+        {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8},
+        {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8},
+        {"e4m3 k and v, paged prefill", 2, 2, 40, 150, 24, 16, 1, 0, 60, -1, 2.0, 1, FA_MASK_NONE, 0, 0, 32, 0,
+         FA_E4M3},
+        {"e5m2 k and v, split-KV decode", 2, 2, 1, 2600, 33, 17, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1,
+         FA_E5M2},
+        {"e4m3 k and v, grouped decode", 1, 6, 1, 300, 128, 128, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_E4M3},
+        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;
