@@ -87,34 +87,37 @@ def _lead(query, key, value, attn_mask):
     return tuple(torch.broadcast_shapes(q, *kv, mask))
 
 
-def _options(is_causal, scale, window_left, window_right, softcap, bottom_right):
-    """The op's scalar arguments as fastattn.attention's keywords."""
+def _options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks=None):
+    """The op's scalar arguments (and sinks) as fastattn.attention's keywords."""
     return dict(scale=scale, causal=is_causal,
                 window=None if window_left < 0 and window_right < 0 else (window_left, window_right),
-                softcap=softcap if softcap > 0 else None, align="bottom-right" if bottom_right else "top-left")
+                softcap=softcap if softcap > 0 else None, align="bottom-right" if bottom_right else "top-left",
+                sinks=_as_numpy(sinks))
 
 
 def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                    bottom_right):
+                    bottom_right, sinks=None):
     out, lse = _api.attention(*(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask),
                               return_lse=True,
-                              **_options(is_causal, scale, window_left, window_right, softcap, bottom_right))
+                              **_options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks))
     return _as_tensor(out), _as_tensor(lse)
 
 
 @torch.library.custom_op("fastattn::attention", mutates_args=(), device_types="cpu")
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
                   is_causal: bool, scale: float, window_left: int = -1, window_right: int = -1,
-                  softcap: float = 0.0, bottom_right: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                  softcap: float = 0.0, bottom_right: bool = False,
+                  sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """fastattn.attention on tensors: (out, lse).  Causal, window and the
-    mask align top-left (torch's convention) unless bottom_right."""
+    mask align top-left (torch's convention) unless bottom_right; sinks, one
+    per query head, get no gradient."""
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                           bottom_right)
+                           bottom_right, sinks)
 
 
 @_attention_op.register_fake
 def _attention_fake(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
-                    bottom_right=False):
+                    bottom_right=False, sinks=None):
     lead = _lead(query, key, value, attn_mask)
     lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     return (query.new_empty(lead + (query.shape[-2], value.shape[-1])),
@@ -125,22 +128,24 @@ def _attention_fake(query, key, value, attn_mask, is_causal, scale, window_left=
 def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
                            scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                           bottom_right: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           bottom_right: bool = False,
+                           sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fastattn.attention_backward on tensors: (dq, dk, dv)."""
     grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)),
                                     mask=_as_numpy(attn_mask),
-                                    **_options(is_causal, scale, window_left, window_right, softcap, bottom_right))
+                                    **_options(is_causal, scale, window_left, window_right, softcap, bottom_right,
+                                               sinks))
     return tuple(_as_tensor(g) for g in grads)
 
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left=-1,
-                             window_right=-1, softcap=0.0, bottom_right=False):
+                             window_right=-1, softcap=0.0, bottom_right=False, sinks=None):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
-              bottom_right=False):
+              bottom_right=False, sinks=None):
     """``torch.ops.fastattn.attention`` (out, lse), called directly where no
     operator is needed: when torch.compile traces, or when a gradient may be
     needed, the call goes through the operator (its fake implementation and
@@ -150,9 +155,9 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             query.requires_grad or key.requires_grad or value.requires_grad)):
         return torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
-                                            window_right, softcap, bottom_right)
+                                            window_right, softcap, bottom_right, sinks)
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                           bottom_right)
+                           bottom_right, sinks)
 
 
 def _setup_context(ctx, inputs, output):

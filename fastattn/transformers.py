@@ -22,9 +22,10 @@ heads and the ``(B, H, L, D)`` layout read through their strides, no copies.
 Mapped: ``attention_mask`` (2-D padding, bool), ``is_causal`` (else the
 module's), ``scaling``, ``sliding_window`` (key ``j`` visible from query
 position ``i`` iff ``i - sliding_window < j <= i``), ``softcap``, grouped
-key/value heads, float32, float64, float16 and bfloat16.  ``dropout`` must
-be 0 (models pass 0 in eval mode; training with dropout raises), and
-attention sinks (``s_aux``) raise ``NotImplementedError``.  Several
+key/value heads, attention sinks (``s_aux``, one logit per head, as in
+gpt-oss; they get no gradient, so training with sinks that require one
+raises), float32, float64, float16 and bfloat16.  ``dropout`` must be 0
+(models pass 0 in eval mode; training with dropout raises).  Several
 sequences packed into one batch row (padding-free training through
 ``position_ids``) are not detected: pass an attention mask or use one
 sequence per row.  The call goes through the custom operator
@@ -43,8 +44,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers' attention function signature: query (B, H, Lq, D), key
     and value (B, G, Lk, D|Dv); returns (output (B, Lq, H, Dv), None)."""
-    if s_aux is not None:
-        raise NotImplementedError("fastattn has no attention sinks (s_aux) yet; use attn_implementation='eager'")
+    if s_aux is not None and s_aux.requires_grad and torch.is_grad_enabled():
+        raise ValueError("fastattn gives attention sinks (s_aux) no gradient: freeze them "
+                         "(requires_grad_(False)) or train with attn_implementation='eager'")
     if dropout:
         raise ValueError(f"fastattn has no dropout: dropout must be 0 (the model in eval mode), got {dropout}")
     if kwargs.get("output_attentions", False):
@@ -65,7 +67,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     left = int(sliding_window) - 1 if sliding_window else -1
     right = -1 if left < 0 else (0 if is_causal else left)
     out, _ = fastattn.torch.attention(query, key, value, mask, is_causal, float(scaling), left, right,
-                                      float(softcap or 0.0), True)
+                                      float(softcap or 0.0), True, s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -217,3 +217,21 @@ def test_half_tensors_forward_and_backward(dtype):
     eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     for got, want in ((out, ref), (q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
         torch.testing.assert_close(got.float(), want, atol=1e-4 + eps * want.abs().max().item(), rtol=eps)
+
+
+def test_sinks_through_the_operator_forward_and_gradcheck():
+    """fastattn.torch.attention with sinks: the forward against the
+    reference, and (through the operator, since inputs need gradients)
+    gradcheck in float64; the sinks get no gradient."""
+    import fastattn.reference as ref
+
+    q, k, v, _ = grad_inputs("causal", torch.float64)
+    sinks = torch.tensor([0.5, -1.5], dtype=torch.float64)
+    with torch.no_grad():
+        out, lse = ft.attention(q, k, v, None, True, 0.4, sinks=sinks)
+    want, want_lse = ref.attention(q.detach().numpy(), k.detach().numpy(), v.detach().numpy(), causal=True,
+                                   scale=0.4, sinks=sinks.numpy(), align="top-left", return_lse=True)
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-12)
+    np.testing.assert_allclose(lse.numpy(), want_lse, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b, c: ft.attention(a, b, c, None, True, 0.4, sinks=sinks)[0],
+                                    (q, k, v))

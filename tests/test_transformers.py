@@ -1,6 +1,7 @@
 """fastattn as a transformers attention implementation: tiny Llama-,
-Mistral- (sliding window), Qwen2- and Gemma2-style (soft-cap) models with
-random weights, left-padded batches, against transformers' own attention."""
+Mistral- (sliding window), Qwen2-, Gemma2- (soft-cap) and gpt-oss-style
+(attention sinks) models with random weights, left-padded batches, against
+transformers' own attention."""
 import numpy as np
 import pytest
 
@@ -20,9 +21,14 @@ MODELS = {
     "qwen2": ("Qwen2Config", {}),
     "gemma2": ("Gemma2Config", dict(sliding_window=6, attn_logit_softcapping=5.0, head_dim=16,
                                     query_pre_attn_scalar=16)),
+    # attention sinks (s_aux), sliding and full layers; every token to both experts, so that rounding (bfloat16)
+    # cannot flip a discrete routing choice
+    "gpt_oss": ("GptOssConfig", dict(sliding_window=6, head_dim=16, num_local_experts=2, num_experts_per_tok=2,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
 }
-# transformers' SDPA path refuses a soft-cap: Gemma2 is checked against its eager path
-REFERENCE = {"gemma2": "eager"}
+# transformers' SDPA path refuses a soft-cap and sinks: Gemma2 and gpt-oss are checked against eager
+REFERENCE = {"gemma2": "eager", "gpt_oss": "eager"}
 DTYPES = {"float32": (torch.float32, 1e-5), "bfloat16": (torch.bfloat16, 2e-2)}
 
 
@@ -43,12 +49,20 @@ def model(name, dtype):
     torch.manual_seed(1)
     m = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=REFERENCE.get(name, "sdpa"),
                                                       dtype=dtype)
+    with torch.no_grad():
+        for module in m.modules():  # sinks of either sign, some above the scores
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(0.0, 2.0)
     return m.eval()
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(MODELS))
 def test_logits_and_generation_match(name, dtype):
+    if name == "gpt_oss" and dtype == "bfloat16":
+        pytest.skip("gpt-oss in bfloat16: its eager reference differs from the float32 model by about 4% of the "
+                    "logits here, beyond this test's tolerance (sinks in bfloat16 are checked against the float64 "
+                    "reference in test_serving)")
     dt, tol = DTYPES[dtype]
     m = model(name, dt)
     ids, mask = batch()
