@@ -143,7 +143,8 @@ def bench_job(args):
         return report(args, threads, f"paged KV cache decode, float32, {h} heads over {g} kv heads, D {d}, one "
                       "query per sequence, shuffled blocks; against fastattn on the same keys stored contiguously "
                       "(one sequence: attention on (1, G, Lk, D); a batch: attention_varlen on packed keys); bf16 = "
-                      "the same paged call with a bfloat16 cache and queries; GB/s = float32 K and V bytes / time; "
+                      "the same paged call with a bfloat16 cache and queries, int8 and e4m3 = 8-bit caches with "
+                      "float32 queries; GB/s = float32 K and V bytes / time; "
                       f"medians of 5 rounds of alternating blocks", _bench.format_paged(rows, mixed), paged=rows,
                       paged_mixed=mixed)
     if args.transformers:

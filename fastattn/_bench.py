@@ -712,12 +712,38 @@ def paged_problem(lens, bs, n_q=None, dtype=np.float32, seed=0):
     return q, k_cache, v_cache, table, cu_q, k_packed, v_packed, cu_k
 
 
+try:
+    import ml_dtypes
+
+    E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+except ImportError:  # pragma: no cover
+    E4M3 = None
+
+
+def quantized_copy(kc, vc, dtype):
+    """A paged cache written into an 8-bit cache by fastattn.cache_write:
+    (k8, v8, k_scale, v_scale); float8 takes a per-tensor scale of max / 256."""
+    n_blocks, bs, g, d = kc.shape
+    k8, v8 = np.empty(kc.shape, dtype), np.empty(vc.shape, dtype)
+    if dtype == np.int8:
+        ks, vs = np.empty(kc.shape[:3], np.float32), np.empty(vc.shape[:3], np.float32)
+    else:
+        ks, vs = float(np.abs(kc).max()) / 256, float(np.abs(vc).max()) / 256
+    step = max(1, (1 << 20) // (g * d))  # tokens per write
+    kf, vf = kc.reshape(-1, g, d), vc.reshape(-1, g, vc.shape[-1])
+    for t in range(0, kf.shape[0], step):
+        fastattn.cache_write(kf[t: t + step], vf[t: t + step], k8, v8, np.arange(t, min(t + step, kf.shape[0])),
+                             k_scale=ks, v_scale=vs)
+    return k8, v8, ks, vs
+
+
 def run_paged(threads, repeat=10, cases=None, with_torch=True, progress=None):
     """Paged decode (attention_paged) against fastattn's decode over the same
     keys stored contiguously (one sequence: attention on (1, G, Lk, D); a
-    batch: attention_varlen on the packed keys), float32 and bfloat16; and a
-    mixed batch (decodes and a prefill chunk in one call) against torch's
-    SDPA per sequence after a gather of its blocks.  Same data, same run."""
+    batch: attention_varlen on the packed keys), float32, and with blocks of
+    16 also bfloat16, int8 and float8 e4m3 caches; and a mixed batch
+    (decodes and a prefill chunk in one call) against torch's SDPA per
+    sequence after a gather of its blocks.  Same data, same run."""
     from fastattn._api import BFLOAT16
 
     bf16 = np.dtype(BFLOAT16) if BFLOAT16 is not None else None
@@ -735,15 +761,22 @@ def run_paged(threads, repeat=10, cases=None, with_torch=True, progress=None):
             contiguous = lambda: fastattn.attention(q4, kt, vt, num_threads=threads)  # noqa: E731
         else:
             contiguous = lambda: fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, num_threads=threads)  # noqa: E731
-        fns = [lambda: fastattn.attention_paged(q, kc, vc, table, lens, num_threads=threads), contiguous]
-        if bf16 is not None and bs == 16:  # the same cache in bfloat16 (queries too)
-            qb, kcb, vcb = (x.astype(bf16) for x in (q, kc, vc))
-            fns.append(lambda: fastattn.attention_paged(qb, kcb, vcb, table, lens, num_threads=threads))
-        times = alternating_blocks(fns, repeat)
+        fns = {"paged_ms": lambda: fastattn.attention_paged(q, kc, vc, table, lens, num_threads=threads),
+               "contiguous_ms": contiguous}
+        if bs == 16:  # the same cache in bfloat16 (queries too), int8 and float8 e4m3 (float32 queries)
+            if bf16 is not None:
+                qb, kcb, vcb = (x.astype(bf16) for x in (q, kc, vc))
+                fns["bf16_ms"] = lambda: fastattn.attention_paged(qb, kcb, vcb, table, lens, num_threads=threads)
+            for name, dt in (("int8_ms", np.int8), ("e4m3_ms", E4M3)):
+                if dt is None:
+                    continue
+                k8, v8, ks, vs = quantized_copy(kc, vc, dt)
+                fns[name] = (lambda k8=k8, v8=v8, ks=ks, vs=vs: fastattn.attention_paged(
+                    q, k8, v8, table, lens, k_scale=ks, v_scale=vs, num_threads=threads))
+        times = alternating_blocks(list(fns.values()), repeat)
         row = dict(lk=lk, batch=batch, block=bs, keys=int(lens.sum()), threads=threads,
-                   bytes=2 * int(lens.sum()) * g * d * 4, paged_ms=times[0] * 1e3, contiguous_ms=times[1] * 1e3)
-        if len(times) > 2:
-            row["bf16_ms"] = times[2] * 1e3
+                   bytes=2 * int(lens.sum()) * g * d * 4)
+        row.update({name: t * 1e3 for name, t in zip(fns, times)})
         rows.append(row)
     mixed = run_paged_mixed(threads, repeat=max(3, repeat // 3), with_torch=with_torch, progress=progress)
     return rows, mixed
@@ -793,15 +826,18 @@ def run_paged_mixed(threads, repeat=3, with_torch=True, progress=None):
 
 def format_paged(rows, mixed):
     header = (f"{'Lk':>6} {'batch':>5} {'block':>5} {'paged ms':>9} {'GB/s':>6} {'contig ms':>9} {'GB/s':>6} "
-              f"{'paged/contig':>12} {'bf16 ms':>8} {'x f32 contig':>12}")
+              f"{'paged/contig':>12}" + "".join(f" {k + ' ms':>9} {'x':>6}" for k in ("bf16", "int8", "e4m3")))
     lines = [header, "-" * len(header)]
     for r in rows:
         gb = r["bytes"] / 1e9
-        bf = r.get("bf16_ms")
-        lines.append(f"{r['lk']:>6} {r['batch']:>5} {r['block']:>5} {r['paged_ms']:>9.2f} "
-                     f"{gb / (r['paged_ms'] * 1e-3):>6.1f} {r['contiguous_ms']:>9.2f} "
-                     f"{gb / (r['contiguous_ms'] * 1e-3):>6.1f} {r['contiguous_ms'] / r['paged_ms']:>11.1%} "
-                     + (f"{bf:>8.2f} {r['contiguous_ms'] / bf:>11.2f}x" if bf else f"{'-':>8} {'-':>12}"))
+        line = (f"{r['lk']:>6} {r['batch']:>5} {r['block']:>5} {r['paged_ms']:>9.2f} "
+                f"{gb / (r['paged_ms'] * 1e-3):>6.1f} {r['contiguous_ms']:>9.2f} "
+                f"{gb / (r['contiguous_ms'] * 1e-3):>6.1f} {r['contiguous_ms'] / r['paged_ms']:>11.1%} ")
+        for k in ("bf16", "int8", "e4m3"):
+            t = r.get(k + "_ms")
+            line += f" {t:>9.2f} {r['contiguous_ms'] / t:>5.2f}x" if t else f" {'-':>9} {'-':>6}"
+        lines.append(line)
+    lines.append("(x: speed against the float32 contiguous decode of the same row)")
     th = mixed.get("torch_ms")
     lines.append("")
     lines.append(f"mixed batch: {mixed['decodes']} decodes (Lk {mixed['lk_range'][0]}..{mixed['lk_range'][1]}) + "
