@@ -16,10 +16,33 @@
  * entry e: every key hidden (the tile is skipped), none hidden and nothing
  * added (the tile runs without reading the mask), or neither.  A bool mask
  * hides with 0; a float mask hides with -inf and adds nothing with +-0. */
-enum { FA_TILE_MIXED, FA_TILE_HIDDEN, FA_TILE_VISIBLE };
+enum { FA_TILE_MIXED = FA_BLOCK_MIXED, FA_TILE_HIDDEN = FA_BLOCK_HIDDEN, FA_TILE_VISIBLE = FA_BLOCK_VISIBLE };
+
+/* The same from the mask's table of block kinds (p->mask_tiles): the tile
+ * is hidden (visible) if every block it touches is. */
+static int fa_mask_tile_table(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0,
+                              int64_t bk)
+{
+    const int64_t lq = e[FA_E_LQ], kb0 = k0 / FA_TILE_BLOCK, kb1 = (k0 + bk - 1) / FA_TILE_BLOCK;
+    int hidden = 1, visible = 1;
+    for (int64_t v = row0; v < row0 + bq;) { /* one head's rows at a time */
+        const int64_t head = v / lq, i0 = v % lq, i1 = fa_min64(lq, i0 + row0 + bq - v) - 1;
+        const uint8_t *t = p->mask_tiles + e[FA_E_TILES] + head * p->tiles_hs;
+        for (int64_t rb = i0 / FA_TILE_BLOCK; rb <= i1 / FA_TILE_BLOCK; rb++)
+            for (int64_t kb = kb0; kb <= kb1; kb++) {
+                const uint8_t kind = t[rb * p->tiles_rs + kb * p->tiles_cs];
+                hidden &= kind == FA_BLOCK_HIDDEN;
+                visible &= kind == FA_BLOCK_VISIBLE;
+            }
+        if (!hidden && !visible) return FA_TILE_MIXED;
+        v += i1 - i0 + 1;
+    }
+    return hidden ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
+}
 
 static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
 {
+    if (p->mask_tiles) return fa_mask_tile_table(p, e, row0, bq, k0, bk);
     const int64_t lq = e[FA_E_LQ], cs = p->mask_cs;
     /* rows that share one mask row (a mask broadcast over rows and heads) are read once */
     const int64_t rows = p->mask_rs == 0 && (p->mask_hs == 0 || p->group == 1) ? 1 : bq;

@@ -40,6 +40,10 @@ enum { FA_I8 = 4, FA_E4M3 = 5, FA_E5M2 = 6, FA_KV_DTYPE_COUNT = 7 };
 /* Element type of the mask (independent of the data type). */
 enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_F32 = 2, FA_MASK_F64 = 3 };
 
+/* Mask blocks (fa_problem.mask_tiles). */
+#define FA_TILE_BLOCK 64
+enum { FA_BLOCK_MIXED = 0, FA_BLOCK_HIDDEN = 1, FA_BLOCK_VISIBLE = 2 };
+
 /* How scores become weights. */
 enum { FA_WEIGHTS_SOFTMAX = 0, FA_WEIGHTS_DOT = 1 };
 
@@ -65,7 +69,9 @@ enum {
     /* 8-bit k and v only: */
     FA_E_KS = 15, /* offset of the scale of row 0 of k in k_scales (paged: of page 0) */
     FA_E_VS = 16, /* the same in v_scales */
-    FA_ENTRY_FIELDS = 17
+    /* masks classified per tile only (p->mask_tiles): */
+    FA_E_TILES = 17, /* offset of the entry's table of tile kinds */
+    FA_ENTRY_FIELDS = 18
 };
 
 typedef struct {
@@ -100,6 +106,15 @@ typedef struct {
     int mask_kind; /* FA_MASK_*; bool: nonzero = may attend; float: added */
     const void *mask;
     int64_t mask_rs, mask_cs;
+    /* The mask classified once per block of FA_TILE_BLOCK x FA_TILE_BLOCK
+     * (rows x keys), or NULL: the kind of the block of query row i and key
+     * j of head h of an entry is the byte at mask_tiles + e[FA_E_TILES] +
+     * h * tiles_hs + (i / FA_TILE_BLOCK) * tiles_rs + (j / FA_TILE_BLOCK) *
+     * tiles_cs: FA_BLOCK_HIDDEN (every key hidden: the kernels skip it),
+     * FA_BLOCK_VISIBLE (none hidden, nothing added: run unmasked) or
+     * FA_BLOCK_MIXED (the mask is read).  It must describe the mask. */
+    const uint8_t *mask_tiles;
+    int64_t tiles_rs, tiles_cs, tiles_hs;
 
     int weights;  /* FA_WEIGHTS_* */
     double scale; /* multiplies q.k */

@@ -27,6 +27,7 @@ from fastattn._api import (
     weighted_sum,
 )
 from fastattn._linear import linear_attention
+from fastattn._masks import BlockMask, block_mask
 from fastattn._config import (
     available_isas,
     get_isa,
@@ -43,6 +44,8 @@ __all__ = [
     "attention_paged",
     "attention_varlen",
     "attention_varlen_backward",
+    "block_mask",
+    "BlockMask",
     "cache_write",
     "merge",
     "linear_attention",

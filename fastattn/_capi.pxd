@@ -1,5 +1,5 @@
 # Declarations of the C interface in csrc/fastattn.h, written once.
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 
 cdef extern from "fastattn.h" nogil:
     enum:
@@ -38,6 +38,11 @@ cdef extern from "fastattn.h" nogil:
         FA_E_PAGES
         FA_E_KS
         FA_E_VS
+        FA_E_TILES
+        FA_TILE_BLOCK
+        FA_BLOCK_MIXED
+        FA_BLOCK_HIDDEN
+        FA_BLOCK_VISIBLE
         FA_ENTRY_FIELDS
 
     ctypedef struct fa_problem:
@@ -60,6 +65,8 @@ cdef extern from "fastattn.h" nogil:
         int mask_kind
         const void *mask
         int64_t mask_rs, mask_cs
+        const uint8_t *mask_tiles
+        int64_t tiles_rs, tiles_cs, tiles_hs
         int weights
         double scale
         int causal

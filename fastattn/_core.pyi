@@ -34,6 +34,11 @@ E_GV: int
 E_PAGES: int
 E_KS: int
 E_VS: int
+E_TILES: int
+TILE_BLOCK: int
+BLOCK_MIXED: int
+BLOCK_HIDDEN: int
+BLOCK_VISIBLE: int
 ENTRY_FIELDS: int
 
 class Problem:
@@ -75,6 +80,10 @@ class Problem:
         mask_rs: int = 0,
         mask_cs: int = 0,
         mask_hs: int = 0,
+        mask_tiles: int = 0,
+        tiles_rs: int = 0,
+        tiles_cs: int = 0,
+        tiles_hs: int = 0,
         weights: int = 0,
         scale: float = 1.0,
         causal: bool = False,

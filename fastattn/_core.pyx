@@ -68,6 +68,11 @@ E_GV = FA_E_GV
 E_PAGES = FA_E_PAGES
 E_KS = FA_E_KS
 E_VS = FA_E_VS
+E_TILES = FA_E_TILES
+TILE_BLOCK = FA_TILE_BLOCK
+BLOCK_MIXED = FA_BLOCK_MIXED
+BLOCK_HIDDEN = FA_BLOCK_HIDDEN
+BLOCK_VISIBLE = FA_BLOCK_VISIBLE
 ENTRY_FIELDS = FA_ENTRY_FIELDS
 
 
@@ -108,7 +113,8 @@ cdef class Problem:
                  uintptr_t out=0, int64_t out_rs=0, int64_t out_cs=0, int64_t out_hs=0,
                  uintptr_t lse=0, int64_t lse_rs=0, int64_t lse_hs=0,
                  int mask_kind=FA_MASK_NONE, uintptr_t mask=0, int64_t mask_rs=0, int64_t mask_cs=0,
-                 int64_t mask_hs=0, int weights=FA_WEIGHTS_SOFTMAX, double scale=1.0, bint causal=False,
+                 int64_t mask_hs=0, uintptr_t mask_tiles=0, int64_t tiles_rs=0, int64_t tiles_cs=0,
+                 int64_t tiles_hs=0, int weights=FA_WEIGHTS_SOFTMAX, double scale=1.0, bint causal=False,
                  bint top_left=False, int64_t q_shift=0, int64_t window_left=-1, int64_t window_right=-1, double softcap=0.0,
                  const double[::1] alibi_slopes=None, const double[::1] sinks=None,
                  const int32_t[::1] pages=None, int64_t page_size=0, int64_t n_pages=0,
@@ -147,6 +153,8 @@ cdef class Problem:
         self.p.mask_kind = mask_kind
         self.p.mask = <const void *>mask
         self.p.mask_rs, self.p.mask_cs, self.p.mask_hs = mask_rs, mask_cs, mask_hs
+        self.p.mask_tiles = <const uint8_t *>mask_tiles
+        self.p.tiles_rs, self.p.tiles_cs, self.p.tiles_hs = tiles_rs, tiles_cs, tiles_hs
         self.p.weights = weights
         self.p.scale = scale
         self.p.causal = causal

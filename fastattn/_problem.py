@@ -106,7 +106,7 @@ _CACHED_ENTRIES_MAX = 4096
 
 
 @functools.lru_cache(maxsize=64)
-def _lead_entries(lead, kv_group, group, lq, lk, q, k, v, mask, out, lse):
+def _lead_entries(lead, kv_group, group, lq, lk, q, k, v, mask, out, lse, tiles=None):
     """The entry table of operands with leading dimensions `lead`, from
     their layouts (see _layout).  Cached for small tables (see _lead_table):
     a decoding loop asks for the same one at every step, and building it
@@ -121,17 +121,25 @@ def _lead_entries(lead, kv_group, group, lq, lk, q, k, v, mask, out, lse):
     for col, layout in ((_core.E_K, k), (_core.E_V, v)):
         if layout is not None:
             cols[col] = _lead_offsets(layout, lead, kv_group)
-    for col, layout in ((_core.E_MASK, mask), (_core.E_LSE, lse)):
+    for col, layout in ((_core.E_MASK, mask), (_core.E_LSE, lse), (_core.E_TILES, tiles)):
         if layout is not None:
             cols[col] = _lead_offsets(layout, lead)
     return _entry_table(math.prod(lead) // group, group, cols)
 
 
-def _lead_table(lead, kv_group, group, lq, lk, q=None, k=None, v=None, mask=None, out=None, lse=None):
+def _lead_table(lead, kv_group, group, lq, lk, q=None, k=None, v=None, mask=None, out=None, lse=None, tiles=None):
     small = math.prod(lead) <= _CACHED_ENTRIES_MAX
     build = _lead_entries if small else _lead_entries.__wrapped__
     return build(lead, kv_group, group, lq, lk, _layout(q, 2), _layout(k, 2), _layout(v, 2),
-                 _layout(mask, 2), _layout(out, 2), _layout(lse, 1))
+                 _layout(mask, 2), _layout(out, 2), _layout(lse, 1), _layout(tiles, 2))
+
+
+def _tiles(tiles, heads):
+    """The problem fields of a mask's table of block kinds (or none)."""
+    if tiles is None:
+        return {}
+    return dict(mask_tiles=_core.address(tiles), tiles_rs=_stride(tiles, -2), tiles_cs=_stride(tiles, -1),
+                tiles_hs=_stride(tiles, heads) if heads is not None else 0)
 
 
 def _score_options(args):
@@ -147,14 +155,14 @@ def attention(args, out, lse, num_threads):
     """Run fused attention on validated arguments (_validate.ScoreArgs)."""
     g = args.group
     heads = -3 if g > 1 else None
-    entries = _lead_table(args.lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse)
+    entries = _lead_table(args.lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse, args.tiles)
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
-        keep=(args.q, args.k, args.v, args.mask, out, lse),
+        keep=(args.q, args.k, args.v, args.mask, out, lse, args.tiles),
         **_operand("q", args.q, -2, -1, heads), **_operand("k", args.k, -2, -1),
         **_operand("v", args.v, -2, -1), **_operand("out", out, -2, -1, heads),
         **_operand("lse", lse, -1, None, -2 if g > 1 else None),
-        **_operand("mask", args.mask, -2, -1, heads), **_score_options(args))
+        **_operand("mask", args.mask, -2, -1, heads), **_tiles(args.tiles, heads), **_score_options(args))
     _core.attention(problem)
 
 

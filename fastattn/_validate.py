@@ -189,7 +189,7 @@ def scale(scale, wmode, d):
 
 def mask_operand(mask, lq, lk):
     """Mask as (array viewed with >= 2 dims, kind), checking dtype and core dims."""
-    m = as_array(mask, "mask", "bool, float32 or float64", MASK_KINDS)
+    m = as_array(mask, "mask", "bool, float32 or float64 (or a fastattn.BlockMask)", MASK_KINDS)
     if m.ndim < 2:
         m = m.reshape((1,) * (2 - m.ndim) + m.shape)
     if m.shape[-2] not in (1, lq) or m.shape[-1] not in (1, lk):
@@ -377,8 +377,12 @@ class ScoreArgs(_Options):
         self.dv = v.shape[-1] if v is not None else 0
         self._options(wmode, scale_, causal, align, window_, softcap_)
 
-        self.mask, self.mask_kind = None, _core.MASK_NONE
+        self.mask, self.mask_kind, self.tiles = None, _core.MASK_NONE, None
         if mask is not None:
+            from fastattn._masks import BlockMask
+
+            if isinstance(mask, BlockMask):  # its table of block kinds goes along
+                mask, self.tiles = mask.mask, mask.kinds
             self.mask, self.mask_kind = mask_operand(mask, self.lq, self.lk)
             self.originals.append(("mask", self.mask))
 

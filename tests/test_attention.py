@@ -130,9 +130,56 @@ def test_structured_bool_masks(isa, dtype, rng, case):
     zero = np.where(np.arange(lk) % 7 == 0, -0.0, 0.0)  # -0.0 adds nothing too
     additive = np.where(mask, zero, -np.inf)
     for m in (mask, additive.astype(np.float32), additive):
-        out, lse = fastattn.attention(q, k, v, mask=m, return_lse=True, **kw)
-        assert_close(out, rout)
-        assert_close(lse, rlse)
+        for given in (m, fastattn.block_mask(m)):  # classified per call, or once with its table
+            out, lse = fastattn.attention(q, k, v, mask=given, return_lse=True, **kw)
+            assert_close(out, rout)
+            assert_close(lse, rlse)
+
+
+def test_block_mask_table_decides_the_tiles(isa, rng):
+    """The kernels follow a BlockMask's table, not a reading of its mask:
+    paired with an all-visible mask, a document mask's table (documents on
+    block boundaries, so no mixed blocks) gives the document-masked result."""
+    q, k, v = make_qkv(rng, ((1, 4), (1, 2), 256, 256, 16, 8), np.float64)
+    docs = document_mask(256, 256, 4)  # 4 documents of 64
+    table = fastattn.block_mask(docs)
+    assert set(np.unique(table.kinds)) == {table.HIDDEN, table.VISIBLE}
+    fooled = fastattn.BlockMask(np.ones((256, 256), bool), table.kinds)
+    assert_close(fastattn.attention(q, k, v, mask=fooled), ref.attention(q, k, v, mask=docs))
+    assert not np.allclose(fastattn.attention(q, k, v, mask=np.ones((256, 256), bool)),
+                           ref.attention(q, k, v, mask=docs))
+
+
+def test_block_mask_classifies_each_block(rng):
+    m = np.ones((3, 150, 200), bool)
+    m[0, :64, :64] = False  # hidden
+    m[1, 70, 130] = False  # one mixed block
+    m[2, 128:, :] = False  # the last row block (22 rows) hidden
+    bm = fastattn.block_mask(m)
+    assert bm.kinds.shape == (3, 3, 4) and bm.shape == m.shape
+    want = np.full((3, 3, 4), bm.VISIBLE)
+    want[0, 0, 0] = bm.HIDDEN
+    want[1, 1, 2] = bm.MIXED
+    want[2, 2, :] = bm.HIDDEN
+    np.testing.assert_array_equal(bm.kinds, want)
+    assert bm.density() == 1 - 5 / 36 and "hidden" in repr(bm)
+    f = np.where(m, np.float32(0), np.float32(-np.inf))
+    f[0, 100, 100] = 0.5  # adds something: mixed
+    np.testing.assert_array_equal(fastattn.block_mask(f).kinds[0, 1, 1], bm.MIXED)
+    row = fastattn.block_mask(np.ones((1, 300), bool))  # broadcast rows: one row block
+    assert row.kinds.shape == (1, 5) and fastattn.block_mask(row) is row
+
+
+def test_block_mask_in_scores_and_backward(rng):
+    q, k, v = make_qkv(rng, ((2,), (2,), 70, 90, 8, 8), np.float64)
+    m = document_mask(70, 90, 3)
+    bm = fastattn.block_mask(m)
+    np.testing.assert_array_equal(fastattn.scores(q, k, mask=bm), fastattn.scores(q, k, mask=m))
+    out, lse = fastattn.attention(q, k, v, mask=bm, return_lse=True)
+    dout = rng.standard_normal(out.shape)
+    for got, want in zip(fastattn.attention_backward(dout, q, k, v, out, lse, mask=bm),
+                         ref.attention_backward(dout, q, k, v, mask=m)):
+        assert_close(got, want)
 
 
 def test_bool_mask_hides_nan_keys(isa, dtype, rng):

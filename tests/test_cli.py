@@ -123,5 +123,21 @@ def test_masks_bench_runs():
     rows = _bench.run_masks(1, cases=[((1, 2, 128, 16), "random 50% + causal"), ((1, 2, 256, 16), "8 documents")],
                             repeat=1, with_torch=False)
     assert [r["mask"] for r in rows] == ["random 50% + causal", "8 documents"]
-    assert all(r["bool_ms"] > 0 and r["float_ms"] > 0 and r["none_ms"] > 0 for r in rows)
+    assert all(r["bool_ms"] > 0 and r["float_ms"] > 0 and r["block_ms"] > 0 and r["none_ms"] > 0 for r in rows)
     assert "bool/float" in _bench.format_masks(rows)
+
+
+def test_paged_bench_runs(monkeypatch):
+    from fastattn import _bench
+
+    monkeypatch.setattr(_bench, "PAGED_HEADS", (4, 2, 16))
+    monkeypatch.setattr(_bench, "PAGED_MIXED", (2, 64, 128, 16, 64))
+    blocks = _bench.alternating_blocks
+    monkeypatch.setattr(_bench, "alternating_blocks", lambda fns, repeat: blocks(fns, repeat, rounds=1, settle=0))
+    monkeypatch.setattr(_bench, "median_time", lambda fn, repeat: (fn(), 1e-3)[1])
+    rows, mixed = _bench.run_paged(1, repeat=1, cases=[(256, 1, 16), (256, 3, 32)], with_torch=False)
+    assert [(r["lk"], r["batch"], r["block"]) for r in rows] == [(256, 1, 16), (256, 3, 32)]
+    assert all(r["paged_ms"] > 0 and r["contiguous_ms"] > 0 for r in rows)
+    assert rows[0]["int8_ms"] > 0 and "bf16_ms" in rows[0] and "int8_ms" not in rows[1]
+    assert mixed["fastattn_ms"] > 0 and "torch_ms" not in mixed
+    assert "paged/contig" in _bench.format_paged(rows, mixed)

@@ -227,6 +227,11 @@ BAD = [
     (lambda: varlen_backward(lse=np.zeros((10, 2), f32)), ValueError, "lse must have shape"),
     (lambda: varlen_backward(dout=np.zeros((10, 2, 3), f32)), ValueError, "dout must have the attention output's"),
     (lambda: varlen_backward(cu_q=[0, 5, 9]), ValueError, "cu_seqlens_q"),
+    # block masks
+    (lambda: fastattn.block_mask(np.ones((4, 4), bool), block=128), ValueError, "block must be 64"),
+    (lambda: fastattn.block_mask(np.ones((4, 4), np.int8)), TypeError, "mask must have dtype"),
+    (lambda: fastattn.block_mask(np.ones((4, 4), bool), block="64"), TypeError, "block"),
+    (lambda: attn(mask=fastattn.block_mask(np.ones((5, 7), bool))), ValueError, "mask of shape"),
     # sinks
     (lambda: attn(sinks=np.ones(3)), ValueError, "sinks of shape"),
     (lambda: attn(sinks=np.ones(2), weights="dot"), ValueError, "sinks need weights='softmax'"),

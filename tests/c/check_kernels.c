@@ -93,6 +93,7 @@ typedef struct {
     int64_t page;  /* > 0: k and v in shuffled pages of this many rows (fa_attention only) */
     int sinks;     /* an attention sink per query head */
     int kv8;       /* FA_I8, FA_E4M3, FA_E5M2: k and v stored in 8 bits with scales (fa_attention only) */
+    int tiles;     /* a mask of hidden, visible and mixed 64 x 64 blocks, with its table of block kinds */
 } spec;
 
 /* The value of an 8-bit float, decoded from its fields. */
@@ -314,9 +315,17 @@ static void run_case(int path, int dtype, const spec *c)
     double *maskv = malloc((size_t)(lq * lk + 1) * sizeof(double));
     unsigned char *bmask = malloc((size_t)(lq * lk + 1));
     float *fmask = malloc((size_t)(lq * lk + 1) * sizeof(float));
+    const int64_t nqb = (lq + FA_TILE_BLOCK - 1) / FA_TILE_BLOCK, nkb = (lk + FA_TILE_BLOCK - 1) / FA_TILE_BLOCK;
+    uint8_t *tiles = malloc((size_t)(nqb * nkb + 1));
     for (int64_t t = 0; t < lq * lk; t++) {
         bmask[t] = uniform() > -0.6; /* 80% visible */
         fmask[t] = uniform() < -0.9 ? -INFINITY : (float)(0.5 * uniform());
+        if (c->tiles) { /* block (rb, kb) is hidden, visible or mixed by (rb + 2 kb) % 3 */
+            const int kind = (int)((t / lk / FA_TILE_BLOCK + 2 * (t % lk / FA_TILE_BLOCK)) % 3);
+            tiles[t / lk / FA_TILE_BLOCK * nkb + t % lk / FA_TILE_BLOCK] = (uint8_t)kind;
+            if (kind == FA_BLOCK_HIDDEN) bmask[t] = 0, fmask[t] = -INFINITY;
+            if (kind == FA_BLOCK_VISIBLE) bmask[t] = 1, fmask[t] = 0;
+        }
         maskv[t] = fmask[t];
     }
     double slopes[64], sinks[64];
@@ -395,6 +404,11 @@ static void run_case(int path, int dtype, const spec *c)
     p.softcap = c->softcap;
     p.alibi_slopes = c->alibi ? slopes : NULL;
     p.sinks = c->sinks ? sinks : NULL;
+    if (c->tiles) {
+        p.mask_tiles = tiles;
+        p.tiles_rs = nkb, p.tiles_cs = 1, p.tiles_hs = 0;
+        for (int64_t e = 0; e < n; e++) entries[e][FA_E_TILES] = 0;
+    }
     if (c->kv8) {
         p.kv_dtype = c->kv8;
         p.k = k8, p.k_rs = d, p.k_cs = 1;
@@ -599,6 +613,7 @@ static void run_case(int path, int dtype, const spec *c)
     free(kspaged);
     free(vspaged);
     free(pages);
+    free(tiles);
     free(k8);
     free(v8);
     free(ksc);
@@ -634,42 +649,48 @@ static void check_exp(int path)
 int main(void)
 {
     /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks,
-     * kv8 */
+     * kv8, tiles */
     const spec cases[] = {
-        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0},
-        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0},
-        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0},
-        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0},
-        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0},
-        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0},
-        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0},
-        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0},
-        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0, 0},
-        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0, 0},
-        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0, 0},
-        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0},
-        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0, 0},
-        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1, 0},
-        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0},
-        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0},
-        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1, 0},
-        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0},
-        {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8},
-        {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8},
+        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
+        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0},
+        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0, 0},
+        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0},
+        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
+        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0},
+        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
+        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0},
+        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0, 0, 0},
+        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0, 0, 0},
+        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0, 0, 0},
+        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
+        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0, 0, 0},
+        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1, 0, 0},
+        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0, 0},
+        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0, 0},
+        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1, 0, 0},
+        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0, 0},
+        {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8, 0},
+        {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0},
         {"e4m3 k and v, paged prefill", 2, 2, 40, 150, 24, 16, 1, 0, 60, -1, 2.0, 1, FA_MASK_NONE, 0, 0, 32, 0,
-         FA_E4M3},
+         FA_E4M3, 0},
         {"e5m2 k and v, split-KV decode", 2, 2, 1, 2600, 33, 17, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1,
-         FA_E5M2},
-        {"e4m3 k and v, grouped decode", 1, 6, 1, 300, 128, 128, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_E4M3},
-        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0},
+         FA_E5M2, 0},
+        {"e4m3 k and v, grouped decode", 1, 6, 1, 300, 128, 128, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_E4M3, 0},
+        {"bool mask blocks with a table, grouped, windowed", 2, 3, 150, 230, 16, 8, 1, 0, 100, -1, 0, 0, FA_MASK_BOOL,
+         0, 0, 0, 0, 0, 1},
+        {"float32 mask blocks with a table, split-KV decode", 1, 2, 1, 2200, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_F32,
+         0, 0, 0, 0, 0, 1},
+        {"float64 mask blocks with a table, lq not a block multiple", 2, 2, 70, 200, 8, 8, 0, 0, -1, -1, 0, 1,
+         FA_MASK_F64, 0, 0, 0, 0, 0, 1},
+        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0, 0},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;

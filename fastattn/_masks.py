@@ -1,0 +1,102 @@
+"""Block masks: a mask classified once per 64 x 64 block, reused by every call.
+
+The kernels visit keys in tiles of 64 (rows and keys).  Given a plain mask,
+each call classifies the tiles it visits by reading the mask: a tile the mask
+hides entirely is skipped, a tile it leaves alone runs unmasked, and only the
+others read the mask as they go.  A BlockMask does the classification once
+(`block_mask`) and carries its table of block kinds with the mask, so calls
+(every head, layer and step that share the mask) read the table instead.
+"""
+import numpy as np
+
+from fastattn import _core
+from fastattn import _validate as _v
+
+BLOCK = _core.TILE_BLOCK
+
+
+class BlockMask:
+    """A mask and its table of block kinds (see :func:`fastattn.block_mask`).
+
+    Attributes
+    ----------
+    mask : ndarray
+        The mask (bool, float32 or float64), read in place by the kernels
+        where a block is mixed.  It must not change while the BlockMask is
+        in use: the table describes it as it was.
+    kinds : ndarray of uint8, shape mask.shape[:-2] + (row blocks, key blocks)
+        ``BlockMask.HIDDEN`` (every key hidden), ``VISIBLE`` (none hidden and
+        nothing added) or ``MIXED``; one row (key) block where the mask
+        broadcasts along its rows (keys).
+    """
+
+    MIXED, HIDDEN, VISIBLE = _core.BLOCK_MIXED, _core.BLOCK_HIDDEN, _core.BLOCK_VISIBLE
+
+    def __init__(self, mask, kinds):
+        self.mask = mask
+        self.kinds = kinds
+
+    @property
+    def shape(self):
+        return self.mask.shape
+
+    def density(self):
+        """The fraction of blocks that are not hidden (the work left)."""
+        return float(np.mean(self.kinds != self.HIDDEN)) if self.kinds.size else 0.0
+
+    def __repr__(self):
+        counts = {name: int(np.sum(self.kinds == k)) for name, k in
+                  (("hidden", self.HIDDEN), ("visible", self.VISIBLE), ("mixed", self.MIXED))}
+        return f"BlockMask(shape={self.shape}, dtype={self.mask.dtype}, blocks {counts})"
+
+
+def _reduce_blocks(x, func, n_blocks):
+    """func.reduceat over key blocks of BLOCK along the last axis."""
+    return func.reduceat(x, np.arange(n_blocks) * BLOCK, axis=-1) if x.shape[-1] > 1 else x
+
+
+def block_mask(mask, *, block=None):
+    """Classify a mask once per 64 x 64 block, for reuse by every call.
+
+    Pass the result as ``mask=`` to :func:`fastattn.attention` (also
+    ``attention_backward`` and ``scores``, which read the plain mask): blocks
+    the mask hides entirely are skipped without reading it, blocks it leaves
+    alone (bool True, float +-0) run as if unmasked, and only mixed blocks
+    read the mask.  Build it once for a mask shared by many heads, layers or
+    steps (a document mask, a prefix-LM mask): the classification reads the
+    whole mask, which otherwise each call would do again.
+
+    Parameters
+    ----------
+    mask : array_like
+        As :func:`fastattn.attention` takes it: bool (True = may attend) or
+        float32/float64 (added; -inf hides), broadcastable to
+        ``(..., Lq, Lk)``.  Kept by reference: it must not change afterwards.
+    block : int, optional
+        The block size, 64 (the kernels' tile; the default).
+
+    Returns
+    -------
+    BlockMask
+    """
+    if block is not None and _v.integer(block, "block") != BLOCK:
+        raise ValueError(f"block must be {BLOCK}, the kernels' tile (or None), got {block}")
+    if isinstance(mask, BlockMask):
+        return mask
+    m = _v.as_array(mask, "mask", "bool, float32 or float64", _v.MASK_KINDS)
+    if m.ndim < 2:
+        m = m.reshape((1,) * (2 - m.ndim) + m.shape)
+    rows, keys = m.shape[-2:]
+    nq, nk = -(-rows // BLOCK), -(-keys // BLOCK)
+    kinds = np.empty(m.shape[:-2] + (nq, nk), dtype=np.uint8)
+    for rb in range(nq):  # one row block at a time: temporaries of BLOCK rows
+        sub = m[..., rb * BLOCK: (rb + 1) * BLOCK, :]
+        if m.dtype == np.bool_:
+            hidden_el, visible_el = ~sub, sub
+        else:
+            hidden_el, visible_el = sub == -np.inf, sub == 0
+        hidden = _reduce_blocks(np.all(hidden_el, axis=-2), np.logical_and, nk)
+        visible = _reduce_blocks(np.all(visible_el, axis=-2), np.logical_and, nk)
+        kinds[..., rb, :] = np.where(hidden, BlockMask.HIDDEN, np.where(visible, BlockMask.VISIBLE, BlockMask.MIXED))
+    kinds.flags.writeable = False
+    return BlockMask(m, kinds)
