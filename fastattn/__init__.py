@@ -27,7 +27,7 @@ from fastattn._api import (
     weighted_sum,
 )
 from fastattn._linear import linear_attention
-from fastattn._masks import BlockMask, block_mask
+from fastattn._masks import BlockMask, block_mask, block_mask_from_function
 from fastattn._config import (
     available_isas,
     get_isa,
@@ -45,6 +45,7 @@ __all__ = [
     "attention_varlen",
     "attention_varlen_backward",
     "block_mask",
+    "block_mask_from_function",
     "BlockMask",
     "cache_write",
     "merge",

@@ -7,6 +7,8 @@ others read the mask as they go.  A BlockMask does the classification once
 (`block_mask`) and carries its table of block kinds with the mask, so calls
 (every head, layer and step that share the mask) read the table instead.
 """
+import mmap
+
 import numpy as np
 
 from fastattn import _core
@@ -100,3 +102,80 @@ def block_mask(mask, *, block=None):
         kinds[..., rb, :] = np.where(hidden, BlockMask.HIDDEN, np.where(visible, BlockMask.VISIBLE, BlockMask.MIXED))
     kinds.flags.writeable = False
     return BlockMask(m, kinds)
+
+
+def _zeroed(shape):
+    """A zeroed bool array whose pages the operating system provides on
+    first write (an anonymous mapping: numpy's own large allocations may be
+    backed by 2 MiB huge pages, which one write commits whole)."""
+    n = int(np.prod(shape))
+    if n == 0:
+        return np.zeros(shape, dtype=bool)
+    return np.frombuffer(mmap.mmap(-1, n), dtype=bool).reshape(shape)
+
+
+def block_mask_from_function(fn, lq, lk, *, lead=(), block=None):
+    """A BlockMask from a vectorised index predicate, like FlexAttention's ``mask_mod``.
+
+    ``fn(*lead_idx, i, j)`` says whether query ``i`` may attend key ``j``
+    (True) for the leading indices ``lead_idx`` (one per entry of ``lead``,
+    e.g. batch and head): it is called with integer index arrays that
+    broadcast against each other, one block of 64 query rows at a time
+    (``i`` of shape ``(rows, 1)``, ``j`` of shape ``(1, lk)``, each lead
+    index shaped to its own axis), and returns a bool array broadcastable to
+    ``lead + (rows, lk)``.  Document masks, prefix-LM masks, dilated or
+    strided patterns and their combinations are one line each.
+
+    The predicate is evaluated everywhere (once), but only the blocks it
+    does not hide entirely are written: the mask array is an anonymous
+    zeroed mapping whose pages the operating system provides on first write,
+    so the memory of hidden blocks (a 4 KiB page holds 4096 / lk rows' worth
+    of one block row) is never touched, and the kernels never read it.
+
+    Parameters
+    ----------
+    fn : callable
+    lq, lk : int
+        Query rows and keys.
+    lead : tuple of int
+        Leading dimensions of the mask (default none: one mask for every
+        batch and head).
+    block : int, optional
+        64, the kernels' tile (the default).
+
+    Returns
+    -------
+    BlockMask
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if block is not None and _v.integer(block, "block") != BLOCK:
+        raise ValueError(f"block must be {BLOCK}, the kernels' tile (or None), got {block}")
+    lq, lk = _v.count(lq, "lq", 0), _v.count(lk, "lk", 0)
+    if not isinstance(lead, (tuple, list)):
+        raise TypeError(f"lead must be a tuple of ints, got {lead!r}")
+    lead = tuple(_v.count(n, "lead") for n in lead)
+    nd = len(lead)
+    nq, nk = -(-lq // BLOCK), -(-lk // BLOCK)
+    mask = _zeroed(lead + (lq, lk))
+    kinds = np.empty(lead + (nq, nk), dtype=np.uint8)
+    lead_idx = [np.arange(n).reshape((1,) * a + (n,) + (1,) * (nd - a - 1 + 2)) for a, n in enumerate(lead)]
+    j = np.arange(lk)[None, :]
+    for rb in range(nq):
+        r0, r1 = rb * BLOCK, min(lq, (rb + 1) * BLOCK)
+        sub = np.asarray(fn(*lead_idx, np.arange(r0, r1)[:, None], j))
+        if sub.dtype != np.bool_:
+            raise TypeError(f"fn must return a bool array, got dtype {sub.dtype}")
+        try:
+            sub = np.broadcast_to(sub, lead + (r1 - r0, lk))
+        except ValueError:
+            raise ValueError(f"fn returned shape {sub.shape}, which does not broadcast to "
+                             f"{lead + (r1 - r0, lk)} (lead + (rows, lk))") from None
+        hidden = _reduce_blocks(np.all(~sub, axis=-2), np.logical_and, nk)
+        visible = _reduce_blocks(np.all(sub, axis=-2), np.logical_and, nk)
+        kinds[..., rb, :] = np.where(hidden, BlockMask.HIDDEN, np.where(visible, BlockMask.VISIBLE, BlockMask.MIXED))
+        for kb in np.nonzero(~np.all(hidden.reshape(-1, nk), axis=0))[0]:  # blocks some lead entry sees
+            cols = slice(kb * BLOCK, min(lk, (kb + 1) * BLOCK))
+            mask[..., r0:r1, cols] = sub[..., cols]
+    kinds.flags.writeable = False
+    return BlockMask(mask, kinds)

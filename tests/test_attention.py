@@ -433,3 +433,41 @@ def test_isa_selection():
     assert fastattn.get_isa() in paths
     with fastattn.use_isa("generic"):
         assert fastattn.get_isa() == "generic"
+
+
+def test_block_mask_from_function(isa, rng):
+    """A predicate gives the mask and table that block_mask gives for its
+    dense evaluation (hidden blocks left unwritten), per head with `lead`,
+    and attention with it matches the reference."""
+    lq, lk = 200, 333
+    doc = lambda i, j: (i + lk - lq) // 70 == j // 70  # noqa: E731  documents, bottom-right
+    bm = fastattn.block_mask_from_function(doc, lq, lk)
+    i, j = np.arange(lq)[:, None], np.arange(lk)[None, :]
+    dense = fastattn.block_mask(doc(i, j))
+    np.testing.assert_array_equal(bm.kinds, dense.kinds)
+    seen = np.repeat(np.repeat(bm.kinds != bm.HIDDEN, 64, 0), 64, 1)[:lq, :lk]
+    np.testing.assert_array_equal(bm.mask[seen], dense.mask[seen])
+    assert not bm.mask[~seen].any()
+    q, k, v = make_qkv(rng, ((2, 4), (2, 2), lq, lk, 16, 8), np.float64)
+    assert_close(fastattn.attention(q, k, v, mask=bm), ref.attention(q, k, v, mask=doc(i, j)))
+    # per head: a sliding window that widens with the head, and a strided (dilated) pattern
+    per_head = lambda h, i, j: (j <= i + lk - lq) & ((i + lk - lq - j) < 40 * (h + 1)) | (j % 5 == 0)  # noqa: E731
+    bh = fastattn.block_mask_from_function(per_head, lq, lk, lead=(4,))
+    want = per_head(np.arange(4)[:, None, None], i, j)
+    assert bh.kinds.shape == (4, 4, 6)
+    assert_close(fastattn.attention(q, k, v, mask=bh), ref.attention(q, k, v, mask=want))
+
+
+def test_block_mask_from_function_leaves_hidden_blocks_unallocated():
+    """8 documents in 16384 x 16384: a dense bool mask is 256 MiB; only the
+    visible eighth (and a page's worth of neighbours) is touched."""
+    import subprocess
+    import sys
+
+    code = ("import resource, fastattn\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "bm = fastattn.block_mask_from_function(lambda i, j: i // 2048 == j // 2048, 16384, 16384)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    grown_mib = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout)
+    assert grown_mib < 100, grown_mib

@@ -232,6 +232,12 @@ BAD = [
     (lambda: fastattn.block_mask(np.ones((4, 4), np.int8)), TypeError, "mask must have dtype"),
     (lambda: fastattn.block_mask(np.ones((4, 4), bool), block="64"), TypeError, "block"),
     (lambda: attn(mask=fastattn.block_mask(np.ones((5, 7), bool))), ValueError, "mask of shape"),
+    (lambda: fastattn.block_mask_from_function(3, 4, 4), TypeError, "fn must be callable"),
+    (lambda: fastattn.block_mask_from_function(lambda i, j: i + j, 4, 4), TypeError, "bool array"),
+    (lambda: fastattn.block_mask_from_function(lambda i, j: (i < j)[:2], 4, 4), ValueError, "does not broadcast"),
+    (lambda: fastattn.block_mask_from_function(lambda i, j: i < j, -1, 4), ValueError, "lq"),
+    (lambda: fastattn.block_mask_from_function(lambda i, j: i < j, 4, 4, lead=3), TypeError, "lead"),
+    (lambda: fastattn.block_mask_from_function(lambda h, i, j: i < j, 4, 4, lead=(0,)), ValueError, "lead"),
     # sinks
     (lambda: attn(sinks=np.ones(3)), ValueError, "sinks of shape"),
     (lambda: attn(sinks=np.ones(2), weights="dot"), ValueError, "sinks need weights='softmax'"),
