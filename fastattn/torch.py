@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastattn import _api
+from fastattn import _api, _masks
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _original_sdpa = F.scaled_dot_product_attention
@@ -40,7 +40,7 @@ _original_sdpa = F.scaled_dot_product_attention
 def _unsupported(query, key, value, attn_mask, dropout_p):
     """Why fastattn cannot run this call, or None."""
     tensors = [("query", query), ("key", key), ("value", value)]
-    if attn_mask is not None:
+    if attn_mask is not None and not isinstance(attn_mask, _masks.BlockMask):
         tensors.append(("attn_mask", attn_mask))
     for name, t in tensors:
         if not isinstance(t, torch.Tensor):
@@ -52,7 +52,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
     for name, t in tensors[:3]:
         if t.dtype not in _DTYPES:
             return TypeError, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, torch.float64):
+    if len(tensors) == 4 and attn_mask.dtype not in (torch.bool, torch.float32, torch.float64):
         return TypeError, f"attn_mask must be bool, float32 or float64, got {attn_mask.dtype}"
     if dropout_p != 0.0:
         return ValueError, f"dropout_p must be 0 (fastattn has no dropout), got {dropout_p}"
@@ -60,9 +60,9 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
 
 
 def _as_numpy(t):
-    """A numpy view of a CPU tensor's memory (no copy); None stays None."""
-    if t is None:
-        return None
+    """A numpy view of a CPU tensor's memory (no copy); None and a BlockMask stay."""
+    if t is None or isinstance(t, _masks.BlockMask):
+        return t
     t = t.detach()
     if t.dtype == torch.bfloat16:  # numpy's bfloat16 is ml_dtypes': the same bits
         return t.view(torch.int16).numpy().view(_api.BFLOAT16)
@@ -154,6 +154,8 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
     and token)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             query.requires_grad or key.requires_grad or value.requires_grad)):
+        if isinstance(attn_mask, _masks.BlockMask):  # the operator takes tensors: the mask, classified per call
+            attn_mask = torch.from_numpy(attn_mask.mask)
         return torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
                                             window_right, softcap, bottom_right, sinks)
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
@@ -191,9 +193,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     value : Tensor, shape (N, ..., S, Ev)
         CPU tensors, float32, float64, float16 or bfloat16 (16-bit inputs
         are computed in float32 and give 16-bit outputs and gradients).
-    attn_mask : Tensor, optional
+    attn_mask : Tensor or fastattn.BlockMask, optional
         Broadcastable to (N, ..., L, S); bool (True = takes part in
-        attention) or float (added to the scores).
+        attention) or float (added to the scores); or a
+        :func:`fastattn.block_mask` (its table is used where no gradient is
+        needed; with autograd or torch.compile, its mask).
     dropout_p : float
         Must be 0.
     is_causal : bool

@@ -235,3 +235,24 @@ def test_sinks_through_the_operator_forward_and_gradcheck():
     np.testing.assert_allclose(lse.numpy(), want_lse, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, b, c: ft.attention(a, b, c, None, True, 0.4, sinks=sinks)[0],
                                     (q, k, v))
+
+
+def test_block_mask_as_attn_mask():
+    """A fastattn.BlockMask as attn_mask: its table without gradients, its
+    mask through the operator with them; both as torch with the bool mask."""
+    q, k, v, _ = grad_inputs("plain", torch.float32, l=70, s=150)
+    doc = (np.arange(70)[:, None] + 80) // 50 == np.arange(150)[None, :] // 50
+    bm = fastattn.block_mask(doc)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(doc))
+    with torch.no_grad():
+        torch.testing.assert_close(ft.scaled_dot_product_attention(q, k, v, attn_mask=bm), want)
+        # the table decides the tiles: an all-visible mask under a table of
+        # 64-token documents (no mixed blocks) gives the documents' result
+        docs64 = np.arange(70)[:, None] // 64 == np.arange(150)[None, :] // 64
+        fooled = fastattn.BlockMask(np.ones((70, 150), bool), fastattn.block_mask(docs64).kinds)
+        torch.testing.assert_close(ft.scaled_dot_product_attention(q, k, v, attn_mask=fooled),
+                                   F.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(docs64)))
+    got = ft.scaled_dot_product_attention(q, k, v, attn_mask=bm)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
