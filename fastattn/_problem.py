@@ -44,14 +44,16 @@ def _operand(name, a, rows, cols=None, heads=None):
     return fields
 
 
-def _problem(dtype, num_threads, entries, *, keep, kv_dtype=None, **fields):
+def _problem(dtype, num_threads, entries=None, *, keep, kv_dtype=None, **fields):
     """A _core.Problem of q/out dtype `dtype` (k and v stored alike, or as
     kv_dtype, a cache dtype) on the current kernel path.  `keep` lists the
     arrays the addresses point into."""
     code = DTYPES[dtype]
     kv_code = code if kv_dtype is None else CACHE_DTYPES[kv_dtype]
+    if entries is not None:
+        fields["entries"] = entries
     return _core.Problem(dtype=code, kv_dtype=kv_code, path=_config.path_index(), num_threads=num_threads,
-                         entries=entries, keep=tuple(keep), **fields)
+                         keep=tuple(keep), **fields)
 
 
 # ---- entry tables ----------------------------------------------------------------
@@ -151,18 +153,53 @@ def _score_options(args):
 # ---- the operations ----------------------------------------------------------------
 
 
-def attention(args, out, lse, num_threads):
-    """Run fused attention on validated arguments (_validate.ScoreArgs)."""
+def _attention_fields(args, out, lse):
+    """Every field of an attention problem of these operands but their
+    addresses, as keyword arguments of _core.Problem (with the entry table)."""
     g = args.group
     heads = -3 if g > 1 else None
     entries = _lead_table(args.lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse, args.tiles)
+    fields = dict(entries=entries, d=args.d, dv=args.dv, group=g, **_score_options(args))
+    for name, a, rows, cols, hs in (("q", args.q, -2, -1, heads), ("k", args.k, -2, -1, None),
+                                    ("v", args.v, -2, -1, None), ("out", out, -2, -1, heads),
+                                    ("lse", lse, -1, None, -2 if g > 1 else None),
+                                    ("mask", args.mask, -2, -1, heads)):
+        fields.update(_operand(name, a, rows, cols, hs))
+    fields.update(_tiles(args.tiles, heads))
+    for name in ("q", "k", "v", "out", "lse", "mask", "mask_tiles"):
+        fields.pop(name, None)  # the addresses: per call
+    return fields
+
+
+# Fields of attention problems by their operands' layouts and options: a
+# model calls attention with the same layouts over and over (every layer,
+# every decoding step), and building the fields costs more than a small call.
+_FIELDS_CACHE_MAX = 256
+_fields_cache = {}
+
+
+def attention(args, out, lse, num_threads):
+    """Run fused attention on validated arguments (_validate.ScoreArgs)."""
+    key = None
+    if args.slopes is None and args.sinks is None and math.prod(args.lead) <= _CACHED_ENTRIES_MAX:
+        key = (args.dtype, _config.path_index(), args.lead, args.group, args.lq, args.lk, args.d, args.dv,
+               *(None if a is None else (a.shape, a.strides) for a in (args.q, args.k, args.v, args.mask, out, lse,
+                                                                        args.tiles)),
+               args.mask_kind, args.weights, args.scale, args.causal, args.top_left, args.q_shift, args.window,
+               args.softcap)
+    fields = _fields_cache.get(key) if key is not None else None
+    if fields is None:
+        fields = _attention_fields(args, out, lse)
+        if key is not None:
+            if len(_fields_cache) >= _FIELDS_CACHE_MAX:
+                _fields_cache.clear()
+            _fields_cache[key] = fields
+    address = _core.address
     problem = _problem(
-        args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
-        keep=(args.q, args.k, args.v, args.mask, out, lse, args.tiles),
-        **_operand("q", args.q, -2, -1, heads), **_operand("k", args.k, -2, -1),
-        **_operand("v", args.v, -2, -1), **_operand("out", out, -2, -1, heads),
-        **_operand("lse", lse, -1, None, -2 if g > 1 else None),
-        **_operand("mask", args.mask, -2, -1, heads), **_tiles(args.tiles, heads), **_score_options(args))
+        args.dtype, num_threads, keep=(args.q, args.k, args.v, args.mask, out, lse, args.tiles),
+        q=address(args.q), k=address(args.k), v=address(args.v), out=address(out),
+        lse=0 if lse is None else address(lse), mask=0 if args.mask is None else address(args.mask),
+        mask_tiles=0 if args.tiles is None else address(args.tiles), **fields)
     _core.attention(problem)
 
 

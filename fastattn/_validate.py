@@ -239,17 +239,19 @@ def sinks(values, lead, wmode):
 def broadcast(named_shapes, what="leading dimensions"):
     """numpy's broadcasting rule, with an error naming every argument, and a
     ValueError (not an overflow) when the result has 2**63 entries or more."""
-    desc = ", ".join(f"{n} {s}" for n, s in named_shapes)
+    def desc():  # only for an error: a call that passes builds no strings
+        return ", ".join(f"{n} {s}" for n, s in named_shapes)
+
     ndim = max((len(s) for _, s in named_shapes), default=0)
     out = [1] * ndim
     for _, shape in named_shapes:
         for ax, n in enumerate(shape, ndim - len(shape)):
             if n != 1:
                 if out[ax] not in (1, n):
-                    raise ValueError(f"{what} do not broadcast: {desc}")
+                    raise ValueError(f"{what} do not broadcast: {desc()}")
                 out[ax] = n
     if math.prod(out) >= 2**63:
-        raise ValueError(f"{what} are too big: {tuple(out)} has 2**63 entries or more ({desc})")
+        raise ValueError(f"{what} are too big: {tuple(out)} has 2**63 entries or more ({desc()})")
     return tuple(out)
 
 

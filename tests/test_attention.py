@@ -471,3 +471,18 @@ def test_block_mask_from_function_leaves_hidden_blocks_unallocated():
     grown_mib = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                      check=True).stdout)
     assert grown_mib < 100, grown_mib
+
+
+def test_same_shapes_in_other_layouts_reuse_nothing_stale(rng):
+    """Calls with the same shapes but other strides, dtypes or options (the
+    problem fields are cached by layout) each match the reference."""
+    base = rng.standard_normal((2, 5, 3, 16))
+    views = [np.ascontiguousarray(base[..., :8].transpose(0, 2, 1, 3)),  # (2, 3, 5, 8) contiguous
+             base[..., ::2].transpose(0, 2, 1, 3),  # the same shape, strided columns and heads
+             base[..., 8:].transpose(0, 2, 1, 3)]
+    k = rng.standard_normal((2, 3, 7, 8))
+    for q in views:
+        for dt in (np.float64, np.float32):
+            for causal in (False, True):
+                got = fastattn.attention(q.astype(dt, copy=False), k.astype(dt), k.astype(dt), causal=causal)
+                assert_close(got, ref.attention(q, k, k, causal=causal), dtype=dt)
