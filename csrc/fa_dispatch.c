@@ -36,12 +36,13 @@ typedef struct {
     fa_exp_fn exp_f32;
 } fa_path;
 
-/* The tables of a path: k and v stored as the type of q, or in 8 bits
- * (dequantised as the tiles are read: the same tables, but for bfloat16,
- * whose table for 8-bit k and v is bf16_q8). */
+/* The tables of a path: k and v stored as the type of q, in 8 bits, or in
+ * 16 bits under float32 queries (converted as the tiles are read: the same
+ * tables, but for bfloat16, whose table for 8-bit k and v is bf16_q8). */
 #define FA_KV8(q, t) [q][FA_I8] = (t), [q][FA_E4M3] = (t), [q][FA_E5M2] = (t)
 #define FA_TYPES(f32, f64, f16, bf16, bf16_q8)                                                                   \
     {[FA_F32][FA_F32] = (f32), [FA_F64][FA_F64] = (f64), [FA_F16][FA_F16] = (f16), [FA_BF16][FA_BF16] = (bf16), \
+     [FA_F32][FA_F16] = (f32), [FA_F32][FA_BF16] = (f32),                                                      \
      FA_KV8(FA_F32, f32), FA_KV8(FA_F64, f64), FA_KV8(FA_F16, f16), FA_KV8(FA_BF16, bf16_q8)}
 #define FA_SAME_TYPES(f32, f64, f16, bf16) FA_TYPES(f32, f64, f16, bf16, bf16)
 
@@ -275,6 +276,7 @@ static int fa_check(const fa_problem *p, int kind, const fa_tile_ops **ops)
     if (kv8 ? kind != FA_KIND_ATTENTION || !p->k_scales || !p->v_scales || p->k_cs != 1 || p->v_cs != 1
             : p->k_scales || p->v_scales)
         return FA_ERR_INVALID;
+    if (p->kv_dtype != p->dtype && kind != FA_KIND_ATTENTION) return FA_ERR_INVALID; /* converted k and v */
     if (p->group < 1 || (p->group != 1 && kind != FA_KIND_ATTENTION)) return FA_ERR_INVALID;
     if (!fa_path_supported(p->path)) return FA_ERR_ISA;
     *ops = fa_paths[p->path].ops[p->dtype][p->kv_dtype];

@@ -113,12 +113,12 @@ static const int64_t fa_dtype_bytes[FA_KV_DTYPE_COUNT] = {[FA_F32] = 4, [FA_F64]
  * contiguous rows (fa_attention_item)?  When k and v are paged, or their
  * rows lie further apart than their length (the heads of packed sequences
  * side by side): read in place, rows a power of two apart fall into a few
- * cache sets; elements of a row must be contiguous.  (8-bit rows are
- * converted tile by tile anyway.) */
+ * cache sets; elements of a row must be contiguous.  (Rows stored in
+ * another type than q's are converted tile by tile anyway.) */
 static int fa_gathers(const fa_problem *p, int kind)
 {
     const int64_t es = fa_dtype_bytes[p->kv_dtype];
-    return kind == FA_KIND_ATTENTION && p->kv_dtype < FA_I8 && p->k_cs == es && p->v_cs == es &&
+    return kind == FA_KIND_ATTENTION && p->kv_dtype == p->dtype && p->k_cs == es && p->v_cs == es &&
            (p->pages || p->k_rs != p->d * es || p->v_rs != p->dv * es);
 }
 

@@ -620,20 +620,49 @@ static const FA_T *FN(key_rows)(const void *base, int64_t off, int64_t rs, int64
     return buf;
 }
 
+/* out[c] = the 16-bit float (kv: FA_F16 or FA_BF16) element c of a row,
+ * elements cs bytes apart, for c < n: k and v stored in 16 bits under
+ * queries of another type. */
+static void FN(load_row16)(const uint16_t *src, int64_t cs, int kv, int64_t n, FA_T *out)
+{
+    int64_t c = 0;
+    if (cs == 2) {
+#if FA_T_IS_FLOAT && FA_F16C
+        if (kv == FA_F16)
+            for (; c + 8 <= n; c += 8) _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + c))));
+        else
+            for (; c + 8 <= n; c += 8)
+                _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                              _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + c))), 16)));
+#endif
+        for (; c < n; c++) out[c] = (FA_T)(kv == FA_F16 ? fa_f16_to_f32(src[c]) : fa_bf16_to_f32(src[c]));
+        return;
+    }
+    for (; c < n; c++) {
+        const uint16_t x = *(const uint16_t *)((const char *)src + c * cs);
+        out[c] = (FA_T)(kv == FA_F16 ? fa_f16_to_f32(x) : fa_bf16_to_f32(x));
+    }
+}
+
 /* Rows k0 .. k0 + bk of entry e's K (v = 0) or V (v = 1), as key_rows
- * gives them; 8-bit rows are dequantised into buf with their scales. */
+ * gives them; rows stored in another type than q's are converted into buf
+ * (8-bit rows dequantised with their scales). */
 static const FA_T *FN(kv_rows)(const fa_problem *p, const int64_t *e, int v, int64_t k0, int64_t bk, int64_t n,
                                int64_t np, FA_T *buf, int64_t *ld)
 {
     const void *base = v ? p->v : p->k;
     const int64_t off = e[v ? FA_E_V : FA_E_K], rs = v ? p->v_rs : p->k_rs, cs = v ? p->v_cs : p->k_cs;
-    if (p->kv_dtype < FA_I8) return FN(key_rows)(base, off, rs, cs, k0, bk, n, np, buf, ld);
+    if (p->kv_dtype == p->dtype) return FN(key_rows)(base, off, rs, cs, k0, bk, n, np, buf, ld);
     const char *scales = (const char *)(v ? p->v_scales : p->k_scales) + e[v ? FA_E_VS : FA_E_KS];
     const int64_t srs = v ? p->vs_rs : p->ks_rs;
     for (int64_t j = 0; j < bk; j++) {
-        const float scale = *(const float *)(scales + (k0 + j) * srs);
         FA_T *dst = buf + j * np;
-        FN(load_row8)((const uint8_t *)base + off + (k0 + j) * rs, cs, p->kv_dtype, (FA_T)scale, n, dst);
+        const char *row = (const char *)base + off + (k0 + j) * rs;
+        if (p->kv_dtype >= FA_I8)
+            FN(load_row8)((const uint8_t *)row, cs, p->kv_dtype, (FA_T) * (const float *)(scales + (k0 + j) * srs), n,
+                          dst);
+        else
+            FN(load_row16)((const uint16_t *)row, cs, p->kv_dtype, n, dst);
         for (int64_t c = n; c < np; c++) dst[c] = 0;
     }
     *ld = np;

@@ -268,9 +268,10 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
         without ``cu_seqlens_q``, one query per sequence (decoding).
     k_cache : ndarray, shape (num_blocks, block_size, G, D)
     v_cache : ndarray, shape (num_blocks, block_size, G, Dv)
-        The dtype of q, or 8 bits: int8, ``ml_dtypes.float8_e4m3fn`` or
-        ``float8_e5m2``, dequantised as the kernel reads them (the queries
-        and the result keep q's dtype).  H a multiple of G (grouped-query
+        The dtype of q; float16 or bfloat16 under float32 queries; or 8
+        bits: int8, ``ml_dtypes.float8_e4m3fn`` or ``float8_e5m2``,
+        dequantised as the kernel reads them (the queries and the result
+        keep q's dtype).  H a multiple of G (grouped-query
         heads).  A block stride must be a multiple of 64 bytes or of the row
         stride (true of any contiguous cache).
     block_table : array_like of int, shape (batch, max_blocks_per_seq)

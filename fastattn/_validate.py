@@ -561,9 +561,10 @@ class PagedArgs(_Options):
         self.dv = self.v.shape[3]
         if d != self.d:
             raise ValueError(f"q and k_cache must have the same head dim D: q {q.shape}, k_cache {self.k.shape}")
-        if q.dtype != self.k.dtype and self.k.dtype not in KV8_DTYPES:
-            raise TypeError(f"q and the caches must have one dtype (or 8-bit caches), got q {q.dtype}, "
-                            f"k_cache {self.k.dtype}")
+        mixed = self.k.dtype in KV8_DTYPES or (q.dtype == np.float32 and self.k.dtype in HALF_DTYPES)
+        if q.dtype != self.k.dtype and not mixed:
+            raise TypeError(f"q and the caches must have one dtype (or float32 queries over a float16 or bfloat16 "
+                            f"cache, or an 8-bit cache), got q {q.dtype}, k_cache {self.k.dtype}")
         self.group = kv_group(h, g, [("q", q.shape), ("k_cache", self.k.shape), ("v_cache", self.v.shape)])
         table = int_array(block_table, "block_table", 2, "(batch, max_blocks_per_seq)")
         self.seq_lens = int_array(seq_lens, "seq_lens", 1, "(batch,)")

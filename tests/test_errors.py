@@ -250,6 +250,8 @@ BAD = [
     (lambda: paged(q=np.zeros((4, 3, 8), f32)), ValueError, "head counts do not match"),
     (lambda: paged(q=np.zeros((4, 4, 7), f32)), ValueError, "same head dim"),
     (lambda: paged(q=np.zeros((4, 4, 8), np.float64)), TypeError, "q and the caches must have one dtype"),
+    (lambda: paged(q=np.zeros((4, 4, 8), np.float16), k_cache=np.zeros((4, 4, 2, 8), BF16),
+                   v_cache=np.zeros((4, 4, 2, 8), BF16)), TypeError, "q and the caches must have one dtype"),
     (lambda: paged(k_cache=np.zeros((4, 4, 8), f32)), ValueError, "k_cache must have shape"),
     (lambda: paged(v_cache=np.zeros((4, 4, 1, 8), f32)), ValueError, "same blocks, block size and heads"),
     (lambda: paged(v_cache=np.zeros((4, 4, 2, 8), np.float64)), TypeError, "one dtype"),

@@ -347,3 +347,23 @@ def test_paged_generation_example_matches_contiguous_attention():
     for kind in ("bfloat16", "int8"):
         c = ex["PagedCache"](ex["BF16"] if kind == "bfloat16" else kind)
         assert sum(map(len, ex["run"](model, 12, ex["paged_attention"](c), 2)[0])) > 0
+
+
+@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
+def test_float32_queries_over_a_16_bit_cache(isa, rng, kv):
+    """float32 queries and results over a float16 or bfloat16 cache: within
+    float32 rounding of the reference on the cache's values."""
+    kv = np.dtype(ml_dtypes.bfloat16) if kv == "bfloat16" else np.dtype(kv)
+    h, g, d, bs = 8, 2, 40, 16
+    lens = np.array([2100, 50, 1])
+    n_q = np.array([1, 30, 1])
+    cu = np.concatenate([[0], np.cumsum(n_q)])
+    n_blocks = int(sum((n + bs - 1) // bs for n in lens))
+    kc, vc = (x.astype(kv) for x in paged_cache(rng, np.float32, n_blocks, bs, g, d, d))
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (cu[-1], h, d), np.float32)
+    out, lse = fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, return_lse=True)
+    assert out.dtype == np.float32
+    rout, rlse = ref.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, return_lse=True)
+    assert_close(out, rout)
+    assert_close(lse, rlse)

@@ -92,7 +92,8 @@ typedef struct {
     int64_t shift; /* q_shift: added to every query's key position */
     int64_t page;  /* > 0: k and v in shuffled pages of this many rows (fa_attention only) */
     int sinks;     /* an attention sink per query head */
-    int kv8;       /* FA_I8, FA_E4M3, FA_E5M2: k and v stored in 8 bits with scales (fa_attention only) */
+    int kv;        /* k and v stored as another type (fa_attention only): FA_I8, FA_E4M3, FA_E5M2 (8 bits,
+                    * with scales), or FA_F16, FA_BF16 under float32 queries; 0: q's type */
     int tiles;     /* a mask of hidden, visible and mixed 64 x 64 blocks, with its table of block kinds */
 } spec;
 
@@ -304,6 +305,7 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
 
 static void run_case(int path, int dtype, const spec *c)
 {
+    if (c->kv && c->kv < FA_I8 && dtype != FA_F32) return; /* 16-bit k and v: under float32 queries */
     const int es = DTYPE_BYTES[dtype], cs = dtype == FA_F64 ? 8 : 4; /* storage, compute bytes */
     const int64_t n = c->entries, g = c->group, lq = c->lq, lk = c->lk, d = c->d, dv = c->dv;
     const int half = dtype == FA_F16 || dtype == FA_BF16;
@@ -350,24 +352,32 @@ static void run_case(int path, int dtype, const spec *c)
         entries[e][FA_E_HEAD] = e * g;
     }
     /* 8-bit k and v: codes (entry-major like k and v) with their scales,
-     * one per row for int8, one per tensor for the floats; the reference
-     * reads the dequantised values */
+     * one per row for int8, one per tensor for the floats; 16-bit k and v:
+     * the values rounded to that type; the reference reads the values the
+     * kernels see */
     uint8_t *k8 = NULL, *v8 = NULL;
     float *ksc = NULL, *vsc = NULL;
-    if (c->kv8) {
+    const int kv8 = c->kv >= FA_I8, kv16 = c->kv && !kv8;
+    if (kv16) {
+        k8 = malloc((size_t)(n * lk * d * 2 + 2));
+        v8 = malloc((size_t)(n * lk * dv * 2 + 2));
+        for (int64_t t = 0; t < n * lk * d; t++) k.val[t] = store(c->kv, k8 + 2 * t, k.val[t]);
+        for (int64_t t = 0; t < n * lk * dv; t++) v.val[t] = store(c->kv, v8 + 2 * t, v.val[t]);
+    }
+    if (kv8) {
         k8 = malloc((size_t)(n * lk * d + 1));
         v8 = malloc((size_t)(n * lk * dv + 1));
         ksc = malloc((size_t)(n * lk + 1) * sizeof(float));
         vsc = malloc((size_t)(n * lk + 1) * sizeof(float));
         for (int64_t r = 0; r < n * lk; r++) {
-            ksc[r] = c->kv8 == FA_I8 ? (float)(0.01 + 0.005 * uniform()) : 0.25f;
-            vsc[r] = c->kv8 == FA_I8 ? (float)(0.01 + 0.005 * uniform()) : 0.5f;
-            for (int64_t t = 0; t < d; t++) k8[r * d + t] = random_code(c->kv8, ksc[r], &k.val[r * d + t]);
-            for (int64_t t = 0; t < dv; t++) v8[r * dv + t] = random_code(c->kv8, vsc[r], &v.val[r * dv + t]);
+            ksc[r] = c->kv == FA_I8 ? (float)(0.01 + 0.005 * uniform()) : 0.25f;
+            vsc[r] = c->kv == FA_I8 ? (float)(0.01 + 0.005 * uniform()) : 0.5f;
+            for (int64_t t = 0; t < d; t++) k8[r * d + t] = random_code(c->kv, ksc[r], &k.val[r * d + t]);
+            for (int64_t t = 0; t < dv; t++) v8[r * dv + t] = random_code(c->kv, vsc[r], &v.val[r * dv + t]);
         }
     }
-    const int kes = c->kv8 ? 1 : es; /* bytes of a stored k or v element */
-    const int64_t srs = c->kv8 == FA_I8 ? 4 : 0; /* between the scales of rows */
+    const int kes = kv8 ? 1 : kv16 ? 2 : es; /* bytes of a stored k or v element */
+    const int64_t srs = c->kv == FA_I8 ? 4 : 0; /* between the scales of rows */
 
     fa_problem p;
     memset(&p, 0, sizeof p);
@@ -409,14 +419,14 @@ static void run_case(int path, int dtype, const spec *c)
         p.tiles_rs = nkb, p.tiles_cs = 1, p.tiles_hs = 0;
         for (int64_t e = 0; e < n; e++) entries[e][FA_E_TILES] = 0;
     }
-    if (c->kv8) {
-        p.kv_dtype = c->kv8;
-        p.k = k8, p.k_rs = d, p.k_cs = 1;
-        p.v = v8, p.v_rs = dv, p.v_cs = 1;
-        p.k_scales = ksc, p.v_scales = vsc, p.ks_rs = p.vs_rs = srs;
+    if (c->kv) {
+        p.kv_dtype = c->kv;
+        p.k = k8, p.k_rs = d * kes, p.k_cs = kes;
+        p.v = v8, p.v_rs = dv * kes, p.v_cs = kes;
+        if (kv8) p.k_scales = ksc, p.v_scales = vsc, p.ks_rs = p.vs_rs = srs;
         for (int64_t e = 0; e < n; e++) {
-            entries[e][FA_E_K] = e * lk * d;
-            entries[e][FA_E_V] = e * lk * dv;
+            entries[e][FA_E_K] = e * lk * d * kes;
+            entries[e][FA_E_V] = e * lk * dv * kes;
             entries[e][FA_E_KS] = entries[e][FA_E_VS] = e * lk * srs;
         }
     }
@@ -450,7 +460,7 @@ static void run_case(int path, int dtype, const spec *c)
                        (const char *)p.k + entries[e][FA_E_K] + j * p.k_rs, (size_t)(d * kes));
                 memcpy(vpaged + page * vps + row * vrs + e * dv * kes,
                        (const char *)p.v + entries[e][FA_E_V] + j * p.v_rs, (size_t)(dv * kes));
-                if (c->kv8) {
+                if (kv8) {
                     memcpy(kspaged + page * sps + (row * n + e) * srs, ksc + e * lk + j, 4);
                     memcpy(vspaged + page * sps + (row * n + e) * srs, vsc + e * lk + j, 4);
                 }
@@ -463,7 +473,7 @@ static void run_case(int path, int dtype, const spec *c)
         p.k = kpaged, p.v = vpaged;
         p.k_rs = krs, p.v_rs = vrs;
         p.pages = pages, p.page_size = c->page, p.n_pages = n_pages, p.k_ps = kps, p.v_ps = vps;
-        if (c->kv8) {
+        if (kv8) {
             p.k_scales = (const float *)kspaged, p.v_scales = (const float *)vspaged;
             p.ks_rs = p.vs_rs = n * srs, p.ks_ps = p.vs_ps = sps;
         }
@@ -526,7 +536,7 @@ static void run_case(int path, int dtype, const spec *c)
                 }
             }
 
-    if (c->page > 0 || c->kv8) { /* the backward and the other operations take no pages, no 8-bit k and v */
+    if (c->page > 0 || c->kv) { /* the backward and the other operations take no pages, no 8-bit k and v */
         checks++;
         if (!bad && (fa_attention_backward(&p) != FA_ERR_INVALID || fa_scores(&p) != FA_ERR_INVALID)) {
             printf("FAIL %s %s %s: paged or 8-bit k and v accepted by the backward or scores\n", fa_path_name(path),
@@ -649,7 +659,7 @@ static void check_exp(int path)
 int main(void)
 {
     /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks,
-     * kv8, tiles */
+     * kv, tiles */
     const spec cases[] = {
         {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
         {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
@@ -690,6 +700,10 @@ int main(void)
          0, 0, 0, 0, 0, 1},
         {"float64 mask blocks with a table, lq not a block multiple", 2, 2, 70, 200, 8, 8, 0, 0, -1, -1, 0, 1,
          FA_MASK_F64, 0, 0, 0, 0, 0, 1},
+        {"bfloat16 k and v under float32 queries, paged decode", 2, 4, 1, 500, 40, 24, 1, 0, -1, -1, 0, 0,
+         FA_MASK_NONE, 0, 0, 16, 1, FA_BF16, 0},
+        {"float16 k and v under float32 queries, prefill", 2, 2, 70, 130, 24, 16, 1, 0, -1, -1, 0, 1, FA_MASK_NONE,
+         0, 0, 0, 0, FA_F16, 0},
         {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0, 0},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
