@@ -137,7 +137,7 @@ static const FA_T *FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_sc
     fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
     const int bounds = k0 < all_lo || k0 + bk > all_hi;
     if (bounds || p->mask_kind != FA_MASK_NONE || p->alibi_slopes)
-        for (int64_t r = 0; r < bq; r++) FN(score_options)(&opt, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds);
+        for (int64_t r = 0; r < bq; r++) FN(score_options)(&opt, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds, 1);
     /* P and dS, FA_W query rows at a time */
     if (p->weights == FA_WEIGHTS_SOFTMAX) {
         for (int64_t j = 0; j < bk; j++)

@@ -674,7 +674,7 @@ static const FA_T *FN(kv_rows)(const fa_problem *p, const int64_t *e, int v, int
 /* Options that act on the scores s[j * ld], j < bk (keys k0 + j), of virtual
  * row v: soft-cap, ALiBi, the mask; then causal/window bounds (-inf). */
 static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, int64_t k0, int64_t bk,
-                              FA_T *s, int64_t ld, int bounds)
+                              FA_T *s, int64_t ld, int bounds, int masked)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], head = v / lq, i = v % lq;
     if (p->softcap > 0) {
@@ -689,7 +689,7 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
             s[j * ld] -= slope * (FA_T)(dist < 0 ? -dist : dist);
         }
     }
-    if (p->mask_kind != FA_MASK_NONE) {
+    if (masked && p->mask_kind != FA_MASK_NONE) {
         const char *m = (const char *)p->mask + e[FA_E_MASK] + head * p->mask_hs + i * p->mask_rs +
                         k0 * p->mask_cs;
         const int64_t cs = p->mask_cs;
@@ -731,15 +731,71 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
     }
 }
 
+#undef FA_BOOL_TILES
+#if FA_T_IS_FLOAT && (FA_VEC_ISA == 1 || FA_VEC_ISA == 2)
+#define FA_BOOL_TILES 1
+/* A bool mask (elements contiguous) on a score tile in S^T layout (key j,
+ * row r at st[j * FA_BQ + r]), 8 rows by 8 keys at a time: the 8 x 8 mask
+ * bytes are transposed in registers, and each key's 8 rows take -inf in
+ * one vector blend where the mask is 0 (NaN scores included), instead of
+ * a scalar select per score (which cost as much as a product of the tile). */
+static void FN(bool_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int64_t row0, int64_t bq, int64_t k0,
+                               int64_t bk)
+{
+    const int64_t lq = e[FA_E_LQ];
+    const unsigned char *m[8];
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    int64_t r = 0;
+    for (; r < bq; r += 8) {
+        const int nr = (int)fa_min64(8, bq - r);
+        for (int t = 0; t < 8; t++) {
+            const int64_t v = row0 + r + (t < nr ? t : 0);
+            m[t] = (const unsigned char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs + (v % lq) * p->mask_rs + k0;
+        }
+        int64_t j = 0;
+        if (nr == 8)
+            for (; j + 8 <= bk; j += 8) {
+                __m128i a[8];
+                for (int t = 0; t < 8; t++) a[t] = _mm_loadl_epi64((const __m128i *)(m[t] + j));
+                const __m128i t0 = _mm_unpacklo_epi8(a[0], a[1]), t1 = _mm_unpacklo_epi8(a[2], a[3]);
+                const __m128i t2 = _mm_unpacklo_epi8(a[4], a[5]), t3 = _mm_unpacklo_epi8(a[6], a[7]);
+                const __m128i u0 = _mm_unpacklo_epi16(t0, t1), u1 = _mm_unpackhi_epi16(t0, t1);
+                const __m128i u2 = _mm_unpacklo_epi16(t2, t3), u3 = _mm_unpackhi_epi16(t2, t3);
+                const __m128i c[4] = {_mm_unpacklo_epi32(u0, u2), _mm_unpackhi_epi32(u0, u2), _mm_unpacklo_epi32(u1, u3),
+                                      _mm_unpackhi_epi32(u1, u3)}; /* keys 2x, 2x + 1: rows 0..7 each */
+                for (int x = 0; x < 8; x++) {
+                    const __m128i col = x & 1 ? _mm_srli_si128(c[x >> 1], 8) : c[x >> 1];
+                    const __m256 hide =
+                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(col), _mm256_setzero_si256()));
+                    FA_T *s = st + (j + x) * FA_BQ + r;
+                    _mm256_storeu_ps(s, _mm256_blendv_ps(_mm256_loadu_ps(s), ninf, hide));
+                }
+            }
+        for (; j < bk; j++)
+            for (int t = 0; t < nr; t++)
+                if (!m[t][j]) st[j * FA_BQ + r + t] = (FA_T)-INFINITY;
+    }
+}
+#else
+#define FA_BOOL_TILES 0
+#endif
+
 /* Score options of every row of the tile, in st's layout for bq rows. */
 static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
                               int64_t k0, int64_t bk, int bounds)
 {
     if (!(bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)) return;
     const int rows = bq <= FA_ROWS_MAX;
-    for (int64_t r = 0; r < bq; r++)
-        FN(score_options)(p, e, row0 + r, k0, bk, rows ? w->st + r * FA_BK : w->st + r, rows ? 1 : FA_BQ,
-                          bounds);
+    /* a bool mask on an S^T tile goes last, in vectors (the select commutes
+     * with the bounds, not with soft-cap and ALiBi, which it must follow) */
+    const int bool_tile = FA_BOOL_TILES && !rows && p->mask_kind == FA_MASK_BOOL && p->mask_cs == 1;
+    if (bounds || p->softcap > 0 || p->alibi_slopes || (p->mask_kind != FA_MASK_NONE && !bool_tile))
+        for (int64_t r = 0; r < bq; r++)
+            FN(score_options)(p, e, row0 + r, k0, bk, rows ? w->st + r * FA_BK : w->st + r, rows ? 1 : FA_BQ,
+                              bounds, !bool_tile);
+#if FA_BOOL_TILES
+    if (bool_tile) FN(bool_mask_tile)(p, e, w->st, row0, bq, k0, bk);
+#endif
 }
 
 /* The score tile: K[k0 : k0 + bk] . qt, with every score option applied.
@@ -1202,6 +1258,7 @@ void FA_CAT(fa_exp, FA_SUFFIX)(const float *x, float *y, int64_t n)
 
 #undef FA_NVW
 #undef FA_HALF_ROWS
+#undef FA_BOOL_TILES
 #undef FA_LD
 #undef FA_ST
 #undef FA_AT
