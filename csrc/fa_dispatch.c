@@ -366,7 +366,17 @@ static int fa_run(const fa_problem *p, int kind)
         }
     }
     qsort(items, (size_t)n_items, sizeof(fa_item), fa_cmp_items);
-    const int status = fa_run_items(p, kind, items, n_items, n_parts, fa_thread_count(p, total, n_items), ops);
+    const int threads = fa_thread_count(p, total, n_items);
+    /* a mask shared by several entries: classified once, not once per entry */
+    fa_problem local;
+    int64_t *local_entries = NULL;
+    uint8_t *tables = NULL;
+    const int shared = kind == FA_KIND_ATTENTION ? fa_shared_mask_tables(p, threads, &local, &local_entries, &tables)
+                                                 : 0;
+    int status = FA_ERR_NOMEM;
+    if (shared >= 0) status = fa_run_items(shared ? &local : p, kind, items, n_items, n_parts, threads, ops);
+    free(local_entries);
+    free(tables);
     free(items);
     return status;
 }

@@ -88,6 +88,70 @@ static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int
     return hidden ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
 }
 
+/* A mask that several entries share (broadcast over batch or heads) is
+ * classified once per call instead of once per entry: a table of block
+ * kinds for each distinct mask (as fastattn.block_mask builds), in a copy
+ * of the problem (*local, with its own entry table *entries and the tables
+ * *tables, both to free).  Returns 1 if it built them, 0 if not worth it
+ * (no mask, a table already, masks not shared, differing lengths, per-head
+ * masks within groups), -1 if out of memory. */
+int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *local, int64_t **entries,
+                          uint8_t **tables)
+{
+    enum { MAX_DISTINCT = 64 };
+    if (p->mask_kind == FA_MASK_NONE || p->mask_tiles || p->n_entries < 2 || (p->group > 1 && p->mask_hs != 0))
+        return 0;
+    int64_t distinct[MAX_DISTINCT], n_distinct = 0;
+    const int64_t *e0 = p->entries;
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
+        if (e[FA_E_LQ] != e0[FA_E_LQ] || e[FA_E_LK] != e0[FA_E_LK]) return 0;
+        int64_t d = 0;
+        while (d < n_distinct && distinct[d] != e[FA_E_MASK]) d++;
+        if (d == n_distinct) {
+            if (n_distinct == MAX_DISTINCT || 2 * (n_distinct + 1) > p->n_entries) return 0; /* shared by few */
+            distinct[n_distinct++] = e[FA_E_MASK];
+        }
+    }
+    const int64_t lq = e0[FA_E_LQ], lk = e0[FA_E_LK];
+    const int64_t nq = p->mask_rs == 0 ? 1 : (lq + FA_TILE_BLOCK - 1) / FA_TILE_BLOCK;
+    const int64_t nk = p->mask_cs == 0 ? 1 : (lk + FA_TILE_BLOCK - 1) / FA_TILE_BLOCK, per = nq * nk;
+    if (lq == 0 || lk == 0) return 0;
+    *tables = (uint8_t *)malloc((size_t)(n_distinct * per));
+    *entries = (int64_t *)malloc((size_t)p->n_entries * FA_ENTRY_FIELDS * sizeof(int64_t));
+    if (!*tables || !*entries) {
+        free(*tables);
+        free(*entries);
+        return -1;
+    }
+    int64_t fake[FA_ENTRY_FIELDS] = {0};
+    fake[FA_E_LQ] = lq;
+    fake[FA_E_LK] = lk;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads) if (num_threads > 1) firstprivate(fake)
+    for (int64_t b = 0; b < n_distinct * per; b++) {
+        const int64_t d = b / per, rb = b % per / nk, kb = b % nk;
+        fake[FA_E_MASK] = distinct[d];
+        const int64_t r0 = rb * FA_TILE_BLOCK, k0 = kb * FA_TILE_BLOCK;
+        /* one block row stands for all rows when the mask's rows broadcast (likewise keys) */
+        const int64_t bq = p->mask_rs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, lq - r0);
+        const int64_t bk = p->mask_cs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, lk - k0);
+        (*tables)[b] = (uint8_t)fa_mask_tile(p, fake, r0, bq, k0, bk);
+    }
+    memcpy(*entries, p->entries, (size_t)p->n_entries * FA_ENTRY_FIELDS * sizeof(int64_t));
+    for (int64_t i = 0; i < p->n_entries; i++) {
+        int64_t *e = *entries + i * FA_ENTRY_FIELDS, d = 0;
+        while (distinct[d] != e[FA_E_MASK]) d++;
+        e[FA_E_TILES] = d * per;
+    }
+    *local = *p;
+    local->entries = *entries;
+    local->mask_tiles = *tables;
+    local->tiles_rs = nq > 1 ? nk : 0;
+    local->tiles_cs = nk > 1 ? 1 : 0;
+    local->tiles_hs = 0;
+    return 1;
+}
+
 /* Paged k and v: a copy ev of entry e whose k and v offsets put keys
  * [k0, end of k0's page) where the tile operations look for them,
  * e[FA_E_K] + j * k_rs; returns the end of the page (its last key + 1). */

@@ -83,6 +83,10 @@ typedef struct {
     void (*bwd_rows_store)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);
 } fa_tile_ops;
 
+/* A shared mask's tables of block kinds, built once per call (fa_driver.c). */
+int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *local, int64_t **entries,
+                          uint8_t **tables);
+
 /* Run the items of a problem on the tile operations `ops` (fa_driver.c). */
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
                  int num_threads, const fa_tile_ops *ops);
