@@ -152,6 +152,19 @@ int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *loca
     return 1;
 }
 
+/* Byte offsets in k and in v of key j of entry e, through its page when k
+ * and v are paged. */
+static inline void fa_key_offsets(const fa_problem *p, const int64_t *e, int64_t j, int64_t *ko, int64_t *vo)
+{
+    int64_t page = 0, row = j;
+    if (p->pages) {
+        page = fa_page_of(p, e, j);
+        row = j % p->page_size;
+    }
+    *ko = e[FA_E_K] + page * p->k_ps + row * p->k_rs;
+    *vo = e[FA_E_V] + page * p->v_ps + row * p->v_rs;
+}
+
 /* Paged k and v: a copy ev of entry e whose k and v offsets put keys
  * [k0, end of k0's page) where the tile operations look for them,
  * e[FA_E_K] + j * k_rs; returns the end of the page (its last key + 1). */
@@ -268,13 +281,9 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
             if (kind == FA_TILE_VISIBLE) tp = &unmasked;
         }
         if (gathered) {
-            for (int64_t j = 0, key = k0; j < bk; j++, key++) {
-                int64_t ko = e[FA_E_K] + key * p->k_rs, vo = e[FA_E_V] + key * p->v_rs;
-                if (paged) {
-                    const int64_t page = fa_page_of(p, e, key), off = key % p->page_size;
-                    ko = e[FA_E_K] + page * p->k_ps + off * p->k_rs;
-                    vo = e[FA_E_V] + page * p->v_ps + off * p->v_rs;
-                }
+            for (int64_t j = 0; j < bk; j++) {
+                int64_t ko, vo;
+                fa_key_offsets(p, e, k0 + j, &ko, &vo);
                 memcpy(gather + j * kb, (const char *)p->k + ko, (size_t)kb);
                 memcpy(gather + FA_BK * kb + j * vb, (const char *)p->v + vo, (size_t)vb);
             }
@@ -284,12 +293,10 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
         }
         const int64_t pf0 = k0 + pf_ahead;
         int64_t pf_n = few ? fa_max64(0, fa_min64(nb > 1 ? bk : FA_BK, khi - pf0)) : 0;
-        int64_t pf_k = e[FA_E_K] + pf0 * p->k_rs, pf_v = e[FA_E_V] + pf0 * p->v_rs;
-        if (paged && pf_n > 0) { /* from the page that holds them, up to its end */
-            const int64_t page = fa_page_of(p, e, pf0), off = pf0 % p->page_size;
-            pf_n = fa_min64(pf_n, p->page_size - off);
-            pf_k = e[FA_E_K] + page * p->k_ps + off * p->k_rs;
-            pf_v = e[FA_E_V] + page * p->v_ps + off * p->v_rs;
+        int64_t pf_k = 0, pf_v = 0;
+        if (pf_n > 0) {
+            fa_key_offsets(p, e, pf0, &pf_k, &pf_v);
+            if (paged) pf_n = fa_min64(pf_n, p->page_size - pf0 % p->page_size); /* up to its page's end */
         }
         const fa_prefetch_plan pf = {(const char *)p->k + pf_k, (const char *)p->v + pf_v, p->k_rs, p->v_rs,
                                      pf_kb, pf_vb, pf_n};
