@@ -52,9 +52,19 @@ class BlockMask:
         return f"BlockMask(shape={self.shape}, dtype={self.mask.dtype}, blocks {counts})"
 
 
-def _reduce_blocks(x, func, n_blocks):
-    """func.reduceat over key blocks of BLOCK along the last axis."""
-    return func.reduceat(x, np.arange(n_blocks) * BLOCK, axis=-1) if x.shape[-1] > 1 else x
+def _block_kinds(hidden, visible, n_blocks):
+    """The kinds of one row block's key blocks, from which of its elements
+    (rows on axis -2, keys on axis -1) are hidden and which visible."""
+    def every(x):  # x holds for every element of each key block of BLOCK
+        x = np.all(x, axis=-2)
+        return np.logical_and.reduceat(x, np.arange(n_blocks) * BLOCK, axis=-1) if x.shape[-1] > 1 else x
+
+    return np.where(every(hidden), BlockMask.HIDDEN, np.where(every(visible), BlockMask.VISIBLE, BlockMask.MIXED))
+
+
+def _check_block(block):
+    if block is not None and _v.integer(block, "block") != BLOCK:
+        raise ValueError(f"block must be {BLOCK}, the kernels' tile (or None), got {block}")
 
 
 def block_mask(mask, *, block=None):
@@ -81,8 +91,7 @@ def block_mask(mask, *, block=None):
     -------
     BlockMask
     """
-    if block is not None and _v.integer(block, "block") != BLOCK:
-        raise ValueError(f"block must be {BLOCK}, the kernels' tile (or None), got {block}")
+    _check_block(block)
     if isinstance(mask, BlockMask):
         return mask
     m = _v.as_array(mask, "mask", "bool, float32 or float64", _v.MASK_KINDS)
@@ -94,12 +103,9 @@ def block_mask(mask, *, block=None):
     for rb in range(nq):  # one row block at a time: temporaries of BLOCK rows
         sub = m[..., rb * BLOCK: (rb + 1) * BLOCK, :]
         if m.dtype == np.bool_:
-            hidden_el, visible_el = ~sub, sub
+            kinds[..., rb, :] = _block_kinds(~sub, sub, nk)
         else:
-            hidden_el, visible_el = sub == -np.inf, sub == 0
-        hidden = _reduce_blocks(np.all(hidden_el, axis=-2), np.logical_and, nk)
-        visible = _reduce_blocks(np.all(visible_el, axis=-2), np.logical_and, nk)
-        kinds[..., rb, :] = np.where(hidden, BlockMask.HIDDEN, np.where(visible, BlockMask.VISIBLE, BlockMask.MIXED))
+            kinds[..., rb, :] = _block_kinds(sub == -np.inf, sub == 0, nk)
     kinds.flags.writeable = False
     return BlockMask(m, kinds)
 
@@ -149,8 +155,7 @@ def block_mask_from_function(fn, lq, lk, *, lead=(), block=None):
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if block is not None and _v.integer(block, "block") != BLOCK:
-        raise ValueError(f"block must be {BLOCK}, the kernels' tile (or None), got {block}")
+    _check_block(block)
     lq, lk = _v.count(lq, "lq", 0), _v.count(lk, "lk", 0)
     if not isinstance(lead, (tuple, list)):
         raise TypeError(f"lead must be a tuple of ints, got {lead!r}")
@@ -171,10 +176,9 @@ def block_mask_from_function(fn, lq, lk, *, lead=(), block=None):
         except ValueError:
             raise ValueError(f"fn returned shape {sub.shape}, which does not broadcast to "
                              f"{lead + (r1 - r0, lk)} (lead + (rows, lk))") from None
-        hidden = _reduce_blocks(np.all(~sub, axis=-2), np.logical_and, nk)
-        visible = _reduce_blocks(np.all(sub, axis=-2), np.logical_and, nk)
-        kinds[..., rb, :] = np.where(hidden, BlockMask.HIDDEN, np.where(visible, BlockMask.VISIBLE, BlockMask.MIXED))
-        for kb in np.nonzero(~np.all(hidden.reshape(-1, nk), axis=0))[0]:  # blocks some lead entry sees
+        kinds[..., rb, :] = _block_kinds(~sub, sub, nk)
+        seen = np.any(kinds[..., rb, :] != BlockMask.HIDDEN, axis=tuple(range(nd)))
+        for kb in np.nonzero(seen)[0]:  # blocks some lead entry sees
             cols = slice(kb * BLOCK, min(lk, (kb + 1) * BLOCK))
             mask[..., r0:r1, cols] = sub[..., cols]
     kinds.flags.writeable = False
