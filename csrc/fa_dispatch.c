@@ -7,7 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fa_omp.h"
 #include "fa_tile.h"
 
 /* CPU features a kernel path may need (bits of fa_path.needs). */
@@ -169,7 +168,6 @@ int fa_best_path(void)
 
 int64_t fa_path_runs(int path) { return fa_path_at(path) ? __atomic_load_n(&fa_runs[path], __ATOMIC_RELAXED) : 0; }
 
-int fa_openmp_enabled(void) { return fa_omp_enabled(); }
 const char *fa_compiler(void)
 {
 #if defined(__clang__)
@@ -180,7 +178,6 @@ const char *fa_compiler(void)
     return "unknown compiler";
 #endif
 }
-int fa_omp_max_threads(void) { return fa_omp_threads(); }
 
 int fa_exp_f32(int path, const float *x, float *y, int64_t n)
 {

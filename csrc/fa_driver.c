@@ -1,6 +1,6 @@
 /*
  * fa_driver.c - runs a problem's work items on one path's tile operations:
- * the OpenMP region, each thread's scratch, each item's walk over its key
+ * the team of threads (fa_pool.h), each thread's scratch, each item's walk over its key
  * tiles (or, for the backward's dk and dv, a key block's walk over its query
  * tiles) and, for split-KV, the merge of the partial results.  Written once
  * for every path and element type (see fa_tile.h); compiled for the baseline
@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "fa_omp.h"
+#include "fa_pool.h"
 #include "fa_tile.h"
 
 /* What a mask says of rows [row0, row0 + bq) and keys [k0, k0 + bk) of
@@ -88,6 +88,35 @@ static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int
     return hidden ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
 }
 
+/* What the members of a team classifying shared mask blocks share. */
+typedef struct {
+    const fa_problem *p;
+    const int64_t *distinct;
+    uint8_t *tables;
+    int64_t n, per, nk, lq, lk;
+    int64_t next;
+} fa_tables_run;
+
+static void fa_tables_member(void *arg, fa_team *team, int member)
+{
+    (void)team, (void)member;
+    fa_tables_run *r = (fa_tables_run *)arg;
+    const fa_problem *p = r->p;
+    int64_t fake[FA_ENTRY_FIELDS] = {0};
+    fake[FA_E_LQ] = r->lq;
+    fake[FA_E_LK] = r->lk;
+    for (int64_t b0; (b0 = fa_team_next(&r->next, 16, r->n)) >= 0;)
+        for (int64_t b = b0; b < fa_min64(b0 + 16, r->n); b++) {
+            const int64_t d = b / r->per, rb = b % r->per / r->nk, kb = b % r->nk;
+            fake[FA_E_MASK] = r->distinct[d];
+            const int64_t r0 = rb * FA_TILE_BLOCK, k0 = kb * FA_TILE_BLOCK;
+            /* one block row stands for all rows when the mask's rows broadcast (likewise keys) */
+            const int64_t bq = p->mask_rs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, r->lq - r0);
+            const int64_t bk = p->mask_cs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, r->lk - k0);
+            r->tables[b] = (uint8_t)fa_mask_tile(p, fake, r0, bq, k0, bk);
+        }
+}
+
 /* A mask that several entries share (broadcast over batch or heads) is
  * classified once per call instead of once per entry: a table of block
  * kinds for each distinct mask (as fastattn.block_mask builds), in a copy
@@ -124,19 +153,8 @@ int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *loca
         free(*entries);
         return -1;
     }
-    int64_t fake[FA_ENTRY_FIELDS] = {0};
-    fake[FA_E_LQ] = lq;
-    fake[FA_E_LK] = lk;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads) if (num_threads > 1) firstprivate(fake)
-    for (int64_t b = 0; b < n_distinct * per; b++) {
-        const int64_t d = b / per, rb = b % per / nk, kb = b % nk;
-        fake[FA_E_MASK] = distinct[d];
-        const int64_t r0 = rb * FA_TILE_BLOCK, k0 = kb * FA_TILE_BLOCK;
-        /* one block row stands for all rows when the mask's rows broadcast (likewise keys) */
-        const int64_t bq = p->mask_rs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, lq - r0);
-        const int64_t bk = p->mask_cs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, lk - k0);
-        (*tables)[b] = (uint8_t)fa_mask_tile(p, fake, r0, bq, k0, bk);
-    }
+    fa_tables_run r = {p, distinct, *tables, n_distinct * per, per, nk, lq, lk, 0};
+    fa_parallel(num_threads, fa_tables_member, &r);
     memcpy(*entries, p->entries, (size_t)p->n_entries * FA_ENTRY_FIELDS * sizeof(int64_t));
     for (int64_t i = 0; i < p->n_entries; i++) {
         int64_t *e = *entries + i * FA_ENTRY_FIELDS, d = 0;
@@ -358,65 +376,82 @@ static void fa_bwd_rows_item(const fa_problem *p, const fa_tile_ops *ops, const 
     ops->bwd_rows_store(p, e, w, row0, bq);
 }
 
+/* What the members of a team running fa_run_items share. */
+typedef struct {
+    const fa_problem *p;
+    const fa_tile_ops *ops;
+    const fa_item *items;
+    int64_t n_items, n_parts, slot_bytes;
+    char *slots;
+    int kind;
+    int status;
+    int64_t next[2]; /* the items each loop has handed out */
+} fa_run;
+
+static void fa_run_member(void *arg, fa_team *team, int member)
+{
+    (void)member;
+    fa_run *r = (fa_run *)arg;
+    const fa_problem *p = r->p;
+    const fa_tile_ops *ops = r->ops;
+    const fa_item *items = r->items;
+    const int kind = r->kind;
+    const int bwd = kind == FA_KIND_BWD_KEYS || kind == FA_KIND_BWD_ROWS;
+    /* scratch of entry 0, and of the other entries of bundles as they come */
+    void *w[FA_BUNDLE_MAX] = {bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
+    int n_w = w[0] != NULL;
+    char *gather = NULL;
+    if (fa_gathers(p, kind)) {
+        const int64_t es = fa_dtype_bytes[p->kv_dtype];
+        gather = (char *)aligned_alloc(64, (size_t)fa_roundup64(FA_BK * (p->d + p->dv) * es + 1, 64));
+        if (!gather) n_w = 0;
+    }
+    for (int64_t t; (t = fa_team_next(&r->next[0], 1, r->n_items)) >= 0;) {
+        for (; n_w > 0 && n_w < items[t].bundle; n_w++)
+            if (!(w[n_w] = ops->scratch_new(p))) break;
+        if (n_w < items[t].bundle || n_w == 0) {
+            __atomic_store_n(&r->status, FA_ERR_NOMEM, __ATOMIC_RELAXED);
+            continue;
+        }
+        const int64_t *e = p->entries + items[t].entry * FA_ENTRY_FIELDS;
+        const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - row0);
+        switch (kind) {
+        case FA_KIND_ATTENTION: fa_attention_item(p, ops, &items[t], w, r->slots, r->slot_bytes, gather); break;
+        case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
+        case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
+        case FA_KIND_BWD_KEYS: fa_bwd_keys_item(p, ops, e, w[0], row0); break;
+        default: fa_bwd_rows_item(p, ops, e, w[0], row0, bq); break;
+        }
+    }
+    if (r->n_parts > 0) {
+        fa_team_barrier(team); /* every partial is written */
+        for (int64_t t; (t = fa_team_next(&r->next[1], 1, r->n_items)) >= 0;) {
+            const fa_item *it = &items[t];
+            if (n_w == 0 || it->split != 0 || it->part < 0) continue;
+            for (int b = 0; b < it->bundle; b++) {
+                const int64_t *e = p->entries + (it->entry + b) * FA_ENTRY_FIELDS;
+                const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
+                ops->merge_rows(p, e, w[0], r->slots, it->part + (int64_t)b * it->nsplit, it->nsplit, it->row0, bq);
+            }
+        }
+    }
+    for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);
+    free(gather);
+}
+
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
                  int num_threads, const fa_tile_ops *ops)
 {
-    int status = FA_OK;
     if (n_items <= 0) return FA_OK;
     /* a partial slot: FA_BQ rows of the accumulator, then the rows' max and sum */
-    const int64_t slot_bytes = FA_BQ * (fa_roundup64(p->dv, ops->width) + 2) * ops->elem_bytes;
-    char *slots = NULL;
+    fa_run r = {p, ops, items, n_items, n_parts, FA_BQ * (fa_roundup64(p->dv, ops->width) + 2) * ops->elem_bytes,
+                NULL, kind, FA_OK, {0, 0}};
     if (n_parts > 0) {
-        if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / (uint64_t)slot_bytes) return FA_ERR_NOMEM;
-        slots = (char *)malloc((size_t)(n_parts * slot_bytes));
-        if (!slots) return FA_ERR_NOMEM;
+        if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / (uint64_t)r.slot_bytes) return FA_ERR_NOMEM;
+        r.slots = (char *)malloc((size_t)(n_parts * r.slot_bytes));
+        if (!r.slots) return FA_ERR_NOMEM;
     }
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
-    {
-        const int bwd = kind == FA_KIND_BWD_KEYS || kind == FA_KIND_BWD_ROWS;
-        /* scratch of entry 0, and of the other entries of bundles as they come */
-        void *w[FA_BUNDLE_MAX] = {bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
-        int n_w = w[0] != NULL;
-        char *gather = NULL;
-        if (fa_gathers(p, kind)) {
-            const int64_t es = fa_dtype_bytes[p->kv_dtype];
-            gather = (char *)aligned_alloc(64, (size_t)fa_roundup64(FA_BK * (p->d + p->dv) * es + 1, 64));
-            if (!gather) n_w = 0;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_items; t++) {
-            for (; n_w > 0 && n_w < items[t].bundle; n_w++)
-                if (!(w[n_w] = ops->scratch_new(p))) break;
-            if (n_w < items[t].bundle || n_w == 0) {
-#pragma omp atomic write
-                status = FA_ERR_NOMEM;
-                continue;
-            }
-            const int64_t *e = p->entries + items[t].entry * FA_ENTRY_FIELDS;
-            const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - row0);
-            switch (kind) {
-            case FA_KIND_ATTENTION: fa_attention_item(p, ops, &items[t], w, slots, slot_bytes, gather); break;
-            case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
-            case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
-            case FA_KIND_BWD_KEYS: fa_bwd_keys_item(p, ops, e, w[0], row0); break;
-            default: fa_bwd_rows_item(p, ops, e, w[0], row0, bq); break;
-            }
-        }
-        if (n_parts > 0) { /* after the loop's barrier every partial is written */
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < n_items; t++) {
-                const fa_item *it = &items[t];
-                if (n_w == 0 || it->split != 0 || it->part < 0) continue;
-                for (int b = 0; b < it->bundle; b++) {
-                    const int64_t *e = p->entries + (it->entry + b) * FA_ENTRY_FIELDS;
-                    const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
-                    ops->merge_rows(p, e, w[0], slots, it->part + (int64_t)b * it->nsplit, it->nsplit, it->row0, bq);
-                }
-            }
-        }
-        for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);
-        free(gather);
-    }
-    free(slots);
-    return status;
+    fa_parallel(num_threads, fa_run_member, &r);
+    free(r.slots);
+    return r.status;
 }

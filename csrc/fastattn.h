@@ -193,10 +193,7 @@ int fa_best_path(void);
  * tests that check which path executed). */
 int64_t fa_path_runs(int path);
 
-/* Build facts: the OpenMP version (yyyymm) or 0 for a serial build, the
- * OpenMP runtime's default thread count, and the compiler that built this. */
-int fa_openmp_enabled(void);
-int fa_omp_max_threads(void);
+/* The compiler that built this. */
 const char *fa_compiler(void);
 
 /* The softmax exponential of a path, exposed so its accuracy can be tested:

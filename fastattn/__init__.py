@@ -1,6 +1,6 @@
 """fastattn: fast CPU attention kernels.
 
-Blocked, fused, OpenMP-parallel C kernels for attention under a numpy API.
+Blocked, fused, multithreaded C kernels for attention under a numpy API.
 ``fastattn.reference`` holds plain numpy float64 implementations of every
 function, for checking results.
 """
@@ -37,6 +37,10 @@ from fastattn._config import (
     show_config,
     use_isa,
 )
+from fastattn._threads import get_spin_time, set_spin_time, share_blas_threads, thread_pool_info
+from fastattn import _threads
+
+_threads._at_import()
 
 __all__ = [
     "attention",
@@ -59,5 +63,9 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "show_config",
+    "get_spin_time",
+    "set_spin_time",
+    "share_blas_threads",
+    "thread_pool_info",
     "__version__",
 ]

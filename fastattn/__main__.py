@@ -137,6 +137,14 @@ def bench_job(args):
                       f"an additive float32 mask, as a fastattn.block_mask (classified once), no mask, and torch's "
                       f"SDPA with the bool mask; median of "
                       f"{args.repeat}", _bench.format_masks(rows), masks=rows)
+    if args.block:
+        rows = _bench.run_block(threads, repeat=max(args.repeat, 7), with_torch=not args.no_torch,
+                                progress=progress)
+        l, d, h = _bench.MODEL_BLOCK
+        return report(args, threads, f"a pre-norm transformer block (L {l}, d {d}, {h} heads, causal attention), "
+                      f"float32: each part's median time inside the block (run in order, block repeated) against "
+                      f"the part repeated alone; median of {max(args.repeat, 7)}", _bench.format_block(rows),
+                      block=rows)
     if args.paged:
         rows, mixed = _bench.run_paged(threads, repeat=max(args.repeat, 10), with_torch=not args.no_torch,
                                        progress=progress)
@@ -223,6 +231,9 @@ def parse_args(argv):
                             "against one process; needs dask and distributed")
     bench.add_argument("--masks", action="store_true",
                        help="bool masks (random, causal, 8 documents) against additive masks, no mask and torch")
+    bench.add_argument("--block", action="store_true",
+                       help="a transformer block in numpy and in torch with fastattn's attention: each part's time "
+                            "inside the block against alone (the thread pools as neighbours)")
     bench.add_argument("--paged", action="store_true",
                        help="paged KV cache decode against contiguous decode, and a mixed prefill/decode batch "
                             "against torch")

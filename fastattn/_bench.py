@@ -848,3 +848,143 @@ def format_paged(rows, mixed):
                  + (f"; torch (gather + SDPA per sequence) {th:.1f} ms: {th / mixed['fastattn_ms']:.2f}x" if th
                     else ""))
     return "\n".join(lines)
+
+
+# a transformer block inside a model: (L, d, heads); causal self-attention
+# between numpy's (or torch's) matrix products
+MODEL_BLOCK = (2048, 1024, 16)
+
+
+def _layer_norm(x):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(-1, keepdims=True) + np.float32(1e-5))
+
+
+def _numpy_block(l, d, h, threads):
+    """The parts of a pre-norm transformer block in numpy, in order, as
+    (name, fn): projections and MLP on numpy's matmul, attention on fastattn."""
+    rng = np.random.default_rng(0)
+    w = {name: (rng.standard_normal(shape, dtype=np.float32) / np.float32(math.sqrt(shape[0])))
+         for name, shape in (("qkv", (d, 3 * d)), ("o", (d, d)), ("up", (d, 4 * d)), ("down", (4 * d, d)))}
+    s = {"x": rng.standard_normal((l, d), dtype=np.float32), "o": np.empty((l, h, d // h), np.float32)}
+
+    def heads(i):
+        return s["qkv"][:, i * d:(i + 1) * d].reshape(l, h, d // h).transpose(1, 0, 2)
+
+    def attention():
+        fastattn.attention(heads(0), heads(1), heads(2), causal=True, out=s["o"].transpose(1, 0, 2),
+                           num_threads=threads)
+
+    return [("layer norm", lambda: s.update(n=_layer_norm(s["x"]))),
+            ("qkv matmul", lambda: s.update(qkv=s["n"] @ w["qkv"])),
+            ("attention", attention),
+            ("out matmul", lambda: s.update(y=s["o"].reshape(l, d) @ w["o"])),
+            ("residual, norm", lambda: s.update(r=s["x"] + s["y"], n2=_layer_norm(s["x"] + s["y"]))),
+            ("mlp up matmul", lambda: s.update(u=s["n2"] @ w["up"])),
+            ("relu", lambda: s.update(u=np.maximum(s["u"], np.float32(0)))),
+            ("mlp down matmul", lambda: s.update(out=s["r"] + s["u"] @ w["down"]))]
+
+
+def _torch_block(torch, l, d, h):
+    """The same block in torch (its matmul and layer norm; attention through
+    F.scaled_dot_product_attention, whatever it is routed to)."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    w = {name: torch.randn(shape, generator=g) / math.sqrt(shape[0])
+         for name, shape in (("qkv", (d, 3 * d)), ("o", (d, d)), ("up", (d, 4 * d)), ("down", (4 * d, d)))}
+    s = {"x": torch.randn((l, d), generator=g)}
+
+    def attention():
+        qkv = s["qkv"].view(1, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (1, h, l, d / h)
+        s["o"] = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+
+    return [("layer norm", lambda: s.update(n=F.layer_norm(s["x"], (d,)))),
+            ("qkv matmul", lambda: s.update(qkv=s["n"] @ w["qkv"])),
+            ("attention", attention),
+            ("out matmul", lambda: s.update(y=s["o"][0].transpose(0, 1).reshape(l, d) @ w["o"])),
+            ("residual, norm", lambda: s.update(r=s["x"] + s["y"], n2=F.layer_norm(s["x"] + s["y"], (d,)))),
+            ("mlp up matmul", lambda: s.update(u=s["n2"] @ w["up"])),
+            ("relu", lambda: s.update(u=F.relu(s["u"]))),
+            ("mlp down matmul", lambda: s.update(out=s["r"] + s["u"] @ w["down"]))]
+
+
+def time_block(parts, repeat):
+    """Each part's median time inside the block (the parts run in order, the
+    block repeated) and alone (the part repeated by itself, after a pause),
+    in ms; and the whole block's median."""
+    def block():
+        times = []
+        for _, fn in parts:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    time.sleep(SETTLE_SECONDS)
+    for _ in range(2):
+        block()
+    runs = np.array([block() for _ in range(repeat)])
+    inside = np.median(runs, axis=0) * 1e3
+    alone = [median_time(fn, repeat) * 1e3 for _, fn in parts]
+    return dict(parts=[dict(name=name, inside_ms=float(i), alone_ms=float(a))
+                       for (name, _), i, a in zip(parts, inside, alone)],
+                block_ms=float(np.median(runs.sum(axis=1)) * 1e3), alone_sum_ms=float(sum(alone)))
+
+
+def run_block(threads, repeat=7, with_torch=True, progress=None, shape=MODEL_BLOCK):
+    """A transformer block (shape = (L, d, heads)) in numpy with fastattn
+    (OpenBLAS on fastattn's pool, and on its own threads), and in torch with
+    fastattn.torch.patch() and with torch's SDPA: each part's time inside
+    the block against alone."""
+    l, d, h = shape
+    rows = []
+    was_shared = bool(fastattn.thread_pool_info()["blas_shared"])
+    shared = fastattn.share_blas_threads(True)
+    variants = [("numpy + fastattn, OpenBLAS on fastattn's threads" if shared
+                 else "numpy + fastattn (no OpenBLAS to share the threads with)", True)]
+    if shared:
+        variants.append(("numpy + fastattn, OpenBLAS on its own threads", False))
+    try:
+        with blas_threads(threads):
+            for name, share in variants:
+                if progress:
+                    progress(f"[block] {name}")
+                fastattn.share_blas_threads(share)
+                rows.append(dict(variant=name, **time_block(_numpy_block(l, d, h, threads), repeat)))
+    finally:
+        fastattn.share_blas_threads(was_shared)
+    torch_mod = torch_sdpa() if with_torch else None
+    if torch_mod is not None:
+        torch = torch_mod[0]
+        import fastattn.torch as ft
+
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        fastattn.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                for name, patched in (("torch + fastattn.torch.patch()", True), ("torch SDPA", False)):
+                    if progress:
+                        progress(f"[block] {name}")
+                    with ft.patch() if patched else contextlib.nullcontext():
+                        rows.append(dict(variant=name, **time_block(_torch_block(torch, l, d, h), repeat)))
+        finally:
+            torch.set_num_threads(saved)
+            fastattn.set_num_threads(None)
+    return rows
+
+
+def format_block(rows):
+    names = [p["name"] for p in rows[0]["parts"]]
+    lines = []
+    for r in rows:
+        header = f"{r['variant']:<52} {'inside ms':>10} {'alone ms':>10} {'inside/alone':>13}"
+        lines += [header, "-" * len(header)]
+        for p in r["parts"]:
+            lines.append(f"  {p['name']:<50} {p['inside_ms']:>10.2f} {p['alone_ms']:>10.2f} "
+                         f"{p['inside_ms'] / p['alone_ms']:>13.2f}")
+        lines.append(f"  {'whole block (alone: sum of the parts)':<50} {r['block_ms']:>10.2f} "
+                     f"{r['alone_sum_ms']:>10.2f} {r['block_ms'] / r['alone_sum_ms']:>13.2f}")
+        lines.append("")
+    assert all([p["name"] for p in r["parts"]] == names for r in rows)
+    return "\n".join(lines).rstrip()

@@ -100,7 +100,17 @@ cdef extern from "fastattn.h" nogil:
     int fa_path_supported(int path)
     int fa_best_path()
     int64_t fa_path_runs(int path)
-    int fa_openmp_enabled()
-    int fa_omp_max_threads()
     const char *fa_compiler()
     int fa_exp_f32(int path, const float *x, float *y, int64_t n)
+
+
+cdef extern from "fa_pool.h" nogil:
+    int fa_pool_threaded()
+    int fa_pool_workers()
+    int fa_pool_sleeping()
+    void fa_pool_set_spin(int64_t ns)
+    int64_t fa_pool_get_spin()
+    ctypedef void (*fa_blas_callback)(int sync, void (*dojob)(int, void *, int) noexcept nogil, int numjobs,
+                                      size_t elsize, void *jobdata, int dojob_data) noexcept nogil
+    fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int max_threads)
+    int64_t fa_pool_blas_runs()

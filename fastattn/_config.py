@@ -13,22 +13,6 @@ from fastattn import _core, _validate
 
 _num_threads = None  # set_num_threads() value; None = follow the environment
 
-# GNU OpenMP cannot start threads in a child forked from a process whose
-# OpenMP thread pool exists: the child would hang in its first parallel
-# region.  So a child forked after fastattn has run threaded runs serially.
-_pool_started = False
-_forked_child = False
-
-
-def _after_fork_in_child():
-    global _forked_child
-    if _pool_started:
-        _forked_child = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def _usable_cpus():
     """CPUs this process may run on (respects affinity masks and containers)."""
@@ -44,35 +28,33 @@ def set_num_threads(n):
     Parameters
     ----------
     n : int or None
-        Threads per call, >= 1.  ``None`` restores the default, which follows
-        ``OMP_NUM_THREADS`` and threadpoolctl limits and otherwise uses every
-        CPU this process may run on.
+        Threads per call, >= 1.  ``None`` restores the default:
+        ``OMP_NUM_THREADS`` when set (its first entry), otherwise every CPU
+        this process may run on.  ``threadpoolctl.threadpool_limits`` sets
+        it too (user_api ``"fastattn"``).
     """
     global _num_threads
     _num_threads = None if n is None else _validate.count(n, "n")
 
 
+def _env_threads():
+    """OMP_NUM_THREADS's first entry, if it is a positive integer."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def get_num_threads():
     """Threads a call uses when it does not pass ``num_threads``."""
-    if _forked_child:
+    if not _core.pool_threaded():
         return 1
     if _num_threads is not None:
         return _num_threads
-    n = _core.omp_max_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        n = min(n, _usable_cpus())
-    return max(1, n)
+    return _env_threads() or _usable_cpus()
 
 
 def resolve_threads(num_threads):
-    """Threads for one call (validating num_threads), noting when the pool starts."""
-    global _pool_started
-    n = get_num_threads() if num_threads is None else _validate.count(num_threads, "num_threads")
-    if _forked_child:
-        return 1
-    if n > 1:
-        _pool_started = True
-    return n
+    """Threads for one call (validating num_threads)."""
+    return get_num_threads() if num_threads is None else _validate.count(num_threads, "num_threads")
 
 
 # The kernel paths of this build, in order of preference: (name, architecture,
@@ -152,17 +134,21 @@ def path_runs():
 
 
 def show_config(file=None):
-    """Print the version, build, OpenMP and kernel-path configuration."""
+    """Print the version, build, thread pool and kernel-path configuration."""
     from fastattn import __version__
 
-    omp = _core.openmp_version()
+    from fastattn import _threads
+
+    pool = _threads.thread_pool_info()
     lines = [
         f"fastattn {__version__}",
         f"  python          {sys.version.split()[0]}",
         f"  compiler        {_core.compiler()}",
-        f"  OpenMP          {('version ' + str(omp)) if omp else 'not available (serial build)'}",
         f"  threads         {get_num_threads()} (usable CPUs: {_usable_cpus()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
+        f"  thread pool     {'POSIX threads' if _core.pool_threaded() else 'none (serial build)'}; "
+        f"{pool['workers']} workers started, idle workers spin {pool['spin_time'] * 1e6:g} us",
+        f"  OpenBLAS shared {', '.join(pool['blas_shared']) or 'none'}",
         f"  kernel path     {get_isa()} (FASTATTN_ISA={os.environ.get('FASTATTN_ISA', 'unset')})",
         "  paths of this build (architecture; CPU features needed; runs on this CPU):",
     ]

@@ -256,14 +256,44 @@ def path_runs():
     return tuple(fa_path_runs(i) for i in range(fa_path_count()))
 
 
-def openmp_version():
-    """The OpenMP version the extension was built with (yyyymm), 0 if serial."""
-    return fa_openmp_enabled()
+def pool_threaded():
+    """True if calls can run on more than one thread (a POSIX threads build)."""
+    return bool(fa_pool_threaded())
 
 
-def omp_max_threads():
-    """omp_get_max_threads(): follows OMP_NUM_THREADS and omp_set_num_threads."""
-    return fa_omp_max_threads()
+def pool_workers():
+    """Workers the thread pool has started, and how many of them sleep now."""
+    return fa_pool_workers(), fa_pool_sleeping()
+
+
+def set_spin(int64_t ns):
+    """How long (nanoseconds) an idle worker spins before it sleeps."""
+    fa_pool_set_spin(ns)
+
+
+def get_spin():
+    return fa_pool_get_spin()
+
+
+ctypedef void (*blas_callback_setter)(fa_blas_callback callback) noexcept nogil
+
+
+def set_blas_callback(uintptr_t setter, int slot, uintptr_t server_threads, int max_threads):
+    """Call OpenBLAS's openblas_set_threads_callback_function (at address
+    `setter`) with the pool's callback for `slot` (OpenBLAS's
+    blas_num_threads at address `server_threads`, its MAX_THREADS), or, for
+    slot -1, with NULL to give OpenBLAS its own threads back."""
+    cdef fa_blas_callback callback = NULL
+    if slot >= 0:
+        callback = fa_pool_blas_callback(slot, <const int *>server_threads, max_threads)
+        if callback == NULL:
+            raise ValueError(f"no callback slot {slot}")
+    (<blas_callback_setter>setter)(callback)
+
+
+def blas_runs():
+    """Sets of OpenBLAS jobs the pool has run."""
+    return fa_pool_blas_runs()
 
 
 def compiler():

@@ -423,8 +423,14 @@ def test_num_threads_setting():
 def test_threadpoolctl_limits_apply():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     fastattn.set_num_threads(None)
-    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+    default = fastattn.get_num_threads()
+    assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "fastattn"] == [default]
+    with threadpoolctl.threadpool_limits(1, user_api="fastattn"):
         assert fastattn.get_num_threads() == 1
+    with threadpoolctl.threadpool_limits(1):
+        assert fastattn.get_num_threads() == 1
+    assert fastattn.get_num_threads() == default
+    fastattn.set_num_threads(None)
 
 
 def test_isa_selection():

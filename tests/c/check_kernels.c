@@ -15,7 +15,11 @@
  * The x86 paths run natively; the NEON path runs under qemu-aarch64
  * (tools/check_kernels.sh).  Exit status 0 when every check passes.
  *
- *   cc -O2 -fopenmp -Icsrc tests/c/check_kernels.c csrc/fa_*.c -lm
+ * It also checks the thread pool (csrc/fa_pool.c): teams claim every item
+ * once, barriers hold, concurrent callers, OpenBLAS-style jobs that wait for
+ * each other.
+ *
+ *   cc -O2 -pthread -Icsrc tests/c/check_kernels.c csrc/fa_*.c -lm
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,7 +27,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <pthread.h>
+#include <time.h>
+
 #include "fa_half.h"
+#include "fa_pool.h"
 #include "fastattn.h"
 
 static const char *const DTYPE_NAMES[FA_DTYPE_COUNT] = {"f32", "f64", "f16", "bf16"};
@@ -656,6 +664,114 @@ static void check_exp(int path)
     }
 }
 
+
+/* ---- the thread pool ---------------------------------------------------- */
+
+enum { POOL_ITEMS = 20000 };
+
+typedef struct {
+    int64_t next[2];
+    int claimed[POOL_ITEMS];
+    int64_t sum; /* of the first loop's claims, read by every member after the barrier */
+    int bad;
+} pool_work;
+
+static void pool_member(void *arg, fa_team *team, int member)
+{
+    pool_work *w = (pool_work *)arg;
+    if (member < 0 || member >= fa_team_size(team)) __atomic_store_n(&w->bad, 1, __ATOMIC_RELAXED);
+    for (int64_t i; (i = fa_team_next(&w->next[0], 7, POOL_ITEMS)) >= 0;)
+        for (int64_t j = i; j < i + 7 && j < POOL_ITEMS; j++) {
+            __atomic_add_fetch(&w->claimed[j], 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&w->sum, j, __ATOMIC_RELAXED);
+        }
+    fa_team_barrier(team); /* every item of the first loop is claimed */
+    if (__atomic_load_n(&w->sum, __ATOMIC_RELAXED) != (int64_t)POOL_ITEMS * (POOL_ITEMS - 1) / 2)
+        __atomic_store_n(&w->bad, 1, __ATOMIC_RELAXED);
+    for (int64_t i; (i = fa_team_next(&w->next[1], 1, POOL_ITEMS)) >= 0;)
+        __atomic_add_fetch(&w->claimed[i], 1, __ATOMIC_RELAXED);
+    fa_team_barrier(team);
+}
+
+/* One team of up to `want`: 1 if every item was claimed once per loop. */
+static int pool_run_once(int want)
+{
+    pool_work *w = (pool_work *)calloc(1, sizeof *w);
+    if (!w) return 0;
+    const int size = fa_parallel(want, pool_member, w);
+    int ok = !w->bad && size >= 1 && size <= (want < 1 ? 1 : want);
+    for (int i = 0; i < POOL_ITEMS; i++) ok &= w->claimed[i] == 2;
+    free(w);
+    return ok;
+}
+
+static void *pool_caller(void *arg)
+{
+    int *ok = (int *)arg;
+    for (int r = 0; r < 40; r++) *ok &= pool_run_once(1 + r % 4);
+    return NULL;
+}
+
+/* OpenBLAS-style jobs: each waits (up to 10 s) until every job has started,
+ * so they can only finish if all run at once. */
+typedef struct {
+    int started, numjobs, bad;
+    int thread[8];
+} blas_jobs;
+
+static void blas_job(int thread, void *data, int dojob_data)
+{
+    blas_jobs *j = *(blas_jobs **)data;
+    if (dojob_data != 7) __atomic_store_n(&j->bad, 1, __ATOMIC_RELAXED);
+    const int me = __atomic_fetch_add(&j->started, 1, __ATOMIC_ACQ_REL);
+    j->thread[me] = thread;
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (__atomic_load_n(&j->started, __ATOMIC_ACQUIRE) < j->numjobs) {
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if (t.tv_sec - t0.tv_sec > 10) {
+            __atomic_store_n(&j->bad, 1, __ATOMIC_RELAXED);
+            return;
+        }
+    }
+}
+
+/* The callback numbers jobs from server_threads - 1 when they fit under
+ * max_threads, from 0 otherwise. */
+static int blas_run(int numjobs, int servers, int max_threads, int first)
+{
+    blas_jobs j = {0, numjobs, 0, {0}};
+    blas_jobs *data[8];
+    for (int i = 0; i < numjobs; i++) data[i] = &j;
+    fa_blas_callback cb = fa_pool_blas_callback(1, &servers, max_threads);
+    if (!cb) return 0;
+    cb(1, blas_job, numjobs, sizeof data[0], data, 7);
+    int seen = 0;
+    for (int i = 0; i < numjobs; i++) seen |= 1 << (j.thread[i] - first);
+    return !j.bad && j.started == numjobs && seen == (1 << numjobs) - 1;
+}
+
+static void check_pool(void)
+{
+    int ok = 1;
+    for (int want = 0; want <= 5; want++) ok &= pool_run_once(want);
+    pthread_t callers[3];
+    int caller_ok[3] = {1, 1, 1};
+    for (int i = 0; i < 3; i++) pthread_create(&callers[i], NULL, pool_caller, &caller_ok[i]);
+    for (int i = 0; i < 3; i++) pthread_join(callers[i], NULL);
+    ok &= caller_ok[0] && caller_ok[1] && caller_ok[2];
+    const int64_t runs = fa_pool_blas_runs();
+    ok &= blas_run(4, 3, 64, 2) && blas_run(4, 3, 5, 0) && blas_run(6, 1, 64, 0) && blas_run(1, 2, 64, 1);
+    ok &= fa_pool_blas_runs() == runs + 4;
+    fa_pool_set_spin(0);
+    ok &= pool_run_once(3);
+    fa_pool_set_spin(FA_POOL_SPIN_DEFAULT_NS);
+    checks++;
+    if (!ok) failures++;
+    printf("%s thread pool: teams, barriers, concurrent callers, jobs that wait for each other (%d workers)\n",
+           ok ? "ok  " : "FAIL", fa_pool_workers());
+}
+
 int main(void)
 {
     /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks,
@@ -721,6 +837,7 @@ int main(void)
         printf("%s %s (%s): %d cases x %d element types\n", failures == before ? "ok  " : "FAIL", fa_path_name(path),
                fa_path_arch(path), n_cases, FA_DTYPE_COUNT);
     }
+    if (fa_pool_threaded()) check_pool();
     if (failures)
         printf("check_kernels: %d of %d checks FAILED\n", failures, checks);
     else

@@ -1,0 +1,74 @@
+/*
+ * fa_pool.h - fastattn's thread pool: the one place that starts threads.
+ *
+ * A call runs as a team: the calling thread is member 0 and idle pool
+ * workers join it.  A worker that finishes waits for its next team by
+ * spinning for a bounded time (fa_pool_set_spin, default
+ * FA_POOL_SPIN_DEFAULT_NS) and then sleeps on a condition variable, so an
+ * idle fastattn never keeps cores from the code that runs after it.  The
+ * same pool can run another library's parallel jobs (OpenBLAS's threads
+ * callback, fa_pool_blas_callback), so that numpy's matrix products and
+ * fastattn's kernels share one set of threads instead of two pools spinning
+ * against each other.
+ *
+ * Teams may be smaller than asked for (workers busy in another caller's
+ * team), so kernels must not depend on the member count for their results;
+ * fastattn's do not (work is claimed item by item and every item is computed
+ * the same way whoever runs it).
+ */
+#ifndef FA_POOL_H
+#define FA_POOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct fa_team fa_team;
+typedef void (*fa_team_fn)(void *arg, fa_team *team, int member);
+
+/* Runs fn(arg, team, m) for every member m of a team of at most `want`
+ * threads (the caller and idle workers, started as needed up to want - 1);
+ * returns when all have returned.  Returns the team's size. */
+int fa_parallel(int want, fa_team_fn fn, void *arg);
+
+/* Members of the team. */
+int fa_team_size(const fa_team *team);
+
+/* Waits until every member of the team has reached it. */
+void fa_team_barrier(fa_team *team);
+
+/* Claims the next `chunk` indices of a shared counter (a dynamic schedule):
+ * returns the first, or -1 once `n` is reached. */
+int64_t fa_team_next(int64_t *counter, int64_t chunk, int64_t n);
+
+/* How long an idle worker spins before it sleeps (nanoseconds, >= 0). */
+#define FA_POOL_SPIN_DEFAULT_NS 100000
+void fa_pool_set_spin(int64_t ns);
+int64_t fa_pool_get_spin(void);
+
+/* 1 if teams can have more than one thread (a POSIX threads build). */
+int fa_pool_threaded(void);
+
+/* Workers started so far (for tests and show_config), and how many are
+ * asleep now. */
+int fa_pool_workers(void);
+int fa_pool_sleeping(void);
+
+/* OpenBLAS's threads callback (openblas_set_threads_callback_function, in
+ * OpenBLAS >= 0.3.27) runs dojob(thread, jobdata + i * elsize, dojob_data)
+ * for each of numjobs jobs, all at once (OpenBLAS's jobs wait for each
+ * other).  `thread` indexes OpenBLAS's per-thread state (MAX_THREADS
+ * entries), whose first *server_threads - 1 entries belong to OpenBLAS's own
+ * workers; a worker that finds its entry in use at its timeout never goes to
+ * sleep, so the jobs are numbered from *server_threads - 1 on when they fit
+ * under max_threads (from 0 otherwise, as OpenBLAS itself would).
+ * fa_pool_blas_callback returns the callback for one OpenBLAS library (slot
+ * < FA_POOL_BLAS_SLOTS), NULL for a slot out of range. */
+#define FA_POOL_BLAS_SLOTS 4
+typedef void (*fa_blas_callback)(int sync, void (*dojob)(int, void *, int), int numjobs, size_t elsize, void *jobdata,
+                                 int dojob_data);
+fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int max_threads);
+
+/* Sets of OpenBLAS jobs the pool has run. */
+int64_t fa_pool_blas_runs(void);
+
+#endif /* FA_POOL_H */

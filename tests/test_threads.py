@@ -1,0 +1,154 @@
+"""fastattn's thread pool: idle workers sleep after their spin time, OpenBLAS
+runs its threaded work on the pool (and stops when told), OpenBLAS's own
+workers are left asleep, forked children run threaded."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import reference
+
+from util import assert_close, randn
+
+pytestmark = pytest.mark.skipif(not fastattn._core.pool_threaded(), reason="a build without threads")
+
+
+def _threaded_call(rng):
+    q, k, v = (randn(rng, (1, 4, 300, 32), np.float32) for _ in range(3))
+    out = fastattn.attention(q, k, v, causal=True, num_threads=2)
+    assert_close(out, reference.attention(q, k, v, causal=True))
+
+
+def _wait_until(predicate, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+def test_idle_workers_spin_then_sleep():
+    """A worker spins for the spin time after a call, then sleeps."""
+    rng = np.random.default_rng(1)
+    saved = fastattn.get_spin_time()
+    try:
+        fastattn.set_spin_time(0.5)
+        assert fastattn.get_spin_time() == 0.5
+        _threaded_call(rng)
+        info = fastattn.thread_pool_info()
+        assert info["workers"] >= 1
+        assert info["sleeping"] < info["workers"]  # the worker that ran is spinning
+        assert _wait_until(lambda: fastattn.thread_pool_info()["sleeping"] == info["workers"], 3.0)
+        fastattn.set_spin_time(0)
+        _threaded_call(rng)
+        assert _wait_until(lambda: fastattn.thread_pool_info()["sleeping"] == fastattn.thread_pool_info()["workers"],
+                           0.2)
+    finally:
+        fastattn.set_spin_time(saved)
+
+
+def test_results_do_not_depend_on_spin_time():
+    rng = np.random.default_rng(2)
+    q, k, v = (randn(rng, (2, 3, 257, 40), np.float32) for _ in range(3))
+    saved = fastattn.get_spin_time()
+    try:
+        outs = []
+        for spin in (0, 1e-3):
+            fastattn.set_spin_time(spin)
+            outs += [fastattn.attention(q, k, v, causal=True, num_threads=n) for n in (1, 2, 3)]
+    finally:
+        fastattn.set_spin_time(saved)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+blas_shared = pytest.mark.skipif(not fastattn.thread_pool_info()["blas_shared"],
+                                 reason="no loaded OpenBLAS accepts a threads callback (OpenBLAS >= 0.3.27)")
+
+
+@blas_shared
+def test_numpy_matmul_runs_on_the_pool_until_told_not_to():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((600, 700))
+    b = rng.standard_normal((700, 500))
+    want = a @ b
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    before = fastattn.thread_pool_info()["blas_runs"]
+    np.testing.assert_allclose(a32 @ b32, want, rtol=0, atol=1e-3)
+    x = np.linalg.solve(a[:, :600], b[:600])
+    np.testing.assert_allclose(a[:, :600] @ x, b[:600], rtol=0, atol=1e-8)
+    assert fastattn.thread_pool_info()["blas_runs"] > before
+    try:
+        assert fastattn.share_blas_threads(False) == []
+        before = fastattn.thread_pool_info()["blas_runs"]
+        np.testing.assert_allclose(a32 @ b32, want, rtol=0, atol=1e-3)
+        assert fastattn.thread_pool_info()["blas_runs"] == before
+    finally:
+        assert fastattn.share_blas_threads(True)
+    before = fastattn.thread_pool_info()["blas_runs"]
+    np.testing.assert_allclose(a32 @ b32, want, rtol=0, atol=1e-3)
+    assert fastattn.thread_pool_info()["blas_runs"] > before
+
+
+def _run(code, env=None, timeout=120):
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, **(env or {})))
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@blas_shared
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux's /proc")
+def test_openblas_own_workers_fall_asleep_under_shared_work():
+    """OpenBLAS's own workers, busy just before fastattn takes over its jobs,
+    go to sleep while numpy keeps multiplying (jobs numbered past them); a
+    worker kept awake would use about a core."""
+    out = _run(
+        """
+        import os, time, numpy as np
+        def cpu_seconds():
+            ticks = {}
+            for t in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{t}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ticks[int(t)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return ticks
+        a = np.random.default_rng(0).standard_normal((1200, 1200)).astype(np.float32)
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            a @ a  # OpenBLAS's own workers run and spin
+        openblas_workers = set(cpu_seconds()) - {os.getpid()}
+        import fastattn
+        assert fastattn.thread_pool_info()["blas_shared"]
+        c0, t0 = cpu_seconds(), time.monotonic()
+        while time.monotonic() < t0 + 1.5:
+            a @ a
+        c1, wall = cpu_seconds(), time.monotonic() - t0
+        print(max((c1[t] - c0[t]) / wall for t in openblas_workers if t in c1) if openblas_workers else 0.0)
+        """)
+    assert float(out) < 0.25, out
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_runs_threaded():
+    out = _run(
+        """
+        import multiprocessing as mp, numpy as np, fastattn
+        q = np.random.default_rng(0).standard_normal((2, 4, 300, 32), dtype=np.float32)
+        expected = fastattn.attention(q, q, q, num_threads=2)
+        assert fastattn.thread_pool_info()["workers"] >= 1
+        def child(_):
+            fresh = fastattn.thread_pool_info()["workers"]
+            same = bool(np.array_equal(fastattn.attention(q, q, q, num_threads=2), expected))
+            return fresh, fastattn.thread_pool_info()["workers"], same
+        with mp.get_context("fork").Pool(2) as pool:
+            print(pool.map(child, range(2)))
+        """)
+    rows = eval(out)
+    assert all(same and after >= 1 for _, after, same in rows)
+    assert min(fresh for fresh, _, _ in rows) == 0  # a child's pool starts empty
