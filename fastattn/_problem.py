@@ -153,10 +153,21 @@ def _score_options(args):
 # ---- the operations ----------------------------------------------------------------
 
 
+def _kernel_group(args):
+    """Query heads per entry of an attention problem: args.group (grouped-
+    query heads), or, where k and v broadcast along q's head axis (the last
+    leading axis: q (..., H, Lq, D) against k (..., 1, Lk, D)), all H heads,
+    so that the kernels read each key and value row once for all of them."""
+    if args.group > 1 or not args.lead or args.lead[-1] <= 1:
+        return args.group
+    shared = _stride(args.k, -3) == 0 and _stride(args.v, -3) == 0 and _stride(args.q, -3) != 0
+    return args.lead[-1] if shared else 1
+
+
 def _attention_fields(args, out, lse):
     """Every field of an attention problem of these operands but their
     addresses, as keyword arguments of _core.Problem (with the entry table)."""
-    g = args.group
+    g = _kernel_group(args)
     heads = -3 if g > 1 else None
     entries = _lead_table(args.lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse, args.tiles)
     fields = dict(entries=entries, d=args.d, dv=args.dv, group=g, **_score_options(args))

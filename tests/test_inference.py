@@ -132,6 +132,35 @@ def test_kv_never_repeated_for_gqa(rng):
     assert_close(fastattn.attention(q, k, v), ref.attention(q, k, v))
 
 
+@pytest.mark.parametrize("layout", ["k head axis of 1", "k without leading axes"])
+@pytest.mark.parametrize("lq", [1, 3, 70])
+def test_kv_broadcast_over_heads_runs_as_one_group(isa, dtype, rng, layout, lq):
+    """q (B, G, R, Lq, D) against k, v broadcast along q's last leading axis
+    (grouped-query heads written with broadcasting): the kernels take the R
+    heads as one group, reading each K and V row once for all of them, with
+    every per-head option (mask, slopes, sinks, lse) still per head."""
+    from fastattn import _problem, _validate
+
+    q = randn(rng, (2, 3, 4, lq, 24), dtype)
+    k = randn(rng, (2, 3, 1, 130, 24), dtype)
+    v = randn(rng, (2, 3, 1, 130, 16), dtype)
+    if layout == "k without leading axes":
+        k, v = k[0, 0, 0], v[0, 0, 0]  # (130, D): one K and V for every head
+    args = _validate.ScoreArgs(q, k, v, None, True, None, None, None, None, "softmax")
+    out = np.empty(args.lead + (lq, 16), dtype)
+    assert args.group == 1 and _problem._attention_fields(args, out, None)["group"] == 4
+    mask = rng.random((4, lq, 130)) < 0.8
+    kw = dict(causal=True, window=(60, 0), alibi_slopes=np.linspace(0.02, 0.2, 4), mask=mask)
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **kw)
+    rout, rlse = ref.attention(q, k, v, return_lse=True, **kw)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    sinks = np.linspace(-1, 1, 4).astype(np.float32)
+    assert_close(fastattn.attention(q, k, v, sinks=sinks), ref.attention(q, k, v, sinks=sinks))
+    runs = [fastattn.attention(q, k, v, causal=True, num_threads=n) for n in (1, 2, 3)]
+    assert all(np.array_equal(runs[0], r) for r in runs[1:])
+
+
 # ---- every combination of options -------------------------------------------------
 
 OPTIONS = dict(
