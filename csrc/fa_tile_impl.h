@@ -246,6 +246,71 @@ FA_INLINE void FN(qk_rows_mk)(const int nc, const int masked, const int h, const
     }
 }
 
+/* Rows in registers at once by qk_rows_rk, rounded up to a power of two:
+ * it keeps FA_W / FA_POW2(R) keys' scores for each of R rows in FA_W
+ * accumulators. */
+#define FA_POW2(r) ((r) <= 1 ? 1 : (r) <= 2 ? 2 : (r) <= 4 ? 4 : (r) <= 8 ? 8 : 16)
+
+/* Vector c of the query rows against KB keys, each key vector loaded once
+ * for all R rows: acc[r * KB + jj] += q[r][c] * k[jj][c].  The vector is
+ * masked by m unless `full`. */
+FA_INLINE void FN(qk_rows_rk_step)(const int R, const int KB, const int h, const int full, fa_mask m,
+                                   const FA_T *qr, int64_t ldq, int64_t c, const char *kb, int64_t ldkb, fa_vec *acc)
+{
+    const int64_t es = FA_ROW_ES(h);
+    fa_vec qv[FA_W];
+    FA_UNROLL for (int r = 0; r < R; r++) qv[r] = VLOAD(qr + r * ldq + c * FA_W);
+    FA_UNROLL for (int jj = 0; jj < KB; jj++)
+    {
+        const char *p = kb + jj * ldkb + c * FA_W * es;
+        const fa_vec kv = full ? FN(rvec)(h, 0, 0, 1, p, m, m) : FN(rvec_m)(h, m, p);
+        FA_UNROLL for (int r = 0; r < R; r++) acc[r * KB + jj] = VFMA(kv, qv[r], acc[r * KB + jj]);
+    }
+}
+
+/* Scores of R (2 .. FA_ROWS_MAX) query rows against keys j0 .. j0 + KB - 1
+ * (KB = FA_W / FA_POW2(R)), into st[r * lds + j0 + jj]: R x KB independent
+ * dot products sweep the rows' nvec vectors together, so each K vector is
+ * read once for all R rows (qk_rows' one-row sweeps read it R times) and
+ * enough accumulators are in flight to keep the FMA units busy.  Masks as
+ * in qk_rows. */
+FA_INLINE void FN(qk_rows_rk)(const int R, const int KB, const int h, const int masked, int64_t nvec, const FA_T *qr,
+                              int64_t ldq, const char *kb, int64_t ldkb, fa_mask m_first, fa_mask m_last, FA_T *st,
+                              int64_t lds, int64_t j0)
+{
+    fa_vec acc[FA_W];
+    FA_UNROLL for (int i = 0; i < FA_W; i++) acc[i] = VZERO();
+    int64_t c = 0, end = nvec;
+    if (masked) {
+        FN(qk_rows_rk_step)(R, KB, h, 0, nvec == 1 ? VMASK_AND(m_first, m_last) : m_first, qr, ldq, 0, kb, ldkb, acc);
+        c = 1;
+        if (nvec > 1) end = nvec - 1;
+    }
+    for (; c < end; c++) FN(qk_rows_rk_step)(R, KB, h, 1, VMASK_ALL, qr, ldq, c, kb, ldkb, acc);
+    if (masked && nvec > 1) FN(qk_rows_rk_step)(R, KB, h, 0, m_last, qr, ldq, nvec - 1, kb, ldkb, acc);
+    FA_T t[FA_W];
+    VSTORE(t, FN(hsums)(acc));
+    FA_UNROLL for (int r = 0; r < R; r++) FA_UNROLL for (int jj = 0; jj < KB; jj++) st[r * lds + j0 + jj] = t[r * KB + jj];
+}
+
+/* qk_rows for keys j0 .. j1 - 1 one at a time (the last keys of a tile),
+ * K rows from ka as in qk_rows. */
+static void FN(qk_rows_each)(int64_t bq, int64_t j0, int64_t j1, int64_t nvec, const FA_T *qr, int64_t ldq,
+                             const char *ka, int64_t ldkb, int h, fa_mask m_first, fa_mask m_last, FA_T *st,
+                             int64_t lds)
+{
+    const int64_t es = FA_ROW_ES(h);
+    for (int64_t r = 0; r < bq; r++)
+        for (int64_t j = j0; j < j1; j++) {
+            fa_vec a = VZERO();
+            for (int64_t c = 0; c < nvec; c++) {
+                const fa_mask m = VMASK_AND(c == 0 ? m_first : VMASK_ALL, c == nvec - 1 ? m_last : VMASK_ALL);
+                a = VFMA(FN(rvec_m)(h, m, ka + j * ldkb + c * FA_W * es), VLOAD(qr + r * ldq + c * FA_W), a);
+            }
+            st[r * lds + j] = VHSUM(a);
+        }
+}
+
 /* Scores of a few query rows (decoding), as rows: s[r][j] = q[r] . k[j] for
  * j < bk, r < bq (rows lds apart).  With so few rows the S^T micro-kernel
  * would leave most vector lanes idle; here the lanes run along D instead,
@@ -269,21 +334,41 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
     const fa_mask m_first = VMASK((int)off, FA_W), m_last = VMASK(0, (int)(off + d - (nvec - 1) * FA_W));
     const int masked = off != 0 || d % FA_W != 0;
     const char *ka = k - off * es;
+    if (bq >= 2 && bq <= FA_ROWS_MAX) { /* several rows: each K vector once for all of them */
+        const int64_t kb_keys = FA_W / FA_POW2(bq);
+        int64_t j0 = 0;
+        for (; j0 + kb_keys <= bk; j0 += kb_keys) {
+            for (int64_t j = j0; j < j0 + kb_keys; j++) FN(prefetch_row)(pf, j);
+            const char *kb = ka + j0 * ldkb;
+#define FA_QKRK_CALL(r)                                                                                       \
+    do {                                                                                                      \
+        if (h) FN(qk_rows_rk)((r), FA_W / FA_POW2(r), 1, masked, nvec, qr, ldq, kb, ldkb, m_first, m_last, st, \
+                              lds, j0);                                                                       \
+        else FN(qk_rows_rk)((r), FA_W / FA_POW2(r), 0, masked, nvec, qr, ldq, kb, ldkb, m_first, m_last, st,   \
+                            lds, j0);                                                                         \
+    } while (0)
+            switch (bq) { /* compile-time row counts */
+            case 2: FA_QKRK_CALL(2); break;
+            case 3: if (FA_ROWS_MAX >= 3) FA_QKRK_CALL(3); break;
+            case 4: if (FA_ROWS_MAX >= 4) FA_QKRK_CALL(4); break;
+            case 5: if (FA_ROWS_MAX >= 5) FA_QKRK_CALL(5); break;
+            case 6: if (FA_ROWS_MAX >= 6) FA_QKRK_CALL(6); break;
+            case 7: if (FA_ROWS_MAX >= 7) FA_QKRK_CALL(7); break;
+            default: if (FA_ROWS_MAX >= 8) FA_QKRK_CALL(8); break;
+            }
+#undef FA_QKRK_CALL
+        }
+        for (int64_t j = j0; j < bk; j++) FN(prefetch_row)(pf, j);
+        FN(qk_rows_each)(bq, j0, bk, nvec, qr, ldq, ka, ldkb, h, m_first, m_last, st, lds);
+        return;
+    }
     for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
         const char *kb = ka + j0 * ldkb;
         /* spread the prefetch of later K and V rows over the work, as many
          * rows per key block as the block has keys, so requests never pile up */
         for (int64_t j = j0; j < j0 + FA_W; j++) FN(prefetch_row)(pf, j);
-        if (bk - j0 < FA_W) { /* the last keys of the tile, one at a time */
-            for (int64_t r = 0; r < bq; r++)
-                for (int64_t j = j0; j < bk; j++) {
-                    fa_vec a = VZERO();
-                    for (int64_t c = 0; c < nvec; c++) {
-                        const fa_mask m = VMASK_AND(c == 0 ? m_first : VMASK_ALL, c == nvec - 1 ? m_last : VMASK_ALL);
-                        a = VFMA(FN(rvec_m)(h, m, ka + j * ldkb + c * FA_W * es), VLOAD(qr + r * ldq + c * FA_W), a);
-                    }
-                    st[r * lds + j] = VHSUM(a);
-                }
+        if (bk - j0 < FA_W) {
+            FN(qk_rows_each)(bq, j0, bk, nvec, qr, ldq, ka, ldkb, h, m_first, m_last, st, lds);
             continue;
         }
         for (int64_t r = 0; r < bq; r++) {
