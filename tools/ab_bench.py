@@ -1,6 +1,7 @@
 """Time two builds of fastattn against each other, in one process.
 
     python tools/ab_bench.py OLD_TREE NEW_TREE [--rounds 15] [--block 0.1] [--quick] [--threads N] [--isa NAME]
+                             [--shape B H L D ...]
 
 Each tree is a checkout with the extension built in place
 (``python setup.py build_ext --inplace``).  OLD_TREE's package is copied
@@ -80,6 +81,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="the quick prefill shapes, a smaller half prefill")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--isa", default=None, help="kernel path for both builds (default: each one's best)")
+    parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "H", "L", "D"),
+                        help="time only this float32 prefill shape, full and causal (repeatable)")
     args = parser.parse_args()
     old, new = import_old(args.old), import_new(args.new)
     from fastattn import _bench
@@ -90,17 +93,17 @@ def main():
     threads = args.threads or new.get_num_threads()
     rows = []
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.PREFILL_SHAPES
-    for shape in shapes:
+    for shape in [tuple(s) for s in args.shape] if args.shape else shapes:
         q, k, v = _bench.make_inputs(*shape)
         for causal in (False, True):
             rows.append((f"prefill {shape} {'causal' if causal else 'full'}", (q, k, v), dict(causal=causal)))
-    for b, h, g, lq, d, lk in _bench.DECODE_SHAPES:
+    for b, h, g, lq, d, lk in [] if args.shape else _bench.DECODE_SHAPES:
         qkv = _bench.decode_inputs(b, h, g, lq, d, lk, seed=lk)
         rows.append((f"decode f32 {(b, h, g, lq, d)} Lk={lk}", qkv, dict(causal=True)))
     half_prefill = (1, 8, 1024, 128) if args.quick else (1, 8, 4096, 128)
     base = _bench.make_inputs(*half_prefill)
     decode = [(lk, _bench.decode_inputs(b, h, g, lq, d, lk, seed=lk)) for b, h, g, lq, d, lk in _bench.DECODE_SHAPES]
-    for name in ("bfloat16", "float16"):
+    for name in () if args.shape else ("bfloat16", "float16"):
         dt = np.dtype(np.float16) if name == "float16" else new._api.BFLOAT16
         for causal in (False, True):
             rows.append((f"{name} prefill {half_prefill} {'causal' if causal else 'full'}",
