@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastattn import _api, _masks
+from fastattn import _api, _masks, _validate
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _original_sdpa = F.scaled_dot_product_attention
@@ -253,3 +253,137 @@ def patch():
         yield
     finally:
         F.scaled_dot_product_attention = saved
+
+
+# ---- paged KV caches (serving) -------------------------------------------------------
+
+def _paged_numpy(t, name):
+    """A numpy view of a CPU tensor argument of the paged functions (float8
+    as ml_dtypes' types), or None; anything else is the numpy API's to check."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; fastattn runs on CPU tensors only")
+    t = t.detach()
+    fp8 = {getattr(torch, n, None): n for n in ("float8_e4m3fn", "float8_e5m2")}
+    if t.dtype in fp8 and t.dtype is not None:
+        import ml_dtypes
+
+        return t.view(torch.uint8).numpy().view(getattr(ml_dtypes, fp8[t.dtype]))
+    return _as_numpy(t)
+
+
+def _paged_options(scale, causal, window_left, window_right, softcap):
+    return dict(scale=scale, causal=causal,
+                window=None if window_left < 0 and window_right < 0 else (window_left, window_right),
+                softcap=softcap)
+
+
+def _attention_paged_impl(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window_left,
+                          window_right, softcap, alibi_slopes, sinks, k_scale, v_scale):
+    names = ("query", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q", "alibi_slopes", "sinks",
+             "k_scale", "v_scale")
+    a = [_paged_numpy(t, n) for t, n in zip((query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                             alibi_slopes, sinks, k_scale, v_scale), names)]
+    out, lse = _api.attention_paged(a[0], a[1], a[2], a[3], a[4], cu_seqlens_q=a[5], alibi_slopes=a[6], sinks=a[7],
+                                    k_scale=a[8], v_scale=a[9], return_lse=True,
+                                    **_paged_options(scale, causal, window_left, window_right, softcap))
+    return _as_tensor(out), _as_tensor(lse)
+
+
+@torch.library.custom_op("fastattn::attention_paged", mutates_args=(), device_types="cpu")
+def _attention_paged_op(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], scale: Optional[float],
+                        causal: bool, window_left: int, window_right: int, softcap: Optional[float],
+                        alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+                        k_scale: Optional[torch.Tensor],
+                        v_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fastattn.attention_paged on tensors: (out, lse)."""
+    return _attention_paged_impl(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal,
+                                 window_left, window_right, softcap, alibi_slopes, sinks, k_scale, v_scale)
+
+
+@_attention_paged_op.register_fake
+def _attention_paged_fake(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window_left,
+                          window_right, softcap, alibi_slopes, sinks, k_scale, v_scale):
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (query.new_empty(tuple(query.shape[:-1]) + (v_cache.shape[-1],)),
+            query.new_empty((query.shape[1], query.shape[0]), dtype=lse_dtype))
+
+
+def _cache_write_impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    names = ("key", "value", "k_cache", "v_cache", "slot_mapping", "k_scale", "v_scale")
+    a = [_paged_numpy(t, n) for t, n in zip((key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale), names)]
+    _api.cache_write(a[0], a[1], a[2], a[3], a[4], k_scale=a[5], v_scale=a[6])
+
+
+@torch.library.custom_op("fastattn::cache_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"),
+                         device_types="cpu")
+def _cache_write_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor],
+                    v_scale: Optional[torch.Tensor]) -> None:
+    """fastattn.cache_write on tensors, in place (int8 caches: their scales too)."""
+    _cache_write_impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+@_cache_write_op.register_fake
+def _cache_write_fake(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    return None
+
+
+def _scale_tensor(s):
+    """A float scale (a float8 cache's, per tensor) as a one-element tensor."""
+    return torch.tensor([s], dtype=torch.float32) if isinstance(s, (int, float)) and not isinstance(s, bool) else s
+
+
+def _paged_tensors(**tensors):
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def attention_paged(query, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, scale=None, causal=True,
+                    window=None, softcap=None, alibi_slopes=None, sinks=None, k_scale=None, v_scale=None,
+                    return_lse=False):
+    """:func:`fastattn.attention_paged` on CPU tensors (the caches are read in place).
+
+    The arguments are those of :func:`fastattn.attention_paged`, as tensors
+    (float8 caches as ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``;
+    their per-tensor scales as floats or one-element tensors).  It is the
+    custom operator ``torch.ops.fastattn.attention_paged``, so
+    ``torch.compile(..., fullgraph=True)`` traces it; eager calls go to
+    fastattn directly.  No gradients (inference).
+
+    Returns
+    -------
+    Tensor, shape (total_q, H, Dv)
+        With return_lse, ``(out, lse)``, lse of shape (H, total_q).
+    """
+    k_scale, v_scale = _scale_tensor(k_scale), _scale_tensor(v_scale)
+    _paged_tensors(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                   cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+                   v_scale=v_scale)
+    left, right = _validate.window(window)
+    args = (query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, left, right, softcap,
+            alibi_slopes, sinks, k_scale, v_scale)
+    if torch.compiler.is_compiling():
+        out, lse = torch.ops.fastattn.attention_paged(*args)
+    else:
+        out, lse = _attention_paged_impl(*args)
+    return (out, lse) if return_lse else out
+
+
+def cache_write(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
+    """:func:`fastattn.cache_write` on CPU tensors: writes into the tensors' memory.
+
+    The custom operator ``torch.ops.fastattn.cache_write`` (it mutates the
+    caches and, for int8 caches, their scales), so ``torch.compile`` traces
+    it; eager calls go to fastattn directly.
+    """
+    k_scale, v_scale = _scale_tensor(k_scale), _scale_tensor(v_scale)
+    _paged_tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+                   k_scale=k_scale, v_scale=v_scale)
+    if torch.compiler.is_compiling():
+        torch.ops.fastattn.cache_write(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:
+        _cache_write_impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)

@@ -256,3 +256,90 @@ def test_block_mask_as_attn_mask():
     torch.testing.assert_close(got, want)
     got.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ---- paged KV caches ----------------------------------------------------------------
+
+
+def _paged_batch(rng, kv_dtype, bs=16, g=2, h=4, d=32, dv=24):
+    """A float32 paged cache written through fastattn.torch.cache_write into
+    a cache of kv_dtype, with a mixed batch (two decodes and a chunk)."""
+    lens, chunk = [37, 70, 50], [1, 1, 9]
+    n_blocks = sum(-(-n // bs) for n in lens) + 2
+    kf = torch.from_numpy(rng.standard_normal((n_blocks * bs, g, d), dtype=np.float32))
+    vf = torch.from_numpy(rng.standard_normal((n_blocks * bs, g, dv), dtype=np.float32))
+    kc = torch.zeros((n_blocks, bs, g, d), dtype=kv_dtype)
+    vc = torch.zeros((n_blocks, bs, g, dv), dtype=kv_dtype)
+    scales = {}
+    if kv_dtype == torch.int8:
+        scales = dict(k_scale=torch.zeros((n_blocks, bs, g)), v_scale=torch.zeros((n_blocks, bs, g)))
+    elif kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scales = dict(k_scale=0.05, v_scale=0.05)
+    ft.cache_write(kf, vf, kc, vc, torch.arange(n_blocks * bs), **scales)
+    table = torch.from_numpy(rng.permutation(n_blocks)[: sum(-(-n // bs) for n in lens)].astype(np.int32))
+    table = torch.nn.utils.rnn.pad_sequence(list(torch.split(table, [-(-n // bs) for n in lens])), batch_first=True)
+    q = torch.from_numpy(rng.standard_normal((sum(chunk), h, d), dtype=np.float32))
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(chunk)]), dtype=torch.int32)
+    return q, kc, vc, table.to(torch.int32), torch.tensor(lens, dtype=torch.int32), cu, scales
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn],
+                         ids=str)
+def test_paged_attention_and_cache_write_on_tensors(kv_dtype):
+    """fastattn.torch.cache_write writes into the tensors' memory (int8: the
+    scales too) and attention_paged on tensors gives what the numpy API
+    gives on the same memory, eagerly and through the operator."""
+    rng = np.random.default_rng(11)
+    q, kc, vc, table, lens, cu, scales = _paged_batch(rng, kv_dtype)
+    assert kc.view(torch.uint8).any() and vc.view(torch.uint8).any()  # written in place
+    if kv_dtype == torch.int8:
+        assert (scales["k_scale"] > 0).all()
+    sinks = np.linspace(-1, 1, 4, dtype=np.float32)
+    kw = dict(cu_seqlens_q=cu, window=(40, 0), softcap=5.0, sinks=torch.from_numpy(sinks))
+    out, lse = ft.attention_paged(q, kc, vc, table, lens, return_lse=True, **kw, **scales)
+    np_scales = {k: (ft._paged_numpy(v, k) if isinstance(v, torch.Tensor) else v) for k, v in scales.items()}
+    want, want_lse = fastattn.attention_paged(
+        q.numpy(), ft._paged_numpy(kc, "k"), ft._paged_numpy(vc, "v"), table.numpy(), lens.numpy(),
+        cu_seqlens_q=cu.numpy(), window=(40, 0), softcap=5.0, sinks=sinks,
+        return_lse=True, **np_scales)
+    assert np.array_equal(out.numpy(), want) and np.array_equal(lse.numpy(), want_lse)
+    op_scales = [ft._scale_tensor(scales.get(k)) for k in ("k_scale", "v_scale")]
+    op_out, op_lse = torch.ops.fastattn.attention_paged(q, kc, vc, table, lens, cu, None, True, 40, 0, 5.0, None,
+                                                       torch.from_numpy(sinks), *op_scales)
+    assert torch.equal(op_out, out) and torch.equal(op_lse, lse)
+
+
+def test_paged_decode_step_compiles_without_graph_breaks():
+    """A decode step that writes the new token and attends, under
+    torch.compile(fullgraph=True): the same cache and output as eagerly."""
+    rng = np.random.default_rng(12)
+    q, kc, vc, table, lens, _, _ = _paged_batch(rng, torch.float32)
+    q = q[:3]
+    k_new = torch.from_numpy(rng.standard_normal((3, 2, 32), dtype=np.float32))
+    v_new = torch.from_numpy(rng.standard_normal((3, 2, 24), dtype=np.float32))
+    slots = (table[torch.arange(3), (lens - 1) // 16].to(torch.int64) * 16 + (lens - 1) % 16)
+
+    def step(q, k_new, v_new, kc, vc):
+        ft.cache_write(k_new, v_new, kc, vc, slots)
+        return ft.attention_paged(q, kc, vc, table, lens) * 2
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = step(q, k_new, v_new, kc, vc)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k_new, v_new, kc2, vc2)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+    torch.testing.assert_close(got, want)
+
+
+def test_paged_bad_inputs_name_the_argument():
+    rng = np.random.default_rng(13)
+    q, kc, vc, table, lens, cu, _ = _paged_batch(rng, torch.float32)
+    with pytest.raises(TypeError, match="block_table must be a torch.Tensor"):
+        ft.attention_paged(q, kc, vc, table.numpy(), lens, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="k_cache is on meta"):
+        ft.attention_paged(q, kc.to("meta"), vc, table, lens, cu_seqlens_q=cu)
+    with pytest.raises(TypeError, match="window must be a"):
+        ft.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu, window=3)
+    with pytest.raises(ValueError, match="seq_lens"):
+        ft.attention_paged(q, kc, vc, table, lens + 1000, cu_seqlens_q=cu)
+    with pytest.raises(TypeError, match="slot_mapping must be a torch.Tensor"):
+        ft.cache_write(q[:1, :2], q[:1, :2, :24], kc, vc, [0])
