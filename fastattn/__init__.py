@@ -37,10 +37,10 @@ from fastattn._config import (
     show_config,
     use_isa,
 )
-from fastattn._threads import get_spin_time, set_spin_time, share_blas_threads, thread_pool_info
 from fastattn import _threads
+from fastattn._threads import get_spin_time, set_spin_time, share_blas_threads, thread_pool_info
 
-_threads._at_import()
+_threads._at_import()  # share the pool with OpenBLAS, register with threadpoolctl
 
 __all__ = [
     "attention",

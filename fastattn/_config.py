@@ -135,9 +135,7 @@ def path_runs():
 
 def show_config(file=None):
     """Print the version, build, thread pool and kernel-path configuration."""
-    from fastattn import __version__
-
-    from fastattn import _threads
+    from fastattn import __version__, _threads
 
     pool = _threads.thread_pool_info()
     lines = [

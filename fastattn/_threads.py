@@ -104,9 +104,9 @@ def share_blas_threads(enable=True):
     """Run OpenBLAS's threaded work on fastattn's thread pool (or stop).
 
     fastattn does this when it is imported, for every OpenBLAS loaded by
-    then that supports it (numpy's, since numpy 2.0's wheels); set the
-    environment variable ``FASTATTN_SHARE_BLAS=0`` to keep OpenBLAS on its
-    own threads from the start.  Call it again after loading another
+    then that supports it (OpenBLAS >= 0.3.27, as numpy's wheels bundle);
+    set the environment variable ``FASTATTN_SHARE_BLAS=0`` to keep OpenBLAS
+    on its own threads from the start.  Call it again after loading another
     OpenBLAS (scipy's) to share that one too.
 
     Parameters

@@ -140,11 +140,13 @@ def test_forked_child_runs_threaded():
         """
         import multiprocessing as mp, numpy as np, fastattn
         q = np.random.default_rng(0).standard_normal((2, 4, 300, 32), dtype=np.float32)
-        expected = fastattn.attention(q, q, q, num_threads=2)
+        a = np.random.default_rng(1).standard_normal((700, 700))
+        expected, product = fastattn.attention(q, q, q, num_threads=2), a @ a
         assert fastattn.thread_pool_info()["workers"] >= 1
         def child(_):
             fresh = fastattn.thread_pool_info()["workers"]
             same = bool(np.array_equal(fastattn.attention(q, q, q, num_threads=2), expected))
+            same &= bool(np.allclose(a @ a, product))  # numpy's BLAS too, on the child's pool when shared
             return fresh, fastattn.thread_pool_info()["workers"], same
         with mp.get_context("fork").Pool(2) as pool:
             print(pool.map(child, range(2)))
