@@ -2,7 +2,7 @@
  * fa_tile.h - the seam between the driver and the kernel paths.
  *
  * The driver (fa_driver.c, compiled once for the baseline instruction set)
- * owns the work: items, the OpenMP region, each item's walk over its key
+ * owns the work: items, the team of threads, each item's walk over its key
  * tiles, split-KV and the merge of its partial results.  A kernel path
  * supplies, for each element type, a table of tile operations that do the
  * arithmetic on one tile at a time with that path's instructions: pack an
