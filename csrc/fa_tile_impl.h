@@ -460,6 +460,20 @@ static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp
 #undef FA_PV_CALL
 }
 
+/* pv_block for the prefill's score tile (P^T, FA_BQ apart): its strides as
+ * constants, so the code is specialised for them whatever GCC decides for
+ * pv_block (unspecialised, the prefill ran 3-5% slower). */
+static void FN(pv_block_st)(int mr, int nv, int64_t bk, const FA_T *pt, const FA_T *v, int64_t ldv, FA_T *o,
+                            int64_t ldo, const FA_T *alpha)
+{
+#define FA_PV_CALL(m, n)                                                                            \
+    if ((m) <= FA_MR && (n) <= FA_NV)                                                               \
+    FN(pv_mk)((m), (n), 0, 0, bk, pt, FA_BQ, 1, (const char *)v, ldv * (int64_t)sizeof(FA_T), o, ldo, alpha,   \
+              VMASK_ALL, VMASK_ALL)
+    FA_TILE_SWITCH(mr, nv, FA_PV_CALL)
+#undef FA_PV_CALL
+}
+
 /* pv_mk for at most two rows of weights (P as rows, ldr apart) and
  * nv <= FA_RV vectors of V (rows ldvb bytes apart, of FA_T or of float16
  * if h): each V row is read whole, front to back, the first and last vector
@@ -978,8 +992,8 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
         for (int64_t r = 0; r < bq; r += FA_MR)
-            FN(pv_block)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r, FA_BQ, 1, v + cb, ldv,
-                         w->o + r * dvp + cb, dvp, w->alpha + r);
+            FN(pv_block_st)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r, v + cb, ldv, w->o + r * dvp + cb, dvp,
+                            w->alpha + r);
     }
 }
 
