@@ -449,8 +449,10 @@ static void FN(qk_block)(int mr, int nv, int64_t d, const FA_T *a, int64_t lda, 
 #undef FA_QK_CALL
 }
 
-static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr, const FA_T *v,
-                         int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
+/* P.V with weights as P^T (ldr = 1) or as P rows (ldp = 1), V rows of FA_T:
+ * pv_mk at the tile size (mr, nv) picks. */
+FA_INLINE void FN(pv_block_at)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr, const FA_T *v,
+                               int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
 {
 #define FA_PV_CALL(m, n)                                                                            \
     if ((m) <= FA_MR && (n) <= FA_NV)                                                               \
@@ -460,18 +462,19 @@ static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp
 #undef FA_PV_CALL
 }
 
+static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr, const FA_T *v,
+                         int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
+{
+    FN(pv_block_at)(mr, nv, bk, pt, ldp, ldr, v, ldv, o, ldo, alpha);
+}
+
 /* pv_block for the prefill's score tile (P^T, FA_BQ apart): its strides as
  * constants, so the code is specialised for them whatever GCC decides for
  * pv_block (unspecialised, the prefill ran 3-5% slower). */
 static void FN(pv_block_st)(int mr, int nv, int64_t bk, const FA_T *pt, const FA_T *v, int64_t ldv, FA_T *o,
                             int64_t ldo, const FA_T *alpha)
 {
-#define FA_PV_CALL(m, n)                                                                            \
-    if ((m) <= FA_MR && (n) <= FA_NV)                                                               \
-    FN(pv_mk)((m), (n), 0, 0, bk, pt, FA_BQ, 1, (const char *)v, ldv * (int64_t)sizeof(FA_T), o, ldo, alpha,   \
-              VMASK_ALL, VMASK_ALL)
-    FA_TILE_SWITCH(mr, nv, FA_PV_CALL)
-#undef FA_PV_CALL
+    FN(pv_block_at)(mr, nv, bk, pt, FA_BQ, 1, v, ldv, o, ldo, alpha);
 }
 
 /* pv_mk for at most two rows of weights (P as rows, ldr apart) and

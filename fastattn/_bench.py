@@ -875,11 +875,15 @@ def _numpy_block(l, d, h, threads):
         fastattn.attention(heads(0), heads(1), heads(2), causal=True, out=s["o"].transpose(1, 0, 2),
                            num_threads=threads)
 
+    def residual_norm():
+        s["r"] = s["x"] + s["y"]
+        s["n2"] = _layer_norm(s["r"])
+
     return [("layer norm", lambda: s.update(n=_layer_norm(s["x"]))),
             ("qkv matmul", lambda: s.update(qkv=s["n"] @ w["qkv"])),
             ("attention", attention),
             ("out matmul", lambda: s.update(y=s["o"].reshape(l, d) @ w["o"])),
-            ("residual, norm", lambda: s.update(r=s["x"] + s["y"], n2=_layer_norm(s["x"] + s["y"]))),
+            ("residual, norm", residual_norm),
             ("mlp up matmul", lambda: s.update(u=s["n2"] @ w["up"])),
             ("relu", lambda: s.update(u=np.maximum(s["u"], np.float32(0)))),
             ("mlp down matmul", lambda: s.update(out=s["r"] + s["u"] @ w["down"]))]
@@ -898,11 +902,15 @@ def _torch_block(torch, l, d, h):
         qkv = s["qkv"].view(1, l, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (1, h, l, d / h)
         s["o"] = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
 
+    def residual_norm():
+        s["r"] = s["x"] + s["y"]
+        s["n2"] = F.layer_norm(s["r"], (d,))
+
     return [("layer norm", lambda: s.update(n=F.layer_norm(s["x"], (d,)))),
             ("qkv matmul", lambda: s.update(qkv=s["n"] @ w["qkv"])),
             ("attention", attention),
             ("out matmul", lambda: s.update(y=s["o"][0].transpose(0, 1).reshape(l, d) @ w["o"])),
-            ("residual, norm", lambda: s.update(r=s["x"] + s["y"], n2=F.layer_norm(s["x"] + s["y"], (d,)))),
+            ("residual, norm", residual_norm),
             ("mlp up matmul", lambda: s.update(u=s["n2"] @ w["up"])),
             ("relu", lambda: s.update(u=F.relu(s["u"]))),
             ("mlp down matmul", lambda: s.update(out=s["r"] + s["u"] @ w["down"]))]

@@ -14,7 +14,7 @@ import ctypes
 import os
 import re
 
-from fastattn import _core
+from fastattn import _config, _core
 
 # How OpenBLAS builds name their functions: plain, and the symbol-renamed
 # builds numpy and scipy bundle (64-bit and 32-bit integers).
@@ -169,11 +169,9 @@ def _register_with_threadpoolctl():
         check_symbols = ("fa_pool_set_spin",)
 
         def get_num_threads(self):
-            from fastattn import _config
             return _config.get_num_threads()
 
         def set_num_threads(self, num_threads):
-            from fastattn import _config
             _config.set_num_threads(num_threads)
 
         def get_version(self):

@@ -87,10 +87,14 @@ def _lead(query, key, value, attn_mask):
     return tuple(torch.broadcast_shapes(q, *kv, mask))
 
 
+def _window(window_left, window_right):
+    """An operator's window bounds (-1 = unbounded) as fastattn's window."""
+    return None if window_left < 0 and window_right < 0 else (window_left, window_right)
+
+
 def _options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks=None):
     """The op's scalar arguments (and sinks) as fastattn.attention's keywords."""
-    return dict(scale=scale, causal=is_causal,
-                window=None if window_left < 0 and window_right < 0 else (window_left, window_right),
+    return dict(scale=scale, causal=is_causal, window=_window(window_left, window_right),
                 softcap=softcap if softcap > 0 else None, align="bottom-right" if bottom_right else "top-left",
                 sinks=_as_numpy(sinks))
 
@@ -257,37 +261,36 @@ def patch():
 
 # ---- paged KV caches (serving) -------------------------------------------------------
 
-def _paged_numpy(t, name):
-    """A numpy view of a CPU tensor argument of the paged functions (float8
-    as ml_dtypes' types), or None; anything else is the numpy API's to check."""
-    if t is None or not isinstance(t, torch.Tensor):
-        return t
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}; fastattn runs on CPU tensors only")
-    t = t.detach()
-    fp8 = {getattr(torch, n, None): n for n in ("float8_e4m3fn", "float8_e5m2")}
-    if t.dtype in fp8 and t.dtype is not None:
-        import ml_dtypes
-
-        return t.view(torch.uint8).numpy().view(getattr(ml_dtypes, fp8[t.dtype]))
-    return _as_numpy(t)
+# torch's float8 dtypes (those this torch has) and ml_dtypes' names for them
+_FLOAT8 = {getattr(torch, n): n for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 
 
-def _paged_options(scale, causal, window_left, window_right, softcap):
-    return dict(scale=scale, causal=causal,
-                window=None if window_left < 0 and window_right < 0 else (window_left, window_right),
-                softcap=softcap)
+def _paged_numpy(**tensors):
+    """Numpy views of the tensor arguments of the paged functions, by name
+    (float8 as ml_dtypes' types); None and anything not a tensor are left
+    to the numpy API to check."""
+    views = {}
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor):
+            if t.device.type != "cpu":
+                raise ValueError(f"{name} is on {t.device}; fastattn runs on CPU tensors only")
+            if t.dtype in _FLOAT8:
+                import ml_dtypes
+
+                t = t.detach().view(torch.uint8).numpy().view(getattr(ml_dtypes, _FLOAT8[t.dtype]))
+            else:
+                t = _as_numpy(t)
+        views[name] = t
+    return views
 
 
 def _attention_paged_impl(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window_left,
                           window_right, softcap, alibi_slopes, sinks, k_scale, v_scale):
-    names = ("query", "k_cache", "v_cache", "block_table", "seq_lens", "cu_seqlens_q", "alibi_slopes", "sinks",
-             "k_scale", "v_scale")
-    a = [_paged_numpy(t, n) for t, n in zip((query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                             alibi_slopes, sinks, k_scale, v_scale), names)]
-    out, lse = _api.attention_paged(a[0], a[1], a[2], a[3], a[4], cu_seqlens_q=a[5], alibi_slopes=a[6], sinks=a[7],
-                                    k_scale=a[8], v_scale=a[9], return_lse=True,
-                                    **_paged_options(scale, causal, window_left, window_right, softcap))
+    a = _paged_numpy(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                     cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+                     v_scale=v_scale)
+    out, lse = _api.attention_paged(a.pop("query"), **a, scale=scale, causal=causal,
+                                    window=_window(window_left, window_right), softcap=softcap, return_lse=True)
     return _as_tensor(out), _as_tensor(lse)
 
 
@@ -312,9 +315,9 @@ def _attention_paged_fake(query, k_cache, v_cache, block_table, seq_lens, cu_seq
 
 
 def _cache_write_impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    names = ("key", "value", "k_cache", "v_cache", "slot_mapping", "k_scale", "v_scale")
-    a = [_paged_numpy(t, n) for t, n in zip((key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale), names)]
-    _api.cache_write(a[0], a[1], a[2], a[3], a[4], k_scale=a[5], v_scale=a[6])
+    a = _paged_numpy(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+                     k_scale=k_scale, v_scale=v_scale)
+    _api.cache_write(a.pop("key"), a.pop("value"), **a)
 
 
 @torch.library.custom_op("fastattn::cache_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"),

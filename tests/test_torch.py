@@ -297,9 +297,10 @@ def test_paged_attention_and_cache_write_on_tensors(kv_dtype):
     sinks = np.linspace(-1, 1, 4, dtype=np.float32)
     kw = dict(cu_seqlens_q=cu, window=(40, 0), softcap=5.0, sinks=torch.from_numpy(sinks))
     out, lse = ft.attention_paged(q, kc, vc, table, lens, return_lse=True, **kw, **scales)
-    np_scales = {k: (ft._paged_numpy(v, k) if isinstance(v, torch.Tensor) else v) for k, v in scales.items()}
+    np_scales = ft._paged_numpy(**scales)
+    caches = ft._paged_numpy(k_cache=kc, v_cache=vc)
     want, want_lse = fastattn.attention_paged(
-        q.numpy(), ft._paged_numpy(kc, "k"), ft._paged_numpy(vc, "v"), table.numpy(), lens.numpy(),
+        q.numpy(), caches["k_cache"], caches["v_cache"], table.numpy(), lens.numpy(),
         cu_seqlens_q=cu.numpy(), window=(40, 0), softcap=5.0, sinks=sinks,
         return_lse=True, **np_scales)
     assert np.array_equal(out.numpy(), want) and np.array_equal(lse.numpy(), want_lse)
