@@ -549,15 +549,18 @@ def run_transformers(threads, prompt=2048, new_tokens=128, repeat=3, progress=No
 
     import fastattn.transformers as fat
 
-    spent = {"sdpa": 0.0, "fastattn": 0.0}
+    # attention time by implementation and by phase: calls with one query
+    # row are decoding steps, the others the prefill that generate() begins with
+    spent = {"sdpa": {}, "fastattn": {}}
 
     def timed(name, fn):
-        def attention(*args, **kwargs):
+        def attention(module, query, *args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return fn(module, query, *args, **kwargs)
             finally:
-                spent[name] += time.perf_counter() - t0
+                phase = "decode" if query.shape[-2] == 1 else "prefill"
+                spent[name][phase] = spent[name].get(phase, 0.0) + time.perf_counter() - t0
         return attention
 
     # each name's mask function as its untimed twin's, then the timed attention functions
@@ -590,21 +593,21 @@ def run_transformers(threads, prompt=2048, new_tokens=128, repeat=3, progress=No
                     run()  # warm-up
                     totals, attn = [], []
                     for _ in range(repeat):
-                        spent[name] = 0.0
+                        spent[name].clear()
                         t0 = time.perf_counter()
                         run()
                         totals.append(time.perf_counter() - t0)
-                        attn.append(spent[name])
+                        attn.append(spent[name].get(phase, 0.0))
                 row[f"{name}_ms"] = float(np.median(totals)) * 1e3
                 row[f"{name}_attention_ms"] = float(np.median(attn)) * 1e3
             rows.append(row)
     finally:
         torch.set_num_threads(saved)
-    # decode rows: the prefill's share is taken out (generate() prefills first)
+    # decode rows: the prefill's total is taken out (generate() prefills first;
+    # their attention times count the decoding steps only)
     pre, dec = rows
     for name in ("sdpa", "fastattn"):
         dec[f"{name}_ms"] -= pre[f"{name}_ms"]
-        dec[f"{name}_attention_ms"] -= pre[f"{name}_attention_ms"]
     return rows
 
 
