@@ -401,9 +401,11 @@ static void fa_run_member(void *arg, fa_team *team, int member)
     void *w[FA_BUNDLE_MAX] = {bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
     int n_w = w[0] != NULL;
     char *gather = NULL;
+    size_t gather_bytes = 0;
     if (fa_gathers(p, kind)) {
         const int64_t es = fa_dtype_bytes[p->kv_dtype];
-        gather = (char *)aligned_alloc(64, (size_t)fa_roundup64(FA_BK * (p->d + p->dv) * es + 1, 64));
+        gather_bytes = (size_t)(FA_BK * (p->d + p->dv) * es + 1);
+        gather = (char *)fa_scratch_take(&gather_bytes);
         if (!gather) n_w = 0;
     }
     for (int64_t t; (t = fa_team_next(&r->next[0], 1, r->n_items)) >= 0;) {
@@ -436,7 +438,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
         }
     }
     for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);
-    free(gather);
+    fa_scratch_give(gather, gather_bytes);
 }
 
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
@@ -446,12 +448,14 @@ int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_
     /* a partial slot: FA_BQ rows of the accumulator, then the rows' max and sum */
     fa_run r = {p, ops, items, n_items, n_parts, FA_BQ * (fa_roundup64(p->dv, ops->width) + 2) * ops->elem_bytes,
                 NULL, kind, FA_OK, {0, 0}};
+    size_t slots_bytes = 0;
     if (n_parts > 0) {
         if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / (uint64_t)r.slot_bytes) return FA_ERR_NOMEM;
-        r.slots = (char *)malloc((size_t)(n_parts * r.slot_bytes));
+        slots_bytes = (size_t)(n_parts * r.slot_bytes);
+        r.slots = (char *)fa_scratch_take(&slots_bytes);
         if (!r.slots) return FA_ERR_NOMEM;
     }
     fa_parallel(num_threads, fa_run_member, &r);
-    free(r.slots);
+    fa_scratch_give(r.slots, slots_bytes);
     return r.status;
 }

@@ -331,3 +331,98 @@ fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int 
 }
 
 #endif
+
+/* ---- scratch blocks kept from one call to the next ---------------------- */
+
+typedef struct {
+    void *block[FA_SCRATCH_CACHE_SLOTS];
+    size_t bytes[FA_SCRATCH_CACHE_SLOTS];
+    size_t total;
+    int registered; /* for the thread-exit destructor */
+} fa_scratch_cache;
+
+static _Thread_local fa_scratch_cache fa_cache;
+
+static size_t fa_scratch_size(size_t bytes) { return bytes == 0 ? 64 : (bytes + 63) & ~(size_t)63; }
+
+static void fa_cache_release(fa_scratch_cache *c)
+{
+    for (int i = 0; i < FA_SCRATCH_CACHE_SLOTS; i++) {
+        free(c->block[i]);
+        c->block[i] = NULL;
+    }
+    c->total = 0;
+}
+
+#if defined(_WIN32) || defined(FA_POOL_SERIAL)
+static void fa_cache_register(fa_scratch_cache *c) { c->registered = 1; }
+#else
+static pthread_key_t fa_cache_key;
+static pthread_once_t fa_cache_once = PTHREAD_ONCE_INIT;
+static int fa_cache_key_ok;
+static void fa_cache_at_exit(void *c) { fa_cache_release((fa_scratch_cache *)c); }
+static void fa_cache_key_init(void) { fa_cache_key_ok = pthread_key_create(&fa_cache_key, fa_cache_at_exit) == 0; }
+/* Frees the cache when the thread exits; where that cannot be arranged the
+ * thread keeps nothing (registered stays 0). */
+static void fa_cache_register(fa_scratch_cache *c)
+{
+    pthread_once(&fa_cache_once, fa_cache_key_init);
+    c->registered = fa_cache_key_ok && pthread_setspecific(fa_cache_key, c) == 0;
+}
+#endif
+
+void *fa_scratch_take(size_t *bytes)
+{
+    fa_scratch_cache *c = &fa_cache;
+    int best = -1; /* the smallest cached block that is big enough */
+    for (int i = 0; i < FA_SCRATCH_CACHE_SLOTS; i++)
+        if (c->block[i] && c->bytes[i] >= *bytes && (best < 0 || c->bytes[i] < c->bytes[best])) best = i;
+    if (best >= 0) {
+        void *b = c->block[best];
+        c->block[best] = NULL;
+        c->total -= c->bytes[best];
+        *bytes = c->bytes[best];
+        return b;
+    }
+    if (*bytes > SIZE_MAX - 64) return NULL;
+    *bytes = fa_scratch_size(*bytes);
+    return aligned_alloc(64, *bytes);
+}
+
+void fa_scratch_give(void *block, size_t bytes)
+{
+    if (!block) return;
+    fa_scratch_cache *c = &fa_cache;
+    const size_t size = bytes;
+    if (!c->registered) fa_cache_register(c);
+    int slot = -1, smallest = -1;
+    for (int i = 0; i < FA_SCRATCH_CACHE_SLOTS; i++) {
+        if (!c->block[i]) {
+            if (slot < 0) slot = i;
+        } else if (smallest < 0 || c->bytes[i] < c->bytes[smallest]) {
+            smallest = i;
+        }
+    }
+    /* full: the block replaces the smallest one if it is bigger */
+    if (slot < 0 && smallest >= 0 && c->bytes[smallest] < size) {
+        free(c->block[smallest]);
+        c->total -= c->bytes[smallest];
+        c->block[smallest] = NULL;
+        slot = smallest;
+    }
+    if (!c->registered || slot < 0 || size > FA_SCRATCH_CACHE_BYTES - c->total) {
+        free(block);
+        return;
+    }
+    c->block[slot] = block;
+    c->bytes[slot] = size;
+    c->total += size;
+}
+
+int fa_scratch_cached(size_t *bytes)
+{
+    int n = 0;
+    for (int i = 0; i < FA_SCRATCH_CACHE_SLOTS; i++) n += fa_cache.block[i] != NULL;
+    if (bytes) *bytes = fa_cache.total;
+    return n;
+}

@@ -71,4 +71,21 @@ fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int 
 /* Sets of OpenBLAS jobs the pool has run. */
 int64_t fa_pool_blas_runs(void);
 
+/* Scratch blocks kept from one call to the next.  A kernel call takes its
+ * threads' scratch (often over a megabyte: a few hundred kilobytes per
+ * bundled entry) with fa_scratch_take and gives it back with
+ * fa_scratch_give; each thread keeps what it gave back (up to
+ * FA_SCRATCH_CACHE_SLOTS blocks and FA_SCRATCH_CACHE_BYTES in all, freed
+ * when the thread exits), so the next call reuses memory already mapped
+ * instead of asking the system for fresh pages and faulting them in (which
+ * cost a small call more than its arithmetic).  fa_scratch_take returns a
+ * 64-byte aligned block of at least *bytes bytes (NULL if out of memory)
+ * and sets *bytes to its size, which fa_scratch_give takes back with it. */
+#define FA_SCRATCH_CACHE_SLOTS 24
+#define FA_SCRATCH_CACHE_BYTES ((size_t)64 << 20)
+void *fa_scratch_take(size_t *bytes);
+void fa_scratch_give(void *block, size_t bytes); /* NULL is ignored */
+/* Blocks this thread's cache holds now, and their bytes (tests). */
+int fa_scratch_cached(size_t *bytes);
+
 #endif /* FA_POOL_H */

@@ -19,6 +19,7 @@
 #define FA_TILE_H
 
 #include "fa_internal.h"
+#include "fa_pool.h"
 
 /* Rows of K and V to prefetch while a few-row (decoding) tile is computed:
  * n rows each, from k and v (row strides k_rs, v_rs; bytes per row kb, vb). */

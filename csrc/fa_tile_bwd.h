@@ -29,7 +29,8 @@ typedef struct {
     FA_T *lse;   /* FA_BQ: the rows' lse; +inf for a row that sees no key and past the rows */
     FA_T *delta; /* FA_BQ: the rows' rowsum(dout * out) */
     int64_t dp, dvp;
-    void *block;
+    void *block; /* fa_scratch_take */
+    size_t bytes;
 } FN(bwd_scratch);
 
 void *FA_OP(bwd_scratch_new)(const fa_problem *p)
@@ -46,7 +47,8 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
     int64_t total = 0;
     for (int i = 0; i < 13; i++) total += n[i];
     FN(bwd_scratch) *w = (FN(bwd_scratch) *)malloc(sizeof *w);
-    FA_T *b = w ? (FA_T *)aligned_alloc(64, (size_t)total * sizeof(FA_T)) : NULL;
+    size_t bytes = (size_t)total * sizeof(FA_T);
+    FA_T *b = w ? (FA_T *)fa_scratch_take(&bytes) : NULL;
     if (!b) {
         free(w);
         return NULL;
@@ -59,6 +61,7 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
         at += n[i];
     }
     w->block = b;
+    w->bytes = bytes;
     w->dp = dp;
     w->dvp = dvp;
     return w;
@@ -66,7 +69,7 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
 
 void FA_OP(bwd_scratch_free)(void *w)
 {
-    free(((FN(bwd_scratch) *)w)->block);
+    fa_scratch_give(((FN(bwd_scratch) *)w)->block, ((FN(bwd_scratch) *)w)->bytes);
     free(w);
 }
 

@@ -74,7 +74,8 @@ typedef struct {
     int64_t dvp; /* dv rounded up to the vector width */
     int64_t qoff, ldq; /* few-row items: lead and length of the packed Q rows (see pack_q) */
     int64_t voff, ldo; /* lead of the columns in the accumulator's rows, and their length (see plan_v) */
-    void *block; /* the one allocation behind all of the above */
+    void *block; /* the one allocation behind all of the above (fa_scratch_take) */
+    size_t bytes;
 } FN(scratch);
 
 static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
@@ -91,7 +92,8 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     const int64_t n_pw = FA_BK / 2 * FA_BQ * 4 / (int64_t)sizeof(FA_T);
     const int64_t total = n_qt + n_kp + n_vp + n_st + n_o + 3 * n_r + n_pw;
     if ((uint64_t)total > (uint64_t)SIZE_MAX / sizeof(FA_T)) return -1;
-    FA_T *b = (FA_T *)aligned_alloc(64, (size_t)total * sizeof(FA_T));
+    w->bytes = (size_t)total * sizeof(FA_T);
+    FA_T *b = (FA_T *)fa_scratch_take(&w->bytes);
     if (!b) return -1;
     w->block = b;
     w->qt = b;
@@ -131,23 +133,93 @@ FA_INLINE void FN(qk_mk)(const int mr, const int nv, int64_t d, const FA_T *a, i
 
 /* The few-row kernels read K and V rows in place as vectors of FA_T or, on
  * the AVX-512 float16 path (FA_HALF_ROWS), as float16 converted on load
- * (h = 1): half the bytes of float32, no packing pass. */
+ * (h = FA_RK_F16): half the bytes of float32, no packing pass.  Where the
+ * path converts in vectors (FA_NARROW_ROWS), rows of a narrower storage
+ * type than FA_T (16-bit floats; 8-bit k and v, whose scales the callers
+ * apply to whole rows) are read in place too, converted in registers, when
+ * they fill whole vectors (no masks; see narrow_kind).  h is the row kind,
+ * a compile-time constant of every kernel instance. */
+#ifndef FA_ROW_KINDS
+#define FA_ROW_KINDS
+#define FA_RK_T 0    /* FA_T */
+#define FA_RK_F16 1  /* IEEE binary16 */
+#define FA_RK_BF16 2 /* bfloat16 */
+#define FA_RK_I8 3   /* int8 */
+#define FA_RK_E4M3 4 /* float8 e4m3, as fa_e4m3_f16_bits: 2^-8 of its value */
+#define FA_RK_E5M2 5 /* float8 e5m2 */
+#endif
 #undef FA_HALF_ROWS
 #if FA_S_KIND == 1 && FA_VEC_ISA == 2 && FA_T_IS_FLOAT
 #define FA_HALF_ROWS 1
 #else
 #define FA_HALF_ROWS 0
 #endif
+#undef FA_NARROW_ROWS
+#if FA_T_IS_FLOAT && (FA_VEC_ISA == 1 || FA_VEC_ISA == 2 || FA_VEC_ISA == 3)
+#define FA_NARROW_ROWS 1
+#else
+#define FA_NARROW_ROWS 0
+#endif
+/* Is kind h read through nload (whole vectors only)? */
+#define FA_RK_NARROW(h) ((h) >= FA_RK_BF16 || ((h) == FA_RK_F16 && !FA_HALF_ROWS))
 
-/* Bytes per element of rows read in place (h: float16). */
-#define FA_ROW_ES(h) ((h) ? 2 : (int64_t)sizeof(FA_T))
+/* Bytes per element of rows read in place (h: row kind). */
+#define FA_ROW_ES(h) ((h) == FA_RK_T ? (int64_t)sizeof(FA_T) : (h) <= FA_RK_BF16 ? 2 : 1)
 
-/* Vector c of nc of a row at k, of FA_T or of float16 (h); with `masked`,
- * masked by mlo if it is the first and by mhi if it is the last (h, masked,
- * c and nc known at compile time). */
+#if FA_NARROW_ROWS
+/* FA_W elements of row kind h (not FA_RK_T) at p, as floats: 8-bit
+ * integers as their values, float8 through float16 bit patterns (fa_half.h:
+ * e5m2 is the high byte of a float16; e4m3's sign, exponent and mantissa
+ * move down one bit, giving 2^-8 of its value). */
+FA_INLINE fa_vec FN(nload)(const int h, const char *p)
+{
+#if FA_VEC_ISA == 1
+    if (h == FA_RK_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    if (h == FA_RK_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    const __m128i x = _mm_loadl_epi64((const __m128i *)p);
+    if (h == FA_RK_I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+    const __m128i hi = _mm_unpacklo_epi8(_mm_setzero_si128(), x); /* the byte as the high half of a word */
+    if (h == FA_RK_E5M2) return _mm256_cvtph_ps(hi);
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(hi, 1), _mm_set1_epi16((short)0xbfff)));
+#elif FA_VEC_ISA == 2
+    if (h == FA_RK_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    if (h == FA_RK_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    const __m128i x = _mm_loadu_si128((const __m128i *)p);
+    if (h == FA_RK_I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
+    const __m256i hi = _mm256_slli_epi16(_mm256_cvtepu8_epi16(x), 8);
+    if (h == FA_RK_E5M2) return _mm512_cvtph_ps(hi);
+    return _mm512_cvtph_ps(_mm256_and_si256(_mm256_srai_epi16(hi, 1), _mm256_set1_epi16((short)0xbfff)));
+#else /* NEON, 4 lanes */
+    if (h == FA_RK_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p)));
+    if (h == FA_RK_BF16) return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)p), 16));
+    uint32_t four;
+    memcpy(&four, p, 4);
+    const uint8x8_t x = vreinterpret_u8_u32(vdup_n_u32(four));
+    if (h == FA_RK_I8) return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u8(x)))));
+    const uint16x4_t hi = vshl_n_u16(vget_low_u16(vmovl_u8(x)), 8);
+    if (h == FA_RK_E5M2) return vcvt_f32_f16(vreinterpret_f16_u16(hi));
+    return vcvt_f32_f16(vreinterpret_f16_s16(
+        vand_s16(vshr_n_s16(vreinterpret_s16_u16(hi), 1), vdup_n_s16((int16_t)0xbfff))));
+#endif
+}
+#else
+FA_INLINE fa_vec FN(nload)(const int h, const char *p)
+{
+    (void)h;
+    (void)p;
+    return VZERO(); /* never called: narrow_kind finds no kind without FA_NARROW_ROWS */
+}
+#endif
+
+/* Vector c of nc of a row at k, of row kind h; with `masked`, masked by
+ * mlo if it is the first and by mhi if it is the last (h, masked, c and nc
+ * known at compile time; never masked for narrow kinds). */
 FA_INLINE fa_vec FN(rvec)(const int h, const int masked, const int c, const int nc, const char *k, fa_mask mlo,
                           fa_mask mhi)
 {
+    if (FA_RK_NARROW(h)) return FN(nload)(h, k + c * FA_W * FA_ROW_ES(h));
 #if FA_HALF_ROWS
     if (h) {
         const uint16_t *p = (const uint16_t *)k + c * FA_W;
@@ -157,7 +229,6 @@ FA_INLINE fa_vec FN(rvec)(const int h, const int masked, const int c, const int 
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
     }
 #endif
-    (void)h;
     const FA_T *p = (const FA_T *)k + c * FA_W;
     if (masked && c == 0 && nc == 1) return VLOAD_MASKZ(VMASK_AND(mlo, mhi), p);
     if (masked && c == 0) return VLOAD_MASKZ(mlo, p);
@@ -165,13 +236,22 @@ FA_INLINE fa_vec FN(rvec)(const int h, const int masked, const int c, const int 
     return VLOAD(p);
 }
 
-/* One vector at p under mask m, of FA_T or of float16 (h). */
+/* One vector at p under mask m, of row kind h (narrow kinds: m must be
+ * every lane). */
 static inline fa_vec FN(rvec_m)(int h, fa_mask m, const char *p)
 {
+    if (FA_RK_NARROW(h)) {
+        switch (h) { /* compile-time kinds for nload */
+        case FA_RK_F16: return FN(nload)(FA_RK_F16, p);
+        case FA_RK_BF16: return FN(nload)(FA_RK_BF16, p);
+        case FA_RK_I8: return FN(nload)(FA_RK_I8, p);
+        case FA_RK_E4M3: return FN(nload)(FA_RK_E4M3, p);
+        default: return FN(nload)(FA_RK_E5M2, p);
+        }
+    }
 #if FA_HALF_ROWS
     if (h) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 #endif
-    (void)h;
     return VLOAD_MASKZ(m, (const FA_T *)p);
 }
 
@@ -203,8 +283,12 @@ FA_INLINE void FN(pv_mk)(const int mr, const int nv, const int masked, const int
         VSTORE(o + r * ldo + x * FA_W, acc[r][x]);
 }
 
-/* Prefetch row j of the plan (K and V), if it has one. */
-static inline void FN(prefetch_row)(const fa_prefetch_plan *pf, int64_t j)
+/* Prefetch row j of the plan (K and V), if it has one.  Always inlined:
+ * GCC counts a prefetch as no side effect, so it finds a function that only
+ * prefetches `const` and deletes every call to it that it has not inlined
+ * first (GCC 12 emitted no prefetch at all from this function when it was
+ * merely `static inline`). */
+FA_INLINE void FN(prefetch_row)(const fa_prefetch_plan *pf, int64_t j)
 {
     if (j >= pf->n) return;
     for (int64_t b = 0; b < pf->kb; b += 64) __builtin_prefetch(pf->k + j * pf->k_rs + b, 0, 2);
@@ -245,6 +329,21 @@ FA_INLINE void FN(qk_rows_mk)(const int nc, const int masked, const int h, const
         FA_IN_ORDER();
     }
 }
+
+/* CALL(h, ...) with the row kind h as a compile-time constant: FA_T, float16
+ * on FA_HALF_ROWS paths, and the narrow kinds on FA_NARROW_ROWS paths (no
+ * code for kinds the path never reads in place). */
+#define FA_KIND_SWITCH(h, CALL, ...)                                                                \
+    do {                                                                                            \
+        switch (h) {                                                                                \
+        case FA_RK_T: CALL(FA_RK_T, __VA_ARGS__); break;                                                      \
+        case FA_RK_F16: if (FA_HALF_ROWS || FA_NARROW_ROWS) CALL(FA_RK_F16, __VA_ARGS__); break;              \
+        case FA_RK_BF16: if (FA_NARROW_ROWS) CALL(FA_RK_BF16, __VA_ARGS__); break;                            \
+        case FA_RK_I8: if (FA_NARROW_ROWS) CALL(FA_RK_I8, __VA_ARGS__); break;                                \
+        case FA_RK_E4M3: if (FA_NARROW_ROWS) CALL(FA_RK_E4M3, __VA_ARGS__); break;                            \
+        default: if (FA_NARROW_ROWS) CALL(FA_RK_E5M2, __VA_ARGS__); break;                                    \
+        }                                                                                           \
+    } while (0)
 
 /* Rows in registers at once by qk_rows_rk, rounded up to a power of two:
  * it keeps FA_W / FA_POW2(R) keys' scores for each of R rows in FA_W
@@ -334,20 +433,19 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
     const fa_mask m_first = VMASK((int)off, FA_W), m_last = VMASK(0, (int)(off + d - (nvec - 1) * FA_W));
     const int masked = off != 0 || d % FA_W != 0;
     const char *ka = k - off * es;
-    if (bq >= 2 && bq <= FA_ROWS_MAX) { /* several rows: each K vector once for all of them */
+    if ((bq >= 2 || FA_RK_NARROW(h)) && bq <= FA_ROWS_MAX) { /* several rows: each K vector once for all of them
+                                                             * (narrow rows: converted once) */
         const int64_t kb_keys = FA_W / FA_POW2(bq);
         int64_t j0 = 0;
         for (; j0 + kb_keys <= bk; j0 += kb_keys) {
             for (int64_t j = j0; j < j0 + kb_keys; j++) FN(prefetch_row)(pf, j);
             const char *kb = ka + j0 * ldkb;
-#define FA_QKRK_CALL(r)                                                                                       \
-    do {                                                                                                      \
-        if (h) FN(qk_rows_rk)((r), FA_W / FA_POW2(r), 1, masked, nvec, qr, ldq, kb, ldkb, m_first, m_last, st, \
-                              lds, j0);                                                                       \
-        else FN(qk_rows_rk)((r), FA_W / FA_POW2(r), 0, masked, nvec, qr, ldq, kb, ldkb, m_first, m_last, st,   \
-                            lds, j0);                                                                         \
-    } while (0)
+#define FA_QKRK_KIND(hk, r)                                                                                    \
+    FN(qk_rows_rk)((r), FA_W / FA_POW2(r), (hk), FA_RK_NARROW(hk) ? 0 : masked, nvec, qr, ldq, kb, ldkb, m_first, \
+                   m_last, st, lds, j0)
+#define FA_QKRK_CALL(r) FA_KIND_SWITCH(h, FA_QKRK_KIND, r)
             switch (bq) { /* compile-time row counts */
+            case 1: FA_QKRK_CALL(1); break;
             case 2: FA_QKRK_CALL(2); break;
             case 3: if (FA_ROWS_MAX >= 3) FA_QKRK_CALL(3); break;
             case 4: if (FA_ROWS_MAX >= 4) FA_QKRK_CALL(4); break;
@@ -356,6 +454,7 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
             case 7: if (FA_ROWS_MAX >= 7) FA_QKRK_CALL(7); break;
             default: if (FA_ROWS_MAX >= 8) FA_QKRK_CALL(8); break;
             }
+#undef FA_QKRK_KIND
 #undef FA_QKRK_CALL
         }
         for (int64_t j = j0; j < bk; j++) FN(prefetch_row)(pf, j);
@@ -485,17 +584,15 @@ static void FN(pv_rows_block)(int mr, int nv, int masked, int h, int64_t bk, con
                               const char *v, int64_t ldvb, FA_T *o, int64_t ldo, const FA_T *alpha, fa_mask mlo,
                               fa_mask mhi)
 {
+#define FA_PVR_KIND(hk, m, n)                                                                       \
+    do {                                                                                            \
+        if (!FA_RK_NARROW(hk) && masked)                                                            \
+            FN(pv_mk)((m), (n), 1, (hk), bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);          \
+        else                                                                                        \
+            FN(pv_mk)((m), (n), 0, (hk), bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);          \
+    } while (0)
 #define FA_PVR_CALL(m, n)                                                                           \
-    if ((n) > FA_RV)                                                                                \
-        ;                                                                                           \
-    else if (FA_HALF_ROWS && h && masked)                                                           \
-        FN(pv_mk)((m), (n), 1, 1, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
-    else if (FA_HALF_ROWS && h)                                                                     \
-        FN(pv_mk)((m), (n), 0, 1, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
-    else if (masked)                                                                                \
-        FN(pv_mk)((m), (n), 1, 0, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
-    else                                                                                            \
-        FN(pv_mk)((m), (n), 0, 0, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi)
+    if ((n) <= FA_RV) FA_KIND_SWITCH(h, FA_PVR_KIND, m, n)
     switch (mr * 16 + nv) {
     case 16 + 1: FA_PVR_CALL(1, 1); break;
     case 16 + 2: FA_PVR_CALL(1, 2); break;
@@ -516,6 +613,7 @@ static void FN(pv_rows_block)(int mr, int nv, int masked, int h, int64_t bk, con
     default: break;
     }
 #undef FA_PVR_CALL
+#undef FA_PVR_KIND
 }
 
 /* ---- operands ----------------------------------------------------------- */
@@ -549,6 +647,37 @@ static inline int FN(few_rows_kind)(int64_t rs, int64_t cs)
 {
     if (FA_HALF_ROWS && cs == 2 && rs % 2 == 0) return 1;
     return FN(rows_in_place)(rs, cs) ? 0 : -1;
+}
+
+/* The narrow row kind (FA_RK_*) in which the few-row kernels read entry
+ * rows of K (v = 0) or V (v = 1) stored in another type than FA_T, or -1
+ * (they are converted into scratch by kv_rows): on FA_NARROW_ROWS paths,
+ * for rows of contiguous elements that fill whole vectors, when the path
+ * does not read them as FA_HALF_ROWS (few_rows_kind). */
+static inline int FN(narrow_kind)(const fa_problem *p, int v)
+{
+    const int64_t cs = v ? p->v_cs : p->k_cs, rs = v ? p->v_rs : p->k_rs, n = v ? p->dv : p->d;
+    if (!FA_NARROW_ROWS || n <= 0 || n % FA_W != 0 || FN(few_rows_kind)(rs, cs) >= 0) return -1;
+    int h;
+    switch (p->kv_dtype == p->dtype ? (FA_S_KIND == 1 ? FA_F16 : FA_S_KIND == 2 ? FA_BF16 : -1) : p->kv_dtype) {
+    case FA_F16: h = FA_RK_F16; break;
+    case FA_BF16: h = FA_RK_BF16; break;
+    case FA_I8: h = FA_RK_I8; break;
+    case FA_E4M3: h = FA_RK_E4M3; break;
+    case FA_E5M2: h = FA_RK_E5M2; break;
+    default: return -1;
+    }
+    return cs == FA_ROW_ES(h) ? h : -1;
+}
+
+/* The scales of an 8-bit tile's rows k0 .. k0 + bk - 1 of K (v = 0) or V
+ * (v = 1), as multipliers of the values nload gives, into sc. */
+static void FN(row_scales)(const fa_problem *p, const int64_t *e, int v, int64_t k0, int64_t bk, FA_T *sc)
+{
+    const char *s = (const char *)(v ? p->v_scales : p->k_scales) + e[v ? FA_E_VS : FA_E_KS];
+    const int64_t srs = v ? p->vs_rs : p->ks_rs;
+    const FA_T unit = p->kv_dtype == FA_E4M3 ? (FA_T)FA_E4M3_UNIT : 1;
+    for (int64_t j = 0; j < bk; j++) sc[j] = unit * (FA_T) * (const float *)(s + (k0 + j) * srs);
 }
 
 /* The lead, in elements, of rows read in place by the few-row kernels
@@ -908,9 +1037,19 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
 {
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
     int64_t ldk;
+    const int nk = bq <= FA_ROWS_MAX ? FN(narrow_kind)(p, 0) : -1;
     if (bq <= FA_ROWS_MAX && FN(few_rows_kind)(p->k_rs, p->k_cs) == 1) { /* float16 rows in place */
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
+    } else if (nk >= 0) { /* narrow rows in place (qoff is 0: k_lead), 8-bit ones scaled afterwards */
+        FN(qk_rows)(bq, d, 0, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, nk, bk, w->st,
+                    FA_BK, pf);
+        if (p->kv_dtype >= FA_I8) {
+            FA_T *sc = w->kp;
+            FN(row_scales)(p, e, 0, k0, bk, sc);
+            for (int64_t r = 0; r < bq; r++)
+                for (int64_t j = 0; j < bk; j++) w->st[r * FA_BK + j] *= sc[j];
+        }
     } else {
         const FA_T *k = FN(kv_rows)(p, e, 0, k0, bk, d, d, w->kp, &ldk);
         if (bq <= FA_ROWS_MAX) /* qt holds Q rows (see pack_q) */
@@ -966,13 +1105,21 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
          * the streaming down). */
         static const FA_T ones[2] = {1, 1};
         const int64_t voff = w->voff, ldo = w->ldo, nvec = ldo / FA_W;
-        const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs), h = kind == 1; /* as plan_v decided */
-        const int edge = FN(v_edge_tile)(p, e, k0, bk, FA_W * FA_ROW_ES(h));
+        const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs), nk = kind < 0 ? FN(narrow_kind)(p, 1) : -1;
+        const int h = nk >= 0 ? nk : kind == 1; /* as plan_v decided */
+        /* narrow rows fill whole vectors: never masked */
+        const int edge = nk < 0 && FN(v_edge_tile)(p, e, k0, bk, FA_W * FA_ROW_ES(h));
         const char *vr;
         int64_t ldvb;
-        if (kind >= 0) {
+        if (kind >= 0 || nk >= 0) {
             vr = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs - voff * FA_ROW_ES(h);
             ldvb = p->v_rs;
+            if (nk >= 0 && p->kv_dtype >= FA_I8) { /* each V row's scale into its weights */
+                FA_T *sc = w->vp;
+                FN(row_scales)(p, e, 1, k0, bk, sc);
+                for (int64_t r = 0; r < bq; r++)
+                    for (int64_t j = 0; j < bk; j++) w->st[r * FA_BK + j] *= sc[j];
+            }
         } else {
             vr = (const char *)FN(kv_rows)(p, e, 1, k0, bk, p->dv, dvp, w->vp, &ldv);
             ldvb = ldv * (int64_t)sizeof(FA_T);
@@ -1242,7 +1389,7 @@ void *FA_OP(scratch_new)(const fa_problem *p)
 
 void FA_OP(scratch_free)(void *w)
 {
-    free(((FN(scratch) *)w)->block);
+    fa_scratch_give(((FN(scratch) *)w)->block, ((FN(scratch) *)w)->bytes);
     free(w);
 }
 

@@ -39,3 +39,25 @@ def test_check_flags_avx_in_common_code(tmp_path):
     subprocess.run(["cc", "-O3", "-mavx2", "-shared", "-fPIC", str(src), "-o", str(bad)], check=True)
     res = check(bad)
     assert res.returncode == 1 and "scale_all" in res.stdout
+
+
+def test_decode_kernels_prefetch():
+    """The few-row (decoding) kernels prefetch the K and V rows of later
+    tiles: the instructions are in the extension's kernels of every x86 path
+    (a compiler may drop a function's prefetches altogether, as GCC 12 did
+    while the prefetching helper was not forced inline)."""
+    import re
+
+    import fastattn._core
+
+    dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", fastattn._core.__file__], capture_output=True,
+                          text=True, check=True).stdout
+    with_prefetch, fn = set(), None
+    for line in dump.splitlines():
+        m = re.match(r"[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn = m.group(1)
+        elif "prefetcht" in line and fn:
+            with_prefetch.add(fn)
+    for path in ("avx2", "avx512"):
+        assert any(re.search(rf"qk_rows\w*_{path}\b", f) for f in with_prefetch), (path, sorted(with_prefetch))

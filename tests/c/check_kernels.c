@@ -772,6 +772,53 @@ static void check_pool(void)
            ok ? "ok  " : "FAIL", fa_pool_workers());
 }
 
+/* The per-thread cache of scratch blocks, on a new thread (whose cache
+ * starts empty): a block given back is taken again by the next request it
+ * fits, a bigger request gets a new block, the cache keeps within its slots
+ * and bytes, and a thread's cache is freed when it exits. */
+static void *scratch_cache_thread(void *arg)
+{
+    int ok = fa_scratch_cached(NULL) == 0;
+    size_t na = 100000;
+    char *a = fa_scratch_take(&na);
+    ok &= a && (uintptr_t)a % 64 == 0 && na >= 100000;
+    if (a) memset(a, 1, na);
+    fa_scratch_give(a, na);
+    ok &= fa_scratch_cached(NULL) == 1;
+    size_t nb = 50000, nc = 200000;
+    char *b = fa_scratch_take(&nb);
+    ok &= b == a && nb == na && fa_scratch_cached(NULL) == 0;
+    char *c = fa_scratch_take(&nc);
+    ok &= c && c != b && nc >= 200000;
+    fa_scratch_give(b, nb);
+    fa_scratch_give(c, nc);
+    size_t nbig = FA_SCRATCH_CACHE_BYTES + 64, bytes = 0;
+    void *big = fa_scratch_take(&nbig);
+    fa_scratch_give(big, nbig); /* more than the cache holds: freed */
+    ok &= fa_scratch_cached(&bytes) == 2 && bytes == na + nc;
+    enum { N = FA_SCRATCH_CACHE_SLOTS + 6 };
+    void *many[N];
+    size_t sizes[N];
+    for (int i = 0; i < N; i++) {
+        sizes[i] = (size_t)64 << (i % 12);
+        many[i] = fa_scratch_take(&sizes[i]);
+    }
+    for (int i = 0; i < N; i++) fa_scratch_give(many[i], sizes[i]);
+    ok &= fa_scratch_cached(&bytes) == FA_SCRATCH_CACHE_SLOTS && bytes <= FA_SCRATCH_CACHE_BYTES;
+    *(int *)arg = ok;
+    return NULL;
+}
+
+static void check_scratch_cache(void)
+{
+    int ok = 0;
+    pthread_t t;
+    if (pthread_create(&t, NULL, scratch_cache_thread, &ok) == 0) pthread_join(t, NULL);
+    checks++;
+    if (!ok) failures++;
+    printf("%s scratch cache: blocks reused, bounded, freed with their thread\n", ok ? "ok  " : "FAIL");
+}
+
 int main(void)
 {
     /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks,
@@ -821,6 +868,15 @@ int main(void)
         {"float16 k and v under float32 queries, prefill", 2, 2, 70, 130, 24, 16, 1, 0, -1, -1, 0, 1, FA_MASK_NONE,
          0, 0, 0, 0, FA_F16, 0},
         {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0, 0},
+        /* rows of whole vectors on every path: 8-bit and 16-bit rows read in place, converted in registers */
+        {"int8 k and v, grouped paged decode, D 128", 2, 4, 1, 700, 128, 64, 1, 0, -1, -1, 0, 1, FA_MASK_NONE, 0, 0,
+         16, 1, FA_I8, 0},
+        {"e5m2 k and v, one-row split-KV decode", 2, 1, 1, 2300, 64, 32, 1, 0, -1, -1, 1.5, 0, FA_MASK_NONE, 0, 0, 32,
+         0, FA_E5M2, 0},
+        {"e4m3 k and v, two-row decode with a mask", 1, 2, 1, 333, 32, 48, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0,
+         0, FA_E4M3, 0},
+        {"float16 k and v under float32 queries, grouped decode", 2, 3, 1, 260, 48, 16, 1, 0, 100, -1, 0, 0,
+         FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;
@@ -838,6 +894,7 @@ int main(void)
                fa_path_arch(path), n_cases, FA_DTYPE_COUNT);
     }
     if (fa_pool_threaded()) check_pool();
+    check_scratch_cache();
     if (failures)
         printf("check_kernels: %d of %d checks FAILED\n", failures, checks);
     else
