@@ -330,19 +330,17 @@ FA_INLINE void FN(qk_rows_mk)(const int nc, const int masked, const int h, const
     }
 }
 
-/* CALL(h, ...) with the row kind h as a compile-time constant: FA_T, float16
- * on FA_HALF_ROWS paths, and the narrow kinds on FA_NARROW_ROWS paths (no
- * code for kinds the path never reads in place). */
-#define FA_KIND_SWITCH(h, CALL, ...)                                                                \
+/* CALL(h, ...) with the narrow row kind h (FA_RK_NARROW) as a compile-time
+ * constant; no code on paths without narrow rows. */
+#define FA_NARROW_SWITCH(h, CALL, ...)                                                              \
     do {                                                                                            \
-        switch (h) {                                                                                \
-        case FA_RK_T: CALL(FA_RK_T, __VA_ARGS__); break;                                                      \
-        case FA_RK_F16: if (FA_HALF_ROWS || FA_NARROW_ROWS) CALL(FA_RK_F16, __VA_ARGS__); break;              \
-        case FA_RK_BF16: if (FA_NARROW_ROWS) CALL(FA_RK_BF16, __VA_ARGS__); break;                            \
-        case FA_RK_I8: if (FA_NARROW_ROWS) CALL(FA_RK_I8, __VA_ARGS__); break;                                \
-        case FA_RK_E4M3: if (FA_NARROW_ROWS) CALL(FA_RK_E4M3, __VA_ARGS__); break;                            \
-        default: if (FA_NARROW_ROWS) CALL(FA_RK_E5M2, __VA_ARGS__); break;                                    \
-        }                                                                                           \
+        if (FA_NARROW_ROWS) switch (h) {                                                            \
+            case FA_RK_F16: if (!FA_HALF_ROWS) CALL(FA_RK_F16, __VA_ARGS__); break;                 \
+            case FA_RK_BF16: CALL(FA_RK_BF16, __VA_ARGS__); break;                                  \
+            case FA_RK_I8: CALL(FA_RK_I8, __VA_ARGS__); break;                                      \
+            case FA_RK_E4M3: CALL(FA_RK_E4M3, __VA_ARGS__); break;                                  \
+            default: CALL(FA_RK_E5M2, __VA_ARGS__); break;                                          \
+            }                                                                                       \
     } while (0)
 
 /* Rows in registers at once by qk_rows_rk, rounded up to a power of two:
@@ -433,19 +431,20 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
     const fa_mask m_first = VMASK((int)off, FA_W), m_last = VMASK(0, (int)(off + d - (nvec - 1) * FA_W));
     const int masked = off != 0 || d % FA_W != 0;
     const char *ka = k - off * es;
-    if ((bq >= 2 || FA_RK_NARROW(h)) && bq <= FA_ROWS_MAX) { /* several rows: each K vector once for all of them
-                                                             * (narrow rows: converted once) */
+    if (bq >= 2 && bq <= FA_ROWS_MAX) { /* several rows: each K vector once for all of them */
         const int64_t kb_keys = FA_W / FA_POW2(bq);
         int64_t j0 = 0;
         for (; j0 + kb_keys <= bk; j0 += kb_keys) {
             for (int64_t j = j0; j < j0 + kb_keys; j++) FN(prefetch_row)(pf, j);
             const char *kb = ka + j0 * ldkb;
-#define FA_QKRK_KIND(hk, r)                                                                                    \
-    FN(qk_rows_rk)((r), FA_W / FA_POW2(r), (hk), FA_RK_NARROW(hk) ? 0 : masked, nvec, qr, ldq, kb, ldkb, m_first, \
-                   m_last, st, lds, j0)
-#define FA_QKRK_CALL(r) FA_KIND_SWITCH(h, FA_QKRK_KIND, r)
+#define FA_QKRK_CALL(r)                                                                                       \
+    do {                                                                                                      \
+        if (h) FN(qk_rows_rk)((r), FA_W / FA_POW2(r), 1, masked, nvec, qr, ldq, kb, ldkb, m_first, m_last, st, \
+                              lds, j0);                                                                       \
+        else FN(qk_rows_rk)((r), FA_W / FA_POW2(r), 0, masked, nvec, qr, ldq, kb, ldkb, m_first, m_last, st,   \
+                            lds, j0);                                                                         \
+    } while (0)
             switch (bq) { /* compile-time row counts */
-            case 1: FA_QKRK_CALL(1); break;
             case 2: FA_QKRK_CALL(2); break;
             case 3: if (FA_ROWS_MAX >= 3) FA_QKRK_CALL(3); break;
             case 4: if (FA_ROWS_MAX >= 4) FA_QKRK_CALL(4); break;
@@ -454,7 +453,6 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
             case 7: if (FA_ROWS_MAX >= 7) FA_QKRK_CALL(7); break;
             default: if (FA_ROWS_MAX >= 8) FA_QKRK_CALL(8); break;
             }
-#undef FA_QKRK_KIND
 #undef FA_QKRK_CALL
         }
         for (int64_t j = j0; j < bk; j++) FN(prefetch_row)(pf, j);
@@ -507,6 +505,38 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
     }
 }
 
+
+/* qk_rows for K rows of a narrow kind h (FA_RK_NARROW) that fill nvec whole
+ * vectors (no lead, no masks; qr as pack_q lays it out with qoff 0), from
+ * one query row on: every row count sweeps the rows together (qk_rows_rk),
+ * so each K vector is converted once for all of them. */
+static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t ldq, const char *k, int64_t ldkb,
+                               int h, int64_t bk, FA_T *st, int64_t lds, const fa_prefetch_plan *pf)
+{
+    const int64_t kb_keys = FA_W / FA_POW2(bq);
+    int64_t j0 = 0;
+    for (; j0 + kb_keys <= bk; j0 += kb_keys) {
+        for (int64_t j = j0; j < j0 + kb_keys; j++) FN(prefetch_row)(pf, j);
+        const char *kb = k + j0 * ldkb;
+#define FA_QKN_KIND(hk, r)                                                                          \
+    FN(qk_rows_rk)((r), FA_W / FA_POW2(r), (hk), 0, nvec, qr, ldq, kb, ldkb, VMASK_ALL, VMASK_ALL, st, lds, j0)
+#define FA_QKN_CALL(r) FA_NARROW_SWITCH(h, FA_QKN_KIND, r)
+        switch (bq) { /* compile-time row counts */
+        case 1: FA_QKN_CALL(1); break;
+        case 2: FA_QKN_CALL(2); break;
+        case 3: if (FA_ROWS_MAX >= 3) FA_QKN_CALL(3); break;
+        case 4: if (FA_ROWS_MAX >= 4) FA_QKN_CALL(4); break;
+        case 5: if (FA_ROWS_MAX >= 5) FA_QKN_CALL(5); break;
+        case 6: if (FA_ROWS_MAX >= 6) FA_QKN_CALL(6); break;
+        case 7: if (FA_ROWS_MAX >= 7) FA_QKN_CALL(7); break;
+        default: if (FA_ROWS_MAX >= 8) FA_QKN_CALL(8); break;
+        }
+#undef FA_QKN_CALL
+#undef FA_QKN_KIND
+    }
+    for (int64_t j = j0; j < bk; j++) FN(prefetch_row)(pf, j);
+    FN(qk_rows_each)(bq, j0, bk, nvec, qr, ldq, k, ldkb, h, VMASK_ALL, VMASK_ALL, st, lds);
+}
 
 /* Run a micro-kernel with compile-time tile sizes: (mr, nv) selects one of
  * the FA_MR x FA_NV instances (sizes beyond this path's tile are dead code). */
@@ -584,15 +614,17 @@ static void FN(pv_rows_block)(int mr, int nv, int masked, int h, int64_t bk, con
                               const char *v, int64_t ldvb, FA_T *o, int64_t ldo, const FA_T *alpha, fa_mask mlo,
                               fa_mask mhi)
 {
-#define FA_PVR_KIND(hk, m, n)                                                                       \
-    do {                                                                                            \
-        if (!FA_RK_NARROW(hk) && masked)                                                            \
-            FN(pv_mk)((m), (n), 1, (hk), bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);          \
-        else                                                                                        \
-            FN(pv_mk)((m), (n), 0, (hk), bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);          \
-    } while (0)
 #define FA_PVR_CALL(m, n)                                                                           \
-    if ((n) <= FA_RV) FA_KIND_SWITCH(h, FA_PVR_KIND, m, n)
+    if ((n) > FA_RV)                                                                                \
+        ;                                                                                           \
+    else if (FA_HALF_ROWS && h && masked)                                                           \
+        FN(pv_mk)((m), (n), 1, 1, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
+    else if (FA_HALF_ROWS && h)                                                                     \
+        FN(pv_mk)((m), (n), 0, 1, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
+    else if (masked)                                                                                \
+        FN(pv_mk)((m), (n), 1, 0, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi);                 \
+    else                                                                                            \
+        FN(pv_mk)((m), (n), 0, 0, bk, p, 1, ldr, v, ldvb, o, ldo, alpha, mlo, mhi)
     switch (mr * 16 + nv) {
     case 16 + 1: FA_PVR_CALL(1, 1); break;
     case 16 + 2: FA_PVR_CALL(1, 2); break;
@@ -613,7 +645,39 @@ static void FN(pv_rows_block)(int mr, int nv, int masked, int h, int64_t bk, con
     default: break;
     }
 #undef FA_PVR_CALL
-#undef FA_PVR_KIND
+}
+
+/* pv_mk for up to four rows of weights (P as rows, ldr apart) and
+ * nv <= FA_RV / 2 vectors of V rows of a narrow kind h (whole vectors, no
+ * masks): each V vector is converted once for all the rows. */
+static void FN(pv_rows_narrow)(int mr, int nv, int h, int64_t bk, const FA_T *p, int64_t ldr, const char *v,
+                               int64_t ldvb, FA_T *o, int64_t ldo, const FA_T *alpha)
+{
+#define FA_PVN_KIND(hk, m, n)                                                                       \
+    FN(pv_mk)((m), (n), 0, (hk), bk, p, 1, ldr, v, ldvb, o, ldo, alpha, VMASK_ALL, VMASK_ALL)
+#define FA_PVN_CALL(m, n)                                                                           \
+    if ((n) <= FA_RV / 2) FA_NARROW_SWITCH(h, FA_PVN_KIND, m, n)
+    switch (mr * 16 + nv) {
+    case 16 + 1: FA_PVN_CALL(1, 1); break;
+    case 16 + 2: FA_PVN_CALL(1, 2); break;
+    case 16 + 3: FA_PVN_CALL(1, 3); break;
+    case 16 + 4: FA_PVN_CALL(1, 4); break;
+    case 32 + 1: FA_PVN_CALL(2, 1); break;
+    case 32 + 2: FA_PVN_CALL(2, 2); break;
+    case 32 + 3: FA_PVN_CALL(2, 3); break;
+    case 32 + 4: FA_PVN_CALL(2, 4); break;
+    case 48 + 1: FA_PVN_CALL(3, 1); break;
+    case 48 + 2: FA_PVN_CALL(3, 2); break;
+    case 48 + 3: FA_PVN_CALL(3, 3); break;
+    case 48 + 4: FA_PVN_CALL(3, 4); break;
+    case 64 + 1: FA_PVN_CALL(4, 1); break;
+    case 64 + 2: FA_PVN_CALL(4, 2); break;
+    case 64 + 3: FA_PVN_CALL(4, 3); break;
+    case 64 + 4: FA_PVN_CALL(4, 4); break;
+    default: break;
+    }
+#undef FA_PVN_CALL
+#undef FA_PVN_KIND
 }
 
 /* ---- operands ----------------------------------------------------------- */
@@ -1042,8 +1106,8 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
     } else if (nk >= 0) { /* narrow rows in place (qoff is 0: k_lead), 8-bit ones scaled afterwards */
-        FN(qk_rows)(bq, d, 0, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, nk, bk, w->st,
-                    FA_BK, pf);
+        FN(qk_rows_narrow)(bq, d / FA_W, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, nk,
+                           bk, w->st, FA_BK, pf);
         if (p->kv_dtype >= FA_I8) {
             FA_T *sc = w->kp;
             FN(row_scales)(p, e, 0, k0, bk, sc);
@@ -1103,7 +1167,7 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
          * lanes before and after a row land in accumulator lanes that are
          * never stored; masks only where v_edge_tile says (masked loads slow
          * the streaming down). */
-        static const FA_T ones[2] = {1, 1};
+        static const FA_T ones[4] = {1, 1, 1, 1};
         const int64_t voff = w->voff, ldo = w->ldo, nvec = ldo / FA_W;
         const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs), nk = kind < 0 ? FN(narrow_kind)(p, 1) : -1;
         const int h = nk >= 0 ? nk : kind == 1; /* as plan_v decided */
@@ -1125,7 +1189,18 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
             ldvb = ldv * (int64_t)sizeof(FA_T);
         }
         const fa_mask m_first = VMASK((int)voff, FA_W), m_last = VMASK(0, (int)(voff + p->dv - (nvec - 1) * FA_W));
-        for (int64_t j0 = 0; j0 < bk; j0 += FA_W) {
+        for (int64_t j0 = 0; j0 < bk && nk >= 0; j0 += FA_W) { /* narrow rows: four rows at a time, half
+                                                                  * the vectors, each converted once */
+            const int64_t nj = fa_min64(FA_W, bk - j0);
+            for (int64_t cb = 0; cb < nvec; cb += FA_RV / 2) {
+                const int nv = (int)fa_min64(FA_RV / 2, nvec - cb);
+                for (int64_t r = 0; r < bq; r += 4)
+                    FN(pv_rows_narrow)((int)fa_min64(4, bq - r), nv, h, nj, w->st + r * FA_BK + j0, FA_BK,
+                                       vr + j0 * ldvb + cb * FA_W * FA_ROW_ES(h), ldvb, w->o + r * ldo + cb * FA_W, ldo,
+                                       j0 == 0 ? w->alpha + r : ones);
+            }
+        }
+        for (int64_t j0 = 0; j0 < bk && nk < 0; j0 += FA_W) {
             const int64_t nj = fa_min64(FA_W, bk - j0);
             for (int64_t cb = 0; cb < nvec; cb += FA_RV) {
                 const int nv = (int)fa_min64(FA_RV, nvec - cb);
