@@ -80,7 +80,7 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     """
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
-    args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
+    args = _v.score_args(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
     out = _v.check_out(out, args.lead + (args.lq, args.dv), args.dtype, args.originals)
     lse = np.empty(args.lead + (args.lq,), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
     _problem.attention(args, out, lse, num_threads)

@@ -183,6 +183,21 @@ cdef class Problem:
         self.p.gv = <void *>gv
         self.p.gv_rs, self.p.gv_cs = gv_rs, gv_cs
 
+    def rebased(self, *, int num_threads, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse=0,
+                keep=()):
+        """This problem on other arrays of the same layouts: a copy with the
+        addresses of q, k, v, out and lse (and the thread count) replaced.
+        A model calls attention with the same layouts over and over, and
+        filling a problem field by field costs more than a small call."""
+        cdef Problem c = Problem.__new__(Problem)
+        c.p = self.p
+        c._entries, c._slopes, c._sinks, c._pages = self._entries, self._slopes, self._sinks, self._pages
+        c.keep = keep
+        c.p.num_threads = num_threads
+        c.p.q, c.p.k, c.p.v = <const void *>q, <const void *>k, <const void *>v
+        c.p.out, c.p.lse = <void *>out, <void *>lse
+        return c
+
     @property
     def path(self):
         return self.p.path

@@ -187,12 +187,29 @@ def _attention_fields(args, out, lse):
 # every decoding step), and building the fields costs more than a small call.
 _FIELDS_CACHE_MAX = 256
 _fields_cache = {}
+# For arguments _validate.score_args knows by a key (plain arrays, no mask):
+# the whole problem, on no arrays, rebased onto each call's (Problem.rebased).
+_problems_cache = {}
 
 
 def attention(args, out, lse, num_threads):
     """Run fused attention on validated arguments (_validate.ScoreArgs)."""
+    address = _core.address
     key = None
     if args.slopes is None and args.sinks is None and math.prod(args.lead) <= _CACHED_ENTRIES_MAX:
+        if args.cache_key is not None:  # plain q, k, v, no mask: as _validate.score_args keyed them
+            key = (args.cache_key, _config.path_index(), out.shape, out.strides,
+                   None if lse is None else (lse.shape, lse.strides))
+            template = _problems_cache.get(key)
+            if template is None:  # a problem of this layout, on no arrays (never run itself)
+                template = _problem(args.dtype, num_threads, keep=(), **_attention_fields(args, out, lse))
+                if len(_problems_cache) >= _FIELDS_CACHE_MAX:
+                    _problems_cache.clear()
+                _problems_cache[key] = template
+            _core.attention(template.rebased(
+                num_threads=num_threads, q=address(args.q), k=address(args.k), v=address(args.v), out=address(out),
+                lse=0 if lse is None else address(lse), keep=(args.q, args.k, args.v, out, lse)))
+            return
         key = (args.dtype, _config.path_index(), args.lead, args.group, args.lq, args.lk, args.d, args.dv,
                *(None if a is None else (a.shape, a.strides) for a in (args.q, args.k, args.v, args.mask, out, lse,
                                                                         args.tiles)),
@@ -205,7 +222,6 @@ def attention(args, out, lse, num_threads):
             if len(_fields_cache) >= _FIELDS_CACHE_MAX:
                 _fields_cache.clear()
             _fields_cache[key] = fields
-    address = _core.address
     problem = _problem(
         args.dtype, num_threads, keep=(args.q, args.k, args.v, args.mask, out, lse, args.tiles),
         q=address(args.q), k=address(args.k), v=address(args.v), out=address(out),

@@ -8,6 +8,7 @@ paged KV caches.  Errors name
 the argument, its shape and dtype: TypeError for types, ValueError for
 shapes and values.  Nothing here touches the kernels.
 """
+import copy
 import math
 import numbers
 import operator
@@ -357,6 +358,8 @@ class ScoreArgs(_Options):
     result dtype, the leading dimensions they broadcast to, the grouped-query
     factor and every score option in the kernels' terms."""
 
+    cache_key = None  # set by score_args: what its cache knows these arguments by
+
     def __init__(self, q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode,
                  align="bottom-right", sinks_=None):
         q = as_array(q, "q")
@@ -404,6 +407,45 @@ class ScoreArgs(_Options):
         self.q = np.asarray(q, dtype=self.dtype)
         self.k = np.asarray(k, dtype=self.dtype)
         self.v = np.asarray(v, dtype=self.dtype) if v is not None else None
+
+
+# Validated arguments of attention() by their operands' layouts and options:
+# for plain arrays with no mask, ALiBi slopes or sinks, everything ScoreArgs
+# checks and derives depends only on the shapes, strides and dtypes of q, k
+# and v and on the options (each keyed with its type, so that an option
+# refused for its type is never served from an accepted one), and a model
+# calls attention with the same ones over and over.
+_ARGS_CACHE_MAX = 256
+_args_cache = {}
+
+
+def score_args(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align="bottom-right",
+               sinks_=None):
+    """ScoreArgs(...) of attention(), from the cache where it can be."""
+    if mask is not None or slopes is not None or sinks_ is not None or not (
+            type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+        return ScoreArgs(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align, sinks_)
+    key = (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype, wmode,
+           *((type(o), o) for o in (scale_, causal, window_, softcap_, align)))
+    try:
+        cached = _args_cache.get(key)
+    except TypeError:  # an unhashable option (a window given as a list): validated every time
+        return ScoreArgs(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align, sinks_)
+    if cached is None:
+        args = ScoreArgs(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align, sinks_)
+        if len(_args_cache) >= _ARGS_CACHE_MAX:
+            _args_cache.clear()
+        _args_cache[key] = cached = copy.copy(args)
+        cached.q = cached.k = cached.v = cached.originals = None  # keep no array alive
+        cached.cache_key = args.cache_key = key
+        return args
+    args = ScoreArgs.__new__(ScoreArgs)
+    args.__dict__.update(cached.__dict__)
+    args.originals = [("q", q), ("k", k), ("v", v)]
+    args.q = q if q.dtype == args.dtype else np.asarray(q, dtype=args.dtype)
+    args.k = k if k.dtype == args.dtype else np.asarray(k, dtype=args.dtype)
+    args.v = v if v.dtype == args.dtype else np.asarray(v, dtype=args.dtype)
+    return args
 
 
 class VarlenArgs(_Options):

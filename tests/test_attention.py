@@ -492,3 +492,31 @@ def test_same_shapes_in_other_layouts_reuse_nothing_stale(rng):
             for causal in (False, True):
                 got = fastattn.attention(q.astype(dt, copy=False), k.astype(dt), k.astype(dt), causal=causal)
                 assert_close(got, ref.attention(q, k, k, causal=causal), dtype=dt)
+
+
+def test_repeated_layouts_keep_no_arrays(rng):
+    """attention() remembers the validated arguments and the kernel problem
+    of a layout (a model calls it with the same layouts over and over), never
+    the arrays: each call computes on its own data, the arrays are freed
+    after it, and an option refused for its type stays refused after an
+    accepted one of the same value."""
+    import gc
+    import weakref
+
+    shape = (2, 3, 17, 24)
+    for _ in range(3):
+        q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+        got, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)
+        want, want_lse = ref.attention(q, k, v, causal=True, return_lse=True)
+        assert_close(got, want, np.float32)
+        assert_close(lse, want_lse, np.float32)
+    refs = [weakref.ref(a) for a in (q, k, v, got, lse)]
+    del q, k, v, got, lse
+    gc.collect()
+    assert all(r() is None for r in refs)
+    q = rng.standard_normal(shape, dtype=np.float32)
+    fastattn.attention(q, q, q, causal=True, scale=1.0)
+    with pytest.raises(TypeError, match="causal"):
+        fastattn.attention(q, q, q, causal=1, scale=1.0)
+    with pytest.raises(TypeError, match="scale"):
+        fastattn.attention(q, q, q, causal=True, scale=True)
