@@ -82,7 +82,7 @@ int64_t fa_pool_blas_runs(void);
  * 64-byte aligned block of at least *bytes bytes (NULL if out of memory)
  * and sets *bytes to its size, which fa_scratch_give takes back with it. */
 #define FA_SCRATCH_CACHE_SLOTS 24
-#define FA_SCRATCH_CACHE_BYTES ((size_t)64 << 20)
+#define FA_SCRATCH_CACHE_BYTES ((size_t)16 << 20)
 void *fa_scratch_take(size_t *bytes);
 void fa_scratch_give(void *block, size_t bytes); /* NULL is ignored */
 /* Blocks this thread's cache holds now, and their bytes (tests). */
