@@ -213,6 +213,25 @@ FA_INLINE fa_vec FN(nload)(const int h, const char *p)
 }
 #endif
 
+/* out[c] = element c of a row of narrow kind h at src (contiguous), times
+ * scale if `scaled`, for c up to the last whole vector (nload); returns how
+ * many elements that was (0 on paths without narrow rows).  The tile
+ * conversions into scratch (load_row, load_row16, load_row8) run on it. */
+FA_INLINE int64_t FN(nload_row)(const int h, const int scaled, const char *src, FA_T scale, int64_t n, FA_T *out)
+{
+    int64_t c = 0;
+#if FA_NARROW_ROWS
+    const fa_vec s = VBCAST(scale);
+    for (; c + FA_W <= n; c += FA_W) {
+        const fa_vec x = FN(nload)(h, src + c * FA_ROW_ES(h));
+        VSTORE(out + c, scaled ? VMUL(s, x) : x);
+    }
+#else
+    (void)h, (void)scaled, (void)src, (void)scale, (void)n, (void)out;
+#endif
+    return c;
+}
+
 /* Vector c of nc of a row at k, of row kind h; with `masked`, masked by
  * mlo if it is the first and by mhi if it is the last (h, masked, c and nc
  * known at compile time; never masked for narrow kinds). */
@@ -734,14 +753,18 @@ static inline int FN(narrow_kind)(const fa_problem *p, int v)
     return cs == FA_ROW_ES(h) ? h : -1;
 }
 
-/* The scales of an 8-bit tile's rows k0 .. k0 + bk - 1 of K (v = 0) or V
- * (v = 1), as multipliers of the values nload gives, into sc. */
-static void FN(row_scales)(const fa_problem *p, const int64_t *e, int v, int64_t k0, int64_t bk, FA_T *sc)
+/* Column j of a few-row item's scores or weights (st: bq rows, FA_BK
+ * apart) times the scale of row k0 + j of its 8-bit K (v = 0) or V (v = 1),
+ * as a multiplier of the values nload gives; sc: bk elements of scratch. */
+static void FN(scale_columns)(const fa_problem *p, const int64_t *e, int v, int64_t k0, int64_t bk, int64_t bq,
+                              FA_T *st, FA_T *sc)
 {
     const char *s = (const char *)(v ? p->v_scales : p->k_scales) + e[v ? FA_E_VS : FA_E_KS];
     const int64_t srs = v ? p->vs_rs : p->ks_rs;
     const FA_T unit = p->kv_dtype == FA_E4M3 ? (FA_T)FA_E4M3_UNIT : 1;
     for (int64_t j = 0; j < bk; j++) sc[j] = unit * (FA_T) * (const float *)(s + (k0 + j) * srs);
+    for (int64_t r = 0; r < bq; r++)
+        for (int64_t j = 0; j < bk; j++) st[r * FA_BK + j] *= sc[j];
 }
 
 /* The lead, in elements, of rows read in place by the few-row kernels
@@ -766,75 +789,28 @@ static inline void FN(load_row)(const char *row, int64_t cs, int64_t n, FA_T *ou
 #if FA_S_KIND == 0
     memcpy(out, src, (size_t)n * sizeof(FA_T));
 #else
-    int64_t c = 0;
-#if FA_S_KIND == 1 && FA_F16C
-    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + c))));
-#elif FA_S_KIND == 2 && (FA_VEC_ISA == 1 || FA_VEC_ISA == 2)
-    for (; c + 8 <= n; c += 8)
-        _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                      _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + c))), 16)));
-#elif FA_S_KIND == 1 && FA_VEC_ISA == 3
-    for (; c + 4 <= n; c += 4) vst1q_f32(out + c, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + c))));
-#elif FA_S_KIND == 2 && FA_VEC_ISA == 3
-    for (; c + 4 <= n; c += 4) vst1q_f32(out + c, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(src + c), 16)));
-#endif
+    int64_t c = FN(nload_row)(FA_S_KIND == 1 ? FA_RK_F16 : FA_RK_BF16, 0, row, 1, n, out);
     for (; c < n; c++) out[c] = FA_LD(src + c);
 #endif
 }
 
 /* out[c] = scale * value of the 8-bit element c of a row (kv: FA_I8,
  * FA_E4M3 or FA_E5M2), elements cs bytes apart, for c < n.  The floats
- * convert through float16 bit patterns (fa_half.h), in vectors where the
- * path converts float16 in vectors. */
+ * convert through float16 bit patterns (fa_half.h); contiguous elements in
+ * vectors (nload_row) where the path has narrow rows. */
 static void FN(load_row8)(const uint8_t *src, int64_t cs, int kv, FA_T scale, int64_t n, FA_T *out)
 {
     int64_t c = 0;
     if (kv == FA_I8) {
-#if FA_T_IS_FLOAT && FA_VEC_ISA == 2
-        if (cs == 1) {
-            const __m512 vs = _mm512_set1_ps(scale);
-            for (; c + 16 <= n; c += 16)
-                _mm512_storeu_ps(out + c, _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                                _mm_loadu_si128((const __m128i *)(src + c))))));
-        }
-#elif FA_T_IS_FLOAT && FA_VEC_ISA == 1
-        if (cs == 1) {
-            const __m256 vs = _mm256_set1_ps(scale);
-            for (; c + 8 <= n; c += 8)
-                _mm256_storeu_ps(out + c, _mm256_mul_ps(vs, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                                                _mm_loadl_epi64((const __m128i *)(src + c))))));
-        }
-#endif
+        if (cs == 1) c = FN(nload_row)(FA_RK_I8, 1, (const char *)src, scale, n, out);
         for (; c < n; c++) out[c] = scale * (FA_T)(int8_t)src[c * cs];
         return;
     }
     const int e4 = kv == FA_E4M3;
     if (e4) scale *= (FA_T)FA_E4M3_UNIT;
-#if FA_T_IS_FLOAT && FA_F16C
-    if (cs == 1) {
-        const __m256 vs = _mm256_set1_ps(scale);
-        const __m128i sign = _mm_set1_epi16(0x80), mag = _mm_set1_epi16(0x7f);
-        for (; c + 8 <= n; c += 8) {
-            const __m128i x = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(src + c)));
-            const __m128i h = e4 ? _mm_or_si128(_mm_slli_epi16(_mm_and_si128(x, sign), 8),
-                                                _mm_slli_epi16(_mm_and_si128(x, mag), 7))
-                                 : _mm_slli_epi16(x, 8);
-            _mm256_storeu_ps(out + c, _mm256_mul_ps(vs, _mm256_cvtph_ps(h)));
-        }
-    }
-#elif FA_T_IS_FLOAT && FA_VEC_ISA == 3
-    if (cs == 1) {
-        const float32x4_t vs = vdupq_n_f32(scale);
-        for (; c + 8 <= n; c += 8) {
-            const uint16x8_t x = vmovl_u8(vld1_u8(src + c));
-            const uint16x8_t h = e4 ? vorrq_u16(vshlq_n_u16(vandq_u16(x, vdupq_n_u16(0x80)), 8),
-                                                vshlq_n_u16(vandq_u16(x, vdupq_n_u16(0x7f)), 7))
-                                    : vshlq_n_u16(x, 8);
-            vst1q_f32(out + c, vmulq_f32(vs, vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h)))));
-            vst1q_f32(out + c + 4, vmulq_f32(vs, vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)))));
-        }
-    }
-#endif
+    if (cs == 1)
+        c = e4 ? FN(nload_row)(FA_RK_E4M3, 1, (const char *)src, scale, n, out)
+               : FN(nload_row)(FA_RK_E5M2, 1, (const char *)src, scale, n, out);
     for (; c < n; c++) {
         const uint8_t x = src[c * cs];
         out[c] = scale * (FA_T)fa_f16_to_f32(e4 ? fa_e4m3_f16_bits(x) : fa_e5m2_f16_bits(x));
@@ -962,14 +938,8 @@ static void FN(load_row16)(const uint16_t *src, int64_t cs, int kv, int64_t n, F
 {
     int64_t c = 0;
     if (cs == 2) {
-#if FA_T_IS_FLOAT && FA_F16C
-        if (kv == FA_F16)
-            for (; c + 8 <= n; c += 8) _mm256_storeu_ps(out + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + c))));
-        else
-            for (; c + 8 <= n; c += 8)
-                _mm256_storeu_ps(out + c, _mm256_castsi256_ps(_mm256_slli_epi32(
-                                              _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + c))), 16)));
-#endif
+        c = kv == FA_F16 ? FN(nload_row)(FA_RK_F16, 0, (const char *)src, 1, n, out)
+                         : FN(nload_row)(FA_RK_BF16, 0, (const char *)src, 1, n, out);
         for (; c < n; c++) out[c] = (FA_T)(kv == FA_F16 ? fa_f16_to_f32(src[c]) : fa_bf16_to_f32(src[c]));
         return;
     }
@@ -1148,12 +1118,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     } else if (nk >= 0) { /* narrow rows in place (qoff is 0: k_lead), 8-bit ones scaled afterwards */
         FN(qk_rows_narrow)(bq, d / FA_W, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, nk,
                            bk, w->st, FA_BK, pf);
-        if (p->kv_dtype >= FA_I8) {
-            FA_T *sc = w->kp;
-            FN(row_scales)(p, e, 0, k0, bk, sc);
-            for (int64_t r = 0; r < bq; r++)
-                for (int64_t j = 0; j < bk; j++) w->st[r * FA_BK + j] *= sc[j];
-        }
+        if (p->kv_dtype >= FA_I8) FN(scale_columns)(p, e, 0, k0, bk, bq, w->st, w->kp);
     } else {
         const FA_T *k = FN(kv_rows)(p, e, 0, k0, bk, d, d, w->kp, &ldk);
         if (bq <= FA_ROWS_MAX) /* qt holds Q rows (see pack_q) */
@@ -1218,12 +1183,8 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
         if (kind >= 0 || nk >= 0) {
             vr = (const char *)p->v + e[FA_E_V] + k0 * p->v_rs - voff * FA_ROW_ES(h);
             ldvb = p->v_rs;
-            if (nk >= 0 && p->kv_dtype >= FA_I8) { /* each V row's scale into its weights */
-                FA_T *sc = w->vp;
-                FN(row_scales)(p, e, 1, k0, bk, sc);
-                for (int64_t r = 0; r < bq; r++)
-                    for (int64_t j = 0; j < bk; j++) w->st[r * FA_BK + j] *= sc[j];
-            }
+            if (nk >= 0 && p->kv_dtype >= FA_I8) /* each V row's scale into its weights */
+                FN(scale_columns)(p, e, 1, k0, bk, bq, w->st, w->vp);
         } else {
             vr = (const char *)FN(kv_rows)(p, e, 1, k0, bk, p->dv, dvp, w->vp, &ldv);
             ldvb = ldv * (int64_t)sizeof(FA_T);
