@@ -8,6 +8,7 @@ specific kernels carry target pragmas and are chosen at run time.
 import glob
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -20,6 +21,20 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             ext.extra_compile_args = ext.extra_compile_args + extra_c
             ext.extra_link_args = ext.extra_link_args + extra_l
+        # The sources of the one extension compile in parallel (setuptools'
+        # --parallel only runs separate extensions at once).
+        jobs = min(len(C_SOURCES) + 1, os.cpu_count() or 1)
+        compiler = self.compiler
+        serial = compiler.compile
+
+        def compile_parallel(sources, *args, **kwargs):
+            if jobs < 2 or len(sources) < 2:
+                return serial(sources, *args, **kwargs)
+            with ThreadPoolExecutor(jobs) as pool:
+                parts = pool.map(lambda src: serial([src], *args, **kwargs), sources)
+                return [obj for objs in parts for obj in objs]
+
+        compiler.compile = compile_parallel
         super().build_extensions()
 
 
