@@ -107,7 +107,9 @@ def test_block_bench_runs():
     rows = _bench.run_block(2, repeat=1, with_torch=False, shape=(64, 48, 3))
     assert len(rows) == (2 if shared else 1)
     assert all(p["inside_ms"] > 0 and p["alone_ms"] > 0 for r in rows for p in r["parts"])
-    assert fastattn.thread_pool_info()["blas_shared"] == shared
+    # every library shared before is shared again (sharing back on may also
+    # take in an OpenBLAS loaded meanwhile, e.g. scipy's)
+    assert set(shared) <= set(fastattn.thread_pool_info()["blas_shared"])
     assert "inside/alone" in _bench.format_block(rows)
 
 
