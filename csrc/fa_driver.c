@@ -391,14 +391,30 @@ typedef struct {
     const fa_item *items;
     int64_t n_items, n_parts, slot_bytes;
     char *slots;
+    int32_t *splits_done; /* split-KV: splits finished, at the first slot of each entry's (bundle's) row block */
     int kind;
     int status;
-    int64_t next[2]; /* the items each loop has handed out */
+    int64_t next; /* the items handed out */
 } fa_run;
+
+/* Split-KV: the member that finishes the last split of an item's rows
+ * merges their partials (in split order, so the result does not depend on
+ * who merges).  No barrier: a member that never starts holds nobody up. */
+static void fa_merge_if_last(const fa_run *r, const fa_item *it, void *w)
+{
+    const int64_t first = it->part - it->split;
+    if (__atomic_add_fetch(&r->splits_done[first], 1, __ATOMIC_ACQ_REL) != it->nsplit) return;
+    const fa_problem *p = r->p;
+    for (int b = 0; b < it->bundle; b++) {
+        const int64_t *e = p->entries + (it->entry + b) * FA_ENTRY_FIELDS;
+        const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
+        r->ops->merge_rows(p, e, w, r->slots, first + (int64_t)b * it->nsplit, it->nsplit, it->row0, bq);
+    }
+}
 
 static void fa_run_member(void *arg, fa_team *team, int member)
 {
-    (void)member;
+    (void)team, (void)member;
     fa_run *r = (fa_run *)arg;
     const fa_problem *p = r->p;
     const fa_tile_ops *ops = r->ops;
@@ -416,7 +432,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
         gather = (char *)fa_scratch_take(&gather_bytes);
         if (!gather) n_w = 0;
     }
-    for (int64_t t; (t = fa_team_next(&r->next[0], 1, r->n_items)) >= 0;) {
+    for (int64_t t; (t = fa_team_next(&r->next, 1, r->n_items)) >= 0;) {
         for (; n_w > 0 && n_w < items[t].bundle; n_w++)
             if (!(w[n_w] = ops->scratch_new(p))) break;
         if (n_w < items[t].bundle || n_w == 0) {
@@ -426,23 +442,14 @@ static void fa_run_member(void *arg, fa_team *team, int member)
         const int64_t *e = p->entries + items[t].entry * FA_ENTRY_FIELDS;
         const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - row0);
         switch (kind) {
-        case FA_KIND_ATTENTION: fa_attention_item(p, ops, &items[t], w, r->slots, r->slot_bytes, gather); break;
+        case FA_KIND_ATTENTION:
+            fa_attention_item(p, ops, &items[t], w, r->slots, r->slot_bytes, gather);
+            if (items[t].part >= 0) fa_merge_if_last(r, &items[t], w[0]);
+            break;
         case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_BWD_KEYS: fa_bwd_keys_item(p, ops, e, w[0], row0); break;
         default: fa_bwd_rows_item(p, ops, e, w[0], row0, bq); break;
-        }
-    }
-    if (r->n_parts > 0) {
-        fa_team_barrier(team); /* every partial is written */
-        for (int64_t t; (t = fa_team_next(&r->next[1], 1, r->n_items)) >= 0;) {
-            const fa_item *it = &items[t];
-            if (n_w == 0 || it->split != 0 || it->part < 0) continue;
-            for (int b = 0; b < it->bundle; b++) {
-                const int64_t *e = p->entries + (it->entry + b) * FA_ENTRY_FIELDS;
-                const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
-                ops->merge_rows(p, e, w[0], r->slots, it->part + (int64_t)b * it->nsplit, it->nsplit, it->row0, bq);
-            }
         }
     }
     for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);
@@ -455,13 +462,17 @@ int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_
     if (n_items <= 0) return FA_OK;
     /* a partial slot: FA_BQ rows of the accumulator, then the rows' max and sum */
     fa_run r = {p, ops, items, n_items, n_parts, FA_BQ * (fa_roundup64(p->dv, ops->width) + 2) * ops->elem_bytes,
-                NULL, kind, FA_OK, {0, 0}};
+                NULL, NULL, kind, FA_OK, 0};
     size_t slots_bytes = 0;
     if (n_parts > 0) {
-        if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / (uint64_t)r.slot_bytes) return FA_ERR_NOMEM;
-        slots_bytes = (size_t)(n_parts * r.slot_bytes);
+        /* the partial slots, then a count of finished splits per slot */
+        const uint64_t per_part = (uint64_t)r.slot_bytes + sizeof(int32_t);
+        if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / per_part) return FA_ERR_NOMEM;
+        slots_bytes = (size_t)(n_parts * (int64_t)per_part);
         r.slots = (char *)fa_scratch_take(&slots_bytes);
         if (!r.slots) return FA_ERR_NOMEM;
+        r.splits_done = (int32_t *)(r.slots + n_parts * r.slot_bytes);
+        memset(r.splits_done, 0, (size_t)n_parts * sizeof(int32_t));
     }
     fa_parallel(num_threads, fa_run_member, &r);
     fa_scratch_give(r.slots, slots_bytes);

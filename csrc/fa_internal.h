@@ -40,8 +40,9 @@ enum {
  * against the keys in [k_lo, k_hi).  When an entry's keys are split across
  * items (split-KV, for problems with too few rows to keep every core busy),
  * each split writes its unnormalised partial result to slot `part` of a
- * partial buffer, and the item with split == 0 merges the entry's nsplit
- * consecutive slots by their log-sum-exp afterwards.
+ * partial buffer (slots part - split .. part - split + nsplit - 1 hold an
+ * entry's splits), and whoever finishes the entry's last split merges them
+ * by their log-sum-exp, in split order.
  */
 typedef struct {
     int64_t entry;

@@ -11,9 +11,7 @@ struct fa_team {
     fa_team_fn fn;
     void *arg;
     int size;
-    int pending;       /* workers still running the team's function */
-    int arrived;       /* members at the barrier */
-    unsigned barriers; /* barriers completed */
+    int pending; /* workers still running the team's function */
 };
 
 int fa_team_size(const fa_team *team) { return team->size; }
@@ -34,13 +32,13 @@ int64_t fa_pool_get_spin(void) { return __atomic_load_n(&fa_spin_ns, __ATOMIC_RE
 int fa_parallel(int want, fa_team_fn fn, void *arg)
 {
     (void)want;
-    fa_team solo = {fn, arg, 1, 0, 0, 0};
+    fa_team solo = {fn, arg, 1, 0};
     fn(arg, &solo, 0);
     return 1;
 }
 
-void fa_team_barrier(fa_team *team) { (void)team; }
 int fa_pool_threaded(void) { return 0; }
+int64_t fa_pool_withdrawn(void) { return 0; }
 int fa_pool_workers(void) { return 0; }
 int fa_pool_sleeping(void) { return 0; }
 
@@ -79,13 +77,20 @@ static int64_t fa_now_ns(void)
 }
 
 typedef struct fa_worker {
-    fa_team *team; /* set by the team's caller, cleared by the worker when done */
+    /* the team offered by a caller; the worker takes it (-> fa_taken) or the
+     * caller withdraws it (-> NULL), each by compare-and-swap; cleared by
+     * the worker when done */
+    fa_team *team;
     int member;
     int busy;     /* claimed by a caller (0 -> 1 by compare-and-swap), cleared when done */
     int sleeping; /* waiting on cond */
     pthread_mutex_t lock;
     pthread_cond_t cond;
 } fa_worker;
+
+static fa_team fa_taken_mark;
+#define fa_taken (&fa_taken_mark)
+static int64_t fa_withdrawn;
 
 static fa_worker *fa_workers[FA_POOL_MAX];
 static int fa_n_workers;
@@ -133,6 +138,9 @@ static void *fa_worker_main(void *arg)
     fa_worker *w = (fa_worker *)arg;
     for (;;) {
         fa_team *t = fa_wait_team(w);
+        /* the offer may have been withdrawn (and another made) meanwhile:
+         * whatever team is offered when the swap succeeds is this one's */
+        if (!__atomic_compare_exchange_n(&w->team, &t, fa_taken, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
         t->fn(t->arg, t, w->member);
         /* idle before the caller may return: t is not touched after the decrement */
         __atomic_store_n(&w->team, NULL, __ATOMIC_RELAXED);
@@ -200,10 +208,13 @@ static int fa_claim(fa_worker **got, int have, int want, int grow_to)
 }
 
 /* A team of `want` threads, or fewer unless `exact`: then it waits for
- * workers until it has them all. */
+ * workers until it has them all, and for each to run.  Otherwise a worker
+ * that has not started when the caller's own share is done has its offer
+ * withdrawn (the caller has claimed the last item by then): a worker that
+ * sleeps, or whose core another program's threads hold, delays nobody. */
 static int fa_pool_run(int want, int exact, fa_team_fn fn, void *arg)
 {
-    fa_team t = {fn, arg, 1, 0, 0, 0};
+    fa_team t = {fn, arg, 1, 0};
     if (want > FA_POOL_MAX) want = FA_POOL_MAX;
     if (want <= 1) {
         fn(arg, &t, 0);
@@ -229,6 +240,21 @@ static int fa_pool_run(int want, int exact, fa_team_fn fn, void *arg)
         }
     }
     fn(arg, &t, 0);
+    if (!exact) {
+        int withdrawn = 0;
+        for (int m = 1; m <= n; m++) {
+            fa_worker *w = got[m - 1];
+            fa_team *offered = &t;
+            if (__atomic_compare_exchange_n(&w->team, &offered, NULL, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                __atomic_store_n(&w->busy, 0, __ATOMIC_RELEASE);
+                withdrawn++;
+            }
+        }
+        if (withdrawn) {
+            __atomic_fetch_sub(&t.pending, withdrawn, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&fa_withdrawn, withdrawn, __ATOMIC_RELAXED);
+        }
+    }
     for (unsigned i = 1; __atomic_load_n(&t.pending, __ATOMIC_ACQUIRE) > 0; i++) {
         fa_pause();
         if ((i & 1023) == 0) sched_yield();
@@ -238,22 +264,8 @@ static int fa_pool_run(int want, int exact, fa_team_fn fn, void *arg)
 
 int fa_parallel(int want, fa_team_fn fn, void *arg) { return fa_pool_run(want, 0, fn, arg); }
 
-void fa_team_barrier(fa_team *t)
-{
-    if (t->size <= 1) return;
-    const unsigned seen = __atomic_load_n(&t->barriers, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&t->arrived, 1, __ATOMIC_ACQ_REL) == t->size) {
-        __atomic_store_n(&t->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&t->barriers, 1, __ATOMIC_RELEASE);
-        return;
-    }
-    for (unsigned i = 1; __atomic_load_n(&t->barriers, __ATOMIC_ACQUIRE) == seen; i++) {
-        fa_pause();
-        if ((i & 1023) == 0) sched_yield();
-    }
-}
-
 int fa_pool_threaded(void) { return 1; }
+int64_t fa_pool_withdrawn(void) { return __atomic_load_n(&fa_withdrawn, __ATOMIC_RELAXED); }
 int fa_pool_workers(void) { return __atomic_load_n(&fa_n_workers, __ATOMIC_ACQUIRE); }
 
 int fa_pool_sleeping(void)

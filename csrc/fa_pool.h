@@ -12,9 +12,14 @@
  * against each other.
  *
  * Teams may be smaller than asked for (workers busy in another caller's
- * team), so kernels must not depend on the member count for their results;
- * fastattn's do not (work is claimed item by item and every item is computed
- * the same way whoever runs it).
+ * team), and a member may never run: once the caller has run its own share,
+ * it withdraws the team from workers that have not started it (asleep, or
+ * waiting for a core that another program's threads hold), rather than wait
+ * for them.  So a team's function must claim its work dynamically (every
+ * member, the caller included, runs until no work is left), must not wait
+ * for other members (no barriers), and its results must not depend on the
+ * member count; fastattn's do not (work is claimed item by item and every
+ * item is computed the same way whoever runs it).
  */
 #ifndef FA_POOL_H
 #define FA_POOL_H
@@ -25,16 +30,14 @@
 typedef struct fa_team fa_team;
 typedef void (*fa_team_fn)(void *arg, fa_team *team, int member);
 
-/* Runs fn(arg, team, m) for every member m of a team of at most `want`
- * threads (the caller and idle workers, started as needed up to want - 1);
- * returns when all have returned.  Returns the team's size. */
+/* Runs fn(arg, team, m) for the caller (m = 0) and for every member m of
+ * a team of at most `want` threads (idle workers, started as needed up to
+ * want - 1) that starts before the caller's fn returns; returns when all
+ * that started have returned.  Returns the number of members offered. */
 int fa_parallel(int want, fa_team_fn fn, void *arg);
 
-/* Members of the team. */
+/* Members offered (member numbers are below it). */
 int fa_team_size(const fa_team *team);
-
-/* Waits until every member of the team has reached it. */
-void fa_team_barrier(fa_team *team);
 
 /* Claims the next `chunk` indices of a shared counter (a dynamic schedule):
  * returns the first, or -1 once `n` is reached. */
@@ -48,10 +51,11 @@ int64_t fa_pool_get_spin(void);
 /* 1 if teams can have more than one thread (a POSIX threads build). */
 int fa_pool_threaded(void);
 
-/* Workers started so far (for tests and show_config), and how many are
- * asleep now. */
+/* Workers started so far (for tests and show_config), how many are asleep
+ * now, and how many offers to join a team were withdrawn so far. */
 int fa_pool_workers(void);
 int fa_pool_sleeping(void);
+int64_t fa_pool_withdrawn(void);
 
 /* OpenBLAS's threads callback (openblas_set_threads_callback_function, in
  * OpenBLAS >= 0.3.27) runs dojob(thread, jobdata + i * elsize, dojob_data)

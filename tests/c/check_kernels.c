@@ -16,8 +16,8 @@
  * (tools/check_kernels.sh).  Exit status 0 when every check passes.
  *
  * It also checks the thread pool (csrc/fa_pool.c): teams claim every item
- * once, barriers hold, concurrent callers, OpenBLAS-style jobs that wait for
- * each other.
+ * once, concurrent callers, offers withdrawn from workers that do not start
+ * in time, OpenBLAS-style jobs that wait for each other.
  *
  *   cc -O2 -pthread -Icsrc tests/c/check_kernels.c csrc/fa_*.c -lm
  */
@@ -672,7 +672,8 @@ enum { POOL_ITEMS = 20000 };
 typedef struct {
     int64_t next[2];
     int claimed[POOL_ITEMS];
-    int64_t sum; /* of the first loop's claims, read by every member after the barrier */
+    int64_t sum; /* of the claims */
+    int ran;     /* members that ran */
     int bad;
 } pool_work;
 
@@ -680,29 +681,54 @@ static void pool_member(void *arg, fa_team *team, int member)
 {
     pool_work *w = (pool_work *)arg;
     if (member < 0 || member >= fa_team_size(team)) __atomic_store_n(&w->bad, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&w->ran, 1, __ATOMIC_RELAXED);
     for (int64_t i; (i = fa_team_next(&w->next[0], 7, POOL_ITEMS)) >= 0;)
         for (int64_t j = i; j < i + 7 && j < POOL_ITEMS; j++) {
             __atomic_add_fetch(&w->claimed[j], 1, __ATOMIC_RELAXED);
             __atomic_add_fetch(&w->sum, j, __ATOMIC_RELAXED);
         }
-    fa_team_barrier(team); /* every item of the first loop is claimed */
-    if (__atomic_load_n(&w->sum, __ATOMIC_RELAXED) != (int64_t)POOL_ITEMS * (POOL_ITEMS - 1) / 2)
-        __atomic_store_n(&w->bad, 1, __ATOMIC_RELAXED);
     for (int64_t i; (i = fa_team_next(&w->next[1], 1, POOL_ITEMS)) >= 0;)
         __atomic_add_fetch(&w->claimed[i], 1, __ATOMIC_RELAXED);
-    fa_team_barrier(team);
 }
 
-/* One team of up to `want`: 1 if every item was claimed once per loop. */
+/* One team of up to `want`: 1 if every item was claimed once per loop and
+ * every member that ran had returned when fa_parallel did. */
 static int pool_run_once(int want)
 {
     pool_work *w = (pool_work *)calloc(1, sizeof *w);
     if (!w) return 0;
     const int size = fa_parallel(want, pool_member, w);
-    int ok = !w->bad && size >= 1 && size <= (want < 1 ? 1 : want);
+    const int ran = w->ran, sum_ok = w->sum == (int64_t)POOL_ITEMS * (POOL_ITEMS - 1) / 2;
+    int ok = !w->bad && sum_ok && size >= 1 && size <= (want < 1 ? 1 : want) && ran >= 1 && ran <= size;
     for (int i = 0; i < POOL_ITEMS; i++) ok &= w->claimed[i] == 2;
+    /* a member still running after the return would change these now */
+    struct timespec pause = {0, 200000};
+    nanosleep(&pause, NULL);
+    ok &= __atomic_load_n(&w->ran, __ATOMIC_RELAXED) == ran && w->sum == (int64_t)POOL_ITEMS * (POOL_ITEMS - 1) / 2;
     free(w);
     return ok;
+}
+
+/* A team whose caller has nothing to do: workers offered it, asleep, are
+ * withdrawn rather than waited for (1 if some offer was withdrawn within
+ * 1000 teams, and the rest ran). */
+static void pool_nothing(void *arg, fa_team *team, int member)
+{
+    (void)team, (void)member;
+    __atomic_add_fetch((int *)arg, 1, __ATOMIC_RELAXED);
+}
+
+static int pool_withdraws(void)
+{
+    const int64_t before = fa_pool_withdrawn();
+    for (int r = 0; r < 1000; r++) {
+        int ran = 0;
+        const int size = fa_parallel(4, pool_nothing, &ran);
+        const int64_t withdrawn = fa_pool_withdrawn() - before;
+        if (ran < 1 || ran > size) return 0;
+        if (withdrawn > 0) return 1;
+    }
+    return 0;
 }
 
 static void *pool_caller(void *arg)
@@ -765,10 +791,12 @@ static void check_pool(void)
     ok &= fa_pool_blas_runs() == runs + 4;
     fa_pool_set_spin(0);
     ok &= pool_run_once(3);
+    ok &= pool_withdraws();
     fa_pool_set_spin(FA_POOL_SPIN_DEFAULT_NS);
     checks++;
     if (!ok) failures++;
-    printf("%s thread pool: teams, barriers, concurrent callers, jobs that wait for each other (%d workers)\n",
+    printf("%s thread pool: teams, concurrent callers, offers withdrawn from sleeping workers, jobs that wait for "
+           "each other (%d workers)\n",
            ok ? "ok  " : "FAIL", fa_pool_workers());
 }
 
