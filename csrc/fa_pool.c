@@ -29,7 +29,7 @@ int64_t fa_pool_get_spin(void) { return __atomic_load_n(&fa_spin_ns, __ATOMIC_RE
 
 #if defined(_WIN32) || defined(FA_POOL_SERIAL)
 
-int fa_parallel(int want, fa_team_fn fn, void *arg)
+static int fa_own_parallel(int want, fa_team_fn fn, void *arg)
 {
     (void)want;
     fa_team solo = {fn, arg, 1, 0};
@@ -262,7 +262,7 @@ static int fa_pool_run(int want, int exact, fa_team_fn fn, void *arg)
     return n + 1;
 }
 
-int fa_parallel(int want, fa_team_fn fn, void *arg) { return fa_pool_run(want, 0, fn, arg); }
+static int fa_own_parallel(int want, fa_team_fn fn, void *arg) { return fa_pool_run(want, 0, fn, arg); }
 
 int fa_pool_threaded(void) { return 1; }
 int64_t fa_pool_withdrawn(void) { return __atomic_load_n(&fa_withdrawn, __ATOMIC_RELAXED); }
@@ -343,6 +343,48 @@ fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int 
 }
 
 #endif
+
+/* ---- teams on the host's OpenMP threads ---------------------------------- */
+
+static fa_omp_parallel fa_host_parallel;
+static fa_omp_thread_num fa_host_thread_num;
+static _Thread_local int fa_host_threads; /* 0: this thread's teams run on the pool */
+static int64_t fa_host_runs;
+
+void fa_pool_set_host_openmp(fa_omp_parallel parallel, fa_omp_thread_num thread_num)
+{
+    if (!parallel || !thread_num) parallel = NULL, thread_num = NULL;
+    __atomic_store_n(&fa_host_thread_num, thread_num, __ATOMIC_RELEASE);
+    __atomic_store_n(&fa_host_parallel, parallel, __ATOMIC_RELEASE);
+}
+
+int fa_pool_host_calls(int max_threads)
+{
+    const int was = fa_host_threads;
+    fa_host_threads = max_threads > 0 ? max_threads : 0;
+    return was;
+}
+
+int64_t fa_pool_host_runs(void) { return __atomic_load_n(&fa_host_runs, __ATOMIC_RELAXED); }
+
+static void fa_host_member(void *data)
+{
+    fa_team *t = (fa_team *)data;
+    const int member = __atomic_load_n(&fa_host_thread_num, __ATOMIC_ACQUIRE)();
+    /* a region nested in another one runs on one thread: member 0 */
+    if (member >= 0 && member < t->size) t->fn(t->arg, t, member);
+}
+
+int fa_parallel(int want, fa_team_fn fn, void *arg)
+{
+    const fa_omp_parallel host = fa_host_threads ? __atomic_load_n(&fa_host_parallel, __ATOMIC_ACQUIRE) : NULL;
+    if (host && want > fa_host_threads) want = fa_host_threads;
+    if (!host || want <= 1) return fa_own_parallel(want, fn, arg);
+    fa_team t = {fn, arg, want, 0};
+    host(fa_host_member, &t, (unsigned)want, 0);
+    __atomic_add_fetch(&fa_host_runs, 1, __ATOMIC_RELAXED);
+    return want;
+}
 
 /* ---- scratch blocks kept from one call to the next ---------------------- */
 

@@ -75,6 +75,23 @@ fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int 
 /* Sets of OpenBLAS jobs the pool has run. */
 int64_t fa_pool_blas_runs(void);
 
+/* The other way round: teams run on another library's OpenMP threads (the
+ * host program's, e.g. PyTorch's, which spin for a while after each of its
+ * parallel regions and would otherwise hold the cores the pool's workers
+ * wait for).  fa_pool_set_host_openmp takes that runtime's GOMP_parallel
+ * (the entry point GCC's OpenMP code calls; LLVM's and Intel's runtimes
+ * export it too) and omp_get_thread_num (NULL: none).  fa_pool_host_calls(n)
+ * with n > 0 routes the teams of the calling thread's later calls there, at
+ * most n threads each (the host's own thread count), 0 back to the pool; it
+ * returns the previous setting.  A team there has exactly min(want, n)
+ * members, or runs on member 0 alone where the runtime gives a nested
+ * region one thread.  fa_pool_host_runs counts the teams run there. */
+typedef void (*fa_omp_parallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+typedef int (*fa_omp_thread_num)(void);
+void fa_pool_set_host_openmp(fa_omp_parallel parallel, fa_omp_thread_num thread_num);
+int fa_pool_host_calls(int max_threads);
+int64_t fa_pool_host_runs(void);
+
 /* Scratch blocks kept from one call to the next.  A kernel call takes its
  * threads' scratch (often over a megabyte: a few hundred kilobytes per
  * bundled entry) with fa_scratch_take and gives it back with

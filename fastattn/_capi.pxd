@@ -114,3 +114,9 @@ cdef extern from "fa_pool.h" nogil:
                                       size_t elsize, void *jobdata, int dojob_data) noexcept nogil
     fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int max_threads)
     int64_t fa_pool_blas_runs()
+    ctypedef void (*fa_omp_parallel)(void (*fn)(void *) noexcept nogil, void *data, unsigned num_threads,
+                                     unsigned flags) noexcept nogil
+    ctypedef int (*fa_omp_thread_num)() noexcept nogil
+    void fa_pool_set_host_openmp(fa_omp_parallel parallel, fa_omp_thread_num thread_num)
+    int fa_pool_host_calls(int max_threads)
+    int64_t fa_pool_host_runs()

@@ -311,5 +311,23 @@ def blas_runs():
     return fa_pool_blas_runs()
 
 
+def set_host_openmp(uintptr_t parallel, uintptr_t thread_num):
+    """The addresses of a loaded OpenMP runtime's GOMP_parallel and
+    omp_get_thread_num, on whose threads host_calls routes teams (0, 0:
+    none)."""
+    fa_pool_set_host_openmp(<fa_omp_parallel>parallel, <fa_omp_thread_num>thread_num)
+
+
+def host_calls(int max_threads):
+    """Teams of this thread's later calls run on the host's OpenMP threads,
+    at most max_threads each (0: on the pool).  Returns the previous value."""
+    return fa_pool_host_calls(max_threads)
+
+
+def host_runs():
+    """Teams run on the host's OpenMP threads so far."""
+    return fa_pool_host_runs()
+
+
 def compiler():
     return fa_compiler().decode()

@@ -100,6 +100,28 @@ def _openblas_libraries():
     return found
 
 
+_OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # GCC's, Intel's and LLVM's
+
+
+def _openmp_runtime(prefer=None):
+    """(path, address of GOMP_parallel, address of omp_get_thread_num) of a
+    loaded OpenMP runtime, one under the folder `prefer` first; else None."""
+    paths = [p for p in _loaded_libraries() if os.path.basename(p).lower().startswith(_OPENMP_RUNTIMES)]
+    if prefer:
+        paths.sort(key=lambda p: not p.startswith(os.path.join(prefer, "")))
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        parallel = getattr(lib, "GOMP_parallel", None)
+        thread_num = getattr(lib, "omp_get_thread_num", None)
+        if parallel is not None and thread_num is not None:
+            return (path, ctypes.cast(parallel, ctypes.c_void_p).value,
+                    ctypes.cast(thread_num, ctypes.c_void_p).value)
+    return None
+
+
 def share_blas_threads(enable=True):
     """Run OpenBLAS's threaded work on fastattn's thread pool (or stop).
 

@@ -21,9 +21,16 @@ raises an error instead of silently differing: CUDA and other devices,
 Inside the context, calls fastattn supports go to fastattn and all others
 to torch's own function; leaving the context restores torch's function.
 Training works the same way: gradients flow through fastattn's backward.
+
+Calls through this module run on PyTorch's own OpenMP threads (at most
+``torch.get_num_threads()`` of them), not on fastattn's pool: after each of
+its parallel operations torch's threads spin for a while, holding the cores
+that fastattn's workers would need (see :func:`share_threads`).
 """
 import contextlib
+import functools
 import math
+import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -31,10 +38,65 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastattn import _api, _masks, _validate
+from fastattn import _api, _core, _masks, _threads, _validate
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _original_sdpa = F.scaled_dot_product_attention
+_torch_openmp = None  # path of the OpenMP runtime whose threads this module's calls run on
+
+
+def share_threads(enable=True):
+    """Run the calls made through this module on PyTorch's OpenMP threads
+    (or on fastattn's own pool).
+
+    Inside a model, torch's OpenMP threads keep spinning for a while after
+    each of torch's parallel operations; fastattn's workers, woken for an
+    attention call in between, would wait for those cores (a decoding step
+    of a 16-core machine took over 10x longer that way).  Running
+    fastattn's work on torch's threads avoids it: they are awake already.
+    This is on from import when torch runs its parallel work on OpenMP
+    (``torch.__config__.parallel_info()``) and the runtime exports
+    ``GOMP_parallel`` (GNU's libgomp, as torch's wheels bundle, LLVM's and
+    Intel's do); the environment variable ``FASTATTN_TORCH_THREADS=0``
+    turns it off at import.  Results do not depend on it (they are the same
+    for any thread count).  Calls through the numpy API stay on fastattn's
+    pool.
+
+    Parameters
+    ----------
+    enable : bool
+        True: use torch's OpenMP threads if they can be found.  False:
+        fastattn's own pool.
+
+    Returns
+    -------
+    str or None
+        Path of the OpenMP runtime the calls run on, None for the pool.
+    """
+    global _torch_openmp
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+    found = None
+    if enable and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        found = _threads._openmp_runtime(prefer=os.path.dirname(torch.__file__))
+    _core.set_host_openmp(*(found[1:] if found else (0, 0)))
+    _torch_openmp = found[0] if found else None
+    return _torch_openmp
+
+
+def _on_torch_threads(fn):
+    """fn, with the kernels it calls running on torch's OpenMP threads when
+    share_threads has found them."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if _torch_openmp is None:
+            return fn(*args, **kwargs)
+        was = _core.host_calls(torch.get_num_threads())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _core.host_calls(was)
+    return run
 
 
 def _unsupported(query, key, value, attn_mask, dropout_p):
@@ -99,6 +161,7 @@ def _options(is_causal, scale, window_left, window_right, softcap, bottom_right,
                 sinks=_as_numpy(sinks))
 
 
+@_on_torch_threads
 def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
                     bottom_right, sinks=None):
     out, lse = _api.attention(*(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask),
@@ -135,6 +198,13 @@ def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: tor
                            bottom_right: bool = False,
                            sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fastattn.attention_backward on tensors: (dq, dk, dv)."""
+    return _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
+                                    window_right, softcap, bottom_right, sinks)
+
+
+@_on_torch_threads
+def _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
+                             window_right, softcap, bottom_right, sinks):
     grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)),
                                     mask=_as_numpy(attn_mask),
                                     **_options(is_causal, scale, window_left, window_right, softcap, bottom_right,
@@ -284,6 +354,7 @@ def _paged_numpy(**tensors):
     return views
 
 
+@_on_torch_threads
 def _attention_paged_impl(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window_left,
                           window_right, softcap, alibi_slopes, sinks, k_scale, v_scale):
     a = _paged_numpy(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
@@ -390,3 +461,7 @@ def cache_write(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_s
         torch.ops.fastattn.cache_write(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
         _cache_write_impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+if os.environ.get("FASTATTN_TORCH_THREADS", "1").strip().lower() not in ("0", "false", "no", "off"):
+    share_threads(True)

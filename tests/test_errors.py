@@ -95,6 +95,13 @@ def hf_attention(make=None, **kw):
     return fastattn.transformers.attention_forward(None, q, q[:, :2], q[:, :2], **args)
 
 
+def torch_share_threads(enable):
+    pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
+    import fastattn.torch
+
+    return fastattn.torch.share_threads(enable)
+
+
 def hf_register(name):
     pytest.importorskip("torch")
     pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")
@@ -359,6 +366,7 @@ BAD = [
     (lambda: fastattn.set_spin_time(float("nan")), ValueError, r"seconds must be in \[0, 10\]"),
     (lambda: fastattn.set_spin_time(11), ValueError, r"seconds must be in \[0, 10\]"),
     (lambda: fastattn.share_blas_threads(1), TypeError, "enable must be a bool"),
+    (lambda: torch_share_threads(1), TypeError, "enable must be a bool"),
     (lambda: fastattn.set_isa("sse9"), ValueError, "isa must name a kernel path"),
     (lambda: unsupported_path(), ValueError, "needs CPU features this CPU lacks"),
 ]

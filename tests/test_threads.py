@@ -154,3 +154,45 @@ def test_forked_child_runs_threaded():
     rows = eval(out)
     assert all(same and after >= 1 for _, after, same in rows)
     assert min(fresh for fresh, _, _ in rows) == 0  # a child's pool starts empty
+
+
+def test_torch_calls_run_on_torchs_openmp_threads():
+    """Calls through fastattn.torch run their teams on torch's OpenMP
+    threads (counted by the pool), forward and backward; numpy calls and
+    share_threads(False) stay on the pool; the results are the same."""
+    torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
+    import fastattn.torch as ft
+    from fastattn import _core
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch does not run its parallel work on OpenMP")
+    from fastattn import _config
+
+    threads, torch_threads = _config._num_threads, torch.get_num_threads()
+    fastattn.set_num_threads(2)
+    torch.set_num_threads(2)
+    try:
+        assert ft.share_threads(True) is not None
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(1, 4, 300, 32, generator=g) for _ in range(3))
+        runs = _core.host_runs()
+        out = ft.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert _core.host_runs() > runs
+        runs = _core.host_runs()
+        ref = fastattn.attention(q.numpy(), k.numpy(), v.numpy(), causal=True, align="top-left")
+        assert _core.host_runs() == runs
+        assert np.array_equal(out.numpy(), ref)
+        qg = q.clone().requires_grad_()
+        ft.scaled_dot_product_attention(qg, k, v, is_causal=True).sum().backward()
+        assert _core.host_runs() > runs
+        assert ft.share_threads(False) is None
+        runs = _core.host_runs()
+        assert np.array_equal(ft.scaled_dot_product_attention(q, k, v, is_causal=True).numpy(), ref)
+        qg2 = q.clone().requires_grad_()
+        ft.scaled_dot_product_attention(qg2, k, v, is_causal=True).sum().backward()
+        assert _core.host_runs() == runs
+        assert np.array_equal(qg.grad.numpy(), qg2.grad.numpy())
+    finally:
+        ft.share_threads(True)
+        fastattn.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)

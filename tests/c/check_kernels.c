@@ -17,7 +17,8 @@
  *
  * It also checks the thread pool (csrc/fa_pool.c): teams claim every item
  * once, concurrent callers, offers withdrawn from workers that do not start
- * in time, OpenBLAS-style jobs that wait for each other.
+ * in time, OpenBLAS-style jobs that wait for each other, teams run on a
+ * host's OpenMP runtime.
  *
  *   cc -O2 -pthread -Icsrc tests/c/check_kernels.c csrc/fa_*.c -lm
  */
@@ -777,6 +778,63 @@ static int blas_run(int numjobs, int servers, int max_threads, int first)
     return !j.bad && j.started == numjobs && seen == (1 << numjobs) - 1;
 }
 
+/* A stand-in for an OpenMP runtime's GOMP_parallel: n threads (the caller
+ * one of them), each knowing its number. */
+static _Thread_local int fake_omp_num;
+static int fake_omp_regions;
+typedef struct {
+    void (*fn)(void *);
+    void *data;
+    int num;
+} fake_omp_member;
+
+static void *fake_omp_thread(void *arg)
+{
+    fake_omp_member *m = (fake_omp_member *)arg;
+    fake_omp_num = m->num;
+    m->fn(m->data);
+    return NULL;
+}
+
+static void fake_gomp_parallel(void (*fn)(void *), void *data, unsigned n, unsigned flags)
+{
+    (void)flags;
+    __atomic_add_fetch(&fake_omp_regions, 1, __ATOMIC_RELAXED);
+    pthread_t threads[8];
+    fake_omp_member members[8];
+    if (n > 8) n = 8;
+    for (unsigned i = 1; i < n; i++) {
+        members[i] = (fake_omp_member){fn, data, (int)i};
+        pthread_create(&threads[i], NULL, fake_omp_thread, &members[i]);
+    }
+    fake_omp_num = 0;
+    fn(data);
+    for (unsigned i = 1; i < n; i++) pthread_join(threads[i], NULL);
+}
+
+static int fake_omp_thread_num(void) { return fake_omp_num; }
+
+/* Teams routed to a host's OpenMP runtime: only while the calling thread
+ * asks for it, at most the thread count it gives, every item claimed once. */
+static int pool_on_host(void)
+{
+    int ok = 1;
+    fa_pool_set_host_openmp(fake_gomp_parallel, fake_omp_thread_num);
+    const int64_t runs = fa_pool_host_runs();
+    const int regions = fake_omp_regions;
+    ok &= pool_run_once(4) && fa_pool_host_runs() == runs && fake_omp_regions == regions; /* not asked for */
+    ok &= fa_pool_host_calls(3) == 0;
+    ok &= pool_run_once(4) && pool_run_once(2) && pool_run_once(1);
+    ok &= fa_pool_host_runs() == runs + 2 && fake_omp_regions == regions + 2; /* teams of 1 stay home */
+    pool_work *w = (pool_work *)calloc(1, sizeof *w);
+    ok &= w && fa_parallel(6, pool_member, w) == 3 && w->ran == 3; /* capped at 3, all of them run */
+    free(w);
+    ok &= fa_pool_host_calls(0) == 3;
+    ok &= pool_run_once(4) && fa_pool_host_runs() == runs + 3;
+    fa_pool_set_host_openmp(NULL, NULL);
+    return ok;
+}
+
 static void check_pool(void)
 {
     int ok = 1;
@@ -793,10 +851,11 @@ static void check_pool(void)
     ok &= pool_run_once(3);
     ok &= pool_withdraws();
     fa_pool_set_spin(FA_POOL_SPIN_DEFAULT_NS);
+    ok &= pool_on_host();
     checks++;
     if (!ok) failures++;
     printf("%s thread pool: teams, concurrent callers, offers withdrawn from sleeping workers, jobs that wait for "
-           "each other (%d workers)\n",
+           "each other, teams on a host's OpenMP threads (%d workers)\n",
            ok ? "ok  " : "FAIL", fa_pool_workers());
 }
 
