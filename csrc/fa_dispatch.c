@@ -194,7 +194,9 @@ int fa_exp_f32(int path, const float *x, float *y, int64_t n)
 /* Split-KV: entries of one item each (decoding: a few query rows per head
  * against a long KV cache), when there are at most FA_SPLIT_MAX_ENTRIES of
  * them, have their keys split into chunks of at least FA_SPLIT_MIN_KEYS
- * keys, so that about FA_SPLIT_TARGET such items exist; entries of several
+ * keys (FA_SPLIT_MIN_KEYS / n for a bundle of n heads, whose keys carry n
+ * times the work; at least a key tile), so that about FA_SPLIT_TARGET such
+ * items exist; entries of several
  * items (prefill) give enough items of their own and are not split.  A
  * batch may mix both (continuous batching).  The split depends on the
  * problem only, never on the thread count, so results are bitwise
@@ -249,11 +251,14 @@ static int64_t fa_split_want(const fa_problem *p, const fa_tile_ops *ops, int ki
     return (FA_SPLIT_TARGET + single - 1) / single;
 }
 
-/* Key splits of entry e, given fa_split_want's `want`. */
-static int64_t fa_split_count(const fa_problem *p, const int64_t *e, int64_t want)
+/* Key splits of entry e, heading a bundle of n entries, given
+ * fa_split_want's `want`: each split has at least FA_SPLIT_MIN_KEYS keys'
+ * work (n heads per key in a bundle). */
+static int64_t fa_split_count(const fa_problem *p, const int64_t *e, int64_t n, int64_t want)
 {
     if (want <= 1 || p->group * e[FA_E_LQ] > FA_BQ) return 1;
-    return fa_max64(1, fa_min64(want, e[FA_E_LK] / FA_SPLIT_MIN_KEYS));
+    const int64_t min_keys = fa_max64(4 * FA_BK, FA_SPLIT_MIN_KEYS / n);
+    return fa_max64(1, fa_min64(want, e[FA_E_LK] / min_keys));
 }
 
 /* A page stride that starts every page at the same place within a vector
@@ -315,7 +320,7 @@ static int fa_run(const fa_problem *p, int kind)
     for (int64_t i = 0, n; i < p->n_entries; i += n) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
         n = fa_bundle_len(p, ops, kind, i);
-        n_items += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ * fa_split_count(p, e, want);
+        n_items += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ * fa_split_count(p, e, n, want);
     }
     if (n_items == 0) return FA_OK;
     if ((uint64_t)n_items > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
@@ -333,8 +338,8 @@ static int fa_run(const fa_problem *p, int kind)
     for (int64_t i = 0, n; i < p->n_entries; i += n) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
         const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq;
-        const int64_t nsplit = fa_split_count(p, e, want);
         n = fa_bundle_len(p, ops, kind, i);
+        const int64_t nsplit = fa_split_count(p, e, n, want);
         const int64_t chunk = fa_roundup64((lk + nsplit - 1) / nsplit, FA_BK);
         for (int64_t row0 = 0; row0 < rows; row0 += FA_BQ) {
             const int64_t bq = fa_min64(FA_BQ, rows - row0);

@@ -228,7 +228,7 @@ static int fa_gathers(const fa_problem *p, int kind)
  * read many times over, is gathered from its pages or strided rows into
  * `gather` (when fa_gathers: FA_BK rows of k, then of v) and read there. */
 static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const fa_item *it, void *const *w,
-                              char *slots, int64_t slot_bytes, char *gather)
+                              char *slots, int64_t slot_rows, int64_t slot_bytes, char *gather)
 {
     const int nb = it->bundle;
     const int64_t *e = p->entries + it->entry * FA_ENTRY_FIELDS; /* the bundle's first entry */
@@ -334,7 +334,7 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     }
     for (int b = 0; b < nb; b++) {
         if (it->part >= 0)
-            ops->store_partial(p, w[b], bq, slots + (it->part + (int64_t)b * it->nsplit) * slot_bytes);
+            ops->store_partial(p, w[b], bq, slot_rows, slots + (it->part + (int64_t)b * it->nsplit) * slot_bytes);
         else
             ops->store_rows(p, e + b * FA_ENTRY_FIELDS, w[b], row0, bq, softmax);
     }
@@ -389,7 +389,7 @@ typedef struct {
     const fa_problem *p;
     const fa_tile_ops *ops;
     const fa_item *items;
-    int64_t n_items, n_parts, slot_bytes;
+    int64_t n_items, n_parts, slot_rows, slot_bytes;
     char *slots;
     int32_t *splits_done; /* split-KV: splits finished, at the first slot of each entry's (bundle's) row block */
     int kind;
@@ -408,7 +408,8 @@ static void fa_merge_if_last(const fa_run *r, const fa_item *it, void *w)
     for (int b = 0; b < it->bundle; b++) {
         const int64_t *e = p->entries + (it->entry + b) * FA_ENTRY_FIELDS;
         const int64_t bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - it->row0);
-        r->ops->merge_rows(p, e, w, r->slots, first + (int64_t)b * it->nsplit, it->nsplit, it->row0, bq);
+        r->ops->merge_rows(p, e, w, r->slots, r->slot_rows, first + (int64_t)b * it->nsplit, it->nsplit, it->row0,
+                           bq);
     }
 }
 
@@ -443,7 +444,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
         const int64_t row0 = items[t].row0, bq = fa_min64(FA_BQ, p->group * e[FA_E_LQ] - row0);
         switch (kind) {
         case FA_KIND_ATTENTION:
-            fa_attention_item(p, ops, &items[t], w, r->slots, r->slot_bytes, gather);
+            fa_attention_item(p, ops, &items[t], w, r->slots, r->slot_rows, r->slot_bytes, gather);
             if (items[t].part >= 0) fa_merge_if_last(r, &items[t], w[0]);
             break;
         case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
@@ -460,11 +461,17 @@ int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_
                  int num_threads, const fa_tile_ops *ops)
 {
     if (n_items <= 0) return FA_OK;
-    /* a partial slot: FA_BQ rows of the accumulator, then the rows' max and sum */
-    fa_run r = {p, ops, items, n_items, n_parts, FA_BQ * (fa_roundup64(p->dv, ops->width) + 2) * ops->elem_bytes,
-                NULL, NULL, kind, FA_OK, 0};
+    fa_run r = {p, ops, items, n_items, n_parts, 0, 0, NULL, NULL, kind, FA_OK, 0};
     size_t slots_bytes = 0;
     if (n_parts > 0) {
+        /* a partial slot: as many rows as the largest split item has (a
+         * decoding head's few, not FA_BQ), then their max and sum */
+        for (int64_t t = 0; t < n_items; t++)
+            if (items[t].part >= 0) {
+                const int64_t *e = p->entries + items[t].entry * FA_ENTRY_FIELDS;
+                r.slot_rows = fa_max64(r.slot_rows, fa_min64(FA_BQ, p->group * e[FA_E_LQ] - items[t].row0));
+            }
+        r.slot_bytes = r.slot_rows * (fa_roundup64(p->dv, ops->width) + 2) * ops->elem_bytes;
         /* the partial slots, then a count of finished splits per slot */
         const uint64_t per_part = (uint64_t)r.slot_bytes + sizeof(int32_t);
         if ((uint64_t)n_parts > (uint64_t)SIZE_MAX / per_part) return FA_ERR_NOMEM;

@@ -53,11 +53,12 @@ typedef struct {
     void (*attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk);
     void (*store_rows)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int normalise);
     /* split-KV: an item's unnormalised rows and their max and sum into a
-     * slot (FA_BQ * (dv rounded up to `width`) + 2 FA_BQ elements), and the
-     * merge of an entry's nsplit slots, first .. first + nsplit - 1 */
-    void (*store_partial)(const fa_problem *p, void *w, int64_t bq, void *slot);
-    void (*merge_rows)(const fa_problem *p, const int64_t *e, void *w, const void *slots, int64_t first,
-                       int nsplit, int64_t row0, int64_t bq);
+     * slot of sr rows (sr * (dv rounded up to `width`) + 2 sr elements; bq
+     * <= sr <= FA_BQ), and the merge of an entry's nsplit slots, first ..
+     * first + nsplit - 1 */
+    void (*store_partial)(const fa_problem *p, void *w, int64_t bq, int64_t sr, void *slot);
+    void (*merge_rows)(const fa_problem *p, const int64_t *e, void *w, const void *slots, int64_t sr,
+                       int64_t first, int nsplit, int64_t row0, int64_t bq);
 
     /* scores: pack queries, then per key tile write the scores to out */
     void (*scores_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);

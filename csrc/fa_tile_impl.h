@@ -1362,30 +1362,30 @@ static void FN(store_rows)(const fa_problem *p, const int64_t *e, const FN(scrat
         FN(store_row)(p, e, row0 + r, w->o + r * w->dvp, w->rmax[r], w->rsum[r], normalise);
 }
 
-/* A partial slot: FA_BQ rows of the accumulator, then the rows' max and sum. */
-static inline int64_t FN(slot_size)(int64_t dvp) { return FA_BQ * (dvp + 2); }
+/* A partial slot: sr rows of the accumulator, then the rows' max and sum. */
+static inline int64_t FN(slot_size)(int64_t dvp, int64_t sr) { return sr * (dvp + 2); }
 
-static void FN(store_partial)(const FN(scratch) *w, int64_t bq, FA_T *slot)
+static void FN(store_partial)(const FN(scratch) *w, int64_t bq, int64_t sr, FA_T *slot)
 {
     memcpy(slot, w->o, (size_t)(bq * w->dvp) * sizeof(FA_T));
-    memcpy(slot + FA_BQ * w->dvp, w->rmax, (size_t)bq * sizeof(FA_T));
-    memcpy(slot + FA_BQ * (w->dvp + 1), w->rsum, (size_t)bq * sizeof(FA_T));
+    memcpy(slot + sr * w->dvp, w->rmax, (size_t)bq * sizeof(FA_T));
+    memcpy(slot + sr * (w->dvp + 1), w->rsum, (size_t)bq * sizeof(FA_T));
 }
 
 /* Merge the nsplit partial results of rows [row0, row0 + bq) of an entry
  * (slots first .. first + nsplit - 1, in key order) and write the output:
  * with M the largest partial max, the softmax sum is sum_s l_s exp(m_s - M)
  * and the output sum_s exp(m_s - M) o_s over that sum.  Dot weights add. */
-static void FN(merge_partials)(const fa_problem *p, const int64_t *e, const FA_T *slots, int64_t first,
-                               int nsplit, int64_t row0, int64_t bq, int64_t dvp, FA_T *acc)
+static void FN(merge_partials)(const fa_problem *p, const int64_t *e, const FA_T *slots, int64_t sr,
+                               int64_t first, int nsplit, int64_t row0, int64_t bq, int64_t dvp, FA_T *acc)
 {
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
-    const int64_t size = FN(slot_size)(dvp);
+    const int64_t size = FN(slot_size)(dvp, sr);
     for (int64_t r = 0; r < bq; r++) {
         FA_T m = (FA_T)-INFINITY, l = 0;
         if (softmax)
             for (int s = 0; s < nsplit; s++) {
-                const FA_T ms = slots[(first + s) * size + FA_BQ * dvp + r];
+                const FA_T ms = slots[(first + s) * size + sr * dvp + r];
                 if (ms > m) m = ms;
             }
         for (int64_t c = 0; c < dvp; c++) acc[c] = 0;
@@ -1393,10 +1393,10 @@ static void FN(merge_partials)(const fa_problem *p, const int64_t *e, const FA_T
             const FA_T *slot = slots + (first + s) * size;
             FA_T f = 1;
             if (softmax) {
-                const FA_T ms = slot[FA_BQ * dvp + r];
+                const FA_T ms = slot[sr * dvp + r];
                 if (ms == (FA_T)-INFINITY) continue; /* this split saw no key of the row */
                 f = (FA_T)exp((double)(ms - m));
-                l += f * slot[FA_BQ * (dvp + 1) + r];
+                l += f * slot[sr * (dvp + 1) + r];
             }
             for (int64_t c = 0; c < dvp; c++) acc[c] += f * slot[r * dvp + c];
         }
@@ -1498,17 +1498,17 @@ void FA_OP(store_rows)(const fa_problem *p, const int64_t *e, void *w, int64_t r
     FN(store_rows)(p, e, (FN(scratch) *)w, row0, bq, normalise);
 }
 
-void FA_OP(store_partial)(const fa_problem *p, void *w, int64_t bq, void *slot)
+void FA_OP(store_partial)(const fa_problem *p, void *w, int64_t bq, int64_t sr, void *slot)
 {
     FN(unshift_rows)((FN(scratch) *)w, bq, p->dv);
-    FN(store_partial)((FN(scratch) *)w, bq, (FA_T *)slot);
+    FN(store_partial)((FN(scratch) *)w, bq, sr, (FA_T *)slot);
 }
 
-void FA_OP(merge_rows)(const fa_problem *p, const int64_t *e, void *w, const void *slots, int64_t first, int nsplit,
-                       int64_t row0, int64_t bq)
+void FA_OP(merge_rows)(const fa_problem *p, const int64_t *e, void *w, const void *slots, int64_t sr, int64_t first,
+                       int nsplit, int64_t row0, int64_t bq)
 {
     FN(scratch) *s = (FN(scratch) *)w;
-    FN(merge_partials)(p, e, (const FA_T *)slots, first, nsplit, row0, bq, s->dvp, s->o);
+    FN(merge_partials)(p, e, (const FA_T *)slots, sr, first, nsplit, row0, bq, s->dvp, s->o);
 }
 
 void FA_OP(scores_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq)
