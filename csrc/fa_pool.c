@@ -24,6 +24,12 @@ int64_t fa_team_next(int64_t *counter, int64_t chunk, int64_t n)
 
 static int64_t fa_spin_ns = FA_POOL_SPIN_DEFAULT_NS;
 
+/* The host's OpenMP runtime (fa_pool_set_host_openmp). */
+static fa_omp_parallel fa_host_parallel;
+static fa_omp_thread_num fa_host_thread_num;
+static _Thread_local int fa_host_threads; /* 0: this thread's teams run on the pool */
+static int64_t fa_host_runs;
+
 void fa_pool_set_spin(int64_t ns) { __atomic_store_n(&fa_spin_ns, ns < 0 ? 0 : ns, __ATOMIC_RELAXED); }
 int64_t fa_pool_get_spin(void) { return __atomic_load_n(&fa_spin_ns, __ATOMIC_RELAXED); }
 
@@ -39,6 +45,7 @@ static int fa_own_parallel(int want, fa_team_fn fn, void *arg)
 
 int fa_pool_threaded(void) { return 0; }
 int64_t fa_pool_withdrawn(void) { return 0; }
+static void fa_pool_watch_fork(void) {}
 int fa_pool_workers(void) { return 0; }
 int fa_pool_sleeping(void) { return 0; }
 
@@ -98,16 +105,21 @@ static pthread_mutex_t fa_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t fa_blas_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t fa_pool_once = PTHREAD_ONCE_INIT;
 
-/* A forked child has only the thread that forked: its pool starts empty. */
+/* A forked child has only the thread that forked: its pool starts empty,
+ * and its teams stay off the host's OpenMP runtime (GNU's cannot run a
+ * parallel region in a child forked after it ran one: it hangs). */
 static void fa_pool_after_fork_child(void)
 {
     memset(fa_workers, 0, sizeof fa_workers);
     fa_n_workers = 0;
     pthread_mutex_init(&fa_pool_lock, NULL);
     pthread_mutex_init(&fa_blas_lock, NULL);
+    fa_host_parallel = NULL;
+    fa_host_thread_num = NULL;
 }
 
 static void fa_pool_init(void) { pthread_atfork(NULL, NULL, fa_pool_after_fork_child); }
+static void fa_pool_watch_fork(void) { pthread_once(&fa_pool_once, fa_pool_init); }
 
 /* The next team of worker w: spin for the pool's spin time, then sleep. */
 static fa_team *fa_wait_team(fa_worker *w)
@@ -346,14 +358,11 @@ fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int 
 
 /* ---- teams on the host's OpenMP threads ---------------------------------- */
 
-static fa_omp_parallel fa_host_parallel;
-static fa_omp_thread_num fa_host_thread_num;
-static _Thread_local int fa_host_threads; /* 0: this thread's teams run on the pool */
-static int64_t fa_host_runs;
 
 void fa_pool_set_host_openmp(fa_omp_parallel parallel, fa_omp_thread_num thread_num)
 {
     if (!parallel || !thread_num) parallel = NULL, thread_num = NULL;
+    fa_pool_watch_fork();
     __atomic_store_n(&fa_host_thread_num, thread_num, __ATOMIC_RELEASE);
     __atomic_store_n(&fa_host_parallel, parallel, __ATOMIC_RELEASE);
 }

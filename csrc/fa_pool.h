@@ -85,7 +85,9 @@ int64_t fa_pool_blas_runs(void);
  * most n threads each (the host's own thread count), 0 back to the pool; it
  * returns the previous setting.  A team there has exactly min(want, n)
  * members, or runs on member 0 alone where the runtime gives a nested
- * region one thread.  fa_pool_host_runs counts the teams run there. */
+ * region one thread.  A child process forked after this call runs its
+ * teams on the pool (GNU's runtime hangs in a region started in a child
+ * forked after it ran one).  fa_pool_host_runs counts the teams run there. */
 typedef void (*fa_omp_parallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
 typedef int (*fa_omp_thread_num)(void);
 void fa_pool_set_host_openmp(fa_omp_parallel parallel, fa_omp_thread_num thread_num);

@@ -196,3 +196,32 @@ def test_torch_calls_run_on_torchs_openmp_threads():
         ft.share_threads(True)
         fastattn.set_num_threads(threads)
         torch.set_num_threads(torch_threads)
+
+
+def test_torch_calls_in_a_forked_child_run_on_the_pool():
+    """A child forked after fastattn.torch ran on torch's OpenMP threads runs
+    its calls on its own pool (GNU's OpenMP hangs in a region started in
+    such a child), with the parent's results."""
+    torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch does not run its parallel work on OpenMP")
+    out = _run(
+        """
+        import os, numpy as np, torch, fastattn, fastattn.torch as ft
+        from fastattn import _core
+        fastattn.set_num_threads(2)
+        torch.set_num_threads(2)
+        q = torch.randn(1, 8, 400, 64, generator=torch.Generator().manual_seed(3))
+        expected = ft.scaled_dot_product_attention(q, q, q)
+        assert _core.host_runs() > 0 and ft.share_threads(True)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            runs = _core.host_runs()
+            same = np.array_equal(ft.scaled_dot_product_attention(q, q, q).numpy(), expected.numpy())
+            os.write(write, f"{int(same)} {_core.host_runs() - runs}".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(read, 100).decode())
+        """, timeout=60)
+    assert out.split() == ["1", "0"]
