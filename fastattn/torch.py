@@ -125,7 +125,8 @@ def _as_numpy(t):
     """A numpy view of a CPU tensor's memory (no copy); None and a BlockMask stay."""
     if t is None or isinstance(t, _masks.BlockMask):
         return t
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:  # numpy's bfloat16 is ml_dtypes': the same bits
         return t.view(torch.int16).numpy().view(_api.BFLOAT16)
     return t.numpy()
