@@ -389,8 +389,11 @@ int fa_parallel(int want, fa_team_fn fn, void *arg)
     const fa_omp_parallel host = fa_host_threads ? __atomic_load_n(&fa_host_parallel, __ATOMIC_ACQUIRE) : NULL;
     if (host && want > fa_host_threads) want = fa_host_threads;
     if (!host || want <= 1) return fa_own_parallel(want, fn, arg);
+    /* The region has all the host's threads, members past `want` idle: a
+     * smaller one would make GNU's runtime end its surplus threads, and
+     * the host's next region start them again. */
     fa_team t = {fn, arg, want, 0};
-    host(fa_host_member, &t, (unsigned)want, 0);
+    host(fa_host_member, &t, (unsigned)fa_host_threads, 0);
     __atomic_add_fetch(&fa_host_runs, 1, __ATOMIC_RELAXED);
     return want;
 }

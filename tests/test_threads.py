@@ -225,3 +225,40 @@ def test_torch_calls_in_a_forked_child_run_on_the_pool():
         print(os.read(read, 100).decode())
         """, timeout=60)
     assert out.split() == ["1", "0"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux's /proc")
+def test_torch_threads_survive_smaller_fastattn_teams():
+    """A fastattn.torch call that needs fewer threads than torch has (2
+    work items, torch at 4 threads) leaves torch's OpenMP threads as they
+    were: GNU's runtime ends the threads a smaller region leaves out, and
+    torch's next operation would start new ones."""
+    torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
+    import fastattn.torch as ft
+    from fastattn import _config, _core
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not ft.share_threads(True):
+        pytest.skip("this torch does not run its parallel work on OpenMP")
+    threads, torch_threads = _config._num_threads, torch.get_num_threads()
+    fastattn.set_num_threads(4)
+    torch.set_num_threads(4)
+    try:
+        x = torch.ones(1 << 22)
+        q = torch.randn(1, 1, 128, 64)
+
+        def torch_op():
+            x.mul_(1.0)  # parallel over torch's 4 threads
+
+        torch_op()
+        ft.scaled_dot_product_attention(q, q, q)  # fastattn's pool and scratch exist from here on
+        torch_op()
+        before = set(os.listdir("/proc/self/task"))
+        runs = _core.host_runs()
+        for _ in range(3):
+            ft.scaled_dot_product_attention(q, q, q)
+            torch_op()
+        assert _core.host_runs() == runs + 3
+        assert set(os.listdir("/proc/self/task")) == before
+    finally:
+        fastattn.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)

@@ -782,6 +782,7 @@ static int blas_run(int numjobs, int servers, int max_threads, int first)
  * one of them), each knowing its number. */
 static _Thread_local int fake_omp_num;
 static int fake_omp_regions;
+static unsigned fake_omp_last; /* threads of the last region */
 typedef struct {
     void (*fn)(void *);
     void *data;
@@ -800,6 +801,7 @@ static void fake_gomp_parallel(void (*fn)(void *), void *data, unsigned n, unsig
 {
     (void)flags;
     __atomic_add_fetch(&fake_omp_regions, 1, __ATOMIC_RELAXED);
+    fake_omp_last = n;
     pthread_t threads[8];
     fake_omp_member members[8];
     if (n > 8) n = 8;
@@ -826,6 +828,7 @@ static int pool_on_host(void)
     ok &= fa_pool_host_calls(3) == 0;
     ok &= pool_run_once(4) && pool_run_once(2) && pool_run_once(1);
     ok &= fa_pool_host_runs() == runs + 2 && fake_omp_regions == regions + 2; /* teams of 1 stay home */
+    ok &= fake_omp_last == 3; /* a team of 2 in a region of all 3 host threads */
     pool_work *w = (pool_work *)calloc(1, sizeof *w);
     ok &= w && fa_parallel(6, pool_member, w) == 3 && w->ran == 3; /* capped at 3, all of them run */
     free(w);
