@@ -358,7 +358,6 @@ fa_blas_callback fa_pool_blas_callback(int slot, const int *server_threads, int 
 
 /* ---- teams on the host's OpenMP threads ---------------------------------- */
 
-
 void fa_pool_set_host_openmp(fa_omp_parallel parallel, fa_omp_thread_num thread_num)
 {
     if (!parallel || !thread_num) parallel = NULL, thread_num = NULL;
@@ -376,24 +375,33 @@ int fa_pool_host_calls(int max_threads)
 
 int64_t fa_pool_host_runs(void) { return __atomic_load_n(&fa_host_runs, __ATOMIC_RELAXED); }
 
+/* A team in a host region, with the runtime it started on (the runtime
+ * may be changed meanwhile). */
+typedef struct {
+    fa_team team;
+    fa_omp_thread_num thread_num;
+} fa_host_team;
+
 static void fa_host_member(void *data)
 {
-    fa_team *t = (fa_team *)data;
-    const int member = __atomic_load_n(&fa_host_thread_num, __ATOMIC_ACQUIRE)();
+    fa_host_team *h = (fa_host_team *)data;
+    const int member = h->thread_num();
     /* a region nested in another one runs on one thread: member 0 */
-    if (member >= 0 && member < t->size) t->fn(t->arg, t, member);
+    if (member >= 0 && member < h->team.size) h->team.fn(h->team.arg, &h->team, member);
 }
 
 int fa_parallel(int want, fa_team_fn fn, void *arg)
 {
     const fa_omp_parallel host = fa_host_threads ? __atomic_load_n(&fa_host_parallel, __ATOMIC_ACQUIRE) : NULL;
-    if (host && want > fa_host_threads) want = fa_host_threads;
-    if (!host || want <= 1) return fa_own_parallel(want, fn, arg);
+    /* (read after host: cleared first, so a runtime being unset gives NULL) */
+    const fa_omp_thread_num thread_num = host ? __atomic_load_n(&fa_host_thread_num, __ATOMIC_ACQUIRE) : NULL;
+    if (thread_num && want > fa_host_threads) want = fa_host_threads;
+    if (!thread_num || want <= 1) return fa_own_parallel(want, fn, arg);
     /* The region has all the host's threads, members past `want` idle: a
      * smaller one would make GNU's runtime end its surplus threads, and
      * the host's next region start them again. */
-    fa_team t = {fn, arg, want, 0};
-    host(fa_host_member, &t, (unsigned)fa_host_threads, 0);
+    fa_host_team h = {{fn, arg, want, 0}, thread_num};
+    host(fa_host_member, &h, (unsigned)fa_host_threads, 0);
     __atomic_add_fetch(&fa_host_runs, 1, __ATOMIC_RELAXED);
     return want;
 }
