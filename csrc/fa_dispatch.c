@@ -195,12 +195,11 @@ int fa_exp_f32(int path, const float *x, float *y, int64_t n)
  * against a long KV cache), when there are at most FA_SPLIT_MAX_ENTRIES of
  * them, have their keys split into chunks of at least FA_SPLIT_MIN_KEYS
  * keys (FA_SPLIT_MIN_KEYS / n for a bundle of n heads, whose keys carry n
- * times the work; at least a key tile), so that about FA_SPLIT_TARGET such
- * items exist; entries of several
- * items (prefill) give enough items of their own and are not split.  A
- * batch may mix both (continuous batching).  The split depends on the
- * problem only, never on the thread count, so results are bitwise
- * identical for any number of threads. */
+ * times the work; at least four key tiles), so that about FA_SPLIT_TARGET
+ * such items exist; entries of several items (prefill) give enough items
+ * of their own and are not split.  A batch may mix both (continuous
+ * batching).  The split depends on the problem only, never on the thread
+ * count, so results are bitwise identical for any number of threads. */
 #define FA_SPLIT_MAX_ENTRIES 64
 #define FA_SPLIT_TARGET 64
 #define FA_SPLIT_MIN_KEYS 1024
