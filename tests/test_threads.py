@@ -162,12 +162,10 @@ def test_torch_calls_run_on_torchs_openmp_threads():
     share_threads(False) stay on the pool; the results are the same."""
     torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
     import fastattn.torch as ft
-    from fastattn import _core
+    from fastattn import _config, _core
 
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("this torch does not run its parallel work on OpenMP")
-    from fastattn import _config
-
     threads, torch_threads = _config._num_threads, torch.get_num_threads()
     fastattn.set_num_threads(2)
     torch.set_num_threads(2)
