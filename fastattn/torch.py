@@ -165,11 +165,13 @@ def _options(is_causal, scale, window_left, window_right, softcap, bottom_right,
 
 @_on_torch_threads
 def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                    bottom_right, sinks=None):
-    out, lse = _api.attention(*(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask),
-                              return_lse=True,
-                              **_options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks))
-    return _as_tensor(out), _as_tensor(lse)
+                    bottom_right, sinks=None, return_lse=True):
+    res = _api.attention(*(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask),
+                         return_lse=return_lse,
+                         **_options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks))
+    if not return_lse:
+        return _as_tensor(res), None
+    return _as_tensor(res[0]), _as_tensor(res[1])
 
 
 @torch.library.custom_op("fastattn::attention", mutates_args=(), device_types="cpu")
@@ -221,13 +223,14 @@ def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, i
 
 
 def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
-              bottom_right=False, sinks=None):
+              bottom_right=False, sinks=None, *, need_lse=True):
     """``torch.ops.fastattn.attention`` (out, lse), called directly where no
     operator is needed: when torch.compile traces, or when a gradient may be
     needed, the call goes through the operator (its fake implementation and
     its autograd formula); otherwise straight to fastattn, which saves the
     dispatcher's ~0.1 ms per call (decoding calls attention once per layer
-    and token)."""
+    and token).  With need_lse=False a direct call does not compute the
+    log-sum-exp and returns (out, None)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             query.requires_grad or key.requires_grad or value.requires_grad)):
         if isinstance(attn_mask, _masks.BlockMask):  # the operator takes tensors: the mask, classified per call
@@ -235,7 +238,7 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
         return torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
                                             window_right, softcap, bottom_right, sinks)
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                           bottom_right, sinks)
+                           bottom_right, sinks, need_lse)
 
 
 def _setup_context(ctx, inputs, output):
@@ -303,7 +306,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # the grouped-query rule itself (H a multiple of G) is fastattn's own, checked by attention()
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
-    return attention(query, key, value, attn_mask, bool(is_causal), float(scale))[0]
+    return attention(query, key, value, attn_mask, bool(is_causal), float(scale), need_lse=False)[0]
 
 
 def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

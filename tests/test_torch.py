@@ -237,6 +237,21 @@ def test_sinks_through_the_operator_forward_and_gradcheck():
                                     (q, k, v))
 
 
+def test_direct_call_without_lse():
+    """need_lse=False (what the transformers front end asks for): the same
+    output, no log-sum-exp on the direct path; the operator path (a
+    gradient needed) still gives it."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 4, 37, 16, generator=g) for _ in range(3))
+    out, lse = ft.attention(q, k, v, None, True, 0.25)
+    out2, none = ft.attention(q, k, v, None, True, 0.25, need_lse=False)
+    assert none is None and lse.shape == (1, 4, 37)
+    assert torch.equal(out, out2)
+    qg = q.clone().requires_grad_()
+    out3, lse3 = ft.attention(qg, k, v, None, True, 0.25, need_lse=False)
+    assert torch.equal(out3.detach(), out) and torch.equal(lse3, lse)
+
+
 def test_block_mask_as_attn_mask():
     """A fastattn.BlockMask as attn_mask: its table without gradients, its
     mask through the operator with them; both as torch with the bool mask."""
