@@ -147,6 +147,7 @@ def show_config(file=None):
         f"  thread pool     {'POSIX threads' if _core.pool_threaded() else 'none (serial build)'}; "
         f"{pool['workers']} workers started, idle workers spin {pool['spin_time'] * 1e6:g} us",
         f"  OpenBLAS shared {', '.join(pool['blas_shared']) or 'none'}",
+        f"  torch's threads {pool['torch_openmp'] or 'not used'}",
         f"  kernel path     {get_isa()} (FASTATTN_ISA={os.environ.get('FASTATTN_ISA', 'unset')})",
         "  paths of this build (architecture; CPU features needed; runs on this CPU):",
     ]

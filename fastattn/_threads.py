@@ -101,6 +101,7 @@ def _openblas_libraries():
 
 
 _OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # GCC's, Intel's and LLVM's
+_host_openmp = None  # the OpenMP runtime fastattn.torch's calls run on (fastattn.torch.share_threads)
 
 
 def _openmp_runtime(prefer=None):
@@ -165,13 +166,18 @@ def thread_pool_info():
     dict
         ``workers`` (threads started so far, besides the callers),
         ``sleeping`` (of those, asleep now), ``spin_time`` (seconds an idle
-        worker spins before sleeping) and ``blas_shared`` (paths of the
-        OpenBLAS libraries whose threaded work runs on this pool) and
-        ``blas_runs`` (sets of OpenBLAS jobs it has run).
+        worker spins before sleeping), ``blas_shared`` (paths of the
+        OpenBLAS libraries whose threaded work runs on this pool),
+        ``blas_runs`` (sets of OpenBLAS jobs it has run), ``torch_openmp``
+        (path of the OpenMP runtime on whose threads calls through
+        ``fastattn.torch`` run, or None: see
+        :func:`fastattn.torch.share_threads`) and ``torch_runs`` (calls
+        run there so far).
     """
     workers, sleeping = _core.pool_workers()
     return {"workers": workers, "sleeping": sleeping, "spin_time": get_spin_time(),
-            "blas_shared": sorted(_shared), "blas_runs": _core.blas_runs()}
+            "blas_shared": sorted(_shared), "blas_runs": _core.blas_runs(), "torch_openmp": _host_openmp,
+            "torch_runs": _core.host_runs()}
 
 
 def _register_with_threadpoolctl():

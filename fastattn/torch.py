@@ -81,7 +81,7 @@ def share_threads(enable=True):
     if enable and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         found = _threads._openmp_runtime(prefer=os.path.dirname(torch.__file__))
     _core.set_host_openmp(*(found[1:] if found else (0, 0)))
-    _torch_openmp = found[0] if found else None
+    _torch_openmp = _threads._host_openmp = found[0] if found else None
     return _torch_openmp
 
 

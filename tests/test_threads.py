@@ -170,7 +170,8 @@ def test_torch_calls_run_on_torchs_openmp_threads():
     fastattn.set_num_threads(2)
     torch.set_num_threads(2)
     try:
-        assert ft.share_threads(True) is not None
+        runtime = ft.share_threads(True)
+        assert runtime is not None and fastattn.thread_pool_info()["torch_openmp"] == runtime
         g = torch.Generator().manual_seed(7)
         q, k, v = (torch.randn(1, 4, 300, 32, generator=g) for _ in range(3))
         runs = _core.host_runs()
@@ -183,8 +184,9 @@ def test_torch_calls_run_on_torchs_openmp_threads():
         qg = q.clone().requires_grad_()
         ft.scaled_dot_product_attention(qg, k, v, is_causal=True).sum().backward()
         assert _core.host_runs() > runs
-        assert ft.share_threads(False) is None
-        runs = _core.host_runs()
+        assert ft.share_threads(False) is None and fastattn.thread_pool_info()["torch_openmp"] is None
+        runs = fastattn.thread_pool_info()["torch_runs"]
+        assert runs == _core.host_runs()
         assert np.array_equal(ft.scaled_dot_product_attention(q, k, v, is_causal=True).numpy(), ref)
         qg2 = q.clone().requires_grad_()
         ft.scaled_dot_product_attention(qg2, k, v, is_causal=True).sum().backward()
