@@ -524,7 +524,6 @@ static void FN(qk_rows)(int64_t bq, int64_t d, int64_t off, const FA_T *qr, int6
     }
 }
 
-
 /* qk_rows for K rows of a narrow kind h (FA_RK_NARROW) that fill nvec whole
  * vectors (no lead, no masks; qr as pack_q lays it out with qoff 0), from
  * one query row on: every row count sweeps the rows together (qk_rows_rk),

@@ -42,7 +42,6 @@ from fastattn import _api, _core, _masks, _threads, _validate
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _original_sdpa = F.scaled_dot_product_attention
-_torch_openmp = None  # path of the OpenMP runtime whose threads this module's calls run on
 
 
 def share_threads(enable=True):
@@ -74,15 +73,14 @@ def share_threads(enable=True):
     str or None
         Path of the OpenMP runtime the calls run on, None for the pool.
     """
-    global _torch_openmp
     if not isinstance(enable, bool):
         raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
     found = None
     if enable and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         found = _threads._openmp_runtime(prefer=os.path.dirname(torch.__file__))
     _core.set_host_openmp(*(found[1:] if found else (0, 0)))
-    _torch_openmp = _threads._host_openmp = found[0] if found else None
-    return _torch_openmp
+    _threads._host_openmp = found[0] if found else None
+    return _threads._host_openmp
 
 
 def _on_torch_threads(fn):
@@ -90,7 +88,7 @@ def _on_torch_threads(fn):
     share_threads has found them."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if _torch_openmp is None:
+        if _threads._host_openmp is None:
             return fn(*args, **kwargs)
         was = _core.host_calls(torch.get_num_threads())
         try:

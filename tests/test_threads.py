@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import reference
+from fastattn import _core, reference
 
 from util import assert_close, randn
 
@@ -156,55 +156,59 @@ def test_forked_child_runs_threaded():
     assert min(fresh for fresh, _, _ in rows) == 0  # a child's pool starts empty
 
 
-def test_torch_calls_run_on_torchs_openmp_threads():
+@pytest.fixture
+def torch_openmp():
+    """(torch, fastattn.torch) where torch runs its parallel work on OpenMP
+    (skipped otherwise); afterwards fastattn.torch's calls go back to
+    torch's threads and both thread counts are restored."""
+    torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
+    import fastattn.torch as ft
+    from fastattn import _config
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not ft.share_threads(True):
+        pytest.skip("this torch does not run its parallel work on OpenMP")
+    threads, torch_threads = _config._num_threads, torch.get_num_threads()
+    yield torch, ft
+    ft.share_threads(True)
+    fastattn.set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
+
+
+def test_torch_calls_run_on_torchs_openmp_threads(torch_openmp):
     """Calls through fastattn.torch run their teams on torch's OpenMP
     threads (counted by the pool), forward and backward; numpy calls and
     share_threads(False) stay on the pool; the results are the same."""
-    torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
-    import fastattn.torch as ft
-    from fastattn import _config, _core
-
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        pytest.skip("this torch does not run its parallel work on OpenMP")
-    threads, torch_threads = _config._num_threads, torch.get_num_threads()
+    torch, ft = torch_openmp
     fastattn.set_num_threads(2)
     torch.set_num_threads(2)
-    try:
-        runtime = ft.share_threads(True)
-        assert runtime is not None and fastattn.thread_pool_info()["torch_openmp"] == runtime
-        g = torch.Generator().manual_seed(7)
-        q, k, v = (torch.randn(1, 4, 300, 32, generator=g) for _ in range(3))
-        runs = _core.host_runs()
-        out = ft.scaled_dot_product_attention(q, k, v, is_causal=True)
-        assert _core.host_runs() > runs
-        runs = _core.host_runs()
-        ref = fastattn.attention(q.numpy(), k.numpy(), v.numpy(), causal=True, align="top-left")
-        assert _core.host_runs() == runs
-        assert np.array_equal(out.numpy(), ref)
-        qg = q.clone().requires_grad_()
-        ft.scaled_dot_product_attention(qg, k, v, is_causal=True).sum().backward()
-        assert _core.host_runs() > runs
-        assert ft.share_threads(False) is None and fastattn.thread_pool_info()["torch_openmp"] is None
-        runs = fastattn.thread_pool_info()["torch_runs"]
-        assert runs == _core.host_runs()
-        assert np.array_equal(ft.scaled_dot_product_attention(q, k, v, is_causal=True).numpy(), ref)
-        qg2 = q.clone().requires_grad_()
-        ft.scaled_dot_product_attention(qg2, k, v, is_causal=True).sum().backward()
-        assert _core.host_runs() == runs
-        assert np.array_equal(qg.grad.numpy(), qg2.grad.numpy())
-    finally:
-        ft.share_threads(True)
-        fastattn.set_num_threads(threads)
-        torch.set_num_threads(torch_threads)
+    runtime = ft.share_threads(True)
+    assert runtime is not None and fastattn.thread_pool_info()["torch_openmp"] == runtime
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 4, 300, 32, generator=g) for _ in range(3))
+    runs = _core.host_runs()
+    out = ft.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert _core.host_runs() > runs
+    runs = _core.host_runs()
+    ref = fastattn.attention(q.numpy(), k.numpy(), v.numpy(), causal=True, align="top-left")
+    assert _core.host_runs() == runs
+    assert np.array_equal(out.numpy(), ref)
+    qg = q.clone().requires_grad_()
+    ft.scaled_dot_product_attention(qg, k, v, is_causal=True).sum().backward()
+    assert _core.host_runs() > runs
+    assert ft.share_threads(False) is None and fastattn.thread_pool_info()["torch_openmp"] is None
+    runs = fastattn.thread_pool_info()["torch_runs"]
+    assert runs == _core.host_runs()
+    assert np.array_equal(ft.scaled_dot_product_attention(q, k, v, is_causal=True).numpy(), ref)
+    qg2 = q.clone().requires_grad_()
+    ft.scaled_dot_product_attention(qg2, k, v, is_causal=True).sum().backward()
+    assert _core.host_runs() == runs
+    assert np.array_equal(qg.grad.numpy(), qg2.grad.numpy())
 
 
-def test_torch_calls_in_a_forked_child_run_on_the_pool():
+def test_torch_calls_in_a_forked_child_run_on_the_pool(torch_openmp):
     """A child forked after fastattn.torch ran on torch's OpenMP threads runs
     its calls on its own pool (GNU's OpenMP hangs in a region started in
     such a child), with the parent's results."""
-    torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        pytest.skip("this torch does not run its parallel work on OpenMP")
     out = _run(
         """
         import os, numpy as np, torch, fastattn, fastattn.torch as ft
@@ -228,37 +232,27 @@ def test_torch_calls_in_a_forked_child_run_on_the_pool():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux's /proc")
-def test_torch_threads_survive_smaller_fastattn_teams():
+def test_torch_threads_survive_smaller_fastattn_teams(torch_openmp):
     """A fastattn.torch call that needs fewer threads than torch has (2
     work items, torch at 4 threads) leaves torch's OpenMP threads as they
     were: GNU's runtime ends the threads a smaller region leaves out, and
     torch's next operation would start new ones."""
-    torch = pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[torch]')")
-    import fastattn.torch as ft
-    from fastattn import _config, _core
-
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not ft.share_threads(True):
-        pytest.skip("this torch does not run its parallel work on OpenMP")
-    threads, torch_threads = _config._num_threads, torch.get_num_threads()
+    torch, ft = torch_openmp
     fastattn.set_num_threads(4)
     torch.set_num_threads(4)
-    try:
-        x = torch.ones(1 << 22)
-        q = torch.randn(1, 1, 128, 64)
+    x = torch.ones(1 << 22)
+    q = torch.randn(1, 1, 128, 64)
 
-        def torch_op():
-            x.mul_(1.0)  # parallel over torch's 4 threads
+    def torch_op():
+        x.mul_(1.0)  # parallel over torch's 4 threads
 
+    torch_op()
+    ft.scaled_dot_product_attention(q, q, q)  # fastattn's pool and scratch exist from here on
+    torch_op()
+    before = set(os.listdir("/proc/self/task"))
+    runs = _core.host_runs()
+    for _ in range(3):
+        ft.scaled_dot_product_attention(q, q, q)
         torch_op()
-        ft.scaled_dot_product_attention(q, q, q)  # fastattn's pool and scratch exist from here on
-        torch_op()
-        before = set(os.listdir("/proc/self/task"))
-        runs = _core.host_runs()
-        for _ in range(3):
-            ft.scaled_dot_product_attention(q, q, q)
-            torch_op()
-        assert _core.host_runs() == runs + 3
-        assert set(os.listdir("/proc/self/task")) == before
-    finally:
-        fastattn.set_num_threads(threads)
-        torch.set_num_threads(torch_threads)
+    assert _core.host_runs() == runs + 3
+    assert set(os.listdir("/proc/self/task")) == before
