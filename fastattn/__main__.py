@@ -163,6 +163,13 @@ def bench_job(args):
                       f"heads over {kv} kv heads, random weights), float32, batch 1, greedy generate(), median of "
                       f"{args.repeat}; attention = time inside the attention functions; decode = generate(128) "
                       "less the prefill", _bench.format_transformers(rows), transformers=rows)
+    if args.calls:
+        rows = _bench.run_calls(threads, repeat=args.repeat, progress=progress)
+        return report(args, threads, f"time per call of small float32 attention calls (every query sees every key), median of "
+                      f"{args.repeat} loops of 200 calls; numpy = fastattn.attention on numpy arrays, fa.torch sdpa "
+                      "= fastattn.torch.scaled_dot_product_attention, hf = the attention function of "
+                      "transformers' attn_implementation (q (B, H, L, D) in, (B, L, H, D) out)",
+                      _bench.format_calls(rows), calls=rows)
     if args.half:
         rows = _bench.run_half(threads, repeat=args.repeat, progress=progress)
         return report(args, threads, "half-precision storage vs float32, same data, same run, median of "
@@ -237,6 +244,8 @@ def parse_args(argv):
     bench.add_argument("--paged", action="store_true",
                        help="paged KV cache decode against contiguous decode, and a mixed prefill/decode batch "
                             "against torch")
+    bench.add_argument("--calls", action="store_true",
+                       help="time per call of small calls (numpy, fastattn.torch, transformers vs torch)")
     bench.add_argument("--transformers", action="store_true",
                        help="prefill (2048 tokens) and decode (128) of a small Llama-style transformers model, "
                             "sdpa vs fastattn; needs transformers")

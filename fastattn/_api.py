@@ -78,13 +78,55 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
         A query row with no visible key gives zeros.  With return_lse,
         the pair ``(out, lse)``.
     """
+    return attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, return_lse,
+                             align, out, num_threads)[0]
+
+
+# Calls of plain arrays (no mask, slopes, sinks or out; q, k and v of one
+# dtype) by their layouts and options: the problem the first such call ran
+# (validated and built by it), on no arrays, and its results' shapes and
+# dtypes.  A model calls attention with the same layouts every layer and
+# every decoding step; rerunning the problem on the call's arrays takes a
+# fraction of the checks' time, which is most of a small call's.
+_PLANNED_MAX = 256
+_planned = {}
+
+
+def attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, return_lse, align,
+                      out, num_threads):
+    """attention() (its arguments in order), and the problem it ran, on no
+    arrays, if it is one a later call of the same layouts and options may
+    rerun on its own arrays (Problem.rebased; see _problem.attention), else
+    None: (result, template)."""
+    key = None
+    if (mask is None and alibi_slopes is None and sinks is None and out is None and type(q) is np.ndarray
+            and type(k) is np.ndarray and type(v) is np.ndarray):
+        # each option with its type, so that one refused for its type is never served from an accepted one
+        key = (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype,
+               *((type(o), o) for o in (scale, causal, weights, window, softcap, return_lse, align)),
+               _config.path_index())
+        try:
+            hit = _planned.get(key)
+        except TypeError:  # an unhashable option (a window given as a list): checked every time
+            key = hit = None
+        if hit is not None:
+            template, out_shape, out_dtype, lse_shape, lse_dtype = hit
+            out = np.empty(out_shape, out_dtype)
+            lse = np.empty(lse_shape, lse_dtype) if return_lse else None
+            _problem.rerun(template, _config.resolve_threads(num_threads), q, k, v, out, lse)
+            return ((out, lse) if return_lse else out), template
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
     args = _v.score_args(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
     out = _v.check_out(out, args.lead + (args.lq, args.dv), args.dtype, args.originals)
     lse = np.empty(args.lead + (args.lq,), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
-    _problem.attention(args, out, lse, num_threads)
-    return (out, lse) if return_lse else out
+    template = _problem.attention(args, out, lse, num_threads)
+    if key is not None and template is not None:
+        if len(_planned) >= _PLANNED_MAX:
+            _planned.clear()
+        _planned[key] = (template, out.shape, out.dtype, None if lse is None else lse.shape,
+                         None if lse is None else lse.dtype)
+    return ((out, lse) if return_lse else out), template
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mask=None, weights="softmax",

@@ -623,6 +623,98 @@ def format_transformers(rows):
     return "\n".join(lines)
 
 
+# per-call time rows: (name, q shape, k/v shape)
+CALL_CASES = [("one row, one key", (1, 1, 1, 64), (1, 1, 1, 64)),
+              ("decode, 16 heads over 4, 128 keys", (1, 16, 1, 64), (1, 4, 128, 64))]
+
+
+def _per_call_us(fn, repeat, calls=200):
+    """Median over `repeat` loops of the time per call of fn() in a loop of
+    `calls` calls, in microseconds."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
+    return float(np.median(times)) * 1e6
+
+
+def run_calls(threads, repeat=5, cases=None, progress=None):
+    """Time per call of small attention calls (where the call's overhead is
+    most of its time), on 1 thread and on `threads`: fastattn.attention on
+    numpy arrays; with torch, fastattn.torch's SDPA against torch's; with
+    transformers, the attention functions of attn_implementation "fastattn"
+    and "sdpa" (what a model's layer calls)."""
+    import fastattn
+
+    torch_mod = torch_sdpa()
+    hf = None
+    if torch_mod is not None:
+        import fastattn.torch as ft
+        try:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            import fastattn.transformers as fat
+            hf = (fat.attention_forward, sdpa_attention_forward)
+        except ImportError:
+            pass
+
+    class Layer:  # what transformers' attention functions read of a module
+        is_causal = False
+        training = False
+
+        def __init__(self, groups):
+            self.num_key_value_groups = groups
+
+    rows = []
+    saved = fastattn.get_num_threads(), torch_mod[0].get_num_threads() if torch_mod else None
+    try:
+        for name, qs, ks in cases or CALL_CASES:
+            rng = np.random.default_rng(0)
+            q = rng.standard_normal(qs, dtype=np.float32)
+            k, v = (rng.standard_normal(ks, dtype=np.float32) for _ in range(2))
+            for n in sorted({1, threads}):
+                if progress:
+                    progress(f"[calls] {name}, {n} threads")
+                fastattn.set_num_threads(n)
+                row = dict(case=name, q=list(qs), kv=list(ks), threads=n)
+                row["numpy_us"] = _per_call_us(lambda: fastattn.attention(q, k, v), repeat)
+                if torch_mod is not None:
+                    torch, sdpa = torch_mod
+                    torch.set_num_threads(n)
+                    tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+                    scale = 1 / np.sqrt(qs[-1])
+                    with torch.inference_mode():
+                        row["fastattn_torch_us"] = _per_call_us(
+                            lambda: ft.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True),
+                            repeat)
+                        row["torch_us"] = _per_call_us(lambda: sdpa(tq, tk, tv, enable_gqa=True), repeat)
+                        if hf is not None:
+                            for key, fn in zip(("hf_fastattn_us", "hf_sdpa_us"), hf):
+                                layer = Layer(qs[-3] // ks[-3])
+                                row[key] = _per_call_us(lambda: fn(layer, tq, tk, tv, None, scaling=scale), repeat)
+                rows.append(row)
+    finally:
+        fastattn.set_num_threads(saved[0])
+        if torch_mod is not None:
+            torch_mod[0].set_num_threads(saved[1])
+    return rows
+
+
+def format_calls(rows):
+    cols = [("numpy_us", "numpy"), ("fastattn_torch_us", "fa.torch sdpa"), ("torch_us", "torch sdpa"),
+            ("hf_fastattn_us", "hf fastattn"), ("hf_sdpa_us", "hf sdpa")]
+    cols = [(k, t) for k, t in cols if any(k in r for r in rows)]
+    header = f"{'case':<36} {'threads':>7} " + " ".join(f"{t + ' us':>16}" for _, t in cols)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['case']:<36} {r['threads']:>7} " + " ".join(
+            f"{r[k]:>16.1f}" if k in r else f"{'-':>16}" for k, _ in cols))
+    return "\n".join(lines)
+
+
 # masked attention rows: ((B, H, L, D), mask name)
 MASK_CASES = [((1, 8, 2048, 64), "random 50%"), ((1, 8, 2048, 64), "random 50% + causal"),
               ((1, 8, 8192, 64), "8 documents")]

@@ -192,8 +192,26 @@ _fields_cache = {}
 _problems_cache = {}
 
 
+def rerun(template, num_threads, q, k, v, out, lse):
+    """Run a problem _problem.attention returned on arrays (numpy arrays or
+    torch tensors) of the layouts it was made for."""
+    if isinstance(q, np.ndarray):
+        address = _core.address
+        q_, k_, v_, out_, lse_ = address(q), address(k), address(v), address(out), 0 if lse is None else address(lse)
+    else:
+        q_, k_, v_, out_, lse_ = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), 0 if lse is None else \
+            lse.data_ptr()
+    _core.attention(template.rebased(num_threads=num_threads, q=q_, k=k_, v=v_, out=out_, lse=lse_,
+                                     keep=(q, k, v, out, lse)))
+
+
 def attention(args, out, lse, num_threads):
-    """Run fused attention on validated arguments (_validate.ScoreArgs)."""
+    """Run fused attention on validated arguments (_validate.ScoreArgs).
+    Returns the problem it ran on no arrays (its addresses 0) where the
+    arguments are plain q, k and v of one dtype with no mask, slopes or
+    sinks (the problem then depends only on their layouts, out's and lse's
+    and the options: the same layouts on other arrays run it rebased), else
+    None."""
     address = _core.address
     key = None
     if args.slopes is None and args.sinks is None and math.prod(args.lead) <= _CACHED_ENTRIES_MAX:
@@ -209,7 +227,8 @@ def attention(args, out, lse, num_threads):
             _core.attention(template.rebased(
                 num_threads=num_threads, q=address(args.q), k=address(args.k), v=address(args.v), out=address(out),
                 lse=0 if lse is None else address(lse), keep=(args.q, args.k, args.v, out, lse)))
-            return
+            converted = any(a is not o for a, (_, o) in zip((args.q, args.k, args.v), args.originals))
+            return None if converted else template
         key = (args.dtype, _config.path_index(), args.lead, args.group, args.lq, args.lk, args.d, args.dv,
                *(None if a is None else (a.shape, a.strides) for a in (args.q, args.k, args.v, args.mask, out, lse,
                                                                         args.tiles)),
@@ -228,6 +247,7 @@ def attention(args, out, lse, num_threads):
         lse=0 if lse is None else address(lse), mask=0 if args.mask is None else address(args.mask),
         mask_tiles=0 if args.tiles is None else address(args.tiles), **fields)
     _core.attention(problem)
+    return None
 
 
 def scores(args, out, num_threads):

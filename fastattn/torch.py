@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastattn import _api, _core, _masks, _threads, _validate
+from fastattn import _api, _config, _core, _masks, _problem, _threads, _validate
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _original_sdpa = F.scaled_dot_product_attention
@@ -106,9 +106,9 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
     for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return ValueError, f"{name} is on {t.device}; fastattn runs on CPU tensors only"
-        if t.is_sparse or t.is_quantized or t.is_nested:
+        if t.layout is not torch.strided or t.is_quantized or t.is_nested:
             return TypeError, f"{name} must be a dense tensor"
     for name, t in tensors[:3]:
         if t.dtype not in _DTYPES:
@@ -161,15 +161,65 @@ def _options(is_causal, scale, window_left, window_right, softcap, bottom_right,
                 sinks=_as_numpy(sinks))
 
 
+# Problems of direct calls by their tensors' layouts and options, for calls
+# with no mask or sinks on q, k and v of one dtype: a model calls attention
+# with the same layouts every layer and every decoding step, and reaching
+# the kernels through numpy views and the numpy API's checks costs more than
+# a small call.  The first call of a key runs through the numpy API (which
+# validates it); later ones rerun its problem on their own tensors.
+_DIRECT_MAX = 256
+_direct = {}
+
+
+def _direct_key(query, key, value, options, return_lse, heads_last):
+    """The _direct key of a call, or None if the call cannot take that way."""
+    for t in (query, key, value):
+        if not t.is_cpu or t.layout is not torch.strided or t.is_nested:
+            return None
+    if not query.dtype is key.dtype is value.dtype:
+        return None
+    return (query.dtype, query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), options,
+            return_lse, heads_last, _config.path_index())
+
+
 @_on_torch_threads
 def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                    bottom_right, sinks=None, return_lse=True):
-    res = _api.attention(*(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask),
-                         return_lse=return_lse,
-                         **_options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks))
-    if not return_lse:
-        return _as_tensor(res), None
-    return _as_tensor(res[0]), _as_tensor(res[1])
+                    bottom_right, sinks=None, return_lse=True, heads_last=False):
+    """(out, lse) of fastattn.attention on tensors (lse None unless
+    return_lse); with heads_last, out is (..., Lq, H, Dv), the head axis
+    after the queries' (written so by the kernel, not transposed after)."""
+    heads_last = heads_last and query.dim() >= 3
+    dkey = None
+    if attn_mask is None and sinks is None:
+        dkey = _direct_key(query, key, value, (is_causal, scale, window_left, window_right, softcap, bottom_right),
+                           return_lse, heads_last)
+        hit = _direct.get(dkey) if dkey is not None else None
+        if hit is not None:
+            template, out_shape, lse_shape, lse_dtype = hit
+            out = torch.empty(*out_shape, dtype=query.dtype)  # (a shape as one argument takes longer)
+            lse = torch.empty(*lse_shape, dtype=lse_dtype) if return_lse else None
+            _problem.rerun(template, _config.resolve_threads(None), query, key, value, out, lse)
+            return out, lse
+    out = None
+    if heads_last and query.dtype is key.dtype is value.dtype:
+        lead = _lead(query, key, value, attn_mask)
+        out = torch.empty(lead[:-1] + (query.shape[-2], lead[-1], value.shape[-1]), dtype=query.dtype)
+    res, template = _api.attention_planned(
+        *(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask), weights="softmax",
+        alibi_slopes=None, return_lse=return_lse, out=None if out is None else _as_numpy(out.transpose(-2, -3)),
+        num_threads=None, **_options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks))
+    res, lse = (res if return_lse else (res, None))
+    if out is None:
+        out = _as_tensor(res)
+        if heads_last:
+            out = out.transpose(-2, -3).contiguous()
+    lse = None if lse is None else _as_tensor(lse)
+    if template is not None and dkey is not None:
+        if len(_direct) >= _DIRECT_MAX:
+            _direct.clear()
+        _direct[dkey] = (template, tuple(out.shape), None if lse is None else tuple(lse.shape),
+                         None if lse is None else lse.dtype)
+    return out, lse
 
 
 @torch.library.custom_op("fastattn::attention", mutates_args=(), device_types="cpu")
@@ -221,22 +271,27 @@ def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, i
 
 
 def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
-              bottom_right=False, sinks=None, *, need_lse=True):
+              bottom_right=False, sinks=None, *, need_lse=True, heads_last=False):
     """``torch.ops.fastattn.attention`` (out, lse), called directly where no
     operator is needed: when torch.compile traces, or when a gradient may be
     needed, the call goes through the operator (its fake implementation and
     its autograd formula); otherwise straight to fastattn, which saves the
     dispatcher's ~0.1 ms per call (decoding calls attention once per layer
     and token).  With need_lse=False a direct call does not compute the
-    log-sum-exp and returns (out, None)."""
+    log-sum-exp and returns (out, None).  With heads_last, out is
+    (..., Lq, H, Dv) (the layout transformers' attention functions return),
+    written so by the kernel on a direct call."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             query.requires_grad or key.requires_grad or value.requires_grad)):
         if isinstance(attn_mask, _masks.BlockMask):  # the operator takes tensors: the mask, classified per call
             attn_mask = torch.from_numpy(attn_mask.mask)
-        return torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
-                                            window_right, softcap, bottom_right, sinks)
+        out, lse = torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
+                                                window_right, softcap, bottom_right, sinks)
+        if heads_last and out.dim() >= 3:
+            out = out.transpose(-2, -3).contiguous()
+        return out, lse
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                           bottom_right, sinks, need_lse)
+                           bottom_right, sinks, need_lse, heads_last)
 
 
 def _setup_context(ctx, inputs, output):

@@ -67,8 +67,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     left = int(sliding_window) - 1 if sliding_window else -1
     right = -1 if left < 0 else (0 if is_causal else left)
     out, _ = fastattn.torch.attention(query, key, value, mask, is_causal, float(scaling), left, right,
-                                      float(softcap or 0.0), True, s_aux, need_lse=False)
-    return out.transpose(1, 2).contiguous(), None
+                                      float(softcap or 0.0), True, s_aux, need_lse=False, heads_last=True)
+    return out, None
 
 
 def register(name="fastattn"):

@@ -494,6 +494,33 @@ def test_same_shapes_in_other_layouts_reuse_nothing_stale(rng):
                 assert_close(got, ref.attention(q, k, k, causal=causal), dtype=dt)
 
 
+def test_repeated_layouts_rerun_the_first_calls_problem(rng, monkeypatch):
+    """The first call of a layout of plain arrays is validated and builds the
+    problem; later calls of it rerun that problem on their own arrays
+    without validating again (what a model's per-layer calls cost), with
+    the reference's results; a mask, another dtype or `out` goes through
+    the checks."""
+    from fastattn import _api, _validate
+
+    checked = []
+    real = _validate.score_args
+    monkeypatch.setattr(_validate, "score_args", lambda *a: checked.append(1) or real(*a))
+    monkeypatch.setattr(_api, "_planned", {})
+    shape = (1, 4, 3, 24)
+    for i in range(3):
+        q = rng.standard_normal(shape, dtype=np.float32)
+        k, v = (rng.standard_normal((1, 2, 11, 24), dtype=np.float32) for _ in range(2))
+        got, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)
+        want, want_lse = ref.attention(q, k, v, causal=True, return_lse=True)
+        assert_close(got, want, np.float32)
+        assert_close(lse, want_lse, np.float32)
+        assert len(checked) == 1
+    fastattn.attention(q, k, v, causal=True, mask=np.ones((3, 11), bool))
+    fastattn.attention(q, k.astype(np.float64), v, causal=True)
+    fastattn.attention(q, k, v, causal=True, out=np.empty((1, 4, 3, 24), np.float32))
+    assert len(checked) == 4
+
+
 def test_repeated_layouts_keep_no_arrays(rng):
     """attention() remembers the validated arguments and the kernel problem
     of a layout (a model calls it with the same layouts over and over), never

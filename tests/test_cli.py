@@ -96,6 +96,25 @@ def test_transformers_bench_runs(monkeypatch):
     assert "attention x" in _bench.format_transformers(rows)
 
 
+def test_calls_bench_runs():
+    """The per-call rows: every front end timed for each case and thread
+    count (torch's and transformers' columns where they are installed)."""
+    from fastattn import _bench
+
+    rows = _bench.run_calls(2, repeat=1, cases=[("tiny", (1, 4, 1, 16), (1, 2, 5, 16))])
+    assert [r["threads"] for r in rows] == [1, 2]
+    keys = ["numpy_us"]
+    try:
+        import torch  # noqa: F401
+        keys += ["fastattn_torch_us", "torch_us"]
+        import transformers  # noqa: F401
+        keys += ["hf_fastattn_us", "hf_sdpa_us"]
+    except ImportError:
+        pass
+    assert all(r[k] > 0 for r in rows for k in keys)
+    assert "numpy us" in _bench.format_calls(rows)
+
+
 def test_block_bench_runs():
     """The transformer-block rows: every part timed inside and alone, the
     numpy block also with OpenBLAS on its own threads when it shares

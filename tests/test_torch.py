@@ -81,8 +81,14 @@ def test_fully_masked_rows_match_torch():
 
 
 def record_align(monkeypatch, name):
-    """The align= of every call of fastattn._api.<name> from now on (a list)."""
+    """The align= of every call of fastattn._api.<name> from now on (a list).
+    fastattn.torch's forward calls reach the numpy API through
+    attention_planned, once per layout (later calls of a layout rerun its
+    problem): its table of layouts starts empty."""
     calls = []
+    if name == "attention":
+        name = "attention_planned"
+        monkeypatch.setattr(ft, "_direct", {})
     real = getattr(fastattn._api, name)
 
     def spy(*a, **kw):
@@ -250,6 +256,58 @@ def test_direct_call_without_lse():
     qg = q.clone().requires_grad_()
     out3, lse3 = ft.attention(qg, k, v, None, True, 0.25, need_lse=False)
     assert torch.equal(out3.detach(), out) and torch.equal(lse3, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_direct_calls_rerun_their_layouts_problem(monkeypatch, dtype):
+    """Direct calls of a layout already seen skip the numpy API and rerun
+    its problem on their own tensors: the same result as the API's (bitwise)
+    for new data, per layout and options (grouped heads, a strided key,
+    causal or not, with or without lse), and with heads_last the output
+    written as (B, Lq, H, Dv)."""
+    planned = record_align(monkeypatch, "attention")
+    g = torch.Generator().manual_seed(21)
+
+    def inputs():
+        q = torch.randn(2, 8, 5, 24, generator=g).to(dtype)
+        k = torch.randn(2, 9, 2, 24, generator=g).to(dtype).transpose(1, 2)  # (2, 2, 9, 24), strided
+        v = torch.randn(2, 2, 9, 12, generator=g).to(dtype)
+        return q, k, v
+
+    def reference(q, k, v, causal, heads_last):
+        res = fastattn.attention(*(ft._as_numpy(t) for t in (q, k, v)), scale=0.3, causal=causal,
+                                 align=0, return_lse=True)  # top-left; not counted below
+        out, lse = (ft._as_tensor(a) for a in res)
+        return (out.transpose(1, 2) if heads_last else out), lse
+
+    for causal, need_lse, heads_last in itertools.product([False, True], [False, True], [False, True]):
+        before = planned.count("top-left")
+        for i in range(3):
+            q, k, v = inputs()
+            out, lse = ft.attention(q, k, v, None, causal, 0.3, need_lse=need_lse, heads_last=heads_last)
+            assert planned.count("top-left") == before + 1  # the API on the first call of this layout only
+            want, want_lse = reference(q, k, v, causal, heads_last)
+            assert torch.equal(out, want) and out.is_contiguous()
+            assert lse is None if not need_lse else torch.equal(lse, want_lse)
+    # another dtype, a mask or a new shape: through the API again
+    q, k, v = inputs()
+    ft.attention(q.double(), k.double(), v, None, False, 0.3)
+    ft.attention(q, k, v, torch.ones(5, 9, dtype=torch.bool), False, 0.3)
+    ft.attention(q[:, :, :4], k, v, None, False, 0.3)
+    assert planned.count("top-left") == 8 + 3
+
+
+def test_direct_call_layouts_keep_their_checks():
+    """A tensor the kernels cannot read is refused on every call, also after
+    a call of the same shape, strides and dtype took the direct way."""
+    q = torch.randn(1, 2, 3, 8)
+    ft.attention(q, q, q, None, False, 0.3)
+    ft.attention(q, q, q, None, False, 0.3)
+    with pytest.raises(TypeError, match="meta"):
+        ft.attention(q.to("meta"), q, q, None, False, 0.3)
+    sparse = torch.zeros(1, 2, 3, 8).to_sparse()
+    with pytest.raises((TypeError, RuntimeError)):
+        ft.attention(q, sparse, q, None, False, 0.3)
 
 
 def test_block_mask_as_attn_mask():
