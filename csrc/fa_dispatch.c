@@ -15,7 +15,8 @@ enum {
     FA_CPU_F16C = 1u << 1,       /* float16 conversions */
     FA_CPU_AVX512 = 1u << 2,     /* AVX-512 F, BW, DQ, VL, with the OS saving ZMM and opmask state */
     FA_CPU_AVX512BF16 = 1u << 3, /* the bfloat16 dot product, vdpbf16ps */
-    FA_CPU_NEON = 1u << 4        /* AArch64 Advanced SIMD (every AArch64 CPU) */
+    FA_CPU_NEON = 1u << 4,       /* AArch64 Advanced SIMD (every AArch64 CPU) */
+    FA_CPU_AVX512VNNI = 1u << 5  /* integer dot products, vpdpbusd (used within the AVX-512 path where present) */
 };
 
 /*
@@ -75,6 +76,7 @@ static unsigned fa_detect_features(void)
     const int avx512 = ((b >> 16) & 1) && ((b >> 17) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1);
     if (zmm_state && avx512) {
         f |= FA_CPU_AVX512;
+        if ((c >> 11) & 1) f |= FA_CPU_AVX512VNNI;
         if (max_subleaf >= 1) {
             __cpuid_count(7, 1, a, b, c, d);
             if ((a >> 5) & 1) f |= FA_CPU_AVX512BF16;
@@ -96,6 +98,8 @@ static unsigned fa_cpu_features(void)
     if (f < 0) cached = f = (int)fa_detect_features();
     return (unsigned)f;
 }
+
+int fa_cpu_avx512vnni(void) { return (fa_cpu_features() & FA_CPU_AVX512VNNI) != 0; }
 
 /*
  * The kernel paths of this build, in order of preference: the best path a

@@ -93,6 +93,10 @@ int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *loca
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
                  int num_threads, const fa_tile_ops *ops);
 
+/* Does the CPU have AVX512-VNNI (fa_dispatch.c)?  The AVX-512 path's
+ * int8-cache decoding runs K.Q on vpdpbusd where it does. */
+int fa_cpu_avx512vnni(void);
+
 /* The softmax exponential of a path, exposed for accuracy tests. */
 typedef void (*fa_exp_fn)(const float *x, float *y, int64_t n);
 

@@ -29,6 +29,7 @@
  * O(FA_BQ x (D + Dv) + FA_BK x (FA_BQ + D + Dv)).
  */
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,6 +75,8 @@ typedef struct {
     int64_t dvp; /* dv rounded up to the vector width */
     int64_t qoff, ldq; /* few-row items: lead and length of the packed Q rows (see pack_q) */
     int64_t voff, ldo; /* lead of the columns in the accumulator's rows, and their length (see plan_v) */
+    uint8_t *qi;       /* few-row items on integer K.Q: the query rows in 8 bits (see quantize_rows), or NULL */
+    FA_T *qstep;       /* their quantisation steps, one per row */
     void *block; /* the one allocation behind all of the above (fa_scratch_take) */
     size_t bytes;
 } FN(scratch);
@@ -106,6 +109,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     w->alpha = w->rsum + n_r;
     w->pw = (uint32_t *)(w->alpha + n_r);
     w->dvp = dvp;
+    w->qi = NULL;
     return 0;
 }
 
@@ -556,6 +560,177 @@ static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t
     FN(qk_rows_each)(bq, j0, bk, nvec, qr, ldq, k, ldkb, h, VMASK_ALL, VMASK_ALL, st, lds);
 }
 
+/* ---- int8 keys on integer dot products ---------------------------------- */
+
+/* A few query rows against int8 K rows (decoding with an int8 cache), as
+ * llama.cpp does with its 8-bit caches: the item's scaled query rows are
+ * quantised once, each to int8 with its own step (quantize_rows), and the
+ * products of each K vector with every row run on integer multiply-adds,
+ * exact in int32:
+ *   AVX2: vpmaddubsw on |k| (0..128) and q with k's sign (-127..127), whose
+ *     pair sums fit in int16 (2 x 128 x 127 < 2^15), then vpmaddwd by ones;
+ *   AVX512-VNNI: vpdpbusd on q + 128 (0..255) and k, less 128 x sum(k)
+ *     (one more vpdpbusd, by ones, per K vector).
+ * A score is the integer dot product times the row's step (and, as on the
+ * float kernels, times the K row's scale: scale_columns).  The dot product
+ * of rows of d <= FA_IDOT_MAXD elements, at most 127 x 128 x d in
+ * magnitude, is exact in float too (< 2^24).  K rows fill whole vectors of
+ * FA_IDOT_BYTES bytes. */
+#undef FA_IDOT
+#undef FA_IDOT_BYTES
+#undef FA_IDOT_MAXD
+#undef FA_IDOT_TARGET
+#if FA_T_IS_FLOAT && FA_VEC_ISA == 1
+#define FA_IDOT 1
+#define FA_IDOT_BYTES 32
+#define FA_IDOT_TARGET
+#elif FA_T_IS_FLOAT && FA_VEC_ISA == 2 && defined(__GNUC__) && !defined(__clang__)
+/* only on CPUs with AVX512-VNNI (fa_cpu_avx512vnni): the functions that
+ * use it are compiled for it, the rest of the path is not */
+#define FA_IDOT 2
+#define FA_IDOT_BYTES 64
+#define FA_IDOT_TARGET __attribute__((target("avx512vnni")))
+#else
+#define FA_IDOT 0
+#define FA_IDOT_BYTES 64
+#define FA_IDOT_TARGET
+#endif
+#define FA_IDOT_MAXD 1024
+
+/* Query rows against an int8 cache are quantised per row, on every path
+ * and item shape (so that a row's result never depends on which computed
+ * it): rows r < bq of x (element c of row r at x[r * rs + c * cs], d
+ * elements, already times the softmax scale) get the step max |q| / 127
+ * and the codes round(q / step), to nearest even (computed as
+ * q * (127 / max) in double); fastattn.reference.int8_queries does the
+ * same.  A row of zeros has step 0; a row with a NaN or an infinity step
+ * NaN (its scores NaN, as in float).  With qi, the codes go there (rows of
+ * ldqi bytes, zero-padded; plus 128 for VNNI's unsigned operand) and x is
+ * left as it is; without, x's elements become step * code. */
+static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_t cs, uint8_t *qi, int64_t ldqi,
+                              FA_T *step)
+{
+    const int bias = qi && FA_IDOT == 2 ? 128 : 0;
+    for (int64_t r = 0; r < bq; r++) {
+        FA_T *q = x + r * rs;
+        FA_T amax = 0;
+        int finite = 1;
+        for (int64_t c = 0; c < d; c++) {
+            const FA_T a = (FA_T)fabs((double)q[c * cs]);
+            finite &= a <= (FA_T)(FA_T_IS_FLOAT ? FLT_MAX : DBL_MAX);
+            amax = a > amax ? a : amax;
+        }
+        if (qi && ldqi > 0) memset(qi + r * ldqi, bias, (size_t)ldqi);
+        step[r] = finite ? (FA_T)((double)amax / 127.0) : (FA_T)NAN;
+        const double inv = finite && amax > 0 ? 127.0 / (double)amax : 0;
+        for (int64_t c = 0; c < d; c++) {
+            const int code = (int)nearbyint((double)q[c * cs] * inv);
+            if (qi)
+                qi[r * ldqi + c] = (uint8_t)(code + bias);
+            else
+                q[c * cs] = step[r] * (FA_T)code;
+        }
+    }
+}
+
+#if FA_IDOT
+#if FA_IDOT == 1
+#define FA_IV __m256i
+#define FA_IV_ZERO() _mm256_setzero_si256()
+#define FA_IV_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define FA_IV_FLOAT(x) _mm256_cvtepi32_ps(x)
+#else
+#define FA_IV __m512i
+#define FA_IV_ZERO() _mm512_setzero_si512()
+#define FA_IV_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define FA_IV_FLOAT(x) _mm512_cvtepi32_ps(x)
+#endif
+
+/* Scores of R (1 .. FA_ROWS_MAX) quantised query rows (qi, ldqi bytes
+ * apart) against the KB int8 K rows at kb (ldkb apart), nb vectors each:
+ * st[r * lds + j0 + jj] = step[r] * q[r] . k[jj], every K vector loaded
+ * once for all R rows, R x KB integer accumulators turned into scores by
+ * one reduction tree (as qk_rows_rk). */
+FA_IDOT_TARGET FA_INLINE void FN(qk_i8_rk)(const int R, const int KB, int64_t nb, const uint8_t *qi, int64_t ldqi, const char *kb,
+                            int64_t ldkb, const FA_T *step, FA_T *st, int64_t lds, int64_t j0)
+{
+    FA_IV acc[FA_W];
+    FA_UNROLL for (int i = 0; i < FA_W; i++) acc[i] = FA_IV_ZERO();
+#if FA_IDOT == 2
+    FA_IV ksum[FA_W];
+    FA_UNROLL for (int jj = 0; jj < KB; jj++) ksum[jj] = FA_IV_ZERO();
+    const __m512i ones = _mm512_set1_epi8(1);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (int64_t c = 0; c < nb; c++) {
+        FA_IV qv[FA_W];
+        FA_UNROLL for (int r = 0; r < R; r++) qv[r] = FA_IV_LOAD(qi + r * ldqi + c * FA_IDOT_BYTES);
+        FA_UNROLL for (int jj = 0; jj < KB; jj++)
+        {
+            const FA_IV kv = FA_IV_LOAD(kb + jj * ldkb + c * FA_IDOT_BYTES);
+#if FA_IDOT == 1
+            const __m256i ak = _mm256_abs_epi8(kv);
+            FA_UNROLL for (int r = 0; r < R; r++) acc[r * KB + jj] = _mm256_add_epi32(
+                acc[r * KB + jj], _mm256_madd_epi16(_mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv[r], kv)), ones));
+#else
+            ksum[jj] = _mm512_dpbusd_epi32(ksum[jj], ones, kv);
+            FA_UNROLL for (int r = 0; r < R; r++) acc[r * KB + jj] = _mm512_dpbusd_epi32(acc[r * KB + jj], qv[r], kv);
+#endif
+        }
+    }
+    fa_vec f[FA_W];
+    FA_UNROLL for (int r = 0; r < R; r++) FA_UNROLL for (int jj = 0; jj < KB; jj++)
+    {
+#if FA_IDOT == 2
+        acc[r * KB + jj] = _mm512_sub_epi32(acc[r * KB + jj], _mm512_slli_epi32(ksum[jj], 7));
+#endif
+    }
+    FA_UNROLL for (int i = 0; i < FA_W; i++) f[i] = FA_IV_FLOAT(acc[i]);
+    FA_T t[FA_W];
+    VSTORE(t, FN(hsums)(f));
+    FA_UNROLL for (int r = 0; r < R; r++) FA_UNROLL for (int jj = 0; jj < KB; jj++)
+        st[r * lds + j0 + jj] = t[r * KB + jj] * step[r];
+}
+
+/* qk_rows on integer dot products (see above) for the bq quantised rows of
+ * the item (w->qi, w->qstep) against bk int8 K rows of d elements at k,
+ * ldkb bytes apart; scores unscaled by the K rows' scales, as qk_rows_narrow
+ * gives them. */
+FA_IDOT_TARGET static void FN(qk_rows_i8)(int64_t bq, int64_t d, const uint8_t *qi, int64_t ldqi, const FA_T *step, const char *k,
+                           int64_t ldkb, int64_t bk, FA_T *st, int64_t lds, const fa_prefetch_plan *pf)
+{
+    const int64_t nb = d / FA_IDOT_BYTES, kb_keys = FA_W / FA_POW2(bq);
+    int64_t j0 = 0;
+#define FA_QKI_SWITCH(KB)                                                                           \
+    switch (bq) { /* compile-time row counts */                                                     \
+    case 1: FN(qk_i8_rk)(1, (KB) ? (KB) : FA_W, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break;  \
+    case 2: FN(qk_i8_rk)(2, (KB) ? (KB) : FA_W / 2, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    case 3: if (FA_ROWS_MAX >= 3) FN(qk_i8_rk)(3, (KB) ? (KB) : FA_W / 4, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    case 4: if (FA_ROWS_MAX >= 4) FN(qk_i8_rk)(4, (KB) ? (KB) : FA_W / 4, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    case 5: if (FA_ROWS_MAX >= 5) FN(qk_i8_rk)(5, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    case 6: if (FA_ROWS_MAX >= 6) FN(qk_i8_rk)(6, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    case 7: if (FA_ROWS_MAX >= 7) FN(qk_i8_rk)(7, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    default: if (FA_ROWS_MAX >= 8) FN(qk_i8_rk)(8, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    }
+    for (; j0 + kb_keys <= bk; j0 += kb_keys) {
+        for (int64_t j = j0; j < j0 + kb_keys; j++) FN(prefetch_row)(pf, j);
+        const char *kb = k + j0 * ldkb;
+        FA_QKI_SWITCH(0)
+    }
+    for (; j0 < bk; j0++) { /* the last keys, one at a time */
+        FN(prefetch_row)(pf, j0);
+        const char *kb = k + j0 * ldkb;
+        FA_QKI_SWITCH(1)
+    }
+#undef FA_QKI_SWITCH
+}
+#undef FA_IV
+#undef FA_IV_ZERO
+#undef FA_IV_LOAD
+#undef FA_IV_FLOAT
+#endif /* FA_IDOT */
+
 /* Run a micro-kernel with compile-time tile sizes: (mr, nv) selects one of
  * the FA_MR x FA_NV instances (sizes beyond this path's tile are dead code). */
 #define FA_TILE_SWITCH(mr, nv, CALL)                                                                \
@@ -901,6 +1076,14 @@ static int64_t FN(k_lead)(const fa_problem *p, const int64_t *e)
                          p->k_rs);
 }
 
+/* Does this path compute an item's K.Q on integer dot products?  For int8
+ * K rows read in place (narrow_kind) of d elements. */
+static inline int FN(int8_dot)(const fa_problem *p, int64_t d)
+{
+    return FA_IDOT && (FA_IDOT != 2 || fa_cpu_avx512vnni()) && p->kv_dtype == FA_I8 && d % FA_IDOT_BYTES == 0 &&
+           d <= FA_IDOT_MAXD && FN(narrow_kind)(p, 0) == FA_RK_I8;
+}
+
 /* The item's scaled query rows into w->qt: as Q^T (d x FA_BQ, zero past
  * row bq) for the S^T micro-kernel, or, for at most FA_ROWS_MAX rows, as
  * rows for qk_rows: w->qoff zeros, the row, zeros up to w->ldq. */
@@ -908,6 +1091,7 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
 {
     const int64_t lq = e[FA_E_LQ], d = p->d;
     FA_T *qt = w->qt;
+    w->qi = NULL;
     if (bq <= FA_ROWS_MAX) {
         const int64_t off = FN(k_lead)(p, e), ldq = fa_roundup64(off + d, FA_W);
         w->qoff = off;
@@ -918,9 +1102,20 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
             for (int64_t c = 0; c < ldq; c++) dst[c] = 0;
             for (int64_t c = 0; c < d; c++) dst[off + c] = (FA_T)p->scale * FA_AT(row, c * p->q_cs);
         }
+        if (p->kv_dtype == FA_I8) { /* behind the float rows in qt: the steps, then 8-bit rows of d bytes */
+            FA_T *step = qt + FA_ROWS_MAX * ldq;
+            uint8_t *qi = FN(int8_dot)(p, d) ? (uint8_t *)(step + FA_ROWS_MAX) : NULL;
+            FN(quantize_rows)(bq, d, qt + off, ldq, 1, qi, d, step);
+            w->qi = qi;
+            w->qstep = step;
+        }
     } else {
         FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, lq, p->q_hs, row0, bq,
                             fa_roundup64(bq, FA_W), d, (FA_T)p->scale, qt, FA_BQ);
+        if (p->kv_dtype == FA_I8) {
+            FA_T step[FA_BQ];
+            FN(quantize_rows)(bq, d, qt, 1, FA_BQ, NULL, 0, step);
+        }
     }
 }
 
@@ -1162,8 +1357,13 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
     } else if (nk >= 0) { /* narrow rows in place (qoff is 0: k_lead), 8-bit ones scaled afterwards */
-        FN(qk_rows_narrow)(bq, d / FA_W, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, nk,
-                           bk, w->st, FA_BK, pf);
+        const char *k = (const char *)p->k + e[FA_E_K] + k0 * p->k_rs;
+#if FA_IDOT
+        if (w->qi)
+            FN(qk_rows_i8)(bq, d, w->qi, d, w->qstep, k, p->k_rs, bk, w->st, FA_BK, pf);
+        else
+#endif
+            FN(qk_rows_narrow)(bq, d / FA_W, w->qt, w->ldq, k, p->k_rs, nk, bk, w->st, FA_BK, pf);
         if (p->kv_dtype >= FA_I8) FN(scale_columns)(p, e, 0, k0, bk, bq, w->st, w->kp);
     } else {
         const FA_T *k = FN(kv_rows)(p, e, 0, k0, bk, d, d, w->kp, &ldk);

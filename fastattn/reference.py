@@ -224,6 +224,28 @@ def dequantize(cache, scale):
     return cache * (scale[..., None] if scale.ndim == 3 else scale.reshape(()))
 
 
+def int8_queries(q, scale=None):
+    """The queries as fastattn computes them against an int8 key cache:
+    each row of ``scale * q`` (in q's compute type: float32 for float32 and
+    16-bit q, float64 for float64) quantised to int8 with its own step,
+    ``step = max|row| / 127`` and ``code = round(row * (127 / max))`` to
+    nearest even (in float64), returned as ``step * code`` in float64, so
+    that scores are ``int8_queries(q, scale) . k`` (scale included).  A row
+    of zeros stays zero; a row with a NaN or an infinity becomes NaN."""
+    q = np.asarray(q)
+    d = q.shape[-1]
+    scale = (1.0 / math.sqrt(d) if d > 0 else 1.0) if scale is None else float(scale)
+    ct = np.float64 if q.dtype == np.float64 else np.float32
+    x = (ct(scale) * q.astype(ct)).astype(np.float64)
+    amax = np.abs(x).max(axis=-1, keepdims=True) if d else np.zeros(q.shape[:-1] + (1,))
+    finite = np.isfinite(amax)
+    step = np.where(finite, (amax / 127.0).astype(ct), np.nan).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(finite & (amax > 0), 127.0 / np.where(amax > 0, amax, 1.0), 0.0)
+        codes = np.rint(np.where(finite, x, 0.0) * inv)
+    return step * codes
+
+
 def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, causal=True,
                     return_lse=False, alibi_slopes=None, sinks=None, k_scale=None, v_scale=None, **options):
     """Attention over a paged KV cache, one sequence at a time: sequence b's
@@ -231,7 +253,12 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     page block_table[b, j // block_size], slot j % block_size), gathered
     into contiguous arrays; its queries are its last tokens (bottom-right).
     q (total_q, H, D) with cu_seqlens_q, or (B, H, D): one query per
-    sequence.  8-bit caches are dequantised first (dequantize)."""
+    sequence.  8-bit caches are dequantised first (dequantize); against an
+    int8 key cache the queries are quantised as fastattn does
+    (int8_queries)."""
+    if np.asarray(k_cache).dtype == np.int8:
+        q = int8_queries(q, options.pop("scale", None))
+        options["scale"] = 1.0
     q = _f64(q)
     k_cache, v_cache = dequantize(k_cache, k_scale), dequantize(v_cache, v_scale)
     bs = k_cache.shape[1]

@@ -304,13 +304,62 @@ def test_8bit_cache_error_against_the_float_cache_is_bounded_by_its_step(rng, kv
     dv = np.abs(ref.dequantize(vq, vs) - vf).max()
     rel = {np.dtype(np.int8): 0.0}.get(kv, 2.0**-4 if kv == KV8[1] else 2.0**-3)
     assert dk <= (np.abs(ks).max() / 2 if kv == np.int8 else rel * np.abs(kf).max() + 2.0**-9) + 1e-7
-    # a score moves by at most eps = scale |q|_1 dk; softmax weights by a factor within exp(+-2 eps)
+    # a score moves by at most eps = scale |q|_1 dk, plus, against an int8 cache (whose queries are
+    # quantised), half the query's step times |k|_1; softmax weights by a factor within exp(+-2 eps)
     eps = np.abs(q).sum(axis=-1).max() / np.sqrt(d) * dk
+    if kv == np.int8:
+        step = np.abs(q / np.sqrt(d)).max(axis=-1) / 127
+        eps += step.max() / 2 * np.abs(ref.dequantize(kq, ks)).sum(axis=-1).max()
     vmax = np.abs(vf).max()
     bound = dv + 2 * vmax * (np.exp(2 * eps) - 1)
     err = np.abs(got - want).max()
     assert err <= bound, (err, bound)
     assert err > 0  # the cache was quantised
+
+
+@pytest.mark.parametrize("d", [64, 40], ids=["d64", "d40"])
+def test_int8_cache_queries_are_quantised_per_row(isa, rng, d):
+    """Against an int8 key cache each query row (times the scale) is
+    quantised to int8 with its own step, max|x| / 127, on every path and
+    item shape: decoding (integer dot products where the path has them: D a
+    multiple of 32 on AVX2, of 64 with AVX512-VNNI) and prefill chunks
+    alike.  The result is the float64 reference on the quantised queries
+    within float32 rounding, measurably not the one on float queries (within
+    the bound the step allows), and a row's result does not depend on
+    whether it was decoded alone or in a chunk."""
+    h, g, bs = 8, 2, 16
+    lens = np.array([300, 130])
+    n_q = np.array([1, 20])
+    cu = np.concatenate([[0], np.cumsum(n_q)])
+    n_blocks = int(sum((n + bs - 1) // bs for n in lens)) + 1
+    _, _, kq, vq, ks, vs = quantized_cache(rng, np.int8, n_blocks, bs, g, d, 24)
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (cu[-1], h, d), np.float32) * 3
+    out = fastattn.attention_paged(q, kq, vq, table, lens, cu_seqlens_q=cu, k_scale=ks, v_scale=vs)
+    want = ref.attention_paged(q, kq, vq, table, lens, cu_seqlens_q=cu, k_scale=ks, v_scale=vs)
+    assert_close(out, want)
+    k64, v64 = ref.dequantize(kq, ks), ref.dequantize(vq, vs)  # float64 caches: queries stay float
+    unquantised = ref.attention_paged(q, k64, v64, table, lens, cu_seqlens_q=cu)
+    err = np.abs(out - unquantised).max()
+    step = np.abs(q / np.sqrt(d)).max(axis=-1) / 127
+    eps = step.max() / 2 * np.abs(k64).sum(axis=-1).max()
+    assert 1e-4 < err <= 2 * np.abs(v64).max() * (np.exp(2 * eps) - 1)
+    # the chunk's last row, decoded alone
+    alone = fastattn.attention_paged(q[-1:], kq, vq, table[1:], lens[1:], k_scale=ks, v_scale=vs)
+    assert_close(alone[0], out[-1], dtype=np.float32)
+
+
+def test_int8_queries_reference():
+    """fastattn.reference.int8_queries: codes in -127..127 reaching 127 on
+    each nonzero row, step max / 127, zeros kept, NaN rows NaN, ties to even."""
+    q = np.array([[0.5, -1.0, 0.25, 0.0], [0, 0, 0, 0], [1.0, np.nan, 0, 0], [127.0, 0.5, 1.5, -2.5]], np.float32)
+    x = ref.int8_queries(q, scale=2.0)
+    step = np.abs(2 * q[0]).max() / 127
+    codes = x[0] / np.float32(step)
+    np.testing.assert_allclose(codes, np.rint(codes), atol=1e-9)
+    assert np.abs(codes).max() == 127 and (np.abs(codes) <= 127).all()
+    assert (x[1] == 0).all() and np.isnan(x[2]).all()
+    np.testing.assert_array_equal(ref.int8_queries(q[3:], scale=1.0) / 1.0, [[127, 0, 2, -2]])
 
 
 def test_int8_cache_write_quantizes_per_token_and_head(rng):

@@ -173,6 +173,23 @@ static void ref_scores(const spec *c, double scale, const double *q, const doubl
     }
 }
 
+/* A query row as the kernels compute it against an int8 cache: scale * q
+ * in the compute type (float, or double for float64 queries), quantised to
+ * int8 with the step max|x| / 127 (codes rounded to nearest even), as
+ * step * code; a NaN step for a row with a NaN or an infinity. */
+static void int8_query(const double *q, int64_t d, double scale, int ct_double, double *out)
+{
+    double amax = 0;
+    for (int64_t t = 0; t < d; t++) {
+        out[t] = ct_double ? scale * q[t] : (double)((float)scale * (float)q[t]);
+        amax = fabs(out[t]) > amax || isnan(out[t]) ? fabs(out[t]) : amax;
+    }
+    const int finite = isfinite(amax);
+    const double step = !finite ? NAN : ct_double ? amax / 127.0 : (double)(float)(amax / 127.0);
+    const double inv = finite && amax > 0 ? 127.0 / amax : 0;
+    for (int64_t t = 0; t < d; t++) out[t] = step * nearbyint(finite ? out[t] * inv : 0);
+}
+
 /* fa_attention_backward on the problem p of fa_attention: the reference's
  * lse and delta given, gradients against the reference's in float64. */
 /* What the backward's reference reads of a case, and its buffers. */
@@ -346,7 +363,7 @@ static void run_case(int path, int dtype, const spec *c)
     }
     char *out = calloc((size_t)(n * g * lq * (dv > lk ? dv : lk) + 1), 8);
     char *lse = calloc((size_t)(n * g * lq + 1), 8);
-    double *s = malloc((size_t)(lk + 1) * sizeof(double));
+    double *s = malloc((size_t)(lk + 1) * sizeof(double)), *qi8 = malloc((size_t)(d + 1) * sizeof(double));
 
     int64_t entries[4][FA_ENTRY_FIELDS];
     for (int64_t e = 0; e < n; e++) {
@@ -507,7 +524,9 @@ static void run_case(int path, int dtype, const spec *c)
         for (int64_t h = 0; h < g && !bad; h++)
             for (int64_t i = 0; i < lq && !bad; i++) {
                 const double *qr = q.val + ((e * g + h) * lq + i) * d;
-                ref_scores(c, scale, qr, k.val + e * lk * d, maskv, bmask, slopes[e * g + h], i, s, NULL);
+                if (c->kv == FA_I8) int8_query(qr, d, scale, cs == 8, qi8);
+                ref_scores(c, c->kv == FA_I8 ? 1.0 : scale, c->kv == FA_I8 ? qi8 : qr, k.val + e * lk * d, maskv,
+                           bmask, slopes[e * g + h], i, s, NULL);
                 double m = c->sinks ? sink_of(e * g + h) : -INFINITY, sum = 0, mag = 1;
                 for (int64_t j = 0; j < lk; j++) m = s[j] > m ? s[j] : m;
                 for (int64_t j = 0; j < lk; j++) {
@@ -627,6 +646,7 @@ static void run_case(int path, int dtype, const spec *c)
     free(out);
     free(lse);
     free(s);
+    free(qi8);
     free(kpaged);
     free(vpaged);
     free(kspaged);
