@@ -75,8 +75,9 @@ typedef struct {
     int64_t dvp; /* dv rounded up to the vector width */
     int64_t qoff, ldq; /* few-row items: lead and length of the packed Q rows (see pack_q) */
     int64_t voff, ldo; /* lead of the columns in the accumulator's rows, and their length (see plan_v) */
-    uint8_t *qi;       /* few-row items on integer K.Q: the query rows in 8 bits (see quantize_rows), or NULL */
+    int8_t *qi;        /* few-row items on integer K.Q: the query rows in 8 bits (see quantize_rows), or NULL */
     FA_T *qstep;       /* their quantisation steps, one per row */
+    int32_t *qsum;     /* 128 x the sum of each row's codes */
     void *block; /* the one allocation behind all of the above (fa_scratch_take) */
     size_t bytes;
 } FN(scratch);
@@ -569,8 +570,10 @@ static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t
  * exact in int32:
  *   AVX2: vpmaddubsw on |k| (0..128) and q with k's sign (-127..127), whose
  *     pair sums fit in int16 (2 x 128 x 127 < 2^15), then vpmaddwd by ones;
- *   AVX512-VNNI: vpdpbusd on q + 128 (0..255) and k, less 128 x sum(k)
- *     (one more vpdpbusd, by ones, per K vector).
+ *   AVX512-VNNI: vpdpbusd on k + 128 (0..255, an xor per K vector) and q,
+ *     less 128 x sum(q), which each row keeps from its quantisation (an
+ *     offset on q instead would need a sum over each K vector: one more
+ *     accumulator per key, more than the registers hold).
  * A score is the integer dot product times the row's step (and, as on the
  * float kernels, times the K row's scale: scale_columns).  The dot product
  * of rows of d <= FA_IDOT_MAXD elements, at most 127 x 128 x d in
@@ -605,12 +608,11 @@ static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t
  * q * (127 / max) in double); fastattn.reference.int8_queries does the
  * same.  A row of zeros has step 0; a row with a NaN or an infinity step
  * NaN (its scores NaN, as in float).  With qi, the codes go there (rows of
- * ldqi bytes, zero-padded; plus 128 for VNNI's unsigned operand) and x is
- * left as it is; without, x's elements become step * code. */
-static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_t cs, uint8_t *qi, int64_t ldqi,
-                              FA_T *step)
+ * ldqi bytes, zero-padded) with each row's sum of codes times 128 in
+ * qsum, and x is left as it is; without, x's elements become step * code. */
+static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_t cs, int8_t *qi, int64_t ldqi,
+                              FA_T *step, int32_t *qsum)
 {
-    const int bias = qi && FA_IDOT == 2 ? 128 : 0;
     for (int64_t r = 0; r < bq; r++) {
         FA_T *q = x + r * rs;
         FA_T amax = 0;
@@ -620,16 +622,19 @@ static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_
             finite &= a <= (FA_T)(FA_T_IS_FLOAT ? FLT_MAX : DBL_MAX);
             amax = a > amax ? a : amax;
         }
-        if (qi && ldqi > 0) memset(qi + r * ldqi, bias, (size_t)ldqi);
+        if (qi && ldqi > 0) memset(qi + r * ldqi, 0, (size_t)ldqi);
         step[r] = finite ? (FA_T)((double)amax / 127.0) : (FA_T)NAN;
         const double inv = finite && amax > 0 ? 127.0 / (double)amax : 0;
+        int32_t sum = 0;
         for (int64_t c = 0; c < d; c++) {
-            const int code = (int)nearbyint((double)q[c * cs] * inv);
+            const int code = (int)rint((double)q[c * cs] * inv); /* |code| <= 127; rint: nearest even */
+            sum += code;
             if (qi)
-                qi[r * ldqi + c] = (uint8_t)(code + bias);
+                qi[r * ldqi + c] = (int8_t)code;
             else
                 q[c * cs] = step[r] * (FA_T)code;
         }
+        if (qsum) qsum[r] = 128 * sum;
     }
 }
 
@@ -640,6 +645,18 @@ static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_
 #define FA_IV_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
 #define FA_IV_FLOAT(x) _mm256_cvtepi32_ps(x)
 #else
+/* acc + the dot products of 4 unsigned bytes of a with 4 signed bytes of b
+ * per lane (vpdpbusd).  In asm: GCC 12 and 13 give the intrinsic's
+ * accumulator a new register each time (a copy around every vpdpbusd, and
+ * accumulators spilled inside the K loop); tied in place, they stay put. */
+#ifndef FA_DPBUSD_DEFINED
+#define FA_DPBUSD_DEFINED
+static inline __m512i fa_dpbusd(__m512i acc, __m512i a, __m512i b)
+{
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+#endif
 #define FA_IV __m512i
 #define FA_IV_ZERO() _mm512_setzero_si512()
 #define FA_IV_LOAD(p) _mm512_loadu_si512((const void *)(p))
@@ -651,15 +668,14 @@ static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_
  * st[r * lds + j0 + jj] = step[r] * q[r] . k[jj], every K vector loaded
  * once for all R rows, R x KB integer accumulators turned into scores by
  * one reduction tree (as qk_rows_rk). */
-FA_IDOT_TARGET FA_INLINE void FN(qk_i8_rk)(const int R, const int KB, int64_t nb, const uint8_t *qi, int64_t ldqi, const char *kb,
-                            int64_t ldkb, const FA_T *step, FA_T *st, int64_t lds, int64_t j0)
+FA_IDOT_TARGET FA_INLINE void FN(qk_i8_rk)(const int R, const int KB, int64_t nb, const int8_t *qi, int64_t ldqi,
+                                           const char *kb, int64_t ldkb, const FA_T *step, const int32_t *qsum,
+                                           FA_T *st, int64_t lds, int64_t j0)
 {
     FA_IV acc[FA_W];
     FA_UNROLL for (int i = 0; i < FA_W; i++) acc[i] = FA_IV_ZERO();
 #if FA_IDOT == 2
-    FA_IV ksum[FA_W];
-    FA_UNROLL for (int jj = 0; jj < KB; jj++) ksum[jj] = FA_IV_ZERO();
-    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
 #else
     const __m256i ones = _mm256_set1_epi16(1);
 #endif
@@ -674,44 +690,39 @@ FA_IDOT_TARGET FA_INLINE void FN(qk_i8_rk)(const int R, const int KB, int64_t nb
             FA_UNROLL for (int r = 0; r < R; r++) acc[r * KB + jj] = _mm256_add_epi32(
                 acc[r * KB + jj], _mm256_madd_epi16(_mm256_maddubs_epi16(ak, _mm256_sign_epi8(qv[r], kv)), ones));
 #else
-            ksum[jj] = _mm512_dpbusd_epi32(ksum[jj], ones, kv);
-            FA_UNROLL for (int r = 0; r < R; r++) acc[r * KB + jj] = _mm512_dpbusd_epi32(acc[r * KB + jj], qv[r], kv);
+            const __m512i ku = _mm512_xor_si512(kv, flip); /* k + 128 */
+            FA_UNROLL for (int r = 0; r < R; r++) acc[r * KB + jj] = fa_dpbusd(acc[r * KB + jj], ku, qv[r]);
 #endif
         }
     }
     fa_vec f[FA_W];
-    FA_UNROLL for (int r = 0; r < R; r++) FA_UNROLL for (int jj = 0; jj < KB; jj++)
-    {
-#if FA_IDOT == 2
-        acc[r * KB + jj] = _mm512_sub_epi32(acc[r * KB + jj], _mm512_slli_epi32(ksum[jj], 7));
-#endif
-    }
     FA_UNROLL for (int i = 0; i < FA_W; i++) f[i] = FA_IV_FLOAT(acc[i]);
     FA_T t[FA_W];
     VSTORE(t, FN(hsums)(f));
     FA_UNROLL for (int r = 0; r < R; r++) FA_UNROLL for (int jj = 0; jj < KB; jj++)
-        st[r * lds + j0 + jj] = t[r * KB + jj] * step[r];
+        st[r * lds + j0 + jj] = (FA_IDOT == 2 ? t[r * KB + jj] - (FA_T)qsum[r] : t[r * KB + jj]) * step[r];
 }
 
 /* qk_rows on integer dot products (see above) for the bq quantised rows of
  * the item (w->qi, w->qstep) against bk int8 K rows of d elements at k,
  * ldkb bytes apart; scores unscaled by the K rows' scales, as qk_rows_narrow
  * gives them. */
-FA_IDOT_TARGET static void FN(qk_rows_i8)(int64_t bq, int64_t d, const uint8_t *qi, int64_t ldqi, const FA_T *step, const char *k,
-                           int64_t ldkb, int64_t bk, FA_T *st, int64_t lds, const fa_prefetch_plan *pf)
+FA_IDOT_TARGET static void FN(qk_rows_i8)(int64_t bq, int64_t d, const int8_t *qi, int64_t ldqi, const FA_T *step,
+                                          const int32_t *qsum, const char *k, int64_t ldkb, int64_t bk, FA_T *st,
+                                          int64_t lds, const fa_prefetch_plan *pf)
 {
     const int64_t nb = d / FA_IDOT_BYTES, kb_keys = FA_W / FA_POW2(bq);
     int64_t j0 = 0;
 #define FA_QKI_SWITCH(KB)                                                                           \
     switch (bq) { /* compile-time row counts */                                                     \
-    case 1: FN(qk_i8_rk)(1, (KB) ? (KB) : FA_W, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break;  \
-    case 2: FN(qk_i8_rk)(2, (KB) ? (KB) : FA_W / 2, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
-    case 3: if (FA_ROWS_MAX >= 3) FN(qk_i8_rk)(3, (KB) ? (KB) : FA_W / 4, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
-    case 4: if (FA_ROWS_MAX >= 4) FN(qk_i8_rk)(4, (KB) ? (KB) : FA_W / 4, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
-    case 5: if (FA_ROWS_MAX >= 5) FN(qk_i8_rk)(5, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
-    case 6: if (FA_ROWS_MAX >= 6) FN(qk_i8_rk)(6, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
-    case 7: if (FA_ROWS_MAX >= 7) FN(qk_i8_rk)(7, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
-    default: if (FA_ROWS_MAX >= 8) FN(qk_i8_rk)(8, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, st, lds, j0); break; \
+    case 1: FN(qk_i8_rk)(1, (KB) ? (KB) : FA_W, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break;  \
+    case 2: FN(qk_i8_rk)(2, (KB) ? (KB) : FA_W / 2, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break; \
+    case 3: if (FA_ROWS_MAX >= 3) FN(qk_i8_rk)(3, (KB) ? (KB) : FA_W / 4, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break; \
+    case 4: if (FA_ROWS_MAX >= 4) FN(qk_i8_rk)(4, (KB) ? (KB) : FA_W / 4, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break; \
+    case 5: if (FA_ROWS_MAX >= 5) FN(qk_i8_rk)(5, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break; \
+    case 6: if (FA_ROWS_MAX >= 6) FN(qk_i8_rk)(6, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break; \
+    case 7: if (FA_ROWS_MAX >= 7) FN(qk_i8_rk)(7, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break; \
+    default: if (FA_ROWS_MAX >= 8) FN(qk_i8_rk)(8, (KB) ? (KB) : FA_W / 8, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break; \
     }
     for (; j0 + kb_keys <= bk; j0 += kb_keys) {
         for (int64_t j = j0; j < j0 + kb_keys; j++) FN(prefetch_row)(pf, j);
@@ -1102,10 +1113,12 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
             for (int64_t c = 0; c < ldq; c++) dst[c] = 0;
             for (int64_t c = 0; c < d; c++) dst[off + c] = (FA_T)p->scale * FA_AT(row, c * p->q_cs);
         }
-        if (p->kv_dtype == FA_I8) { /* behind the float rows in qt: the steps, then 8-bit rows of d bytes */
+        if (p->kv_dtype == FA_I8) { /* behind the float rows in qt: steps, sums, 8-bit rows of d bytes */
             FA_T *step = qt + FA_ROWS_MAX * ldq;
-            uint8_t *qi = FN(int8_dot)(p, d) ? (uint8_t *)(step + FA_ROWS_MAX) : NULL;
-            FN(quantize_rows)(bq, d, qt + off, ldq, 1, qi, d, step);
+            int32_t *qsum = (int32_t *)(step + FA_ROWS_MAX);
+            int8_t *qi = FN(int8_dot)(p, d) ? (int8_t *)(qsum + FA_ROWS_MAX) : NULL;
+            FN(quantize_rows)(bq, d, qt + off, ldq, 1, qi, d, step, qsum);
+            w->qsum = qsum;
             w->qi = qi;
             w->qstep = step;
         }
@@ -1114,7 +1127,7 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
                             fa_roundup64(bq, FA_W), d, (FA_T)p->scale, qt, FA_BQ);
         if (p->kv_dtype == FA_I8) {
             FA_T step[FA_BQ];
-            FN(quantize_rows)(bq, d, qt, 1, FA_BQ, NULL, 0, step);
+            FN(quantize_rows)(bq, d, qt, 1, FA_BQ, NULL, 0, step, NULL);
         }
     }
 }
@@ -1360,7 +1373,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         const char *k = (const char *)p->k + e[FA_E_K] + k0 * p->k_rs;
 #if FA_IDOT
         if (w->qi)
-            FN(qk_rows_i8)(bq, d, w->qi, d, w->qstep, k, p->k_rs, bk, w->st, FA_BK, pf);
+            FN(qk_rows_i8)(bq, d, w->qi, d, w->qstep, w->qsum, k, p->k_rs, bk, w->st, FA_BK, pf);
         else
 #endif
             FN(qk_rows_narrow)(bq, d / FA_W, w->qt, w->ldq, k, p->k_rs, nk, bk, w->st, FA_BK, pf);
