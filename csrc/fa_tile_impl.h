@@ -75,6 +75,9 @@ typedef struct {
     int64_t dvp; /* dv rounded up to the vector width */
     int64_t qoff, ldq; /* few-row items: lead and length of the packed Q rows (see pack_q) */
     int64_t voff, ldo; /* lead of the columns in the accumulator's rows, and their length (see plan_v) */
+    int bounded;       /* the current S^T tile has keys some of its rows may not see (see tile_ranges) */
+    int32_t vlo[FA_BQ / FA_W + 1], vhi[FA_BQ / FA_W + 1]; /* keys each vector of rows may see, in the tile */
+    int32_t rlo[FA_BQ], rhi[FA_BQ];                       /* ... each row */
     int8_t *qi;        /* few-row items on integer K.Q: the query rows in 8 bits (see quantize_rows), or NULL */
     FA_T *qstep;       /* their quantisation steps, one per row */
     int32_t *qsum;     /* 128 x the sum of each row's codes */
@@ -111,6 +114,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     w->pw = (uint32_t *)(w->alpha + n_r);
     w->dvp = dvp;
     w->qi = NULL;
+    w->bounded = 0;
     return 0;
 }
 
@@ -1357,6 +1361,35 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
 #endif
 }
 
+/* The keys [rlo, rhi) of tile [k0, k0 + bk) that each row of an S^T tile
+ * may see under its causal and window bounds (relative to k0), and the
+ * union of those of each vector of FA_W rows (vlo, vhi): products outside
+ * them are neither computed (score_tile: their scores become -inf) nor
+ * summed (pv_tile: their weights are 0), which on a tile the diagonal
+ * crosses saves about half of both. */
+static void FN(tile_ranges)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
+                            int64_t k0, int64_t bk)
+{
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    for (int64_t c = 0; c * FA_W < bq; c++) {
+        w->vlo[c] = (int32_t)bk;
+        w->vhi[c] = 0;
+    }
+    for (int64_t r = 0; r < bq; r++) {
+        int64_t lo, hi;
+        fa_row_range(p, (row0 + r) % lq, lq, lk, &lo, &hi);
+        lo = fa_min64(fa_max64(lo - k0, 0), bk);
+        hi = fa_max64(fa_min64(hi - k0, bk), lo);
+        w->rlo[r] = (int32_t)lo;
+        w->rhi[r] = (int32_t)hi;
+        if (hi > lo) {
+            const int64_t c = r / FA_W;
+            w->vlo[c] = (int32_t)fa_min64(w->vlo[c], lo);
+            w->vhi[c] = (int32_t)fa_max64(w->vhi[c], hi);
+        }
+    }
+}
+
 /* The score tile: K[k0 : k0 + bk] . qt, with every score option applied.
  * Layout of st: S^T (bk x FA_BQ), or for at most FA_ROWS_MAX rows S as rows
  * (bq x FA_BK). */
@@ -1366,6 +1399,14 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
     int64_t ldk;
     const int nk = bq <= FA_ROWS_MAX ? FN(narrow_kind)(p, 0) : -1;
+    /* The causal/window bounds matter only where the tile is not visible to
+     * every row of the item; an S^T tile then skips what no row sees. */
+    int64_t lo, hi, all_lo, all_hi;
+    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
+    const int bounds = k0 < all_lo || k0 + bk > all_hi;
+    const int bounded = bounds && bq > FA_ROWS_MAX;
+    w->bounded = bounded;
+    if (bounded) FN(tile_ranges)(p, e, w, row0, bq, k0, bk);
     if (bq <= FA_ROWS_MAX && FN(few_rows_kind)(p->k_rs, p->k_cs) == 1) { /* float16 rows in place */
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
@@ -1385,17 +1426,20 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
                         w->st, FA_BK, pf);
         else
             for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
-                const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
-                for (int64_t j = 0; j < bk; j += FA_MR)
-                    FN(qk_block)((int)fa_min64(FA_MR, bk - j), nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ,
-                                 w->st + j * FA_BQ + cb, FA_BQ);
+                const int64_t nv = fa_min64(FA_NV, (bqp - cb) / FA_W), v0 = cb / FA_W;
+                for (int64_t j = 0; j < bk; j += FA_MR) {
+                    const int64_t mr = fa_min64(FA_MR, bk - j);
+                    int64_t c0 = 0, c1 = nv; /* the vectors of this chunk that see a key of [j, j + mr) */
+                    if (bounded) {
+                        while (c0 < nv && (w->vlo[v0 + c0] >= j + mr || w->vhi[v0 + c0] <= j)) c0++;
+                        while (c1 > c0 && (w->vlo[v0 + c1 - 1] >= j + mr || w->vhi[v0 + c1 - 1] <= j)) c1--;
+                        if (c0 == c1) continue;
+                    }
+                    FN(qk_block)((int)mr, (int)(c1 - c0), d, k + j * ldk, ldk, w->qt + cb + c0 * FA_W, FA_BQ,
+                                 w->st + j * FA_BQ + cb + c0 * FA_W, FA_BQ);
+                }
             }
     }
-    /* The causal/window bounds matter only where the tile is not visible to
-     * every row of the item. */
-    int64_t lo, hi, all_lo, all_hi;
-    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
-    const int bounds = k0 < all_lo || k0 + bk > all_hi;
     FN(apply_options)(p, e, w, row0, bq, k0, bk, bounds);
 }
 
@@ -1476,9 +1520,21 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
     v = FN(kv_rows)(p, e, 1, k0, bk, p->dv, dvp, w->vp, &ldv);
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
-        for (int64_t r = 0; r < bq; r += FA_MR)
-            FN(pv_block_st)((int)fa_min64(FA_MR, bq - r), nv, bk, w->st + r, v + cb, ldv, w->o + r * dvp + cb, dvp,
-                            w->alpha + r);
+        for (int64_t r = 0; r < bq; r += FA_MR) {
+            const int64_t mr = fa_min64(FA_MR, bq - r);
+            int64_t j0 = 0, j1 = bk; /* the keys these rows see (tile_ranges): the others weigh 0 */
+            if (w->bounded) {
+                j0 = bk, j1 = 0;
+                for (int64_t x = r; x < r + mr; x++)
+                    if (w->rhi[x] > w->rlo[x]) {
+                        j0 = fa_min64(j0, w->rlo[x]);
+                        j1 = fa_max64(j1, w->rhi[x]);
+                    }
+                if (j1 < j0) j0 = j1 = 0; /* none: the accumulator is only rescaled */
+            }
+            FN(pv_block_st)((int)mr, nv, j1 - j0, w->st + j0 * FA_BQ + r, v + j0 * ldv + cb, ldv, w->o + r * dvp + cb,
+                            dvp, w->alpha + r);
+        }
     }
 }
 
@@ -1493,13 +1549,21 @@ static void FN(softmax_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
 {
     for (int64_t c = 0; c < bqp; c += FA_W) {
         FA_T *col = w->st + c;
+        /* keys outside what these rows see (tile_ranges) are -inf: weight 0, no exp */
+        int64_t j0 = 0, j1 = bk;
+        if (w->bounded) {
+            j0 = w->vlo[c / FA_W], j1 = w->vhi[c / FA_W];
+            if (j1 < j0) j0 = j1 = 0;
+            for (int64_t j = 0; j < j0; j++) VSTORE(col + j * FA_BQ, VZERO());
+            for (int64_t j = j1; j < bk; j++) VSTORE(col + j * FA_BQ, VZERO());
+        }
         fa_vec tmax = VBCAST((FA_T)-INFINITY);
-        for (int64_t j = 0; j < bk; j++) tmax = VMAX(tmax, VLOAD(col + j * FA_BQ));
+        for (int64_t j = j0; j < j1; j++) tmax = VMAX(tmax, VLOAD(col + j * FA_BQ));
         const fa_vec mold = VLOAD(w->rmax + c);
         const fa_vec mnew = VMAX(tmax, mold);
         const fa_vec muse = VNEGINF0(mnew);
         fa_vec sum = VZERO();
-        for (int64_t j = 0; j < bk; j++) {
+        for (int64_t j = j0; j < j1; j++) {
             const fa_vec x = VEXP(VSUB(VLOAD(col + j * FA_BQ), muse));
             VSTORE(col + j * FA_BQ, x);
             sum = VADD(sum, x);
