@@ -198,20 +198,28 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
         k = kp;
         ldk = d2;
     }
+    /* as score_tile: a tile the bounds cross skips what no row sees */
+    int64_t lo, hi, all_lo, all_hi;
+    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
+    const int bounds = k0 < all_lo || k0 + bk > all_hi;
+    w->bounded = bounds && bq > FA_ROWS_MAX;
+    if (w->bounded) FN(tile_ranges)(p, e, w, row0, bq, k0, bk);
     const uint32_t *qt = (const uint32_t *)w->qt;
     if (bq <= FA_ROWS_MAX) {
         FN(qk_rows_dp)(bq, d2, w->qoff, qt, w->ldq, k, ldk, bk, (float)p->scale, w->st, pf);
     } else {
         for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
-            const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
-            for (int64_t j = 0; j < bk; j += FA_MR)
-                FN(qk_dp_block)((int)fa_min64(FA_MR, bk - j), nv, d2, k + j * ldk, ldk, qt + cb,
-                                (float)p->scale, w->st + j * FA_BQ + cb);
+            const int64_t nv = fa_min64(FA_NV, (bqp - cb) / FA_W);
+            for (int64_t j = 0; j < bk; j += FA_MR) {
+                const int64_t mr = fa_min64(FA_MR, bk - j);
+                int64_t c0 = 0, c1 = nv;
+                if (w->bounded && !FN(tile_vectors)(w, cb / FA_W, nv, j, mr, &c0, &c1)) continue;
+                FN(qk_dp_block)((int)mr, (int)(c1 - c0), d2, k + j * ldk, ldk, qt + cb + c0 * FA_W, (float)p->scale,
+                                w->st + j * FA_BQ + cb + c0 * FA_W);
+            }
         }
     }
-    int64_t lo, hi, all_lo, all_hi;
-    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
-    FN(apply_options)(p, e, w, row0, bq, k0, bk, k0 < all_lo || k0 + bk > all_hi);
+    FN(apply_options)(p, e, w, row0, bq, k0, bk, bounds);
 }
 
 /* 16 words (lo[i], hi[i]) from two rows of 16 floats, rounded to bfloat16. */
@@ -435,9 +443,14 @@ static void FN(pv_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     }
     for (int64_t cb = 0; cb < dvp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
-        for (int64_t r = 0; r < bq; r += FA_MR)
-            FN(pv_dp_block)((int)fa_min64(FA_MR, bq - r), nv, b2, w->pw + r, vw + cb, dvp, w->o + r * dvp + cb,
-                            dvp, w->alpha + r);
+        for (int64_t r = 0; r < bq; r += FA_MR) {
+            const int64_t mr = fa_min64(FA_MR, bq - r);
+            int64_t j0, j1, t0, t1; /* the key pairs these rows see: the others weigh 0 */
+            FN(tile_keys)(w, r, mr, bk, &j0, &j1);
+            t0 = j0 / 2, t1 = j1 > j0 ? (j1 + 1) / 2 : t0;
+            FN(pv_dp_block)((int)mr, nv, t1 - t0, w->pw + t0 * FA_BQ + r, vw + t0 * dvp + cb, dvp,
+                            w->o + r * dvp + cb, dvp, w->alpha + r);
+        }
     }
 }
 

@@ -1390,6 +1390,37 @@ static void FN(tile_ranges)(const fa_problem *p, const int64_t *e, FN(scratch) *
     }
 }
 
+/* Of the nv row vectors from vector v0 of a bounded S^T tile, those
+ * [*c0, *c1) that may see a key of [j, j + mr): 0 if none. */
+static inline int FN(tile_vectors)(const FN(scratch) *w, int64_t v0, int64_t nv, int64_t j, int64_t mr, int64_t *c0,
+                                   int64_t *c1)
+{
+    int64_t a = 0, b = nv;
+    while (a < nv && (w->vlo[v0 + a] >= j + mr || w->vhi[v0 + a] <= j)) a++;
+    while (b > a && (w->vlo[v0 + b - 1] >= j + mr || w->vhi[v0 + b - 1] <= j)) b--;
+    *c0 = a;
+    *c1 = b;
+    return b > a;
+}
+
+/* The keys [*j0, *j1) of a tile of bk keys that rows r .. r + mr - 1 may
+ * see (all of them unless the tile is bounded; an empty range if none). */
+static inline void FN(tile_keys)(const FN(scratch) *w, int64_t r, int64_t mr, int64_t bk, int64_t *j0, int64_t *j1)
+{
+    int64_t a = 0, b = bk;
+    if (w->bounded) {
+        a = bk, b = 0;
+        for (int64_t x = r; x < r + mr; x++)
+            if (w->rhi[x] > w->rlo[x]) {
+                a = fa_min64(a, w->rlo[x]);
+                b = fa_max64(b, w->rhi[x]);
+            }
+        if (b < a) a = b = 0;
+    }
+    *j0 = a;
+    *j1 = b;
+}
+
 /* The score tile: K[k0 : k0 + bk] . qt, with every score option applied.
  * Layout of st: S^T (bk x FA_BQ), or for at most FA_ROWS_MAX rows S as rows
  * (bq x FA_BK). */
@@ -1430,11 +1461,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
                 for (int64_t j = 0; j < bk; j += FA_MR) {
                     const int64_t mr = fa_min64(FA_MR, bk - j);
                     int64_t c0 = 0, c1 = nv; /* the vectors of this chunk that see a key of [j, j + mr) */
-                    if (bounded) {
-                        while (c0 < nv && (w->vlo[v0 + c0] >= j + mr || w->vhi[v0 + c0] <= j)) c0++;
-                        while (c1 > c0 && (w->vlo[v0 + c1 - 1] >= j + mr || w->vhi[v0 + c1 - 1] <= j)) c1--;
-                        if (c0 == c1) continue;
-                    }
+                    if (bounded && !FN(tile_vectors)(w, v0, nv, j, mr, &c0, &c1)) continue;
                     FN(qk_block)((int)mr, (int)(c1 - c0), d, k + j * ldk, ldk, w->qt + cb + c0 * FA_W, FA_BQ,
                                  w->st + j * FA_BQ + cb + c0 * FA_W, FA_BQ);
                 }
@@ -1522,16 +1549,8 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
         const int nv = (int)fa_min64(FA_NV, (dvp - cb) / FA_W);
         for (int64_t r = 0; r < bq; r += FA_MR) {
             const int64_t mr = fa_min64(FA_MR, bq - r);
-            int64_t j0 = 0, j1 = bk; /* the keys these rows see (tile_ranges): the others weigh 0 */
-            if (w->bounded) {
-                j0 = bk, j1 = 0;
-                for (int64_t x = r; x < r + mr; x++)
-                    if (w->rhi[x] > w->rlo[x]) {
-                        j0 = fa_min64(j0, w->rlo[x]);
-                        j1 = fa_max64(j1, w->rhi[x]);
-                    }
-                if (j1 < j0) j0 = j1 = 0; /* none: the accumulator is only rescaled */
-            }
+            int64_t j0, j1; /* the keys these rows see: the others weigh 0 (none: o is only rescaled) */
+            FN(tile_keys)(w, r, mr, bk, &j0, &j1);
             FN(pv_block_st)((int)mr, nv, j1 - j0, w->st + j0 * FA_BQ + r, v + j0 * ldv + cb, ldv, w->o + r * dvp + cb,
                             dvp, w->alpha + r);
         }
