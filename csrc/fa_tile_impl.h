@@ -579,10 +579,11 @@ static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t
  *     offset on q instead would need a sum over each K vector: one more
  *     accumulator per key, more than the registers hold).
  * A score is the integer dot product times the row's step (and, as on the
- * float kernels, times the K row's scale: scale_columns).  The dot product
- * of rows of d <= FA_IDOT_MAXD elements, at most 127 x 128 x d in
- * magnitude, is exact in float too (< 2^24).  K rows fill whole vectors of
- * FA_IDOT_BYTES bytes. */
+ * float kernels, times the K row's scale: scale_columns).  The lanes'
+ * partial sums are added in float, exactly while every partial sum stays
+ * below 2^24: rows of d <= FA_IDOT_MAXD elements (sums of at most
+ * 128 x 127 x d, and 255 x 127 x d before VNNI's correction).  K rows fill
+ * whole vectors of FA_IDOT_BYTES bytes. */
 #undef FA_IDOT
 #undef FA_IDOT_BYTES
 #undef FA_IDOT_MAXD
@@ -602,7 +603,7 @@ static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t
 #define FA_IDOT_BYTES 64
 #define FA_IDOT_TARGET
 #endif
-#define FA_IDOT_MAXD 1024
+#define FA_IDOT_MAXD (FA_IDOT == 2 ? 512 : 1024)
 
 /* Query rows against an int8 cache are quantised per row, on every path
  * and item shape (so that a row's result never depends on which computed
