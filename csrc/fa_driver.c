@@ -84,6 +84,20 @@ static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int
             }
             break;
         case FA_MASK_F32:
+#if defined(__SSE2__)
+            if (cs == 4) { /* four at a time: all -inf, all +-0 */
+                const __m128i ninf = _mm_set1_epi32((int)0xff800000u), magnitude = _mm_set1_epi32(0x7fffffff);
+                const __m128i zero = _mm_setzero_si128();
+                __m128i all_ninf = _mm_set1_epi32(-1), all_zero = all_ninf;
+                for (; j + 4 <= bk; j += 4) {
+                    const __m128i x = _mm_loadu_si128((const __m128i *)(m + 4 * j));
+                    all_ninf = _mm_and_si128(all_ninf, _mm_cmpeq_epi32(x, ninf));
+                    all_zero = _mm_and_si128(all_zero, _mm_cmpeq_epi32(_mm_and_si128(x, magnitude), zero));
+                }
+                hidden &= _mm_movemask_epi8(all_ninf) == 0xffff;
+                visible &= _mm_movemask_epi8(all_zero) == 0xffff;
+            }
+#endif
             for (; j < bk; j++) {
                 uint32_t x;
                 memcpy(&x, m + j * cs, 4);
