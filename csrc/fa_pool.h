@@ -87,9 +87,10 @@ int64_t fa_pool_blas_runs(void);
  * members, or runs on member 0 alone where the runtime gives a nested
  * region one thread; its region has n threads (the rest return at once),
  * since GNU's runtime ends the threads a smaller region leaves out and the
- * host's next region would have to start them again.  A child process forked after this call runs its
- * teams on the pool (GNU's runtime hangs in a region started in a child
- * forked after it ran one).  fa_pool_host_runs counts the teams run there. */
+ * host's next region would have to start them again.  A child process
+ * forked after this call runs its teams on the pool (GNU's runtime hangs in
+ * a region started in a child forked after it ran one).  fa_pool_host_runs
+ * counts the teams run there. */
 typedef void (*fa_omp_parallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
 typedef int (*fa_omp_thread_num)(void);
 void fa_pool_set_host_openmp(fa_omp_parallel parallel, fa_omp_thread_num thread_num);

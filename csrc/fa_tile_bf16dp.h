@@ -198,12 +198,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
         k = kp;
         ldk = d2;
     }
-    /* as score_tile: a tile the bounds cross skips what no row sees */
-    int64_t lo, hi, all_lo, all_hi;
-    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
-    const int bounds = k0 < all_lo || k0 + bk > all_hi;
-    w->bounded = bounds && bq > FA_ROWS_MAX;
-    if (w->bounded) FN(tile_ranges)(p, e, w, row0, bq, k0, bk);
+    const int bounds = FN(tile_bounds)(p, e, w, row0, bq, k0, bk); /* as score_tile */
     const uint32_t *qt = (const uint32_t *)w->qt;
     if (bq <= FA_ROWS_MAX) {
         FN(qk_rows_dp)(bq, d2, w->qoff, qt, w->ldq, k, ldk, bk, (float)p->scale, w->st, pf);

@@ -1422,6 +1422,20 @@ static inline void FN(tile_keys)(const FN(scratch) *w, int64_t r, int64_t mr, in
     *j1 = b;
 }
 
+/* Do the causal/window bounds cut tile [k0, k0 + bk) of the item's rows
+ * (are its keys not all visible to every row)?  They matter only then; an
+ * S^T tile then skips what no row sees (w->bounded, tile_ranges). */
+static int FN(tile_bounds)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
+                           int64_t k0, int64_t bk)
+{
+    int64_t lo, hi, all_lo, all_hi;
+    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
+    const int bounds = k0 < all_lo || k0 + bk > all_hi;
+    w->bounded = bounds && bq > FA_ROWS_MAX;
+    if (w->bounded) FN(tile_ranges)(p, e, w, row0, bq, k0, bk);
+    return bounds;
+}
+
 /* The score tile: K[k0 : k0 + bk] . qt, with every score option applied.
  * Layout of st: S^T (bk x FA_BQ), or for at most FA_ROWS_MAX rows S as rows
  * (bq x FA_BK). */
@@ -1431,14 +1445,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
     int64_t ldk;
     const int nk = bq <= FA_ROWS_MAX ? FN(narrow_kind)(p, 0) : -1;
-    /* The causal/window bounds matter only where the tile is not visible to
-     * every row of the item; an S^T tile then skips what no row sees. */
-    int64_t lo, hi, all_lo, all_hi;
-    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
-    const int bounds = k0 < all_lo || k0 + bk > all_hi;
-    const int bounded = bounds && bq > FA_ROWS_MAX;
-    w->bounded = bounded;
-    if (bounded) FN(tile_ranges)(p, e, w, row0, bq, k0, bk);
+    const int bounds = FN(tile_bounds)(p, e, w, row0, bq, k0, bk);
     if (bq <= FA_ROWS_MAX && FN(few_rows_kind)(p->k_rs, p->k_cs) == 1) { /* float16 rows in place */
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
@@ -1462,7 +1469,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
                 for (int64_t j = 0; j < bk; j += FA_MR) {
                     const int64_t mr = fa_min64(FA_MR, bk - j);
                     int64_t c0 = 0, c1 = nv; /* the vectors of this chunk that see a key of [j, j + mr) */
-                    if (bounded && !FN(tile_vectors)(w, v0, nv, j, mr, &c0, &c1)) continue;
+                    if (w->bounded && !FN(tile_vectors)(w, v0, nv, j, mr, &c0, &c1)) continue;
                     FN(qk_block)((int)mr, (int)(c1 - c0), d, k + j * ldk, ldk, w->qt + cb + c0 * FA_W, FA_BQ,
                                  w->st + j * FA_BQ + cb + c0 * FA_W, FA_BQ);
                 }

@@ -224,9 +224,7 @@ def attention(args, out, lse, num_threads):
                 if len(_problems_cache) >= _FIELDS_CACHE_MAX:
                     _problems_cache.clear()
                 _problems_cache[key] = template
-            _core.attention(template.rebased(
-                num_threads=num_threads, q=address(args.q), k=address(args.k), v=address(args.v), out=address(out),
-                lse=0 if lse is None else address(lse), keep=(args.q, args.k, args.v, out, lse)))
+            rerun(template, num_threads, args.q, args.k, args.v, out, lse)
             converted = any(a is not o for a, (_, o) in zip((args.q, args.k, args.v), args.originals))
             return None if converted else template
         key = (args.dtype, _config.path_index(), args.lead, args.group, args.lq, args.lk, args.d, args.dv,
