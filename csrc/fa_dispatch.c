@@ -379,18 +379,23 @@ static int fa_run(const fa_problem *p, int kind)
     const int shared = kind == FA_KIND_ATTENTION ? fa_shared_mask_tables(p, threads, &local, &local_entries, &tables)
                                                  : 0;
     int status = FA_ERR_NOMEM;
-    if (shared >= 0) status = fa_run_items(shared ? &local : p, kind, items, n_items, n_parts, threads, ops);
+    if (shared >= 0) status = fa_run_items(shared ? &local : p, kind, items, n_items, n_parts, threads, ops, NULL);
     free(local_entries);
     free(tables);
     free(items);
     return status;
 }
 
-/* The backward in two walks, each item writing rows no other item writes:
- * first one item per key block of an entry (its dk and dv rows, summed over
- * every query row of the entry), then one per query tile (its dq rows).
- * Item order and sums are fixed by the problem, so the gradients are
- * bitwise the same for any thread count. */
+/* Most bytes of dq accumulators a backward run holds: entries are run in
+ * groups whose accumulators fit (at least one entry per run). */
+#define FA_BWD_ACC_BYTES ((int64_t)32 << 20)
+
+/* The backward: one item per key block of an entry, writing its dk and dv
+ * rows (summed over every query row of the entry) and adding to the dq
+ * accumulators of the query tiles that see it, in key-block order (see
+ * fa_bwd_keys_item); the tiles no key block visits get dq = 0.  Sums are
+ * fixed by the problem, so the gradients are bitwise the same for any
+ * thread count. */
 int fa_attention_backward(const fa_problem *p)
 {
     const fa_tile_ops *ops;
@@ -398,43 +403,66 @@ int fa_attention_backward(const fa_problem *p)
     if (checked != FA_OK) return checked;
     if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages || p->kv_dtype != p->dtype) return FA_ERR_INVALID;
     if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || !p->delta)) return FA_ERR_INVALID;
-    int64_t n_keys = 0, n_rows = 0;
-    for (int64_t i = 0; i < p->n_entries; i++) {
-        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
-        n_keys += (e[FA_E_LK] + FA_BK - 1) / FA_BK;
-        n_rows += (p->group * e[FA_E_LQ] + FA_BQ - 1) / FA_BQ;
-    }
-    const int64_t n_max = fa_max64(n_keys, n_rows);
-    if (n_max == 0) return FA_OK;
-    if ((uint64_t)n_max > SIZE_MAX / sizeof(fa_item)) return FA_ERR_NOMEM;
-    fa_item *items = (fa_item *)calloc((size_t)n_max, sizeof(fa_item));
-    if (!items) return FA_ERR_NOMEM;
-    /* about 2.5 forward passes of work, of which the dk/dv walk does 4 products of 5 */
-    double work = 0;
-    for (int64_t i = 0; i < p->n_entries; i++) {
-        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
-        work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
-    }
-    int64_t t = 0;
-    for (int64_t i = 0; i < p->n_entries; i++)
-        for (int64_t k0 = 0; k0 < p->entries[i * FA_ENTRY_FIELDS + FA_E_LK]; k0 += FA_BK, t++) {
-            items[t].entry = i;
-            items[t].row0 = k0;
-            items[t].part = -1;
-            items[t].bundle = 1;
+    const int64_t n = p->n_entries, ld = fa_roundup64(p->d, ops->width), eb = ops->elem_bytes;
+    if (n <= 0) return FA_OK;
+    if ((uint64_t)n > SIZE_MAX / (3 * sizeof(int64_t))) return FA_ERR_NOMEM;
+    /* per entry: its first accumulator row and first tile within its run */
+    int64_t *acc_row = (int64_t *)malloc((size_t)n * 2 * sizeof(int64_t)), *tile0 = acc_row + n;
+    int64_t n_keys = 0;
+    for (int64_t i = 0; i < n; i++) n_keys += (p->entries[i * FA_ENTRY_FIELDS + FA_E_LK] + FA_BK - 1) / FA_BK;
+    fa_item *items = acc_row && (uint64_t)n_keys < SIZE_MAX / sizeof(fa_item)
+                         ? (fa_item *)malloc((size_t)(n_keys + 1) * sizeof(fa_item))
+                         : NULL;
+    int status = acc_row && items ? FA_OK : FA_ERR_NOMEM;
+    for (int64_t i0 = 0, i1; i0 < n && status == FA_OK; i0 = i1) {
+        /* entries [i0, i1): their accumulator rows, tiles and items */
+        int64_t rows = 0, tiles = 0, t = 0;
+        double work = 0;
+        for (i1 = i0; i1 < n; i1++) {
+            const int64_t *e = p->entries + i1 * FA_ENTRY_FIELDS;
+            const int64_t er = fa_roundup64(p->group * e[FA_E_LQ], FA_BQ);
+            if (i1 > i0 && (rows + er) * ld * eb > FA_BWD_ACC_BYTES) break;
+            acc_row[i1] = rows;
+            tile0[i1] = tiles;
+            rows += er;
+            tiles += er / FA_BQ;
+            /* about 2.5 forward passes of work */
+            work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
+            for (int64_t k0 = 0; k0 < e[FA_E_LK]; k0 += FA_BK, t++)
+                items[t] = (fa_item){.entry = i1, .row0 = k0, .part = -1, .bundle = 1};
         }
-    int status = fa_run_items(p, FA_KIND_BWD_KEYS, items, n_keys, 0, fa_thread_count(p, work, n_keys), ops);
-    t = 0;
-    for (int64_t i = 0; i < p->n_entries && status == FA_OK; i++)
-        for (int64_t row0 = 0; row0 < p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ]; row0 += FA_BQ, t++) {
-            items[t].entry = i;
-            items[t].row0 = row0;
-            items[t].part = -1;
-            items[t].bundle = 1;
+        if ((uint64_t)rows > SIZE_MAX / (uint64_t)(ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t)) {
+            status = FA_ERR_NOMEM;
+            break;
         }
-    if (status == FA_OK)
-        status = fa_run_items(p, FA_KIND_BWD_ROWS, items, n_rows, 0, fa_thread_count(p, work, n_rows), ops);
+        /* the accumulators (each tile zeroed by its first key block) and turns */
+        size_t acc_bytes = (size_t)(rows * ld * eb), turn_bytes = (size_t)tiles * sizeof(int64_t);
+        fa_bwd_dq dq = {(char *)fa_scratch_take(&acc_bytes), ld, eb, acc_row, tile0,
+                        (int64_t *)fa_scratch_take(&turn_bytes)};
+        if (dq.acc && dq.turns) {
+            memset(dq.turns, 0, (size_t)tiles * sizeof(int64_t));
+            status = fa_run_items(p, FA_KIND_BWD, items, t, 0, fa_thread_count(p, work, t), ops, &dq);
+            /* the tiles no key block visits: dq = 0 */
+            for (int64_t i = i0; i < i1 && status == FA_OK; i++) {
+                const int64_t *e = p->entries + i * FA_ENTRY_FIELDS, lq = e[FA_E_LQ], lk = e[FA_E_LK];
+                for (int64_t row0 = 0; row0 < p->group * lq; row0 += FA_BQ) {
+                    const int64_t bq = fa_min64(FA_BQ, p->group * lq - row0);
+                    int64_t first, last;
+                    fa_bwd_visits(p, lq, lk, row0, bq, &first, &last);
+                    if (last >= first) continue;
+                    char *acc = dq.acc + (acc_row[i] + row0) * ld * eb;
+                    memset(acc, 0, (size_t)(bq * ld * eb));
+                    ops->bwd_dq_store(p, e, acc, ld, row0, bq);
+                }
+            }
+        } else {
+            status = FA_ERR_NOMEM;
+        }
+        fa_scratch_give(dq.acc, acc_bytes);
+        fa_scratch_give(dq.turns, turn_bytes);
+    }
     free(items);
+    free(acc_row);
     return status;
 }
 

@@ -388,31 +388,35 @@ static void fa_wsum_item(const fa_problem *p, const fa_tile_ops *ops, const int6
     ops->store_rows(p, e, w, row0, bq, 0);
 }
 
-/* Backward, dk and dv of keys [k0, k0 + bk) of entry e: summed over every
- * query tile of the entry (all heads of a group) that sees them, in order,
- * by this one item, so no other item writes these rows. */
-static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, void *w, int64_t k0)
+/* Backward, key block k0 / FA_BK of entry `entry`: its dk and dv rows summed
+ * over every query tile of the entry (all heads of a group) that sees them,
+ * in order, by this one item, so no other item writes these rows; and each
+ * such tile's dS K added to the tile's dq accumulator when its turn comes
+ * (after the entry's earlier key blocks, so the sums do not depend on the
+ * thread count), the last block storing the tile's dq. */
+static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const fa_bwd_dq *dq, int64_t entry, void *w,
+                             int64_t k0)
 {
+    const int64_t *e = p->entries + entry * FA_ENTRY_FIELDS;
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq, bk = fa_min64(FA_BK, lk - k0);
+    const int64_t j = k0 / FA_BK, ld = dq->ld, row_bytes = ld * dq->elem_bytes;
+    char *acc = dq->acc + dq->acc_row[entry] * row_bytes;
+    int64_t *turns = dq->turns + dq->tile0[entry];
     ops->bwd_keys_begin(p, e, w, k0, bk);
     for (int64_t row0 = 0; row0 < rows; row0 += FA_BQ) {
         const int64_t bq = fa_min64(FA_BQ, rows - row0);
-        int64_t lo, hi, unused;
-        fa_block_range(p, lq, lk, row0, bq, &lo, &hi, &unused, &unused);
-        if (hi > k0 && lo < k0 + bk) ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk);
+        int64_t first, last;
+        fa_bwd_visits(p, lq, lk, row0, bq, &first, &last);
+        if (j < first || j > last) continue;
+        ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk);
+        int64_t *turn = turns + row0 / FA_BQ;
+        fa_team_wait(turn, j - first);
+        if (j == first) memset(acc + row0 * row_bytes, 0, (size_t)(bq * row_bytes));
+        ops->bwd_keys_dq(w, bq, bk, acc + row0 * row_bytes, ld);
+        if (j == last) ops->bwd_dq_store(p, e, acc + row0 * row_bytes, ld, row0, bq);
+        __atomic_store_n(turn, j - first + 1, __ATOMIC_RELEASE);
     }
     ops->bwd_keys_store(p, e, w, k0, bk);
-}
-
-/* Backward, dq of rows [row0, row0 + bq) of entry e, over the keys they see. */
-static void fa_bwd_rows_item(const fa_problem *p, const fa_tile_ops *ops, const int64_t *e, void *w, int64_t row0,
-                             int64_t bq)
-{
-    int64_t klo, khi, unused;
-    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &klo, &khi, &unused, &unused);
-    ops->bwd_rows_begin(p, e, w, row0, bq);
-    for (int64_t k0 = klo; k0 < khi; k0 += FA_BK) ops->bwd_rows_tile(p, e, w, row0, bq, k0, fa_min64(FA_BK, khi - k0));
-    ops->bwd_rows_store(p, e, w, row0, bq);
 }
 
 /* What the members of a team running fa_run_items share. */
@@ -423,6 +427,7 @@ typedef struct {
     int64_t n_items, n_parts, slot_rows, slot_bytes;
     char *slots;
     int32_t *splits_done; /* split-KV: splits finished, at the first slot of each entry's (bundle's) row block */
+    const fa_bwd_dq *dq;  /* the backward's dq accumulators */
     int kind;
     int status;
     int64_t next; /* the items handed out */
@@ -452,7 +457,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
     const fa_tile_ops *ops = r->ops;
     const fa_item *items = r->items;
     const int kind = r->kind;
-    const int bwd = kind == FA_KIND_BWD_KEYS || kind == FA_KIND_BWD_ROWS;
+    const int bwd = kind == FA_KIND_BWD;
     /* scratch of entry 0, and of the other entries of bundles as they come */
     void *w[FA_BUNDLE_MAX] = {bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
     int n_w = w[0] != NULL;
@@ -480,8 +485,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
             break;
         case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
-        case FA_KIND_BWD_KEYS: fa_bwd_keys_item(p, ops, e, w[0], row0); break;
-        default: fa_bwd_rows_item(p, ops, e, w[0], row0, bq); break;
+        default: fa_bwd_keys_item(p, ops, r->dq, items[t].entry, w[0], row0); break;
         }
     }
     for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);
@@ -489,10 +493,10 @@ static void fa_run_member(void *arg, fa_team *team, int member)
 }
 
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
-                 int num_threads, const fa_tile_ops *ops)
+                 int num_threads, const fa_tile_ops *ops, const fa_bwd_dq *dq)
 {
     if (n_items <= 0) return FA_OK;
-    fa_run r = {p, ops, items, n_items, n_parts, 0, 0, NULL, NULL, kind, FA_OK, 0};
+    fa_run r = {p, ops, items, n_items, n_parts, 0, 0, NULL, NULL, dq, kind, FA_OK, 0};
     size_t slots_bytes = 0;
     if (n_parts > 0) {
         /* a partial slot: as many rows as the largest split item has (a

@@ -31,8 +31,7 @@ enum {
     FA_KIND_ATTENTION = 0,
     FA_KIND_SCORES = 1,
     FA_KIND_WSUM = 2,
-    FA_KIND_BWD_KEYS = 3, /* backward, dk and dv: an item is a key block (from row0) of an entry */
-    FA_KIND_BWD_ROWS = 4  /* backward, dq: an item is a query tile */
+    FA_KIND_BWD = 3 /* backward: an item is a key block (from row0) of an entry */
 };
 
 /*
@@ -128,6 +127,18 @@ static inline void fa_block_range(const fa_problem *p, int64_t lq, int64_t lk, i
     }
     fa_row_range(p, imin, lq, lk, lo, all_hi);
     fa_row_range(p, imax, lq, lk, all_lo, hi);
+}
+
+/* The key blocks (of FA_BK keys, from key 0) the backward visits for the
+ * virtual rows [v0, v0 + n) of an entry: blocks *first .. *last, none if
+ * *last < *first.  A block is visited where it meets fa_block_range's keys. */
+static inline void fa_bwd_visits(const fa_problem *p, int64_t lq, int64_t lk, int64_t v0, int64_t n, int64_t *first,
+                                 int64_t *last)
+{
+    int64_t lo, hi, unused;
+    fa_block_range(p, lq, lk, v0, n, &lo, &hi, &unused, &unused);
+    *first = lo / FA_BK;
+    *last = lo < lk ? (hi + FA_BK - 1) / FA_BK - 1 : *first - 1;
 }
 
 /* Paged k and v (p->pages): the page that holds key j of entry e. */

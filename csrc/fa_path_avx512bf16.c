@@ -54,10 +54,9 @@ const fa_tile_ops fa_ops_bf16_avx512bf16 = {
     .bwd_scratch_free = fa_bwd_scratch_free_bf16_avx512bf16,
     .bwd_keys_begin = fa_bwd_keys_begin_bf16_avx512bf16,
     .bwd_keys_tile = fa_bwd_keys_tile_bf16_avx512bf16,
+    .bwd_keys_dq = fa_bwd_keys_dq_bf16_avx512bf16,
     .bwd_keys_store = fa_bwd_keys_store_bf16_avx512bf16,
-    .bwd_rows_begin = fa_bwd_rows_begin_bf16_avx512bf16,
-    .bwd_rows_tile = fa_bwd_rows_tile_bf16_avx512bf16,
-    .bwd_rows_store = fa_bwd_rows_store_bf16_avx512bf16,
+    .bwd_dq_store = fa_bwd_dq_store_bf16_avx512bf16,
 };
 
 #if defined(__clang__)

@@ -29,10 +29,9 @@ const fa_tile_ops fa_ops_f32_generic = {
     .bwd_scratch_free = fa_bwd_scratch_free_f32_generic,
     .bwd_keys_begin = fa_bwd_keys_begin_f32_generic,
     .bwd_keys_tile = fa_bwd_keys_tile_f32_generic,
+    .bwd_keys_dq = fa_bwd_keys_dq_f32_generic,
     .bwd_keys_store = fa_bwd_keys_store_f32_generic,
-    .bwd_rows_begin = fa_bwd_rows_begin_f32_generic,
-    .bwd_rows_tile = fa_bwd_rows_tile_f32_generic,
-    .bwd_rows_store = fa_bwd_rows_store_f32_generic,
+    .bwd_dq_store = fa_bwd_dq_store_f32_generic,
 };
 
 const fa_tile_ops fa_ops_f64_generic = {
@@ -55,10 +54,9 @@ const fa_tile_ops fa_ops_f64_generic = {
     .bwd_scratch_free = fa_bwd_scratch_free_f64_generic,
     .bwd_keys_begin = fa_bwd_keys_begin_f64_generic,
     .bwd_keys_tile = fa_bwd_keys_tile_f64_generic,
+    .bwd_keys_dq = fa_bwd_keys_dq_f64_generic,
     .bwd_keys_store = fa_bwd_keys_store_f64_generic,
-    .bwd_rows_begin = fa_bwd_rows_begin_f64_generic,
-    .bwd_rows_tile = fa_bwd_rows_tile_f64_generic,
-    .bwd_rows_store = fa_bwd_rows_store_f64_generic,
+    .bwd_dq_store = fa_bwd_dq_store_f64_generic,
 };
 
 const fa_tile_ops fa_ops_f16_generic = {
@@ -81,10 +79,9 @@ const fa_tile_ops fa_ops_f16_generic = {
     .bwd_scratch_free = fa_bwd_scratch_free_f16_generic,
     .bwd_keys_begin = fa_bwd_keys_begin_f16_generic,
     .bwd_keys_tile = fa_bwd_keys_tile_f16_generic,
+    .bwd_keys_dq = fa_bwd_keys_dq_f16_generic,
     .bwd_keys_store = fa_bwd_keys_store_f16_generic,
-    .bwd_rows_begin = fa_bwd_rows_begin_f16_generic,
-    .bwd_rows_tile = fa_bwd_rows_tile_f16_generic,
-    .bwd_rows_store = fa_bwd_rows_store_f16_generic,
+    .bwd_dq_store = fa_bwd_dq_store_f16_generic,
 };
 
 const fa_tile_ops fa_ops_bf16_generic = {
@@ -107,8 +104,7 @@ const fa_tile_ops fa_ops_bf16_generic = {
     .bwd_scratch_free = fa_bwd_scratch_free_bf16_generic,
     .bwd_keys_begin = fa_bwd_keys_begin_bf16_generic,
     .bwd_keys_tile = fa_bwd_keys_tile_bf16_generic,
+    .bwd_keys_dq = fa_bwd_keys_dq_bf16_generic,
     .bwd_keys_store = fa_bwd_keys_store_bf16_generic,
-    .bwd_rows_begin = fa_bwd_rows_begin_bf16_generic,
-    .bwd_rows_tile = fa_bwd_rows_tile_bf16_generic,
-    .bwd_rows_store = fa_bwd_rows_store_bf16_generic,
+    .bwd_dq_store = fa_bwd_dq_store_bf16_generic,
 };

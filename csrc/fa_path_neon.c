@@ -34,10 +34,9 @@ const fa_tile_ops fa_ops_f32_neon = {
     .bwd_scratch_free = fa_bwd_scratch_free_f32_neon,
     .bwd_keys_begin = fa_bwd_keys_begin_f32_neon,
     .bwd_keys_tile = fa_bwd_keys_tile_f32_neon,
+    .bwd_keys_dq = fa_bwd_keys_dq_f32_neon,
     .bwd_keys_store = fa_bwd_keys_store_f32_neon,
-    .bwd_rows_begin = fa_bwd_rows_begin_f32_neon,
-    .bwd_rows_tile = fa_bwd_rows_tile_f32_neon,
-    .bwd_rows_store = fa_bwd_rows_store_f32_neon,
+    .bwd_dq_store = fa_bwd_dq_store_f32_neon,
 };
 
 const fa_tile_ops fa_ops_f64_neon = {
@@ -60,10 +59,9 @@ const fa_tile_ops fa_ops_f64_neon = {
     .bwd_scratch_free = fa_bwd_scratch_free_f64_neon,
     .bwd_keys_begin = fa_bwd_keys_begin_f64_neon,
     .bwd_keys_tile = fa_bwd_keys_tile_f64_neon,
+    .bwd_keys_dq = fa_bwd_keys_dq_f64_neon,
     .bwd_keys_store = fa_bwd_keys_store_f64_neon,
-    .bwd_rows_begin = fa_bwd_rows_begin_f64_neon,
-    .bwd_rows_tile = fa_bwd_rows_tile_f64_neon,
-    .bwd_rows_store = fa_bwd_rows_store_f64_neon,
+    .bwd_dq_store = fa_bwd_dq_store_f64_neon,
 };
 
 const fa_tile_ops fa_ops_f16_neon = {
@@ -86,10 +84,9 @@ const fa_tile_ops fa_ops_f16_neon = {
     .bwd_scratch_free = fa_bwd_scratch_free_f16_neon,
     .bwd_keys_begin = fa_bwd_keys_begin_f16_neon,
     .bwd_keys_tile = fa_bwd_keys_tile_f16_neon,
+    .bwd_keys_dq = fa_bwd_keys_dq_f16_neon,
     .bwd_keys_store = fa_bwd_keys_store_f16_neon,
-    .bwd_rows_begin = fa_bwd_rows_begin_f16_neon,
-    .bwd_rows_tile = fa_bwd_rows_tile_f16_neon,
-    .bwd_rows_store = fa_bwd_rows_store_f16_neon,
+    .bwd_dq_store = fa_bwd_dq_store_f16_neon,
 };
 
 const fa_tile_ops fa_ops_bf16_neon = {
@@ -112,10 +109,9 @@ const fa_tile_ops fa_ops_bf16_neon = {
     .bwd_scratch_free = fa_bwd_scratch_free_bf16_neon,
     .bwd_keys_begin = fa_bwd_keys_begin_bf16_neon,
     .bwd_keys_tile = fa_bwd_keys_tile_bf16_neon,
+    .bwd_keys_dq = fa_bwd_keys_dq_bf16_neon,
     .bwd_keys_store = fa_bwd_keys_store_bf16_neon,
-    .bwd_rows_begin = fa_bwd_rows_begin_bf16_neon,
-    .bwd_rows_tile = fa_bwd_rows_tile_bf16_neon,
-    .bwd_rows_store = fa_bwd_rows_store_bf16_neon,
+    .bwd_dq_store = fa_bwd_dq_store_bf16_neon,
 };
 
 #endif /* __aarch64__ */

@@ -9,7 +9,9 @@
  *   S^T  = K Q^T (scaled)          qk_block, K rows read in place
  *   dP^T = V dO^T                   qk_block, V rows read in place
  *   dV  += P^T dO,  dK += dS^T Q    pv_block over the key block's rows
- *   dQ  += dS K                     pv_block over the query tile's rows
+ *   dQ  += dS K                     pv_block over the query tile's rows, into
+ *                                   the tile's accumulator (the driver orders
+ *                                   the key blocks' additions)
  * with P = exp(S - lse) (or S itself for dot weights), dS = P (dP - delta)
  * (dP for dot weights), times 1 - (z / softcap)^2 under a soft-cap.
  */
@@ -24,10 +26,12 @@ typedef struct {
     FA_T *st;    /* FA_BK x FA_BQ: S^T, then P^T */
     FA_T *dpt;   /* FA_BK x FA_BQ: dP^T, then dS^T */
     FA_T *zt;    /* FA_BK x FA_BQ: soft-capped scores (soft-cap only) */
-    FA_T *acc_k; /* FA_BK x dp: dK of the key block, or FA_BQ x dp: dQ of the query tile */
+    FA_T *acc_k; /* FA_BK x dp: dK of the key block */
     FA_T *acc_v; /* FA_BK x dvp: dV of the key block */
     FA_T *lse;   /* FA_BQ: the rows' lse; +inf for a row that sees no key and past the rows */
     FA_T *delta; /* FA_BQ: the rows' rowsum(dout * out) */
+    const FA_T *k; /* the last tile's K rows (in place or kp), ldk apart, for dQ */
+    int64_t ldk;
     int64_t dp, dvp;
     void *block; /* fa_scratch_take */
     size_t bytes;
@@ -73,27 +77,25 @@ void FA_OP(bwd_scratch_free)(void *w)
     free(w);
 }
 
-/* The query tile's operands: scale Q^T (and scale Q rows if `rows`), dO^T
- * (and dO rows if `rows`), its rows' lse and delta. */
-static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
-                              int rows)
+/* The query tile's operands: scale Q^T and scale Q rows, dO^T and dO rows,
+ * its rows' lse and delta. */
+static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq)
 {
     const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W);
     FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, lq, p->q_hs, row0, bq, bqp, p->d, (FA_T)p->scale, w->qt,
                         FA_BQ);
     FN(pack_transposed)(p->dout, e[FA_E_DOUT], p->dout_rs, p->dout_cs, lq, p->dout_hs, row0, bq, bqp, p->dv, 1,
                         w->dot, FA_BQ);
-    if (rows)
-        for (int64_t r = 0; r < bq; r++) {
-            const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
-            const char *orow = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
-            FA_T *qd = w->qr + r * w->dp, *od = w->dor + r * w->dvp;
-            FN(load_row)(qrow, p->q_cs, p->d, qd);
-            for (int64_t c = 0; c < p->d; c++) qd[c] *= (FA_T)p->scale;
-            for (int64_t c = p->d; c < w->dp; c++) qd[c] = 0;
-            FN(load_row)(orow, p->dout_cs, p->dv, od);
-            for (int64_t c = p->dv; c < w->dvp; c++) od[c] = 0;
-        }
+    for (int64_t r = 0; r < bq; r++) {
+        const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+        const char *orow = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
+        FA_T *qd = w->qr + r * w->dp, *od = w->dor + r * w->dvp;
+        FN(load_row)(qrow, p->q_cs, p->d, qd);
+        for (int64_t c = 0; c < p->d; c++) qd[c] *= (FA_T)p->scale;
+        for (int64_t c = p->d; c < w->dp; c++) qd[c] = 0;
+        FN(load_row)(orow, p->dout_cs, p->dv, od);
+        for (int64_t c = p->dv; c < w->dvp; c++) od[c] = 0;
+    }
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
     for (int64_t r = 0; r < FA_BQ; r++) {
         FA_T l = (FA_T)INFINITY, dl = 0;
@@ -109,19 +111,21 @@ static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scra
 }
 
 /* S^T, P^T (in st) and dS^T (in dpt) of the query tile packed in w and keys
- * [k0, k0 + bk); returns the K rows (FA_BK x dp, ld *ldk) for dQ. */
-static const FA_T *FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
-                                int64_t k0, int64_t bk, int64_t *ldk)
+ * [k0, k0 + bk); the K rows (FA_BK x dp) kept in w for dQ. */
+static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
+                         int64_t k0, int64_t bk)
 {
     const int64_t d = p->d, dv = p->dv, bqp = fa_roundup64(bq, FA_W);
-    int64_t ldv;
-    const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, w->dp, w->kp, ldk);
+    int64_t ldv, ldk;
+    const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, w->dp, w->kp, &ldk);
+    w->k = k;
+    w->ldk = ldk;
     const FA_T *v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, dv, dv, w->vp, &ldv);
     for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
         for (int64_t j = 0; j < bk; j += FA_MR) {
             const int mr = (int)fa_min64(FA_MR, bk - j);
-            FN(qk_block)(mr, nv, d, k + j * *ldk, *ldk, w->qt + cb, FA_BQ, w->st + j * FA_BQ + cb, FA_BQ);
+            FN(qk_block)(mr, nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ, w->st + j * FA_BQ + cb, FA_BQ);
             FN(qk_block)(mr, nv, dv, v + j * ldv, ldv, w->dot + cb, FA_BQ, w->dpt + j * FA_BQ + cb, FA_BQ);
         }
     }
@@ -169,7 +173,6 @@ static const FA_T *FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_sc
                 VSTORE(dp, VMUL(VLOAD(dp), VSUB(one, VMUL(t, t))));
             }
     }
-    return k;
 }
 
 static const FA_T FN(ones)[FA_MR_MAX] = {1, 1, 1, 1, 1, 1};
@@ -201,9 +204,8 @@ void FA_OP(bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_
                           int64_t bk)
 {
     FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
-    int64_t ldk;
-    FN(bwd_pack_rows)(p, e, s, row0, bq, 1);
-    FN(bwd_tile)(p, e, s, row0, bq, k0, bk, &ldk);
+    FN(bwd_pack_rows)(p, e, s, row0, bq);
+    FN(bwd_tile)(p, e, s, row0, bq, k0, bk);
     /* dV += P^T dO and dK += dS^T (scale Q): rows are keys, terms queries */
     FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, FA_BQ, s->dor, s->dvp, s->acc_v, s->dvp);
     FN(bwd_accumulate)(bk, s->dp, bq, s->dpt, 1, FA_BQ, s->qr, s->dp, s->acc_k, s->dp);
@@ -220,32 +222,22 @@ void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64
     }
 }
 
-/* ---- dQ: one query tile, every key tile it sees -------------------------- */
-
-void FA_OP(bwd_rows_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq)
+/* dQ += dS K (scaled at the store) for the last tile of bwd_keys_tile: rows
+ * are queries, terms keys; acc holds the tile's bq rows, ld apart. */
+void FA_OP(bwd_keys_dq)(void *w, int64_t bq, int64_t bk, void *acc, int64_t ld)
 {
     FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
-    FN(bwd_pack_rows)(p, e, s, row0, bq, 0);
-    memset(s->acc_k, 0, (size_t)(bq * s->dp) * sizeof(FA_T));
+    FN(bwd_accumulate)(bq, s->dp, bk, s->dpt, FA_BQ, 1, s->k, s->ldk, (FA_T *)acc, ld);
 }
 
-void FA_OP(bwd_rows_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
-                          int64_t bk)
+/* dq of rows [row0, row0 + bq): scale times their accumulator. */
+void FA_OP(bwd_dq_store)(const fa_problem *p, const int64_t *e, const void *acc, int64_t ld, int64_t row0, int64_t bq)
 {
-    FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
-    int64_t ldk;
-    const FA_T *k = FN(bwd_tile)(p, e, s, row0, bq, k0, bk, &ldk);
-    /* dQ += dS K (scaled at the store): rows are queries, terms keys */
-    FN(bwd_accumulate)(bq, s->dp, bk, s->dpt, FA_BQ, 1, k, ldk, s->acc_k, s->dp);
-}
-
-void FA_OP(bwd_rows_store)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq)
-{
-    const FN(bwd_scratch) *s = (const FN(bwd_scratch) *)w;
+    const FA_T *a = (const FA_T *)acc;
     const int64_t lq = e[FA_E_LQ];
     const FA_T scale = (FA_T)p->scale;
     for (int64_t r = 0; r < bq; r++) {
         char *gq = (char *)p->gq + e[FA_E_GQ] + fa_vrow_off(row0 + r, lq, p->gq_rs, p->gq_hs);
-        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gq + c * p->gq_cs) = FA_ST(scale * s->acc_k[r * s->dp + c]);
+        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gq + c * p->gq_cs) = FA_ST(scale * a[r * ld + c]);
     }
 }

@@ -135,9 +135,9 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     """Gradients of :func:`attention`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     FlashAttention-2's backward: the weights are recomputed tile by tile
-    from the saved log-sum-exp, so nothing of size ``(Lq, Lk)`` is made, and
-    every gradient row is summed by one work item in a fixed order, so the
-    result is bitwise the same for any thread count.
+    from the saved log-sum-exp, once per tile, so nothing of size
+    ``(Lq, Lk)`` is made, and every gradient row is summed in an order fixed
+    by the problem, so the result is bitwise the same for any thread count.
 
     Parameters
     ----------

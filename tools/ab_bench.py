@@ -11,7 +11,9 @@ its own thread pool).  Every row of ``python -m fastattn bench`` (prefill,
 decode) and of ``bench --half`` (bfloat16 and float16) is timed with the
 two builds alternating call by call, on the same inputs, so the machine's
 drift hits both alike: the table gives each side's median and the ratio
-new / old (above 1: the new build is slower).
+new / old (above 1: the new build is slower).  With ``--backward``, the
+rows of ``bench --backward`` instead: each build's attention_backward on
+the same forward results (float32 and bfloat16, or ``--shape``'s shapes).
 """
 import argparse
 import importlib
@@ -83,6 +85,7 @@ def main():
     parser.add_argument("--isa", default=None, help="kernel path for both builds (default: each one's best)")
     parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "H", "L", "D"),
                         help="time only this float32 prefill shape, full and causal (repeatable)")
+    parser.add_argument("--backward", action="store_true", help="the backward's rows instead")
     args = parser.parse_args()
     old, new = import_old(args.old), import_new(args.new)
     from fastattn import _bench
@@ -91,6 +94,8 @@ def main():
         old.set_isa(args.isa)
         new.set_isa(args.isa)
     threads = args.threads or new.get_num_threads()
+    if args.backward:
+        return backward(old, new, threads, args)
     rows = []
     shapes = _bench.QUICK_SHAPES if args.quick else _bench.PREFILL_SHAPES
     for shape in [tuple(s) for s in args.shape] if args.shape else shapes:
@@ -111,19 +116,50 @@ def main():
         for lk, qkv in decode:
             rows.append((f"{name} decode Lk={lk}", tuple(a.astype(dt) for a in qkv), dict(causal=True)))
 
-    print(f"old: {args.old} ({old.get_isa()}), new: {args.new} ({new.get_isa()}), {threads} threads; "
-          f"calls alternate between the builds, median of {args.rounds} blocks each")
+    def timed():
+        for name, (q, k, v), options in rows:
+            out = np.empty(q.shape[:-1] + v.shape[-1:], dtype=np.result_type(q, k, v))
+            yield name, [lambda m=m: m.attention(q, k, v, out=out, num_threads=threads, **options) for m in (old, new)]
+
+    table(args, old, new, f"{threads} threads; calls", timed())
+
+
+def table(args, old, new, what, rows):
+    """Times each row's two calls (old, new) alternating and prints the table."""
+    print(f"old: {args.old} ({old.get_isa()}), new: {args.new} ({new.get_isa()}), {what} alternate between the "
+          f"builds, median of {args.rounds} blocks each")
     header = f"{'row':<48} {'old ms':>9} {'new ms':>9} {'new/old':>8}"
     print(header)
     print("-" * len(header))
     worst = 0.0
-    for name, (q, k, v), options in rows:
-        out = np.empty(q.shape[:-1] + v.shape[-1:], dtype=np.result_type(q, k, v))
-        calls = [lambda m=m: m.attention(q, k, v, out=out, num_threads=threads, **options) for m in (old, new)]
+    for name, calls in rows:
         t_old, t_new = alternate(calls, args.rounds, args.block)
         worst = max(worst, t_new / t_old)
         print(f"{name:<48} {t_old * 1e3:>9.3f} {t_new * 1e3:>9.3f} {t_new / t_old:>8.3f}", flush=True)
     print(f"slowest row: new/old = {worst:.3f}")
+
+
+def backward(old, new, threads, args):
+    """The backward's rows: each build's attention_backward, alternating."""
+    from fastattn import _bench
+
+    shapes = ([((b, h, h, l, d), c) for b, h, l, d in args.shape for c in (False, True)] if args.shape
+              else _bench.BACKWARD_SHAPES)
+
+    def timed():
+        for n, ((b, h, g, l, d), causal) in enumerate(shapes, 1):
+            rng = np.random.default_rng(n)
+            base = [rng.standard_normal(s, dtype=np.float32) for s in ((b, h, l, d), (b, g, l, d), (b, g, l, d),
+                                                                         (b, h, l, d))]
+            for name in ("float32",) if args.shape else ("float32", "bfloat16"):
+                dt = new._api.BFLOAT16 if name == "bfloat16" else np.dtype(name)
+                q, k, v, dout = (a.astype(dt) for a in base)
+                opts = dict(causal=causal, num_threads=threads)
+                out, lse = new.attention(q, k, v, return_lse=True, **opts)
+                yield (f"backward {name} {(b, h, g, l, d)} {'causal' if causal else 'full'}",
+                       [lambda m=m: m.attention_backward(dout, q, k, v, out, lse, **opts) for m in (old, new)])
+
+    table(args, old, new, f"{threads} threads; backward calls", timed())
 
 
 if __name__ == "__main__":
