@@ -18,9 +18,9 @@
 
 typedef struct {
     FA_T *qt;    /* d x FA_BQ: scale * Q^T of the query tile, zero past its rows */
-    FA_T *qr;    /* FA_BQ x dp: scale * Q rows (for dK) */
+    FA_T *qr;    /* FA_BQ x dp: Q rows (for dK), when they cannot be read in place */
     FA_T *dot;   /* dv x FA_BQ: dO^T, zero past the rows */
-    FA_T *dor;   /* FA_BQ x dvp: dO rows (for dV) */
+    FA_T *dor;   /* FA_BQ x dvp: dO rows (for dV), when they cannot be read in place */
     FA_T *kp;    /* FA_BK x dp: K rows when they cannot be read in place */
     FA_T *vp;    /* FA_BK x dv: V rows when they cannot be read in place */
     FA_T *st;    /* FA_BK x FA_BQ: S^T, then P^T */
@@ -31,7 +31,8 @@ typedef struct {
     FA_T *lse;   /* FA_BQ: the rows' lse; +inf for a row that sees no key and past the rows */
     FA_T *delta; /* FA_BQ: the rows' rowsum(dout * out) */
     const FA_T *k; /* the last tile's K rows (in place or kp), ldk apart, for dQ */
-    int64_t ldk;
+    const FA_T *q, *o; /* the query tile's Q and dO rows (in place, or qr and dor), ldq and ldo apart */
+    int64_t ldk, ldq, ldo;
     int64_t dp, dvp;
     void *block; /* fa_scratch_take */
     size_t bytes;
@@ -77,8 +78,9 @@ void FA_OP(bwd_scratch_free)(void *w)
     free(w);
 }
 
-/* The query tile's operands: scale Q^T and scale Q rows, dO^T and dO rows,
- * its rows' lse and delta. */
+/* The query tile's operands: scale Q^T, dO^T, Q rows and dO rows (read in
+ * place where the tile's rows are one head's and the rows allow it), its
+ * rows' lse and delta. */
 static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq)
 {
     const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W);
@@ -86,15 +88,26 @@ static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scra
                         FA_BQ);
     FN(pack_transposed)(p->dout, e[FA_E_DOUT], p->dout_rs, p->dout_cs, lq, p->dout_hs, row0, bq, bqp, p->dv, 1,
                         w->dot, FA_BQ);
-    for (int64_t r = 0; r < bq; r++) {
-        const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
-        const char *orow = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
-        FA_T *qd = w->qr + r * w->dp, *od = w->dor + r * w->dvp;
-        FN(load_row)(qrow, p->q_cs, p->d, qd);
-        for (int64_t c = 0; c < p->d; c++) qd[c] *= (FA_T)p->scale;
-        for (int64_t c = p->d; c < w->dp; c++) qd[c] = 0;
-        FN(load_row)(orow, p->dout_cs, p->dv, od);
-        for (int64_t c = p->dv; c < w->dvp; c++) od[c] = 0;
+    const int64_t head = row0 / lq, i0 = row0 % lq;
+    if (i0 + bq <= lq) {
+        w->q = FN(key_rows)(p->q, e[FA_E_Q] + head * p->q_hs, p->q_rs, p->q_cs, i0, bq, p->d, w->dp, w->qr, &w->ldq);
+        w->o = FN(key_rows)(p->dout, e[FA_E_DOUT] + head * p->dout_hs, p->dout_rs, p->dout_cs, i0, bq, p->dv, w->dvp,
+                            w->dor, &w->ldo);
+    } else { /* rows of two heads */
+        for (int64_t r = 0; r < bq; r++) {
+            const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+            const char *orow =
+                (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
+            FA_T *qd = w->qr + r * w->dp, *od = w->dor + r * w->dvp;
+            FN(load_row)(qrow, p->q_cs, p->d, qd);
+            for (int64_t c = p->d; c < w->dp; c++) qd[c] = 0;
+            FN(load_row)(orow, p->dout_cs, p->dv, od);
+            for (int64_t c = p->dv; c < w->dvp; c++) od[c] = 0;
+        }
+        w->q = w->qr;
+        w->o = w->dor;
+        w->ldq = w->dp;
+        w->ldo = w->dvp;
     }
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
     for (int64_t r = 0; r < FA_BQ; r++) {
@@ -206,18 +219,19 @@ void FA_OP(bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_
     FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
     FN(bwd_pack_rows)(p, e, s, row0, bq);
     FN(bwd_tile)(p, e, s, row0, bq, k0, bk);
-    /* dV += P^T dO and dK += dS^T (scale Q): rows are keys, terms queries */
-    FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, FA_BQ, s->dor, s->dvp, s->acc_v, s->dvp);
-    FN(bwd_accumulate)(bk, s->dp, bq, s->dpt, 1, FA_BQ, s->qr, s->dp, s->acc_k, s->dp);
+    /* dV += P^T dO and dK += dS^T Q (scaled at the store): rows are keys, terms queries */
+    FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, FA_BQ, s->o, s->ldo, s->acc_v, s->dvp);
+    FN(bwd_accumulate)(bk, s->dp, bq, s->dpt, 1, FA_BQ, s->q, s->ldq, s->acc_k, s->dp);
 }
 
 void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk)
 {
     const FN(bwd_scratch) *s = (const FN(bwd_scratch) *)w;
+    const FA_T scale = (FA_T)p->scale;
     for (int64_t j = 0; j < bk; j++) {
         char *gk = (char *)p->gk + e[FA_E_GK] + (k0 + j) * p->gk_rs;
         char *gv = (char *)p->gv + e[FA_E_GV] + (k0 + j) * p->gv_rs;
-        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gk + c * p->gk_cs) = FA_ST(s->acc_k[j * s->dp + c]);
+        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gk + c * p->gk_cs) = FA_ST(scale * s->acc_k[j * s->dp + c]);
         for (int64_t c = 0; c < p->dv; c++) *(FA_S *)(gv + c * p->gv_cs) = FA_ST(s->acc_v[j * s->dvp + c]);
     }
 }
