@@ -190,16 +190,23 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
 
 static const FA_T FN(ones)[FA_MR_MAX] = {1, 1, 1, 1, 1, 1};
 
-/* o (rows of n elements, ldo apart) += sum_j pt[j * ldp + r * ldr] v[j] over
- * nj terms, for rows r < nr: the backward's products on pv_block. */
-static void FN(bwd_accumulate)(int64_t nr, int64_t n, int64_t nj, const FA_T *pt, int64_t ldp, int64_t ldr,
-                               const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo)
+/* o (rows of n elements, ldo apart) += sum_j w(r, j) v[j] over nj terms, for
+ * rows r < nr, with the weights w of a tile (FA_BK x FA_BQ, keys by
+ * queries): the backward's products.  Rows are keys (w(r, j) = t[r * FA_BQ
+ * + j], on pv_block_tr) if `keys`, else queries (t[j * FA_BQ + r], on
+ * pv_block_st): both with their strides as constants. */
+static void FN(bwd_accumulate)(int64_t nr, int64_t n, int64_t nj, const FA_T *t, int keys, const FA_T *v, int64_t ldv,
+                               FA_T *o, int64_t ldo)
 {
     for (int64_t cb = 0; cb < n; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (n - cb) / FA_W);
-        for (int64_t r = 0; r < nr; r += FA_MR)
-            FN(pv_block)((int)fa_min64(FA_MR, nr - r), nv, nj, pt + r * ldr, ldp, ldr, v + cb, ldv, o + r * ldo + cb,
-                         ldo, FN(ones));
+        for (int64_t r = 0; r < nr; r += FA_MR) {
+            const int mr = (int)fa_min64(FA_MR, nr - r);
+            if (keys)
+                FN(pv_block_tr)(mr, nv, nj, t + r * FA_BQ, v + cb, ldv, o + r * ldo + cb, ldo, FN(ones));
+            else
+                FN(pv_block_st)(mr, nv, nj, t + r, v + cb, ldv, o + r * ldo + cb, ldo, FN(ones));
+        }
     }
 }
 
@@ -220,8 +227,8 @@ void FA_OP(bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_
     FN(bwd_pack_rows)(p, e, s, row0, bq);
     FN(bwd_tile)(p, e, s, row0, bq, k0, bk);
     /* dV += P^T dO and dK += dS^T Q (scaled at the store): rows are keys, terms queries */
-    FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, FA_BQ, s->o, s->ldo, s->acc_v, s->dvp);
-    FN(bwd_accumulate)(bk, s->dp, bq, s->dpt, 1, FA_BQ, s->q, s->ldq, s->acc_k, s->dp);
+    FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, s->o, s->ldo, s->acc_v, s->dvp);
+    FN(bwd_accumulate)(bk, s->dp, bq, s->dpt, 1, s->q, s->ldq, s->acc_k, s->dp);
 }
 
 void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk)
@@ -241,7 +248,7 @@ void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64
 void FA_OP(bwd_keys_dq)(void *w, int64_t bq, int64_t bk, void *acc, int64_t ld)
 {
     FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
-    FN(bwd_accumulate)(bq, s->dp, bk, s->dpt, FA_BQ, 1, s->k, s->ldk, (FA_T *)acc, ld);
+    FN(bwd_accumulate)(bq, s->dp, bk, s->dpt, 0, s->k, s->ldk, (FA_T *)acc, ld);
 }
 
 /* dq of rows [row0, row0 + bq): scale times their accumulator. */

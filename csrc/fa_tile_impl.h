@@ -800,10 +800,12 @@ FA_INLINE void FN(pv_block_at)(int mr, int nv, int64_t bk, const FA_T *pt, int64
 #undef FA_PV_CALL
 }
 
-static void FN(pv_block)(int mr, int nv, int64_t bk, const FA_T *pt, int64_t ldp, int64_t ldr, const FA_T *v,
-                         int64_t ldv, FA_T *o, int64_t ldo, const FA_T *alpha)
+/* pv_block for a transposed tile (the backward's dV and dK: weights of row
+ * r and term j at pt[r * FA_BQ + j]), its strides as constants. */
+static void FN(pv_block_tr)(int mr, int nv, int64_t bk, const FA_T *pt, const FA_T *v, int64_t ldv, FA_T *o,
+                            int64_t ldo, const FA_T *alpha)
 {
-    FN(pv_block_at)(mr, nv, bk, pt, ldp, ldr, v, ldv, o, ldo, alpha);
+    FN(pv_block_at)(mr, nv, bk, pt, 1, FA_BQ, v, ldv, o, ldo, alpha);
 }
 
 /* pv_block for the prefill's score tile (P^T, FA_BQ apart): its strides as
