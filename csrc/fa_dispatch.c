@@ -428,8 +428,23 @@ int fa_attention_backward(const fa_problem *p)
             tiles += er / FA_BQ;
             /* about 2.5 forward passes of work */
             work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
-            for (int64_t k0 = 0; k0 < e[FA_E_LK]; k0 += FA_BK, t++)
-                items[t] = (fa_item){.entry = i1, .row0 = k0, .part = -1, .bundle = 1};
+            t += (e[FA_E_LK] + FA_BK - 1) / FA_BK;
+        }
+        /* The items: a key block waits its turn behind the entry's earlier
+         * blocks, so the threads spread over entries: key block by key block
+         * across groups of threads / 2 entries (one entry at a time on two
+         * threads, whose pair of blocks in flight keeps in step). */
+        const int threads = fa_thread_count(p, work, t);
+        const int64_t group = fa_max64(1, threads / 2);
+        t = 0;
+        for (int64_t g0 = i0; g0 < i1; g0 += group) {
+            const int64_t g1 = fa_min64(i1, g0 + group);
+            int64_t lk_max = 0;
+            for (int64_t i = g0; i < g1; i++) lk_max = fa_max64(lk_max, p->entries[i * FA_ENTRY_FIELDS + FA_E_LK]);
+            for (int64_t k0 = 0; k0 < lk_max; k0 += FA_BK)
+                for (int64_t i = g0; i < g1; i++)
+                    if (k0 < p->entries[i * FA_ENTRY_FIELDS + FA_E_LK])
+                        items[t++] = (fa_item){.entry = i, .row0 = k0, .part = -1, .bundle = 1};
         }
         if ((uint64_t)rows > SIZE_MAX / (uint64_t)(ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t)) {
             status = FA_ERR_NOMEM;
@@ -441,7 +456,7 @@ int fa_attention_backward(const fa_problem *p)
                         (int64_t *)fa_scratch_take(&turn_bytes)};
         if (dq.acc && dq.turns) {
             memset(dq.turns, 0, (size_t)tiles * sizeof(int64_t));
-            status = fa_run_items(p, FA_KIND_BWD, items, t, 0, fa_thread_count(p, work, t), ops, &dq);
+            status = fa_run_items(p, FA_KIND_BWD, items, t, 0, threads, ops, &dq);
             /* the tiles no key block visits: dq = 0 */
             for (int64_t i = i0; i < i1 && status == FA_OK; i++) {
                 const int64_t *e = p->entries + i * FA_ENTRY_FIELDS, lq = e[FA_E_LQ], lk = e[FA_E_LK];
