@@ -238,8 +238,8 @@ void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64
     for (int64_t j = 0; j < bk; j++) {
         char *gk = (char *)p->gk + e[FA_E_GK] + (k0 + j) * p->gk_rs;
         char *gv = (char *)p->gv + e[FA_E_GV] + (k0 + j) * p->gv_rs;
-        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gk + c * p->gk_cs) = FA_ST(scale * s->acc_k[j * s->dp + c]);
-        for (int64_t c = 0; c < p->dv; c++) *(FA_S *)(gv + c * p->gv_cs) = FA_ST(s->acc_v[j * s->dvp + c]);
+        FN(store_scaled)(gk, p->gk_cs, s->acc_k + j * s->dp, scale, p->d);
+        FN(store_scaled)(gv, p->gv_cs, s->acc_v + j * s->dvp, 1, p->dv);
     }
 }
 
@@ -257,8 +257,7 @@ void FA_OP(bwd_dq_store)(const fa_problem *p, const int64_t *e, const void *acc,
     const FA_T *a = (const FA_T *)acc;
     const int64_t lq = e[FA_E_LQ];
     const FA_T scale = (FA_T)p->scale;
-    for (int64_t r = 0; r < bq; r++) {
-        char *gq = (char *)p->gq + e[FA_E_GQ] + fa_vrow_off(row0 + r, lq, p->gq_rs, p->gq_hs);
-        for (int64_t c = 0; c < p->d; c++) *(FA_S *)(gq + c * p->gq_cs) = FA_ST(scale * a[r * ld + c]);
-    }
+    for (int64_t r = 0; r < bq; r++)
+        FN(store_scaled)((char *)p->gq + e[FA_E_GQ] + fa_vrow_off(row0 + r, lq, p->gq_rs, p->gq_hs), p->gq_cs,
+                         a + r * ld, scale, p->d);
 }

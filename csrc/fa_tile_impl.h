@@ -1671,6 +1671,18 @@ static void FN(weights_tile)(FN(scratch) *w, int softmax, int64_t bq, int64_t bk
 
 /* ---- work items --------------------------------------------------------- */
 
+/* row[c] = a[c] * scale in the storage type, elements cs bytes apart, for
+ * c < n (contiguous rows in a loop the compiler vectorises). */
+static void FN(store_scaled)(char *row, int64_t cs, const FA_T *a, FA_T scale, int64_t n)
+{
+    if (cs == (int64_t)sizeof(FA_S)) {
+        FA_S *dst = (FA_S *)row;
+        for (int64_t c = 0; c < n; c++) dst[c] = FA_ST(a[c] * scale);
+    } else {
+        for (int64_t c = 0; c < n; c++) *(FA_S *)(row + c * cs) = FA_ST(a[c] * scale);
+    }
+}
+
 /* Write one output row: out = o * inv; lse = rmax + log(rsum) when asked.
  * An attention sink adds exp(sink) to the softmax sum (in terms of the
  * larger of rmax and the sink, so that neither overflows). */
@@ -1694,13 +1706,7 @@ static void FN(store_row)(const fa_problem *p, const int64_t *e, int64_t v, cons
     } else if (normalise) {
         inv = rsum == 0 ? (FA_T)0 : (FA_T)1 / rsum;
     }
-    char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(v, lq, p->out_rs, p->out_hs);
-    if (p->out_cs == (int64_t)sizeof(FA_S)) {
-        FA_S *dst = (FA_S *)row;
-        for (int64_t c = 0; c < dv; c++) dst[c] = FA_ST(o[c] * inv);
-    } else {
-        for (int64_t c = 0; c < dv; c++) *(FA_S *)(row + c * p->out_cs) = FA_ST(o[c] * inv);
-    }
+    FN(store_scaled)((char *)p->out + e[FA_E_OUT] + fa_vrow_off(v, lq, p->out_rs, p->out_hs), p->out_cs, o, inv, dv);
     if (normalise && p->lse) {
         FA_T *l = (FA_T *)((char *)p->lse + e[FA_E_LSE] + fa_vrow_off(v, lq, p->lse_rs, p->lse_hs));
         *l = rsum == 0 ? (FA_T)-INFINITY : rmax + (FA_T)log((double)rsum);
