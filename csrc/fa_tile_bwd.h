@@ -30,9 +30,9 @@ typedef struct {
     FA_T *acc_v; /* FA_BK x dvp: dV of the key block */
     FA_T *lse;   /* FA_BQ: the rows' lse; +inf for a row that sees no key and past the rows */
     FA_T *delta; /* FA_BQ: the rows' rowsum(dout * out) */
-    const FA_T *k; /* the last tile's K rows (in place or kp), ldk apart, for dQ */
+    const FA_T *k, *v; /* the key block's K and V rows (in place, or kp and vp), ldk and ldv apart */
     const FA_T *q, *o; /* the query tile's Q and dO rows (in place, or qr and dor), ldq and ldo apart */
-    int64_t ldk, ldq, ldo;
+    int64_t ldk, ldv, ldq, ldo;
     int64_t dp, dvp;
     void *block; /* fa_scratch_take */
     size_t bytes;
@@ -123,17 +123,14 @@ static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scra
     }
 }
 
-/* S^T, P^T (in st) and dS^T (in dpt) of the query tile packed in w and keys
- * [k0, k0 + bk); the K rows (FA_BK x dp) kept in w for dQ. */
+/* S^T, P^T (in st) and dS^T (in dpt) of the query tile packed in w and the
+ * key block [k0, k0 + bk) loaded in w. */
 static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
                          int64_t k0, int64_t bk)
 {
     const int64_t d = p->d, dv = p->dv, bqp = fa_roundup64(bq, FA_W);
-    int64_t ldv, ldk;
-    const FA_T *k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, d, w->dp, w->kp, &ldk);
-    w->k = k;
-    w->ldk = ldk;
-    const FA_T *v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, dv, dv, w->vp, &ldv);
+    const FA_T *k = w->k, *v = w->v;
+    const int64_t ldk = w->ldk, ldv = w->ldv;
     for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
         for (int64_t j = 0; j < bk; j += FA_MR) {
@@ -215,7 +212,8 @@ static void FN(bwd_accumulate)(int64_t nr, int64_t n, int64_t nj, const FA_T *t,
 void FA_OP(bwd_keys_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk)
 {
     FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
-    (void)p, (void)e, (void)k0;
+    s->k = FN(key_rows)(p->k, e[FA_E_K], p->k_rs, p->k_cs, k0, bk, p->d, s->dp, s->kp, &s->ldk);
+    s->v = FN(key_rows)(p->v, e[FA_E_V], p->v_rs, p->v_cs, k0, bk, p->dv, p->dv, s->vp, &s->ldv);
     memset(s->acc_k, 0, (size_t)(bk * s->dp) * sizeof(FA_T));
     memset(s->acc_v, 0, (size_t)(bk * s->dvp) * sizeof(FA_T));
 }
