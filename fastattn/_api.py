@@ -5,7 +5,7 @@ copied when their dtypes differ (converted to the result dtype).
 """
 import numpy as np
 
-from fastattn import _config, _problem
+from fastattn import _config, _core, _problem
 from fastattn import _validate as _v
 
 BFLOAT16 = _v.BFLOAT16
@@ -341,6 +341,18 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     ndarray, shape (total_q, H, Dv)
         With return_lse, the pair ``(out, lse)``.
     """
+    key = None
+    if cu_seqlens_q is None and alibi_slopes is None and sinks is None and out is None:
+        key = _paged_key(q, k_cache, v_cache, block_table, seq_lens, scale, causal, window, softcap, k_scale, v_scale,
+                         return_lse)
+        try:
+            hit = _paged_planned.get(key) if key is not None else None
+        except TypeError:  # an unhashable option (a window given as a list): checked every time
+            key = hit = None
+        if hit is not None:
+            result = _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, num_threads)
+            if result is not None:
+                return result
     return_lse = _v.flag(return_lse, "return_lse")
     num_threads = _config.resolve_threads(num_threads)
     args = _v.PagedArgs(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window, softcap,
@@ -348,8 +360,74 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     total_q, h = args.q.shape[:2]
     out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
-    _problem.attention_paged(args, out, lse, num_threads)
+    problem, entries = _problem.attention_paged(args, out, lse, num_threads)
+    if key is not None:
+        if len(_paged_planned) >= _PAGED_MAX:
+            _paged_planned.clear()
+        _paged_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), entries,
+                               args.k.shape[2], args.k.shape[0], args.block_size,
+                               out.shape, out.dtype, None if lse is None else lse.shape,
+                               None if lse is None else lse.dtype)
     return (out, lse) if return_lse else out
+
+
+# Decoding calls of attention_paged (one query per sequence; no slopes, sinks
+# or out) by their layouts and options: the problem the first such call ran,
+# on no arrays, with its entry table.  A serving loop calls it every step
+# with the same layouts and new sequence lengths and block tables; once
+# those pass a cheap check (every length in [1, the table's keys], every
+# block id in use in range), the problem is rerun with the lengths in its
+# entry table, which takes a fraction of the full checks' time.  Any other
+# call (and one that fails the cheap check) goes through the checks.
+_PAGED_MAX = 64
+_paged_planned = {}
+
+
+def _paged_key(q, k_cache, v_cache, block_table, seq_lens, scale, causal, window, softcap, k_scale, v_scale,
+               return_lse):
+    """The planned-call key of an attention_paged call, or None for a call
+    the plan does not serve."""
+    arrays = (q, k_cache, v_cache, block_table, seq_lens)
+    if any(type(a) is not np.ndarray for a in arrays) or block_table.dtype != np.int32 or \
+            not block_table.flags.c_contiguous or seq_lens.ndim != 1 or seq_lens.dtype.kind not in "iu" or \
+            seq_lens.shape[0] == 0:
+        return None
+    scales = []
+    for s in (k_scale, v_scale):
+        if s is None or type(s) is float:  # a float cache's, or a float8 cache's per-tensor scale
+            scales.append((type(s), s))
+        elif type(s) is np.ndarray and s.dtype == np.float32 and s.ndim == 3:  # an int8 cache's
+            scales.append((s.shape, s.strides))
+        else:
+            return None
+    # each option with its type, so that one refused for its type is never served from an accepted one
+    return (*((a.shape, a.strides, a.dtype) for a in arrays), *scales,
+            *((type(o), o) for o in (scale, causal, window, softcap, return_lse)), _config.path_index())
+
+
+def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, num_threads):
+    """A planned attention_paged call on this call's arrays, or None where its
+    lengths or block ids fail the cheap check (the full checks then run)."""
+    template, entries, g, n_blocks, block_size, out_shape, out_dtype, lse_shape, lse_dtype = hit
+    if seq_lens.min() < 1 or seq_lens.max() > block_table.shape[1] * block_size:
+        return None
+    if block_table.min() < 0 or block_table.max() >= n_blocks:  # padded rows: the blocks in use only
+        used = np.arange(block_table.shape[1]) < ((seq_lens + block_size - 1) // block_size)[:, None]
+        ids = np.where(used, block_table, 0)
+        if ids.min() < 0 or ids.max() >= n_blocks:
+            return None
+    entries = entries.copy()
+    entries[:, _core.E_LK] = np.repeat(seq_lens, g)
+    scales = [np.array([s], np.float32) if type(s) is float else s for s in (k_scale, v_scale)]
+    address = _core.address
+    out = np.empty(out_shape, out_dtype)
+    lse = np.empty(lse_shape, lse_dtype) if lse_shape is not None else None
+    _core.attention(template.rebased(
+        num_threads=_config.resolve_threads(num_threads), q=address(q), k=address(k_cache), v=address(v_cache),
+        out=address(out), lse=0 if lse is None else address(lse), entries=entries, pages=block_table.reshape(-1),
+        k_scales=0 if scales[0] is None else address(scales[0]), v_scales=0 if scales[1] is None else address(scales[1]),
+        keep=(q, k_cache, v_cache, block_table, out, lse, *scales)))
+    return (out, lse) if lse is not None else out
 
 
 def cache_write(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):

@@ -184,14 +184,29 @@ cdef class Problem:
         self.p.gv_rs, self.p.gv_cs = gv_rs, gv_cs
 
     def rebased(self, *, int num_threads, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse=0,
-                keep=()):
+                const int64_t[:, ::1] entries=None, const int32_t[::1] pages=None, uintptr_t k_scales=0,
+                uintptr_t v_scales=0, keep=()):
         """This problem on other arrays of the same layouts: a copy with the
-        addresses of q, k, v, out and lse (and the thread count) replaced.
-        A model calls attention with the same layouts over and over, and
-        filling a problem field by field costs more than a small call."""
+        addresses of q, k, v, out and lse (and the thread count) replaced,
+        and where given the entry table (as many entries), the page table
+        and the scales.  A model calls attention with the same layouts over
+        and over, and filling a problem field by field costs more than a
+        small call."""
         cdef Problem c = Problem.__new__(Problem)
         c.p = self.p
         c._entries, c._slopes, c._sinks, c._pages = self._entries, self._slopes, self._sinks, self._pages
+        if entries is not None:
+            if entries.shape[0] != self.p.n_entries or entries.shape[1] != FA_ENTRY_FIELDS:
+                raise ValueError("a rebased problem keeps its number of entries")
+            c._entries = entries
+            c.p.entries = &entries[0, 0] if entries.shape[0] > 0 else NULL
+        if pages is not None:
+            c._pages = pages
+            c.p.pages = &pages[0] if pages.shape[0] > 0 else NULL
+        if k_scales:
+            c.p.k_scales = <const float *>k_scales
+        if v_scales:
+            c.p.v_scales = <const float *>v_scales
         c.keep = keep
         c.p.num_threads = num_threads
         c.p.q, c.p.k, c.p.v = <const void *>q, <const void *>k, <const void *>v

@@ -309,7 +309,8 @@ def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
 def attention_paged(args, out, lse, num_threads):
     """Fused attention over a paged KV cache (_validate.PagedArgs): one entry
     per (sequence, key/value head) over its pages of block_table; q and out
-    (total_q, H, D|Dv), lse (H, total_q)."""
+    (total_q, H, D|Dv), lse (H, total_q).  Returns the problem it ran and its
+    entry table."""
     q, k, v, g, group = args.q, args.k, args.v, args.k.shape[2], args.group
     nseq = args.seq_lens.shape[0]
     seq = np.repeat(np.arange(nseq), g)
@@ -343,6 +344,7 @@ def attention_paged(args, out, lse, num_threads):
         **_operand("q", q, 0, 2, 1), **_operand("k", k, 1, 3), **_operand("v", v, 1, 3),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
+    return problem, entries
 
 
 def attention_varlen_backward(args, cu_q, cu_k, dout, lse, delta, num_threads, dests=(None, None, None)):

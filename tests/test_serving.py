@@ -194,6 +194,63 @@ def test_paged_bitwise_identical_across_thread_counts(isa, rng):
         np.testing.assert_array_equal(o, outs[0])
 
 
+def decoding_step(rng, kc, lens, bs, h, width, pad):
+    """Queries and a block table (padded with `pad` past each sequence's
+    blocks) for one decoding step over the cache kc."""
+    n_blocks = kc.shape[0]
+    table = block_table(rng, lens, bs, n_blocks, width)
+    table[table == 10**9] = pad
+    return randn(rng, (len(lens), h, kc.shape[3]), np.float32), table
+
+
+@pytest.mark.parametrize("kv", ["float32", "int8", "float8_e4m3fn"])
+def test_paged_decoding_steps_rerun_their_layouts_problem(rng, monkeypatch, kv):
+    """A decoding call whose layouts and options were seen before reruns the
+    first call's problem with its own lengths, block table and arrays: it
+    needs none of the full checks (they are made to fail here), and gives
+    bitwise the result of the checked call, whose padding past each
+    sequence's blocks (-1, or ids out of range) is never read."""
+    from fastattn import _validate
+
+    h, g, d, bs, n_blocks = 8, 2, 32, 16, 40
+    kf, vf = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    if kv == "float32":
+        kc, vc, scales = kf, vf, {}
+    else:
+        dt = np.dtype(np.int8) if kv == "int8" else np.dtype(getattr(ml_dtypes, kv))
+        _, _, kc, vc, ks, vs = quantized_cache(rng, dt, n_blocks, bs, g, d, d)
+        scales = dict(k_scale=ks, v_scale=vs)
+    steps = [(np.array([100, 7, 260]), -1), (np.array([101, 8, 261]), 10**9), (np.array([3, 180, 1]), 0)]
+    q, table = decoding_step(rng, kc, steps[0][0], bs, h, 20, steps[0][1])
+    fastattn.attention_paged(q, kc, vc, table, steps[0][0], **scales)  # plans the layout
+    for lens, pad in steps[1:]:
+        q, table = decoding_step(rng, kc, lens, bs, h, 20, pad)
+        checked = fastattn.attention_paged(q, kc, vc, table, lens, out=np.empty_like(q), **scales)  # out=: checked
+        want = ref.attention_paged(q, kc, vc, table, lens, **scales)
+        with monkeypatch.context() as m:
+            m.setattr(_validate, "PagedArgs", None)  # a checked call would fail
+            got = fastattn.attention_paged(q, kc, vc, table, lens, **scales)
+        np.testing.assert_array_equal(got, checked)
+        assert_close(got, want)
+
+
+def test_planned_paged_calls_keep_their_checks(rng):
+    """Lengths and block tables a planned layout's cheap check refuses go
+    through the full checks, which name what is wrong."""
+    h, g, d, bs, n_blocks = 4, 2, 16, 8, 30
+    kc, vc = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    lens = np.array([20, 9])
+    q, table = decoding_step(rng, kc, lens, bs, h, 5, -1)
+    fastattn.attention_paged(q, kc, vc, table, lens)
+    bad_id = table.copy()
+    bad_id[1, 0] = n_blocks
+    for args, message in [((table, np.array([20, 0])), "seq_lens\\[1\\] = 0 keys"),
+                          ((table, np.array([20, 41])), "seq_lens must be in"),
+                          ((bad_id, lens), "block_table row 1 uses block ids outside")]:
+        with pytest.raises(ValueError, match=message):
+            fastattn.attention_paged(q, kc, vc, *args)
+
+
 def test_paged_reads_strided_caches_in_place(rng):
     """A cache that is a view (every other block, a head slice of a bigger
     buffer) is read through its strides, never copied."""
