@@ -393,9 +393,11 @@ static void fa_wsum_item(const fa_problem *p, const fa_tile_ops *ops, const int6
  * in order, by this one item, so no other item writes these rows; and each
  * such tile's dS K added to the tile's dq accumulator when its turn comes
  * (after the entry's earlier key blocks, so the sums do not depend on the
- * thread count), the last block storing the tile's dq. */
-static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const fa_bwd_dq *dq, int64_t entry, void *w,
-                             int64_t k0)
+ * thread count), the last block storing the tile's dq.  An item left undone
+ * (no memory for a member's scratch) sets *status, and the items waiting for
+ * its turns give up. */
+static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const fa_bwd_dq *dq, const int *status,
+                             int64_t entry, void *w, int64_t k0)
 {
     const int64_t *e = p->entries + entry * FA_ENTRY_FIELDS;
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq, bk = fa_min64(FA_BK, lk - k0);
@@ -410,7 +412,7 @@ static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const 
         if (j < first || j > last) continue;
         ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk);
         int64_t *turn = turns + row0 / FA_BQ;
-        fa_team_wait(turn, j - first);
+        if (!fa_team_wait(turn, j - first, status)) return;
         if (j == first) memset(acc + row0 * row_bytes, 0, (size_t)(bq * row_bytes));
         ops->bwd_keys_dq(w, bq, bk, acc + row0 * row_bytes, ld);
         if (j == last) ops->bwd_dq_store(p, e, acc + row0 * row_bytes, ld, row0, bq);
@@ -485,7 +487,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
             break;
         case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
-        default: fa_bwd_keys_item(p, ops, r->dq, items[t].entry, w[0], row0); break;
+        default: fa_bwd_keys_item(p, ops, r->dq, &r->status, items[t].entry, w[0], row0); break;
         }
     }
     for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);

@@ -45,7 +45,10 @@ static int fa_own_parallel(int want, fa_team_fn fn, void *arg)
 
 int fa_pool_threaded(void) { return 0; }
 int64_t fa_pool_withdrawn(void) { return 0; }
-void fa_team_wait(const int64_t *word, int64_t value) { (void)word, (void)value; } /* items run in order */
+int fa_team_wait(const int64_t *word, int64_t value, const int *abort) /* items run in order */
+{
+    return __atomic_load_n(word, __ATOMIC_ACQUIRE) == value && !__atomic_load_n(abort, __ATOMIC_RELAXED);
+}
 static void fa_pool_watch_fork(void) {}
 int fa_pool_workers(void) { return 0; }
 int fa_pool_sleeping(void) { return 0; }
@@ -280,12 +283,14 @@ static int fa_own_parallel(int want, fa_team_fn fn, void *arg) { return fa_pool_
 int fa_pool_threaded(void) { return 1; }
 int64_t fa_pool_withdrawn(void) { return __atomic_load_n(&fa_withdrawn, __ATOMIC_RELAXED); }
 
-void fa_team_wait(const int64_t *word, int64_t value)
+int fa_team_wait(const int64_t *word, int64_t value, const int *abort)
 {
     for (unsigned i = 1; __atomic_load_n(word, __ATOMIC_ACQUIRE) != value; i++) {
+        if (__atomic_load_n(abort, __ATOMIC_RELAXED)) return 0;
         fa_pause();
         if ((i & 1023) == 0) sched_yield();
     }
+    return 1;
 }
 int fa_pool_workers(void) { return __atomic_load_n(&fa_n_workers, __ATOMIC_ACQUIRE); }
 

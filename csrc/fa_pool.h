@@ -44,11 +44,12 @@ int fa_team_size(const fa_team *team);
 int64_t fa_team_next(int64_t *counter, int64_t chunk, int64_t n);
 
 /* Waits until *word (written with release order by another member) equals
- * value.  Only for an ordering of items handed out by fa_team_next in which
- * an item waits on earlier items alone: the earliest unfinished item then
- * never waits, so the team cannot deadlock, and a serial build, running the
- * items in order, never waits at all. */
-void fa_team_wait(const int64_t *word, int64_t value);
+ * value, or *abort is nonzero (a member gave up: returns 0 then, else 1).
+ * Only for an ordering of items handed out by fa_team_next in which an item
+ * waits on earlier items alone: the earliest unfinished item then never
+ * waits, so the team cannot deadlock while every item runs, and a serial
+ * build, running the items in order, never waits at all. */
+int fa_team_wait(const int64_t *word, int64_t value, const int *abort);
 
 /* How long an idle worker spins before it sleeps (nanoseconds, >= 0). */
 #define FA_POOL_SPIN_DEFAULT_NS 100000

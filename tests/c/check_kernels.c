@@ -858,10 +858,53 @@ static int pool_on_host(void)
     return ok;
 }
 
+/* Items that take turns (fa_team_wait): item i of ORDER_ITEMS appends i to
+ * a log once the turn counter reaches i and passes the turn on; with
+ * `skip`, item skip is left undone and flags the abort instead.  1 if the
+ * log is in order (up to the skipped item) and, with a skip, every later
+ * item gave up rather than waiting for ever. */
+#define ORDER_ITEMS 300
+typedef struct {
+    int64_t next, turn, log[ORDER_ITEMS], logged, skip;
+    int abort, gave_up;
+} order_work;
+
+static void order_member(void *arg, fa_team *team, int member)
+{
+    (void)team, (void)member;
+    order_work *w = (order_work *)arg;
+    for (int64_t i; (i = fa_team_next(&w->next, 1, ORDER_ITEMS)) >= 0;) {
+        if (i == w->skip) {
+            __atomic_store_n(&w->abort, 1, __ATOMIC_RELAXED);
+            continue;
+        }
+        if (!fa_team_wait(&w->turn, i, &w->abort)) {
+            __atomic_add_fetch(&w->gave_up, 1, __ATOMIC_RELAXED);
+            continue;
+        }
+        w->log[w->logged++] = i;
+        __atomic_store_n(&w->turn, i + 1, __ATOMIC_RELEASE);
+    }
+}
+
+static int pool_ordered(int want, int64_t skip)
+{
+    order_work *w = (order_work *)calloc(1, sizeof *w);
+    if (!w) return 0;
+    w->skip = skip;
+    fa_parallel(want, order_member, w);
+    const int64_t done = skip < 0 ? ORDER_ITEMS : skip;
+    int ok = w->logged == done && (skip < 0 ? w->gave_up == 0 : w->gave_up == ORDER_ITEMS - skip - 1);
+    for (int64_t i = 0; i < w->logged; i++) ok &= w->log[i] == i;
+    free(w);
+    return ok;
+}
+
 static void check_pool(void)
 {
     int ok = 1;
     for (int want = 0; want <= 5; want++) ok &= pool_run_once(want);
+    for (int want = 1; want <= 5; want += 2) ok &= pool_ordered(want, -1) && pool_ordered(want, 40);
     pthread_t callers[3];
     int caller_ok[3] = {1, 1, 1};
     for (int i = 0; i < 3; i++) pthread_create(&callers[i], NULL, pool_caller, &caller_ok[i]);
@@ -877,8 +920,8 @@ static void check_pool(void)
     ok &= pool_on_host();
     checks++;
     if (!ok) failures++;
-    printf("%s thread pool: teams, concurrent callers, offers withdrawn from sleeping workers, jobs that wait for "
-           "each other, teams on a host's OpenMP threads (%d workers)\n",
+    printf("%s thread pool: teams, items taking turns (and giving up), concurrent callers, offers withdrawn from "
+           "sleeping workers, jobs that wait for each other, teams on a host's OpenMP threads (%d workers)\n",
            ok ? "ok  " : "FAIL", fa_pool_workers());
 }
 
