@@ -390,6 +390,49 @@ static int fa_run(const fa_problem *p, int kind)
  * groups whose accumulators fit (at least one entry per run). */
 #define FA_BWD_ACC_BYTES ((int64_t)32 << 20)
 
+/* The problem p with delta = rowsum(dout * out) computed from its out, in
+ * parallel, into a buffer of its own (*delta, the compute type, an entry's
+ * group * lq values after the previous entry's) that *local's entries
+ * (*entries) point into. */
+static int fa_bwd_delta(const fa_problem *p, const fa_tile_ops *ops, fa_problem *local, int64_t **entries,
+                        char **delta)
+{
+    const int64_t n = p->n_entries, eb = ops->elem_bytes;
+    int64_t rows = 0, n_items = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ];
+        rows += r;
+        n_items += (r + FA_BQ - 1) / FA_BQ;
+    }
+    if ((uint64_t)n > SIZE_MAX / (FA_ENTRY_FIELDS * sizeof(int64_t)) || (uint64_t)rows > SIZE_MAX / (uint64_t)eb - 1 ||
+        (uint64_t)n_items > SIZE_MAX / sizeof(fa_item) - 1)
+        return FA_ERR_NOMEM;
+    *entries = (int64_t *)malloc((size_t)n * FA_ENTRY_FIELDS * sizeof(int64_t));
+    *delta = (char *)malloc((size_t)(rows * eb) + 1);
+    fa_item *items = (fa_item *)malloc((size_t)(n_items + 1) * sizeof(fa_item));
+    int status = *entries && *delta && items ? FA_OK : FA_ERR_NOMEM;
+    if (status == FA_OK) {
+        memcpy(*entries, p->entries, (size_t)n * FA_ENTRY_FIELDS * sizeof(int64_t));
+        *local = *p;
+        local->entries = *entries;
+        local->delta = *delta;
+        local->delta_rs = p->group * eb; /* row i of head h of an entry: element i * group + h */
+        local->delta_hs = eb;
+        int64_t t = 0, at = 0;
+        for (int64_t i = 0; i < n; i++) {
+            int64_t *e = *entries + i * FA_ENTRY_FIELDS;
+            e[FA_E_DELTA] = at * eb;
+            for (int64_t row0 = 0; row0 < p->group * e[FA_E_LQ]; row0 += FA_BQ, t++)
+                items[t] = (fa_item){.entry = i, .row0 = row0, .part = -1, .bundle = 1};
+            at += p->group * e[FA_E_LQ];
+        }
+        double work = (double)rows * (double)p->dv;
+        status = fa_run_items(local, FA_KIND_BWD_DELTA, items, t, 0, fa_thread_count(p, work, t), ops, NULL);
+    }
+    free(items);
+    return status;
+}
+
 /* The backward: one item per key block of an entry, writing its dk and dv
  * rows (summed over every query row of the entry) and adding to the dq
  * accumulators of the query tiles that see it, in key-block order (see
@@ -402,10 +445,18 @@ int fa_attention_backward(const fa_problem *p)
     const int checked = fa_check(p, FA_KIND_ATTENTION, &ops);
     if (checked != FA_OK) return checked;
     if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages || p->kv_dtype != p->dtype) return FA_ERR_INVALID;
-    if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || !p->delta)) return FA_ERR_INVALID;
+    if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || (!p->delta && !p->out))) return FA_ERR_INVALID;
     const int64_t n = p->n_entries, ld = fa_roundup64(p->d, ops->width), eb = ops->elem_bytes;
     if (n <= 0) return FA_OK;
     if ((uint64_t)n > SIZE_MAX / (3 * sizeof(int64_t))) return FA_ERR_NOMEM;
+    fa_problem local;
+    int64_t *local_entries = NULL;
+    char *delta = NULL;
+    if (p->weights == FA_WEIGHTS_SOFTMAX && !p->delta) {
+        const int status = fa_bwd_delta(p, ops, &local, &local_entries, &delta);
+        if (status != FA_OK) return status;
+        p = &local;
+    }
     /* per entry: its first accumulator row and first tile within its run */
     int64_t *acc_row = (int64_t *)malloc((size_t)n * 2 * sizeof(int64_t)), *tile0 = acc_row + n;
     int64_t n_keys = 0;
@@ -478,6 +529,8 @@ int fa_attention_backward(const fa_problem *p)
     }
     free(items);
     free(acc_row);
+    free(local_entries);
+    free(delta);
     return status;
 }
 

@@ -459,7 +459,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
     const fa_tile_ops *ops = r->ops;
     const fa_item *items = r->items;
     const int kind = r->kind;
-    const int bwd = kind == FA_KIND_BWD;
+    const int bwd = kind == FA_KIND_BWD || kind == FA_KIND_BWD_DELTA;
     /* scratch of entry 0, and of the other entries of bundles as they come */
     void *w[FA_BUNDLE_MAX] = {bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
     int n_w = w[0] != NULL;
@@ -487,6 +487,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
             break;
         case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
+        case FA_KIND_BWD_DELTA: ops->bwd_delta(p, e, row0, bq); break;
         default: fa_bwd_keys_item(p, ops, r->dq, &r->status, items[t].entry, w[0], row0); break;
         }
     }

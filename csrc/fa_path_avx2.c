@@ -43,6 +43,7 @@ const fa_tile_ops fa_ops_f32_avx2 = {
     .bwd_keys_dq = fa_bwd_keys_dq_f32_avx2,
     .bwd_keys_store = fa_bwd_keys_store_f32_avx2,
     .bwd_dq_store = fa_bwd_dq_store_f32_avx2,
+    .bwd_delta = fa_bwd_delta_f32_avx2,
 };
 
 const fa_tile_ops fa_ops_f64_avx2 = {
@@ -68,6 +69,7 @@ const fa_tile_ops fa_ops_f64_avx2 = {
     .bwd_keys_dq = fa_bwd_keys_dq_f64_avx2,
     .bwd_keys_store = fa_bwd_keys_store_f64_avx2,
     .bwd_dq_store = fa_bwd_dq_store_f64_avx2,
+    .bwd_delta = fa_bwd_delta_f64_avx2,
 };
 
 const fa_tile_ops fa_ops_f16_avx2 = {
@@ -93,6 +95,7 @@ const fa_tile_ops fa_ops_f16_avx2 = {
     .bwd_keys_dq = fa_bwd_keys_dq_f16_avx2,
     .bwd_keys_store = fa_bwd_keys_store_f16_avx2,
     .bwd_dq_store = fa_bwd_dq_store_f16_avx2,
+    .bwd_delta = fa_bwd_delta_f16_avx2,
 };
 
 const fa_tile_ops fa_ops_bf16_avx2 = {
@@ -118,6 +121,7 @@ const fa_tile_ops fa_ops_bf16_avx2 = {
     .bwd_keys_dq = fa_bwd_keys_dq_bf16_avx2,
     .bwd_keys_store = fa_bwd_keys_store_bf16_avx2,
     .bwd_dq_store = fa_bwd_dq_store_bf16_avx2,
+    .bwd_delta = fa_bwd_delta_bf16_avx2,
 };
 
 #if defined(__clang__)

@@ -57,6 +57,7 @@ const fa_tile_ops fa_ops_bf16_avx512bf16 = {
     .bwd_keys_dq = fa_bwd_keys_dq_bf16_avx512bf16,
     .bwd_keys_store = fa_bwd_keys_store_bf16_avx512bf16,
     .bwd_dq_store = fa_bwd_dq_store_bf16_avx512bf16,
+    .bwd_delta = fa_bwd_delta_bf16_avx512bf16,
 };
 
 #if defined(__clang__)

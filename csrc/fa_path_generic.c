@@ -32,6 +32,7 @@ const fa_tile_ops fa_ops_f32_generic = {
     .bwd_keys_dq = fa_bwd_keys_dq_f32_generic,
     .bwd_keys_store = fa_bwd_keys_store_f32_generic,
     .bwd_dq_store = fa_bwd_dq_store_f32_generic,
+    .bwd_delta = fa_bwd_delta_f32_generic,
 };
 
 const fa_tile_ops fa_ops_f64_generic = {
@@ -57,6 +58,7 @@ const fa_tile_ops fa_ops_f64_generic = {
     .bwd_keys_dq = fa_bwd_keys_dq_f64_generic,
     .bwd_keys_store = fa_bwd_keys_store_f64_generic,
     .bwd_dq_store = fa_bwd_dq_store_f64_generic,
+    .bwd_delta = fa_bwd_delta_f64_generic,
 };
 
 const fa_tile_ops fa_ops_f16_generic = {
@@ -82,6 +84,7 @@ const fa_tile_ops fa_ops_f16_generic = {
     .bwd_keys_dq = fa_bwd_keys_dq_f16_generic,
     .bwd_keys_store = fa_bwd_keys_store_f16_generic,
     .bwd_dq_store = fa_bwd_dq_store_f16_generic,
+    .bwd_delta = fa_bwd_delta_f16_generic,
 };
 
 const fa_tile_ops fa_ops_bf16_generic = {
@@ -107,4 +110,5 @@ const fa_tile_ops fa_ops_bf16_generic = {
     .bwd_keys_dq = fa_bwd_keys_dq_bf16_generic,
     .bwd_keys_store = fa_bwd_keys_store_bf16_generic,
     .bwd_dq_store = fa_bwd_dq_store_bf16_generic,
+    .bwd_delta = fa_bwd_delta_bf16_generic,
 };

@@ -37,6 +37,7 @@ const fa_tile_ops fa_ops_f32_neon = {
     .bwd_keys_dq = fa_bwd_keys_dq_f32_neon,
     .bwd_keys_store = fa_bwd_keys_store_f32_neon,
     .bwd_dq_store = fa_bwd_dq_store_f32_neon,
+    .bwd_delta = fa_bwd_delta_f32_neon,
 };
 
 const fa_tile_ops fa_ops_f64_neon = {
@@ -62,6 +63,7 @@ const fa_tile_ops fa_ops_f64_neon = {
     .bwd_keys_dq = fa_bwd_keys_dq_f64_neon,
     .bwd_keys_store = fa_bwd_keys_store_f64_neon,
     .bwd_dq_store = fa_bwd_dq_store_f64_neon,
+    .bwd_delta = fa_bwd_delta_f64_neon,
 };
 
 const fa_tile_ops fa_ops_f16_neon = {
@@ -87,6 +89,7 @@ const fa_tile_ops fa_ops_f16_neon = {
     .bwd_keys_dq = fa_bwd_keys_dq_f16_neon,
     .bwd_keys_store = fa_bwd_keys_store_f16_neon,
     .bwd_dq_store = fa_bwd_dq_store_f16_neon,
+    .bwd_delta = fa_bwd_delta_f16_neon,
 };
 
 const fa_tile_ops fa_ops_bf16_neon = {
@@ -112,6 +115,7 @@ const fa_tile_ops fa_ops_bf16_neon = {
     .bwd_keys_dq = fa_bwd_keys_dq_bf16_neon,
     .bwd_keys_store = fa_bwd_keys_store_bf16_neon,
     .bwd_dq_store = fa_bwd_dq_store_bf16_neon,
+    .bwd_delta = fa_bwd_delta_bf16_neon,
 };
 
 #endif /* __aarch64__ */

@@ -84,6 +84,8 @@ typedef struct {
     void (*bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk);
     void (*bwd_dq_store)(const fa_problem *p, const int64_t *e, const void *acc, int64_t ld, int64_t row0,
                          int64_t bq);
+    /* delta = rowsum(dout * out) of rows [row0, row0 + bq) into p->delta */
+    void (*bwd_delta)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq);
 } fa_tile_ops;
 
 /* A shared mask's tables of block kinds, built once per call (fa_driver.c). */

@@ -259,3 +259,17 @@ void FA_OP(bwd_dq_store)(const fa_problem *p, const int64_t *e, const void *acc,
         FN(store_scaled)((char *)p->gq + e[FA_E_GQ] + fa_vrow_off(row0 + r, lq, p->gq_rs, p->gq_hs), p->gq_cs,
                          a + r * ld, scale, p->d);
 }
+
+/* delta = rowsum(dout * out) of rows [row0, row0 + bq), summed in double
+ * (as the reference does), into p->delta in the compute type. */
+void FA_OP(bwd_delta)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq)
+{
+    const int64_t lq = e[FA_E_LQ];
+    for (int64_t r = 0; r < bq; r++) {
+        const char *o = (const char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs);
+        const char *g = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
+        double sum = 0;
+        for (int64_t c = 0; c < p->dv; c++) sum += (double)FA_AT(o, c * p->out_cs) * (double)FA_AT(g, c * p->dout_cs);
+        *(FA_T *)((char *)p->delta + e[FA_E_DELTA] + fa_vrow_off(row0 + r, lq, p->delta_rs, p->delta_hs)) = (FA_T)sum;
+    }
+}

@@ -150,8 +150,9 @@ typedef struct {
 
     /* fa_attention_backward: the output's gradient (rows like out's), delta
      * = rowsum(dout * out) (compute type, like lse, which must be given for
-     * softmax weights), and the gradients it writes: gq like q, gk like k,
-     * gv like v, in the element type of q. */
+     * softmax weights; or NULL, and out the forward's output, from which
+     * the backward computes delta itself), and the gradients it writes: gq
+     * like q, gk like k, gv like v, in the element type of q. */
     const void *dout;
     const void *delta;
     void *gq, *gk, *gv;
@@ -171,7 +172,7 @@ int fa_scores(const fa_problem *p);
 int fa_weighted_sum(const fa_problem *p);
 
 /* The gradients of fused attention: given dout, the forward's lse (softmax)
- * and delta, writes gq, gk and gv (FlashAttention-2's backward: scores and
+ * and delta (or its output), writes gq, gk and gv (FlashAttention-2's backward: scores and
  * weights recomputed tile by tile; nothing of size Lq x Lk).  Each row of gk
  * and gv is written by one item that sums over every query row of its entry
  * (all heads of a group), so entries must not share k or v rows; results do

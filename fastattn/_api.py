@@ -167,9 +167,9 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     wmode, _ = _v.weights_and_lse(weights, False)
     num_threads = _config.resolve_threads(num_threads)
     args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
-    dout, lse, delta = _v.backward_operands(args, dout, out, lse)
+    dout, out, lse = _v.backward_operands(args, dout, out, lse)
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
-    return _problem.attention_backward(args, dout, lse, delta, num_threads, dests)
+    return _problem.attention_backward(args, dout, out, lse, num_threads, dests)
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,
@@ -283,9 +283,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes,
                          wmode, align, sinks)
     total_q, h = args.q.shape[:2]
-    dout, lse, delta = _v.backward_operands(args, dout, out, lse, (total_q, h, args.dv), (h, total_q))
+    dout, out, lse = _v.backward_operands(args, dout, out, lse, (total_q, h, args.dv), (h, total_q))
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
-    return _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, lse, delta, num_threads, dests)
+    return _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, out, lse, num_threads, dests)
 
 
 def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, scale=None, causal=True,

@@ -347,20 +347,19 @@ def attention_paged(args, out, lse, num_threads):
     return problem, entries
 
 
-def attention_varlen_backward(args, cu_q, cu_k, dout, lse, delta, num_threads, dests=(None, None, None)):
+def attention_varlen_backward(args, cu_q, cu_k, dout, out, lse, num_threads, dests=(None, None, None)):
     """The gradients (gq, gk, gv) of attention over packed sequences: dout
-    like out (total_q, H, Dv), lse and delta (H, total_q); each (sequence,
-    key/value head) owns its k and v rows, so nothing is summed afterwards."""
+    and out (total_q, H, Dv), lse (H, total_q); each (sequence, key/value
+    head) owns its k and v rows, so nothing is summed afterwards."""
     q, k, v = args.q, args.k, args.v
     gq, gk, gv = (np.empty(x.shape, args.dtype) if dest is None else dest for x, dest in zip((q, k, v), dests))
-    entries = _varlen_columns(args, cu_q, cu_k, {_core.E_Q: q, _core.E_DOUT: dout, _core.E_GQ: gq},
-                              {_core.E_K: k, _core.E_V: v, _core.E_GK: gk, _core.E_GV: gv},
-                              {_core.E_LSE: lse, _core.E_DELTA: delta})
+    entries = _varlen_columns(args, cu_q, cu_k, {_core.E_Q: q, _core.E_DOUT: dout, _core.E_OUT: out, _core.E_GQ: gq},
+                              {_core.E_K: k, _core.E_V: v, _core.E_GK: gk, _core.E_GV: gv}, {_core.E_LSE: lse})
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=args.group,
-        keep=(q, k, v, dout, lse, delta, gq, gk, gv),
+        keep=(q, k, v, dout, out, lse, gq, gk, gv),
         **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
-        **_operand("lse", lse, 1, None, 0), **_operand("dout", dout, 0, 2, 1), **_operand("delta", delta, 1, None, 0),
+        **_operand("lse", lse, 1, None, 0), **_operand("dout", dout, 0, 2, 1), **_operand("out", out, 0, 2, 1),
         **_operand("gq", gq, 0, 2, 1), **_operand("gk", gk, 0, 2), **_operand("gv", gv, 0, 2), **_score_options(args))
     _core.attention_backward(problem)
     return gq, gk, gv
@@ -391,7 +390,7 @@ def _sum_to(g, shape, dest):
     return g
 
 
-def attention_backward(args, dout, lse, delta, num_threads, dests=(None, None, None)):
+def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, None)):
     """The gradients (gq, gk, gv) of fused attention on validated arguments
     (_validate.ScoreArgs, backward_operands), in the shapes of q, k and v,
     written into `dests` where given (checked arrays, or None)."""
@@ -401,10 +400,9 @@ def attention_backward(args, dout, lse, delta, num_threads, dests=(None, None, N
     gq = _grad_buffer(args.q.shape, lead + args.q.shape[-2:], args.dtype, dests[0])
     gk = _grad_buffer(args.k.shape, kv_lead + args.k.shape[-2:], args.dtype, dests[1])
     gv = _grad_buffer(args.v.shape, kv_lead + args.v.shape[-2:], args.dtype, dests[2])
-    entries = np.array(_lead_table(lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, dout, lse))
+    entries = np.array(_lead_table(lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse))
     cols = {
         _core.E_DOUT: _lead_offsets(_layout(dout, 2), lead),
-        _core.E_DELTA: _lead_offsets(_layout(delta, 1), lead),
         _core.E_GQ: _lead_offsets(_layout(gq, 2), lead),
         _core.E_GK: _lead_offsets(_layout(gk, 2), lead, g),
         _core.E_GV: _lead_offsets(_layout(gv, 2), lead, g),
@@ -413,11 +411,11 @@ def attention_backward(args, dout, lse, delta, num_threads, dests=(None, None, N
         entries[:, col] = val[::g] if g > 1 else val
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
-        keep=(args.q, args.k, args.v, args.mask, dout, lse, delta, gq, gk, gv),
+        keep=(args.q, args.k, args.v, args.mask, dout, out, lse, gq, gk, gv),
         **_operand("q", args.q, -2, -1, heads), **_operand("k", args.k, -2, -1),
         **_operand("v", args.v, -2, -1), **_operand("lse", lse, -1, None, -2 if g > 1 else None),
         **_operand("mask", args.mask, -2, -1, heads), **_operand("dout", dout, -2, -1, heads),
-        **_operand("delta", delta, -1, None, -2 if g > 1 else None), **_operand("gq", gq, -2, -1, heads),
+        **_operand("out", out, -2, -1, heads), **_operand("gq", gq, -2, -1, heads),
         **_operand("gk", gk, -2, -1), **_operand("gv", gv, -2, -1), **_score_options(args))
     _core.attention_backward(problem)
     return tuple(_sum_to(grad, x.shape, dest) for grad, x, dest in zip((gq, gk, gv), (args.q, args.k, args.v), dests))

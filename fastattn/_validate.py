@@ -484,10 +484,11 @@ class VarlenArgs(_Options):
 
 
 def backward_operands(args, dout, out, lse, out_shape=None, lse_shape=None):
-    """dout (in the result dtype), and delta = rowsum(dout * out) and lse in
-    the compute dtype, checked against the forward's result shapes (by
-    default those of attention(); attention_varlen's are given); lse is None
-    for dot weights, which have none.  delta has lse's shape."""
+    """dout and out (in the result dtype; the kernel computes delta =
+    rowsum(dout * out) from them) and lse in the compute dtype, checked
+    against the forward's result shapes (by default those of attention();
+    attention_varlen's are given); lse is None for dot weights, which have
+    none."""
     out_shape = args.lead + (args.lq, args.dv) if out_shape is None else out_shape
     lse_shape = out_shape[:-1] if lse_shape is None else lse_shape
     named = {}
@@ -495,8 +496,7 @@ def backward_operands(args, dout, out, lse, out_shape=None, lse_shape=None):
         a = as_array(a, name)
         if a.shape != out_shape:
             raise ValueError(f"{name} must have the attention output's shape {out_shape}, got {a.shape}")
-        named[name] = a
-    cdt = compute_dtype(args.dtype)
+        named[name] = np.asarray(a, dtype=args.dtype)
     if args.weights == _core.WEIGHTS_DOT:
         if lse is not None:
             raise ValueError("lse must be None with weights='dot' (dot weights have no log-sum-exp)")
@@ -507,11 +507,8 @@ def backward_operands(args, dout, out, lse, out_shape=None, lse_shape=None):
         lse = as_array(lse, "lse")
         if lse.shape != lse_shape:
             raise ValueError(f"lse must have shape {lse_shape}, as the forward returned it, got {lse.shape}")
-        lse = np.asarray(lse, dtype=cdt)
-    delta = np.einsum("...i,...i->...", named["dout"], named["out"], dtype=np.float64).astype(cdt)
-    if delta.shape != lse_shape:  # packed sequences: (total_q, H) as lse's (H, total_q), a view
-        delta = delta.T
-    return np.asarray(named["dout"], dtype=args.dtype), lse, delta
+        lse = np.asarray(lse, dtype=compute_dtype(args.dtype))
+    return named["dout"], named["out"], lse
 
 
 def int_array(a, name, ndim, shape_desc):

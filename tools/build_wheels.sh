@@ -27,4 +27,5 @@ cd "$venv"
 env/bin/python -c "import fastattn, sys; print('installed', fastattn.__file__); fastattn.show_config()"
 env/bin/python -c "import fastattn._core as c; assert 'site-packages' in c.__file__, c.__file__"
 env/bin/python tools/check_isa.py "$(env/bin/python -c 'import fastattn._core as c; print(c.__file__)')"
-env/bin/python -m pytest -q -p no:cacheprovider tests
+# (pyproject.toml's pytest settings stay behind: the slow tests are the CI's slow stage's)
+env/bin/python -m pytest -q -p no:cacheprovider -m "not slow" -o "markers=slow: run by the slow stage" tests
