@@ -454,7 +454,11 @@ int fa_attention_backward(const fa_problem *p)
     char *delta = NULL;
     if (p->weights == FA_WEIGHTS_SOFTMAX && !p->delta) {
         const int status = fa_bwd_delta(p, ops, &local, &local_entries, &delta);
-        if (status != FA_OK) return status;
+        if (status != FA_OK) {
+            free(local_entries);
+            free(delta);
+            return status;
+        }
         p = &local;
     }
     /* per entry: its first accumulator row and first tile within its run */
