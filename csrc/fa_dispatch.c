@@ -485,6 +485,10 @@ int fa_attention_backward(const fa_problem *p)
             work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
             t += (e[FA_E_LK] + FA_BK - 1) / FA_BK;
         }
+        if ((uint64_t)rows > SIZE_MAX / (uint64_t)(ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t)) {
+            status = FA_ERR_NOMEM;
+            break;
+        }
         /* The items: a key block waits its turn behind the entry's earlier
          * blocks, so the threads spread over entries: key block by key block
          * across groups of threads / 2 entries (one entry at a time on two
@@ -500,10 +504,6 @@ int fa_attention_backward(const fa_problem *p)
                 for (int64_t i = g0; i < g1; i++)
                     if (k0 < p->entries[i * FA_ENTRY_FIELDS + FA_E_LK])
                         items[t++] = (fa_item){.entry = i, .row0 = k0, .part = -1, .bundle = 1};
-        }
-        if ((uint64_t)rows > SIZE_MAX / (uint64_t)(ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t)) {
-            status = FA_ERR_NOMEM;
-            break;
         }
         /* the accumulators (each tile zeroed by its first key block) and turns */
         size_t acc_bytes = (size_t)(rows * ld * eb), turn_bytes = (size_t)tiles * sizeof(int64_t);

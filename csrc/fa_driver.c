@@ -412,10 +412,11 @@ static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const 
         if (j < first || j > last) continue;
         ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk);
         int64_t *turn = turns + row0 / FA_BQ;
+        char *tile = acc + row0 * row_bytes; /* the tile's dq accumulator */
         if (!fa_team_wait(turn, j - first, status)) return;
-        if (j == first) memset(acc + row0 * row_bytes, 0, (size_t)(bq * row_bytes));
-        ops->bwd_keys_dq(w, bq, bk, acc + row0 * row_bytes, ld);
-        if (j == last) ops->bwd_dq_store(p, e, acc + row0 * row_bytes, ld, row0, bq);
+        if (j == first) memset(tile, 0, (size_t)(bq * row_bytes));
+        ops->bwd_keys_dq(w, bq, bk, tile, ld);
+        if (j == last) ops->bwd_dq_store(p, e, tile, ld, row0, bq);
         __atomic_store_n(turn, j - first + 1, __ATOMIC_RELEASE);
     }
     ops->bwd_keys_store(p, e, w, k0, bk);

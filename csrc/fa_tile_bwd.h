@@ -8,8 +8,8 @@
  * from the saved lse; every product runs on the forward's micro-kernels:
  *   S^T  = K Q^T (scaled)          qk_block, K rows read in place
  *   dP^T = V dO^T                   qk_block, V rows read in place
- *   dV  += P^T dO,  dK += dS^T Q    pv_block over the key block's rows
- *   dQ  += dS K                     pv_block over the query tile's rows, into
+ *   dV  += P^T dO,  dK += dS^T Q    pv_block_tr over the key block's rows
+ *   dQ  += dS K                     pv_block_st over the query tile's rows, into
  *                                   the tile's accumulator (the driver orders
  *                                   the key blocks' additions)
  * with P = exp(S - lse) (or S itself for dot weights), dS = P (dP - delta)
@@ -93,7 +93,7 @@ static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scra
         w->q = FN(key_rows)(p->q, e[FA_E_Q] + head * p->q_hs, p->q_rs, p->q_cs, i0, bq, p->d, w->dp, w->qr, &w->ldq);
         w->o = FN(key_rows)(p->dout, e[FA_E_DOUT] + head * p->dout_hs, p->dout_rs, p->dout_cs, i0, bq, p->dv, w->dvp,
                             w->dor, &w->ldo);
-    } else { /* rows of two heads */
+    } else { /* rows of several heads */
         for (int64_t r = 0; r < bq; r++) {
             const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
             const char *orow =
