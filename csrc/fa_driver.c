@@ -179,9 +179,11 @@ int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *loca
     if (lq == 0 || lk == 0) return 0;
     *tables = (uint8_t *)malloc((size_t)(n_distinct * per));
     *entries = (int64_t *)malloc((size_t)p->n_entries * FA_ENTRY_FIELDS * sizeof(int64_t));
-    if (!*tables || !*entries) {
+    if (!*tables || !*entries) { /* the caller frees both whatever this returns */
         free(*tables);
         free(*entries);
+        *tables = NULL;
+        *entries = NULL;
         return -1;
     }
     fa_tables_run r = {p, distinct, *tables, n_distinct * per, per, nk, lq, lk, 0};

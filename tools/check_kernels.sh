@@ -36,5 +36,7 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 [ "$status" = 0 ] || { echo "check_kernels: compiling failed" >&2; exit 1; }
-$cc -pthread ${CHECK_CFLAGS:-} "$out"/*.o -lm -o "$out/check_kernels"
-"${run[@]}" "$out/check_kernels"
+# the library's allocations through the check's wrappers, which fail them on demand
+$cc -pthread ${CHECK_CFLAGS:-} "$out"/*.o -lm -Wl,--wrap=malloc,--wrap=aligned_alloc -o "$out/check_kernels"
+# a hang (a thread waiting for work that never comes) fails the check instead of stalling it
+timeout 1800 "${run[@]}" "$out/check_kernels"

@@ -15,12 +15,16 @@
  * The x86 paths run natively; the NEON path runs under qemu-aarch64
  * (tools/check_kernels.sh).  Exit status 0 when every check passes.
  *
+ * Each fa_attention and fa_attention_backward call runs first with its
+ * allocations failing one by one (with_failures): FA_ERR_NOMEM or the same
+ * outputs, never a crash, a hang or a leak.
+ *
  * It also checks the thread pool (csrc/fa_pool.c): teams claim every item
  * once, concurrent callers, offers withdrawn from workers that do not start
  * in time, OpenBLAS-style jobs that wait for each other, teams run on a
  * host's OpenMP runtime.
  *
- *   cc -O2 -pthread -Icsrc tests/c/check_kernels.c csrc/fa_*.c -lm
+ *   cc -O2 -pthread -Icsrc tests/c/check_kernels.c csrc/fa_*.c -lm -Wl,--wrap=malloc,--wrap=aligned_alloc
  */
 #include <math.h>
 #include <stdint.h>
@@ -142,6 +146,85 @@ static uint8_t random_code(int kv, double scale, double *value)
 static double sink_of(int64_t t) { return 1.5 - 0.6 * (double)t; }
 
 static int failures = 0, checks = 0;
+
+/* ---- allocation failures on demand -------------------------------------- */
+
+/* The library's malloc and aligned_alloc calls reach these (the check is
+ * linked with -Wl,--wrap=malloc,--wrap=aligned_alloc: tools/check_kernels.sh).
+ * While armed (fail_at >= 0), the allocation numbered fail_at, counted from
+ * 0 across threads, returns NULL, and with fail_rest every later one too. */
+void *__real_malloc(size_t n);
+void *__real_aligned_alloc(size_t align, size_t n);
+static int64_t alloc_seen, alloc_fail_at = -1;
+static int alloc_fail_rest;
+static int64_t injected_calls, nomem_calls; /* totals, for the summary */
+
+static int alloc_fails(void)
+{
+    const int64_t at = __atomic_load_n(&alloc_fail_at, __ATOMIC_ACQUIRE);
+    if (at < 0) return 0;
+    const int64_t i = __atomic_fetch_add(&alloc_seen, 1, __ATOMIC_RELAXED);
+    return i == at || (alloc_fail_rest && i > at);
+}
+
+void *__wrap_malloc(size_t n) { return alloc_fails() ? NULL : __real_malloc(n); }
+void *__wrap_aligned_alloc(size_t align, size_t n) { return alloc_fails() ? NULL : __real_aligned_alloc(align, n); }
+
+/* fn(p), first as it is, then with its k-th allocation failing (k = 0, 1,
+ * ... while the call makes a k-th), alone and with every later one: each
+ * call must return FA_OK or FA_ERR_NOMEM (and not crash, hang, or leak:
+ * LeakSanitizer in tools/sanitize.sh), FA_ERR_NOMEM only when an
+ * allocation failed, and a call that returns FA_OK despite a failure
+ * (a thread that could not start) must write the same bytes to the
+ * outputs (bufs: n_bufs buffers of sizes[i] bytes, set to 0xff before each
+ * call) as the call without failures.  Returns that first call's status,
+ * its outputs left in bufs for the caller's checks; a failure of the
+ * sweep is counted and reported here. */
+static int with_failures(int (*fn)(const fa_problem *), const fa_problem *p, char *const *bufs,
+                         const size_t *sizes, int n_bufs, const char *what)
+{
+    size_t total = 0;
+    for (int b = 0; b < n_bufs; b++) total += sizes[b];
+    char *want = malloc(total + 1);
+    for (int b = 0; b < n_bufs; b++) memset(bufs[b], 0xff, sizes[b]);
+    const int status = fn(p);
+    if (status != FA_OK) {
+        free(want);
+        return status;
+    }
+    for (int b = 0, o = 0; b < n_bufs; o += (int)sizes[b], b++) memcpy(want + o, bufs[b], sizes[b]);
+    int bad = 0;
+    for (int64_t k = 0; k < 10000 && !bad; k++) {
+        int fired = 0;
+        for (int rest = 0; rest < 2 && !bad; rest++) {
+            for (int b = 0; b < n_bufs; b++) memset(bufs[b], 0xff, sizes[b]);
+            __atomic_store_n(&alloc_seen, 0, __ATOMIC_RELAXED);
+            alloc_fail_rest = rest;
+            __atomic_store_n(&alloc_fail_at, k, __ATOMIC_RELEASE);
+            const int got = fn(p);
+            __atomic_store_n(&alloc_fail_at, -1, __ATOMIC_RELEASE);
+            fired = __atomic_load_n(&alloc_seen, __ATOMIC_RELAXED) > k;
+            injected_calls += fired;
+            nomem_calls += got == FA_ERR_NOMEM;
+            int same = got == FA_OK;
+            for (int b = 0, o = 0; b < n_bufs && same; o += (int)sizes[b], b++)
+                same = memcmp(want + o, bufs[b], sizes[b]) == 0;
+            if (!(got == FA_ERR_NOMEM && fired) && !same) {
+                printf("FAIL %s: allocation %lld failing%s: status %d%s\n", what, (long long)k,
+                       rest ? " (and every later one)" : "", got,
+                       got == FA_OK ? ", outputs differ from the call without failures"
+                                    : fired ? "" : " although no allocation failed");
+                bad = 1;
+            }
+        }
+        if (!fired) break;
+    }
+    checks++;
+    failures += bad;
+    for (int b = 0, o = 0; b < n_bufs; o += (int)sizes[b], b++) memcpy(bufs[b], want + o, sizes[b]);
+    free(want);
+    return status;
+}
 
 /* Compare got with want (relative to the row's magnitude mag, plus an
  * allowance of its own); report the first failure of a case. */
@@ -283,7 +366,12 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
             memset(gk, 0xff, (size_t)(n * lk * d * es));
             memset(gv, 0xff, (size_t)(n * lk * dv * es));
         }
-        const int status = fa_attention_backward(&p);
+        char what[200];
+        snprintf(what, sizeof what, "%s %s %s: fa_attention_backward%s", fa_path_name(path), DTYPE_NAMES[dtype],
+                 c->what, pass ? " (delta from out)" : "");
+        char *const grads[3] = {gq, gk, gv};
+        const size_t grad_sizes[3] = {(size_t)(n * rows * d * es), (size_t)(n * lk * d * es), (size_t)(n * lk * dv * es)};
+        const int status = with_failures(fa_attention_backward, &p, grads, grad_sizes, 3, what);
         checks++;
         if (status != FA_OK) {
             printf("FAIL %s %s %s: fa_attention_backward status %d%s\n", fa_path_name(path), DTYPE_NAMES[dtype],
@@ -524,8 +612,12 @@ static void run_case(int path, int dtype, const spec *c)
     const double rel = dtype == FA_F16 ? 1.0 / 2048 : dtype == FA_BF16 ? 1.0 / 256 : tol;
     int bad = 0;
 
-    /* fused attention */
-    int status = fa_attention(&p);
+    /* fused attention (first under allocation failures) */
+    char what[200];
+    snprintf(what, sizeof what, "%s %s %s: fa_attention", fa_path_name(path), DTYPE_NAMES[dtype], c->what);
+    char *const outs[2] = {out, lse};
+    const size_t out_sizes[2] = {(size_t)(n * g * lq * dv * es), (size_t)(n * g * lq * cs)};
+    int status = with_failures(fa_attention, &p, outs, out_sizes, c->dot ? 1 : 2, what);
     checks++;
     if (status != FA_OK) {
         printf("FAIL %s %s %s: fa_attention status %d\n", fa_path_name(path), DTYPE_NAMES[dtype], c->what, status);
@@ -1060,6 +1152,11 @@ int main(void)
     }
     if (fa_pool_threaded()) check_pool();
     check_scratch_cache();
+    checks++;
+    if (injected_calls == 0 || nomem_calls == 0) failures++; /* the sweeps must have run */
+    printf("%s allocation failures: %lld calls with an allocation failing, %lld of them FA_ERR_NOMEM, the others "
+           "FA_OK with the same outputs\n",
+           injected_calls && nomem_calls ? "ok  " : "FAIL", (long long)injected_calls, (long long)nomem_calls);
     if (failures)
         printf("check_kernels: %d of %d checks FAILED\n", failures, checks);
     else
