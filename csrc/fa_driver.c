@@ -44,76 +44,89 @@ static int fa_mask_tile_table(const fa_problem *p, const int64_t *e, int64_t row
     return hidden ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
 }
 
+/* Fold keys [0, bk) of one mask row (m: its first key's element) into
+ * *hidden (every key hidden) and *visible (none hidden, nothing added). */
+static inline void fa_mask_row(const fa_problem *p, const unsigned char *m, int64_t bk, int *hidden_io,
+                               int *visible_io)
+{
+    const int64_t cs = p->mask_cs;
+    int64_t j = 0;
+    int hidden = *hidden_io, visible = *visible_io; /* locals: m's bytes may alias them */
+    switch (p->mask_kind) {
+    case FA_MASK_BOOL:
+#if defined(__SSE2__)
+        if (cs == 1) { /* sixteen at a time (SSE2, in every x86-64): or of the bytes, or of their == 0 */
+            const __m128i zero = _mm_setzero_si128();
+            __m128i any = zero, zeros = zero;
+            for (; j + 16 <= bk; j += 16) {
+                const __m128i x = _mm_loadu_si128((const __m128i *)(m + j));
+                any = _mm_or_si128(any, x);
+                zeros = _mm_or_si128(zeros, _mm_cmpeq_epi8(x, zero));
+            }
+            hidden &= _mm_movemask_epi8(_mm_cmpeq_epi8(any, zero)) == 0xffff;
+            visible &= _mm_movemask_epi8(zeros) == 0;
+        }
+#endif
+        if (cs == 1)
+            for (; j + 8 <= bk; j += 8) { /* eight at a time: any nonzero byte, any zero byte */
+                uint64_t x;
+                memcpy(&x, m + j, 8);
+                hidden &= x == 0;
+                visible &= ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) == 0;
+            }
+        for (; j < bk; j++) {
+            hidden &= m[j * cs] == 0;
+            visible &= m[j * cs] != 0;
+        }
+        break;
+    case FA_MASK_F32:
+#if defined(__SSE2__)
+        if (cs == 4) { /* four at a time: all -inf, all +-0 */
+            const __m128i ninf = _mm_set1_epi32((int)0xff800000u), magnitude = _mm_set1_epi32(0x7fffffff);
+            const __m128i zero = _mm_setzero_si128();
+            __m128i all_ninf = _mm_set1_epi32(-1), all_zero = all_ninf;
+            for (; j + 4 <= bk; j += 4) {
+                const __m128i x = _mm_loadu_si128((const __m128i *)(m + 4 * j));
+                all_ninf = _mm_and_si128(all_ninf, _mm_cmpeq_epi32(x, ninf));
+                all_zero = _mm_and_si128(all_zero, _mm_cmpeq_epi32(_mm_and_si128(x, magnitude), zero));
+            }
+            hidden &= _mm_movemask_epi8(all_ninf) == 0xffff;
+            visible &= _mm_movemask_epi8(all_zero) == 0xffff;
+        }
+#endif
+        for (; j < bk; j++) {
+            uint32_t x;
+            memcpy(&x, m + j * cs, 4);
+            hidden &= x == 0xff800000u;
+            visible &= (x & 0x7fffffffu) == 0;
+        }
+        break;
+    default: /* FA_MASK_F64 */
+        for (; j < bk; j++) {
+            uint64_t x;
+            memcpy(&x, m + j * cs, 8);
+            hidden &= x == 0xfff0000000000000ULL;
+            visible &= (x & 0x7fffffffffffffffULL) == 0;
+        }
+        break;
+    }
+    *hidden_io = hidden;
+    *visible_io = visible;
+}
+
 static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
 {
     if (p->mask_tiles) return fa_mask_tile_table(p, e, row0, bq, k0, bk);
-    const int64_t lq = e[FA_E_LQ], cs = p->mask_cs;
+    const int64_t lq = e[FA_E_LQ];
     /* rows that share one mask row (a mask broadcast over rows and heads) are read once */
     const int64_t rows = p->mask_rs == 0 && (p->mask_hs == 0 || p->group == 1) ? 1 : bq;
     int hidden = 1, visible = 1;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t v = row0 + r;
-        const unsigned char *m = (const unsigned char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs +
-                                 (v % lq) * p->mask_rs + k0 * cs;
-        int64_t j = 0;
-        switch (p->mask_kind) {
-        case FA_MASK_BOOL:
-#if defined(__SSE2__)
-            if (cs == 1) { /* sixteen at a time (SSE2, in every x86-64): or of the bytes, or of their == 0 */
-                const __m128i zero = _mm_setzero_si128();
-                __m128i any = zero, zeros = zero;
-                for (; j + 16 <= bk; j += 16) {
-                    const __m128i x = _mm_loadu_si128((const __m128i *)(m + j));
-                    any = _mm_or_si128(any, x);
-                    zeros = _mm_or_si128(zeros, _mm_cmpeq_epi8(x, zero));
-                }
-                hidden &= _mm_movemask_epi8(_mm_cmpeq_epi8(any, zero)) == 0xffff;
-                visible &= _mm_movemask_epi8(zeros) == 0;
-            }
-#endif
-            if (cs == 1)
-                for (; j + 8 <= bk; j += 8) { /* eight at a time: any nonzero byte, any zero byte */
-                    uint64_t x;
-                    memcpy(&x, m + j, 8);
-                    hidden &= x == 0;
-                    visible &= ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) == 0;
-                }
-            for (; j < bk; j++) {
-                hidden &= m[j * cs] == 0;
-                visible &= m[j * cs] != 0;
-            }
-            break;
-        case FA_MASK_F32:
-#if defined(__SSE2__)
-            if (cs == 4) { /* four at a time: all -inf, all +-0 */
-                const __m128i ninf = _mm_set1_epi32((int)0xff800000u), magnitude = _mm_set1_epi32(0x7fffffff);
-                const __m128i zero = _mm_setzero_si128();
-                __m128i all_ninf = _mm_set1_epi32(-1), all_zero = all_ninf;
-                for (; j + 4 <= bk; j += 4) {
-                    const __m128i x = _mm_loadu_si128((const __m128i *)(m + 4 * j));
-                    all_ninf = _mm_and_si128(all_ninf, _mm_cmpeq_epi32(x, ninf));
-                    all_zero = _mm_and_si128(all_zero, _mm_cmpeq_epi32(_mm_and_si128(x, magnitude), zero));
-                }
-                hidden &= _mm_movemask_epi8(all_ninf) == 0xffff;
-                visible &= _mm_movemask_epi8(all_zero) == 0xffff;
-            }
-#endif
-            for (; j < bk; j++) {
-                uint32_t x;
-                memcpy(&x, m + j * cs, 4);
-                hidden &= x == 0xff800000u;
-                visible &= (x & 0x7fffffffu) == 0;
-            }
-            break;
-        default: /* FA_MASK_F64 */
-            for (; j < bk; j++) {
-                uint64_t x;
-                memcpy(&x, m + j * cs, 8);
-                hidden &= x == 0xfff0000000000000ULL;
-                visible &= (x & 0x7fffffffffffffffULL) == 0;
-            }
-            break;
-        }
+        fa_mask_row(p,
+                    (const unsigned char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs + (v % lq) * p->mask_rs +
+                        k0 * p->mask_cs,
+                    bk, &hidden, &visible);
         if (!hidden && !visible) return FA_TILE_MIXED;
     }
     return hidden ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
@@ -124,7 +137,7 @@ typedef struct {
     const fa_problem *p;
     const int64_t *distinct;
     uint8_t *tables;
-    int64_t n, per, nk, lq, lk;
+    int64_t n, per, nk, lq, lk; /* n: stripes (distinct masks x block rows); per = block rows x nk */
     int64_t next;
 } fa_tables_run;
 
@@ -133,19 +146,33 @@ static void fa_tables_member(void *arg, fa_team *team, int member)
     (void)team, (void)member;
     fa_tables_run *r = (fa_tables_run *)arg;
     const fa_problem *p = r->p;
-    int64_t fake[FA_ENTRY_FIELDS] = {0};
-    fake[FA_E_LQ] = r->lq;
-    fake[FA_E_LK] = r->lk;
-    for (int64_t b0; (b0 = fa_team_next(&r->next, 16, r->n)) >= 0;)
-        for (int64_t b = b0; b < fa_min64(b0 + 16, r->n); b++) {
-            const int64_t d = b / r->per, rb = b % r->per / r->nk, kb = b % r->nk;
-            fake[FA_E_MASK] = r->distinct[d];
-            const int64_t r0 = rb * FA_TILE_BLOCK, k0 = kb * FA_TILE_BLOCK;
-            /* one block row stands for all rows when the mask's rows broadcast (likewise keys) */
-            const int64_t bq = p->mask_rs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, r->lq - r0);
-            const int64_t bk = p->mask_cs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, r->lk - k0);
-            r->tables[b] = (uint8_t)fa_mask_tile(p, fake, r0, bq, k0, bk);
-        }
+    const int64_t nq = r->per / r->nk;
+    /* a stripe of block rows at a time, its mask rows read in address
+     * order (reading a block's rows in turn, lk apart, runs at half the
+     * bandwidth), each block's possible kinds in its table byte
+     * (FA_TILE_HIDDEN | FA_TILE_VISIBLE bits, as the enum's values are)
+     * until every block is mixed */
+    for (int64_t u; (u = fa_team_next(&r->next, 1, r->n)) >= 0;) {
+        const int64_t d = u / nq, r0 = u % nq * FA_TILE_BLOCK;
+        uint8_t *t = r->tables + d * r->per + u % nq * r->nk;
+        /* one row stands for all rows when the mask's rows broadcast (likewise keys) */
+        const int64_t bq = p->mask_rs == 0 ? 1 : fa_min64(FA_TILE_BLOCK, r->lq - r0);
+        const int64_t bk = p->mask_cs == 0 ? 1 : FA_TILE_BLOCK;
+        const unsigned char *m = (const unsigned char *)p->mask + r->distinct[d] + r0 * p->mask_rs;
+        int64_t open = r->nk;
+        memset(t, FA_TILE_HIDDEN | FA_TILE_VISIBLE, (size_t)r->nk);
+        for (int64_t i = 0; i < bq && open > 0; i++, m += p->mask_rs)
+            for (int64_t kb = 0; kb < r->nk; kb++) {
+                if (!t[kb]) continue;
+                int hidden = (t[kb] & FA_TILE_HIDDEN) != 0, visible = (t[kb] & FA_TILE_VISIBLE) != 0;
+                const int64_t k0 = kb * bk;
+                fa_mask_row(p, m + k0 * p->mask_cs, fa_min64(bk, r->lk - k0), &hidden, &visible);
+                t[kb] = (uint8_t)((hidden ? FA_TILE_HIDDEN : 0) | (visible ? FA_TILE_VISIBLE : 0));
+                open -= !t[kb];
+            }
+        for (int64_t kb = 0; kb < r->nk; kb++) /* none left: mixed (a block cannot be both) */
+            t[kb] = t[kb] == 0 ? FA_TILE_MIXED : t[kb] & FA_TILE_HIDDEN ? FA_TILE_HIDDEN : FA_TILE_VISIBLE;
+    }
 }
 
 /* A mask that several entries share (broadcast over batch or heads) is
@@ -186,7 +213,7 @@ int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *loca
         *entries = NULL;
         return -1;
     }
-    fa_tables_run r = {p, distinct, *tables, n_distinct * per, per, nk, lq, lk, 0};
+    fa_tables_run r = {p, distinct, *tables, n_distinct * nq, per, nk, lq, lk, 0}; /* a stripe each */
     fa_parallel(num_threads, fa_tables_member, &r);
     memcpy(*entries, p->entries, (size_t)p->n_entries * FA_ENTRY_FIELDS * sizeof(int64_t));
     for (int64_t i = 0; i < p->n_entries; i++) {

@@ -170,6 +170,27 @@ def test_block_mask_classifies_each_block(rng):
     assert row.kinds.shape == (1, 5) and fastattn.block_mask(row) is row
 
 
+@pytest.mark.parametrize("kind", ["bool", "float32", "float64"])
+def test_shared_mask_blocks_are_classified_per_block(rng, kind):
+    """A mask shared by several heads is classified once per call, a stripe
+    of block rows at a time: hidden, visible and mixed blocks (one key or
+    one row making a block mixed, at its edges), partial last blocks, and
+    masks broadcast over rows or keys all give the masked result."""
+    q, k, v = make_qkv(rng, ((2, 3), (2, 3), 150, 200, 8, 8), np.float64)
+    m = np.ones((150, 200), bool)
+    m[:64, :64] = False  # hidden
+    m[64:128, 64] = False  # mixed by its first key column
+    m[127, 128:192] = False  # mixed by its last row
+    m[128:, 192:] = False  # the partial corner block hidden
+    m[:64, 128:192] = rng.random((64, 64)) < 0.5  # random: mixed
+    masks = [m, m[70:71], m[:, 64:65]]  # and broadcast over rows, over keys
+    for mask in masks:
+        if kind != "bool":
+            mask = np.where(mask, 0.0, -np.inf).astype(kind)
+            mask[mask.shape[0] - 1, 0] = 0.25 if mask[-1, 0] == 0 else mask[-1, 0]  # adds: mixed
+        assert_close(fastattn.attention(q, k, v, mask=mask), ref.attention(q, k, v, mask=mask))
+
+
 def test_block_mask_in_scores_and_backward(rng):
     q, k, v = make_qkv(rng, ((2,), (2,), 70, 90, 8, 8), np.float64)
     m = document_mask(70, 90, 3)
