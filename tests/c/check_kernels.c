@@ -175,7 +175,8 @@ void *__wrap_aligned_alloc(size_t align, size_t n) { return alloc_fails() ? NULL
  * call must return FA_OK or FA_ERR_NOMEM (and not crash, hang, or leak:
  * LeakSanitizer in tools/sanitize.sh), FA_ERR_NOMEM only when an
  * allocation failed, and a call that returns FA_OK despite a failure
- * (a thread that could not start) must write the same bytes to the
+ * (a thread of the team got no scratch, and the others ran every item:
+ * a few percent of the calls) must write the same bytes to the
  * outputs (bufs: n_bufs buffers of sizes[i] bytes, set to 0xff before each
  * call) as the call without failures.  Returns that first call's status,
  * its outputs left in bufs for the caller's checks; a failure of the
@@ -192,7 +193,7 @@ static int with_failures(int (*fn)(const fa_problem *), const fa_problem *p, cha
         free(want);
         return status;
     }
-    for (int b = 0, o = 0; b < n_bufs; o += (int)sizes[b], b++) memcpy(want + o, bufs[b], sizes[b]);
+    for (size_t b = 0, o = 0; b < (size_t)n_bufs; o += sizes[b], b++) memcpy(want + o, bufs[b], sizes[b]);
     int bad = 0;
     for (int64_t k = 0; k < 10000 && !bad; k++) {
         int fired = 0;
@@ -207,7 +208,7 @@ static int with_failures(int (*fn)(const fa_problem *), const fa_problem *p, cha
             injected_calls += fired;
             nomem_calls += got == FA_ERR_NOMEM;
             int same = got == FA_OK;
-            for (int b = 0, o = 0; b < n_bufs && same; o += (int)sizes[b], b++)
+            for (size_t b = 0, o = 0; b < (size_t)n_bufs && same; o += sizes[b], b++)
                 same = memcmp(want + o, bufs[b], sizes[b]) == 0;
             if (!(got == FA_ERR_NOMEM && fired) && !same) {
                 printf("FAIL %s: allocation %lld failing%s: status %d%s\n", what, (long long)k,
@@ -221,7 +222,7 @@ static int with_failures(int (*fn)(const fa_problem *), const fa_problem *p, cha
     }
     checks++;
     failures += bad;
-    for (int b = 0, o = 0; b < n_bufs; o += (int)sizes[b], b++) memcpy(bufs[b], want + o, sizes[b]);
+    for (size_t b = 0, o = 0; b < (size_t)n_bufs; o += sizes[b], b++) memcpy(bufs[b], want + o, sizes[b]);
     free(want);
     return status;
 }
@@ -685,7 +686,9 @@ static void run_case(int path, int dtype, const spec *c)
             entries[e][FA_E_OUT] = e * lq * lk * cs;
         }
         p.out_rs = lk * cs, p.out_cs = cs, p.out_hs = 0;
-        status = fa_scores(&p);
+        snprintf(what, sizeof what, "%s %s %s: fa_scores", fa_path_name(path), DTYPE_NAMES[dtype], c->what);
+        const size_t score_bytes = (size_t)(n * lq * lk * cs);
+        status = with_failures(fa_scores, &p, &out, &score_bytes, 1, what);
         checks++;
         for (int64_t e = 0; e < n && !bad; e++)
             for (int64_t i = 0; i < lq && !bad; i++) {
@@ -718,7 +721,9 @@ static void run_case(int path, int dtype, const spec *c)
         ws.d = 0;
         ws.mask_kind = FA_MASK_NONE;
         ws.lse = NULL;
-        status = fa_weighted_sum(&ws);
+        snprintf(what, sizeof what, "%s %s %s: fa_weighted_sum", fa_path_name(path), DTYPE_NAMES[dtype], c->what);
+        const size_t sum_bytes = (size_t)(n * lq * dv * es);
+        status = with_failures(fa_weighted_sum, &ws, &out, &sum_bytes, 1, what);
         checks++;
         for (int64_t e = 0; e < n && !bad; e++)
             for (int64_t i = 0; i < lq && !bad; i++)
