@@ -142,11 +142,12 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
     /* the score options, column by column; a soft-cap first, keeping z */
     fa_problem opt = *p;
     if (p->softcap > 0) {
-        const FA_T cap = (FA_T)p->softcap, inv = (FA_T)(1.0 / p->softcap);
+        const fa_vec cap = VBCAST((FA_T)p->softcap), inv = VBCAST((FA_T)(1.0 / p->softcap));
         for (int64_t j = 0; j < bk; j++)
-            for (int64_t r = 0; r < bqp; r++) { /* past the rows too: the scores there are 0 */
-                const FA_T z = cap * (FA_T)tanh((double)(w->st[j * FA_BQ + r] * inv));
-                w->st[j * FA_BQ + r] = w->zt[j * FA_BQ + r] = z;
+            for (int64_t r = 0; r < bqp; r += FA_W) { /* past the rows too: the scores there are 0 */
+                const fa_vec z = FN(softcap_vec)(VLOAD(w->st + j * FA_BQ + r), inv, cap);
+                VSTORE(w->st + j * FA_BQ + r, z);
+                VSTORE(w->zt + j * FA_BQ + r, z);
             }
         opt.softcap = 0;
     }

@@ -1198,8 +1198,46 @@ static const FA_T *FN(kv_rows)(const fa_problem *p, const int64_t *e, int v, int
 
 /* ---- score tile --------------------------------------------------------- */
 
+/* cap tanh(x / cap) lane by lane (inv = 1 / cap): tanh |y| = (1 - e) /
+ * (1 + e) with e = exp(-2 |y|) in [0, 1], y's sign put back (NaN stays
+ * NaN, +-inf gives +-cap).  Its absolute error is about cap times the
+ * exponential's relative error, which is what the softmax sees (a scalar
+ * tanh in double per score cost a soft-capped call 4 times the time). */
+static inline fa_vec FN(softcap_vec)(fa_vec x, fa_vec inv, fa_vec cap)
+{
+    const fa_vec y = VMUL(x, inv), one = VBCAST((FA_T)1);
+    const fa_vec e = VEXP(VMUL(VBCAST((FA_T)-2), VABS(y)));
+    return VMUL(cap, VCOPYSIGN(VDIV(VSUB(one, e), VADD(one, e)), y));
+}
+
+/* The soft-cap on the scores of a tile in st's layout: rows of FA_BK (few
+ * rows; whole vectors, the lanes past bk unused) or S^T (bk x bqp), there
+ * only over the keys each row vector sees when the tile is bounded (the
+ * others were not computed: tile_ranges). */
+static void FN(softcap_tile)(const fa_problem *p, FN(scratch) *w, int64_t bq, int64_t bk)
+{
+    const fa_vec cap = VBCAST((FA_T)p->softcap), inv = VBCAST((FA_T)(1.0 / p->softcap));
+    if (bq <= FA_ROWS_MAX) {
+        for (int64_t r = 0; r < bq; r++)
+            for (int64_t j = 0; j < bk; j += FA_W) {
+                FA_T *s = w->st + r * FA_BK + j;
+                VSTORE(s, FN(softcap_vec)(VLOAD(s), inv, cap));
+            }
+        return;
+    }
+    for (int64_t c = 0; c < fa_roundup64(bq, FA_W); c += FA_W) {
+        int64_t j0 = 0, j1 = bk;
+        if (w->bounded) {
+            j0 = w->vlo[c / FA_W], j1 = w->vhi[c / FA_W];
+            if (j1 < j0) j0 = j1 = 0;
+        }
+        for (int64_t j = j0; j < j1; j++) VSTORE(w->st + j * FA_BQ + c, FN(softcap_vec)(VLOAD(w->st + j * FA_BQ + c), inv, cap));
+    }
+}
+
 /* Options that act on the scores s[j * ld], j < bk (keys k0 + j), of virtual
- * row v: soft-cap, ALiBi, the mask; then causal/window bounds (-inf). */
+ * row v: soft-cap (scalar; the tiles take softcap_tile), ALiBi, the mask;
+ * then causal/window bounds (-inf). */
 static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, int64_t k0, int64_t bk,
                               FA_T *s, int64_t ld, int bounds, int masked)
 {
@@ -1344,6 +1382,13 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
 {
     if (!(bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)) return;
     const int rows = bq <= FA_ROWS_MAX;
+    fa_problem opt;
+    if (p->softcap > 0) { /* in vectors first, then the other options without it */
+        FN(softcap_tile)(p, w, bq, bk);
+        opt = *p;
+        opt.softcap = 0;
+        p = &opt;
+    }
     /* a bool mask on an S^T tile goes last, in vectors (the select commutes
      * with the bounds, not with soft-cap and ALiBi, which it must follow);
      * a float32 one, without soft-cap and ALiBi, first (the sum does not

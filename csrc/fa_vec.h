@@ -27,6 +27,9 @@
  *   VEXP(x)         exp of each lane, meant for x <= 0: -inf gives 0, NaN
  *                   stays NaN.  Float paths use a polynomial (see below);
  *                   double paths call libm's exp lane by lane.
+ *   VDIV(a, b), VABS(a), VCOPYSIGN(m, s)
+ *                   a / b; |a| (the sign bit cleared, NaN stays NaN); m's
+ *                   magnitude with s's sign
  *
  * The file that includes it must already have enabled the instruction set
  * (target pragma) for the intrinsics it uses.
@@ -52,6 +55,9 @@
 #undef VHMAX
 #undef VHSUM
 #undef VEXP
+#undef VDIV
+#undef VABS
+#undef VCOPYSIGN
 #undef fa_vec
 #undef fa_mask
 #undef VMASK
@@ -155,6 +161,9 @@ static inline __m512d fa_exp_pd512(__m512d x)
 #define VHSUM(a) _mm512_reduce_add_ps(a)
 #define VHSUMS(a) fa_hsums_ps512(a)
 #define VEXP(x) fa_exp_ps512(x)
+#define VDIV(a, b) _mm512_div_ps((a), (b))
+#define VABS(a) _mm512_abs_ps(a)
+#define VCOPYSIGN(m, s) _mm512_or_ps(_mm512_andnot_ps(_mm512_set1_ps(-0.0f), (m)), _mm512_and_ps(_mm512_set1_ps(-0.0f), (s)))
 #define fa_mask __mmask16
 #define VMASK(lo, hi) ((__mmask16)(((1u << (hi)) - 1u) & ~((1u << (lo)) - 1u)))
 #define VMASK_ALL ((__mmask16)0xffff)
@@ -176,6 +185,9 @@ static inline __m512d fa_exp_pd512(__m512d x)
 #define VHMAX(a) _mm512_reduce_max_pd(a)
 #define VHSUM(a) _mm512_reduce_add_pd(a)
 #define VEXP(x) fa_exp_pd512(x)
+#define VDIV(a, b) _mm512_div_pd((a), (b))
+#define VABS(a) _mm512_abs_pd(a)
+#define VCOPYSIGN(m, s) _mm512_or_pd(_mm512_andnot_pd(_mm512_set1_pd(-0.0), (m)), _mm512_and_pd(_mm512_set1_pd(-0.0), (s)))
 #define fa_mask __mmask8
 #define VMASK(lo, hi) ((__mmask8)(((1u << (hi)) - 1u) & ~((1u << (lo)) - 1u)))
 #define VMASK_ALL ((__mmask8)0xff)
@@ -273,6 +285,9 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VHMAX(a) fa_hmax_ps256(a)
 #define VHSUM(a) fa_hsum_ps256(a)
 #define VEXP(x) fa_exp_ps256(x)
+#define VDIV(a, b) _mm256_div_ps((a), (b))
+#define VABS(a) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (a))
+#define VCOPYSIGN(m, s) _mm256_or_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), (m)), _mm256_and_ps(_mm256_set1_ps(-0.0f), (s)))
 #define fa_mask __m256i
 #define VMASK(lo, hi)                                                                               \
     _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((lo) - 1)), \
@@ -296,6 +311,9 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VHMAX(a) fa_hmax_pd256(a)
 #define VHSUM(a) fa_hsum_pd256(a)
 #define VEXP(x) fa_exp_pd256(x)
+#define VDIV(a, b) _mm256_div_pd((a), (b))
+#define VABS(a) _mm256_andnot_pd(_mm256_set1_pd(-0.0), (a))
+#define VCOPYSIGN(m, s) _mm256_or_pd(_mm256_andnot_pd(_mm256_set1_pd(-0.0), (m)), _mm256_and_pd(_mm256_set1_pd(-0.0), (s)))
 #define fa_mask __m256i
 #define VMASK(lo, hi)                                                                               \
     _mm256_and_si256(_mm256_cmpgt_epi64(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x((lo) - 1)), \
@@ -392,6 +410,9 @@ static inline float64x2_t fa_load_maskz_f64x2(uint64x2_t m, const double *p)
 #define VHMAX(a) vmaxvq_f32(a)
 #define VHSUM(a) vaddvq_f32(a)
 #define VEXP(x) fa_exp_f32x4(x)
+#define VDIV(a, b) vdivq_f32((a), (b))
+#define VABS(a) vabsq_f32(a)
+#define VCOPYSIGN(m, s) vbslq_f32(vdupq_n_u32(0x80000000u), (s), (m))
 #define fa_mask uint32x4_t
 #define VMASK(lo, hi) fa_mask_u32x4((lo), (hi))
 #define VMASK_ALL vdupq_n_u32(0xffffffffu)
@@ -414,6 +435,9 @@ static inline float64x2_t fa_load_maskz_f64x2(uint64x2_t m, const double *p)
 #define VHMAX(a) vmaxvq_f64(a)
 #define VHSUM(a) vaddvq_f64(a)
 #define VEXP(x) fa_exp_f64x2(x)
+#define VDIV(a, b) vdivq_f64((a), (b))
+#define VABS(a) vabsq_f64(a)
+#define VCOPYSIGN(m, s) vbslq_f64(vdupq_n_u64(1ull << 63), (s), (m))
 #define fa_mask uint64x2_t
 #define VMASK(lo, hi) fa_mask_u64x2((lo), (hi))
 #define VMASK_ALL vdupq_n_u64(~0ull)
@@ -444,6 +468,9 @@ static inline float64x2_t fa_load_maskz_f64x2(uint64x2_t m, const double *p)
 #define VHSUM(a) (a)
 #define VNEGINF0(a) ((a) == (FA_T)-INFINITY ? (FA_T)0 : (a))
 #define VEXP(x) ((FA_T)exp((double)(x)))
+#define VDIV(a, b) ((a) / (b))
+#define VABS(a) ((FA_T)fabs((double)(a)))
+#define VCOPYSIGN(m, s) ((FA_T)copysign((double)(m), (double)(s)))
 #define fa_mask int
 #define VMASK(lo, hi) ((lo) <= 0 && 0 < (hi))
 #define VMASK_ALL 1
