@@ -34,6 +34,24 @@ for isa in fastattn.available_isas():
             cu = np.array([0, 10, 37])
             fastattn.attention_varlen(q[0].swapaxes(0, 1).copy(), k[0].swapaxes(0, 1).copy()[:37],
                                       v[0].swapaxes(0, 1).copy()[:37], cu, cu, causal=True)
+    # serving: float32 and int8 paged caches filled by cache_write, read by a
+    # decode call and by a mixed call (one decoding row, a prefill chunk) with sinks
+    G, D, bs, nb = 2, 19, 16, 12
+    lens = np.array([40, 70], np.int32)
+    table = np.array([[3, 0, 7, -1, -1], [1, 2, 4, 5, 6]], np.int32)
+    slots = np.concatenate([table[b, np.arange(n) // bs] * bs + np.arange(n) % bs for b, n in enumerate(lens)])
+    for cdt in (np.float32, np.int8):
+        with fastattn.use_isa(isa):
+            kc, vc = np.zeros((nb, bs, G, D), cdt), np.zeros((nb, bs, G, 7), cdt)
+            sc = {} if cdt == np.float32 else dict(k_scale=np.zeros((nb, bs, G), np.float32),
+                                                  v_scale=np.zeros((nb, bs, G), np.float32))
+            kn = rng.standard_normal((len(slots), G, D)).astype(np.float32)
+            vn = rng.standard_normal((len(slots), G, 7)).astype(np.float32)
+            fastattn.cache_write(kn, vn, kc, vc, slots.astype(np.int64), **sc)
+            qp = rng.standard_normal((31, 4, D)).astype(np.float32)
+            fastattn.attention_paged(qp, kc, vc, table, lens, cu_seqlens_q=np.array([0, 1, 31], np.int32),
+                                     sinks=np.ones(4, np.float32), **sc)
+            fastattn.attention_paged(qp[:2], kc, vc, table, lens, **sc)
 print("workload done")
 PY
 # errors whose stack passes through fastattn's extension
