@@ -1235,9 +1235,54 @@ static void FN(softcap_tile)(const fa_problem *p, FN(scratch) *w, int64_t bq, in
     }
 }
 
+/* The ALiBi bias, s -= slope |pos - key|, on a tile in st's layout (as
+ * softcap_tile), in vectors: the positions and keys as FA_T, exact while
+ * below 2^24 (alibi_exact), so the terms are the scalar loop's. */
+static inline int FN(alibi_exact)(const fa_problem *p, const int64_t *e)
+{
+    const int64_t shift = p->q_shift < 0 ? -p->q_shift : p->q_shift;
+    return e[FA_E_LQ] + e[FA_E_LK] + shift < ((int64_t)1 << 24);
+}
+
+static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
+                           int64_t k0, int64_t bk)
+{
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
+    FA_T slope[FA_BQ + FA_W], pos[FA_BQ + FA_W], iota[FA_W];
+    for (int64_t r = 0; r < bqp; r++) {
+        const int64_t v = row0 + fa_min64(r, bq - 1); /* rows past bq: any finite values */
+        slope[r] = (FA_T)p->alibi_slopes[e[FA_E_HEAD] + v / lq];
+        pos[r] = (FA_T)fa_pos(p, v % lq, lq, lk);
+    }
+    for (int i = 0; i < FA_W; i++) iota[i] = (FA_T)i;
+    if (bq <= FA_ROWS_MAX) {
+        for (int64_t r = 0; r < bq; r++) {
+            const fa_vec sv = VBCAST(slope[r]), pv = VBCAST(pos[r]);
+            for (int64_t j = 0; j < bk; j += FA_W) {
+                FA_T *s = w->st + r * FA_BK + j;
+                const fa_vec key = VADD(VBCAST((FA_T)(k0 + j)), VLOAD(iota));
+                VSTORE(s, VSUB(VLOAD(s), VMUL(sv, VABS(VSUB(pv, key)))));
+            }
+        }
+        return;
+    }
+    for (int64_t c = 0; c < bqp; c += FA_W) {
+        int64_t j0 = 0, j1 = bk;
+        if (w->bounded) {
+            j0 = w->vlo[c / FA_W], j1 = w->vhi[c / FA_W];
+            if (j1 < j0) j0 = j1 = 0;
+        }
+        const fa_vec sv = VLOAD(slope + c), pv = VLOAD(pos + c);
+        for (int64_t j = j0; j < j1; j++) {
+            FA_T *s = w->st + j * FA_BQ + c;
+            VSTORE(s, VSUB(VLOAD(s), VMUL(sv, VABS(VSUB(pv, VBCAST((FA_T)(k0 + j)))))));
+        }
+    }
+}
+
 /* Options that act on the scores s[j * ld], j < bk (keys k0 + j), of virtual
- * row v: soft-cap (scalar; the tiles take softcap_tile), ALiBi, the mask;
- * then causal/window bounds (-inf). */
+ * row v: soft-cap and ALiBi (scalar; the tiles take softcap_tile and
+ * alibi_tile), the mask; then causal/window bounds (-inf). */
 static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, int64_t k0, int64_t bk,
                               FA_T *s, int64_t ld, int bounds, int masked)
 {
@@ -1383,16 +1428,19 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
     if (!(bounds || p->mask_kind != FA_MASK_NONE || p->softcap > 0 || p->alibi_slopes)) return;
     const int rows = bq <= FA_ROWS_MAX;
     fa_problem opt;
-    if (p->softcap > 0) { /* in vectors first, then the other options without it */
-        FN(softcap_tile)(p, w, bq, bk);
+    const int alibi = p->alibi_slopes && FN(alibi_exact)(p, e);
+    if (p->softcap > 0 || alibi) { /* in vectors first, then the other options without them */
+        if (p->softcap > 0) FN(softcap_tile)(p, w, bq, bk);
+        if (alibi) FN(alibi_tile)(p, e, w, row0, bq, k0, bk);
         opt = *p;
         opt.softcap = 0;
+        if (alibi) opt.alibi_slopes = NULL;
         p = &opt;
     }
     /* a bool mask on an S^T tile goes last, in vectors (the select commutes
      * with the bounds, not with soft-cap and ALiBi, which it must follow);
-     * a float32 one, without soft-cap and ALiBi, first (the sum does not
-     * commute with the bounds' -inf: +inf + -inf) */
+     * a float32 one first, once soft-cap and ALiBi are done (the sum does
+     * not commute with the bounds' -inf: +inf + -inf) */
     const int bool_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_BOOL && p->mask_cs == 1;
     const int float_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_F32 &&
                            p->mask_cs == (int64_t)sizeof(float) && !(p->softcap > 0) && !p->alibi_slopes;

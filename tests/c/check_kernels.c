@@ -1094,6 +1094,8 @@ int main(void)
         {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
         {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0},
         {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0, 0},
+        {"float32 mask + soft-cap + alibi, causal, grouped", 2, 2, 70, 97, 16, 8, 1, 0, -1, -1, 1.5, 1, FA_MASK_F32, 0,
+         0, 0, 0, 0, 0},
         {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0},
         {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
         {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
