@@ -1231,7 +1231,10 @@ static void FN(softcap_tile)(const fa_problem *p, FN(scratch) *w, int64_t bq, in
             j0 = w->vlo[c / FA_W], j1 = w->vhi[c / FA_W];
             if (j1 < j0) j0 = j1 = 0;
         }
-        for (int64_t j = j0; j < j1; j++) VSTORE(w->st + j * FA_BQ + c, FN(softcap_vec)(VLOAD(w->st + j * FA_BQ + c), inv, cap));
+        for (int64_t j = j0; j < j1; j++) {
+            FA_T *s = w->st + j * FA_BQ + c;
+            VSTORE(s, FN(softcap_vec)(VLOAD(s), inv, cap));
+        }
     }
 }
 
