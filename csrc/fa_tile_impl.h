@@ -1198,6 +1198,18 @@ static const FA_T *FN(kv_rows)(const fa_problem *p, const int64_t *e, int v, int
 
 /* ---- score tile --------------------------------------------------------- */
 
+/* The keys [*j0, *j1) of a tile of bk keys that the row vector from row c
+ * may see: its union of the rows' ranges when the tile is bounded
+ * (tile_ranges; an empty range if none), else all of them. */
+static inline void FN(vector_keys)(const FN(scratch) *w, int64_t c, int64_t bk, int64_t *j0, int64_t *j1)
+{
+    *j0 = 0, *j1 = bk;
+    if (w->bounded) {
+        *j0 = w->vlo[c / FA_W], *j1 = w->vhi[c / FA_W];
+        if (*j1 < *j0) *j0 = *j1 = 0;
+    }
+}
+
 /* cap tanh(x / cap) lane by lane (inv = 1 / cap): tanh |y| = (1 - e) /
  * (1 + e) with e = exp(-2 |y|) in [0, 1], y's sign put back (NaN stays
  * NaN, +-inf gives +-cap).  Its absolute error is about cap times the
@@ -1226,11 +1238,8 @@ static void FN(softcap_tile)(const fa_problem *p, FN(scratch) *w, int64_t bq, in
         return;
     }
     for (int64_t c = 0; c < fa_roundup64(bq, FA_W); c += FA_W) {
-        int64_t j0 = 0, j1 = bk;
-        if (w->bounded) {
-            j0 = w->vlo[c / FA_W], j1 = w->vhi[c / FA_W];
-            if (j1 < j0) j0 = j1 = 0;
-        }
+        int64_t j0, j1;
+        FN(vector_keys)(w, c, bk, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
             FA_T *s = w->st + j * FA_BQ + c;
             VSTORE(s, FN(softcap_vec)(VLOAD(s), inv, cap));
@@ -1270,11 +1279,8 @@ static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         return;
     }
     for (int64_t c = 0; c < bqp; c += FA_W) {
-        int64_t j0 = 0, j1 = bk;
-        if (w->bounded) {
-            j0 = w->vlo[c / FA_W], j1 = w->vhi[c / FA_W];
-            if (j1 < j0) j0 = j1 = 0;
-        }
+        int64_t j0, j1;
+        FN(vector_keys)(w, c, bk, &j0, &j1);
         const fa_vec sv = VLOAD(slope + c), pv = VLOAD(pos + c);
         for (int64_t j = j0; j < j1; j++) {
             FA_T *s = w->st + j * FA_BQ + c;
@@ -1284,16 +1290,13 @@ static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
 }
 
 /* Options that act on the scores s[j * ld], j < bk (keys k0 + j), of virtual
- * row v: soft-cap and ALiBi (scalar; the tiles take softcap_tile and
- * alibi_tile), the mask; then causal/window bounds (-inf). */
+ * row v, after the soft-cap (softcap_tile: p->softcap must be 0 here): ALiBi
+ * (scalar: the backward's, and positions past alibi_exact), the mask; then
+ * causal/window bounds (-inf). */
 static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, int64_t k0, int64_t bk,
                               FA_T *s, int64_t ld, int bounds, int masked)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], head = v / lq, i = v % lq;
-    if (p->softcap > 0) {
-        const FA_T cap = (FA_T)p->softcap, inv = (FA_T)(1.0 / p->softcap);
-        for (int64_t j = 0; j < bk; j++) s[j * ld] = cap * (FA_T)tanh((double)(s[j * ld] * inv));
-    }
     if (p->alibi_slopes) {
         const FA_T slope = (FA_T)p->alibi_slopes[e[FA_E_HEAD] + head];
         const int64_t pos = fa_pos(p, i, lq, lk);
@@ -1432,7 +1435,8 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
     const int rows = bq <= FA_ROWS_MAX;
     fa_problem opt;
     const int alibi = p->alibi_slopes && FN(alibi_exact)(p, e);
-    if (p->softcap > 0 || alibi) { /* in vectors first, then the other options without them */
+    if (p->softcap > 0 || alibi) { /* in vectors first, then the other options without them (p->softcap
+                                    * is 0 from here on) */
         if (p->softcap > 0) FN(softcap_tile)(p, w, bq, bk);
         if (alibi) FN(alibi_tile)(p, e, w, row0, bq, k0, bk);
         opt = *p;
@@ -1446,12 +1450,12 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
      * not commute with the bounds' -inf: +inf + -inf) */
     const int bool_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_BOOL && p->mask_cs == 1;
     const int float_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_F32 &&
-                           p->mask_cs == (int64_t)sizeof(float) && !(p->softcap > 0) && !p->alibi_slopes;
+                           p->mask_cs == (int64_t)sizeof(float) && !p->alibi_slopes;
 #if FA_MASK_TILES
     if (float_tile) FN(float_mask_tile)(p, e, w->st, row0, bq, k0, bk);
 #endif
     const int vector_mask = bool_tile || float_tile;
-    if (bounds || p->softcap > 0 || p->alibi_slopes || (p->mask_kind != FA_MASK_NONE && !vector_mask))
+    if (bounds || p->alibi_slopes || (p->mask_kind != FA_MASK_NONE && !vector_mask))
         for (int64_t r = 0; r < bq; r++)
             FN(score_options)(p, e, row0 + r, k0, bk, rows ? w->st + r * FA_BK : w->st + r, rows ? 1 : FA_BQ,
                               bounds, !vector_mask);
@@ -1675,13 +1679,10 @@ static void FN(softmax_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
     for (int64_t c = 0; c < bqp; c += FA_W) {
         FA_T *col = w->st + c;
         /* keys outside what these rows see (tile_ranges) are -inf: weight 0, no exp */
-        int64_t j0 = 0, j1 = bk;
-        if (w->bounded) {
-            j0 = w->vlo[c / FA_W], j1 = w->vhi[c / FA_W];
-            if (j1 < j0) j0 = j1 = 0;
-            for (int64_t j = 0; j < j0; j++) VSTORE(col + j * FA_BQ, VZERO());
-            for (int64_t j = j1; j < bk; j++) VSTORE(col + j * FA_BQ, VZERO());
-        }
+        int64_t j0, j1;
+        FN(vector_keys)(w, c, bk, &j0, &j1);
+        for (int64_t j = 0; j < j0; j++) VSTORE(col + j * FA_BQ, VZERO());
+        for (int64_t j = j1; j < bk; j++) VSTORE(col + j * FA_BQ, VZERO());
         fa_vec tmax = VBCAST((FA_T)-INFINITY);
         for (int64_t j = j0; j < j1; j++) tmax = VMAX(tmax, VLOAD(col + j * FA_BQ));
         const fa_vec mold = VLOAD(w->rmax + c);

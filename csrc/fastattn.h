@@ -172,11 +172,11 @@ int fa_scores(const fa_problem *p);
 int fa_weighted_sum(const fa_problem *p);
 
 /* The gradients of fused attention: given dout, the forward's lse (softmax)
- * and delta (or its output), writes gq, gk and gv (FlashAttention-2's backward: scores and
- * weights recomputed tile by tile; nothing of size Lq x Lk).  Each row of gk
- * and gv is written by one item that sums over every query row of its entry
- * (all heads of a group), so entries must not share k or v rows; results do
- * not depend on the thread count. */
+ * and delta (or its output), writes gq, gk and gv (FlashAttention-2's
+ * backward: scores and weights recomputed tile by tile; nothing of size
+ * Lq x Lk).  Each row of gk and gv is written by one item that sums over
+ * every query row of its entry (all heads of a group), so entries must not
+ * share k or v rows; results do not depend on the thread count. */
 int fa_attention_backward(const fa_problem *p);
 
 /* Kernel paths.  Each path is built for one architecture (or for any) and
