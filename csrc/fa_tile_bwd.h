@@ -139,7 +139,7 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
             FN(qk_block)(mr, nv, dv, v + j * ldv, ldv, w->dot + cb, FA_BQ, w->dpt + j * FA_BQ + cb, FA_BQ);
         }
     }
-    /* the score options, column by column; a soft-cap first, keeping z */
+    /* the score options: a soft-cap first, keeping z, then ALiBi, the mask and the bounds */
     fa_problem opt = *p;
     if (p->softcap > 0) {
         const fa_vec cap = VBCAST((FA_T)p->softcap), inv = VBCAST((FA_T)(1.0 / p->softcap));
@@ -154,8 +154,12 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
     int64_t lo, hi, all_lo, all_hi;
     fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
     const int bounds = k0 < all_lo || k0 + bk > all_hi;
-    if (bounds || p->mask_kind != FA_MASK_NONE || p->alibi_slopes)
-        for (int64_t r = 0; r < bq; r++) FN(score_options)(&opt, e, row0 + r, k0, bk, w->st + r, FA_BQ, bounds, 1);
+    if (p->alibi_slopes && FN(alibi_exact)(p, e)) { /* in vectors, over every key */
+        FN(alibi_tile)(p, e, w->st, 0, NULL, NULL, row0, bq, k0, bk);
+        opt.alibi_slopes = NULL;
+    }
+    if (bounds || p->mask_kind != FA_MASK_NONE || opt.alibi_slopes)
+        FN(mask_and_bounds)(&opt, e, w->st, 0, row0, bq, k0, bk, bounds);
     /* P and dS, FA_W query rows at a time */
     if (p->weights == FA_WEIGHTS_SOFTMAX) {
         for (int64_t j = 0; j < bk; j++)

@@ -1199,16 +1199,20 @@ static const FA_T *FN(kv_rows)(const fa_problem *p, const int64_t *e, int v, int
 /* ---- score tile --------------------------------------------------------- */
 
 /* The keys [*j0, *j1) of a tile of bk keys that the row vector from row c
- * may see: its union of the rows' ranges when the tile is bounded
- * (tile_ranges; an empty range if none), else all of them. */
-static inline void FN(vector_keys)(const FN(scratch) *w, int64_t c, int64_t bk, int64_t *j0, int64_t *j1)
+ * may see: its union of the rows' ranges (vlo, vhi: tile_ranges; an empty
+ * range if none), or all of them where vlo is NULL. */
+static inline void FN(vector_keys)(const int32_t *vlo, const int32_t *vhi, int64_t c, int64_t bk, int64_t *j0,
+                                   int64_t *j1)
 {
     *j0 = 0, *j1 = bk;
-    if (w->bounded) {
-        *j0 = w->vlo[c / FA_W], *j1 = w->vhi[c / FA_W];
+    if (vlo) {
+        *j0 = vlo[c / FA_W], *j1 = vhi[c / FA_W];
         if (*j1 < *j0) *j0 = *j1 = 0;
     }
 }
+
+/* the ranges of the forward's current tile for vector_keys (NULL: all keys) */
+#define FA_TILE_VLO(w) ((w)->bounded ? (w)->vlo : NULL)
 
 /* cap tanh(x / cap) lane by lane (inv = 1 / cap): tanh |y| = (1 - e) /
  * (1 + e) with e = exp(-2 |y|) in [0, 1], y's sign put back (NaN stays
@@ -1239,7 +1243,7 @@ static void FN(softcap_tile)(const fa_problem *p, FN(scratch) *w, int64_t bq, in
     }
     for (int64_t c = 0; c < fa_roundup64(bq, FA_W); c += FA_W) {
         int64_t j0, j1;
-        FN(vector_keys)(w, c, bk, &j0, &j1);
+        FN(vector_keys)(FA_TILE_VLO(w), w->vhi, c, bk, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
             FA_T *s = w->st + j * FA_BQ + c;
             VSTORE(s, FN(softcap_vec)(VLOAD(s), inv, cap));
@@ -1247,17 +1251,18 @@ static void FN(softcap_tile)(const fa_problem *p, FN(scratch) *w, int64_t bq, in
     }
 }
 
-/* The ALiBi bias, s -= slope |pos - key|, on a tile in st's layout (as
- * softcap_tile), in vectors: the positions and keys as FA_T, exact while
- * below 2^24 (alibi_exact), so the terms are the scalar loop's. */
+/* The ALiBi bias, s -= slope |pos - key|, on a score tile st in vectors:
+ * rows of FA_BK if `rows`, else S^T (bk x bqp) over the keys vector_keys
+ * gives (vlo, vhi).  The positions and keys are FA_T, exact while below
+ * 2^24 (alibi_exact), so the terms are the scalar loop's. */
 static inline int FN(alibi_exact)(const fa_problem *p, const int64_t *e)
 {
     const int64_t shift = p->q_shift < 0 ? -p->q_shift : p->q_shift;
     return e[FA_E_LQ] + e[FA_E_LK] + shift < ((int64_t)1 << 24);
 }
 
-static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
-                           int64_t k0, int64_t bk)
+static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int rows, const int32_t *vlo,
+                           const int32_t *vhi, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
     FA_T slope[FA_BQ + FA_W], pos[FA_BQ + FA_W], iota[FA_W];
@@ -1267,11 +1272,11 @@ static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         pos[r] = (FA_T)fa_pos(p, v % lq, lq, lk);
     }
     for (int i = 0; i < FA_W; i++) iota[i] = (FA_T)i;
-    if (bq <= FA_ROWS_MAX) {
+    if (rows) {
         for (int64_t r = 0; r < bq; r++) {
             const fa_vec sv = VBCAST(slope[r]), pv = VBCAST(pos[r]);
             for (int64_t j = 0; j < bk; j += FA_W) {
-                FA_T *s = w->st + r * FA_BK + j;
+                FA_T *s = st + r * FA_BK + j;
                 const fa_vec key = VADD(VBCAST((FA_T)(k0 + j)), VLOAD(iota));
                 VSTORE(s, VSUB(VLOAD(s), VMUL(sv, VABS(VSUB(pv, key)))));
             }
@@ -1280,10 +1285,10 @@ static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
     }
     for (int64_t c = 0; c < bqp; c += FA_W) {
         int64_t j0, j1;
-        FN(vector_keys)(w, c, bk, &j0, &j1);
+        FN(vector_keys)(vlo, vhi, c, bk, &j0, &j1);
         const fa_vec sv = VLOAD(slope + c), pv = VLOAD(pos + c);
         for (int64_t j = j0; j < j1; j++) {
-            FA_T *s = w->st + j * FA_BQ + c;
+            FA_T *s = st + j * FA_BQ + c;
             VSTORE(s, VSUB(VLOAD(s), VMUL(sv, VABS(VSUB(pv, VBCAST((FA_T)(k0 + j)))))));
         }
     }
@@ -1291,7 +1296,7 @@ static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
 
 /* Options that act on the scores s[j * ld], j < bk (keys k0 + j), of virtual
  * row v, after the soft-cap (softcap_tile: p->softcap must be 0 here): ALiBi
- * (scalar: the backward's, and positions past alibi_exact), the mask; then
+ * (scalar: positions past alibi_exact), the mask; then
  * causal/window bounds (-inf). */
 static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, int64_t k0, int64_t bk,
                               FA_T *s, int64_t ld, int bounds, int masked)
@@ -1427,7 +1432,34 @@ static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st,
 #define FA_MASK_TILES 0
 #endif
 
-/* Score options of every row of the tile, in st's layout for bq rows. */
+/* The mask and the causal/window bounds on a score tile st (rows of FA_BK
+ * if `rows`, else S^T), after the soft-cap and ALiBi (p->softcap must be
+ * 0; ALiBi only where alibi_exact failed): a bool mask on an S^T tile goes
+ * last, in vectors (the select commutes with the bounds, not with soft-cap
+ * and ALiBi, which it must follow); a float32 one first, once soft-cap and
+ * ALiBi are done (the sum does not commute with the bounds' -inf: +inf +
+ * -inf); the rest row by row (score_options). */
+static void FN(mask_and_bounds)(const fa_problem *p, const int64_t *e, FA_T *st, int rows, int64_t row0, int64_t bq,
+                                int64_t k0, int64_t bk, int bounds)
+{
+    const int bool_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_BOOL && p->mask_cs == 1;
+    const int float_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_F32 &&
+                           p->mask_cs == (int64_t)sizeof(float) && !p->alibi_slopes;
+#if FA_MASK_TILES
+    if (float_tile) FN(float_mask_tile)(p, e, st, row0, bq, k0, bk);
+#endif
+    const int vector_mask = bool_tile || float_tile;
+    if (bounds || p->alibi_slopes || (p->mask_kind != FA_MASK_NONE && !vector_mask))
+        for (int64_t r = 0; r < bq; r++)
+            FN(score_options)(p, e, row0 + r, k0, bk, rows ? st + r * FA_BK : st + r, rows ? 1 : FA_BQ, bounds,
+                              !vector_mask);
+#if FA_MASK_TILES
+    if (bool_tile) FN(bool_mask_tile)(p, e, st, row0, bq, k0, bk);
+#endif
+}
+
+/* Score options of every row of the forward's tile, in st's layout for bq
+ * rows: soft-cap and ALiBi in vectors, then the mask and the bounds. */
 static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
                               int64_t k0, int64_t bk, int bounds)
 {
@@ -1438,30 +1470,13 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
     if (p->softcap > 0 || alibi) { /* in vectors first, then the other options without them (p->softcap
                                     * is 0 from here on) */
         if (p->softcap > 0) FN(softcap_tile)(p, w, bq, bk);
-        if (alibi) FN(alibi_tile)(p, e, w, row0, bq, k0, bk);
+        if (alibi) FN(alibi_tile)(p, e, w->st, rows, FA_TILE_VLO(w), w->vhi, row0, bq, k0, bk);
         opt = *p;
         opt.softcap = 0;
         if (alibi) opt.alibi_slopes = NULL;
         p = &opt;
     }
-    /* a bool mask on an S^T tile goes last, in vectors (the select commutes
-     * with the bounds, not with soft-cap and ALiBi, which it must follow);
-     * a float32 one first, once soft-cap and ALiBi are done (the sum does
-     * not commute with the bounds' -inf: +inf + -inf) */
-    const int bool_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_BOOL && p->mask_cs == 1;
-    const int float_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_F32 &&
-                           p->mask_cs == (int64_t)sizeof(float) && !p->alibi_slopes;
-#if FA_MASK_TILES
-    if (float_tile) FN(float_mask_tile)(p, e, w->st, row0, bq, k0, bk);
-#endif
-    const int vector_mask = bool_tile || float_tile;
-    if (bounds || p->alibi_slopes || (p->mask_kind != FA_MASK_NONE && !vector_mask))
-        for (int64_t r = 0; r < bq; r++)
-            FN(score_options)(p, e, row0 + r, k0, bk, rows ? w->st + r * FA_BK : w->st + r, rows ? 1 : FA_BQ,
-                              bounds, !vector_mask);
-#if FA_MASK_TILES
-    if (bool_tile) FN(bool_mask_tile)(p, e, w->st, row0, bq, k0, bk);
-#endif
+    FN(mask_and_bounds)(p, e, w->st, rows, row0, bq, k0, bk, bounds);
 }
 
 /* The keys [rlo, rhi) of tile [k0, k0 + bk) that each row of an S^T tile
@@ -1680,7 +1695,7 @@ static void FN(softmax_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
         FA_T *col = w->st + c;
         /* keys outside what these rows see (tile_ranges) are -inf: weight 0, no exp */
         int64_t j0, j1;
-        FN(vector_keys)(w, c, bk, &j0, &j1);
+        FN(vector_keys)(FA_TILE_VLO(w), w->vhi, c, bk, &j0, &j1);
         for (int64_t j = 0; j < j0; j++) VSTORE(col + j * FA_BQ, VZERO());
         for (int64_t j = j1; j < bk; j++) VSTORE(col + j * FA_BQ, VZERO());
         fa_vec tmax = VBCAST((FA_T)-INFINITY);

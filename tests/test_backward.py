@@ -23,6 +23,8 @@ OPTIONS = {
     "softcap alibi": dict(softcap=1.5, alibi_slopes=0.25, scale=0.7),
     "bool mask": dict(mask="bool"),
     "float mask causal": dict(mask="float", causal=True),
+    "bool mask softcap alibi": dict(mask="bool", softcap=2.0, alibi_slopes=0.3),
+    "float32 mask alibi window": dict(mask="float32", alibi_slopes=0.2, window=(30, 11)),
     "dot": dict(weights="dot"),
     "dot causal softcap": dict(weights="dot", causal=True, softcap=3.0),
 }
@@ -36,8 +38,9 @@ def make(shapes, name, dtype, rng):
         m = rng.random((lq, lk)) < 0.7
         m[1] = False  # a row that sees no key: zero gradients
         options["mask"] = m
-    elif options.get("mask") == "float":
-        options["mask"] = np.where(rng.random((lq, lk)) < 0.2, -np.inf, rng.standard_normal((lq, lk)))
+    elif options.get("mask") in ("float", "float32"):
+        m = np.where(rng.random((lq, lk)) < 0.2, -np.inf, rng.standard_normal((lq, lk)))
+        options["mask"] = m.astype(np.float32 if options["mask"] == "float32" else np.float64)
     return q, k, v, options
 
 
