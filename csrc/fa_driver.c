@@ -484,6 +484,7 @@ static void fa_merge_if_last(const fa_run *r, const fa_item *it, void *w)
 static void fa_run_member(void *arg, fa_team *team, int member)
 {
     (void)team, (void)member;
+    const fa_fpmode mode = fa_flush_subnormals();
     fa_run *r = (fa_run *)arg;
     const fa_problem *p = r->p;
     const fa_tile_ops *ops = r->ops;
@@ -523,6 +524,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
     }
     for (int b = 0; b < FA_BUNDLE_MAX && w[b]; b++) (bwd && b == 0 ? ops->bwd_scratch_free : ops->scratch_free)(w[b]);
     fa_scratch_give(gather, gather_bytes);
+    fa_restore_fpmode(mode);
 }
 
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,

@@ -74,6 +74,47 @@ typedef struct {
 #define FA_HAVE_X86_PATHS 0
 #endif
 
+/*
+ * Subnormal numbers are flushed to zero while a kernel runs: each member of
+ * a run sets its thread's floating-point mode to flush subnormal results and
+ * operands (x86: MXCSR's FTZ and DAZ bits; AArch64: FPCR.FZ) and puts the
+ * thread's own mode back before it returns.  Peaked softmax rows give weights
+ * and gradient terms below float's smallest normal number (2^-126: a score
+ * 87 below its row's max); on Intel CPUs every product that makes or takes
+ * one costs a microcode assist, and a backward whose far keys all had such
+ * weights ran 7x slower.  The exponentials flush such results on every path
+ * (fa_vec.h); the mode does it for the products too.  A flushed term is
+ * below 2^-126 times the magnitudes it sums with.
+ */
+typedef uint64_t fa_fpmode;
+
+static inline fa_fpmode fa_flush_subnormals(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    const unsigned old = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr(old | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
+    return old;
+#elif defined(__aarch64__)
+    uint64_t old;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(old));
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(old | ((uint64_t)1 << 24))); /* FZ */
+    return old;
+#else
+    return 0;
+#endif
+}
+
+static inline void fa_restore_fpmode(fa_fpmode old)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_ldmxcsr((unsigned)old);
+#elif defined(__aarch64__)
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(old));
+#else
+    (void)old;
+#endif
+}
+
 /* Token pasting with expansion: FA_CAT(f32, generic) -> f32_generic. */
 #define FA_CAT_(a, b) a##_##b
 #define FA_CAT(a, b) FA_CAT_(a, b)

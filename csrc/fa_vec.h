@@ -93,12 +93,14 @@
 #ifndef FA_AVX512_HELPERS
 #define FA_AVX512_HELPERS
 /* exp(x) for float lanes: x = n ln2 + r, exp(r) by polynomial, 2^n applied
- * with vscalefps (exact, handles the subnormal range).  x below -104 gives
- * exactly 0 (also -inf); NaN propagates. */
+ * with vscalefps.  Results that would be subnormal (x < -87.33, also -inf)
+ * are 0, as on the other paths (fa_flush_subnormals: on Intel CPUs each
+ * subnormal weight made the products it entered take a microcode assist);
+ * NaN propagates. */
 static inline __m512 fa_exp_ps512(__m512 x)
 {
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ);
-    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
+    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(FA_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FA_LN2_HI), xc);

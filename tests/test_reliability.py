@@ -1,6 +1,7 @@
 """No input, load or process event makes fastattn crash, hang, leak or return
 a silently wrong number."""
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,31 @@ def test_long_float32_accumulation():
     k = randn(rng, (1, 2, 131072, 64), np.float32)
     v = randn(rng, (1, 2, 131072, 16), np.float32) + np.float32(1)
     assert_close(fastattn.attention(q, k, v, causal=True), ref.attention(q, k, v, causal=True))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"),
+                    reason="the kernels flush subnormals on x86-64 and AArch64 (their floating-point mode bits)")
+def test_subnormal_terms_are_flushed_and_the_callers_mode_restored(isa):
+    """One query over two keys, scores 100 and 20: key 1's weight exp(-80)
+    is a normal float, but its dS = P (dP - delta) = exp(-80) * 1e-5 is not.
+    The kernels run with subnormals flushed (on Intel CPUs each one cost a
+    microcode assist), so key 1's dk is exactly 0 where the float64
+    reference's is 1.8e-39, while its dv (exp(-80), normal) is kept; and
+    the calling thread's own mode is back after each call."""
+    q = np.array([[[10.0]]], np.float32)
+    k = np.array([[[10.0], [2.0]]], np.float32)
+    v = np.array([[[0.0], [1e-5]]], np.float32)
+    dout = np.ones((1, 1, 1), np.float32)
+    out, lse = fastattn.attention(q, k, v, scale=1.0, return_lse=True)
+    dq, dk, dv = fastattn.attention_backward(dout, q, k, v, out, lse, scale=1.0)
+    want = ref.attention_backward(dout, q, k, v, scale=1.0)
+    assert want[1][0, 1, 0] != 0 and np.float32(want[1][0, 1, 0]) != 0
+    assert dk[0, 1, 0] == 0
+    assert dv[0, 1, 0] == pytest.approx(np.exp(-80.0), rel=1e-5)
+    for threads in (1, 2):
+        fastattn.attention(q, k, v, num_threads=threads)
+        fastattn.attention_backward(dout, q, k, v, out, lse, scale=1.0, num_threads=threads)
+        assert (np.array([1e-30], np.float32) * np.float32(1e-10))[0] != 0
 
 
 # ---- concurrency, fork, memory -------------------------------------------------
