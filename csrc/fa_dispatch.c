@@ -386,8 +386,9 @@ static int fa_run(const fa_problem *p, int kind)
     return status;
 }
 
-/* Most bytes of dq accumulators a backward run holds: entries are run in
- * groups whose accumulators fit (at least one entry per run). */
+/* Most bytes of dq accumulators and query-tile packs a backward round
+ * holds: entries are run in rounds whose accumulators and packs fit (at
+ * least one entry per round). */
 #define FA_BWD_ACC_BYTES ((int64_t)32 << 20)
 
 /* The problem p with delta = rowsum(dout * out) computed from its out, in
@@ -447,7 +448,10 @@ int fa_attention_backward(const fa_problem *p)
     if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages || p->kv_dtype != p->dtype) return FA_ERR_INVALID;
     if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || (!p->delta && !p->out))) return FA_ERR_INVALID;
     const int64_t n = p->n_entries, ld = fa_roundup64(p->d, ops->width), eb = ops->elem_bytes;
+    const int64_t pack_bytes = ops->bwd_pack_bytes(p);
     if (n <= 0) return FA_OK;
+    if (pack_bytes < 0 || ld > (INT64_MAX / 16) / FA_BQ / eb) return FA_ERR_NOMEM;
+    const int64_t tile_bytes = FA_BQ * ld * eb + pack_bytes; /* a query tile's accumulator and pack */
     if ((uint64_t)n > SIZE_MAX / (3 * sizeof(int64_t))) return FA_ERR_NOMEM;
     fa_problem local;
     int64_t *local_entries = NULL;
@@ -476,7 +480,7 @@ int fa_attention_backward(const fa_problem *p)
         for (i1 = i0; i1 < n; i1++) {
             const int64_t *e = p->entries + i1 * FA_ENTRY_FIELDS;
             const int64_t er = fa_roundup64(p->group * e[FA_E_LQ], FA_BQ);
-            if (i1 > i0 && (rows + er) * ld * eb > FA_BWD_ACC_BYTES) break;
+            if (i1 > i0 && tiles + er / FA_BQ > FA_BWD_ACC_BYTES / tile_bytes) break;
             acc_row[i1] = rows;
             tile0[i1] = tiles;
             rows += er;
@@ -485,7 +489,8 @@ int fa_attention_backward(const fa_problem *p)
             work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
             t += (e[FA_E_LK] + FA_BK - 1) / FA_BK;
         }
-        if ((uint64_t)rows > SIZE_MAX / (uint64_t)(ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t)) {
+        if ((uint64_t)rows > SIZE_MAX / (uint64_t)(ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t) ||
+            (uint64_t)tiles > SIZE_MAX / (uint64_t)pack_bytes - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(fa_item) - 1) {
             status = FA_ERR_NOMEM;
             break;
         }
@@ -505,13 +510,21 @@ int fa_attention_backward(const fa_problem *p)
                     if (k0 < p->entries[i * FA_ENTRY_FIELDS + FA_E_LK])
                         items[t++] = (fa_item){.entry = i, .row0 = k0, .part = -1, .bundle = 1};
         }
-        /* the accumulators (each tile zeroed by its first key block) and turns */
+        /* the accumulators (each tile zeroed by its first key block), turns
+         * and packs (written first, in parallel: one item per query tile) */
         size_t acc_bytes = (size_t)(rows * ld * eb), turn_bytes = (size_t)tiles * sizeof(int64_t);
+        size_t pack_total = (size_t)(tiles * pack_bytes), tile_items_bytes = (size_t)(tiles + 1) * sizeof(fa_item);
         fa_bwd_dq dq = {(char *)fa_scratch_take(&acc_bytes), ld, eb, acc_row, tile0,
-                        (int64_t *)fa_scratch_take(&turn_bytes)};
-        if (dq.acc && dq.turns) {
+                        (int64_t *)fa_scratch_take(&turn_bytes), (char *)fa_scratch_take(&pack_total), pack_bytes};
+        fa_item *tile_items = (fa_item *)malloc(tile_items_bytes);
+        if (dq.acc && dq.turns && dq.packs && tile_items) {
             memset(dq.turns, 0, (size_t)tiles * sizeof(int64_t));
-            status = fa_run_items(p, FA_KIND_BWD, items, t, 0, threads, ops, &dq);
+            int64_t nt = 0;
+            for (int64_t i = i0; i < i1; i++)
+                for (int64_t row0 = 0; row0 < p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ]; row0 += FA_BQ)
+                    tile_items[nt++] = (fa_item){.entry = i, .row0 = row0, .part = -1, .bundle = 1};
+            status = fa_run_items(p, FA_KIND_BWD_PACK, tile_items, nt, 0, threads, ops, &dq);
+            if (status == FA_OK) status = fa_run_items(p, FA_KIND_BWD, items, t, 0, threads, ops, &dq);
             /* the tiles no key block visits: dq = 0 */
             for (int64_t i = i0; i < i1 && status == FA_OK; i++) {
                 const int64_t *e = p->entries + i * FA_ENTRY_FIELDS, lq = e[FA_E_LQ], lk = e[FA_E_LK];
@@ -528,8 +541,10 @@ int fa_attention_backward(const fa_problem *p)
         } else {
             status = FA_ERR_NOMEM;
         }
+        free(tile_items);
         fa_scratch_give(dq.acc, acc_bytes);
         fa_scratch_give(dq.turns, turn_bytes);
+        fa_scratch_give(dq.packs, pack_total);
     }
     free(items);
     free(acc_row);

@@ -439,7 +439,7 @@ static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const 
         int64_t first, last;
         fa_bwd_visits(p, lq, lk, row0, bq, &first, &last);
         if (j < first || j > last) continue;
-        ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk);
+        ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk, dq->packs + (dq->tile0[entry] + row0 / FA_BQ) * dq->pack_bytes);
         int64_t *turn = turns + row0 / FA_BQ;
         char *tile = acc + row0 * row_bytes; /* the tile's dq accumulator */
         if (!fa_team_wait(turn, j - first, status)) return;
@@ -490,9 +490,10 @@ static void fa_run_member(void *arg, fa_team *team, int member)
     const fa_tile_ops *ops = r->ops;
     const fa_item *items = r->items;
     const int kind = r->kind;
-    const int bwd = kind == FA_KIND_BWD || kind == FA_KIND_BWD_DELTA;
+    const int bwd = kind == FA_KIND_BWD;
+    const int bare = kind == FA_KIND_BWD_DELTA || kind == FA_KIND_BWD_PACK; /* items that need no scratch */
     /* scratch of entry 0, and of the other entries of bundles as they come */
-    void *w[FA_BUNDLE_MAX] = {bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
+    void *w[FA_BUNDLE_MAX] = {bare ? NULL : bwd ? ops->bwd_scratch_new(p) : ops->scratch_new(p)};
     int n_w = w[0] != NULL;
     char *gather = NULL;
     size_t gather_bytes = 0;
@@ -505,7 +506,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
     for (int64_t t; (t = fa_team_next(&r->next, 1, r->n_items)) >= 0;) {
         for (; n_w > 0 && n_w < items[t].bundle; n_w++)
             if (!(w[n_w] = ops->scratch_new(p))) break;
-        if (n_w < items[t].bundle || n_w == 0) {
+        if (!bare && (n_w < items[t].bundle || n_w == 0)) {
             __atomic_store_n(&r->status, FA_ERR_NOMEM, __ATOMIC_RELAXED);
             continue;
         }
@@ -519,6 +520,9 @@ static void fa_run_member(void *arg, fa_team *team, int member)
         case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_BWD_DELTA: ops->bwd_delta(p, e, row0, bq); break;
+        case FA_KIND_BWD_PACK:
+            ops->bwd_pack(p, e, row0, bq, r->dq->packs + (r->dq->tile0[items[t].entry] + row0 / FA_BQ) * r->dq->pack_bytes);
+            break;
         default: fa_bwd_keys_item(p, ops, r->dq, &r->status, items[t].entry, w[0], row0); break;
         }
     }

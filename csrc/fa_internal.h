@@ -32,7 +32,8 @@ enum {
     FA_KIND_SCORES = 1,
     FA_KIND_WSUM = 2,
     FA_KIND_BWD = 3,      /* backward: an item is a key block (from row0) of an entry */
-    FA_KIND_BWD_DELTA = 4 /* the backward's rowsum(dout * out): an item is a query tile */
+    FA_KIND_BWD_DELTA = 4, /* the backward's rowsum(dout * out): an item is a query tile */
+    FA_KIND_BWD_PACK = 5   /* the backward's query-tile packs (bwd_pack): an item is a query tile */
 };
 
 /*

@@ -71,15 +71,19 @@ typedef struct {
                       int64_t bk);
 
     /* attention backward (fa_tile_bwd.h), with a scratch of its own: a key
-     * block's dk and dv summed over the entry's query tiles; after each
-     * tile, that tile's dS K added to its rows' dq accumulator (acc, rows
-     * of ld elements of the compute type), and the accumulator stored as
-     * dq once every key block has added */
+     * block's dk and dv summed over the entry's query tiles, each read from
+     * its pack (bwd_pack_bytes bytes, a multiple of 64, or -1 if too large;
+     * written once per tile by bwd_pack); after each tile, that tile's dS K
+     * added to its rows' dq accumulator (acc, rows of ld elements of the
+     * compute type), and the accumulator stored as dq once every key block
+     * has added */
+    int64_t (*bwd_pack_bytes)(const fa_problem *p);
+    void (*bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, void *pack);
     void *(*bwd_scratch_new)(const fa_problem *p);
     void (*bwd_scratch_free)(void *w);
     void (*bwd_keys_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk);
     void (*bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
-                          int64_t bk);
+                          int64_t bk, const void *pack);
     void (*bwd_keys_dq)(void *w, int64_t bq, int64_t bk, void *acc, int64_t ld);
     void (*bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk);
     void (*bwd_dq_store)(const fa_problem *p, const int64_t *e, const void *acc, int64_t ld, int64_t row0,
@@ -92,20 +96,23 @@ typedef struct {
 int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *local, int64_t **entries,
                           uint8_t **tables);
 
-/* The backward's dq accumulators (fa_attention_backward), shared by the
- * key-block items of a run: entry i's virtual rows start at row acc_row[i]
- * of acc (rows of ld elements of elem_bytes), its query tiles' turns at
- * turns + tile0[i].  A tile's turn counts the key blocks that have added
- * their dS K to it, so they add in key order whatever the thread count. */
+/* The backward's dq accumulators and query-tile packs (fa_attention_backward),
+ * shared by the items of a round: entry i's virtual rows start at row
+ * acc_row[i] of acc (rows of ld elements of elem_bytes), its query tiles'
+ * turns at turns + tile0[i] and their packs at packs + tile0[i] *
+ * pack_bytes.  A tile's turn counts the key blocks that have added their
+ * dS K to it, so they add in key order whatever the thread count. */
 typedef struct {
     char *acc;
     int64_t ld, elem_bytes;
     const int64_t *acc_row, *tile0;
     int64_t *turns;
+    char *packs;
+    int64_t pack_bytes;
 } fa_bwd_dq;
 
 /* Run the items of a problem on the tile operations `ops` (fa_driver.c);
- * dq: the backward's accumulators (FA_KIND_BWD), else NULL. */
+ * dq: the backward's accumulators and packs (FA_KIND_BWD, FA_KIND_BWD_PACK), else NULL. */
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
                  int num_threads, const fa_tile_ops *ops, const fa_bwd_dq *dq);
 

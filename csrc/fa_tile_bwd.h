@@ -16,11 +16,63 @@
  * (dP for dot weights), times 1 - (z / softcap)^2 under a soft-cap.
  */
 
+/* A query tile's operands, packed once per tile (bwd_pack) into a block of
+ * bwd_pack_bytes that every key block visiting the tile reads: this header,
+ * then (each part 64-byte aligned) scale * Q^T and dO^T (d x FA_BQ and
+ * dv x FA_BQ, zero past the rows), the rows' lse and delta (FA_BQ each),
+ * and Q and dO rows (FA_BQ x dp and FA_BQ x dvp) where some tile's cannot
+ * be read in place (bwd_rows_packed).  Packed per key block instead, the
+ * transposes and the 16-bit conversions cost a float32 backward 4-13% of
+ * its time and a bfloat16 one 13-28%. */
 typedef struct {
-    FA_T *qt;    /* d x FA_BQ: scale * Q^T of the query tile, zero past its rows */
-    FA_T *qr;    /* FA_BQ x dp: Q rows (for dK), when they cannot be read in place */
-    FA_T *dot;   /* dv x FA_BQ: dO^T, zero past the rows */
-    FA_T *dor;   /* FA_BQ x dvp: dO rows (for dV), when they cannot be read in place */
+    const FA_T *q, *o; /* the Q and dO rows: in place, or the pack's */
+    int64_t ldq, ldo;
+    const FA_T *qt, *dot, *lse, *delta; /* the pack's parts */
+} FN(bwd_pack_head);
+
+#define FA_BWD_PACK_HEAD 64 /* bytes before the parts: sizeof(bwd_pack_head), rounded up */
+
+/* Must the packs hold Q and dO rows, some tile's rows not being readable
+ * in place (bwd_pack: rows of a tile within one head, whole vectors long,
+ * in the compute type)?  Where every tile's are, the packs are half as
+ * large (float32 at d = 64: 33 KB a tile instead of 66). */
+static int FN(bwd_rows_packed)(const fa_problem *p)
+{
+    if (p->d != fa_roundup64(p->d, FA_W) || p->dv != fa_roundup64(p->dv, FA_W) ||
+        !FN(rows_in_place)(p->q_rs, p->q_cs) || !FN(rows_in_place)(p->dout_rs, p->dout_cs))
+        return 1;
+    if (p->group > 1)
+        for (int64_t i = 0; i < p->n_entries; i++)
+            if (p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ] % FA_BQ != 0) return 1; /* tiles across heads */
+    return 0;
+}
+
+/* The parts of a pack in order: qt, dot, lse, delta, qr, dor (elements);
+ * sizes[4] and sizes[5] count only where rows (bwd_rows_packed). */
+static void FN(bwd_pack_sizes)(const fa_problem *p, int rows, int64_t sizes[6])
+{
+    const int64_t al = 64 / (int64_t)sizeof(FA_T), nr = rows ? FA_BQ : 0;
+    sizes[0] = fa_roundup64(p->d * FA_BQ, al);
+    sizes[1] = fa_roundup64(p->dv * FA_BQ, al);
+    sizes[2] = sizes[3] = fa_roundup64(FA_BQ, al);
+    sizes[4] = fa_roundup64(nr * fa_roundup64(p->d, FA_W), al);
+    sizes[5] = fa_roundup64(nr * fa_roundup64(p->dv, FA_W), al);
+}
+
+/* Bytes of a tile's pack (a multiple of 64), or -1 if it does not fit. */
+int64_t FA_OP(bwd_pack_bytes)(const fa_problem *p)
+{
+    _Static_assert(sizeof(FN(bwd_pack_head)) <= FA_BWD_PACK_HEAD, "pack header");
+    const int64_t limit = (INT64_MAX / 16) / (int64_t)sizeof(FA_T) / (4 * FA_BQ);
+    if (p->d > limit || p->dv > limit) return -1;
+    int64_t n[6], total = FA_BWD_PACK_HEAD;
+    FN(bwd_pack_sizes)(p, FN(bwd_rows_packed)(p), n);
+    for (int i = 0; i < 6; i++) total += n[i] * (int64_t)sizeof(FA_T);
+    return total;
+}
+
+/* The key block's scratch. */
+typedef struct {
     FA_T *kp;    /* FA_BK x dp: K rows when they cannot be read in place */
     FA_T *vp;    /* FA_BK x dv: V rows when they cannot be read in place */
     FA_T *st;    /* FA_BK x FA_BQ: S^T, then P^T */
@@ -28,11 +80,12 @@ typedef struct {
     FA_T *zt;    /* FA_BK x FA_BQ: soft-capped scores (soft-cap only) */
     FA_T *acc_k; /* FA_BK x dp: dK of the key block */
     FA_T *acc_v; /* FA_BK x dvp: dV of the key block */
-    FA_T *lse;   /* FA_BQ: the rows' lse; +inf for a row that sees no key and past the rows */
-    FA_T *delta; /* FA_BQ: the rows' rowsum(dout * out) */
     const FA_T *k, *v; /* the key block's K and V rows (in place, or kp and vp), ldk and ldv apart */
-    const FA_T *q, *o; /* the query tile's Q and dO rows (in place, or qr and dor), ldq and ldo apart */
-    int64_t ldk, ldv, ldq, ldo;
+    int64_t ldk, ldv;
+    /* the current query tile's operands, from its pack (bwd_pack_head, bwd_pack_parts) */
+    const FA_T *qt, *dot, *lse, *delta;
+    const FA_T *q, *o;
+    int64_t ldq, ldo;
     int64_t dp, dvp;
     void *block; /* fa_scratch_take */
     size_t bytes;
@@ -44,13 +97,11 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
     const int64_t al = 64 / (int64_t)sizeof(FA_T);
     const int64_t limit = (INT64_MAX / 16) / (int64_t)sizeof(FA_T) / (FA_BQ + FA_BK);
     if (dp > limit || dvp > limit) return NULL;
-    const int64_t n[13] = {fa_roundup64(d * FA_BQ, al),   fa_roundup64(FA_BQ * dp, al), fa_roundup64(dv * FA_BQ, al),
-                           fa_roundup64(FA_BQ * dvp, al), fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dv, al),
-                           FA_BK * FA_BQ,                 FA_BK * FA_BQ,                FA_BK * FA_BQ,
-                           fa_roundup64(FA_BK * dp, al),  fa_roundup64(FA_BK * dvp, al), fa_roundup64(FA_BQ, al),
-                           fa_roundup64(FA_BQ, al)};
+    const int64_t n[7] = {fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dv, al), FA_BK * FA_BQ,
+                          FA_BK * FA_BQ,                FA_BK * FA_BQ,                fa_roundup64(FA_BK * dp, al),
+                          fa_roundup64(FA_BK * dvp, al)};
     int64_t total = 0;
-    for (int i = 0; i < 13; i++) total += n[i];
+    for (int i = 0; i < 7; i++) total += n[i];
     FN(bwd_scratch) *w = (FN(bwd_scratch) *)malloc(sizeof *w);
     size_t bytes = (size_t)total * sizeof(FA_T);
     FA_T *b = w ? (FA_T *)fa_scratch_take(&bytes) : NULL;
@@ -58,10 +109,9 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
         free(w);
         return NULL;
     }
-    FA_T **slot[13] = {&w->qt, &w->qr, &w->dot, &w->dor, &w->kp, &w->vp, &w->st,
-                       &w->dpt, &w->zt, &w->acc_k, &w->acc_v, &w->lse, &w->delta};
+    FA_T **slot[7] = {&w->kp, &w->vp, &w->st, &w->dpt, &w->zt, &w->acc_k, &w->acc_v};
     FA_T *at = b;
-    for (int i = 0; i < 13; i++) {
+    for (int i = 0; i < 7; i++) {
         *slot[i] = at;
         at += n[i];
     }
@@ -78,36 +128,49 @@ void FA_OP(bwd_scratch_free)(void *w)
     free(w);
 }
 
-/* The query tile's operands: scale Q^T, dO^T, Q rows and dO rows (read in
- * place where the tile's rows are one head's and the rows allow it), its
- * rows' lse and delta. */
-static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq)
+/* The query tile [row0, row0 + bq)'s pack: scale Q^T, dO^T, Q rows and dO
+ * rows (read in place where the tile's rows are one head's and the rows
+ * allow it), its rows' lse and delta. */
+void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, void *pack)
 {
-    const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W);
-    FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, lq, p->q_hs, row0, bq, bqp, p->d, (FA_T)p->scale, w->qt,
+    FN(bwd_pack_head) *h = (FN(bwd_pack_head) *)pack;
+    const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W), head = row0 / lq, i0 = row0 % lq;
+    const int64_t dp = fa_roundup64(p->d, FA_W), dvp = fa_roundup64(p->dv, FA_W);
+    /* Q and dO rows in place: one head's, whole vectors (key_rows reads them in place then) */
+    const int in_place = i0 + bq <= lq && p->d == dp && p->dv == dvp && FN(rows_in_place)(p->q_rs, p->q_cs) &&
+                         FN(rows_in_place)(p->dout_rs, p->dout_cs);
+    int64_t n[6];
+    FN(bwd_pack_sizes)(p, 1, n);
+    struct {
+        FA_T *qt, *dot, *lse, *delta, *qr, *dor;
+    } w = {(FA_T *)((char *)pack + FA_BWD_PACK_HEAD), NULL, NULL, NULL, NULL, NULL};
+    w.dot = w.qt + n[0], w.lse = w.dot + n[1], w.delta = w.lse + n[2];
+    if (!in_place) /* then bwd_rows_packed counted them */
+        w.qr = w.delta + n[3], w.dor = w.qr + n[4];
+    h->qt = w.qt, h->dot = w.dot, h->lse = w.lse, h->delta = w.delta;
+    FN(pack_transposed)(p->q, e[FA_E_Q], p->q_rs, p->q_cs, lq, p->q_hs, row0, bq, bqp, p->d, (FA_T)p->scale, w.qt,
                         FA_BQ);
     FN(pack_transposed)(p->dout, e[FA_E_DOUT], p->dout_rs, p->dout_cs, lq, p->dout_hs, row0, bq, bqp, p->dv, 1,
-                        w->dot, FA_BQ);
-    const int64_t head = row0 / lq, i0 = row0 % lq;
+                        w.dot, FA_BQ);
     if (i0 + bq <= lq) {
-        w->q = FN(key_rows)(p->q, e[FA_E_Q] + head * p->q_hs, p->q_rs, p->q_cs, i0, bq, p->d, w->dp, w->qr, &w->ldq);
-        w->o = FN(key_rows)(p->dout, e[FA_E_DOUT] + head * p->dout_hs, p->dout_rs, p->dout_cs, i0, bq, p->dv, w->dvp,
-                            w->dor, &w->ldo);
+        h->q = FN(key_rows)(p->q, e[FA_E_Q] + head * p->q_hs, p->q_rs, p->q_cs, i0, bq, p->d, dp, w.qr, &h->ldq);
+        h->o = FN(key_rows)(p->dout, e[FA_E_DOUT] + head * p->dout_hs, p->dout_rs, p->dout_cs, i0, bq, p->dv, dvp,
+                            w.dor, &h->ldo);
     } else { /* rows of several heads */
         for (int64_t r = 0; r < bq; r++) {
             const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
             const char *orow =
                 (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
-            FA_T *qd = w->qr + r * w->dp, *od = w->dor + r * w->dvp;
+            FA_T *qd = w.qr + r * dp, *od = w.dor + r * dvp;
             FN(load_row)(qrow, p->q_cs, p->d, qd);
-            for (int64_t c = p->d; c < w->dp; c++) qd[c] = 0;
+            for (int64_t c = p->d; c < dp; c++) qd[c] = 0;
             FN(load_row)(orow, p->dout_cs, p->dv, od);
-            for (int64_t c = p->dv; c < w->dvp; c++) od[c] = 0;
+            for (int64_t c = p->dv; c < dvp; c++) od[c] = 0;
         }
-        w->q = w->qr;
-        w->o = w->dor;
-        w->ldq = w->dp;
-        w->ldo = w->dvp;
+        h->q = w.qr;
+        h->o = w.dor;
+        h->ldq = dp;
+        h->ldo = dvp;
     }
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
     for (int64_t r = 0; r < FA_BQ; r++) {
@@ -118,8 +181,8 @@ static void FN(bwd_pack_rows)(const fa_problem *p, const int64_t *e, FN(bwd_scra
                                  fa_vrow_off(row0 + r, lq, p->delta_rs, p->delta_hs));
             if (l == (FA_T)-INFINITY) l = (FA_T)INFINITY; /* a row that sees no key: P = 0 */
         }
-        w->lse[r] = l;
-        w->delta[r] = dl;
+        w.lse[r] = l;
+        w.delta[r] = dl;
     }
 }
 
@@ -224,10 +287,12 @@ void FA_OP(bwd_keys_begin)(const fa_problem *p, const int64_t *e, void *w, int64
 }
 
 void FA_OP(bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
-                          int64_t bk)
+                          int64_t bk, const void *pack)
 {
     FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
-    FN(bwd_pack_rows)(p, e, s, row0, bq);
+    const FN(bwd_pack_head) *h = (const FN(bwd_pack_head) *)pack;
+    s->qt = h->qt, s->dot = h->dot, s->lse = h->lse, s->delta = h->delta;
+    s->q = h->q, s->o = h->o, s->ldq = h->ldq, s->ldo = h->ldo;
     FN(bwd_tile)(p, e, s, row0, bq, k0, bk);
     /* dV += P^T dO and dK += dS^T Q (scaled at the store): rows are keys, terms queries */
     FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, s->o, s->ldo, s->acc_v, s->dvp);

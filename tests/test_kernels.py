@@ -108,9 +108,9 @@ def test_peak_memory_is_independent_of_lq_times_lk(workload):
 @pytest.mark.slow
 def test_backward_peak_memory_at_16384():
     """The (1, 8, 16384, 64) float32 backward (causal, gradients written in
-    place) grows the peak RSS by less than 64 MiB: its dq accumulators (32
-    MiB for the 8 heads) and scratch; one head's score matrix alone would
-    be 1 GiB."""
+    place) grows the peak RSS by less than 64 MiB: its dq accumulators and
+    query-tile packs (rounds of at most 32 MiB: 2 heads of 12 MiB) and
+    scratch; one head's score matrix alone would be 1 GiB."""
     assert peak_mib(PEAK_WORKLOADS["backward"].replace("(1, 2, 8192, 64)", "(1, 8, 16384, 64)")) < 64
 
 
