@@ -117,13 +117,16 @@ def bench_job(args):
     if args.plot:
         return plot_job(args, threads, progress)
     if args.backward:
-        matmul = _bench.matmul_gflops(threads)
-        rows = _bench.run_backward(threads, repeat=args.repeat, with_torch=not args.no_torch, progress=progress,
+        block = max(1, args.repeat // 2)  # calls per block: 3 rounds of 2 by default
+        rows = _bench.run_backward(threads, repeat=block, with_torch=not args.no_torch, progress=progress,
                                    shapes=[((s[0], s[1], s[1], s[2], s[3]), c) for s in args.shape
                                            for c in (False, True)] if args.shape else None)
-        return report(args, threads, f"training step: forward + backward, median of {args.repeat}; backward flops = "
-                      f"2.5 x the forward's; numpy float32 matmul {matmul:.1f} GFLOP/s in the same run",
-                      _bench.format_backward(rows, matmul), backward=rows, matmul_gflops=matmul)
+        rates = [r["matmul_gflops"] for r in rows]
+        matmul = float(np.median(rates))
+        return report(args, threads, f"training step: forward + backward; fastattn, torch and numpy's float32 "
+                      f"matmul ({min(rates):.0f}-{max(rates):.0f} GFLOP/s) timed in 3 rounds of alternating blocks "
+                      f"of {block} calls per row (medians); backward flops = 2.5 x the forward's",
+                      _bench.format_backward(rows), backward=rows, matmul_gflops=matmul)
     if args.dask:
         rows = _bench.run_dask(threads, repeat=args.repeat, cluster=not args.no_cluster, progress=progress,
                                shape=tuple(args.shape[0]) if args.shape else _bench.DASK_SHAPE)

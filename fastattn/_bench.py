@@ -275,15 +275,21 @@ BACKWARD_SHAPES = [
 ]
 
 
-def run_backward(threads, repeat=3, shapes=None, dtypes=("float32", "bfloat16"), with_torch=True, progress=None):
+def run_backward(threads, repeat=3, shapes=None, dtypes=("float32", "bfloat16"), with_torch=True, progress=None,
+                 rounds=3):
     """Training step of attention: fastattn's forward + backward and its
     backward alone, against torch's SDPA forward + backward (autograd) on
-    the same data, same run.  The backward's flops are counted as 2.5 x the
+    the same data, and numpy's float32 matmul, timed in `rounds` rounds of
+    alternating blocks of `repeat` calls (see alternating_blocks), so that
+    each row's ratios and its share of the matmul rate come from the same
+    stretch of time.  The backward's flops are counted as 2.5 x the
     forward's."""
     from fastattn._api import BFLOAT16
 
     torch_mod = torch_sdpa() if with_torch else None
     shapes = BACKWARD_SHAPES if shapes is None else shapes
+    rng = np.random.default_rng(0)
+    a, b_ = (rng.standard_normal((MATMUL_N, MATMUL_N), dtype=np.float32) for _ in range(2))
     rows = []
     for n, ((b, h, g, l, d), causal) in enumerate(shapes, 1):
         rng = np.random.default_rng(n)
@@ -293,7 +299,7 @@ def run_backward(threads, repeat=3, shapes=None, dtypes=("float32", "bfloat16"),
             if progress:
                 progress(f"[backward {n}/{len(shapes)}] (B,H,G,L,D)={(b, h, g, l, d)} causal={causal} {name}")
             dt = BFLOAT16 if name == "bfloat16" else np.dtype(name)
-            q, k, v, dout = (a.astype(dt) for a in base)
+            q, k, v, dout = (x.astype(dt) for x in base)
             opts = dict(causal=causal, num_threads=threads)
             out, lse = fastattn.attention(q, k, v, return_lse=True, **opts)
 
@@ -301,36 +307,51 @@ def run_backward(threads, repeat=3, shapes=None, dtypes=("float32", "bfloat16"),
                 o, s = fastattn.attention(q, k, v, return_lse=True, **opts)
                 fastattn.attention_backward(dout, q, k, v, o, s, **opts)
 
+            fns = [step, lambda: fastattn.attention_backward(dout, q, k, v, out, lse, **opts), lambda: a @ b_]
+            with blas_threads(threads), _torch_threads(torch_mod, threads):
+                if torch_mod is not None:
+                    fns.append(_torch_train_step(torch_mod, base, name, causal, g != h))
+                times = alternating_blocks(fns, repeat, rounds)
             row = dict(shape=[b, h, g, l, d], causal=causal, dtype=name, threads=threads,
-                       flops=2.5 * attention_flops(b, h, l, l, d, causal),
-                       fastattn_ms=median_time(step, repeat) * 1e3,
-                       backward_ms=median_time(lambda: fastattn.attention_backward(dout, q, k, v, out, lse, **opts),
-                                               repeat) * 1e3)
+                       flops=2.5 * attention_flops(b, h, l, l, d, causal), fastattn_ms=times[0] * 1e3,
+                       backward_ms=times[1] * 1e3, matmul_gflops=2.0 * MATMUL_N**3 / times[2] / 1e9)
             if torch_mod is not None:
-                row["torch_ms"] = _torch_train_ms(torch_mod, threads, base, name, causal, g != h, repeat)
+                row["torch_ms"] = times[3] * 1e3
             rows.append(row)
     return rows
 
 
-def _torch_train_ms(torch_mod, threads, arrays, dtype, causal, gqa, repeat):
-    """Median ms of torch's SDPA forward + backward on `arrays` (q, k, v, dout)."""
-    torch, sdpa = torch_mod
+@contextlib.contextmanager
+def _torch_threads(torch_mod, threads):
+    """torch using `threads` threads inside the block (restored after)."""
+    if torch_mod is None:
+        yield
+        return
+    torch = torch_mod[0]
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        tdt = getattr(torch, dtype)
-        q, k, v = (torch.from_numpy(a).to(tdt).requires_grad_() for a in arrays[:3])
-        dout = torch.from_numpy(arrays[3]).to(tdt)
-
-        def step():
-            sdpa(q, k, v, is_causal=causal, enable_gqa=gqa).backward(dout)
-
-        return median_time(step, repeat) * 1e3
+        yield
     finally:
         torch.set_num_threads(saved)
 
 
-def format_backward(rows, matmul_gflops):
+def _torch_train_step(torch_mod, arrays, dtype, causal, gqa):
+    """torch's SDPA forward + backward on `arrays` (q, k, v, dout), as a call."""
+    torch, sdpa = torch_mod
+    tdt = getattr(torch, dtype)
+    q, k, v = (torch.from_numpy(x).to(tdt).requires_grad_() for x in arrays[:3])
+    dout = torch.from_numpy(arrays[3]).to(tdt)
+
+    def step():
+        sdpa(q, k, v, is_causal=causal, enable_gqa=gqa).backward(dout)
+
+    return step
+
+
+def format_backward(rows, matmul_gflops=None):
+    """The rows of run_backward; % matmul against each row's own matmul rate
+    (matmul_gflops for rows without one)."""
     header = (f"{'(B,H,G,L,D)':<22} {'causal':>6} {'dtype':>8} {'fwd+bwd ms':>10} {'torch ms':>9} {'x torch':>8} "
               f"{'bwd ms':>9} {'bwd GFLOP/s':>11} {'% matmul':>8}")
     lines = [header, "-" * len(header)]
@@ -340,7 +361,8 @@ def format_backward(rows, matmul_gflops):
         lines.append(
             f"{str(tuple(r['shape'])):<22} {str(r['causal']):>6} {r['dtype']:>8} {r['fastattn_ms']:>10.1f} "
             + (f"{th:>9.1f} {th / r['fastattn_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}")
-            + f" {r['backward_ms']:>9.1f} {gflops:>11.1f} {100 * gflops / matmul_gflops:>7.0f}%"
+            + f" {r['backward_ms']:>9.1f} {gflops:>11.1f} "
+            + f"{100 * gflops / r.get('matmul_gflops', matmul_gflops):>7.0f}%"
         )
     return "\n".join(lines)
 
