@@ -391,6 +391,16 @@ static int fa_run(const fa_problem *p, int kind)
  * least one entry per round). */
 #define FA_BWD_ACC_BYTES ((int64_t)32 << 20)
 
+/* One item per query tile of entries [i0, i1) into items; returns their count. */
+static int64_t fa_query_tile_items(const fa_problem *p, int64_t i0, int64_t i1, fa_item *items)
+{
+    int64_t t = 0;
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t row0 = 0; row0 < p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ]; row0 += FA_BQ)
+            items[t++] = (fa_item){.entry = i, .row0 = row0, .part = -1, .bundle = 1};
+    return t;
+}
+
 /* The problem p with delta = rowsum(dout * out) computed from its out, in
  * parallel, into a buffer of its own (*delta, the compute type, an entry's
  * group * lq values after the previous entry's) that *local's entries
@@ -419,14 +429,13 @@ static int fa_bwd_delta(const fa_problem *p, const fa_tile_ops *ops, fa_problem 
         local->delta = *delta;
         local->delta_rs = p->group * eb; /* row i of head h of an entry: element i * group + h */
         local->delta_hs = eb;
-        int64_t t = 0, at = 0;
+        int64_t at = 0;
         for (int64_t i = 0; i < n; i++) {
             int64_t *e = *entries + i * FA_ENTRY_FIELDS;
             e[FA_E_DELTA] = at * eb;
-            for (int64_t row0 = 0; row0 < p->group * e[FA_E_LQ]; row0 += FA_BQ, t++)
-                items[t] = (fa_item){.entry = i, .row0 = row0, .part = -1, .bundle = 1};
             at += p->group * e[FA_E_LQ];
         }
+        const int64_t t = fa_query_tile_items(p, 0, n, items);
         double work = (double)rows * (double)p->dv;
         status = fa_run_items(local, FA_KIND_BWD_DELTA, items, t, 0, fa_thread_count(p, work, t), ops, NULL);
     }
@@ -519,10 +528,7 @@ int fa_attention_backward(const fa_problem *p)
         fa_item *tile_items = (fa_item *)malloc(tile_items_bytes);
         if (dq.acc && dq.turns && dq.packs && tile_items) {
             memset(dq.turns, 0, (size_t)tiles * sizeof(int64_t));
-            int64_t nt = 0;
-            for (int64_t i = i0; i < i1; i++)
-                for (int64_t row0 = 0; row0 < p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ]; row0 += FA_BQ)
-                    tile_items[nt++] = (fa_item){.entry = i, .row0 = row0, .part = -1, .bundle = 1};
+            const int64_t nt = fa_query_tile_items(p, i0, i1, tile_items);
             status = fa_run_items(p, FA_KIND_BWD_PACK, tile_items, nt, 0, threads, ops, &dq);
             if (status == FA_OK) status = fa_run_items(p, FA_KIND_BWD, items, t, 0, threads, ops, &dq);
             /* the tiles no key block visits: dq = 0 */

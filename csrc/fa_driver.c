@@ -425,6 +425,12 @@ static void fa_wsum_item(const fa_problem *p, const fa_tile_ops *ops, const int6
  * thread count), the last block storing the tile's dq.  An item left undone
  * (no memory for a member's scratch) sets *status, and the items waiting for
  * its turns give up. */
+/* The pack of query tile [row0, row0 + FA_BQ) of entry `entry` (bwd_pack). */
+static inline char *fa_bwd_pack_of(const fa_bwd_dq *dq, int64_t entry, int64_t row0)
+{
+    return dq->packs + (dq->tile0[entry] + row0 / FA_BQ) * dq->pack_bytes;
+}
+
 static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const fa_bwd_dq *dq, const int *status,
                              int64_t entry, void *w, int64_t k0)
 {
@@ -439,7 +445,7 @@ static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const 
         int64_t first, last;
         fa_bwd_visits(p, lq, lk, row0, bq, &first, &last);
         if (j < first || j > last) continue;
-        ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk, dq->packs + (dq->tile0[entry] + row0 / FA_BQ) * dq->pack_bytes);
+        ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk, fa_bwd_pack_of(dq, entry, row0));
         int64_t *turn = turns + row0 / FA_BQ;
         char *tile = acc + row0 * row_bytes; /* the tile's dq accumulator */
         if (!fa_team_wait(turn, j - first, status)) return;
@@ -520,9 +526,7 @@ static void fa_run_member(void *arg, fa_team *team, int member)
         case FA_KIND_SCORES: fa_scores_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_WSUM: fa_wsum_item(p, ops, e, w[0], row0, bq); break;
         case FA_KIND_BWD_DELTA: ops->bwd_delta(p, e, row0, bq); break;
-        case FA_KIND_BWD_PACK:
-            ops->bwd_pack(p, e, row0, bq, r->dq->packs + (r->dq->tile0[items[t].entry] + row0 / FA_BQ) * r->dq->pack_bytes);
-            break;
+        case FA_KIND_BWD_PACK: ops->bwd_pack(p, e, row0, bq, fa_bwd_pack_of(r->dq, items[t].entry, row0)); break;
         default: fa_bwd_keys_item(p, ops, r->dq, &r->status, items[t].entry, w[0], row0); break;
         }
     }

@@ -32,15 +32,21 @@ typedef struct {
 
 #define FA_BWD_PACK_HEAD 64 /* bytes before the parts: sizeof(bwd_pack_head), rounded up */
 
+/* Can a tile's Q and dO rows be read in place when they are one head's
+ * (whole vectors long, in the compute type: key_rows reads them in place)? */
+static int FN(bwd_rows_in_place)(const fa_problem *p)
+{
+    return p->d == fa_roundup64(p->d, FA_W) && p->dv == fa_roundup64(p->dv, FA_W) &&
+           FN(rows_in_place)(p->q_rs, p->q_cs) && FN(rows_in_place)(p->dout_rs, p->dout_cs);
+}
+
 /* Must the packs hold Q and dO rows, some tile's rows not being readable
- * in place (bwd_pack: rows of a tile within one head, whole vectors long,
- * in the compute type)?  Where every tile's are, the packs are half as
- * large (float32 at d = 64: 33 KB a tile instead of 66). */
+ * in place (bwd_rows_in_place, and rows of a tile within one head)?  Where
+ * every tile's are, the packs are half as large (float32 at d = 64: 33 KB a
+ * tile instead of 66). */
 static int FN(bwd_rows_packed)(const fa_problem *p)
 {
-    if (p->d != fa_roundup64(p->d, FA_W) || p->dv != fa_roundup64(p->dv, FA_W) ||
-        !FN(rows_in_place)(p->q_rs, p->q_cs) || !FN(rows_in_place)(p->dout_rs, p->dout_cs))
-        return 1;
+    if (!FN(bwd_rows_in_place)(p)) return 1;
     if (p->group > 1)
         for (int64_t i = 0; i < p->n_entries; i++)
             if (p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ] % FA_BQ != 0) return 1; /* tiles across heads */
@@ -136,9 +142,7 @@ void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_
     FN(bwd_pack_head) *h = (FN(bwd_pack_head) *)pack;
     const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W), head = row0 / lq, i0 = row0 % lq;
     const int64_t dp = fa_roundup64(p->d, FA_W), dvp = fa_roundup64(p->dv, FA_W);
-    /* Q and dO rows in place: one head's, whole vectors (key_rows reads them in place then) */
-    const int in_place = i0 + bq <= lq && p->d == dp && p->dv == dvp && FN(rows_in_place)(p->q_rs, p->q_cs) &&
-                         FN(rows_in_place)(p->dout_rs, p->dout_cs);
+    const int in_place = i0 + bq <= lq && FN(bwd_rows_in_place)(p); /* Q and dO rows read in place */
     int64_t n[6];
     FN(bwd_pack_sizes)(p, 1, n);
     struct {
