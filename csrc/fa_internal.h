@@ -154,6 +154,7 @@ static inline void fa_row_range(const fa_problem *p, int64_t i, int64_t lq, int6
 /* Byte offset of virtual row v of an entry: row v % lq of head v / lq. */
 static inline int64_t fa_vrow_off(int64_t v, int64_t lq, int64_t rs, int64_t hs)
 {
+    if (lq == 1) return v * hs; /* decoding: no 64-bit division (tens of cycles) */
     return (v / lq) * hs + (v % lq) * rs;
 }
 

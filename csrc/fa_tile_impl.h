@@ -615,18 +615,43 @@ static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t
  * NaN (its scores NaN, as in float).  With qi, the codes go there (rows of
  * ldqi bytes, zero-padded) with each row's sum of codes times 128 in
  * qsum, and x is left as it is; without, x's elements become step * code. */
+/* The largest |q[c * cs]|, c < d (NaNs ignored), and whether every element
+ * is finite: eight independent maxima and sums of |q| * 0 (0 while finite,
+ * NaN after an infinity or a NaN), which the compiler turns into vectors
+ * (one compare chain per element cost a decoding call's 4 query rows as
+ * much as 512 keys of its integer K.Q). */
+static FA_T FN(row_absmax)(const FA_T *q, int64_t cs, int64_t d, int *finite)
+{
+    FA_T m[8] = {0}, z[8] = {0};
+    int64_t c = 0;
+    if (cs == 1)
+        for (; c + 8 <= d; c += 8)
+            for (int i = 0; i < 8; i++) {
+                const FA_T a = q[c + i] < 0 ? -q[c + i] : q[c + i];
+                m[i] = a > m[i] ? a : m[i];
+                z[i] += a * 0;
+            }
+    for (; c < d; c++) {
+        const FA_T a = q[c * cs] < 0 ? -q[c * cs] : q[c * cs];
+        m[0] = a > m[0] ? a : m[0];
+        z[0] += a * 0;
+    }
+    FA_T amax = 0, zs = 0;
+    for (int i = 0; i < 8; i++) {
+        amax = m[i] > amax ? m[i] : amax;
+        zs += z[i];
+    }
+    *finite = zs == 0;
+    return amax;
+}
+
 static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_t cs, int8_t *qi, int64_t ldqi,
                               FA_T *step, int32_t *qsum)
 {
     for (int64_t r = 0; r < bq; r++) {
         FA_T *q = x + r * rs;
-        FA_T amax = 0;
-        int finite = 1;
-        for (int64_t c = 0; c < d; c++) {
-            const FA_T a = (FA_T)fabs((double)q[c * cs]);
-            finite &= a <= (FA_T)(FA_T_IS_FLOAT ? FLT_MAX : DBL_MAX);
-            amax = a > amax ? a : amax;
-        }
+        int finite;
+        const FA_T amax = FN(row_absmax)(q, cs, d, &finite);
         if (qi && ldqi > 0) memset(qi + r * ldqi, 0, (size_t)ldqi);
         step[r] = finite ? (FA_T)((double)amax / 127.0) : (FA_T)NAN;
         const double inv = finite && amax > 0 ? 127.0 / (double)amax : 0;
@@ -1114,11 +1139,22 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
         const int64_t off = FN(k_lead)(p, e), ldq = fa_roundup64(off + d, FA_W);
         w->qoff = off;
         w->ldq = ldq;
+        const FA_T scale = (FA_T)p->scale;
         for (int64_t r = 0; r < bq; r++) {
             const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
             FA_T *dst = qt + r * ldq;
-            for (int64_t c = 0; c < ldq; c++) dst[c] = 0;
-            for (int64_t c = 0; c < d; c++) dst[off + c] = (FA_T)p->scale * FA_AT(row, c * p->q_cs);
+            memset(dst, 0, (size_t)off * sizeof(FA_T));
+#if FA_S_KIND == 0
+            if (p->q_cs == (int64_t)sizeof(FA_T)) { /* in vectors */
+                const FA_T *src = (const FA_T *)row;
+                for (int64_t c = 0; c < d; c++) dst[off + c] = scale * src[c];
+            } else
+#endif
+            {
+                FN(load_row)(row, p->q_cs, d, dst + off); /* in vectors where contiguous */
+                for (int64_t c = off; c < off + d; c++) dst[c] *= scale;
+            }
+            memset(dst + off + d, 0, (size_t)(ldq - off - d) * sizeof(FA_T));
         }
         if (p->kv_dtype == FA_I8) { /* behind the float rows in qt: steps, sums, 8-bit rows of d bytes */
             FA_T *step = qt + FA_ROWS_MAX * ldq;

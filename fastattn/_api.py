@@ -365,7 +365,7 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
         if len(_paged_planned) >= _PAGED_MAX:
             _paged_planned.clear()
         _paged_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), entries,
-                               args.k.shape[2], args.k.shape[0], args.block_size,
+                               args.k.shape[2], args.block_size,
                                out.shape, out.dtype, None if lse is None else lse.shape,
                                None if lse is None else lse.dtype)
     return (out, lse) if return_lse else out
@@ -376,9 +376,11 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
 # on no arrays, with its entry table.  A serving loop calls it every step
 # with the same layouts and new sequence lengths and block tables; once
 # those pass a cheap check (every length in [1, the table's keys], every
-# block id in use in range), the problem is rerun with the lengths in its
-# entry table, which takes a fraction of the full checks' time.  Any other
-# call (and one that fails the cheap check) goes through the checks.
+# block id in use in range: the kernel's own check, which reads only the
+# ids in use and rejects the call before touching memory), the problem is
+# rerun with the lengths in its entry table, which takes a fraction of the
+# full checks' time.  Any other call (and one that fails the cheap check)
+# goes through the checks, which name what is wrong.
 _PAGED_MAX = 64
 _paged_planned = {}
 
@@ -408,25 +410,24 @@ def _paged_key(q, k_cache, v_cache, block_table, seq_lens, scale, causal, window
 def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, num_threads):
     """A planned attention_paged call on this call's arrays, or None where its
     lengths or block ids fail the cheap check (the full checks then run)."""
-    template, entries, g, n_blocks, block_size, out_shape, out_dtype, lse_shape, lse_dtype = hit
+    template, entries, g, block_size, out_shape, out_dtype, lse_shape, lse_dtype = hit
     if seq_lens.min() < 1 or seq_lens.max() > block_table.shape[1] * block_size:
         return None
-    if block_table.min() < 0 or block_table.max() >= n_blocks:  # padded rows: the blocks in use only
-        used = np.arange(block_table.shape[1]) < ((seq_lens + block_size - 1) // block_size)[:, None]
-        ids = np.where(used, block_table, 0)
-        if ids.min() < 0 or ids.max() >= n_blocks:
-            return None
     entries = entries.copy()
-    entries[:, _core.E_LK] = np.repeat(seq_lens, g)
+    entries.reshape(-1, g, entries.shape[1])[:, :, _core.E_LK] = seq_lens[:, None]
     scales = [np.array([s], np.float32) if type(s) is float else s for s in (k_scale, v_scale)]
     address = _core.address
     out = np.empty(out_shape, out_dtype)
     lse = np.empty(lse_shape, lse_dtype) if lse_shape is not None else None
-    _core.attention(template.rebased(
-        num_threads=_config.resolve_threads(num_threads), q=address(q), k=address(k_cache), v=address(v_cache),
-        out=address(out), lse=0 if lse is None else address(lse), entries=entries, pages=block_table.reshape(-1),
-        k_scales=0 if scales[0] is None else address(scales[0]), v_scales=0 if scales[1] is None else address(scales[1]),
-        keep=(q, k_cache, v_cache, block_table, out, lse, *scales)))
+    try:
+        _core.attention(template.rebased(
+            num_threads=_config.resolve_threads(num_threads), q=address(q), k=address(k_cache), v=address(v_cache),
+            out=address(out), lse=0 if lse is None else address(lse), entries=entries, pages=block_table.reshape(-1),
+            k_scales=0 if scales[0] is None else address(scales[0]),
+            v_scales=0 if scales[1] is None else address(scales[1]),
+            keep=(q, k_cache, v_cache, block_table, out, lse, *scales)))
+    except _core.Rejected:  # a block id in use out of range
+        return None
     return (out, lse) if lse is not None else out
 
 

@@ -41,6 +41,8 @@ BLOCK_HIDDEN: int
 BLOCK_VISIBLE: int
 ENTRY_FIELDS: int
 
+class Rejected(RuntimeError): ...
+
 class Problem:
     """fa_problem filled by name (addresses of element 0, byte strides)."""
 

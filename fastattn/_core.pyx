@@ -76,6 +76,12 @@ BLOCK_VISIBLE = FA_BLOCK_VISIBLE
 ENTRY_FIELDS = FA_ENTRY_FIELDS
 
 
+class Rejected(RuntimeError):
+    """The kernel found the problem inconsistent (FA_ERR_INVALID) before
+    touching any memory: a planned call whose new arrays fail the kernel's
+    own checks (a page id out of range) goes through the full checks."""
+
+
 cdef int _check(int status) except -1:
     if status == FA_OK:
         return 0
@@ -85,6 +91,8 @@ cdef int _check(int status) except -1:
         raise RuntimeError("fastattn: the requested kernel path is not usable on this CPU")
     if status == FA_ERR_UNSUPPORTED:
         raise TypeError("fastattn: no kernel for this combination of element types")
+    if status == FA_ERR_INVALID:
+        raise Rejected(f"fastattn: kernel rejected the problem (status {status})")
     raise RuntimeError(f"fastattn: kernel rejected the problem (status {status})")
 
 
