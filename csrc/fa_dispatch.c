@@ -338,20 +338,33 @@ static int fa_run(const fa_problem *p, int kind)
      * last and even out the finish. */
     double total = 0;
     int64_t t = 0, n_parts = 0;
+    /* tile groups of up to FA_GROUP_TILES, while they leave at least two
+     * items per thread (a tile computes the same in a group as alone) */
+    const int64_t group_max = fa_gathers(p, kind) ? fa_max64(1, fa_min64(FA_GROUP_TILES, n_items / (2 * p->num_threads)))
+                                                  : 1;
     for (int64_t i = 0, n; i < p->n_entries; i += n) {
         const int64_t *e = p->entries + i * FA_ENTRY_FIELDS;
         const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq;
         n = fa_bundle_len(p, ops, kind, i);
         const int64_t nsplit = fa_split_count(p, e, n, want);
         const int64_t chunk = fa_roundup64((lk + nsplit - 1) / nsplit, FA_BK);
-        for (int64_t row0 = 0; row0 < rows; row0 += FA_BQ) {
-            const int64_t bq = fa_min64(FA_BQ, rows - row0);
+        for (int64_t row0 = 0, tiles; row0 < rows; row0 += tiles * FA_BQ) {
+            int64_t bq = fa_min64(FA_BQ, rows - row0);
             int64_t lo = 0, hi = lk, width, unused;
             if (kind == FA_KIND_ATTENTION) {
                 fa_block_range(p, lq, lk, row0, bq, &lo, &hi, &unused, &unused);
                 width = p->d + p->dv + 16; /* + per-score softmax work */
             } else {
                 width = (kind == FA_KIND_SCORES ? p->d : p->dv) + 1;
+            }
+            /* a tile group (fa_internal.h): the next query tiles that begin at the same key */
+            for (tiles = 1; nsplit == 1 && n == 1 && tiles < group_max && row0 + bq < rows; tiles++) {
+                const int64_t bq2 = fa_min64(FA_BQ, rows - row0 - bq);
+                int64_t lo2, hi2;
+                fa_block_range(p, lq, lk, row0 + bq, bq2, &lo2, &hi2, &unused, &unused);
+                if (lo2 != lo || bq2 <= ops->rows_max) break; /* a few-row tile is neither gathered nor grouped */
+                bq += bq2;
+                hi = fa_max64(hi, hi2);
             }
             for (int64_t s = 0; s < nsplit; s++) {
                 fa_item *it = &items[t++];
@@ -363,6 +376,7 @@ static int fa_run(const fa_problem *p, int kind)
                 it->split = (int32_t)s;
                 it->nsplit = (int32_t)nsplit;
                 it->bundle = (int32_t)n;
+                it->tiles = (int32_t)tiles;
                 const int64_t keys = fa_max64(0, fa_min64(hi, it->k_hi) - fa_max64(lo, it->k_lo));
                 it->cost = n * bq * (keys + 1) * width;
                 total += (double)it->cost;
@@ -370,6 +384,7 @@ static int fa_run(const fa_problem *p, int kind)
             if (nsplit > 1) n_parts += n * nsplit;
         }
     }
+    n_items = t; /* fewer with tile groups */
     qsort(items, (size_t)n_items, sizeof(fa_item), fa_cmp_items);
     const int threads = fa_thread_count(p, total, n_items);
     /* a mask shared by several entries: classified once, not once per entry */
@@ -397,7 +412,7 @@ static int64_t fa_query_tile_items(const fa_problem *p, int64_t i0, int64_t i1, 
     int64_t t = 0;
     for (int64_t i = i0; i < i1; i++)
         for (int64_t row0 = 0; row0 < p->group * p->entries[i * FA_ENTRY_FIELDS + FA_E_LQ]; row0 += FA_BQ)
-            items[t++] = (fa_item){.entry = i, .row0 = row0, .part = -1, .bundle = 1};
+            items[t++] = (fa_item){.entry = i, .row0 = row0, .part = -1, .bundle = 1, .tiles = 1};
     return t;
 }
 
@@ -517,7 +532,7 @@ int fa_attention_backward(const fa_problem *p)
             for (int64_t k0 = 0; k0 < lk_max; k0 += FA_BK)
                 for (int64_t i = g0; i < g1; i++)
                     if (k0 < p->entries[i * FA_ENTRY_FIELDS + FA_E_LK])
-                        items[t++] = (fa_item){.entry = i, .row0 = k0, .part = -1, .bundle = 1};
+                        items[t++] = (fa_item){.entry = i, .row0 = k0, .part = -1, .bundle = 1, .tiles = 1};
         }
         /* the accumulators (each tile zeroed by its first key block), turns
          * and packs (written first, in parallel: one item per query tile) */

@@ -272,43 +272,51 @@ static const int64_t fa_dtype_bytes[FA_KV_DTYPE_COUNT] = {[FA_F32] = 4, [FA_F64]
  * side by side): read in place, rows a power of two apart fall into a few
  * cache sets; elements of a row must be contiguous.  (Rows stored in
  * another type than q's are converted tile by tile anyway.) */
-static int fa_gathers(const fa_problem *p, int kind)
+int fa_gathers(const fa_problem *p, int kind)
 {
     const int64_t es = fa_dtype_bytes[p->kv_dtype];
     return kind == FA_KIND_ATTENTION && p->kv_dtype == p->dtype && p->k_cs == es && p->v_cs == es &&
            (p->pages || p->k_rs != p->d * es || p->v_rs != p->dv * es);
 }
 
-/* Fused attention over the keys of item `it`: rows [row0, row0 + bq) of
- * each entry of its bundle (fa_item.bundle; one entry but for decoding
- * from packed or paged caches), entry b on scratch w[b].  A split-KV item
- * writes its unnormalised rows to its slots.  With paged k and v a tile of
- * a decoding item never crosses a page: each tile runs on the entry rebased
- * onto its page (fa_page_view); a tile of a prefill item, whose rows are
- * read many times over, is gathered from its pages or strided rows into
- * `gather` (when fa_gathers: FA_BK rows of k, then of v) and read there. */
+/* Fused attention over the keys of item `it`: its members are the entries
+ * of its bundle (fa_item.bundle; one entry but for decoding from packed or
+ * paged caches), rows [row0, row0 + bq) of each, or the query tiles of its
+ * tile group (fa_item.tiles: rows row0 + m * FA_BQ ..), member m on scratch
+ * w[m].  A split-KV item writes its unnormalised rows to its slots.  With
+ * paged k and v a tile of a decoding item never crosses a page: each tile
+ * runs on the entry rebased onto its page (fa_page_view); a tile of a
+ * prefill item, whose rows are read many times over, is gathered from its
+ * pages or strided rows into `gather` (when fa_gathers: FA_BK rows of k,
+ * then of v), once for every member, and read there. */
 static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const fa_item *it, void *const *w,
                               char *slots, int64_t slot_rows, int64_t slot_bytes, char *gather)
 {
-    const int nb = it->bundle;
+    const int nb = it->bundle, nm = it->bundle * it->tiles; /* one of them is 1 */
     const int64_t *e = p->entries + it->entry * FA_ENTRY_FIELDS; /* the bundle's first entry */
-    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], row0 = it->row0, bq = fa_min64(FA_BQ, p->group * lq - row0);
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], rows = p->group * lq;
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
-    const int few = bq <= ops->rows_max;
-    int64_t klo, khi, unused;
-    fa_block_range(p, lq, lk, row0, bq, &klo, &khi, &unused, &unused);
-    klo = fa_max64(klo, it->k_lo);
-    khi = fa_min64(khi, it->k_hi);
+    int64_t row0[FA_BUNDLE_MAX] = {0}, bq[FA_BUNDLE_MAX] = {0}, mhi[FA_BUNDLE_MAX] = {0}, klo = 0, khi = 0, unused;
+    for (int m = 0; m < nm; m++) { /* each member's rows and keys (a group's begin at one key) */
+        row0[m] = it->row0 + (nb > 1 ? 0 : m * FA_BQ);
+        bq[m] = fa_min64(FA_BQ, rows - row0[m]);
+        int64_t lo;
+        fa_block_range(p, lq, lk, row0[m], bq[m], &lo, &mhi[m], &unused, &unused);
+        mhi[m] = fa_min64(mhi[m], it->k_hi);
+        if (m == 0) klo = fa_max64(lo, it->k_lo);
+        khi = fa_max64(khi, mhi[m]);
+    }
+    const int few = bq[0] <= ops->rows_max;
     const int paged = p->pages != NULL;
     int64_t ev[FA_BUNDLE_MAX][FA_ENTRY_FIELDS], page_end = 0;
     const int64_t *te[FA_BUNDLE_MAX]; /* the entries as the tile operations see them */
-    for (int b = 0; b < nb; b++) {
-        te[b] = e + b * FA_ENTRY_FIELDS;
+    for (int m = 0; m < nm; m++) {
+        te[m] = e + (nb > 1 ? m : 0) * FA_ENTRY_FIELDS;
         if (paged && klo < khi) { /* begin on the first page: where its rows sit within a vector holds for all */
-            page_end = fa_page_view(p, te[b], klo, ev[b]);
-            te[b] = ev[b];
+            page_end = fa_page_view(p, te[m], klo, ev[m]);
+            te[m] = ev[m];
         }
-        ops->attn_begin(p, te[b], w[b], row0, bq);
+        ops->attn_begin(p, te[m], w[m], row0[m], bq[m]);
     }
     const int64_t tile = few ? ops->rows_tile : FA_BK;
     /* gathered tiles: the tile operations read a problem whose k and v are
@@ -360,12 +368,22 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
                 for (int b = 0; b < nb; b++) page_end = fa_page_view(p, e + b * FA_ENTRY_FIELDS, k0, ev[b]);
             bk = fa_min64(bk, page_end - k0);
         }
-        const fa_problem *tp = base;
-        if (masked) {
-            const int kind = fa_mask_tile(p, e, row0, bq, k0, bk);
-            if (kind == FA_TILE_HIDDEN) continue;
-            if (kind == FA_TILE_VISIBLE) tp = &unmasked;
+        /* each member's keys of the tile (a group's last tiles end before others)
+         * and what its mask makes of them */
+        const fa_problem *tp[FA_BUNDLE_MAX];
+        int64_t mbk[FA_BUNDLE_MAX];
+        int any = 0;
+        for (int m = 0; m < nm; m++) {
+            mbk[m] = fa_min64(bk, mhi[m] - k0);
+            tp[m] = base;
+            if (mbk[m] > 0 && masked) {
+                const int kind = fa_mask_tile(p, e, row0[m], bq[m], k0, mbk[m]);
+                if (kind == FA_TILE_HIDDEN) mbk[m] = 0;
+                if (kind == FA_TILE_VISIBLE) tp[m] = &unmasked;
+            }
+            any |= mbk[m] > 0;
         }
+        if (!any) continue;
         if (gathered) {
             for (int64_t j = 0; j < bk; j++) {
                 int64_t ko, vo;
@@ -375,7 +393,7 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
             }
             gv[FA_E_K] = -k0 * kb;
             gv[FA_E_V] = -k0 * vb;
-            te[0] = gv;
+            for (int m = 0; m < nm; m++) te[m] = gv;
         }
         const int64_t pf0 = k0 + pf_ahead;
         int64_t pf_n = prefetch ? fa_max64(0, fa_min64(nb > 1 ? bk : FA_BK, khi - pf0)) : 0;
@@ -384,19 +402,24 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
             fa_key_offsets(p, e, pf0, &pf_k, &pf_v);
             if (paged) pf_n = fa_min64(pf_n, p->page_size - pf0 % p->page_size); /* up to its page's end */
         }
-        const fa_prefetch_plan pf = {(const char *)p->k + pf_k, (const char *)p->v + pf_v, p->k_rs, p->v_rs,
-                                     pf_kb, pf_vb, pf_n};
-        for (int b = 0; b < nb; b++) {
-            ops->attn_score_tile(tp, te[b], w[b], row0, bq, k0, bk, b == 0 ? &pf : &pf_none);
-            ops->weights_tile(w[b], softmax, bq, bk);
-            ops->attn_pv_tile(tp, te[b], w[b], bq, k0, bk);
+        for (int m = 0; m < nm; m++) {
+            if (mbk[m] <= 0) continue;
+            /* member m asks for its share of each row (whole cache lines), so
+             * that the requests are spread over the bundle's work */
+            const int64_t ks = fa_roundup64(pf_kb, 64 * nm) / nm, vs = fa_roundup64(pf_vb, 64 * nm) / nm;
+            const fa_prefetch_plan pf = {(const char *)p->k + pf_k + m * ks, (const char *)p->v + pf_v + m * vs,
+                                         p->k_rs, p->v_rs, fa_min64(ks, pf_kb - m * ks), fa_min64(vs, pf_vb - m * vs),
+                                         pf_n};
+            ops->attn_score_tile(tp[m], te[m], w[m], row0[m], bq[m], k0, mbk[m], pf_n > 0 ? &pf : &pf_none);
+            ops->weights_tile(w[m], softmax, bq[m], mbk[m]);
+            ops->attn_pv_tile(tp[m], te[m], w[m], bq[m], k0, mbk[m]);
         }
     }
-    for (int b = 0; b < nb; b++) {
+    for (int m = 0; m < nm; m++) {
         if (it->part >= 0)
-            ops->store_partial(p, w[b], bq, slot_rows, slots + (it->part + (int64_t)b * it->nsplit) * slot_bytes);
+            ops->store_partial(p, w[m], bq[m], slot_rows, slots + (it->part + (int64_t)m * it->nsplit) * slot_bytes);
         else
-            ops->store_rows(p, e + b * FA_ENTRY_FIELDS, w[b], row0, bq, softmax);
+            ops->store_rows(p, e + (nb > 1 ? m : 0) * FA_ENTRY_FIELDS, w[m], row0[m], bq[m], softmax);
     }
 }
 
@@ -510,9 +533,10 @@ static void fa_run_member(void *arg, fa_team *team, int member)
         if (!gather) n_w = 0;
     }
     for (int64_t t; (t = fa_team_next(&r->next, 1, r->n_items)) >= 0;) {
-        for (; n_w > 0 && n_w < items[t].bundle; n_w++)
+        const int members = items[t].bundle * items[t].tiles; /* scratch for each */
+        for (; n_w > 0 && n_w < members; n_w++)
             if (!(w[n_w] = ops->scratch_new(p))) break;
-        if (!bare && (n_w < items[t].bundle || n_w == 0)) {
+        if (!bare && (n_w < members || n_w == 0)) {
             __atomic_store_n(&r->status, FA_ERR_NOMEM, __ATOMIC_RELAXED);
             continue;
         }

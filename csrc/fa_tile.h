@@ -116,6 +116,10 @@ typedef struct {
 int fa_run_items(const fa_problem *p, int kind, const fa_item *items, int64_t n_items, int64_t n_parts,
                  int num_threads, const fa_tile_ops *ops, const fa_bwd_dq *dq);
 
+/* Does a thread gather the key tiles of this problem's prefill items into
+ * contiguous rows (fa_driver.c)? */
+int fa_gathers(const fa_problem *p, int kind);
+
 /* Does the CPU have AVX512-VNNI (fa_dispatch.c)?  The AVX-512 path's
  * int8-cache decoding runs K.Q on vpdpbusd where it does. */
 int fa_cpu_avx512vnni(void);

@@ -251,6 +251,58 @@ def test_planned_paged_calls_keep_their_checks(rng):
             fastattn.attention_paged(q, kc, vc, *args)
 
 
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=False), dict(causal=True, window=(150, 0)),
+                                     dict(causal=True, alibi_slopes=0.3, softcap=20.0)],
+                         ids=["causal", "full", "window", "alibi-softcap"])
+def test_gathered_prefill_tiles_equal_contiguous_keys_bitwise(isa, rng, options):
+    """Prefill chunks over a paged cache, and packed sequences (rows of all
+    heads side by side), have their key tiles gathered once for a group of
+    query tiles: every query tile computes exactly what it computes on the
+    same keys stored contiguously per head, the group's last (shorter,
+    causal-bounded) tiles and a few-row remainder included."""
+    h, g, d, bs = 8, 2, 32, 16
+    lens = np.array([1000, 300, 77])  # keys; queries: the last n_q of each
+    n_q = np.array([333, 300, 5])     # 4 x 333 rows per kv head: 20 tiles of 64 and a remainder of 52 (a group
+    cu_q = np.concatenate([[0], np.cumsum(n_q)])  # of 4 + 1), 4 x 300: 18 tiles + 48, 4 x 5: one few-row tile
+    cu_k = np.concatenate([[0], np.cumsum(lens)])
+    n_blocks = int(((lens + bs - 1) // bs).sum()) + 3
+    kc, vc = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    table = block_table(rng, lens, bs, n_blocks)
+    q = randn(rng, (int(cu_q[-1]), h, d), np.float32)
+    # one thread: groups as large as they get (they leave two items per thread)
+    got = fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu_q, num_threads=1, **options)
+    kp = np.concatenate([kc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
+    vp = np.concatenate([vc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
+    packed = fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, num_threads=1, **options)
+    np.testing.assert_array_equal(packed, got)
+    for b in range(len(lens)):  # each sequence alone, keys contiguous per head
+        qb = np.ascontiguousarray(q[cu_q[b]: cu_q[b + 1]].transpose(1, 0, 2))
+        kb, vb = (np.ascontiguousarray(x[cu_k[b]: cu_k[b + 1]].transpose(1, 0, 2)) for x in (kp, vp))
+        want = fastattn.attention(qb, kb, vb, align="bottom-right", **options)
+        np.testing.assert_array_equal(got[cu_q[b]: cu_q[b + 1]], want.transpose(1, 0, 2))
+    assert_close(got, ref.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu_q, **options))
+
+
+@pytest.mark.parametrize("kind", [np.bool_, np.float32])
+def test_gathered_tile_groups_read_each_tiles_mask(isa, rng, kind):
+    """Keys whose rows lie further apart than their length (a (B, L, G, D)
+    buffer viewed per head) are gathered per tile for a group of query
+    tiles, each of which classifies and reads its own mask tiles: the
+    result is that of contiguous keys, bit for bit."""
+    b, h, g, lq, lk, d = 1, 4, 2, 300, 700, 16
+    q = randn(rng, (b, h, lq, d), np.float32)
+    kt, vt = randn(rng, (b, lk, g, d), np.float32), randn(rng, (b, lk, g, d), np.float32)
+    k, v = kt.transpose(0, 2, 1, 3), vt.transpose(0, 2, 1, 3)
+    visible = rng.random((h, lq, lk)) < 0.7
+    visible[:, :, 64:256] = False  # hidden tiles
+    visible[:, :130, 320:448] = True  # visible tiles for the group's first tiles only
+    mask = visible if kind is np.bool_ else np.where(visible, 0.0, -np.inf).astype(np.float32)
+    got = fastattn.attention(q, k, v, mask=mask, causal=True, num_threads=1)
+    want = fastattn.attention(q, np.ascontiguousarray(k), np.ascontiguousarray(v), mask=mask, causal=True)
+    np.testing.assert_array_equal(got, want)
+    assert_close(got, ref.attention(q, k, v, mask=mask, causal=True))
+
+
 def test_paged_reads_strided_caches_in_place(rng):
     """A cache that is a view (every other block, a head slice of a bigger
     buffer) is read through its strides, never copied."""

@@ -1114,6 +1114,12 @@ int main(void)
         {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0, 0},
         {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1, 0, 0},
         {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0, 0},
+        /* 600 rows per entry: tile groups of 4 + 4 + 2 tiles (the last of 24 rows), each gathered page tile
+         * read by all of a group's tiles, the causal bound ending them at different keys */
+        {"paged prefill in tile groups, pages of 16", 2, 4, 150, 400, 32, 24, 1, 0, -1, -1, 0, 1, FA_MASK_NONE, 0, 0,
+         16, 0, 0, 0},
+        {"paged prefill in tile groups, bool mask, shifted", 1, 3, 200, 333, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL,
+         0, 100, 13, 0, 0, 0},
         {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8, 0},
         {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0},
         {"e4m3 k and v, paged prefill", 2, 2, 40, 150, 24, 16, 1, 0, 60, -1, 2.0, 1, FA_MASK_NONE, 0, 0, 32, 0,
