@@ -128,6 +128,27 @@ def test_paged_decode_matches_reference(isa, dtype, rng, block_size):
     assert_close(lse, rlse)
 
 
+@pytest.mark.parametrize("block_size", [7, 32, 100])
+def test_paged_decode_of_wide_rows_matches_reference(isa, rng, block_size):
+    """Heads whose K and V rows of a token span more than 4 KiB (8 x 160
+    float32 values each) are decoded in tiles of at most 16 keys, which
+    end at page ends too; packed sequences the same."""
+    h, g, d = 16, 8, 160
+    lens = [1, 150, 77, 301]
+    n_blocks = sum((n + block_size - 1) // block_size for n in lens) + 2
+    kc, vc = paged_cache(rng, np.float32, n_blocks, block_size, g, d, d)
+    table = block_table(rng, lens, block_size, n_blocks)
+    q = randn(rng, (len(lens), h, d), np.float32)
+    out, lse = fastattn.attention_paged(q, kc, vc, table, lens, return_lse=True)
+    rout, rlse = ref.attention_paged(q, kc, vc, table, lens, return_lse=True)
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    kp = np.concatenate([kc[table[b, np.arange(n) // block_size], np.arange(n) % block_size] for b, n in enumerate(lens)])
+    vp = np.concatenate([vc[table[b, np.arange(n) // block_size], np.arange(n) % block_size] for b, n in enumerate(lens)])
+    cu_q, cu_k = np.arange(len(lens) + 1), np.concatenate([[0], np.cumsum(lens)])
+    assert_close(fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, causal=True), rout)
+
+
 def test_paged_mixed_batch_with_every_option(isa, dtype, rng):
     """Sequences decoding one token, one prefilling a chunk, one whole
     prompt, a long one split over the keys, and an empty one, in one call,
