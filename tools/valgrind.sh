@@ -34,6 +34,10 @@ for isa in fastattn.available_isas():
             cu = np.array([0, 10, 37])
             fastattn.attention_varlen(q[0].swapaxes(0, 1).copy(), k[0].swapaxes(0, 1).copy()[:37],
                                       v[0].swapaxes(0, 1).copy()[:37], cu, cu, causal=True)
+            # prefill in tile groups (gathered key tiles shared by 4 query tiles)
+            qg, kg = rng.standard_normal((300, 4, 19)).astype(dt), rng.standard_normal((300, 2, 19)).astype(dt)
+            cg = np.array([0, 300])
+            fastattn.attention_varlen(qg, kg, kg, cg, cg, causal=True, num_threads=1)
     # serving: float32 and int8 paged caches filled by cache_write, read by a
     # decode call and by a mixed call (one decoding row, a prefill chunk) with sinks
     G, D, bs, nb = 2, 19, 16, 12
@@ -52,6 +56,10 @@ for isa in fastattn.available_isas():
             fastattn.attention_paged(qp, kc, vc, table, lens, cu_seqlens_q=np.array([0, 1, 31], np.int32),
                                      sinks=np.ones(4, np.float32), **sc)
             fastattn.attention_paged(qp[:2], kc, vc, table, lens, **sc)
+    with fastattn.use_isa(isa):  # a decoding bundle of K and V rows over 4 KiB: tiles of 16 keys
+        kw, vw = rng.standard_normal((2, 8, 32, 8, 80)).astype(np.float32)
+        fastattn.attention_paged(rng.standard_normal((1, 8, 80)).astype(np.float32), kw, vw,
+                                 np.array([[5, 2, 7, 0]], np.int32), np.array([100], np.int32))
 print("workload done")
 PY
 # errors whose stack passes through fastattn's extension
