@@ -605,16 +605,6 @@ static void FN(qk_rows_narrow)(int64_t bq, int64_t nvec, const FA_T *qr, int64_t
 #endif
 #define FA_IDOT_MAXD (FA_IDOT == 2 ? 512 : 1024)
 
-/* Query rows against an int8 cache are quantised per row, on every path
- * and item shape (so that a row's result never depends on which computed
- * it): rows r < bq of x (element c of row r at x[r * rs + c * cs], d
- * elements, already times the softmax scale) get the step max |q| / 127
- * and the codes round(q / step), to nearest even (computed as
- * q * (127 / max) in double); fastattn.reference.int8_queries does the
- * same.  A row of zeros has step 0; a row with a NaN or an infinity step
- * NaN (its scores NaN, as in float).  With qi, the codes go there (rows of
- * ldqi bytes, zero-padded) with each row's sum of codes times 128 in
- * qsum, and x is left as it is; without, x's elements become step * code. */
 /* The largest |q[c * cs]|, c < d (NaNs ignored), and whether every element
  * is finite: eight independent maxima and sums of |q| * 0 (0 while finite,
  * NaN after an infinity or a NaN), which the compiler turns into vectors
@@ -645,6 +635,16 @@ static FA_T FN(row_absmax)(const FA_T *q, int64_t cs, int64_t d, int *finite)
     return amax;
 }
 
+/* Query rows against an int8 cache are quantised per row, on every path
+ * and item shape (so that a row's result never depends on which computed
+ * it): rows r < bq of x (element c of row r at x[r * rs + c * cs], d
+ * elements, already times the softmax scale) get the step max |q| / 127
+ * and the codes round(q / step), to nearest even (computed as
+ * q * (127 / max) in double); fastattn.reference.int8_queries does the
+ * same.  A row of zeros has step 0; a row with a NaN or an infinity step
+ * NaN (its scores NaN, as in float).  With qi, the codes go there (rows of
+ * ldqi bytes, zero-padded) with each row's sum of codes times 128 in
+ * qsum, and x is left as it is; without, x's elements become step * code. */
 static void FN(quantize_rows)(int64_t bq, int64_t d, FA_T *x, int64_t rs, int64_t cs, int8_t *qi, int64_t ldqi,
                               FA_T *step, int32_t *qsum)
 {
