@@ -1475,6 +1475,29 @@ static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st,
  * and ALiBi, which it must follow); a float32 one first, once soft-cap and
  * ALiBi are done (the sum does not commute with the bounds' -inf: +inf +
  * -inf); the rest row by row (score_options). */
+/* The causal/window bounds on an S^T tile (key j, row r at st[j * FA_BQ +
+ * r]): -inf where row r may not see key k0 + j, key by key over the rows
+ * as one select per score that the compiler turns into vectors (row by row
+ * in score_options, a strided scalar store per hidden score, took a ninth
+ * of a causal call on sequences of 32). */
+static void FN(bounds_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int64_t row0, int64_t bq, int64_t k0,
+                            int64_t bk)
+{
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    int32_t lo[FA_BQ], hi[FA_BQ];
+    for (int64_t r = 0; r < bq; r++) {
+        int64_t a, b;
+        fa_row_range(p, (row0 + r) % lq, lq, lk, &a, &b);
+        a = fa_min64(fa_max64(a - k0, 0), bk);
+        lo[r] = (int32_t)a;
+        hi[r] = (int32_t)fa_max64(fa_min64(b - k0, bk), a);
+    }
+    for (int32_t j = 0; j < (int32_t)bk; j++) {
+        FA_T *s = st + (int64_t)j * FA_BQ;
+        for (int64_t r = 0; r < bq; r++) s[r] = j < lo[r] || j >= hi[r] ? (FA_T)-INFINITY : s[r];
+    }
+}
+
 static void FN(mask_and_bounds)(const fa_problem *p, const int64_t *e, FA_T *st, int rows, int64_t row0, int64_t bq,
                                 int64_t k0, int64_t bk, int bounds)
 {
@@ -1485,10 +1508,12 @@ static void FN(mask_and_bounds)(const fa_problem *p, const int64_t *e, FA_T *st,
     if (float_tile) FN(float_mask_tile)(p, e, st, row0, bq, k0, bk);
 #endif
     const int vector_mask = bool_tile || float_tile;
-    if (bounds || p->alibi_slopes || (p->mask_kind != FA_MASK_NONE && !vector_mask))
+    const int row_bounds = bounds && rows; /* an S^T tile's bounds go after its rows' options */
+    if (row_bounds || p->alibi_slopes || (p->mask_kind != FA_MASK_NONE && !vector_mask))
         for (int64_t r = 0; r < bq; r++)
-            FN(score_options)(p, e, row0 + r, k0, bk, rows ? st + r * FA_BK : st + r, rows ? 1 : FA_BQ, bounds,
+            FN(score_options)(p, e, row0 + r, k0, bk, rows ? st + r * FA_BK : st + r, rows ? 1 : FA_BQ, row_bounds,
                               !vector_mask);
+    if (bounds && !rows) FN(bounds_tile)(p, e, st, row0, bq, k0, bk);
 #if FA_MASK_TILES
     if (bool_tile) FN(bool_mask_tile)(p, e, st, row0, bq, k0, bk);
 #endif
