@@ -327,7 +327,6 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
         }
         ops->attn_begin(p, te[m], w[m], row0[m], bq[m]);
     }
-    const int64_t tile = few ? ops->rows_tile : FA_BK;
     /* gathered tiles: the tile operations read a problem whose k and v are
      * the gathered rows, tile row j at offset 0 + (k0 + j) * rs of entry gv */
     const int gathered = !few && gather != NULL;
@@ -363,16 +362,20 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
      * prefetchers follow), an int8 one (2 KB) a quarter faster. */
     const int64_t *last = e + (nb - 1) * FA_ENTRY_FIELDS;
     const int64_t pf_kb = last[FA_E_K] - e[FA_E_K] + p->d * p->k_cs, pf_vb = last[FA_E_V] - e[FA_E_V] + p->dv * p->v_cs;
+    const int wide = nb > 1 && pf_kb + pf_vb > FA_PREFETCH_ROW_BYTES; /* tiles of FA_WIDE_BUNDLE_KEYS at most */
+    const int64_t tile = !few ? FA_BK : wide ? fa_min64(ops->rows_tile, FA_WIDE_BUNDLE_KEYS) : ops->rows_tile;
     int64_t pf_ahead = 2 * FA_BK;
     if (nb > 1) {
         const int64_t step = paged ? fa_min64(tile, p->page_size) : tile;
         pf_ahead = fa_max64(step, fa_min64(2 * step, FA_PREFETCH_BYTES / fa_max64(1, pf_kb + pf_vb)));
     }
-    const int prefetch = few && (nb == 1 || pf_kb + pf_vb <= FA_PREFETCH_ROW_BYTES);
+    const int prefetch = few && !wide;
     const fa_prefetch_plan pf_none = {NULL, NULL, 0, 0, 0, 0, 0};
+    /* member m asks for its share of each row (whole cache lines), so that
+     * the requests are spread over the bundle's work */
+    const int64_t ks = fa_roundup64(pf_kb, 64 * nm) / nm, vs = fa_roundup64(pf_vb, 64 * nm) / nm;
     for (int64_t k0 = klo, bk; k0 < khi; k0 += bk) {
         bk = fa_min64(tile, khi - k0);
-        if (nb > 1 && pf_kb + pf_vb > FA_PREFETCH_ROW_BYTES) bk = fa_min64(bk, FA_WIDE_BUNDLE_KEYS);
         if (paged && !gathered) {
             if (k0 >= page_end)
                 for (int b = 0; b < nb; b++) page_end = fa_page_view(p, e + b * FA_ENTRY_FIELDS, k0, ev[b]);
@@ -414,9 +417,6 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
         }
         for (int m = 0; m < nm; m++) {
             if (mbk[m] <= 0) continue;
-            /* member m asks for its share of each row (whole cache lines), so
-             * that the requests are spread over the bundle's work */
-            const int64_t ks = fa_roundup64(pf_kb, 64 * nm) / nm, vs = fa_roundup64(pf_vb, 64 * nm) / nm;
             const fa_prefetch_plan pf = {(const char *)p->k + pf_k + m * ks, (const char *)p->v + pf_v + m * vs,
                                          p->k_rs, p->v_rs, fa_min64(ks, pf_kb - m * ks), fa_min64(vs, pf_vb - m * vs),
                                          pf_n};
@@ -450,6 +450,12 @@ static void fa_wsum_item(const fa_problem *p, const fa_tile_ops *ops, const int6
     ops->store_rows(p, e, w, row0, bq, 0);
 }
 
+/* The pack of query tile [row0, row0 + FA_BQ) of entry `entry` (bwd_pack). */
+static inline char *fa_bwd_pack_of(const fa_bwd_dq *dq, int64_t entry, int64_t row0)
+{
+    return dq->packs + (dq->tile0[entry] + row0 / FA_BQ) * dq->pack_bytes;
+}
+
 /* Backward, key block k0 / FA_BK of entry `entry`: its dk and dv rows summed
  * over every query tile of the entry (all heads of a group) that sees them,
  * in order, by this one item, so no other item writes these rows; and each
@@ -458,12 +464,6 @@ static void fa_wsum_item(const fa_problem *p, const fa_tile_ops *ops, const int6
  * thread count), the last block storing the tile's dq.  An item left undone
  * (no memory for a member's scratch) sets *status, and the items waiting for
  * its turns give up. */
-/* The pack of query tile [row0, row0 + FA_BQ) of entry `entry` (bwd_pack). */
-static inline char *fa_bwd_pack_of(const fa_bwd_dq *dq, int64_t entry, int64_t row0)
-{
-    return dq->packs + (dq->tile0[entry] + row0 / FA_BQ) * dq->pack_bytes;
-}
-
 static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const fa_bwd_dq *dq, const int *status,
                              int64_t entry, void *w, int64_t k0)
 {

@@ -165,6 +165,17 @@ static inline void fa_row_range(const fa_problem *p, int64_t i, int64_t lq, int6
     *hi = b;
 }
 
+/* The keys of tile [k0, k0 + bk) that row i may see, relative to k0:
+ * [*lo, *hi), empty at *lo when none. */
+static inline void fa_tile_row_range(const fa_problem *p, int64_t i, int64_t lq, int64_t lk, int64_t k0, int64_t bk,
+                                     int64_t *lo, int64_t *hi)
+{
+    int64_t a, b;
+    fa_row_range(p, i, lq, lk, &a, &b);
+    *lo = fa_min64(fa_max64(a - k0, 0), bk);
+    *hi = fa_max64(fa_min64(b - k0, bk), *lo);
+}
+
 /* Byte offset of virtual row v of an entry: row v % lq of head v / lq. */
 static inline int64_t fa_vrow_off(int64_t v, int64_t lq, int64_t rs, int64_t hs)
 {

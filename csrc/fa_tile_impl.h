@@ -1380,9 +1380,8 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
         }
     }
     if (bounds) {
-        int64_t lo, hi;
-        fa_row_range(p, i, lq, lk, &lo, &hi);
-        const int64_t a = fa_min64(fa_max64(lo - k0, 0), bk), b = fa_max64(fa_min64(hi - k0, bk), a);
+        int64_t a, b;
+        fa_tile_row_range(p, i, lq, lk, k0, bk, &a, &b);
         for (int64_t j = 0; j < a; j++) s[j * ld] = (FA_T)-INFINITY;
         for (int64_t j = b; j < bk; j++) s[j * ld] = (FA_T)-INFINITY;
     }
@@ -1468,13 +1467,6 @@ static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st,
 #define FA_MASK_TILES 0
 #endif
 
-/* The mask and the causal/window bounds on a score tile st (rows of FA_BK
- * if `rows`, else S^T), after the soft-cap and ALiBi (p->softcap must be
- * 0; ALiBi only where alibi_exact failed): a bool mask on an S^T tile goes
- * last, in vectors (the select commutes with the bounds, not with soft-cap
- * and ALiBi, which it must follow); a float32 one first, once soft-cap and
- * ALiBi are done (the sum does not commute with the bounds' -inf: +inf +
- * -inf); the rest row by row (score_options). */
 /* The causal/window bounds on an S^T tile (key j, row r at st[j * FA_BQ +
  * r]): -inf where row r may not see key k0 + j, key by key over the rows
  * as one select per score that the compiler turns into vectors (row by row
@@ -1487,10 +1479,9 @@ static void FN(bounds_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int
     int32_t lo[FA_BQ], hi[FA_BQ];
     for (int64_t r = 0; r < bq; r++) {
         int64_t a, b;
-        fa_row_range(p, (row0 + r) % lq, lq, lk, &a, &b);
-        a = fa_min64(fa_max64(a - k0, 0), bk);
+        fa_tile_row_range(p, (row0 + r) % lq, lq, lk, k0, bk, &a, &b);
         lo[r] = (int32_t)a;
-        hi[r] = (int32_t)fa_max64(fa_min64(b - k0, bk), a);
+        hi[r] = (int32_t)b;
     }
     for (int32_t j = 0; j < (int32_t)bk; j++) {
         FA_T *s = st + (int64_t)j * FA_BQ;
@@ -1498,6 +1489,15 @@ static void FN(bounds_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int
     }
 }
 
+/* The mask and the causal/window bounds on a score tile st (rows of FA_BK
+ * if `rows`, else S^T), after the soft-cap and ALiBi (p->softcap must be
+ * 0; ALiBi only where alibi_exact failed): a bool mask on an S^T tile goes
+ * last, in vectors (the select commutes with the bounds, not with soft-cap
+ * and ALiBi, which it must follow); a float32 one first, once soft-cap and
+ * ALiBi are done (the sum does not commute with the bounds' -inf: +inf +
+ * -inf); ALiBi and other masks row by row (score_options), and the
+ * bounds of rows of FA_BK there too, those of an S^T tile after them
+ * (bounds_tile). */
 static void FN(mask_and_bounds)(const fa_problem *p, const int64_t *e, FA_T *st, int rows, int64_t row0, int64_t bq,
                                 int64_t k0, int64_t bk, int bounds)
 {
@@ -1556,9 +1556,7 @@ static void FN(tile_ranges)(const fa_problem *p, const int64_t *e, FN(scratch) *
     }
     for (int64_t r = 0; r < bq; r++) {
         int64_t lo, hi;
-        fa_row_range(p, (row0 + r) % lq, lq, lk, &lo, &hi);
-        lo = fa_min64(fa_max64(lo - k0, 0), bk);
-        hi = fa_max64(fa_min64(hi - k0, bk), lo);
+        fa_tile_row_range(p, (row0 + r) % lq, lq, lk, k0, bk, &lo, &hi);
         w->rlo[r] = (int32_t)lo;
         w->rhi[r] = (int32_t)hi;
         if (hi > lo) {
