@@ -243,18 +243,44 @@ static inline void fa_key_offsets(const fa_problem *p, const int64_t *e, int64_t
     *vo = e[FA_E_V] + page * p->v_ps + row * p->v_rs;
 }
 
-/* Paged k and v: a copy ev of entry e whose k and v offsets put keys
- * [k0, end of k0's page) where the tile operations look for them,
- * e[FA_E_K] + j * k_rs; returns the end of the page (its last key + 1). */
-static int64_t fa_page_view(const fa_problem *p, const int64_t *e, int64_t k0, int64_t *ev)
+/* Paged k and v: rebase the k and v offsets (and their scales') of ev, a
+ * copy of entry e, onto the entry's page pi (its keys pi * page_size ..),
+ * so that the tile operations find key j of that page at e[FA_E_K] + j *
+ * k_rs (and so on). */
+static void fa_page_rebase(const fa_problem *p, const int64_t *e, int64_t pi, int64_t *ev)
 {
-    const int64_t first = k0 - k0 % p->page_size, page = fa_page_of(p, e, k0);
-    memcpy(ev, e, FA_ENTRY_FIELDS * sizeof *ev);
+    const int64_t first = pi * p->page_size, page = p->pages[e[FA_E_PAGES] + pi];
     ev[FA_E_K] = e[FA_E_K] + page * p->k_ps - first * p->k_rs;
     ev[FA_E_V] = e[FA_E_V] + page * p->v_ps - first * p->v_rs;
     ev[FA_E_KS] = e[FA_E_KS] + page * p->ks_ps - first * p->ks_rs;
     ev[FA_E_VS] = e[FA_E_VS] + page * p->vs_ps - first * p->vs_rs;
-    return first + p->page_size;
+}
+
+/* A copy ev of entry e rebased onto the page of its key k0. */
+static void fa_page_view(const fa_problem *p, const int64_t *e, int64_t k0, int64_t *ev)
+{
+    memcpy(ev, e, FA_ENTRY_FIELDS * sizeof *ev);
+    fa_page_rebase(p, e, k0 / p->page_size, ev);
+}
+
+/* Ask for the K and V scales of rows j .. j + n - 1 (not past j's page
+ * when paged) of an 8-bit cache: each row's scales, all heads' side by side
+ * in a bundle, lie ks_rs (vs_rs) bytes apart.  Always inlined (see
+ * prefetch_row in fa_tile_impl.h: GCC deletes calls to a function that only
+ * prefetches). */
+static inline __attribute__((always_inline)) void fa_prefetch_scales(const fa_problem *p, const int64_t *e,
+                                                                     int64_t j, int64_t n)
+{
+    if (!p->k_scales || n <= 0) return;
+    int64_t page = 0, row = j;
+    if (p->pages) {
+        page = fa_page_of(p, e, j);
+        row = j % p->page_size;
+    }
+    const char *ks = (const char *)p->k_scales + e[FA_E_KS] + page * p->ks_ps + row * p->ks_rs;
+    const char *vs = (const char *)p->v_scales + e[FA_E_VS] + page * p->vs_ps + row * p->vs_rs;
+    for (int64_t b = 0; b < n * p->ks_rs; b += 64) __builtin_prefetch(ks + b, 0, 2);
+    for (int64_t b = 0; b < n * p->vs_rs; b += 64) __builtin_prefetch(vs + b, 0, 2);
 }
 
 /* How far ahead a bundle's prefetch may reach, in bytes of K and V rows,
@@ -270,6 +296,9 @@ static int64_t fa_page_view(const fa_problem *p, const int64_t *e, int64_t k0, i
  * sequence paged in blocks of 32: 0.75-0.87 of the time with tiles of 16
  * keys instead of 32, 0.75 for 16 sequences; tiles of 8: 0.90-1.15 of 16's. */
 #define FA_WIDE_BUNDLE_KEYS 16
+
+/* Pages a decoding tile may span (segments, fa_attention_item). */
+#define FA_TILE_SEGS 8
 
 /* Bytes of an element of each storage type. */
 static const int64_t fa_dtype_bytes[FA_KV_DTYPE_COUNT] = {[FA_F32] = 4, [FA_F64] = 8, [FA_F16] = 2, [FA_BF16] = 2,
@@ -317,12 +346,12 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     }
     const int few = bq[0] <= ops->rows_max;
     const int paged = p->pages != NULL;
-    int64_t ev[FA_BUNDLE_MAX][FA_ENTRY_FIELDS], page_end = 0;
+    int64_t ev[FA_BUNDLE_MAX][FA_ENTRY_FIELDS];
     const int64_t *te[FA_BUNDLE_MAX]; /* the entries as the tile operations see them */
     for (int m = 0; m < nm; m++) {
         te[m] = e + (nb > 1 ? m : 0) * FA_ENTRY_FIELDS;
         if (paged && klo < khi) { /* begin on the first page: where its rows sit within a vector holds for all */
-            page_end = fa_page_view(p, te[m], klo, ev[m]);
+            fa_page_view(p, te[m], klo, ev[m]);
             te[m] = ev[m];
         }
         ops->attn_begin(p, te[m], w[m], row0[m], bq[m]);
@@ -376,10 +405,21 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     const int64_t ks = fa_roundup64(pf_kb, 64 * nm) / nm, vs = fa_roundup64(pf_vb, 64 * nm) / nm;
     for (int64_t k0 = klo, bk; k0 < khi; k0 += bk) {
         bk = fa_min64(tile, khi - k0);
+        /* the tile's segments: one per page it meets (a decoding tile may
+         * span FA_TILE_SEGS pages, a prefill tile one), each run on the
+         * entries rebased onto its page; one segment unpaged */
+        int nseg = 1;
+        int64_t s0[FA_TILE_SEGS] = {k0}, sn[FA_TILE_SEGS] = {bk}, spi[FA_TILE_SEGS] = {0};
         if (paged && !gathered) {
-            if (k0 >= page_end)
-                for (int b = 0; b < nb; b++) page_end = fa_page_view(p, e + b * FA_ENTRY_FIELDS, k0, ev[b]);
-            bk = fa_min64(bk, page_end - k0);
+            nseg = 0;
+            const int segs = few && ops->tile_segments ? FA_TILE_SEGS : 1;
+            int64_t pi = k0 / p->page_size;
+            for (int64_t k = k0; k < k0 + bk && nseg < segs; k += sn[nseg++], pi++) {
+                s0[nseg] = k;
+                spi[nseg] = pi;
+                sn[nseg] = fa_min64(k0 + bk, (pi + 1) * p->page_size) - k;
+            }
+            bk = s0[nseg - 1] + sn[nseg - 1] - k0;
         }
         /* each member's keys of the tile (a group's last tiles end before others)
          * and what its mask makes of them */
@@ -408,22 +448,42 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
             gv[FA_E_V] = -k0 * vb;
             for (int m = 0; m < nm; m++) te[m] = gv;
         }
-        const int64_t pf0 = k0 + pf_ahead;
-        int64_t pf_n = prefetch ? fa_max64(0, fa_min64(nb > 1 ? bk : FA_BK, khi - pf0)) : 0;
-        int64_t pf_k = 0, pf_v = 0;
-        if (pf_n > 0) {
-            fa_key_offsets(p, e, pf0, &pf_k, &pf_v);
-            if (paged) pf_n = fa_min64(pf_n, p->page_size - pf0 % p->page_size); /* up to its page's end */
+        /* scores segment by segment, each for every member in turn (as the
+         * rows of a bundle lie in memory), then each member's options and
+         * weights, then P.V in the same order as the scores */
+        for (int g = 0; g < nseg; g++) {
+            const int64_t pf0 = s0[g] + pf_ahead;
+            int64_t pf_n = prefetch ? fa_max64(0, fa_min64(nb > 1 ? sn[g] : FA_BK, khi - pf0)) : 0;
+            int64_t pf_k = 0, pf_v = 0;
+            if (pf_n > 0) {
+                fa_key_offsets(p, e, pf0, &pf_k, &pf_v);
+                if (paged) pf_n = fa_min64(pf_n, p->page_size - pf0 % p->page_size); /* up to its page's end */
+                fa_prefetch_scales(p, e, pf0, pf_n);
+            }
+            for (int m = 0; m < nm; m++) {
+                const int64_t n = fa_min64(sn[g], k0 + mbk[m] - s0[g]);
+                if (n <= 0) continue;
+                if (paged && !gathered) fa_page_rebase(p, e + (nb > 1 ? m : 0) * FA_ENTRY_FIELDS, spi[g], ev[m]);
+                const fa_prefetch_plan pf = {(const char *)p->k + pf_k + m * ks, (const char *)p->v + pf_v + m * vs,
+                                             p->k_rs, p->v_rs, fa_min64(ks, pf_kb - m * ks),
+                                             fa_min64(vs, pf_vb - m * vs), pf_n};
+                ops->attn_score_tile(tp[m], te[m], w[m], row0[m], bq[m], s0[g], n, s0[g] - k0,
+                                     pf_n > 0 ? &pf : &pf_none);
+            }
         }
-        for (int m = 0; m < nm; m++) {
-            if (mbk[m] <= 0) continue;
-            const fa_prefetch_plan pf = {(const char *)p->k + pf_k + m * ks, (const char *)p->v + pf_v + m * vs,
-                                         p->k_rs, p->v_rs, fa_min64(ks, pf_kb - m * ks), fa_min64(vs, pf_vb - m * vs),
-                                         pf_n};
-            ops->attn_score_tile(tp[m], te[m], w[m], row0[m], bq[m], k0, mbk[m], pf_n > 0 ? &pf : &pf_none);
-            ops->weights_tile(w[m], softmax, bq[m], mbk[m]);
-            ops->attn_pv_tile(tp[m], te[m], w[m], bq[m], k0, mbk[m]);
-        }
+        for (int m = 0; m < nm; m++)
+            if (mbk[m] > 0) {
+                ops->attn_options_tile(tp[m], te[m], w[m], row0[m], bq[m], k0, mbk[m]);
+                ops->weights_tile(w[m], softmax, bq[m], mbk[m]);
+            }
+        for (int g = 0; g < nseg; g++)
+            for (int m = 0; m < nm; m++) {
+                const int64_t n = fa_min64(sn[g], k0 + mbk[m] - s0[g]);
+                if (n <= 0) continue;
+                if (paged && !gathered && nseg > 1)
+                    fa_page_rebase(p, e + (nb > 1 ? m : 0) * FA_ENTRY_FIELDS, spi[g], ev[m]);
+                ops->attn_pv_tile(tp[m], te[m], w[m], bq[m], s0[g], n, s0[g] - k0);
+            }
     }
     for (int m = 0; m < nm; m++) {
         if (it->part >= 0)

@@ -189,8 +189,12 @@ static inline int64_t fa_vrow_off(int64_t v, int64_t lq, int64_t rs, int64_t hs)
 static inline void fa_block_range(const fa_problem *p, int64_t lq, int64_t lk, int64_t v0, int64_t n,
                                   int64_t *lo, int64_t *hi, int64_t *all_lo, int64_t *all_hi)
 {
-    int64_t imin = v0 % lq, imax = (v0 + n - 1) % lq;
-    if (v0 / lq != (v0 + n - 1) / lq) { /* spans a head boundary */
+    int64_t imin = 0, imax = 0; /* decoding (lq 1): no 64-bit division, once per tile */
+    if (lq > 1) {
+        imin = v0 % lq;
+        imax = (v0 + n - 1) % lq;
+    }
+    if (lq > 1 && v0 / lq != (v0 + n - 1) / lq) { /* spans a head boundary */
         imin = 0;
         imax = lq - 1;
     }

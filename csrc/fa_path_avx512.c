@@ -22,11 +22,12 @@
 /* The tile operations of this path, by element type (fa_tile.h). */
 const fa_tile_ops fa_ops_f32_avx512 = {
     .name = "f32_avx512", .elem_bytes = sizeof(float), .width = fa_width_f32_avx512,
-    .rows_max = fa_rows_max_f32_avx512, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f32_avx512, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f32_avx512,
     .scratch_free = fa_scratch_free_f32_avx512,
     .attn_begin = fa_attn_begin_f32_avx512,
     .attn_score_tile = fa_attn_score_tile_f32_avx512,
+    .attn_options_tile = fa_attn_options_tile_f32_avx512,
     .weights_tile = fa_weights_tile_f32_avx512,
     .attn_pv_tile = fa_attn_pv_tile_f32_avx512,
     .store_rows = fa_store_rows_f32_avx512,
@@ -50,11 +51,12 @@ const fa_tile_ops fa_ops_f32_avx512 = {
 
 const fa_tile_ops fa_ops_f64_avx512 = {
     .name = "f64_avx512", .elem_bytes = sizeof(double), .width = fa_width_f64_avx512,
-    .rows_max = fa_rows_max_f64_avx512, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f64_avx512, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f64_avx512,
     .scratch_free = fa_scratch_free_f64_avx512,
     .attn_begin = fa_attn_begin_f64_avx512,
     .attn_score_tile = fa_attn_score_tile_f64_avx512,
+    .attn_options_tile = fa_attn_options_tile_f64_avx512,
     .weights_tile = fa_weights_tile_f64_avx512,
     .attn_pv_tile = fa_attn_pv_tile_f64_avx512,
     .store_rows = fa_store_rows_f64_avx512,
@@ -78,11 +80,12 @@ const fa_tile_ops fa_ops_f64_avx512 = {
 
 const fa_tile_ops fa_ops_f16_avx512 = {
     .name = "f16_avx512", .elem_bytes = sizeof(float), .width = fa_width_f16_avx512,
-    .rows_max = fa_rows_max_f16_avx512, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f16_avx512, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f16_avx512,
     .scratch_free = fa_scratch_free_f16_avx512,
     .attn_begin = fa_attn_begin_f16_avx512,
     .attn_score_tile = fa_attn_score_tile_f16_avx512,
+    .attn_options_tile = fa_attn_options_tile_f16_avx512,
     .weights_tile = fa_weights_tile_f16_avx512,
     .attn_pv_tile = fa_attn_pv_tile_f16_avx512,
     .store_rows = fa_store_rows_f16_avx512,
@@ -106,11 +109,12 @@ const fa_tile_ops fa_ops_f16_avx512 = {
 
 const fa_tile_ops fa_ops_bf16_avx512 = {
     .name = "bf16_avx512", .elem_bytes = sizeof(float), .width = fa_width_bf16_avx512,
-    .rows_max = fa_rows_max_bf16_avx512, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_bf16_avx512, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_bf16_avx512,
     .scratch_free = fa_scratch_free_bf16_avx512,
     .attn_begin = fa_attn_begin_bf16_avx512,
     .attn_score_tile = fa_attn_score_tile_bf16_avx512,
+    .attn_options_tile = fa_attn_options_tile_bf16_avx512,
     .weights_tile = fa_weights_tile_bf16_avx512,
     .attn_pv_tile = fa_attn_pv_tile_bf16_avx512,
     .store_rows = fa_store_rows_bf16_avx512,

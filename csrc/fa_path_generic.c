@@ -11,11 +11,12 @@
 /* The tile operations of this path, by element type (fa_tile.h). */
 const fa_tile_ops fa_ops_f32_generic = {
     .name = "f32_generic", .elem_bytes = sizeof(float), .width = fa_width_f32_generic,
-    .rows_max = fa_rows_max_f32_generic, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f32_generic, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f32_generic,
     .scratch_free = fa_scratch_free_f32_generic,
     .attn_begin = fa_attn_begin_f32_generic,
     .attn_score_tile = fa_attn_score_tile_f32_generic,
+    .attn_options_tile = fa_attn_options_tile_f32_generic,
     .weights_tile = fa_weights_tile_f32_generic,
     .attn_pv_tile = fa_attn_pv_tile_f32_generic,
     .store_rows = fa_store_rows_f32_generic,
@@ -39,11 +40,12 @@ const fa_tile_ops fa_ops_f32_generic = {
 
 const fa_tile_ops fa_ops_f64_generic = {
     .name = "f64_generic", .elem_bytes = sizeof(double), .width = fa_width_f64_generic,
-    .rows_max = fa_rows_max_f64_generic, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f64_generic, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f64_generic,
     .scratch_free = fa_scratch_free_f64_generic,
     .attn_begin = fa_attn_begin_f64_generic,
     .attn_score_tile = fa_attn_score_tile_f64_generic,
+    .attn_options_tile = fa_attn_options_tile_f64_generic,
     .weights_tile = fa_weights_tile_f64_generic,
     .attn_pv_tile = fa_attn_pv_tile_f64_generic,
     .store_rows = fa_store_rows_f64_generic,
@@ -67,11 +69,12 @@ const fa_tile_ops fa_ops_f64_generic = {
 
 const fa_tile_ops fa_ops_f16_generic = {
     .name = "f16_generic", .elem_bytes = sizeof(float), .width = fa_width_f16_generic,
-    .rows_max = fa_rows_max_f16_generic, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f16_generic, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f16_generic,
     .scratch_free = fa_scratch_free_f16_generic,
     .attn_begin = fa_attn_begin_f16_generic,
     .attn_score_tile = fa_attn_score_tile_f16_generic,
+    .attn_options_tile = fa_attn_options_tile_f16_generic,
     .weights_tile = fa_weights_tile_f16_generic,
     .attn_pv_tile = fa_attn_pv_tile_f16_generic,
     .store_rows = fa_store_rows_f16_generic,
@@ -95,11 +98,12 @@ const fa_tile_ops fa_ops_f16_generic = {
 
 const fa_tile_ops fa_ops_bf16_generic = {
     .name = "bf16_generic", .elem_bytes = sizeof(float), .width = fa_width_bf16_generic,
-    .rows_max = fa_rows_max_bf16_generic, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_bf16_generic, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_bf16_generic,
     .scratch_free = fa_scratch_free_bf16_generic,
     .attn_begin = fa_attn_begin_bf16_generic,
     .attn_score_tile = fa_attn_score_tile_bf16_generic,
+    .attn_options_tile = fa_attn_options_tile_bf16_generic,
     .weights_tile = fa_weights_tile_bf16_generic,
     .attn_pv_tile = fa_attn_pv_tile_bf16_generic,
     .store_rows = fa_store_rows_bf16_generic,

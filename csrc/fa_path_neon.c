@@ -16,11 +16,12 @@
 /* The tile operations of this path, by element type (fa_tile.h). */
 const fa_tile_ops fa_ops_f32_neon = {
     .name = "f32_neon", .elem_bytes = sizeof(float), .width = fa_width_f32_neon,
-    .rows_max = fa_rows_max_f32_neon, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f32_neon, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f32_neon,
     .scratch_free = fa_scratch_free_f32_neon,
     .attn_begin = fa_attn_begin_f32_neon,
     .attn_score_tile = fa_attn_score_tile_f32_neon,
+    .attn_options_tile = fa_attn_options_tile_f32_neon,
     .weights_tile = fa_weights_tile_f32_neon,
     .attn_pv_tile = fa_attn_pv_tile_f32_neon,
     .store_rows = fa_store_rows_f32_neon,
@@ -44,11 +45,12 @@ const fa_tile_ops fa_ops_f32_neon = {
 
 const fa_tile_ops fa_ops_f64_neon = {
     .name = "f64_neon", .elem_bytes = sizeof(double), .width = fa_width_f64_neon,
-    .rows_max = fa_rows_max_f64_neon, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f64_neon, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f64_neon,
     .scratch_free = fa_scratch_free_f64_neon,
     .attn_begin = fa_attn_begin_f64_neon,
     .attn_score_tile = fa_attn_score_tile_f64_neon,
+    .attn_options_tile = fa_attn_options_tile_f64_neon,
     .weights_tile = fa_weights_tile_f64_neon,
     .attn_pv_tile = fa_attn_pv_tile_f64_neon,
     .store_rows = fa_store_rows_f64_neon,
@@ -72,11 +74,12 @@ const fa_tile_ops fa_ops_f64_neon = {
 
 const fa_tile_ops fa_ops_f16_neon = {
     .name = "f16_neon", .elem_bytes = sizeof(float), .width = fa_width_f16_neon,
-    .rows_max = fa_rows_max_f16_neon, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_f16_neon, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_f16_neon,
     .scratch_free = fa_scratch_free_f16_neon,
     .attn_begin = fa_attn_begin_f16_neon,
     .attn_score_tile = fa_attn_score_tile_f16_neon,
+    .attn_options_tile = fa_attn_options_tile_f16_neon,
     .weights_tile = fa_weights_tile_f16_neon,
     .attn_pv_tile = fa_attn_pv_tile_f16_neon,
     .store_rows = fa_store_rows_f16_neon,
@@ -100,11 +103,12 @@ const fa_tile_ops fa_ops_f16_neon = {
 
 const fa_tile_ops fa_ops_bf16_neon = {
     .name = "bf16_neon", .elem_bytes = sizeof(float), .width = fa_width_bf16_neon,
-    .rows_max = fa_rows_max_bf16_neon, .rows_tile = FA_BK,
+    .rows_max = fa_rows_max_bf16_neon, .rows_tile = FA_BK, .tile_segments = 1,
     .scratch_new = fa_scratch_new_bf16_neon,
     .scratch_free = fa_scratch_free_bf16_neon,
     .attn_begin = fa_attn_begin_bf16_neon,
     .attn_score_tile = fa_attn_score_tile_bf16_neon,
+    .attn_options_tile = fa_attn_options_tile_bf16_neon,
     .weights_tile = fa_weights_tile_bf16_neon,
     .attn_pv_tile = fa_attn_pv_tile_bf16_neon,
     .store_rows = fa_store_rows_bf16_neon,

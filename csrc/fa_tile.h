@@ -40,17 +40,26 @@ typedef struct {
     int width;          /* lanes of a vector of the compute type */
     int rows_max;       /* items of at most this many rows use the few-row (decoding) kernels */
     int rows_tile;      /* keys per tile for such items (FA_BK for others) */
+    int tile_segments;  /* does a few-row item's tile come in segments (col > 0, below)? */
 
     void *(*scratch_new)(const fa_problem *p); /* NULL if out of memory */
     void (*scratch_free)(void *w);
 
     /* fused attention: begin (pack queries, reset the rows' state), then per
-     * key tile score -> weights -> P.V, then store the rows or a partial */
+     * key tile score -> options (mask, bounds, soft-cap, ALiBi) -> weights
+     * -> P.V, then store the rows or a partial.  A few-row item's tile may
+     * come as segments (paged keys: one per page, where tile_segments):
+     * score and P.V per segment, keys [k0, k0 + bk) at columns col .. col +
+     * bk of the tile (alpha rescales the rows at col 0), options and
+     * weights once for the whole tile; otherwise col is 0. */
     void (*attn_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);
     void (*attn_score_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq,
-                            int64_t k0, int64_t bk, const fa_prefetch_plan *pf);
+                            int64_t k0, int64_t bk, int64_t col, const fa_prefetch_plan *pf);
+    void (*attn_options_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq,
+                              int64_t k0, int64_t bk);
     void (*weights_tile)(void *w, int softmax, int64_t bq, int64_t bk);
-    void (*attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk);
+    void (*attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk,
+                         int64_t col);
     void (*store_rows)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int normalise);
     /* split-KV: an item's unnormalised rows and their max and sum into a
      * slot of sr rows (sr * (dv rounded up to `width`) + 2 sr elements; bq

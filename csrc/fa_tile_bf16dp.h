@@ -198,7 +198,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
         k = kp;
         ldk = d2;
     }
-    const int bounds = FN(tile_bounds)(p, e, w, row0, bq, k0, bk); /* as score_tile */
+    FN(tile_bounds)(p, e, w, row0, bq, k0, bk); /* w->bounded, as score_tile; the options follow */
     const uint32_t *qt = (const uint32_t *)w->qt;
     if (bq <= FA_ROWS_MAX) {
         FN(qk_rows_dp)(bq, d2, w->qoff, qt, w->ldq, k, ldk, bk, (float)p->scale, w->st, pf);
@@ -214,7 +214,6 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
             }
         }
     }
-    FN(apply_options)(p, e, w, row0, bq, k0, bk, bounds);
 }
 
 /* 16 words (lo[i], hi[i]) from two rows of 16 floats, rounded to bfloat16. */
@@ -458,13 +457,17 @@ void FA_OP(attn_begin_dp)(const fa_problem *p, const int64_t *e, void *w, int64_
     FN(start_rows)((FN(scratch) *)w, bq);
 }
 
+/* Tiles whole (col 0): this path's ops do not take segments (tile_segments 0). */
 void FA_OP(attn_score_tile_dp)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq,
-                               int64_t k0, int64_t bk, const fa_prefetch_plan *pf)
+                               int64_t k0, int64_t bk, int64_t col, const fa_prefetch_plan *pf)
 {
+    (void)col;
     FN(score_tile_dp)(p, e, (FN(scratch) *)w, row0, bq, k0, bk, pf);
 }
 
-void FA_OP(attn_pv_tile_dp)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk)
+void FA_OP(attn_pv_tile_dp)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk,
+                            int64_t col)
 {
+    (void)col;
     FN(pv_tile_dp)(p, e, (FN(scratch) *)w, bq, k0, bk);
 }

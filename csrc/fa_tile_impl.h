@@ -81,6 +81,7 @@ typedef struct {
     int8_t *qi;        /* few-row items on integer K.Q: the query rows in 8 bits (see quantize_rows), or NULL */
     FA_T *qstep;       /* their quantisation steps, one per row */
     int32_t *qsum;     /* 128 x the sum of each row's codes */
+    int8_t *ql;        /* ... and, for qk_i8_lanes, in lane layout (lane_rows), or NULL */
     void *block; /* the one allocation behind all of the above (fa_scratch_take) */
     size_t bytes;
 } FN(scratch);
@@ -114,6 +115,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     w->pw = (uint32_t *)(w->alpha + n_r);
     w->dvp = dvp;
     w->qi = NULL;
+    w->ql = NULL;
     w->bounded = 0;
     return 0;
 }
@@ -733,16 +735,140 @@ FA_IDOT_TARGET FA_INLINE void FN(qk_i8_rk)(const int R, const int KB, int64_t nb
         st[r * lds + j0 + jj] = (FA_IDOT == 2 ? t[r * KB + jj] - (FA_T)qsum[r] : t[r * KB + jj]) * step[r];
 }
 
+#if FA_IDOT == 2
+#define FA_LANE_HEAD 256 /* bytes of lane_rows' vectors of sums and steps */
+/* Three to eight quantised rows (qi, rows of d bytes; their sums and steps)
+ * in the lane layout of qk_i8_lanes, at ql (64-byte aligned): four vectors,
+ * each row's sum in the four elements of its lane (group g's rows 4g ..
+ * 4g + 3 in vector g, lane l for row 4g + l), then each row's step in the
+ * same way (vectors 2 and 3); then group g's rows, for each 16-byte chunk
+ * c of the rows, as one vector whose 128-bit lane l is chunk c of row
+ * 4g + l (zeros past row bq). */
+static void FN(lane_rows)(int64_t bq, int64_t d, const int8_t *qi, const int32_t *qsum, const FA_T *step,
+                          int8_t *ql)
+{
+    const int64_t nc = d / 16;
+    float *head = (float *)(void *)ql;
+    for (int64_t x = 0; x < 32; x++) {
+        const int64_t r = x / 4; /* vector x / 16, lane (x / 4) % 4 */
+        head[x] = r < bq ? (float)qsum[r] : 0.0f;
+        head[32 + x] = r < bq ? (float)step[r] : 0.0f;
+    }
+    int8_t *rows = ql + FA_LANE_HEAD;
+    for (int64_t g = 0; g < (bq + 3) / 4; g++)
+        for (int64_t c = 0; c < nc; c++)
+            for (int64_t l = 0; l < 4; l++) {
+                int8_t *dst = rows + ((g * nc + c) * 4 + l) * 16;
+                if (4 * g + l < bq)
+                    memcpy(dst, qi + (4 * g + l) * d + c * 16, 16);
+                else
+                    memset(dst, 0, 16);
+            }
+}
+
+#ifndef FA_LANE_SUMS4_DEFINED
+#define FA_LANE_SUMS4_DEFINED
+/* The sums of the four int32 elements of each 128-bit lane of four vectors
+ * a[0..3]: element x of lane l of the result is the sum of lane l of a[x]
+ * (two unpacks and an add per level). */
+FA_IDOT_TARGET FA_INLINE __m512i fa_lane_sums4(const __m512i *a)
+{
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+#endif
+
+/* qk_i8_rk for NG groups of four rows in lane layout (lane_rows; nc chunks
+ * of 16 bytes) against KB (4 or 8; only the first nk loaded) int8 K rows at
+ * kb, ldkb apart: each 16-byte chunk of a K row is broadcast to the four
+ * 128-bit lanes by its load, so one vpdpbusd multiplies it with that chunk
+ * of four rows, and one accumulator per key and group sums a row in each
+ * lane; four keys' accumulators give the 16 scores of 4 rows x 4 keys in six
+ * unpacks and three adds (qk_i8_rk's accumulator per row and key needs a
+ * tree over all 16 lanes, and a scalar store per score).  The integer sums
+ * are exact and converted once, then less the rows' sums (vq: lane l holds
+ * row 4g + l's) and times their steps (vs), the operations and order of
+ * qk_i8_rk: the same scores, bit for bit. */
+FA_IDOT_TARGET FA_INLINE void FN(qk_i8_lanes)(const int NG, const int KB, const int nk, int64_t nc,
+                                              const int8_t *ql, const char *kb, int64_t ldkb, const __m512 *vq,
+                                              const __m512 *vs, int64_t bq, FA_T *st, int64_t lds, int64_t j0)
+{
+    __m512i acc[2][8];
+    FA_UNROLL for (int g = 0; g < NG; g++) FA_UNROLL for (int jj = 0; jj < KB; jj++) acc[g][jj] = _mm512_setzero_si512();
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t c = 0; c < nc; c++) {
+        FA_UNROLL for (int jj = 0; jj < KB; jj++)
+        {
+            if (jj >= nk) break;
+            const __m512i kv = _mm512_xor_si512(
+                _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(kb + jj * ldkb + c * 16))), flip);
+            FA_UNROLL for (int g = 0; g < NG; g++) acc[g][jj] = fa_dpbusd(
+                acc[g][jj], kv, _mm512_load_si512((const void *)(ql + (g * nc + c) * 64)));
+        }
+    }
+    FA_UNROLL for (int g = 0; g < NG; g++) FA_UNROLL for (int j4 = 0; j4 < KB; j4 += 4)
+    {
+        const __m512 s = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(fa_lane_sums4(acc[g] + j4)), vq[g]), vs[g]);
+        const int n4 = nk - j4 < 4 ? nk - j4 : 4;
+        if (n4 <= 0) break;
+        const __mmask8 m = (__mmask8)((1u << n4) - 1);
+        FA_T *o = st + 4 * g * lds + j0 + j4;
+        _mm_mask_storeu_ps(o, m, _mm512_castps512_ps128(s));
+        if (4 * g + 1 < bq) _mm_mask_storeu_ps(o + lds, m, _mm512_extractf32x4_ps(s, 1));
+        if (4 * g + 2 < bq) _mm_mask_storeu_ps(o + 2 * lds, m, _mm512_extractf32x4_ps(s, 2));
+        if (4 * g + 3 < bq) _mm_mask_storeu_ps(o + 3 * lds, m, _mm512_extractf32x4_ps(s, 3));
+    }
+}
+#endif
+
 /* qk_rows on integer dot products (see above) for the bq quantised rows of
- * the item (w->qi, w->qstep) against bk int8 K rows of d elements at k,
- * ldkb bytes apart; scores unscaled by the K rows' scales, as qk_rows_narrow
- * gives them. */
-FA_IDOT_TARGET static void FN(qk_rows_i8)(int64_t bq, int64_t d, const int8_t *qi, int64_t ldqi, const FA_T *step,
-                                          const int32_t *qsum, const char *k, int64_t ldkb, int64_t bk, FA_T *st,
-                                          int64_t lds, const fa_prefetch_plan *pf)
+ * the item (w->qi, w->qstep; with ql, three or more rows also in lane
+ * layout: qk_i8_lanes) against bk int8 K rows of d elements at k, ldkb bytes
+ * apart; scores unscaled by the K rows' scales, as qk_rows_narrow gives
+ * them. */
+FA_IDOT_TARGET static void FN(qk_rows_i8)(int64_t bq, int64_t d, const int8_t *qi, int64_t ldqi, const int8_t *ql,
+                                          const FA_T *step, const int32_t *qsum, const char *k, int64_t ldkb,
+                                          int64_t bk, FA_T *st, int64_t lds, const fa_prefetch_plan *pf)
 {
     const int64_t nb = d / FA_IDOT_BYTES, kb_keys = FA_W / FA_POW2(bq);
     int64_t j0 = 0;
+#if FA_IDOT == 2
+    if (ql) {
+        const int64_t nc = d / 16;
+        const __m512 vq[2] = {_mm512_load_ps((const float *)(const void *)ql),
+                              _mm512_load_ps((const float *)(const void *)ql + 16)};
+        const __m512 vs[2] = {_mm512_load_ps((const float *)(const void *)ql + 32),
+                              _mm512_load_ps((const float *)(const void *)ql + 48)};
+        ql += FA_LANE_HEAD;
+        const int KB = bq > 4 ? 4 : 8;
+        for (; j0 + KB <= bk; j0 += KB) {
+            for (int64_t j = j0; j < j0 + KB; j++) FN(prefetch_row)(pf, j);
+            if (bq > 4)
+                FN(qk_i8_lanes)(2, 4, 4, nc, ql, k + j0 * ldkb, ldkb, vq, vs, bq, st, lds, j0);
+            else
+                FN(qk_i8_lanes)(1, 8, 8, nc, ql, k + j0 * ldkb, ldkb, vq, vs, bq, st, lds, j0);
+        }
+        for (; j0 < bk; j0 += 4) { /* the last keys, four at a time */
+            const int nk = (int)fa_min64(4, bk - j0);
+            for (int64_t j = j0; j < j0 + nk; j++) FN(prefetch_row)(pf, j);
+            const char *kb = k + j0 * ldkb;
+#define FA_QKL_TAIL(N)                                                                              \
+    (bq > 4 ? FN(qk_i8_lanes)(2, 4, (N), nc, ql, kb, ldkb, vq, vs, bq, st, lds, j0)                \
+            : FN(qk_i8_lanes)(1, 4, (N), nc, ql, kb, ldkb, vq, vs, bq, st, lds, j0))
+            switch (nk) {
+            case 1: FA_QKL_TAIL(1); break;
+            case 2: FA_QKL_TAIL(2); break;
+            case 3: FA_QKL_TAIL(3); break;
+            default: FA_QKL_TAIL(4); break;
+            }
+#undef FA_QKL_TAIL
+        }
+        return;
+    }
+#else
+    (void)ql;
+#endif
 #define FA_QKI_SWITCH(KB)                                                                           \
     switch (bq) { /* compile-time row counts */                                                     \
     case 1: FN(qk_i8_rk)(1, (KB) ? (KB) : FA_W, nb, qi, ldqi, kb, ldkb, step, qsum, st, lds, j0); break;  \
@@ -1135,6 +1261,7 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
     const int64_t lq = e[FA_E_LQ], d = p->d;
     FA_T *qt = w->qt;
     w->qi = NULL;
+    w->ql = NULL;
     if (bq <= FA_ROWS_MAX) {
         const int64_t off = FN(k_lead)(p, e), ldq = fa_roundup64(off + d, FA_W);
         w->qoff = off;
@@ -1163,6 +1290,13 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
             FN(quantize_rows)(bq, d, qt + off, ldq, 1, qi, d, step, qsum);
             w->qsum = qsum;
             w->qi = qi;
+            w->ql = NULL;
+#if FA_IDOT == 2
+            if (qi && bq >= 3) { /* the lane layout after the rows, 64-byte aligned */
+                w->ql = (int8_t *)fa_roundup64((int64_t)(uintptr_t)(qi + FA_ROWS_MAX * d), 64);
+                FN(lane_rows)(bq, d, qi, qsum, step, w->ql);
+            }
+#endif
             w->qstep = step;
         }
     } else {
@@ -1599,23 +1733,29 @@ static inline void FN(tile_keys)(const FN(scratch) *w, int64_t r, int64_t mr, in
 }
 
 /* Do the causal/window bounds cut tile [k0, k0 + bk) of the item's rows
- * (are its keys not all visible to every row)?  They matter only then; an
- * S^T tile then skips what no row sees (w->bounded, tile_ranges). */
-static int FN(tile_bounds)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
-                           int64_t k0, int64_t bk)
+ * (are its keys not all visible to every row)?  They matter only then. */
+static int FN(tile_cut)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
 {
     int64_t lo, hi, all_lo, all_hi;
     fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
-    const int bounds = k0 < all_lo || k0 + bk > all_hi;
+    return k0 < all_lo || k0 + bk > all_hi;
+}
+
+/* tile_cut, and where it cuts an S^T tile, what each row sees: the tile
+ * then skips what no row sees (w->bounded, tile_ranges). */
+static int FN(tile_bounds)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
+                           int64_t k0, int64_t bk)
+{
+    const int bounds = FN(tile_cut)(p, e, row0, bq, k0, bk);
     w->bounded = bounds && bq > FA_ROWS_MAX;
     if (w->bounded) FN(tile_ranges)(p, e, w, row0, bq, k0, bk);
     return bounds;
 }
 
-/* The score tile: K[k0 : k0 + bk] . qt, with every score option applied.
- * Layout of st: S^T (bk x FA_BQ), or for at most FA_ROWS_MAX rows S as rows
- * (bq x FA_BK). */
-static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
+/* The score tile: K[k0 : k0 + bk] . qt, before the score options
+ * (apply_options, which needs the returned tile_bounds).  Layout of st: S^T
+ * (bk x FA_BQ), or for at most FA_ROWS_MAX rows S as rows (bq x FA_BK). */
+static int FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0,
                            int64_t bq, int64_t k0, int64_t bk, const fa_prefetch_plan *pf)
 {
     const int64_t d = p->d, bqp = fa_roundup64(bq, FA_W);
@@ -1629,7 +1769,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         const char *k = (const char *)p->k + e[FA_E_K] + k0 * p->k_rs;
 #if FA_IDOT
         if (w->qi)
-            FN(qk_rows_i8)(bq, d, w->qi, d, w->qstep, w->qsum, k, p->k_rs, bk, w->st, FA_BK, pf);
+            FN(qk_rows_i8)(bq, d, w->qi, d, w->ql, w->qstep, w->qsum, k, p->k_rs, bk, w->st, FA_BK, pf);
         else
 #endif
             FN(qk_rows_narrow)(bq, d / FA_W, w->qt, w->ldq, k, p->k_rs, nk, bk, w->st, FA_BK, pf);
@@ -1651,7 +1791,7 @@ static void FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w
                 }
             }
     }
-    FN(apply_options)(p, e, w, row0, bq, k0, bk, bounds);
+    return bounds;
 }
 
 /* Must the few-row P.V kernels read the V rows of tile [k0, k0 + bk)
@@ -1671,9 +1811,10 @@ static inline int FN(v_edge_tile)(const fa_problem *p, const int64_t *e, int64_t
 }
 
 /* o = alpha * o + P . V[k0 : k0 + bk] for the item's rows, P in st (as P^T,
- * or as rows for a few-row item). */
+ * or as rows for a few-row item); o += P . V for a tile's later segment
+ * (`first` 0: only a few-row item's). */
 static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t bq, int64_t k0,
-                        int64_t bk)
+                        int64_t bk, int first)
 {
     const int64_t dvp = w->dvp;
     int64_t ldv;
@@ -1712,7 +1853,7 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
                 for (int64_t r = 0; r < bq; r += 4)
                     FN(pv_rows_narrow)((int)fa_min64(4, bq - r), nv, h, nj, w->st + r * FA_BK + j0, FA_BK,
                                        vr + j0 * ldvb + cb * FA_W * FA_ROW_ES(h), ldvb, w->o + r * ldo + cb * FA_W, ldo,
-                                       j0 == 0 ? w->alpha + r : ones);
+                                       j0 == 0 && first ? w->alpha + r : ones);
             }
         }
         for (int64_t j0 = 0; j0 < bk && nk < 0; j0 += FA_W) {
@@ -1723,7 +1864,7 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
                 for (int64_t r = 0; r < bq; r += 2)
                     FN(pv_rows_block)((int)fa_min64(2, bq - r), nv, edge, h, nj, w->st + r * FA_BK + j0, FA_BK,
                                       vr + j0 * ldvb + cb * FA_W * FA_ROW_ES(h), ldvb, w->o + r * ldo + cb * FA_W,
-                                      ldo, j0 == 0 ? w->alpha + r : ones, mlo, mhi);
+                                      ldo, j0 == 0 && first ? w->alpha + r : ones, mlo, mhi);
             }
         }
         return;
@@ -2005,10 +2146,22 @@ void FA_OP(attn_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t r
     FN(start_rows)((FN(scratch) *)w, bq);
 }
 
+/* A segment's scores go to columns col .. of the few-row item's rows of st:
+ * its score tile is the same operation on st from column col. */
 void FA_OP(attn_score_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
-                            int64_t bk, const fa_prefetch_plan *pf)
+                            int64_t bk, int64_t col, const fa_prefetch_plan *pf)
 {
-    FN(score_tile)(p, e, (FN(scratch) *)w, row0, bq, k0, bk, pf);
+    FN(scratch) *s = (FN(scratch) *)w;
+    FA_T *const st = s->st;
+    s->st = st + col;
+    FN(score_tile)(p, e, s, row0, bq, k0, bk, pf);
+    s->st = st;
+}
+
+void FA_OP(attn_options_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                              int64_t bk)
+{
+    FN(apply_options)(p, e, (FN(scratch) *)w, row0, bq, k0, bk, FN(tile_cut)(p, e, row0, bq, k0, bk));
 }
 
 void FA_OP(weights_tile)(void *w, int softmax, int64_t bq, int64_t bk)
@@ -2016,9 +2169,14 @@ void FA_OP(weights_tile)(void *w, int softmax, int64_t bq, int64_t bk)
     FN(weights_tile)((FN(scratch) *)w, softmax, bq, bk);
 }
 
-void FA_OP(attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk)
+void FA_OP(attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk,
+                        int64_t col)
 {
-    FN(pv_tile)(p, e, (FN(scratch) *)w, bq, k0, bk);
+    FN(scratch) *s = (FN(scratch) *)w;
+    FA_T *const st = s->st;
+    s->st = st + col;
+    FN(pv_tile)(p, e, s, bq, k0, bk, col == 0);
+    s->st = st;
 }
 
 void FA_OP(store_rows)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int normalise)
@@ -2052,7 +2210,7 @@ void FA_OP(scores_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t 
     FN(scratch) *s = (FN(scratch) *)w;
     const int64_t lq = e[FA_E_LQ];
     const fa_prefetch_plan none = {0};
-    FN(score_tile)(p, e, s, row0, bq, k0, bk, &none);
+    FN(apply_options)(p, e, s, row0, bq, k0, bk, FN(score_tile)(p, e, s, row0, bq, k0, bk, &none));
     for (int64_t r = 0; r < bq; r++) {
         char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs) + k0 * p->out_cs;
         const FA_T *sr = bq <= FA_ROWS_MAX ? s->st + r * FA_BK : s->st + r; /* see score_tile */
@@ -2079,7 +2237,7 @@ void FA_OP(wsum_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t ro
     else
         FN(pack_transposed)(p->q, e[FA_E_Q] + k0 * p->q_cs, p->q_rs, p->q_cs, e[FA_E_LQ], 0, row0, bq,
                             fa_roundup64(bq, FA_W), bk, 1, s->st, FA_BQ);
-    FN(pv_tile)(p, e, s, bq, k0, bk);
+    FN(pv_tile)(p, e, s, bq, k0, bk, 1);
 }
 
 /* The shape the driver needs (fa_tile_ops.width, .rows_max), as constants

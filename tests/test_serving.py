@@ -203,6 +203,40 @@ def test_paged_equals_contiguous_attention(isa, rng):
     np.testing.assert_array_equal(one[0], same)
 
 
+@pytest.mark.parametrize("kv", ["float32", "int8"])
+def test_small_pages_share_a_tile(isa, rng, kv):
+    """A decoding tile spans the pages smaller than itself (a segment per
+    page; the score options and weights once per tile): the same keys in
+    pages of 64, 16 and 9 give the same sums in the same order, bit for bit,
+    with a window, soft-cap, ALiBi and sinks.  Pages of 9 end segments
+    where no vector of keys ends; the window starts a tile mid-page.  (Two
+    query rows per head: a few-row item on every path but the portable C
+    one, which has no few-row kernels; there float32 keys are gathered into
+    whole tiles, but 8-bit ones are read in place, in tiles that end at
+    pages: the same values up to rounding.)"""
+    h, g, d, n = 4, 2, 64, 700
+    kf, vf = randn(rng, (n, g, d), np.float32), randn(rng, (n, g, d), np.float32)
+    q = randn(rng, (1, h, d), np.float32)
+    opts = dict(window=(300, 0), softcap=8.0, alibi_slopes=rng.uniform(0.01, 0.1, h), sinks=sink_values(rng, h))
+    dt = np.int8 if kv == "int8" else np.float32
+    outs = []
+    for bs in (64, 16, 9):
+        n_blocks = (n + bs - 1) // bs + 3
+        table = block_table(rng, [n], bs, n_blocks)
+        slots = table[0, np.arange(n) // bs].astype(np.int64) * bs + np.arange(n) % bs
+        kc, vc = np.zeros((n_blocks, bs, g, d), dt), np.zeros((n_blocks, bs, g, d), dt)
+        scales = {}
+        if kv == "int8":
+            scales = dict(k_scale=np.zeros((n_blocks, bs, g), np.float32), v_scale=np.zeros((n_blocks, bs, g), np.float32))
+        fastattn.cache_write(kf, vf, kc, vc, slots, **scales)
+        outs.append(fastattn.attention_paged(q, kc, vc, table, [n], num_threads=1, **scales, **opts))
+    for out in outs[1:]:
+        if isa == "generic" and kv == "int8":
+            assert_close(out, outs[0])
+        else:
+            np.testing.assert_array_equal(out, outs[0])
+
+
 def test_paged_bitwise_identical_across_thread_counts(isa, rng):
     h, g, d, bs = 4, 2, 32, 16
     lens = np.array([5000, 300, 17])
@@ -484,6 +518,26 @@ def test_int8_cache_queries_are_quantised_per_row(isa, rng, d):
     # the chunk's last row, decoded alone
     alone = fastattn.attention_paged(q[-1:], kq, vq, table[1:], lens[1:], k_scale=ks, v_scale=vs)
     assert_close(alone[0], out[-1], dtype=np.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8])
+def test_int8_decode_by_rows_per_head(isa, rng, rows):
+    """The integer K.Q kernels of each row count a decoding item has (query
+    heads per key head; with AVX512-VNNI, three to eight rows run four to a
+    vector, a row per 128-bit lane, the last group partly empty for 3, 5
+    and 6): against the float64 reference on the quantised queries, over
+    pages of 16 and 5 keys (a tile's segments) and a tail of keys that is
+    not a multiple of four."""
+    g, d = 2, 128
+    h = g * rows
+    for bs, n in ((16, 403), (5, 130)):
+        n_blocks = (n + bs - 1) // bs + 2
+        _, _, kq, vq, ks, vs = quantized_cache(rng, np.int8, n_blocks, bs, g, d, 32)
+        table = block_table(rng, [n], bs, n_blocks)
+        q = randn(rng, (1, h, d), np.float32) * 3
+        out = fastattn.attention_paged(q, kq, vq, table, [n], k_scale=ks, v_scale=vs)
+        want = ref.attention_paged(q, kq, vq, table, [n], k_scale=ks, v_scale=vs)
+        assert_close(out, want)
 
 
 def test_int8_queries_reference():

@@ -1148,6 +1148,13 @@ int main(void)
         /* rows of whole vectors on every path: 8-bit and 16-bit rows read in place, converted in registers */
         {"int8 k and v, grouped paged decode, D 128", 2, 4, 1, 700, 128, 64, 1, 0, -1, -1, 0, 1, FA_MASK_NONE, 0, 0,
          16, 1, FA_I8, 0},
+        /* decoding tiles over pages smaller than a tile: a segment per page, the options once per tile */
+        {"paged decode, pages of 9, window, soft-cap, ALiBi and sinks", 2, 2, 1, 700, 64, 48, 1, 0, 300, -1, 8.0, 1,
+         FA_MASK_NONE, 0, 0, 9, 1, 0, 0},
+        {"int8 k and v, paged decode of 6 rows per head, pages of 5, window", 2, 6, 1, 500, 128, 64, 1, 0, 200, -1, 0,
+         0, FA_MASK_NONE, 0, 0, 5, 0, FA_I8, 0},
+        {"int8 k and v, paged decode of 3 rows per head, D 192", 3, 3, 1, 333, 192, 32, 1, 0, -1, -1, 0, 0,
+         FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0},
         {"e5m2 k and v, one-row split-KV decode", 2, 1, 1, 2300, 64, 32, 1, 0, -1, -1, 1.5, 0, FA_MASK_NONE, 0, 0, 32,
          0, FA_E5M2, 0},
         {"e4m3 k and v, two-row decode with a mask", 1, 2, 1, 333, 32, 48, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0,
