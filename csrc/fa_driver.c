@@ -322,11 +322,13 @@ int fa_gathers(const fa_problem *p, int kind)
  * paged caches), rows [row0, row0 + bq) of each, or the query tiles of its
  * tile group (fa_item.tiles: rows row0 + m * FA_BQ ..), member m on scratch
  * w[m].  A split-KV item writes its unnormalised rows to its slots.  With
- * paged k and v a tile of a decoding item never crosses a page: each tile
- * runs on the entry rebased onto its page (fa_page_view); a tile of a
+ * paged k and v a tile of a decoding item spans up to FA_TILE_SEGS pages,
+ * in segments (one per page, each run on the entries rebased onto its page:
+ * fa_page_rebase) that share the tile's options and softmax; a tile of a
  * prefill item, whose rows are read many times over, is gathered from its
  * pages or strided rows into `gather` (when fa_gathers: FA_BK rows of k,
- * then of v), once for every member, and read there. */
+ * then of v), once for every member, and read there, or else ends at its
+ * page. */
 static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const fa_item *it, void *const *w,
                               char *slots, int64_t slot_rows, int64_t slot_bytes, char *gather)
 {

@@ -1290,7 +1290,6 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
             FN(quantize_rows)(bq, d, qt + off, ldq, 1, qi, d, step, qsum);
             w->qsum = qsum;
             w->qi = qi;
-            w->ql = NULL;
 #if FA_IDOT == 2
             if (qi && bq >= 3) { /* the lane layout after the rows, 64-byte aligned */
                 w->ql = (int8_t *)fa_roundup64((int64_t)(uintptr_t)(qi + FA_ROWS_MAX * d), 64);
