@@ -203,18 +203,20 @@ def test_paged_equals_contiguous_attention(isa, rng):
     np.testing.assert_array_equal(one[0], same)
 
 
-@pytest.mark.parametrize("kv", ["float32", "int8"])
+@pytest.mark.parametrize("kv", ["float32", "int8", "wide"])
 def test_small_pages_share_a_tile(isa, rng, kv):
     """A decoding tile spans the pages smaller than itself (a segment per
     page; the score options and weights once per tile): the same keys in
     pages of 64, 16 and 9 give the same sums in the same order, bit for bit,
     with a window, soft-cap, ALiBi and sinks.  Pages of 9 end segments
-    where no vector of keys ends; the window starts a tile mid-page.  (Two
-    query rows per head: a few-row item on every path but the portable C
-    one, which has no few-row kernels; there float32 keys are gathered into
-    whole tiles, but 8-bit ones are read in place, in tiles that end at
-    pages: the same values up to rounding.)"""
-    h, g, d, n = 4, 2, 64, 700
+    where no vector of keys ends; the window starts a tile mid-page.
+    "wide": float32 rows of K and V over 4 KiB per token (which the kernels
+    read in segments of at most 16 keys, pages of 64 too).  (Two query rows per
+    head: a few-row item on every path but the portable C one, which has no
+    few-row kernels; there float32 keys are gathered into whole tiles, but
+    8-bit ones are read in place, in tiles that end at pages: the same
+    values up to rounding.)"""
+    h, g, d, n = (8, 4, 160, 500) if kv == "wide" else (4, 2, 64, 700)
     kf, vf = randn(rng, (n, g, d), np.float32), randn(rng, (n, g, d), np.float32)
     q = randn(rng, (1, h, d), np.float32)
     opts = dict(window=(300, 0), softcap=8.0, alibi_slopes=rng.uniform(0.01, 0.1, h), sinks=sink_values(rng, h))
