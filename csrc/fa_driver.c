@@ -230,15 +230,23 @@ int fa_shared_mask_tables(const fa_problem *p, int num_threads, fa_problem *loca
     return 1;
 }
 
-/* Byte offsets in k and in v of key j of entry e, through its page when k
- * and v are paged. */
-static inline void fa_key_offsets(const fa_problem *p, const int64_t *e, int64_t j, int64_t *ko, int64_t *vo)
+/* Where key j of entry e lies: its page (0 unless k and v are paged) and
+ * its row within that page. */
+static inline void fa_key_place(const fa_problem *p, const int64_t *e, int64_t j, int64_t *page, int64_t *row)
 {
-    int64_t page = 0, row = j;
+    *page = 0;
+    *row = j;
     if (p->pages) {
-        page = fa_page_of(p, e, j);
-        row = j % p->page_size;
+        *page = fa_page_of(p, e, j);
+        *row = j % p->page_size;
     }
+}
+
+/* Byte offsets in k and in v of row `row` of page `page` of entry e
+ * (fa_key_place). */
+static inline void fa_key_offsets(const fa_problem *p, const int64_t *e, int64_t page, int64_t row, int64_t *ko,
+                                  int64_t *vo)
+{
     *ko = e[FA_E_K] + page * p->k_ps + row * p->k_rs;
     *vo = e[FA_E_V] + page * p->v_ps + row * p->v_rs;
 }
@@ -263,20 +271,15 @@ static void fa_page_view(const fa_problem *p, const int64_t *e, int64_t k0, int6
     fa_page_rebase(p, e, k0 / p->page_size, ev);
 }
 
-/* Ask for the K and V scales of rows j .. j + n - 1 (not past j's page
- * when paged) of an 8-bit cache: each row's scales, all heads' side by side
- * in a bundle, lie ks_rs (vs_rs) bytes apart.  Always inlined (see
- * prefetch_row in fa_tile_impl.h: GCC deletes calls to a function that only
- * prefetches). */
+/* Ask for the K and V scales of rows row .. row + n - 1 of page `page` of
+ * entry e (fa_key_place) in an 8-bit cache: each row's scales, all heads'
+ * side by side in a bundle, lie ks_rs (vs_rs) bytes apart.  Always inlined
+ * (see prefetch_row in fa_tile_impl.h: GCC deletes calls to a function that
+ * only prefetches). */
 static inline __attribute__((always_inline)) void fa_prefetch_scales(const fa_problem *p, const int64_t *e,
-                                                                     int64_t j, int64_t n)
+                                                                     int64_t page, int64_t row, int64_t n)
 {
     if (!p->k_scales || n <= 0) return;
-    int64_t page = 0, row = j;
-    if (p->pages) {
-        page = fa_page_of(p, e, j);
-        row = j % p->page_size;
-    }
     const char *ks = (const char *)p->k_scales + e[FA_E_KS] + page * p->ks_ps + row * p->ks_rs;
     const char *vs = (const char *)p->v_scales + e[FA_E_VS] + page * p->vs_ps + row * p->vs_rs;
     for (int64_t b = 0; b < n * p->ks_rs; b += 64) __builtin_prefetch(ks + b, 0, 2);
@@ -448,8 +451,9 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
         if (!any) continue;
         if (gathered) {
             for (int64_t j = 0; j < bk; j++) {
-                int64_t ko, vo;
-                fa_key_offsets(p, e, k0 + j, &ko, &vo);
+                int64_t page, row, ko, vo;
+                fa_key_place(p, e, k0 + j, &page, &row);
+                fa_key_offsets(p, e, page, row, &ko, &vo);
                 memcpy(gather + j * kb, (const char *)p->k + ko, (size_t)kb);
                 memcpy(gather + FA_BK * kb + j * vb, (const char *)p->v + vo, (size_t)vb);
             }
@@ -465,9 +469,11 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
             int64_t pf_n = prefetch ? fa_max64(0, fa_min64(nb > 1 ? sn[g] : FA_BK, khi - pf0)) : 0;
             int64_t pf_k = 0, pf_v = 0;
             if (pf_n > 0) {
-                fa_key_offsets(p, e, pf0, &pf_k, &pf_v);
-                if (paged) pf_n = fa_min64(pf_n, p->page_size - pf0 % p->page_size); /* up to its page's end */
-                fa_prefetch_scales(p, e, pf0, pf_n);
+                int64_t page, row;
+                fa_key_place(p, e, pf0, &page, &row);
+                fa_key_offsets(p, e, page, row, &pf_k, &pf_v);
+                if (paged) pf_n = fa_min64(pf_n, p->page_size - row); /* up to its page's end */
+                fa_prefetch_scales(p, e, page, row, pf_n);
             }
             for (int m = 0; m < nm; m++) {
                 const int64_t n = fa_min64(sn[g], k0 + mbk[m] - s0[g]);

@@ -190,13 +190,11 @@ static inline void fa_block_range(const fa_problem *p, int64_t lq, int64_t lk, i
                                   int64_t *lo, int64_t *hi, int64_t *all_lo, int64_t *all_hi)
 {
     int64_t imin = 0, imax = 0; /* decoding (lq 1): no 64-bit division, once per tile */
-    if (lq > 1) {
+    if (lq > 1 && v0 / lq != (v0 + n - 1) / lq) { /* spans a head boundary */
+        imax = lq - 1;
+    } else if (lq > 1) {
         imin = v0 % lq;
         imax = (v0 + n - 1) % lq;
-    }
-    if (lq > 1 && v0 / lq != (v0 + n - 1) / lq) { /* spans a head boundary */
-        imin = 0;
-        imax = lq - 1;
     }
     fa_row_range(p, imin, lq, lk, lo, all_hi);
     fa_row_range(p, imax, lq, lk, all_lo, hi);
