@@ -306,6 +306,15 @@ static inline __attribute__((always_inline)) void fa_prefetch_scales(const fa_pr
 /* Pages a decoding tile may span (segments, fa_attention_item). */
 #define FA_TILE_SEGS 8
 
+/* A segment of a bundle's decoding tile holds at most this many bytes of
+ * its K and V rows (all its entries), a page of more keys coming in several
+ * segments.  On a Cascade Lake Xeon (16384 keys, 2 threads), against whole
+ * pages as segments: a bfloat16 bundle of 8 heads of 128 (4 KB per key) in
+ * pages of 32-128 0.69-0.81 of the time, an int8 one (2 KB) in pages of 64
+ * and 128 0.84-0.90, a float32 one of 8 heads of 64 (4 KB) 0.78-0.82; half
+ * as many bytes were 1.00-1.10 times slower than these. */
+#define FA_SEGMENT_BYTES (64 * 1024)
+
 /* Bytes of an element of each storage type. */
 static const int64_t fa_dtype_bytes[FA_KV_DTYPE_COUNT] = {[FA_F32] = 4, [FA_F64] = 8, [FA_F16] = 2, [FA_BF16] = 2,
                                                          [FA_I8] = 1, [FA_E4M3] = 1, [FA_E5M2] = 1};
@@ -416,15 +425,18 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     for (int64_t k0 = klo, bk; k0 < khi; k0 += bk) {
         bk = fa_min64(tile, khi - k0);
         /* the tile's segments: one per page it meets (a decoding tile may
-         * span FA_TILE_SEGS pages, a wide bundle's segments hold at most
-         * FA_WIDE_BUNDLE_KEYS keys, a prefill tile is one), each run on the
+         * span FA_TILE_SEGS pages, in segments of at most FA_SEGMENT_BYTES of
+         * K and V rows; a wide bundle's segments hold at most
+         * FA_WIDE_BUNDLE_KEYS keys; a prefill tile is one), each run on the
          * entries rebased onto its page; one segment unpaged */
         int nseg = 1;
         int64_t s0[FA_TILE_SEGS] = {k0}, sn[FA_TILE_SEGS] = {bk}, spi[FA_TILE_SEGS] = {0};
         if (paged && !gathered) {
             nseg = 0;
             const int segs = segmented ? FA_TILE_SEGS : 1;
-            const int64_t most = wide ? FA_WIDE_BUNDLE_KEYS : p->page_size;
+            const int64_t most = wide        ? FA_WIDE_BUNDLE_KEYS
+                                 : segmented ? fa_max64(1, FA_SEGMENT_BYTES / (pf_kb + pf_vb))
+                                             : p->page_size;
             for (int64_t k = k0; k < k0 + bk && nseg < segs; k += sn[nseg++]) {
                 const int64_t pi = k / p->page_size;
                 s0[nseg] = k;

@@ -203,7 +203,7 @@ def test_paged_equals_contiguous_attention(isa, rng):
     np.testing.assert_array_equal(one[0], same)
 
 
-@pytest.mark.parametrize("kv", ["float32", "int8", "wide"])
+@pytest.mark.parametrize("kv", ["float32", "int8", "wide", "bfloat16"])
 def test_small_pages_share_a_tile(isa, rng, kv):
     """A decoding tile spans the pages smaller than itself (a segment per
     page; the score options and weights once per tile): the same keys in
@@ -211,16 +211,18 @@ def test_small_pages_share_a_tile(isa, rng, kv):
     with a window, soft-cap, ALiBi and sinks.  Pages of 9 end segments
     where no vector of keys ends; the window starts a tile mid-page.
     "wide": float32 rows of K and V over 4 KiB per token (which the kernels
-    read in segments of at most 16 keys, pages of 64 too).  (Two query rows per
-    head: a few-row item on every path but the portable C one, which has no
-    few-row kernels; there float32 keys are gathered into whole tiles, but
-    8-bit ones are read in place, in tiles that end at pages: the same
-    values up to rounding.)"""
-    h, g, d, n = (8, 4, 160, 500) if kv == "wide" else (4, 2, 64, 700)
+    read in segments of at most 16 keys, pages of 64 too); "bfloat16": 2 KB
+    of K and V rows per token, read in segments of 32 keys (64 KiB), so
+    that pages of 64 come in two.  (Two query rows per head: a few-row item
+    on every path but the portable C one, which has no few-row kernels;
+    there float32 keys are gathered into whole tiles, but 8-bit and 16-bit
+    ones are read in place, in tiles that end at pages: the same values up
+    to rounding.)"""
+    h, g, d, n = (8, 4, 160, 500) if kv == "wide" else (8, 4, 128, 600) if kv == "bfloat16" else (4, 2, 64, 700)
     kf, vf = randn(rng, (n, g, d), np.float32), randn(rng, (n, g, d), np.float32)
     q = randn(rng, (1, h, d), np.float32)
     opts = dict(window=(300, 0), softcap=8.0, alibi_slopes=rng.uniform(0.01, 0.1, h), sinks=sink_values(rng, h))
-    dt = np.int8 if kv == "int8" else np.float32
+    dt = {"int8": np.int8, "bfloat16": pytest.importorskip("ml_dtypes").bfloat16}.get(kv, np.float32)
     outs = []
     for bs in (64, 16, 9):
         n_blocks = (n + bs - 1) // bs + 3
@@ -233,7 +235,7 @@ def test_small_pages_share_a_tile(isa, rng, kv):
         fastattn.cache_write(kf, vf, kc, vc, slots, **scales)
         outs.append(fastattn.attention_paged(q, kc, vc, table, [n], num_threads=1, **scales, **opts))
     for out in outs[1:]:
-        if isa == "generic" and kv == "int8":
+        if isa == "generic" and kv in ("int8", "bfloat16"):
             assert_close(out, outs[0])
         else:
             np.testing.assert_array_equal(out, outs[0])

@@ -1161,6 +1161,9 @@ int main(void)
          0, FA_E4M3, 0},
         {"float16 k and v under float32 queries, grouped decode", 2, 3, 1, 260, 48, 16, 1, 0, 100, -1, 0, 0,
          FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0},
+        /* 1280 bytes of K and V rows per key: pages of 64 in segments of 51 keys and 13 */
+        {"bfloat16 k and v, paged decode, pages of 64 in two segments", 4, 2, 1, 600, 96, 64, 1, 0, -1, -1, 2.5, 1,
+         FA_MASK_NONE, 0, 0, 64, 1, FA_BF16, 0},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;
