@@ -400,7 +400,7 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     }
     /* decoding streams K and V once: ask for the rows two tiles ahead (one
      * is too late to hide the memory latency); a bundle, whose first entry
-     * asks for the whole rows, two of its tiles (pages) ahead but at most
+     * asks for the whole rows, two of its tiles (segments) ahead but at most
      * FA_PREFETCH_BYTES, and only while its rows are at most
      * FA_PREFETCH_ROW_BYTES of K and V: a float32 bundle of 8 heads of 128
      * (8 KB rows) ran 3-11% slower paged with the requests than without
@@ -412,9 +412,13 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     const int segmented = few && paged && ops->tile_segments; /* decoding tiles span pages */
     const int64_t tile = !few ? FA_BK : wide && !segmented ? fa_min64(ops->rows_tile, FA_WIDE_BUNDLE_KEYS)
                                                            : ops->rows_tile;
+    /* the most keys of a segment (paged: a page or less) */
+    const int64_t seg_keys = wide        ? FA_WIDE_BUNDLE_KEYS
+                             : segmented ? fa_max64(1, FA_SEGMENT_BYTES / (pf_kb + pf_vb))
+                                         : p->page_size;
     int64_t pf_ahead = 2 * FA_BK;
     if (nb > 1) {
-        const int64_t step = paged ? fa_min64(tile, p->page_size) : tile;
+        const int64_t step = paged ? fa_min64(tile, fa_min64(p->page_size, seg_keys)) : tile;
         pf_ahead = fa_max64(step, fa_min64(2 * step, FA_PREFETCH_BYTES / fa_max64(1, pf_kb + pf_vb)));
     }
     const int prefetch = few && !wide;
@@ -434,14 +438,11 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
         if (paged && !gathered) {
             nseg = 0;
             const int segs = segmented ? FA_TILE_SEGS : 1;
-            const int64_t most = wide        ? FA_WIDE_BUNDLE_KEYS
-                                 : segmented ? fa_max64(1, FA_SEGMENT_BYTES / (pf_kb + pf_vb))
-                                             : p->page_size;
             for (int64_t k = k0; k < k0 + bk && nseg < segs; k += sn[nseg++]) {
                 const int64_t pi = k / p->page_size;
                 s0[nseg] = k;
                 spi[nseg] = pi;
-                sn[nseg] = fa_min64(fa_min64(k0 + bk, (pi + 1) * p->page_size) - k, most);
+                sn[nseg] = fa_min64(fa_min64(k0 + bk, (pi + 1) * p->page_size) - k, seg_keys);
             }
             bk = s0[nseg - 1] + sn[nseg - 1] - k0;
         }
