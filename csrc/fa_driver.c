@@ -292,8 +292,8 @@ static inline __attribute__((always_inline)) void fa_prefetch_scales(const fa_pr
 #define FA_PREFETCH_ROW_BYTES 4096
 
 /* Tiles of a bundle whose rows are longer than FA_PREFETCH_ROW_BYTES hold
- * at most this many keys, or where a tile comes in segments (paged), its
- * segments do: each entry's pass over a tile (segment) reads a slice of
+ * at most this many keys, or where a tile comes in segments, its segments
+ * do: each entry's pass over a tile (segment) reads a slice of
  * every K and V row, one 4 KiB page per row, and the hardware prefetchers
  * follow a few tens of pages at a time (Intel's L2 streamer 32).  On a
  * Cascade Lake Xeon a float32 bundle of 8 heads of 128 (8 KB rows), one
@@ -303,7 +303,7 @@ static inline __attribute__((always_inline)) void fa_prefetch_scales(const fa_pr
  * 0.94-0.98 of tiles of 16. */
 #define FA_WIDE_BUNDLE_KEYS 16
 
-/* Pages a decoding tile may span (segments, fa_attention_item). */
+/* Segments (pages) a decoding tile may span (fa_attention_item). */
 #define FA_TILE_SEGS 8
 
 /* A segment of a bundle's decoding tile holds at most this many bytes of
@@ -338,8 +338,9 @@ int fa_gathers(const fa_problem *p, int kind)
  * tile group (fa_item.tiles: rows row0 + m * FA_BQ ..), member m on scratch
  * w[m].  A split-KV item writes its unnormalised rows to its slots.  With
  * paged k and v a tile of a decoding item spans up to FA_TILE_SEGS pages,
- * in segments (one per page, each run on the entries rebased onto its page:
- * fa_page_rebase) that share the tile's options and softmax; a tile of a
+ * in segments (at least one per page, each run on the entries rebased onto
+ * its page: fa_page_rebase) that share the tile's options and softmax, as
+ * does a decoding bundle's tile over packed sequences; a tile of a
  * prefill item, whose rows are read many times over, is gathered from its
  * pages or strided rows into `gather` (when fa_gathers: FA_BK rows of k,
  * then of v), once for every member, and read there, or else ends at its
@@ -409,16 +410,18 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     const int64_t *last = e + (nb - 1) * FA_ENTRY_FIELDS;
     const int64_t pf_kb = last[FA_E_K] - e[FA_E_K] + p->d * p->k_cs, pf_vb = last[FA_E_V] - e[FA_E_V] + p->dv * p->v_cs;
     const int wide = nb > 1 && pf_kb + pf_vb > FA_PREFETCH_ROW_BYTES; /* FA_WIDE_BUNDLE_KEYS at a time */
-    const int segmented = few && paged && ops->tile_segments; /* decoding tiles span pages */
+    /* decoding tiles come in segments, paged (spanning pages) or of a bundle */
+    const int segmented = few && ops->tile_segments && (paged || nb > 1);
     const int64_t tile = !few ? FA_BK : wide && !segmented ? fa_min64(ops->rows_tile, FA_WIDE_BUNDLE_KEYS)
                                                            : ops->rows_tile;
-    /* the most keys of a segment (paged: a page or less) */
+    /* the most keys of a segment (paged: of a page) */
     const int64_t seg_keys = wide        ? FA_WIDE_BUNDLE_KEYS
                              : segmented ? fa_max64(1, FA_SEGMENT_BYTES / (pf_kb + pf_vb))
-                                         : p->page_size;
+                             : paged     ? p->page_size
+                                         : tile;
     int64_t pf_ahead = 2 * FA_BK;
     if (nb > 1) {
-        const int64_t step = paged ? fa_min64(tile, fa_min64(p->page_size, seg_keys)) : tile;
+        const int64_t step = fa_min64(tile, seg_keys);
         pf_ahead = fa_max64(step, fa_min64(2 * step, FA_PREFETCH_BYTES / fa_max64(1, pf_kb + pf_vb)));
     }
     const int prefetch = few && !wide;
@@ -428,21 +431,22 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
     const int64_t ks = fa_roundup64(pf_kb, 64 * nm) / nm, vs = fa_roundup64(pf_vb, 64 * nm) / nm;
     for (int64_t k0 = klo, bk; k0 < khi; k0 += bk) {
         bk = fa_min64(tile, khi - k0);
-        /* the tile's segments: one per page it meets (a decoding tile may
-         * span FA_TILE_SEGS pages, in segments of at most FA_SEGMENT_BYTES of
-         * K and V rows; a wide bundle's segments hold at most
-         * FA_WIDE_BUNDLE_KEYS keys; a prefill tile is one), each run on the
-         * entries rebased onto its page; one segment unpaged */
+        /* the tile's segments: at least one per page it meets (a decoding
+         * tile may span FA_TILE_SEGS pages, in segments of at most
+         * FA_SEGMENT_BYTES of K and V rows; a wide bundle's segments hold at
+         * most FA_WIDE_BUNDLE_KEYS keys; a prefill tile is one), each run on
+         * the entries rebased onto its page; unpaged, a bundle's tile comes
+         * in segments alike, any other is one */
         int nseg = 1;
         int64_t s0[FA_TILE_SEGS] = {k0}, sn[FA_TILE_SEGS] = {bk}, spi[FA_TILE_SEGS] = {0};
-        if (paged && !gathered) {
+        if ((paged && !gathered) || segmented) {
             nseg = 0;
             const int segs = segmented ? FA_TILE_SEGS : 1;
             for (int64_t k = k0; k < k0 + bk && nseg < segs; k += sn[nseg++]) {
-                const int64_t pi = k / p->page_size;
+                const int64_t pi = paged ? k / p->page_size : 0;
                 s0[nseg] = k;
                 spi[nseg] = pi;
-                sn[nseg] = fa_min64(fa_min64(k0 + bk, (pi + 1) * p->page_size) - k, seg_keys);
+                sn[nseg] = fa_min64((paged ? fa_min64(k0 + bk, (pi + 1) * p->page_size) : k0 + bk) - k, seg_keys);
             }
             bk = s0[nseg - 1] + sn[nseg - 1] - k0;
         }

@@ -241,6 +241,33 @@ def test_small_pages_share_a_tile(isa, rng, kv):
             np.testing.assert_array_equal(out, outs[0])
 
 
+@pytest.mark.parametrize("rows", ["wide", "4KiB", "short"])
+def test_decoding_packed_sequences_equals_paged_bitwise(isa, rng, rows):
+    """Decoding from packed sequences (attention_varlen: each token's heads
+    side by side, as in a paged cache) runs the bundles of a paged cache:
+    tiles of 64 keys in segments (rows over 4 KiB: segments of 16 keys;
+    others: at most 64 KiB of K and V rows), so both give the same sums in
+    the same order, bit for bit.  (The portable C path has no few-row
+    kernels: the same values up to rounding.)"""
+    h, g, d = {"wide": (16, 8, 160), "4KiB": (16, 8, 64), "short": (4, 2, 48)}[rows]
+    bs = 32
+    lens = np.array([700, 90, 1300])
+    n_blocks = int(((lens + bs - 1) // bs).sum()) + 2
+    kc, vc = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    q, table = decoding_step(rng, kc, lens, bs, h, None, 10**9)
+    opts = dict(softcap=6.0, sinks=sink_values(rng, h))
+    paged = fastattn.attention_paged(q, kc, vc, table, lens, num_threads=1, **opts)
+    kp = np.concatenate([kc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
+    vp = np.concatenate([vc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
+    cu_q, cu_k = np.arange(len(lens) + 1), np.concatenate([[0], np.cumsum(lens)])
+    packed = fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, num_threads=1, **opts)
+    if isa == "generic":
+        assert_close(packed, paged)
+    else:
+        np.testing.assert_array_equal(packed, paged)
+    assert_close(packed, ref.attention_paged(q, kc, vc, table, lens, **opts))
+
+
 def test_paged_bitwise_identical_across_thread_counts(isa, rng):
     h, g, d, bs = 4, 2, 32, 16
     lens = np.array([5000, 300, 17])

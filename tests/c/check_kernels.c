@@ -103,7 +103,7 @@ typedef struct {
     double softcap;
     int alibi, mask_kind, dot;
     int64_t shift; /* q_shift: added to every query's key position */
-    int64_t page;  /* > 0: k and v in shuffled pages of this many rows (fa_attention only) */
+    int64_t page;  /* > 0: k and v in shuffled pages of this many rows (fa_attention only); < 0: packed */
     int sinks;     /* an attention sink per query head */
     int kv;        /* k and v stored as another type (fa_attention only): FA_I8, FA_E4M3, FA_E5M2 (8 bits,
                     * with scales), or FA_F16, FA_BF16 under float32 queries; 0: q's type */
@@ -566,13 +566,15 @@ static void run_case(int path, int dtype, const spec *c)
     /* paged: the entries are the heads of one sequence, side by side in
      * each row of its pages (as in a (blocks, page, heads, dim) cache), the
      * pages of c->page rows in shuffled order among two spare ones, a row's
-     * gap between pages */
-    const int64_t n_used = c->page > 0 ? (lk + c->page - 1) / c->page : 0, n_pages = n_used + 2;
+     * gap between pages; packed (c->page < 0): the same rows, unpaged, in
+     * one run of lk (as attention_varlen's packed sequences) */
+    const int64_t pg = c->page > 0 ? c->page : lk;
+    const int64_t n_used = c->page != 0 ? (lk + pg - 1) / pg : 0, n_pages = n_used + 2;
     char *kpaged = NULL, *vpaged = NULL, *kspaged = NULL, *vspaged = NULL;
     int32_t *pages = NULL;
-    if (c->page > 0) {
-        const int64_t krs = n * d * kes, vrs = n * dv * kes, kps = (c->page + 1) * krs, vps = (c->page + 1) * vrs;
-        const int64_t sps = (c->page + 1) * n * srs; /* scales: (page, row, entry) */
+    if (c->page != 0) {
+        const int64_t krs = n * d * kes, vrs = n * dv * kes, kps = (pg + 1) * krs, vps = (pg + 1) * vrs;
+        const int64_t sps = (pg + 1) * n * srs; /* scales: (page, row, entry) */
         kpaged = calloc((size_t)(n_pages * kps + 1), 1);
         vpaged = calloc((size_t)(n_pages * vps + 1), 1);
         kspaged = calloc((size_t)(n_pages * sps + 4), 1);
@@ -587,7 +589,7 @@ static void run_case(int path, int dtype, const spec *c)
         }
         for (int64_t e = 0; e < n; e++) {
             for (int64_t j = 0; j < lk; j++) {
-                const int64_t page = pages[j / c->page], row = j % c->page;
+                const int64_t page = pages[j / pg], row = j % pg;
                 memcpy(kpaged + page * kps + row * krs + e * d * kes,
                        (const char *)p.k + entries[e][FA_E_K] + j * p.k_rs, (size_t)(d * kes));
                 memcpy(vpaged + page * vps + row * vrs + e * dv * kes,
@@ -608,6 +610,15 @@ static void run_case(int path, int dtype, const spec *c)
         if (kv8) {
             p.k_scales = (const float *)kspaged, p.v_scales = (const float *)vspaged;
             p.ks_rs = p.vs_rs = n * srs, p.ks_ps = p.vs_ps = sps;
+        }
+        if (c->page < 0) { /* packed: the one page's rows, unpaged */
+            p.k = kpaged + pages[0] * kps, p.v = vpaged + pages[0] * vps;
+            p.pages = NULL, p.page_size = 0, p.n_pages = 0, p.k_ps = p.v_ps = 0;
+            if (kv8) {
+                p.k_scales = (const float *)(const void *)(kspaged + pages[0] * sps);
+                p.v_scales = (const float *)(const void *)(vspaged + pages[0] * sps);
+                p.ks_ps = p.vs_ps = 0;
+            }
         }
     }
 
@@ -683,6 +694,7 @@ static void run_case(int path, int dtype, const spec *c)
         }
         bad = 1;
     }
+    if (c->page < 0) bad = 1; /* packed: the forward only (the other checks assume k and v per entry) */
     if (!bad) bad = check_backward(path, dtype, c, &p, entries, &q, &k, &v, maskv, bmask, slopes, scale);
 
     /* scores (one head per entry: fa_scores takes no groups), written in the compute type */
@@ -1161,6 +1173,11 @@ int main(void)
          0, FA_E4M3, 0},
         {"float16 k and v under float32 queries, grouped decode", 2, 3, 1, 260, 48, 16, 1, 0, 100, -1, 0, 0,
          FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0},
+        /* decoding bundles over packed sequences: tiles of 64 in segments of 16 (rows over 4 KiB), 21 */
+        {"decode over packed sequences, K and V rows over 4 KiB", 4, 2, 1, 300, 160, 136, 1, 0, -1, -1, 0, 0,
+         FA_MASK_NONE, 0, 0, -1, 1, 0, 0},
+        {"int8 k and v, decode over packed sequences, window", 4, 3, 1, 500, 384, 384, 1, 0, 300, -1, 3.0, 1,
+         FA_MASK_NONE, 0, 0, -1, 0, FA_I8, 0},
         /* 1280 bytes of K and V rows per key: pages of 64 in segments of 51 keys and 13 */
         {"bfloat16 k and v, paged decode, pages of 64 in two segments", 4, 2, 1, 600, 96, 64, 1, 0, -1, -1, 2.5, 1,
          FA_MASK_NONE, 0, 0, 64, 1, FA_BF16, 0},
