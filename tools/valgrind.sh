@@ -56,10 +56,18 @@ for isa in fastattn.available_isas():
             fastattn.attention_paged(qp, kc, vc, table, lens, cu_seqlens_q=np.array([0, 1, 31], np.int32),
                                      sinks=np.ones(4, np.float32), **sc)
             fastattn.attention_paged(qp[:2], kc, vc, table, lens, **sc)
-    with fastattn.use_isa(isa):  # a decoding bundle of K and V rows over 4 KiB: tiles of 16 keys
+    with fastattn.use_isa(isa):  # a decoding bundle of K and V rows over 4 KiB: segments of 16 keys
         kw, vw = rng.standard_normal((2, 8, 32, 8, 80)).astype(np.float32)
         fastattn.attention_paged(rng.standard_normal((1, 8, 80)).astype(np.float32), kw, vw,
                                  np.array([[5, 2, 7, 0]], np.int32), np.array([100], np.int32))
+        # the same rows packed (attention_varlen's decoding bundles, in segments of 16 keys)
+        kd = rng.standard_normal((150, 8, 80)).astype(np.float32)
+        fastattn.attention_varlen(rng.standard_normal((2, 8, 80)).astype(np.float32), kd, kd,
+                                  np.array([0, 1, 2]), np.array([0, 70, 150]))
+        # pages of 64 keys of 3 KB each: segments of 21 keys (64 KiB)
+        kq = rng.standard_normal((3, 64, 4, 96)).astype(np.float32)
+        fastattn.attention_paged(rng.standard_normal((1, 8, 96)).astype(np.float32), kq, kq,
+                                 np.array([[2, 0]], np.int32), np.array([120], np.int32))
 print("workload done")
 PY
 # errors whose stack passes through fastattn's extension
