@@ -859,8 +859,8 @@ def quantized_copy(kc, vc, dtype):
 def run_paged(threads, repeat=10, cases=None, with_torch=True, progress=None):
     """Paged decode (attention_paged) against fastattn's decode over the same
     keys stored contiguously (one sequence: attention on (1, G, Lk, D); a
-    batch: attention_varlen on the packed keys), float32, and with blocks of
-    16 also bfloat16, int8 and float8 e4m3 caches; and a mixed batch
+    batch: attention_varlen on the packed keys), float32, bfloat16, int8 and
+    float8 e4m3 caches; and a mixed batch
     (decodes and a prefill chunk in one call) against torch's SDPA per
     sequence after a gather of its blocks.  Same data, same run."""
     from fastattn._api import BFLOAT16
@@ -882,16 +882,16 @@ def run_paged(threads, repeat=10, cases=None, with_torch=True, progress=None):
             contiguous = lambda: fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, num_threads=threads)  # noqa: E731
         fns = {"paged_ms": lambda: fastattn.attention_paged(q, kc, vc, table, lens, num_threads=threads),
                "contiguous_ms": contiguous}
-        if bs == 16:  # the same cache in bfloat16 (queries too), int8 and float8 e4m3 (float32 queries)
-            if bf16 is not None:
-                qb, kcb, vcb = (x.astype(bf16) for x in (q, kc, vc))
-                fns["bf16_ms"] = lambda: fastattn.attention_paged(qb, kcb, vcb, table, lens, num_threads=threads)
-            for name, dt in (("int8_ms", np.int8), ("e4m3_ms", E4M3)):
-                if dt is None:
-                    continue
-                k8, v8, ks, vs = quantized_copy(kc, vc, dt)
-                fns[name] = (lambda k8=k8, v8=v8, ks=ks, vs=vs: fastattn.attention_paged(
-                    q, k8, v8, table, lens, k_scale=ks, v_scale=vs, num_threads=threads))
+        # the same cache in bfloat16 (queries too), int8 and float8 e4m3 (float32 queries)
+        if bf16 is not None:
+            qb, kcb, vcb = (x.astype(bf16) for x in (q, kc, vc))
+            fns["bf16_ms"] = lambda: fastattn.attention_paged(qb, kcb, vcb, table, lens, num_threads=threads)
+        for name, dt in (("int8_ms", np.int8), ("e4m3_ms", E4M3)):
+            if dt is None:
+                continue
+            k8, v8, ks, vs = quantized_copy(kc, vc, dt)
+            fns[name] = (lambda k8=k8, v8=v8, ks=ks, vs=vs: fastattn.attention_paged(
+                q, k8, v8, table, lens, k_scale=ks, v_scale=vs, num_threads=threads))
         times = alternating_blocks(list(fns.values()), repeat)
         row = dict(lk=lk, batch=batch, block=bs, keys=int(lens.sum()), threads=threads,
                    bytes=2 * int(lens.sum()) * g * d * 4)
