@@ -178,6 +178,12 @@ def contiguous_kv(kc, vc, table, n, bs):
     return kc[pages, j % bs], vc[pages, j % bs]  # (n, G, D)
 
 
+def packed_kv(kc, vc, table, lens, bs):
+    """The sequences' keys and values packed one after the other (total, G, D)."""
+    kv = [contiguous_kv(kc, vc, table[b], n, bs) for b, n in enumerate(lens)]
+    return np.concatenate([k for k, _ in kv]), np.concatenate([v for _, v in kv])
+
+
 def test_paged_equals_contiguous_attention(isa, rng):
     """Pages of 64 keys fall on the contiguous kernel's key tiles: the same
     sums in the same order, bit for bit, where neither call splits the keys
@@ -257,8 +263,7 @@ def test_decoding_packed_sequences_equals_paged_bitwise(isa, rng, rows):
     q, table = decoding_step(rng, kc, lens, bs, h, None, 10**9)
     opts = dict(softcap=6.0, sinks=sink_values(rng, h))
     paged = fastattn.attention_paged(q, kc, vc, table, lens, num_threads=1, **opts)
-    kp = np.concatenate([kc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
-    vp = np.concatenate([vc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
+    kp, vp = packed_kv(kc, vc, table, lens, bs)
     cu_q, cu_k = np.arange(len(lens) + 1), np.concatenate([[0], np.cumsum(lens)])
     packed = fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, num_threads=1, **opts)
     if isa == "generic":
@@ -359,8 +364,7 @@ def test_gathered_prefill_tiles_equal_contiguous_keys_bitwise(isa, rng, options)
     q = randn(rng, (int(cu_q[-1]), h, d), np.float32)
     # one thread: groups as large as they get (they leave two items per thread)
     got = fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu_q, num_threads=1, **options)
-    kp = np.concatenate([kc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
-    vp = np.concatenate([vc[table[b, np.arange(n) // bs], np.arange(n) % bs] for b, n in enumerate(lens)])
+    kp, vp = packed_kv(kc, vc, table, lens, bs)
     packed = fastattn.attention_varlen(q, kp, vp, cu_q, cu_k, num_threads=1, **options)
     # sequence 1's few-row tile (on paths of 8 or more few rows) is not gathered: decoding tiles end at
     # page ends, so its rows are checked against the reference only
