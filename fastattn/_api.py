@@ -1,7 +1,8 @@
 """The numpy-facing API: each public function validates its arguments
 (fastattn._validate), builds one kernel problem and runs it
 (fastattn._problem).  Nothing of size Lq x Lk is ever made; inputs are only
-copied when their dtypes differ (converted to the result dtype).
+copied when their dtypes differ (converted to the result dtype; not
+attention's 16-bit k and v under float32 q, read in place).
 """
 import numpy as np
 
@@ -27,7 +28,9 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     q : array_like, shape (..., Lq, D)
     k : array_like, shape (..., Lk, D)
     v : array_like, shape (..., Lk, Dv)
-        float32, float64, float16 or bfloat16.  Leading dimensions broadcast by numpy rules.
+        float32, float64, float16 or bfloat16 (mixed dtypes are converted to
+        their result type, except float16 or bfloat16 k and v under float32
+        q: read in place).  Leading dimensions broadcast by numpy rules.
         When q's head axis (third from last) has H entries and k/v's has G,
         with H a multiple of G, query head h uses key/value head h // (H/G)
         (grouped-query attention); k and v are not copied.
@@ -82,8 +85,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
                              align, out, num_threads)[0]
 
 
-# Calls of plain arrays (no mask, slopes, sinks or out; q, k and v of one
-# dtype) by their layouts and options: the problem the first such call ran
+# Calls of plain arrays (no mask, slopes, sinks or out; q, k and v each of
+# the dtype the kernels read it in) by their layouts and options: the problem the first such call ran
 # (validated and built by it), on no arrays, and its results' shapes and
 # dtypes.  A model calls attention with the same layouts every layer and
 # every decoding step; rerunning the problem on the call's arrays takes a
@@ -242,8 +245,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     q : array_like, shape (total_q, H, D)
     k : array_like, shape (total_k, G, D)
     v : array_like, shape (total_k, G, Dv)
-        float32, float64, float16 or bfloat16; H a multiple of G (grouped-query
-        heads).  alibi_slopes and sinks broadcast to (H,).
+        float32, float64, float16 or bfloat16 (float16 or bfloat16 k and v
+        under float32 q are read in place, as in :func:`attention`); H a
+        multiple of G (grouped-query heads).  alibi_slopes and sinks broadcast to (H,).
     cu_seqlens_q, cu_seqlens_k : array_like of int, shape (batch + 1,)
         Cumulative sequence lengths, starting at 0.
 
@@ -255,7 +259,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap,
-                         alibi_slopes, wmode, align, sinks)
+                         alibi_slopes, wmode, align, sinks, kv_in_place=True)
     total_q, h = args.q.shape[:2]
     out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None

@@ -208,7 +208,7 @@ def rerun(template, num_threads, q, k, v, out, lse):
 def attention(args, out, lse, num_threads):
     """Run fused attention on validated arguments (_validate.ScoreArgs).
     Returns the problem it ran on no arrays (its addresses 0) where the
-    arguments are plain q, k and v of one dtype with no mask, slopes or
+    arguments are plain q, k and v, none converted, with no mask, slopes or
     sinks (the problem then depends only on their layouts, out's and lse's
     and the options: the same layouts on other arrays run it rebased), else
     None."""
@@ -220,7 +220,8 @@ def attention(args, out, lse, num_threads):
                    None if lse is None else (lse.shape, lse.strides))
             template = _problems_cache.get(key)
             if template is None:  # a problem of this layout, on no arrays (never run itself)
-                template = _problem(args.dtype, num_threads, keep=(), **_attention_fields(args, out, lse))
+                template = _problem(args.dtype, num_threads, keep=(), kv_dtype=args.kv_dtype,
+                                    **_attention_fields(args, out, lse))
                 if len(_problems_cache) >= _FIELDS_CACHE_MAX:
                     _problems_cache.clear()
                 _problems_cache[key] = template
@@ -240,7 +241,7 @@ def attention(args, out, lse, num_threads):
                 _fields_cache.clear()
             _fields_cache[key] = fields
     problem = _problem(
-        args.dtype, num_threads, keep=(args.q, args.k, args.v, args.mask, out, lse, args.tiles),
+        args.dtype, num_threads, keep=(args.q, args.k, args.v, args.mask, out, lse, args.tiles), kv_dtype=args.kv_dtype,
         q=address(args.q), k=address(args.k), v=address(args.v), out=address(out),
         lse=0 if lse is None else address(lse), mask=0 if args.mask is None else address(args.mask),
         mask_tiles=0 if args.tiles is None else address(args.tiles), **fields)
@@ -301,7 +302,7 @@ def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
                               {_core.E_LSE: lse})
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=args.group, keep=(q, k, v, out, lse),
-        **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
+        kv_dtype=args.kv_dtype, **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
 

@@ -61,6 +61,16 @@ def compute_dtype(dtype):
     return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
 
 
+def kv_stored(dtype, k, v):
+    """The dtype attention reads k and v in, in place, under queries and a
+    result of `dtype`: float16 or bfloat16 k and v of one dtype under
+    float32 (the kernels widen their rows in registers, as they do for a
+    16-bit cache), else `dtype` (k and v converted to it)."""
+    if dtype == np.float32 and v is not None and k.dtype == v.dtype and k.dtype in HALF_DTYPES:
+        return k.dtype
+    return dtype
+
+
 def result_dtype(named):
     """numpy's promotion of the named arrays' dtypes, as a TypeError naming them if none."""
     try:
@@ -361,7 +371,7 @@ class ScoreArgs(_Options):
     cache_key = None  # set by score_args: what its cache knows these arguments by
 
     def __init__(self, q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode,
-                 align="bottom-right", sinks_=None):
+                 align="bottom-right", sinks_=None, kv_in_place=False):
         q = as_array(q, "q")
         k = as_array(k, "k")
         check_ndim(q, "q")
@@ -403,10 +413,12 @@ class ScoreArgs(_Options):
         self.slopes = alibi_slopes(slopes, self.lead)
         self.sinks = sinks(sinks_, self.lead, wmode)
 
-        # kernels compute in the result dtype: convert (copies only q, k, v)
+        # kernels compute in the result dtype: convert (copies only q, k, v),
+        # but for the forward's k and v where it reads them as they are
+        self.kv_dtype = kv_stored(self.dtype, k, v) if kv_in_place else self.dtype
         self.q = np.asarray(q, dtype=self.dtype)
-        self.k = np.asarray(k, dtype=self.dtype)
-        self.v = np.asarray(v, dtype=self.dtype) if v is not None else None
+        self.k = np.asarray(k, dtype=self.kv_dtype)
+        self.v = np.asarray(v, dtype=self.kv_dtype) if v is not None else None
 
 
 # Validated arguments of attention() by their operands' layouts and options:
@@ -421,18 +433,23 @@ _args_cache = {}
 
 def score_args(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align="bottom-right",
                sinks_=None):
-    """ScoreArgs(...) of attention(), from the cache where it can be."""
+    """ScoreArgs(...) of attention() (k and v in place where kv_stored
+    allows), from the cache where it can be."""
+    def validated():
+        return ScoreArgs(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align, sinks_,
+                         kv_in_place=True)
+
     if mask is not None or slopes is not None or sinks_ is not None or not (
             type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
-        return ScoreArgs(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align, sinks_)
+        return validated()
     key = (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype, wmode,
            *((type(o), o) for o in (scale_, causal, window_, softcap_, align)))
     try:
         cached = _args_cache.get(key)
     except TypeError:  # an unhashable option (a window given as a list): validated every time
-        return ScoreArgs(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align, sinks_)
+        return validated()
     if cached is None:
-        args = ScoreArgs(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, align, sinks_)
+        args = validated()
         if len(_args_cache) >= _ARGS_CACHE_MAX:
             _args_cache.clear()
         _args_cache[key] = cached = copy.copy(args)
@@ -443,18 +460,19 @@ def score_args(q, k, v, scale_, causal, mask, window_, softcap_, slopes, wmode, 
     args.__dict__.update(cached.__dict__)
     args.originals = [("q", q), ("k", k), ("v", v)]
     args.q = q if q.dtype == args.dtype else np.asarray(q, dtype=args.dtype)
-    args.k = k if k.dtype == args.dtype else np.asarray(k, dtype=args.dtype)
-    args.v = v if v.dtype == args.dtype else np.asarray(v, dtype=args.dtype)
+    args.k = k if k.dtype == args.kv_dtype else np.asarray(k, dtype=args.kv_dtype)
+    args.v = v if v.dtype == args.kv_dtype else np.asarray(v, dtype=args.kv_dtype)
     return args
 
 
 class VarlenArgs(_Options):
     """The validated arguments of attention_varlen(): q (total_q, H, D), k and
-    v (total_k, G, D|Dv) in the result dtype, the sequence offsets as int64,
-    the grouped-query factor H // G and the score options."""
+    v (total_k, G, D|Dv) in the result dtype (with kv_in_place, the
+    forward's, in kv_stored's), the sequence offsets as int64, the
+    grouped-query factor H // G and the score options."""
 
     def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, scale_, causal, window_, softcap_, slopes,
-                 wmode, align, sinks_=None):
+                 wmode, align, sinks_=None, kv_in_place=False):
         q = as_array(q, "q")
         k = as_array(k, "k")
         v = as_array(v, "v")
@@ -480,7 +498,9 @@ class VarlenArgs(_Options):
         self.sinks = sinks(sinks_, (h,), wmode)
         self.originals = [("q", q), ("k", k), ("v", v)]
         self.dtype = result_dtype(self.originals)
-        self.q, self.k, self.v = (np.asarray(a, dtype=self.dtype) for a in (q, k, v))
+        self.kv_dtype = kv_stored(self.dtype, k, v) if kv_in_place else self.dtype
+        self.q = np.asarray(q, dtype=self.dtype)
+        self.k, self.v = (np.asarray(a, dtype=self.kv_dtype) for a in (k, v))
 
 
 def backward_operands(args, dout, out, lse, out_shape=None, lse_shape=None):

@@ -113,3 +113,75 @@ def test_half_bitwise_identical_across_threads(isa, half):
     one = fastattn.attention(q, k, v, causal=True, num_threads=1)
     two = fastattn.attention(q, k, v, causal=True, num_threads=2)
     assert np.array_equal(one.view(np.uint16), two.view(np.uint16))
+
+
+# float32 queries over float16 or bfloat16 keys and values: the forward reads
+# k and v in place (as a 16-bit KV cache), widening them in registers.
+MIXED_SHAPES = SHAPES + [
+    ((1, 32), (1, 8), 1, 700, 128, 128),  # a grouped decode of whole-vector rows
+    ((3,), (), 50, 70, 64, 80),  # k, v shared by every head
+]
+
+
+@pytest.mark.parametrize("shape", MIXED_SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_queries_over_16_bit_keys_and_values(isa, half, shape, causal):
+    """Within float32 rounding of the reference on the 16-bit values, with
+    every score option (mask, window, soft-cap, ALiBi, sinks; dot weights)."""
+    rng = np.random.default_rng(stable_seed((shape, causal, str(half))))
+    lead_q, lead_k, lq, lk, d, dv = shape
+    q = randn(rng, lead_q + (lq, d), np.float32)
+    k, v = randn(rng, lead_k + (lk, d), half), randn(rng, lead_k + (lk, dv), half)
+    out, lse = fastattn.attention(q, k, v, causal=causal, return_lse=True)
+    rout, rlse = ref.attention(q, k, v, causal=causal, return_lse=True)
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    assert_close(out, rout)
+    assert_close(lse, rlse)
+    heads = lead_q[-1:] if lead_q else ()
+    options = dict(causal=causal, mask=rng.random((lq, lk)) < 0.9, window=(300, 40), softcap=20.0,
+                   alibi_slopes=rng.uniform(0.01, 0.1, heads), sinks=rng.standard_normal(heads))
+    assert_close(fastattn.attention(q, k, v, **options), ref.attention(q, k, v, **options))
+    dot = dict(causal=causal, window=(300, -1))
+    assert_close(fastattn.attention(q, k, v, weights="dot", **dot), ref.attention(q, k, v, weights="dot", **dot))
+
+
+def test_float32_queries_over_16_bit_packed_sequences(isa, half):
+    rng = np.random.default_rng(16)
+    cu_q, cu_k = np.array([0, 1, 41, 42]), np.array([0, 1500, 1560, 1690])
+    q = randn(rng, (42, 8, 72), np.float32)
+    k, v = randn(rng, (1690, 2, 72), half), randn(rng, (1690, 2, 40), half)
+    for causal in (False, True):
+        out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, softcap=15.0, return_lse=True)
+        rout, rlse = ref.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, softcap=15.0, return_lse=True)
+        assert out.dtype == np.float32
+        assert_close(out, rout)
+        assert_close(lse, rlse)
+
+
+def test_float32_queries_read_16_bit_keys_and_values_in_place(isa, half):
+    """No float32 copy of k or v is made (numpy reports its allocations to
+    tracemalloc: converting them would allocate 2 x 12 MB); the results are
+    those of converting them first, bit for bit (each element is widened
+    exactly, and the sums run in the same order)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(17)
+    q, qv = randn(rng, (1, 8, 1, 64), np.float32), randn(rng, (1, 8, 64), np.float32)
+    k, v = (randn(rng, (1, 2, 48000, 64), half) for _ in range(2))
+    kv, vv = k[0].swapaxes(0, 1), v[0].swapaxes(0, 1)  # (total, G, D) views of the same rows
+    cu_q, cu_k = np.array([0, 1]), np.array([0, 48000])
+    calls = (lambda: fastattn.attention(q, k, v), lambda: fastattn.attention_varlen(qv, kv, vv, cu_q, cu_k))
+    for call in calls:
+        call()  # validation caches filled
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, f"{peak} bytes allocated"
+    k32, v32 = k.astype(np.float32), v.astype(np.float32)
+    assert np.array_equal(fastattn.attention(q, k, v), fastattn.attention(q, k32, v32))
+    qp = randn(rng, (1, 8, 300, 64), np.float32)  # prefill: K and V tiles widened into scratch
+    assert np.array_equal(fastattn.attention(qp, k[..., :700, :], v[..., :700, :], causal=True),
+                          fastattn.attention(qp, k32[..., :700, :], v32[..., :700, :], causal=True))
