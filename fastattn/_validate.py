@@ -340,7 +340,9 @@ def cu_seqlens(cu, name, total):
     if cu.ndim != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {cu.shape}")
     cu = cu.astype(np.int64)
-    if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] != total:
+    # every offset within [0, total] first: their differences then cannot
+    # wrap around (as 9e18 - -9e18 would, to a positive length)
+    if cu[0] != 0 or cu[-1] != total or cu.min() < 0 or cu.max() > total or np.any(np.diff(cu) < 0):
         raise ValueError(
             f"{name} must start at 0, never decrease and end at the packed length {total}, got {cu}"
         )

@@ -212,6 +212,9 @@ BAD = [
     (lambda: varlen(cu_q=[1, 5, 10]), ValueError, "cu_seqlens_q must start at 0"),
     (lambda: varlen(cu_q=[0, 6, 10], cu_k=[0, 11, 10]), ValueError, "cu_seqlens_k"),
     (lambda: varlen(cu_q=[0.0, 5.0, 10.0]), TypeError, "integer"),
+    # offsets whose differences wrap around to non-negative lengths
+    (lambda: varlen(cu_q=np.array([0, 9 * 10**18, -9 * 10**18, 10]), cu_k=[0, 4, 6, 10]), ValueError,
+     "cu_seqlens_q must start at 0"),
     (lambda: varlen(q=np.zeros((10, 3, 4), f32)), ValueError, "head counts do not match"),
     (lambda: varlen(q=np.zeros((10, 2), f32)), ValueError, "q must have shape"),
     (lambda: varlen(v=np.zeros((9, 2, 4), f32)), ValueError, "same length and heads"),
