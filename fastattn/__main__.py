@@ -169,7 +169,9 @@ def bench_job(args):
     if args.calls:
         rows = _bench.run_calls(threads, repeat=args.repeat, progress=progress)
         return report(args, threads, f"time per call of small float32 attention calls (every query sees every key), median of "
-                      f"{args.repeat} loops of 200 calls; numpy = fastattn.attention on numpy arrays, fa.torch sdpa "
+                      f"{args.repeat} loops of 200 calls; numpy = fastattn.attention on numpy arrays, varlen and "
+                      "paged = the first batch entry through attention_varlen (one packed sequence) and "
+                      "attention_paged (blocks of 16), fa.torch sdpa "
                       "= fastattn.torch.scaled_dot_product_attention, hf = the attention function of "
                       "transformers' attn_implementation (q (B, H, L, D) in, (B, L, H, D) out)",
                       _bench.format_calls(rows), calls=rows)

@@ -256,6 +256,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     ndarray, shape (total_q, H, Dv)
         With return_lse, also the log-sum-exp, shape (H, total_q).
     """
+    key = None
+    if alibi_slopes is None and sinks is None and out is None:
+        key = _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse,
+                          (scale, causal, weights, window, softcap, return_lse, align))
+        try:
+            hit = _varlen_planned.get(key) if key is not None else None
+        except TypeError:  # an unhashable option (a window given as a list): checked every time
+            key = hit = None
+        if hit is not None:
+            result = _varlen_rerun(hit, q, k, v, cu_seqlens_q, cu_seqlens_k, num_threads)
+            if result is not None:
+                return result
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap,
@@ -263,8 +275,58 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     total_q, h = args.q.shape[:2]
     out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
-    _problem.attention_varlen(args, args.cu_q, args.cu_k, out, lse, num_threads)
+    problem, layout = _problem.attention_varlen(args, args.cu_q, args.cu_k, out, lse, num_threads)
+    if key is not None and all(a is o for a, (_, o) in zip((args.q, args.k, args.v), args.originals)):
+        if len(_varlen_planned) >= _VARLEN_MAX:
+            _varlen_planned.clear()
+        _varlen_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), layout, out.shape[1:],
+                                out.dtype, None if lse is None else lse.dtype)
     return (out, lse) if return_lse else out
+
+
+# Calls of attention_varlen (no slopes, sinks or out; q, k and v each read
+# in place) by their layouts and options: the problem the first such call
+# ran, on no arrays, with its entries' layout.  A serving loop calls it
+# every step with the same layouts over new offsets and packed lengths;
+# once the offsets pass the checks (the same rule as the full checks', on
+# integer arrays of the planned kind), the problem is rerun with the entries
+# of these offsets, which takes a fraction of the full checks' time.  Any
+# other call (and one whose offsets fail) goes through the checks, which
+# name what is wrong.
+_VARLEN_MAX = 64
+_varlen_planned = {}
+
+
+def _varlen_key(q, k, v, cu_q, cu_k, return_lse, options):
+    """The planned-call key of an attention_varlen call, or None for a call
+    the plan does not serve.  The problem depends on the operands' layouts
+    but for their packed lengths, except whether each is 1 (a stride along
+    one row is 0) and, for the lse (H, total_q), total_q itself."""
+    arrays = (q, k, v)
+    if any(type(a) is not np.ndarray for a in (*arrays, cu_q, cu_k)) or any(a.ndim != 3 for a in arrays) or \
+            cu_q.ndim != 1 or cu_k.ndim != 1 or cu_q.dtype.kind not in "iu" or cu_k.dtype.kind not in "iu":
+        return None
+    return (*((a.shape[1:], min(a.shape[0], 2), a.strides, a.dtype) for a in arrays),
+            None if return_lse is False or return_lse is np.False_ else q.shape[0], cu_q.shape, cu_q.dtype, cu_k.shape, cu_k.dtype,
+            *((type(o), o) for o in options), _config.path_index())
+
+
+def _varlen_rerun(hit, q, k, v, cu_q, cu_k, num_threads):
+    """A planned attention_varlen call on this call's arrays, or None where
+    its offsets or packed lengths fail the checks (the full checks then run)."""
+    template, layout, out_tail, out_dtype, lse_dtype = hit
+    total_q, total_k = q.shape[0], k.shape[0]
+    cu_q, cu_k = cu_q.astype(np.int64), cu_k.astype(np.int64)
+    if v.shape[0] != total_k or not (_v.offsets_ok(cu_q, total_q) and _v.offsets_ok(cu_k, total_k)):
+        return None
+    entries = _problem._varlen_entries(layout, cu_q, cu_k)
+    out = np.empty((total_q,) + out_tail, out_dtype)
+    lse = np.empty((out_tail[0], total_q), lse_dtype) if lse_dtype is not None else None
+    address = _core.address
+    _core.attention(template.rebased(
+        num_threads=_config.resolve_threads(num_threads), q=address(q), k=address(k), v=address(v),
+        out=address(out), lse=0 if lse is None else address(lse), entries=entries, keep=(q, k, v, out, lse)))
+    return (out, lse) if lse is not None else out
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,

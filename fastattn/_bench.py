@@ -666,9 +666,12 @@ def _per_call_us(fn, repeat, calls=200):
 def run_calls(threads, repeat=5, cases=None, progress=None):
     """Time per call of small attention calls (where the call's overhead is
     most of its time), on 1 thread and on `threads`: fastattn.attention on
-    numpy arrays; with torch, fastattn.torch's SDPA against torch's; with
-    transformers, the attention functions of attn_implementation "fastattn"
-    and "sdpa" (what a model's layer calls)."""
+    numpy arrays, and the same keys as one packed sequence
+    (attention_varlen) and in a paged cache (attention_paged, blocks of 16;
+    cases of one query row); with torch, fastattn.torch's SDPA against
+    torch's; with transformers, the attention functions of
+    attn_implementation "fastattn" and "sdpa" (what a model's layer
+    calls)."""
     import fastattn
 
     torch_mod = torch_sdpa()
@@ -697,12 +700,26 @@ def run_calls(threads, repeat=5, cases=None, progress=None):
             rng = np.random.default_rng(0)
             q = rng.standard_normal(qs, dtype=np.float32)
             k, v = (rng.standard_normal(ks, dtype=np.float32) for _ in range(2))
+            # the first batch entry as one packed sequence (rows of all heads side by side)
+            qp, kp, vp = (np.ascontiguousarray(a[0].swapaxes(0, 1)) for a in (q, k, v))
+            cu_q, cu_k = np.array([0, qs[-2]]), np.array([0, ks[-2]])
+            paged = None
+            if qs[-2] == 1:  # decoding: the same keys in a paged cache
+                bs = 16
+                blocks = -(-ks[-2] // bs)
+                kc, vc = (np.zeros((blocks * bs,) + a.shape[1:], np.float32) for a in (kp, vp))
+                kc[: ks[-2]], vc[: ks[-2]] = kp, vp
+                kc, vc = (a.reshape((blocks, bs) + a.shape[1:]) for a in (kc, vc))
+                paged = (qp, kc, vc, np.arange(blocks, dtype=np.int32)[None], np.array([ks[-2]], np.int32))
             for n in sorted({1, threads}):
                 if progress:
                     progress(f"[calls] {name}, {n} threads")
                 fastattn.set_num_threads(n)
                 row = dict(case=name, q=list(qs), kv=list(ks), threads=n)
                 row["numpy_us"] = _per_call_us(lambda: fastattn.attention(q, k, v), repeat)
+                row["varlen_us"] = _per_call_us(lambda: fastattn.attention_varlen(qp, kp, vp, cu_q, cu_k), repeat)
+                if paged is not None:
+                    row["paged_us"] = _per_call_us(lambda: fastattn.attention_paged(*paged), repeat)
                 if torch_mod is not None:
                     torch, sdpa = torch_mod
                     torch.set_num_threads(n)
@@ -726,7 +743,8 @@ def run_calls(threads, repeat=5, cases=None, progress=None):
 
 
 def format_calls(rows):
-    cols = [("numpy_us", "numpy"), ("fastattn_torch_us", "fa.torch sdpa"), ("torch_us", "torch sdpa"),
+    cols = [("numpy_us", "numpy"), ("varlen_us", "varlen"), ("paged_us", "paged"),
+            ("fastattn_torch_us", "fa.torch sdpa"), ("torch_us", "torch sdpa"),
             ("hf_fastattn_us", "hf fastattn"), ("hf_sdpa_us", "hf sdpa")]
     cols = [(k, t) for k, t in cols if any(k in r for r in rows)]
     header = f"{'case':<36} {'threads':>7} " + " ".join(f"{t + ' us':>16}" for _, t in cols)

@@ -269,42 +269,55 @@ def weighted_sum(w, v, out, lead, num_threads):
     _core.weighted_sum(problem)
 
 
-def _varlen_columns(args, cu_q, cu_k, by_query, by_key, by_row):
-    """Entry-table columns of packed sequences, one entry per (sequence,
-    key/value head), the sequence's rows along the packed axis: q-like
-    arrays (total_q, H, ...) and k-like arrays (total_k, G, ...) by their
-    column, and (H, total_q) arrays (lse-like) likewise."""
-    g, group = args.k.shape[1], args.group
-    nseq = cu_q.shape[0] - 1
-    seq = np.repeat(np.arange(nseq), g)
-    kv_head = np.tile(np.arange(g), nseq)
+def _varlen_layout(g, group, by_query, by_key, by_row):
+    """The entry table of packed sequences, one entry per (sequence,
+    key/value head), as a function of the sequences' offsets (see
+    _varlen_entries): (base, per_q, per_k), base (G, fields) the entries of
+    a sequence at offset 0, per_q and per_k what one row of its queries and
+    of its keys add to each column.  Operands: q-like arrays (total_q, H,
+    ...) and k-like arrays (total_k, G, ...) by their column, and (H,
+    total_q) arrays (lse-like) likewise."""
+    fields = _core.ENTRY_FIELDS
+    kv_head = np.arange(g, dtype=np.int64)
     head = kv_head * group  # the first query head of the entry's group
-    cols = {
-        _core.E_LQ: (cu_q[1:] - cu_q[:-1])[seq],
-        _core.E_LK: (cu_k[1:] - cu_k[:-1])[seq],
-        _core.E_HEAD: head,
-    }
+    base, per_q, per_k = np.zeros((g, fields), np.int64), np.zeros(fields, np.int64), np.zeros(fields, np.int64)
+    base[:, _core.E_HEAD] = head
     for col, a in by_query.items():
-        cols[col] = cu_q[seq] * a.strides[0] + head * a.strides[1]
+        base[:, col], per_q[col] = head * a.strides[1], a.strides[0]
     for col, a in by_key.items():
-        cols[col] = cu_k[seq] * a.strides[0] + kv_head * a.strides[1]
+        base[:, col], per_k[col] = kv_head * a.strides[1], a.strides[0]
     for col, a in by_row.items():
         if a is not None:
-            cols[col] = cu_q[seq] * a.strides[1] + head * a.strides[0]
-    return _entry_table(nseq * g, 1, cols)
+            base[:, col], per_q[col] = head * a.strides[0], a.strides[1]
+    return base, per_q, per_k
+
+
+def _varlen_entries(layout, cu_q, cu_k):
+    """The entry table (read-only) of packed sequences at offsets cu_q and
+    cu_k (int64, checked), laid out by _varlen_layout."""
+    base, per_q, per_k = layout
+    first = cu_q[:-1, None] * per_q + cu_k[:-1, None] * per_k
+    first[:, _core.E_LQ] = cu_q[1:] - cu_q[:-1]
+    first[:, _core.E_LK] = cu_k[1:] - cu_k[:-1]
+    entries = (first[:, None, :] + base).reshape(-1, _core.ENTRY_FIELDS)
+    entries.flags.writeable = False
+    return entries
 
 
 def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
     """Fused attention over packed sequences: q (total_q, H, D), k and v
-    (total_k, G, D|Dv), out (total_q, H, Dv), lse (H, total_q)."""
+    (total_k, G, D|Dv), out (total_q, H, Dv), lse (H, total_q).  Returns
+    the problem it ran and its entries' layout (_varlen_layout)."""
     q, k, v = args.q, args.k, args.v
-    entries = _varlen_columns(args, cu_q, cu_k, {_core.E_Q: q, _core.E_OUT: out}, {_core.E_K: k, _core.E_V: v},
-                              {_core.E_LSE: lse})
+    layout = _varlen_layout(k.shape[1], args.group, {_core.E_Q: q, _core.E_OUT: out}, {_core.E_K: k, _core.E_V: v},
+                            {_core.E_LSE: lse})
+    entries = _varlen_entries(layout, cu_q, cu_k)
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=args.group, keep=(q, k, v, out, lse),
         kv_dtype=args.kv_dtype, **_operand("q", q, 0, 2, 1), **_operand("k", k, 0, 2), **_operand("v", v, 0, 2),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
+    return problem, layout
 
 
 def attention_paged(args, out, lse, num_threads):
@@ -354,8 +367,10 @@ def attention_varlen_backward(args, cu_q, cu_k, dout, out, lse, num_threads, des
     head) owns its k and v rows, so nothing is summed afterwards."""
     q, k, v = args.q, args.k, args.v
     gq, gk, gv = (np.empty(x.shape, args.dtype) if dest is None else dest for x, dest in zip((q, k, v), dests))
-    entries = _varlen_columns(args, cu_q, cu_k, {_core.E_Q: q, _core.E_DOUT: dout, _core.E_OUT: out, _core.E_GQ: gq},
-                              {_core.E_K: k, _core.E_V: v, _core.E_GK: gk, _core.E_GV: gv}, {_core.E_LSE: lse})
+    by_query = {_core.E_Q: q, _core.E_DOUT: dout, _core.E_OUT: out, _core.E_GQ: gq}
+    by_key = {_core.E_K: k, _core.E_V: v, _core.E_GK: gk, _core.E_GV: gv}
+    layout = _varlen_layout(k.shape[1], args.group, by_query, by_key, {_core.E_LSE: lse})
+    entries = _varlen_entries(layout, cu_q, cu_k)
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=args.group,
         keep=(q, k, v, dout, out, lse, gq, gk, gv),

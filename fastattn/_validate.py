@@ -332,6 +332,13 @@ def gradient_outs(args, given, inputs):
     return tuple(dests)
 
 
+def offsets_ok(cu, total):
+    """Whether cu (1-D int64, not empty) starts at 0, never decreases and
+    ends at `total`.  Compared, not subtracted: a difference of offsets
+    could wrap around (9e18 - -9e18 to a positive length)."""
+    return cu[0] == 0 and cu[-1] == total and not (cu[1:] < cu[:-1]).any()
+
+
 def cu_seqlens(cu, name, total):
     """Cumulative sequence lengths (int64): from 0, never decreasing, ending at `total`."""
     cu = np.asarray(cu)
@@ -340,9 +347,7 @@ def cu_seqlens(cu, name, total):
     if cu.ndim != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {cu.shape}")
     cu = cu.astype(np.int64)
-    # every offset within [0, total] first: their differences then cannot
-    # wrap around (as 9e18 - -9e18 would, to a positive length)
-    if cu[0] != 0 or cu[-1] != total or cu.min() < 0 or cu.max() > total or np.any(np.diff(cu) < 0):
+    if not offsets_ok(cu, total):
         raise ValueError(
             f"{name} must start at 0, never decrease and end at the packed length {total}, got {cu}"
         )

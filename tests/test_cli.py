@@ -98,12 +98,13 @@ def test_transformers_bench_runs(monkeypatch):
 
 def test_calls_bench_runs():
     """The per-call rows: every front end timed for each case and thread
-    count (torch's and transformers' columns where they are installed)."""
+    count (the numpy functions; torch's and transformers' columns where they
+    are installed)."""
     from fastattn import _bench
 
     rows = _bench.run_calls(2, repeat=1, cases=[("tiny", (1, 4, 1, 16), (1, 2, 5, 16))])
     assert [r["threads"] for r in rows] == [1, 2]
-    keys = ["numpy_us"]
+    keys = ["numpy_us", "varlen_us", "paged_us"]
     try:
         import torch  # noqa: F401
         keys += ["fastattn_torch_us", "torch_us"]

@@ -245,6 +245,67 @@ def test_varlen_equals_per_sequence_attention(rng):
         assert np.array_equal(out[s], one.swapaxes(0, 1))
 
 
+def test_varlen_calls_rerun_their_layouts_problem(rng, monkeypatch):
+    """A call of attention_varlen whose layouts and options were seen before
+    (decoding steps over packed keys that grow, batches of one size mixing
+    chunks and single queries) reruns the first call's problem over its own
+    offsets: it needs none of the full checks (they are made to fail here)
+    and gives bitwise the result of a checked call (out=)."""
+    from fastattn import _validate
+
+    h, g, d, dv = 8, 2, 24, 16
+    kbuf, vbuf = randn(rng, (3000, g, d), np.float32), randn(rng, (3000, g, dv), np.float32)
+    lens = [[100, 7, 260], [101, 8, 261], [3, 1800, 1], [0, 5, 9]]  # keys per sequence
+    n_q = [[1, 1, 1], [1, 4, 2], [3, 1, 1], [1, 1, 1]]  # queries per sequence (with return_lse: one each)
+    for return_lse in (False, True):
+        for step, (lk, lq) in enumerate(zip(lens, n_q)):
+            lq = [1, 1, 1] if return_lse else lq
+            cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]) for n in (lq, lk))
+            q = randn(rng, (cu_q[-1], h, d), np.float32)
+            k, v = kbuf[: cu_k[-1]], vbuf[: cu_k[-1]]
+            options = dict(causal=True, softcap=20.0, return_lse=return_lse)
+            checked = fastattn.attention_varlen(q, k, v, cu_q, cu_k, out=np.empty((cu_q[-1], h, dv), np.float32),
+                                                **options)
+            if step == 0:
+                fastattn.attention_varlen(q, k, v, cu_q, cu_k, **options)  # plans the layout
+            with monkeypatch.context() as m:
+                m.setattr(_validate, "VarlenArgs", None)  # a checked call would fail
+                got = fastattn.attention_varlen(q, k, v, cu_q, cu_k, **options)
+            want = ref.attention_varlen(q, k, v, cu_q, cu_k, **options)
+            if not return_lse:
+                got, checked, want = (got,), (checked,), (want,)
+            for a, b, r in zip(got, checked, want):  # out (and lse)
+                np.testing.assert_array_equal(a, b)
+                assert_close(a, r)
+
+
+def test_planned_varlen_calls_keep_their_checks(rng):
+    """Offsets a planned layout's check refuses go through the full checks,
+    which name what is wrong; a packed length of 1 (a stride of 0) is a
+    layout of its own, and so is every total_q of a call returning the lse
+    (H, total_q)."""
+    q, k = randn(rng, (3, 4, 8), np.float32), randn(rng, (30, 2, 8), np.float32)
+    cu_q, cu_k = np.array([0, 1, 2, 3]), np.array([0, 10, 20, 30])
+    fastattn.attention_varlen(q, k, k, cu_q, cu_k)
+    for args, message in [((q, k, k, np.array([0, 2, 1, 3]), cu_k), "cu_seqlens_q must start at 0"),
+                          ((q, k, k, cu_q, np.array([0, 9 * 10**18, -9 * 10**18, 30])), "cu_seqlens_k"),
+                          ((q, k, k, cu_q, np.array([0, 10, 20, 29])), "cu_seqlens_k"),
+                          ((q, k, k[:29], cu_q, np.array([0, 10, 20, 29])), "same length and heads")]:
+        with pytest.raises(ValueError, match=message):
+            fastattn.attention_varlen(*args)
+    for rows in (1, 3, 2):  # one sequence of `rows` queries
+        cu_q1 = np.array([0, rows])
+        q1 = randn(rng, (rows, 4, 8), np.float32)
+        assert_close(fastattn.attention_varlen(q1, k, k, cu_q1, np.array([0, 30])),
+                     ref.attention_varlen(q1, k, k, cu_q1, np.array([0, 30])))
+    for n_q in ([1, 1, 1], [2, 2, 1]):
+        cu_qn = np.concatenate([[0], np.cumsum(n_q)])
+        qn = randn(rng, (cu_qn[-1], 4, 8), np.float32)
+        for got, want in zip(fastattn.attention_varlen(qn, k, k, cu_qn, cu_k, return_lse=True),
+                             ref.attention_varlen(qn, k, k, cu_qn, cu_k, return_lse=True)):
+            assert_close(got, want)
+
+
 # ---- merging partial results -------------------------------------------------------
 
 
