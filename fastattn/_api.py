@@ -306,9 +306,9 @@ def _varlen_key(q, k, v, cu_q, cu_k, return_lse, options):
     if any(type(a) is not np.ndarray for a in (*arrays, cu_q, cu_k)) or any(a.ndim != 3 for a in arrays) or \
             cu_q.ndim != 1 or cu_k.ndim != 1 or cu_q.dtype.kind not in "iu" or cu_k.dtype.kind not in "iu":
         return None
-    return (*((a.shape[1:], min(a.shape[0], 2), a.strides, a.dtype) for a in arrays),
-            None if return_lse is False or return_lse is np.False_ else q.shape[0], cu_q.shape, cu_q.dtype, cu_k.shape, cu_k.dtype,
-            *((type(o), o) for o in options), _config.path_index())
+    lse_rows = None if return_lse is False or return_lse is np.False_ else q.shape[0]
+    return (*((a.shape[1:], min(a.shape[0], 2), a.strides, a.dtype) for a in arrays), lse_rows,
+            cu_q.shape, cu_q.dtype, cu_k.shape, cu_k.dtype, *((type(o), o) for o in options), _config.path_index())
 
 
 def _varlen_rerun(hit, q, k, v, cu_q, cu_k, num_threads):
@@ -408,15 +408,16 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
         With return_lse, the pair ``(out, lse)``.
     """
     key = None
-    if cu_seqlens_q is None and alibi_slopes is None and sinks is None and out is None:
-        key = _paged_key(q, k_cache, v_cache, block_table, seq_lens, scale, causal, window, softcap, k_scale, v_scale,
-                         return_lse)
+    if alibi_slopes is None and sinks is None and out is None:
+        key = _paged_key(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window, softcap,
+                         k_scale, v_scale, return_lse)
         try:
             hit = _paged_planned.get(key) if key is not None else None
         except TypeError:  # an unhashable option (a window given as a list): checked every time
             key = hit = None
         if hit is not None:
-            result = _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, num_threads)
+            result = _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale, v_scale,
+                                  num_threads)
             if result is not None:
                 return result
     return_lse = _v.flag(return_lse, "return_lse")
@@ -426,40 +427,51 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     total_q, h = args.q.shape[:2]
     out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
-    problem, entries = _problem.attention_paged(args, out, lse, num_threads)
+    problem, entries, queries = _problem.attention_paged(args, out, lse, num_threads)
     if key is not None:
         if len(_paged_planned) >= _PAGED_MAX:
             _paged_planned.clear()
-        _paged_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), entries,
-                               args.k.shape[2], args.block_size,
-                               out.shape, out.dtype, None if lse is None else lse.shape,
-                               None if lse is None else lse.dtype)
+        _paged_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), entries, queries,
+                               args.block_size, out.shape[1:], out.dtype, None if lse is None else lse.dtype)
     return (out, lse) if return_lse else out
 
 
-# Decoding calls of attention_paged (one query per sequence; no slopes, sinks
-# or out) by their layouts and options: the problem the first such call ran,
-# on no arrays, with its entry table.  A serving loop calls it every step
-# with the same layouts and new sequence lengths and block tables; once
-# those pass a cheap check (every length in [1, the table's keys], every
-# block id in use in range: the kernel's own check, which reads only the
-# ids in use and rejects the call before touching memory), the problem is
-# rerun with the lengths in its entry table, which takes a fraction of the
-# full checks' time.  Any other call (and one that fails the cheap check)
-# goes through the checks, which name what is wrong.
+# Calls of attention_paged (no slopes, sinks or out) by their layouts and
+# options: the problem the first such call ran, on no arrays, with its entry
+# table and the layout of its query columns.  A serving loop calls it every
+# step with the same layouts and new sequence lengths, block tables and
+# (with cu_seqlens_q) query offsets; once those pass a cheap check (every
+# length in [1, the table's keys] for one query per sequence, else the
+# offsets as the full checks' rule has them and every length in [its
+# queries, the table's keys]; every block id in use in range: the kernel's
+# own check, which reads only the ids in use and rejects the call before
+# touching memory), the problem is rerun with them in its entry table,
+# which takes a fraction of the full checks' time.  Any other call (and
+# one that fails the cheap check) goes through the checks, which name what
+# is wrong.
 _PAGED_MAX = 64
 _paged_planned = {}
 
 
-def _paged_key(q, k_cache, v_cache, block_table, seq_lens, scale, causal, window, softcap, k_scale, v_scale,
+def _paged_key(q, k_cache, v_cache, block_table, seq_lens, cu_q, scale, causal, window, softcap, k_scale, v_scale,
                return_lse):
     """The planned-call key of an attention_paged call, or None for a call
-    the plan does not serve."""
+    the plan does not serve.  With query offsets, the problem depends on q's
+    layout but for its number of rows, except whether it is 1 (a stride
+    along one row is 0) and, for the lse (H, total_q), the number itself."""
     arrays = (q, k_cache, v_cache, block_table, seq_lens)
     if any(type(a) is not np.ndarray for a in arrays) or block_table.dtype != np.int32 or \
             not block_table.flags.c_contiguous or seq_lens.ndim != 1 or seq_lens.dtype.kind not in "iu" or \
-            seq_lens.shape[0] == 0:
+            seq_lens.shape[0] == 0 or q.ndim != 3:
         return None
+    layouts = [(a.shape, a.strides, a.dtype) for a in arrays]
+    queries = None  # one query per sequence: q's shape is the batch's
+    if cu_q is not None:
+        if type(cu_q) is not np.ndarray or cu_q.ndim != 1 or cu_q.dtype.kind not in "iu":
+            return None
+        lse_rows = None if return_lse is False or return_lse is np.False_ else q.shape[0]
+        queries = (cu_q.shape, cu_q.dtype, min(q.shape[0], 2), lse_rows)
+        layouts[0] = (q.shape[1:], q.strides, q.dtype)
     scales = []
     for s in (k_scale, v_scale):
         if s is None or type(s) is float:  # a float cache's, or a float8 cache's per-tensor scale
@@ -469,22 +481,31 @@ def _paged_key(q, k_cache, v_cache, block_table, seq_lens, scale, causal, window
         else:
             return None
     # each option with its type, so that one refused for its type is never served from an accepted one
-    return (*((a.shape, a.strides, a.dtype) for a in arrays), *scales,
+    return (*layouts, queries, *scales,
             *((type(o), o) for o in (scale, causal, window, softcap, return_lse)), _config.path_index())
 
 
-def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, num_threads):
+def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, cu_q, k_scale, v_scale, num_threads):
     """A planned attention_paged call on this call's arrays, or None where its
-    lengths or block ids fail the cheap check (the full checks then run)."""
-    template, entries, g, block_size, out_shape, out_dtype, lse_shape, lse_dtype = hit
-    if seq_lens.min() < 1 or seq_lens.max() > block_table.shape[1] * block_size:
-        return None
+    lengths, query offsets or block ids fail the cheap check (the full checks
+    then run)."""
+    template, entries, queries, block_size, out_tail, out_dtype, lse_dtype = hit
+    total_q, most = q.shape[0], block_table.shape[1] * block_size
+    if cu_q is None:
+        if seq_lens.min() < 1 or seq_lens.max() > most:
+            return None
+    else:
+        cu_q = cu_q.astype(np.int64)
+        if not _v.offsets_ok(cu_q, total_q) or seq_lens.max() > most or \
+                ((cu_q[1:] - cu_q[:-1]) > seq_lens).any():  # (no length below its queries' count, >= 0)
+            return None
+        entries = _problem._query_columns(entries, queries, cu_q)
     entries = entries.copy()
-    entries.reshape(-1, g, entries.shape[1])[:, :, _core.E_LK] = seq_lens[:, None]
+    entries.reshape(seq_lens.shape[0], -1, entries.shape[1])[:, :, _core.E_LK] = seq_lens[:, None]
     scales = [np.array([s], np.float32) if type(s) is float else s for s in (k_scale, v_scale)]
     address = _core.address
-    out = np.empty(out_shape, out_dtype)
-    lse = np.empty(lse_shape, lse_dtype) if lse_shape is not None else None
+    out = np.empty((total_q,) + out_tail, out_dtype)
+    lse = np.empty((out_tail[0], total_q), lse_dtype) if lse_dtype is not None else None
     try:
         _core.attention(template.rebased(
             num_threads=_config.resolve_threads(num_threads), q=address(q), k=address(k_cache), v=address(v_cache),

@@ -320,36 +320,45 @@ def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
     return problem, layout
 
 
+def _query_columns(entries, layout, cu_q):
+    """A copy (read-only) of an entry table of sequences, one entry per
+    (sequence, key/value head), with the columns of the sequences' queries
+    at offsets cu_q (int64, checked) and their counts set by `layout`
+    (_varlen_layout's, of query operands only)."""
+    base, per_q, _ = layout
+    entries = entries.copy()
+    rows = entries.reshape(cu_q.shape[0] - 1, base.shape[0], _core.ENTRY_FIELDS)
+    cols = np.flatnonzero(per_q)
+    rows[:, :, cols] = base[:, cols] + cu_q[:-1, None, None] * per_q[cols]
+    rows[:, :, _core.E_LQ] = (cu_q[1:] - cu_q[:-1])[:, None]
+    entries.flags.writeable = False
+    return entries
+
+
 def attention_paged(args, out, lse, num_threads):
     """Fused attention over a paged KV cache (_validate.PagedArgs): one entry
     per (sequence, key/value head) over its pages of block_table; q and out
-    (total_q, H, D|Dv), lse (H, total_q).  Returns the problem it ran and its
-    entry table."""
+    (total_q, H, D|Dv), lse (H, total_q).  Returns the problem it ran, its
+    entry table and the layout of its query columns (_query_columns)."""
     q, k, v, g, group = args.q, args.k, args.v, args.k.shape[2], args.group
     nseq = args.seq_lens.shape[0]
     seq = np.repeat(np.arange(nseq), g)
     kv_head = np.tile(np.arange(g), nseq)
-    head = kv_head * group  # the first query head of the entry's group
-    first = args.cu_q[seq]
     cols = {
-        _core.E_Q: first * q.strides[0] + head * q.strides[1],
-        _core.E_OUT: first * out.strides[0] + head * out.strides[1],
         _core.E_K: kv_head * k.strides[2],
         _core.E_V: kv_head * v.strides[2],
-        _core.E_LQ: (args.cu_q[1:] - args.cu_q[:-1])[seq],
         _core.E_LK: args.seq_lens[seq],
-        _core.E_HEAD: head,
+        _core.E_HEAD: kv_head * group,  # the first query head of the entry's group
         _core.E_PAGES: seq * args.table.shape[1],
     }
-    if lse is not None:
-        cols[_core.E_LSE] = first * lse.strides[1] + head * lse.strides[0]
     scales = {}
     for name, sc, col in (("k", args.k_scale, _core.E_KS), ("v", args.v_scale, _core.E_VS)):
         if sc is not None:  # (blocks, block_size, G) per token and head, or one per tensor
             cols[col] = kv_head * _stride(sc, 2)
             scales.update({f"{name}_scales": _core.address(sc), f"{name}s_rs": _stride(sc, 1),
                            f"{name}s_ps": _stride(sc, 0)})
-    entries = _entry_table(nseq * g, 1, cols)
+    queries = _varlen_layout(g, group, {_core.E_Q: q, _core.E_OUT: out}, {}, {_core.E_LSE: lse})
+    entries = _query_columns(_entry_table(nseq * g, 1, cols), queries, args.cu_q)
     table = args.table.reshape(-1)
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, kv_dtype=args.kv_dtype,
@@ -358,7 +367,7 @@ def attention_paged(args, out, lse, num_threads):
         **_operand("q", q, 0, 2, 1), **_operand("k", k, 1, 3), **_operand("v", v, 1, 3),
         **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
-    return problem, entries
+    return problem, entries, queries
 
 
 def attention_varlen_backward(args, cu_q, cu_k, dout, out, lse, num_threads, dests=(None, None, None)):

@@ -7,7 +7,7 @@ import pytest
 
 import fastattn
 import fastattn.reference as ref
-from util import assert_close, randn, weight_rounding_allowance, stable_seed
+from util import assert_close, assert_planned_rerun, randn, weight_rounding_allowance, stable_seed
 
 
 def gqa_inputs(rng, dtype, b, h, g, lq, lk, d, dv):
@@ -251,8 +251,6 @@ def test_varlen_calls_rerun_their_layouts_problem(rng, monkeypatch):
     chunks and single queries) reruns the first call's problem over its own
     offsets: it needs none of the full checks (they are made to fail here)
     and gives bitwise the result of a checked call (out=)."""
-    from fastattn import _validate
-
     h, g, d, dv = 8, 2, 24, 16
     kbuf, vbuf = randn(rng, (3000, g, d), np.float32), randn(rng, (3000, g, dv), np.float32)
     lens = [[100, 7, 260], [101, 8, 261], [3, 1800, 1], [0, 5, 9]]  # keys per sequence
@@ -268,15 +266,8 @@ def test_varlen_calls_rerun_their_layouts_problem(rng, monkeypatch):
                                                 **options)
             if step == 0:
                 fastattn.attention_varlen(q, k, v, cu_q, cu_k, **options)  # plans the layout
-            with monkeypatch.context() as m:
-                m.setattr(_validate, "VarlenArgs", None)  # a checked call would fail
-                got = fastattn.attention_varlen(q, k, v, cu_q, cu_k, **options)
-            want = ref.attention_varlen(q, k, v, cu_q, cu_k, **options)
-            if not return_lse:
-                got, checked, want = (got,), (checked,), (want,)
-            for a, b, r in zip(got, checked, want):  # out (and lse)
-                np.testing.assert_array_equal(a, b)
-                assert_close(a, r)
+            assert_planned_rerun(monkeypatch, "VarlenArgs", fastattn.attention_varlen, (q, k, v, cu_q, cu_k), options,
+                                 checked, ref.attention_varlen(q, k, v, cu_q, cu_k, **options))
 
 
 def test_planned_varlen_calls_keep_their_checks(rng):

@@ -5,7 +5,7 @@ import pytest
 
 import fastattn
 import fastattn.reference as ref
-from util import assert_close, randn, stable_seed
+from util import assert_close, assert_planned_rerun, randn, stable_seed
 
 
 # ---- sinks ------------------------------------------------------------------------
@@ -303,8 +303,6 @@ def test_paged_decoding_steps_rerun_their_layouts_problem(rng, monkeypatch, kv):
     needs none of the full checks (they are made to fail here), and gives
     bitwise the result of the checked call, whose padding past each
     sequence's blocks (-1, or ids out of range) is never read."""
-    from fastattn import _validate
-
     h, g, d, bs, n_blocks = 8, 2, 32, 16, 40
     kf, vf = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
     if kv == "float32":
@@ -320,11 +318,8 @@ def test_paged_decoding_steps_rerun_their_layouts_problem(rng, monkeypatch, kv):
         q, table = decoding_step(rng, kc, lens, bs, h, 20, pad)
         checked = fastattn.attention_paged(q, kc, vc, table, lens, out=np.empty_like(q), **scales)  # out=: checked
         want = ref.attention_paged(q, kc, vc, table, lens, **scales)
-        with monkeypatch.context() as m:
-            m.setattr(_validate, "PagedArgs", None)  # a checked call would fail
-            got = fastattn.attention_paged(q, kc, vc, table, lens, **scales)
-        np.testing.assert_array_equal(got, checked)
-        assert_close(got, want)
+        assert_planned_rerun(monkeypatch, "PagedArgs", fastattn.attention_paged, (q, kc, vc, table, lens), scales,
+                             checked, want)
 
 
 def test_planned_paged_calls_keep_their_checks(rng):
@@ -342,6 +337,66 @@ def test_planned_paged_calls_keep_their_checks(rng):
                           ((bad_id, lens), "block_table row 1 uses block ids outside")]:
         with pytest.raises(ValueError, match=message):
             fastattn.attention_paged(q, kc, vc, *args)
+
+
+@pytest.mark.parametrize("kv", ["float32", "int8"])
+def test_paged_mixed_batches_rerun_their_layouts_problem(rng, monkeypatch, kv):
+    """A call with query offsets (chunks of prefill beside decoding steps)
+    whose layouts and options were seen before reruns the first call's
+    problem over its own offsets, lengths and block table: no full check
+    (made to fail here), bitwise the result of a checked call, the
+    reference's within tolerance; with return_lse too (same total_q)."""
+    h, g, d, bs, n_blocks = 8, 2, 32, 16, 60
+    kf, vf = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    if kv == "float32":
+        kc, vc, scales = kf, vf, {}
+    else:
+        _, _, kc, vc, ks, vs = quantized_cache(rng, np.dtype(np.int8), n_blocks, bs, g, d, d)
+        scales = dict(k_scale=ks, v_scale=vs)
+    steps = [([100, 7, 260], [1, 7, 1]), ([101, 40, 261], [1, 33, 1]), ([5, 41, 262], [5, 1, 1]),
+             ([6, 42, 300], [1, 1, 38])]  # (keys, queries) of each sequence
+    for return_lse in (False, True):
+        for step, (lens, n_q) in enumerate(steps):
+            n_q = [1, 2, 3] if return_lse else n_q
+            lens, cu_q = np.array(lens), np.concatenate([[0], np.cumsum(n_q)])
+            _, table = decoding_step(rng, kc, lens, bs, h, 20, -1)
+            q = randn(rng, (cu_q[-1], h, d), np.float32)
+            call = dict(cu_seqlens_q=cu_q, softcap=30.0, return_lse=return_lse, **scales)
+            checked = fastattn.attention_paged(q, kc, vc, table, lens, out=np.empty_like(q), **call)
+            want = ref.attention_paged(q, kc, vc, table, lens, **call)
+            if step == 0:
+                fastattn.attention_paged(q, kc, vc, table, lens, **call)  # plans the layout
+            assert_planned_rerun(monkeypatch, "PagedArgs", fastattn.attention_paged, (q, kc, vc, table, lens), call,
+                                 checked, want)
+
+
+def test_planned_paged_mixed_batches_keep_their_checks(rng):
+    """Query offsets and lengths a planned layout's cheap check refuses go
+    through the full checks, which name what is wrong; one query row (a
+    stride of 0) and each total_q of a call returning the lse are layouts
+    of their own."""
+    h, g, d, bs, n_blocks = 4, 2, 16, 8, 30
+    kc, vc = paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+    lens = np.array([20, 9])
+    _, table = decoding_step(rng, kc, lens, bs, h, 5, -1)
+    q = randn(rng, (6, h, d), np.float32)
+    fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=np.array([0, 3, 6]))
+    for cu, lk, message in [([0, 7, 6], lens, "cu_seqlens_q must start at 0"),
+                            ([0, 1, 6], np.array([20, 4]), "sequence 1 has 5 queries but seq_lens\\[1\\] = 4"),
+                            ([0, 3, 6], np.array([20, 41]), "seq_lens must be in")]:
+        with pytest.raises(ValueError, match=message):
+            fastattn.attention_paged(q, kc, vc, table, lk, cu_seqlens_q=np.array(cu))
+    for rows in (1, 4, 2):  # one sequence of `rows` queries
+        q1 = randn(rng, (rows, h, d), np.float32)
+        call = (q1, kc, vc, table[:1], lens[:1])
+        assert_close(fastattn.attention_paged(*call, cu_seqlens_q=np.array([0, rows])),
+                     ref.attention_paged(*call, cu_seqlens_q=np.array([0, rows])))
+    for n_q in ([1, 1], [3, 2]):
+        cu = np.concatenate([[0], np.cumsum(n_q)])
+        qn = randn(rng, (cu[-1], h, d), np.float32)
+        for got, want in zip(fastattn.attention_paged(qn, kc, vc, table, lens, cu_seqlens_q=cu, return_lse=True),
+                             ref.attention_paged(qn, kc, vc, table, lens, cu_seqlens_q=cu, return_lse=True)):
+            assert_close(got, want)
 
 
 @pytest.mark.parametrize("options", [dict(causal=True), dict(causal=False), dict(causal=True, window=(150, 0)),
