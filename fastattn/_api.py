@@ -86,9 +86,9 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
 
 
 # Calls of plain arrays (no mask, slopes, sinks or out; q, k and v each of
-# the dtype the kernels read it in) by their layouts and options: the problem the first such call ran
-# (validated and built by it), on no arrays, and its results' shapes and
-# dtypes.  A model calls attention with the same layouts every layer and
+# the dtype the kernels read it in) by their layouts and options: the
+# problem the first such call ran (validated and built by it), on no
+# arrays, and its results' shapes and dtypes.  A model calls attention with the same layouts every layer and
 # every decoding step; rerunning the problem on the call's arrays takes a
 # fraction of the checks' time, which is most of a small call's.
 _PLANNED_MAX = 256
@@ -247,7 +247,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     v : array_like, shape (total_k, G, Dv)
         float32, float64, float16 or bfloat16 (float16 or bfloat16 k and v
         under float32 q are read in place, as in :func:`attention`); H a
-        multiple of G (grouped-query heads).  alibi_slopes and sinks broadcast to (H,).
+        multiple of G (grouped-query heads).  alibi_slopes and sinks
+        broadcast to (H,).
     cu_seqlens_q, cu_seqlens_k : array_like of int, shape (batch + 1,)
         Cumulative sequence lengths, starting at 0.
 

@@ -324,11 +324,12 @@ def _query_columns(entries, layout, cu_q):
     """A copy (read-only) of an entry table of sequences, one entry per
     (sequence, key/value head), with the columns of the sequences' queries
     at offsets cu_q (int64, checked) and their counts set by `layout`
-    (_varlen_layout's, of query operands only)."""
+    (_varlen_layout's, of query operands only: every column it sets, a
+    head's offset even where a row's is 0, as in a broadcast q)."""
     base, per_q, _ = layout
     entries = entries.copy()
     rows = entries.reshape(cu_q.shape[0] - 1, base.shape[0], _core.ENTRY_FIELDS)
-    cols = np.flatnonzero(per_q)
+    cols = np.flatnonzero((per_q != 0) | base.any(axis=0))
     rows[:, :, cols] = base[:, cols] + cu_q[:-1, None, None] * per_q[cols]
     rows[:, :, _core.E_LQ] = (cu_q[1:] - cu_q[:-1])[:, None]
     entries.flags.writeable = False

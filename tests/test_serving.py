@@ -370,6 +370,20 @@ def test_paged_mixed_batches_rerun_their_layouts_problem(rng, monkeypatch, kv):
                                  checked, want)
 
 
+def test_paged_queries_with_a_zero_row_stride(rng):
+    """q broadcast along its rows (one query row for every sequence): each
+    head still reads its own query, with and without query offsets, checked
+    and planned."""
+    kc, vc = paged_cache(rng, np.float32, 4, 8, 2, 16, 16)
+    table, lens = np.array([[0, 1], [2, 3]], np.int32), np.array([10, 12], np.int32)
+    q1 = randn(rng, (1, 4, 16), np.float32)
+    for rows, cu in ((2, None), (3, np.array([0, 1, 3]))):
+        q = np.broadcast_to(q1, (rows, 4, 16))
+        want = ref.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu)
+        for _ in range(2):  # checked, then planned
+            assert_close(fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu), want)
+
+
 def test_planned_paged_mixed_batches_keep_their_checks(rng):
     """Query offsets and lengths a planned layout's cheap check refuses go
     through the full checks, which name what is wrong; one query row (a
