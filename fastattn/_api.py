@@ -88,9 +88,10 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
 # Calls of plain arrays (no mask, slopes, sinks or out; q, k and v each of
 # the dtype the kernels read it in) by their layouts and options: the
 # problem the first such call ran (validated and built by it), on no
-# arrays, and its results' shapes and dtypes.  A model calls attention with the same layouts every layer and
-# every decoding step; rerunning the problem on the call's arrays takes a
-# fraction of the checks' time, which is most of a small call's.
+# arrays, and its results' shapes and dtypes.  A model calls attention with
+# the same layouts every layer and every decoding step; rerunning the
+# problem on the call's arrays takes a fraction of the checks' time, which
+# is most of a small call's.
 _PLANNED_MAX = 256
 _planned = {}
 
