@@ -499,7 +499,7 @@ def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, cu_q, k_scale,
     else:
         cu_q = cu_q.astype(np.int64)
         if not _v.offsets_ok(cu_q, total_q) or seq_lens.max() > most or \
-                ((cu_q[1:] - cu_q[:-1]) > seq_lens).any():  # (no length below its queries' count, >= 0)
+                ((cu_q[1:] - cu_q[:-1]) > seq_lens).any():  # a sequence's keys count its queries (so >= 0)
             return None
         entries = _problem._query_columns(entries, queries, cu_q)
     entries = entries.copy()
