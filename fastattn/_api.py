@@ -282,7 +282,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
         if len(_varlen_planned) >= _VARLEN_MAX:
             _varlen_planned.clear()
         _varlen_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), layout, out.shape[1:],
-                                out.dtype, None if lse is None else lse.dtype)
+                                out.dtype, None if lse is None else lse.dtype, [None])
     return (out, lse) if return_lse else out
 
 
@@ -292,9 +292,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
 # every step with the same layouts over new offsets and packed lengths;
 # once the offsets pass the checks (the same rule as the full checks', on
 # integer arrays of the planned kind), the problem is rerun with the entries
-# of these offsets, which takes a fraction of the full checks' time.  Any
-# other call (and one whose offsets fail) goes through the checks, which
-# name what is wrong.
+# of these offsets, which takes a fraction of the full checks' time (the
+# layers of a model, called one after the other with the same offsets, reuse
+# the last call's checked entries).  Any other call (and one whose offsets
+# fail) goes through the checks, which name what is wrong.
 _VARLEN_MAX = 64
 _varlen_planned = {}
 
@@ -316,12 +317,20 @@ def _varlen_key(q, k, v, cu_q, cu_k, return_lse, options):
 def _varlen_rerun(hit, q, k, v, cu_q, cu_k, num_threads):
     """A planned attention_varlen call on this call's arrays, or None where
     its offsets or packed lengths fail the checks (the full checks then run)."""
-    template, layout, out_tail, out_dtype, lse_dtype = hit
+    template, layout, out_tail, out_dtype, lse_dtype, last = hit
     total_q, total_k = q.shape[0], k.shape[0]
-    cu_q, cu_k = cu_q.astype(np.int64), cu_k.astype(np.int64)
-    if v.shape[0] != total_k or not (_v.offsets_ok(cu_q, total_q) and _v.offsets_ok(cu_k, total_k)):
+    if v.shape[0] != total_k:
         return None
-    entries = _problem._varlen_entries(layout, cu_q, cu_k)
+    tag = (cu_q.tobytes(), cu_k.tobytes(), total_q, total_k)
+    seen = last[0]  # (tag, entries) of the last call of the layout
+    if seen is not None and seen[0] == tag:
+        entries = seen[1]
+    else:
+        cu_q, cu_k = cu_q.astype(np.int64), cu_k.astype(np.int64)
+        if not (_v.offsets_ok(cu_q, total_q) and _v.offsets_ok(cu_k, total_k)):
+            return None
+        entries = _problem._varlen_entries(layout, cu_q, cu_k)
+        last[0] = (tag, entries)
     out = np.empty((total_q,) + out_tail, out_dtype)
     lse = np.empty((out_tail[0], total_q), lse_dtype) if lse_dtype is not None else None
     address = _core.address
@@ -434,7 +443,7 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
         if len(_paged_planned) >= _PAGED_MAX:
             _paged_planned.clear()
         _paged_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), entries, queries,
-                               args.block_size, out.shape[1:], out.dtype, None if lse is None else lse.dtype)
+                               args.block_size, out.shape[1:], out.dtype, None if lse is None else lse.dtype, [None])
     return (out, lse) if return_lse else out
 
 
@@ -448,9 +457,11 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
 # queries, the table's keys]; every block id in use in range: the kernel's
 # own check, which reads only the ids in use and rejects the call before
 # touching memory), the problem is rerun with them in its entry table,
-# which takes a fraction of the full checks' time.  Any other call (and
-# one that fails the cheap check) goes through the checks, which name what
-# is wrong.
+# which takes a fraction of the full checks' time (the layers of a model,
+# called one after the other with the same lengths and offsets, reuse the
+# last call's checked entries; block ids are checked every call).  Any
+# other call (and one that fails the cheap check) goes through the checks,
+# which name what is wrong.
 _PAGED_MAX = 64
 _paged_planned = {}
 
@@ -491,19 +502,26 @@ def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, cu_q, k_scale,
     """A planned attention_paged call on this call's arrays, or None where its
     lengths, query offsets or block ids fail the cheap check (the full checks
     then run)."""
-    template, entries, queries, block_size, out_tail, out_dtype, lse_dtype = hit
+    template, entries, queries, block_size, out_tail, out_dtype, lse_dtype, last = hit
     total_q, most = q.shape[0], block_table.shape[1] * block_size
-    if cu_q is None:
-        if seq_lens.min() < 1 or seq_lens.max() > most:
-            return None
+    tag = (seq_lens.tobytes(), None if cu_q is None else cu_q.tobytes(), total_q)
+    seen = last[0]  # (tag, entries) of the last call of the layout
+    if seen is not None and seen[0] == tag:
+        entries = seen[1]
     else:
-        cu_q = cu_q.astype(np.int64)
-        if not _v.offsets_ok(cu_q, total_q) or seq_lens.max() > most or \
-                ((cu_q[1:] - cu_q[:-1]) > seq_lens).any():  # a sequence's keys count its queries (so >= 0)
-            return None
-        entries = _problem._query_columns(entries, queries, cu_q)
-    entries = entries.copy()
-    entries.reshape(seq_lens.shape[0], -1, entries.shape[1])[:, :, _core.E_LK] = seq_lens[:, None]
+        if cu_q is None:
+            if seq_lens.min() < 1 or seq_lens.max() > most:
+                return None
+        else:
+            cu_q = cu_q.astype(np.int64)
+            if not _v.offsets_ok(cu_q, total_q) or seq_lens.max() > most or \
+                    ((cu_q[1:] - cu_q[:-1]) > seq_lens).any():  # a sequence's keys count its queries (so >= 0)
+                return None
+            entries = _problem._query_columns(entries, queries, cu_q)
+        entries = entries.copy()
+        entries.reshape(seq_lens.shape[0], -1, entries.shape[1])[:, :, _core.E_LK] = seq_lens[:, None]
+        entries.flags.writeable = False
+        last[0] = (tag, entries)
     scales = [np.array([s], np.float32) if type(s) is float else s for s in (k_scale, v_scale)]
     address = _core.address
     out = np.empty((total_q,) + out_tail, out_dtype)

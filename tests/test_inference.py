@@ -270,6 +270,29 @@ def test_varlen_calls_rerun_their_layouts_problem(rng, monkeypatch):
                                  checked, ref.attention_varlen(q, k, v, cu_q, cu_k, **options))
 
 
+def test_varlen_layers_reuse_the_last_calls_entries(rng, monkeypatch):
+    """Calls of a planned layout with the offsets of the call before (a
+    model's layers, one after the other) reuse its checked entries: the
+    offsets are not checked again (made to fail here), the results are the
+    reference's; other offsets are checked."""
+    from fastattn import _validate
+
+    cu_q, cu_k = np.array([0, 1, 5, 6]), np.array([0, 40, 47, 300])
+    call = [randn(rng, (6, 4, 16), np.float32)] + [randn(rng, (300, 2, 16), np.float32) for _ in range(2)]
+    fastattn.attention_varlen(*call, cu_q, cu_k, causal=True)  # plans the layout
+    fastattn.attention_varlen(*call, cu_q, cu_k.copy(), causal=True)  # and checks these offsets
+    with monkeypatch.context() as m:
+        m.setattr(_validate, "offsets_ok", None)
+        for layer in range(3):
+            call = [randn(rng, a.shape, np.float32) for a in call]
+            assert_close(fastattn.attention_varlen(*call, cu_q.copy(), cu_k, causal=True),
+                         ref.attention_varlen(*call, cu_q, cu_k, causal=True))
+    with pytest.raises(ValueError, match="same length and heads"):  # the same offsets, v one row short
+        fastattn.attention_varlen(*call[:2], call[2][:299], cu_q, cu_k, causal=True)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        fastattn.attention_varlen(*call, cu_q, np.array([0, 40, 30, 300]), causal=True)
+
+
 def test_planned_varlen_calls_keep_their_checks(rng):
     """Offsets a planned layout's check refuses go through the full checks,
     which name what is wrong; a packed length of 1 (a stride of 0) is a

@@ -370,6 +370,39 @@ def test_paged_mixed_batches_rerun_their_layouts_problem(rng, monkeypatch, kv):
                                  checked, want)
 
 
+def test_paged_layers_reuse_the_last_calls_entries(rng, monkeypatch):
+    """Calls of a planned layout with the lengths and query offsets of the
+    call before (a model's layers) reuse its checked entries (the plan's
+    memo stays the same object; query offsets are not checked again: made
+    to fail here) but for the block ids, which the kernel checks every
+    call; the results are the reference's."""
+    from fastattn import _api, _validate
+
+    h, g, d, bs, n_blocks = 4, 2, 16, 8, 40
+    lens, cu_q = np.array([20, 9, 33]), np.array([0, 1, 5, 6])
+    _, table = decoding_step(rng, paged_cache(rng, np.float32, n_blocks, bs, g, d, d)[0], lens, bs, h, 6, -1)
+    for cu in (None, cu_q):
+        rows = 3 if cu is None else 6
+        call = lambda: (randn(rng, (rows, h, d), np.float32),) + paged_cache(rng, np.float32, n_blocks, bs, g, d, d)
+        fastattn.attention_paged(*call(), table, lens, cu_seqlens_q=cu)  # plans the layout
+        fastattn.attention_paged(*call(), table, lens.copy(), cu_seqlens_q=cu)  # and checks these lengths
+        q, kc, vc = call()
+        memo = _api._paged_planned[_api._paged_key(q, kc, vc, table, lens, cu, None, True, None, None, None, None,
+                                                   False)][-1]
+        checked = memo[0]
+        with monkeypatch.context() as m:
+            m.setattr(_validate, "offsets_ok", None)
+            for layer in range(3):
+                q, kc, vc = call()
+                assert_close(fastattn.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu),
+                             ref.attention_paged(q, kc, vc, table, lens, cu_seqlens_q=cu))
+        assert memo[0] is checked
+        bad = table.copy()
+        bad[2, 0] = n_blocks
+        with pytest.raises(ValueError, match="block_table row 2 uses block ids outside"):
+            fastattn.attention_paged(*call(), bad, lens, cu_seqlens_q=cu)
+
+
 def test_paged_queries_with_a_zero_row_stride(rng):
     """q broadcast along its rows (one query row for every sequence): each
     head still reads its own query, with and without query offsets, checked
