@@ -811,8 +811,8 @@ def format_masks(rows):
 
 # paged KV cache rows: (Lk, batch, block size); a batch of 16 has lengths drawn from [Lk / 4, Lk]
 PAGED_HEADS = (32, 8, 128)  # H, G, D
-PAGED_CASES = [(4096, 1, 16), (4096, 1, 32), (16384, 1, 16), (16384, 1, 32), (32768, 1, 16), (32768, 1, 32),
-               (4096, 16, 16), (16384, 16, 16), (16384, 16, 32)]
+PAGED_CASES = [(4096, 1, 16), (4096, 1, 32), (16384, 1, 16), (16384, 1, 32), (16384, 1, 128), (32768, 1, 16),
+               (32768, 1, 32), (4096, 16, 16), (16384, 16, 16), (16384, 16, 32), (16384, 16, 128)]
 # mixed batch: 8 sequences decoding (Lk 2048 .. 8192) and one prefill chunk of 512 queries after 8192 cached keys
 PAGED_MIXED = (8, 2048, 8192, 512, 8192)
 
@@ -874,11 +874,20 @@ def quantized_copy(kc, vc, dtype):
     return k8, v8, ks, vs
 
 
+def head_major(cache):
+    """A copy of a paged cache (or of its per-token scales) whose pages hold
+    each head's rows together, (blocks, G, block_size, ...), as the view of
+    the (blocks, block_size, G, ...) layout that attention_paged takes."""
+    order = (0, 2, 1) + tuple(range(3, cache.ndim))
+    return np.ascontiguousarray(cache.transpose(order)).transpose(order)
+
+
 def run_paged(threads, repeat=10, cases=None, with_torch=True, progress=None):
     """Paged decode (attention_paged) against fastattn's decode over the same
     keys stored contiguously (one sequence: attention on (1, G, Lk, D); a
     batch: attention_varlen on the packed keys), float32, bfloat16, int8 and
-    float8 e4m3 caches; and a mixed batch
+    float8 e4m3 caches, the bfloat16 and int8 ones also in head-major pages
+    (head_major); and a mixed batch
     (decodes and a prefill chunk in one call) against torch's SDPA per
     sequence after a gather of its blocks.  Same data, same run."""
     from fastattn._api import BFLOAT16
@@ -904,12 +913,18 @@ def run_paged(threads, repeat=10, cases=None, with_torch=True, progress=None):
         if bf16 is not None:
             qb, kcb, vcb = (x.astype(bf16) for x in (q, kc, vc))
             fns["bf16_ms"] = lambda: fastattn.attention_paged(qb, kcb, vcb, table, lens, num_threads=threads)
+            kch, vch = head_major(kcb), head_major(vcb)
+            fns["bf16_hm_ms"] = lambda: fastattn.attention_paged(qb, kch, vch, table, lens, num_threads=threads)
         for name, dt in (("int8_ms", np.int8), ("e4m3_ms", E4M3)):
             if dt is None:
                 continue
             k8, v8, ks, vs = quantized_copy(kc, vc, dt)
             fns[name] = (lambda k8=k8, v8=v8, ks=ks, vs=vs: fastattn.attention_paged(
                 q, k8, v8, table, lens, k_scale=ks, v_scale=vs, num_threads=threads))
+            if dt == np.int8:
+                k8h, v8h, ksh, vsh = (head_major(x) for x in (k8, v8, ks, vs))
+                fns["int8_hm_ms"] = lambda: fastattn.attention_paged(q, k8h, v8h, table, lens, k_scale=ksh,
+                                                                     v_scale=vsh, num_threads=threads)
         times = alternating_blocks(list(fns.values()), repeat)
         row = dict(lk=lk, batch=batch, block=bs, keys=int(lens.sum()), threads=threads,
                    bytes=2 * int(lens.sum()) * g * d * 4)
@@ -961,20 +976,24 @@ def run_paged_mixed(threads, repeat=3, with_torch=True, progress=None):
     return row
 
 
+PAGED_KINDS = ("bf16", "bf16 hm", "int8", "int8 hm", "e4m3")
+
+
 def format_paged(rows, mixed):
     header = (f"{'Lk':>6} {'batch':>5} {'block':>5} {'paged ms':>9} {'GB/s':>6} {'contig ms':>9} {'GB/s':>6} "
-              f"{'paged/contig':>12}" + "".join(f" {k + ' ms':>9} {'x':>6}" for k in ("bf16", "int8", "e4m3")))
+              f"{'paged/contig':>12}" + "".join(f" {k + ' ms':>10} {'x':>6}" for k in PAGED_KINDS))
     lines = [header, "-" * len(header)]
     for r in rows:
         gb = r["bytes"] / 1e9
         line = (f"{r['lk']:>6} {r['batch']:>5} {r['block']:>5} {r['paged_ms']:>9.2f} "
                 f"{gb / (r['paged_ms'] * 1e-3):>6.1f} {r['contiguous_ms']:>9.2f} "
                 f"{gb / (r['contiguous_ms'] * 1e-3):>6.1f} {r['contiguous_ms'] / r['paged_ms']:>11.1%} ")
-        for k in ("bf16", "int8", "e4m3"):
-            t = r.get(k + "_ms")
-            line += f" {t:>9.2f} {r['contiguous_ms'] / t:>5.2f}x" if t else f" {'-':>9} {'-':>6}"
+        for k in PAGED_KINDS:
+            t = r.get(k.replace(" ", "_") + "_ms")
+            line += f" {t:>10.2f} {r['contiguous_ms'] / t:>5.2f}x" if t else f" {'-':>10} {'-':>6}"
         lines.append(line)
-    lines.append("(x: speed against the float32 contiguous decode of the same row)")
+    lines.append("(x: speed against the float32 contiguous decode of the same row; hm: the cache in head-major "
+                 "pages, (blocks, G, block, D) viewed as (blocks, block, G, D))")
     th = mixed.get("torch_ms")
     lines.append("")
     lines.append(f"mixed batch: {mixed['decodes']} decodes (Lk {mixed['lk_range'][0]}..{mixed['lk_range'][1]}) + "

@@ -403,6 +403,37 @@ def test_paged_layers_reuse_the_last_calls_entries(rng, monkeypatch):
             fastattn.attention_paged(*call(), bad, lens, cu_seqlens_q=cu)
 
 
+@pytest.mark.parametrize("kv", ["float32", "bfloat16", "int8"])
+def test_head_major_pages(rng, kv):
+    """A cache whose pages hold each head's rows together, (blocks, G,
+    block_size, D), passed as its (blocks, block_size, G, D) view (as
+    fastattn._bench.head_major makes it): cache_write fills it as it fills
+    the token-major cache, and attention_paged reads the same keys and
+    values from it (within float32 rounding: its heads are not bundled)."""
+    from fastattn._bench import head_major
+
+    h, g, d, bs, n_blocks = 8, 2, 32, 16, 30
+    dt = np.dtype(ml_dtypes.bfloat16) if kv == "bfloat16" else np.dtype(kv)
+    lens, n_q = np.array([200, 1, 77]), np.array([1, 1, 9])
+    cu_q = np.concatenate([[0], np.cumsum(n_q)])
+    table = block_table(rng, lens, bs, n_blocks)
+    k, v = (randn(rng, (n_blocks * bs, g, d), np.float32) for _ in range(2))
+    caches = [np.zeros((n_blocks, bs, g, d), dt) for _ in range(2)]
+    scales = [np.zeros((n_blocks, bs, g), np.float32) for _ in range(2)] if kv == "int8" else [None, None]
+    token_major = caches + scales
+    heads = [None if x is None else head_major(x) for x in token_major]
+    for kc, vc, ks, vs in (token_major, heads):
+        fastattn.cache_write(k, v, kc, vc, np.arange(n_blocks * bs), k_scale=ks, v_scale=vs)
+    for a, b in zip(token_major, heads):
+        assert a is None or (np.array_equal(a, b) and not b.flags.c_contiguous)
+    q = randn(rng, (cu_q[-1], h, d), np.float32)
+    kc, vc, ks, vs = heads
+    call = dict(cu_seqlens_q=cu_q, k_scale=ks, v_scale=vs, return_lse=True)
+    for got, want in zip(fastattn.attention_paged(q, kc, vc, table, lens, **call),
+                         ref.attention_paged(q, kc, vc, table, lens, **call)):
+        assert_close(got, want)
+
+
 def test_paged_queries_with_a_zero_row_stride(rng):
     """q broadcast along its rows (one query row for every sequence): each
     head still reads its own query, with and without query offsets, checked
