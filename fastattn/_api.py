@@ -109,10 +109,7 @@ def attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, al
         key = (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype,
                *((type(o), o) for o in (scale, causal, weights, window, softcap, return_lse, align)),
                _config.path_index())
-        try:
-            hit = _planned.get(key)
-        except TypeError:  # an unhashable option (a window given as a list): checked every time
-            key = hit = None
+        hit, key = _plan_of(_planned, key)
         if hit is not None:
             template, out_shape, out_dtype, lse_shape, lse_dtype = hit
             out = np.empty(out_shape, out_dtype)
@@ -126,11 +123,57 @@ def attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, al
     lse = np.empty(args.lead + (args.lq,), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
     template = _problem.attention(args, out, lse, num_threads)
     if key is not None and template is not None:
-        if len(_planned) >= _PLANNED_MAX:
-            _planned.clear()
-        _planned[key] = (template, out.shape, out.dtype, None if lse is None else lse.shape,
-                         None if lse is None else lse.dtype)
+        _keep_plan(_planned, key, (template, out.shape, out.dtype, None if lse is None else lse.shape,
+                                   None if lse is None else lse.dtype), _PLANNED_MAX)
     return ((out, lse) if return_lse else out), template
+
+
+def _plan_of(plans, key):
+    """The plan kept under `key` in `plans` (None for no key or none kept),
+    and the key a new plan is to be kept under: None where an option is
+    unhashable (a window given as a list: such calls are checked every
+    time)."""
+    if key is None:
+        return None, None
+    try:
+        return plans.get(key), key
+    except TypeError:
+        return None, None
+
+
+def _keep_plan(plans, key, plan, limit):
+    """Keep `plan` under `key`, forgetting every plan first when `limit` are kept."""
+    if len(plans) >= limit:
+        plans.clear()
+    plans[key] = plan
+
+
+def _last_entries(last, tag, build):
+    """The entry table of a planned layout's last call, last[0] = (tag,
+    entries), where `tag` (what it was built from) is this call's; else
+    build() (None where this call's offsets or lengths fail the checks),
+    kept as the last call's.  A model's layers call one after the other
+    with the same offsets and lengths."""
+    seen = last[0]
+    if seen is not None and seen[0] == tag:
+        return seen[1]
+    entries = build()
+    if entries is not None:
+        last[0] = (tag, entries)
+    return entries
+
+
+def _rows_layout(a):
+    """What a packed call's plan key knows of an operand of rows (rows,
+    ...): its layout but for its number of rows, except whether that is 1
+    (a stride along one row is 0)."""
+    return a.shape[1:], min(a.shape[0], 2), a.strides, a.dtype
+
+
+def _lse_rows(q, return_lse):
+    """What a packed call's plan key knows of its lse (H, total_q): total_q
+    (its stride along heads), or None without one."""
+    return None if return_lse is False or return_lse is np.False_ else q.shape[0]
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mask=None, weights="softmax",
@@ -260,12 +303,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     """
     key = None
     if alibi_slopes is None and sinks is None and out is None:
-        key = _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse,
-                          (scale, causal, weights, window, softcap, return_lse, align))
-        try:
-            hit = _varlen_planned.get(key) if key is not None else None
-        except TypeError:  # an unhashable option (a window given as a list): checked every time
-            key = hit = None
+        hit, key = _plan_of(_varlen_planned, _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse, (
+            scale, causal, weights, window, softcap, return_lse, align)))
         if hit is not None:
             result = _varlen_rerun(hit, q, k, v, cu_seqlens_q, cu_seqlens_k, num_threads)
             if result is not None:
@@ -279,10 +318,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
     problem, layout = _problem.attention_varlen(args, args.cu_q, args.cu_k, out, lse, num_threads)
     if key is not None and all(a is o for a, (_, o) in zip((args.q, args.k, args.v), args.originals)):
-        if len(_varlen_planned) >= _VARLEN_MAX:
-            _varlen_planned.clear()
-        _varlen_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), layout, out.shape[1:],
-                                out.dtype, None if lse is None else lse.dtype, [None])
+        _keep_plan(_varlen_planned, key, (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), layout,
+                                          out.shape[1:], out.dtype, None if lse is None else lse.dtype, [None]),
+                   _VARLEN_MAX)
     return (out, lse) if return_lse else out
 
 
@@ -309,9 +347,8 @@ def _varlen_key(q, k, v, cu_q, cu_k, return_lse, options):
     if any(type(a) is not np.ndarray for a in (*arrays, cu_q, cu_k)) or any(a.ndim != 3 for a in arrays) or \
             cu_q.ndim != 1 or cu_k.ndim != 1 or cu_q.dtype.kind not in "iu" or cu_k.dtype.kind not in "iu":
         return None
-    lse_rows = None if return_lse is False or return_lse is np.False_ else q.shape[0]
-    return (*((a.shape[1:], min(a.shape[0], 2), a.strides, a.dtype) for a in arrays), lse_rows,
-            cu_q.shape, cu_q.dtype, cu_k.shape, cu_k.dtype, *((type(o), o) for o in options), _config.path_index())
+    return (*(_rows_layout(a) for a in arrays), _lse_rows(q, return_lse), cu_q.shape, cu_q.dtype, cu_k.shape,
+            cu_k.dtype, *((type(o), o) for o in options), _config.path_index())
 
 
 def _varlen_rerun(hit, q, k, v, cu_q, cu_k, num_threads):
@@ -321,16 +358,16 @@ def _varlen_rerun(hit, q, k, v, cu_q, cu_k, num_threads):
     total_q, total_k = q.shape[0], k.shape[0]
     if v.shape[0] != total_k:
         return None
-    tag = (cu_q.tobytes(), cu_k.tobytes(), total_q, total_k)
-    seen = last[0]  # (tag, entries) of the last call of the layout
-    if seen is not None and seen[0] == tag:
-        entries = seen[1]
-    else:
-        cu_q, cu_k = cu_q.astype(np.int64), cu_k.astype(np.int64)
-        if not (_v.offsets_ok(cu_q, total_q) and _v.offsets_ok(cu_k, total_k)):
+
+    def build():
+        cq, ck = cu_q.astype(np.int64), cu_k.astype(np.int64)
+        if not (_v.offsets_ok(cq, total_q) and _v.offsets_ok(ck, total_k)):
             return None
-        entries = _problem._varlen_entries(layout, cu_q, cu_k)
-        last[0] = (tag, entries)
+        return _problem._varlen_entries(layout, cq, ck)
+
+    entries = _last_entries(last, (cu_q.tobytes(), cu_k.tobytes(), total_q, total_k), build)
+    if entries is None:
+        return None
     out = np.empty((total_q,) + out_tail, out_dtype)
     lse = np.empty((out_tail[0], total_q), lse_dtype) if lse_dtype is not None else None
     address = _core.address
@@ -420,12 +457,8 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     """
     key = None
     if alibi_slopes is None and sinks is None and out is None:
-        key = _paged_key(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window, softcap,
-                         k_scale, v_scale, return_lse)
-        try:
-            hit = _paged_planned.get(key) if key is not None else None
-        except TypeError:  # an unhashable option (a window given as a list): checked every time
-            key = hit = None
+        hit, key = _plan_of(_paged_planned, _paged_key(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                                       scale, causal, window, softcap, k_scale, v_scale, return_lse))
         if hit is not None:
             result = _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, k_scale, v_scale,
                                   num_threads)
@@ -440,10 +473,9 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
     problem, entries, queries = _problem.attention_paged(args, out, lse, num_threads)
     if key is not None:
-        if len(_paged_planned) >= _PAGED_MAX:
-            _paged_planned.clear()
-        _paged_planned[key] = (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), entries, queries,
-                               args.block_size, out.shape[1:], out.dtype, None if lse is None else lse.dtype, [None])
+        _keep_plan(_paged_planned, key, (problem.rebased(num_threads=1, q=0, k=0, v=0, out=0, lse=0), entries, queries,
+                                         args.block_size, out.shape[1:], out.dtype,
+                                         None if lse is None else lse.dtype, [None]), _PAGED_MAX)
     return (out, lse) if return_lse else out
 
 
@@ -482,9 +514,8 @@ def _paged_key(q, k_cache, v_cache, block_table, seq_lens, cu_q, scale, causal, 
     if cu_q is not None:
         if type(cu_q) is not np.ndarray or cu_q.ndim != 1 or cu_q.dtype.kind not in "iu":
             return None
-        lse_rows = None if return_lse is False or return_lse is np.False_ else q.shape[0]
-        queries = (cu_q.shape, cu_q.dtype, min(q.shape[0], 2), lse_rows)
-        layouts[0] = (q.shape[1:], q.strides, q.dtype)
+        queries = (cu_q.shape, cu_q.dtype, _lse_rows(q, return_lse))
+        layouts[0] = _rows_layout(q)
     scales = []
     for s in (k_scale, v_scale):
         if s is None or type(s) is float:  # a float cache's, or a float8 cache's per-tensor scale
@@ -504,24 +535,22 @@ def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, cu_q, k_scale,
     then run)."""
     template, entries, queries, block_size, out_tail, out_dtype, lse_dtype, last = hit
     total_q, most = q.shape[0], block_table.shape[1] * block_size
-    tag = (seq_lens.tobytes(), None if cu_q is None else cu_q.tobytes(), total_q)
-    seen = last[0]  # (tag, entries) of the last call of the layout
-    if seen is not None and seen[0] == tag:
-        entries = seen[1]
-    else:
+
+    def build():
         if cu_q is None:
             if seq_lens.min() < 1 or seq_lens.max() > most:
                 return None
-        else:
-            cu_q = cu_q.astype(np.int64)
-            if not _v.offsets_ok(cu_q, total_q) or seq_lens.max() > most or \
-                    ((cu_q[1:] - cu_q[:-1]) > seq_lens).any():  # a sequence's keys count its queries (so >= 0)
-                return None
-            entries = _problem._query_columns(entries, queries, cu_q)
-        entries = entries.copy()
-        entries.reshape(seq_lens.shape[0], -1, entries.shape[1])[:, :, _core.E_LK] = seq_lens[:, None]
-        entries.flags.writeable = False
-        last[0] = (tag, entries)
+            return _problem._sequence_columns(entries, queries, lk=seq_lens)
+        cq = cu_q.astype(np.int64)
+        if not _v.offsets_ok(cq, total_q) or seq_lens.max() > most or \
+                ((cq[1:] - cq[:-1]) > seq_lens).any():  # a sequence's keys count its queries (so >= 0)
+            return None
+        return _problem._sequence_columns(entries, queries, cq, seq_lens)
+
+    tag = (seq_lens.tobytes(), None if cu_q is None else cu_q.tobytes(), total_q)
+    checked = _last_entries(last, tag, build)
+    if checked is None:
+        return None
     scales = [np.array([s], np.float32) if type(s) is float else s for s in (k_scale, v_scale)]
     address = _core.address
     out = np.empty((total_q,) + out_tail, out_dtype)
@@ -529,7 +558,7 @@ def _paged_rerun(hit, q, k_cache, v_cache, block_table, seq_lens, cu_q, k_scale,
     try:
         _core.attention(template.rebased(
             num_threads=_config.resolve_threads(num_threads), q=address(q), k=address(k_cache), v=address(v_cache),
-            out=address(out), lse=0 if lse is None else address(lse), entries=entries, pages=block_table.reshape(-1),
+            out=address(out), lse=0 if lse is None else address(lse), entries=checked, pages=block_table.reshape(-1),
             k_scales=0 if scales[0] is None else address(scales[0]),
             v_scales=0 if scales[1] is None else address(scales[1]),
             keep=(q, k_cache, v_cache, block_table, out, lse, *scales)))

@@ -320,18 +320,22 @@ def attention_varlen(args, cu_q, cu_k, out, lse, num_threads):
     return problem, layout
 
 
-def _query_columns(entries, layout, cu_q):
+def _sequence_columns(entries, layout, cu_q=None, lk=None):
     """A copy (read-only) of an entry table of sequences, one entry per
     (sequence, key/value head), with the columns of the sequences' queries
     at offsets cu_q (int64, checked) and their counts set by `layout`
     (_varlen_layout's, of query operands only: every column it sets, a
-    head's offset even where a row's is 0, as in a broadcast q)."""
-    base, per_q, _ = layout
+    head's offset even where a row's is 0, as in a broadcast q), and with
+    their key counts lk, each where given."""
     entries = entries.copy()
-    rows = entries.reshape(cu_q.shape[0] - 1, base.shape[0], _core.ENTRY_FIELDS)
-    cols = np.flatnonzero((per_q != 0) | base.any(axis=0))
-    rows[:, :, cols] = base[:, cols] + cu_q[:-1, None, None] * per_q[cols]
-    rows[:, :, _core.E_LQ] = (cu_q[1:] - cu_q[:-1])[:, None]
+    rows = entries.reshape(-1, layout[0].shape[0], _core.ENTRY_FIELDS)
+    if cu_q is not None:
+        base, per_q, _ = layout
+        cols = np.flatnonzero((per_q != 0) | base.any(axis=0))
+        rows[:, :, cols] = base[:, cols] + cu_q[:-1, None, None] * per_q[cols]
+        rows[:, :, _core.E_LQ] = (cu_q[1:] - cu_q[:-1])[:, None]
+    if lk is not None:
+        rows[:, :, _core.E_LK] = lk[:, None]
     entries.flags.writeable = False
     return entries
 
@@ -340,7 +344,7 @@ def attention_paged(args, out, lse, num_threads):
     """Fused attention over a paged KV cache (_validate.PagedArgs): one entry
     per (sequence, key/value head) over its pages of block_table; q and out
     (total_q, H, D|Dv), lse (H, total_q).  Returns the problem it ran, its
-    entry table and the layout of its query columns (_query_columns)."""
+    entry table and the layout of its query columns (_sequence_columns)."""
     q, k, v, g, group = args.q, args.k, args.v, args.k.shape[2], args.group
     nseq = args.seq_lens.shape[0]
     seq = np.repeat(np.arange(nseq), g)
@@ -359,7 +363,7 @@ def attention_paged(args, out, lse, num_threads):
             scales.update({f"{name}_scales": _core.address(sc), f"{name}s_rs": _stride(sc, 1),
                            f"{name}s_ps": _stride(sc, 0)})
     queries = _varlen_layout(g, group, {_core.E_Q: q, _core.E_OUT: out}, {}, {_core.E_LSE: lse})
-    entries = _query_columns(_entry_table(nseq * g, 1, cols), queries, args.cu_q)
+    entries = _sequence_columns(_entry_table(nseq * g, 1, cols), queries, args.cu_q)
     table = args.table.reshape(-1)
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, kv_dtype=args.kv_dtype,
