@@ -387,21 +387,186 @@ def patch():
         F.scaled_dot_product_attention = saved
 
 
+# ---- packed variable-length sequences -------------------------------------------------
+
+def _packed_outputs(query, dv):
+    """Empty (out, lse) of a call on packed rows: query (total_q, H, D), out
+    (total_q, H, dv), lse (H, total_q)."""
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (query.new_empty(tuple(query.shape[:-1]) + (dv,)),
+            query.new_empty((query.shape[1], query.shape[0]), dtype=lse_dtype))
+
+
+def _packed_offsets(position_ids, total):
+    """The offsets (int64, (n + 1,)) of the sequences packed in the rows of
+    position_ids (a numpy array (rows, L), rows * L == total): a sequence
+    begins at each row's start and wherever a position is not the one
+    before it plus one (the rule of transformers' packed-sequence masks)."""
+    if position_ids.ndim != 2 or position_ids.dtype.kind not in "iu" or position_ids.size != total:
+        raise ValueError(f"position_ids must be an integer tensor (rows, L) with rows * L = {total} (the "
+                         f"packed query rows), got {position_ids.dtype} of shape {position_ids.shape}")
+    pos = position_ids.astype(np.int64)
+    starts = np.ones(pos.shape, dtype=bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    return np.append(np.flatnonzero(starts), total)
+
+
+def _varlen_arguments(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left,
+                      window_right, softcap, bottom_right, alibi_slopes, sinks):
+    """fastattn.attention_varlen's arguments as numpy arrays, keywords
+    included; the offsets come from position_ids where given."""
+    a = _numpy_args(q=query, k=key, v=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    alibi_slopes=alibi_slopes, sinks=sinks)
+    if position_ids is not None:
+        a["cu_seqlens_q"] = a["cu_seqlens_k"] = _packed_offsets(_as_numpy(position_ids), query.shape[0])
+    a.update(scale=scale, causal=causal, window=_window(window_left, window_right), softcap=softcap,
+             align="bottom-right" if bottom_right else "top-left")
+    return a
+
+
+@_on_torch_threads
+def _attention_varlen_impl(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left,
+                           window_right, softcap, bottom_right, alibi_slopes, sinks, return_lse=True):
+    res = _api.attention_varlen(**_varlen_arguments(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
+        softcap, bottom_right, alibi_slopes, sinks), return_lse=return_lse)
+    out, lse = res if return_lse else (res, None)
+    return _as_tensor(out), None if lse is None else _as_tensor(lse)
+
+
+@torch.library.custom_op("fastattn::attention_varlen", mutates_args=(), device_types="cpu")
+def _attention_varlen_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                         position_ids: Optional[torch.Tensor], scale: Optional[float], causal: bool,
+                         window_left: int, window_right: int, softcap: Optional[float], bottom_right: bool,
+                         alibi_slopes: Optional[torch.Tensor],
+                         sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fastattn.attention_varlen on tensors: (out, lse).  The sequences are
+    given by their offsets or, where position_ids is given, by the
+    positions of the packed rows (_packed_offsets)."""
+    return _attention_varlen_impl(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal,
+                                  window_left, window_right, softcap, bottom_right, alibi_slopes, sinks)
+
+
+@_attention_varlen_op.register_fake
+def _attention_varlen_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left,
+                           window_right, softcap, bottom_right, alibi_slopes, sinks):
+    return _packed_outputs(query, value.shape[-1])
+
+
+@torch.library.custom_op("fastattn::attention_varlen_backward", mutates_args=(), device_types="cpu")
+def _attention_varlen_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                  cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                                  position_ids: Optional[torch.Tensor], scale: Optional[float], causal: bool,
+                                  window_left: int, window_right: int, softcap: Optional[float],
+                                  bottom_right: bool, alibi_slopes: Optional[torch.Tensor],
+                                  sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn.attention_varlen_backward on tensors: (dq, dk, dv)."""
+    return _attention_varlen_backward_impl(grad_out, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                           position_ids, scale, causal, window_left, window_right, softcap,
+                                           bottom_right, alibi_slopes, sinks)
+
+
+@_on_torch_threads
+def _attention_varlen_backward_impl(grad_out, query, key, value, out, lse, *options):
+    a = _varlen_arguments(query, key, value, *options)
+    grads = _api.attention_varlen_backward(_as_numpy(grad_out), a.pop("q"), a.pop("k"), a.pop("v"), _as_numpy(out),
+                                           _as_numpy(lse), a.pop("cu_seqlens_q"), a.pop("cu_seqlens_k"), **a)
+    return tuple(_as_tensor(g) for g in grads)
+
+
+@_attention_varlen_backward_op.register_fake
+def _attention_varlen_backward_fake(grad_out, query, key, value, out, lse, *options):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    query, key, value = inputs[:3]
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse)
+    ctx.options = inputs[3:]
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fastattn.attention_varlen_backward(grad_out, query, key, value, out, lse, *ctx.options)
+    return (dq, dk, dv) + (None,) * len(ctx.options)  # no gradient for the offsets, slopes, sinks and options
+
+
+_attention_varlen_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
+            softcap, bottom_right, alibi_slopes, sinks, return_lse):
+    """(out, lse) of the packed sequences (lse None unless return_lse):
+    through the operator when torch.compile traces or a gradient may be
+    needed (as in attention()), straight to fastattn otherwise."""
+    args = (query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
+            softcap, bottom_right, alibi_slopes, sinks)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            query.requires_grad or key.requires_grad or value.requires_grad)):
+        return torch.ops.fastattn.attention_varlen(*args)
+    return _attention_varlen_impl(*args, return_lse=return_lse)
+
+
+def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False, window=None,
+                     softcap=None, alibi_slopes=None, sinks=None, align="bottom-right", return_lse=False):
+    """:func:`fastattn.attention_varlen` on CPU tensors, with autograd.
+
+    Packed sequences without padding, as FlashAttention's
+    ``flash_attn_varlen_func`` takes them: query ``(total_q, H, D)``, key
+    and value ``(total_k, G, D|Dv)``, the sequences' int32 or int64 offsets
+    ``cu_seqlens_q`` and ``cu_seqlens_k`` ``(batch + 1,)``; causal, window
+    and ALiBi aligned per sequence, ``align`` "bottom-right" (the default)
+    or "top-left".  The tensors are read in place.  It is the custom
+    operator ``torch.ops.fastattn.attention_varlen``, whose gradient is
+    fastattn's varlen backward (``torch.ops.fastattn.attention_varlen_backward``),
+    so ``torch.compile(..., fullgraph=True)`` traces it and training on
+    packed batches works; offsets, slopes and sinks get no gradient.
+    Calls needing no gradient go to fastattn directly.
+
+    Returns
+    -------
+    Tensor, shape (total_q, H, Dv)
+        With return_lse, ``(out, lse)``, lse of shape (H, total_q).
+    """
+    _tensor_args(query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 alibi_slopes=alibi_slopes, sinks=sinks)
+    for name, t in (("query", query), ("key", key), ("value", value), ("cu_seqlens_q", cu_seqlens_q),
+                    ("cu_seqlens_k", cu_seqlens_k)):
+        if t is None:
+            raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if align not in ("bottom-right", "top-left"):
+        raise ValueError(f"align must be 'bottom-right' or 'top-left', got {align!r}")
+    left, right = _validate.window(window)
+    out, lse = _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, None, scale, causal, left, right, softcap,
+                       align == "bottom-right", alibi_slopes, sinks, return_lse)
+    return (out, lse) if return_lse else out
+
+
 # ---- paged KV caches (serving) -------------------------------------------------------
 
 # torch's float8 dtypes (those this torch has) and ml_dtypes' names for them
 _FLOAT8 = {getattr(torch, n): n for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 
 
-def _paged_numpy(**tensors):
-    """Numpy views of the tensor arguments of the paged functions, by name
-    (float8 as ml_dtypes' types); None and anything not a tensor are left
-    to the numpy API to check."""
+def _on_cpu(name, t):
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; fastattn runs on CPU tensors only")
+
+
+def _numpy_args(**tensors):
+    """Numpy views of the tensor arguments of the paged and packed
+    functions, by name (float8 as ml_dtypes' types); None and anything not
+    a tensor are left to the numpy API to check."""
     views = {}
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor):
-            if t.device.type != "cpu":
-                raise ValueError(f"{name} is on {t.device}; fastattn runs on CPU tensors only")
+            _on_cpu(name, t)
             if t.dtype in _FLOAT8:
                 import ml_dtypes
 
@@ -415,7 +580,7 @@ def _paged_numpy(**tensors):
 @_on_torch_threads
 def _attention_paged_impl(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window_left,
                           window_right, softcap, alibi_slopes, sinks, k_scale, v_scale):
-    a = _paged_numpy(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+    a = _numpy_args(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
                      cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
                      v_scale=v_scale)
     out, lse = _api.attention_paged(a.pop("query"), **a, scale=scale, causal=causal,
@@ -438,13 +603,11 @@ def _attention_paged_op(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 @_attention_paged_op.register_fake
 def _attention_paged_fake(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window_left,
                           window_right, softcap, alibi_slopes, sinks, k_scale, v_scale):
-    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return (query.new_empty(tuple(query.shape[:-1]) + (v_cache.shape[-1],)),
-            query.new_empty((query.shape[1], query.shape[0]), dtype=lse_dtype))
+    return _packed_outputs(query, v_cache.shape[-1])
 
 
 def _cache_write_impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
-    a = _paged_numpy(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+    a = _numpy_args(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
                      k_scale=k_scale, v_scale=v_scale)
     _api.cache_write(a.pop("key"), a.pop("value"), **a)
 
@@ -468,10 +631,14 @@ def _scale_tensor(s):
     return torch.tensor([s], dtype=torch.float32) if isinstance(s, (int, float)) and not isinstance(s, bool) else s
 
 
-def _paged_tensors(**tensors):
+def _tensor_args(**tensors):
+    """Each argument None or a CPU tensor (checked before the operator: a
+    tensor on another device would reach its fake implementation)."""
     for name, t in tensors.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None:
+            _on_cpu(name, t)
 
 
 def attention_paged(query, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, scale=None, causal=True,
@@ -492,7 +659,7 @@ def attention_paged(query, k_cache, v_cache, block_table, seq_lens, *, cu_seqlen
         With return_lse, ``(out, lse)``, lse of shape (H, total_q).
     """
     k_scale, v_scale = _scale_tensor(k_scale), _scale_tensor(v_scale)
-    _paged_tensors(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+    _tensor_args(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
                    cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
                    v_scale=v_scale)
     left, right = _validate.window(window)
@@ -513,7 +680,7 @@ def cache_write(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_s
     it; eager calls go to fastattn directly.
     """
     k_scale, v_scale = _scale_tensor(k_scale), _scale_tensor(v_scale)
-    _paged_tensors(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+    _tensor_args(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
                    k_scale=k_scale, v_scale=v_scale)
     if torch.compiler.is_compiling():
         torch.ops.fastattn.cache_write(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)

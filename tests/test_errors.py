@@ -71,6 +71,20 @@ def sdpa(make):
     return ft.scaled_dot_product_attention(**args)
 
 
+def torch_varlen(make=None, **kw):
+    """fastattn.torch.attention_varlen on q = k = v of (6, 2, 8) in two
+    sequences, with the arguments make(torch, q) returns and kw (skipped
+    without torch)."""
+    torch = pytest.importorskip("torch")
+    import fastattn.torch as ft
+
+    q = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    args = dict(query=q, key=q, value=q, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    args.update(make(torch, q) if make else {}, **kw)
+    return ft.attention_varlen(**args)
+
+
 def dask_attention(make, **kw):
     """fastattn.dask.attention on the dask arrays make(da, Q, V) returns, with
     Q of (2, 5, 8) in two chunks and V of (2, 6, 4) (skipped without dask)."""
@@ -340,6 +354,15 @@ BAD = [
     (lambda: sdpa(lambda t, q: dict(key=q[:, :3], value=q[:, :3], enable_gqa=True)), ValueError,
      "head counts do not match"),
     (lambda: sdpa(lambda t, q: dict(query=q.numpy())), TypeError, "torch.Tensor"),
+    (lambda: torch_varlen(lambda t, q: dict(cu_seqlens_q=[0, 2, 6])), TypeError, "cu_seqlens_q must be a torch"),
+    (lambda: torch_varlen(lambda t, q: dict(key=None)), TypeError, "key must be a torch.Tensor, got None"),
+    (lambda: torch_varlen(lambda t, q: dict(value=q.to("meta"))), ValueError, "value is on meta"),
+    (lambda: torch_varlen(lambda t, q: dict(cu_seqlens_k=t.tensor([0, 4, 2]))), ValueError, "cu_seqlens_k"),
+    (lambda: torch_varlen(lambda t, q: dict(query=q.clone().requires_grad_(), cu_seqlens_q=t.tensor([0, 7, 6]))),
+     ValueError, "cu_seqlens_q"),  # through the operator (a gradient needed)
+    (lambda: torch_varlen(align="middle"), ValueError, "align must be"),
+    (lambda: torch_varlen(window=2), TypeError, "window must be"),
+    (lambda: torch_varlen(lambda t, q: dict(sinks=t.zeros(3))), ValueError, "sinks"),
     # fastattn.dask: every rule raises when the graph is built
     (lambda: dask_attention(lambda da, q, v: (q, q[:, :, :4], v)), ValueError, "head dim"),
     (lambda: dask_attention(lambda da, q, v: (q, q, v)), ValueError, "same length Lk"),

@@ -370,8 +370,8 @@ def test_paged_attention_and_cache_write_on_tensors(kv_dtype):
     sinks = np.linspace(-1, 1, 4, dtype=np.float32)
     kw = dict(cu_seqlens_q=cu, window=(40, 0), softcap=5.0, sinks=torch.from_numpy(sinks))
     out, lse = ft.attention_paged(q, kc, vc, table, lens, return_lse=True, **kw, **scales)
-    np_scales = ft._paged_numpy(**scales)
-    caches = ft._paged_numpy(k_cache=kc, v_cache=vc)
+    np_scales = ft._numpy_args(**scales)
+    caches = ft._numpy_args(k_cache=kc, v_cache=vc)
     want, want_lse = fastattn.attention_paged(
         q.numpy(), caches["k_cache"], caches["v_cache"], table.numpy(), lens.numpy(),
         cu_seqlens_q=cu.numpy(), window=(40, 0), softcap=5.0, sinks=sinks,
@@ -417,3 +417,119 @@ def test_paged_bad_inputs_name_the_argument():
         ft.attention_paged(q, kc, vc, table, lens + 1000, cu_seqlens_q=cu)
     with pytest.raises(TypeError, match="slot_mapping must be a torch.Tensor"):
         ft.cache_write(q[:1, :2], q[:1, :2, :24], kc, vc, [0])
+
+
+# ---- packed variable-length sequences ----------------------------------------------
+
+VARLEN_CASES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "causal top-left window softcap": dict(causal=True, align="top-left", window=(3, 1), softcap=2.0),
+    "alibi sinks": dict(alibi_slopes=[0.5, 0.25, 0.125, 0.0625], sinks=[0.3, -1.0, 2.0, 0.0]),
+    "scale": dict(scale=0.4),
+}
+
+
+def varlen_inputs(name, dtype):
+    """Four sequences (one without queries, one without keys) of q (20, 4, 8)
+    over k (30, 2, 8) and v (30, 2, 6); the case's keywords as tensors."""
+    g = torch.Generator().manual_seed(len(name))
+    cu_q = torch.tensor([0, 5, 5, 12, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 9, 9, 30], dtype=torch.int64)
+    q = torch.randn(20, 4, 8, dtype=dtype, generator=g, requires_grad=True)
+    k = torch.randn(30, 2, 8, dtype=dtype, generator=g, requires_grad=True)
+    v = torch.randn(30, 2, 6, dtype=dtype, generator=g, requires_grad=True)
+    kw = {n: torch.tensor(x, dtype=dtype) if isinstance(x, list) else x for n, x in VARLEN_CASES[name].items()}
+    return q, k, v, cu_q, cu_k, kw
+
+
+def _numpy_kw(kw):
+    return {n: x.numpy() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+
+
+@pytest.mark.parametrize("name", list(VARLEN_CASES))
+def test_varlen_forward_and_gradients_are_the_numpy_apis(name):
+    """fastattn.torch.attention_varlen gives what fastattn.attention_varlen
+    and attention_varlen_backward give on the same memory, bit for bit,
+    without a gradient (direct) and through the operator (with one)."""
+    q, k, v, cu_q, cu_k, kw = varlen_inputs(name, torch.float32)
+    arrays = [t.detach().numpy() for t in (q, k, v)] + [cu_q.numpy(), cu_k.numpy()]
+    want, lse = fastattn.attention_varlen(*arrays, return_lse=True, **_numpy_kw(kw))
+    with torch.no_grad():
+        direct = ft.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    out, op_lse = ft.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    assert out.requires_grad and np.array_equal(direct.numpy(), want)
+    assert np.array_equal(out.detach().numpy(), want) and np.array_equal(op_lse.numpy(), lse)
+    dout = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    out.backward(dout)
+    grads = fastattn.attention_varlen_backward(dout.numpy(), *arrays[:3], want, lse, *arrays[3:],
+                                               **_numpy_kw(kw))
+    for t, g in zip((q, k, v), grads):
+        assert np.array_equal(t.grad.numpy(), g)
+
+
+@pytest.mark.parametrize("name", list(VARLEN_CASES))
+def test_varlen_gradcheck_float64(name):
+    q, k, v, cu_q, cu_k, kw = varlen_inputs(name, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b, c: ft.attention_varlen(a, b, c, cu_q, cu_k, **kw), (q, k, v))
+
+
+def test_varlen_compiles_forward_and_backward():
+    q, k, v, cu_q, cu_k, kw = varlen_inputs("causal top-left window softcap", torch.float32)
+
+    def loss(a, b, c):
+        return (ft.attention_varlen(a, b, c, cu_q, cu_k, **kw) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_varlen_half_tensors(dtype):
+    """16-bit packed sequences: 16-bit output and gradients, those of the
+    numpy API on the same memory."""
+    q, k, v, cu_q, cu_k, kw = varlen_inputs("causal", torch.float32)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = ft.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    out.backward(torch.ones_like(out))
+    assert out.dtype == q.grad.dtype == k.grad.dtype == dtype
+    views = ft._numpy_args(q=q, k=k, v=v, dout=torch.ones_like(out), out=out)
+    want, lse = fastattn.attention_varlen(views["q"], views["k"], views["v"], cu_q.numpy(), cu_k.numpy(),
+                                          return_lse=True, **kw)
+    assert np.array_equal(views["out"], want)
+    grads = fastattn.attention_varlen_backward(views["dout"], views["q"], views["k"], views["v"], want, lse,
+                                               cu_q.numpy(), cu_k.numpy(), **kw)
+    for t, g in zip((q, k, v), grads):
+        assert np.array_equal(ft._numpy_args(g=t.grad)["g"], g)
+
+
+def test_varlen_offsets_from_position_ids():
+    """The operator's position_ids: a sequence begins at each row and
+    wherever a position is not the one before it plus one."""
+    pos = np.array([[0, 1, 2, 0, 1, 5, 6, 6], [3, 4, 5, 6, 0, 1, 2, 3]])
+    assert ft._packed_offsets(pos, 16).tolist() == [0, 3, 5, 7, 8, 12, 16]
+    assert ft._packed_offsets(pos[:1, :3], 3).tolist() == [0, 3]
+    for bad in (pos.ravel(), pos.astype(np.float32), pos[:, :7]):
+        with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
+            ft._packed_offsets(bad, 16)
+
+
+def test_varlen_bad_inputs_name_the_argument():
+    q, k, v, cu_q, cu_k, _ = varlen_inputs("plain", torch.float32)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be a torch.Tensor"):
+        ft.attention_varlen(q, k, v, cu_q.numpy(), cu_k)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be a torch.Tensor, got None"):
+        ft.attention_varlen(q, k, v, cu_q, None)
+    with pytest.raises(ValueError, match="align must be"):
+        ft.attention_varlen(q, k, v, cu_q, cu_k, align=3)
+    with pytest.raises(TypeError, match="window must be a"):
+        ft.attention_varlen(q, k, v, cu_q, cu_k, window=3)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        ft.attention_varlen(q, k, v, cu_q.flip(0), cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        ft.attention_varlen(q, k, v, cu_q, cu_k + 1)  # the same rule with a gradient (the operator's way)
+    with pytest.raises(ValueError, match="is on meta"):
+        ft.attention_varlen(q, k.to("meta"), v, cu_q, cu_k)
