@@ -26,11 +26,17 @@ key/value heads, attention sinks (``s_aux``, one logit per head, as in
 gpt-oss; they get no gradient, so training with sinks that require one
 raises), float32, float64, float16 and bfloat16.  ``dropout`` must be 0
 (models pass 0 in eval mode; training with dropout raises).  Several
-sequences packed into one batch row (padding-free training through
-``position_ids``) are not detected: pass an attention mask or use one
-sequence per row.  The call goes through the custom operator
-``torch.ops.fastattn.attention`` (with a fake implementation and fastattn's
-backward as its gradient), so ``torch.compile(model, fullgraph=True)``
+sequences packed into one batch row (padding-free training) attend each
+within itself, as with transformers' FlashAttention: their offsets are
+taken from ``cu_seq_lens_q``/``cu_seq_lens_k`` where the collator passes
+them, otherwise from ``position_ids`` that restart within a row (a new
+sequence wherever a position is not the one before it plus one, as
+transformers' packed-sequence masks have it), and the batch runs as one
+call of fastattn's varlen kernels (the rows read in place where their
+layout allows; a single row always).  The call goes through the custom
+operator ``torch.ops.fastattn.attention`` (packed rows:
+``torch.ops.fastattn.attention_varlen``), with a fake implementation and
+fastattn's backward as its gradient, so ``torch.compile(model, fullgraph=True)``
 traces it and training works.
 """
 import math
@@ -52,6 +58,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if kwargs.get("output_attentions", False):
         raise ValueError("fastattn never forms the attention weights: output_attentions needs 'eager'")
     is_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    packing = _packing(query, key, kwargs) if attention_mask is None else None
     mask = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -66,9 +73,38 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     # FlashAttention's window: (W - 1) keys back and, without causality, ahead
     left = int(sliding_window) - 1 if sliding_window else -1
     right = -1 if left < 0 else (0 if is_causal else left)
+    if packing is not None:  # the rows' sequences as packed sequences, (B, H, L, D) as (B * L, H, D)
+        b, h, lq = query.shape[:3]
+        q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+        out, _ = fastattn.torch._varlen(q, k, v, *packing, float(scaling), is_causal, left, right,
+                                        float(softcap) if softcap else None, True, None, s_aux, False)
+        return out.view(b, lq, h, out.shape[-1]), None
     out, _ = fastattn.torch.attention(query, key, value, mask, is_causal, float(scaling), left, right,
                                       float(softcap or 0.0), True, s_aux, need_lse=False, heads_last=True)
     return out, None
+
+
+def _packing(query, key, kwargs):
+    """The sequences packed in the rows of a call without a padding mask, as
+    (cu_seqlens_q, cu_seqlens_k, position_ids) for fastattn.torch's varlen
+    operator: the offsets transformers' padding-free collators pass
+    (``cu_seq_lens_q`` and ``cu_seq_lens_k``), or position ids that restart
+    within a row of as many queries as keys; None for one sequence per
+    row.  While torch.compile traces, position ids always take the packed
+    way (its operator finds the sequences), which gives the plain way's
+    result where they do not restart."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        return cu_q, cu_k, None
+    pos = kwargs.get("position_ids")
+    b, _, lq = query.shape[:3]
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[0] not in (1, b) or pos.shape[1] != lq or \
+            key.shape[2] != lq or lq < 2:
+        return None
+    pos = pos.expand(b, lq)
+    if not torch.compiler.is_compiling() and not bool((pos[:, 1:] - pos[:, :-1] != 1).any()):
+        return None
+    return None, None, pos
 
 
 def register(name="fastattn"):

@@ -132,17 +132,72 @@ def test_training_step_gradients_match():
     assert torch.allclose(grads[NAME], grads["sdpa"], rtol=1e-4, atol=1e-6)
 
 
+def packed_rows():
+    """Two rows of 16 tokens packing sequences of 7 and 9, and of 4, 5 and 7
+    tokens (all but one longer than the sliding windows): ids (2, 16),
+    position_ids restarting at each sequence, and each sequence's ids."""
+    g = torch.Generator().manual_seed(2)
+    rows = [[7, 9], [4, 5, 7]]
+    seqs = [[torch.randint(1, BASE["vocab_size"], (n,), generator=g) for n in row] for row in rows]
+    ids = torch.stack([torch.cat(row) for row in seqs])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+    return ids, pos, seqs
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packed_rows_attend_within_their_sequences(name):
+    """Padding-free batches: sequences packed in a row (position ids that
+    restart, or the collator's cu_seq_lens offsets over one flat row) give
+    each sequence's logits alone, as transformers' own attention gives
+    them (without the packing, the later sequences' logits differ by
+    whole units)."""
+    m = model(name, torch.float32)
+    ids, pos, seqs = packed_rows()
+    with torch.no_grad():
+        alone = torch.stack([torch.cat([m(input_ids=s[None], use_cache=False).logits[0] for s in row])
+                             for row in seqs])
+        want = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+        m.set_attn_implementation(NAME)
+        got = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+        cu = torch.tensor([0, 7, 16, 20, 25, 32], dtype=torch.int32)
+        flat = m(input_ids=ids.reshape(1, -1), position_ids=pos.reshape(1, -1), use_cache=False,
+                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9).logits
+        unpacked = m(input_ids=ids, use_cache=False).logits  # positions 0..15: one sequence per row
+    tol = 1e-5 * max(alone.abs().max().item(), 1.0)
+    if name != "gpt_oss":  # the reference packs as well (gpt-oss builds its masks without the position ids)
+        assert (want - alone).abs().max().item() <= tol
+    assert (got - alone).abs().max().item() <= tol
+    assert (flat.reshape(got.shape) - alone).abs().max().item() <= tol
+    assert (unpacked - alone).abs().max().item() > 100 * tol
+
+
+def test_packed_training_gradients_match():
+    """A training step on packed rows: fastattn's gradients equal SDPA's."""
+    grads = {}
+    ids, pos, _ = packed_rows()
+    for impl in ("sdpa", NAME):
+        m = model("llama", torch.float32).train()
+        m.set_attn_implementation(impl)
+        m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss.backward()
+        grads[impl] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    assert torch.allclose(grads[NAME], grads["sdpa"], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_compiles_without_graph_breaks():
-    """torch.compile(model, fullgraph=True): a graph break would raise (~25 s of compiling)."""
+    """torch.compile(model, fullgraph=True): a graph break would raise (~25 s
+    of compiling).  One graph serves rows of one sequence and packed rows
+    (the operator finds the sequences from the position ids)."""
     m = model("mistral", torch.float32)
     m.set_attn_implementation(NAME)
-    ids, _ = batch()
+    ids, pos, _ = packed_rows()
+    plain = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad():
-        want = m(input_ids=ids, use_cache=False).logits
         compiled = torch.compile(m, fullgraph=True, dynamic=False)
-        got = compiled(input_ids=ids, use_cache=False).logits
-    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+        for p in (plain, pos):
+            want = m(input_ids=ids, position_ids=p, use_cache=False).logits
+            got = compiled(input_ids=ids, position_ids=p, use_cache=False).logits
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
