@@ -367,6 +367,82 @@ def format_backward(rows, matmul_gflops=None):
     return "\n".join(lines)
 
 
+# ((sequences, length), H, G, D): packed training rows, causal, the sequences of one row side by side
+PACKED_BACKWARD = [((8, 512), 16, 4, 64), ((4, 1024), 16, 4, 64)]
+
+
+def run_packed_backward(threads, repeat=2, cases=None, with_torch=True, progress=None, rounds=3):
+    """Training step of attention over sequences packed in one row (padding-
+    free training), float32, causal: fastattn.attention_varlen forward +
+    attention_varlen_backward, against torch's SDPA forward + backward with
+    the row's dense block-diagonal causal mask (what transformers' "sdpa"
+    attention runs on packed rows; the mask built once, not timed) and with
+    one SDPA call per sequence, timed as run_backward does."""
+    torch_mod = torch_sdpa() if with_torch else None
+    rows = []
+    for n, ((count, length), h, g, d) in enumerate(PACKED_BACKWARD if cases is None else cases, 1):
+        if progress:
+            progress(f"[packed {n}] {count} sequences of {length}, H={h} G={g} D={d}")
+        total = count * length
+        rng = np.random.default_rng(n)
+        q, k, v, dout = (rng.standard_normal(sh, dtype=np.float32) for sh in ((total, h, d), (total, g, d),
+                                                                              (total, g, d), (total, h, d)))
+        cu = np.arange(0, total + 1, length, dtype=np.int32)
+        opts = dict(causal=True, num_threads=threads)
+
+        def step():
+            o, s = fastattn.attention_varlen(q, k, v, cu, cu, return_lse=True, **opts)
+            fastattn.attention_varlen_backward(dout, q, k, v, o, s, cu, cu, **opts)
+
+        fns = [step]
+        if torch_mod is not None:
+            fns += _torch_packed_steps(torch_mod, (q, k, v, dout), count, length)
+        with _torch_threads(torch_mod, threads):
+            times = alternating_blocks(fns, repeat, rounds)
+        row = dict(sequences=count, length=length, heads=h, kv_heads=g, d=d, threads=threads,
+                   fastattn_ms=times[0] * 1e3)
+        if torch_mod is not None:
+            row.update(torch_mask_ms=times[1] * 1e3, torch_loop_ms=times[2] * 1e3)
+        rows.append(row)
+    return rows
+
+
+def _torch_packed_steps(torch_mod, arrays, count, length):
+    """torch's SDPA forward + backward on packed rows (q, k, v, dout as
+    (total, heads, D)): one call with the block-diagonal causal mask, and one
+    call per sequence."""
+    torch, sdpa = torch_mod
+    q, k, v = (torch.from_numpy(x).transpose(0, 1).requires_grad_() for x in arrays[:3])
+    dout = torch.from_numpy(arrays[3]).transpose(0, 1)
+    seq = torch.arange(count * length) // length
+    pos = torch.arange(count * length)
+    mask = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
+
+    def masked():
+        sdpa(q, k, v, attn_mask=mask, enable_gqa=True).backward(dout)
+
+    def per_sequence():
+        for i in range(count):
+            s = slice(i * length, (i + 1) * length)
+            sdpa(q[:, s], k[:, s], v[:, s], is_causal=True, enable_gqa=True).backward(dout[:, s])
+
+    return [masked, per_sequence]
+
+
+def format_packed_backward(rows):
+    header = (f"{'sequences x length':<19} {'H/G':>5} {'D':>4} {'fastattn ms':>11} {'torch mask ms':>13} "
+              f"{'x torch':>8} {'torch loop ms':>13} {'x torch':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        tm, tl = r.get("torch_mask_ms"), r.get("torch_loop_ms")
+        lines.append(
+            f"{r['sequences']:>6} x {r['length']:<10} {r['heads']:>2}/{r['kv_heads']:<2} {r['d']:>4} "
+            f"{r['fastattn_ms']:>11.1f} "
+            + (f"{tm:>13.1f} {tm / r['fastattn_ms']:>7.2f}x {tl:>13.1f} {tl / r['fastattn_ms']:>7.2f}x" if tm
+               else f"{'-':>13} {'-':>8} {'-':>13} {'-':>8}"))
+    return "\n".join(lines)
+
+
 LINEAR_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 LINEAR_DIMS = [64, 128]
 

@@ -84,6 +84,16 @@ def test_backward_bench_runs():
     assert "bwd GFLOP/s" in _bench.format_backward(rows, 100.0)
 
 
+def test_packed_backward_bench_runs():
+    """The packed training rows, with torch's two ways where torch is installed."""
+    from fastattn import _bench
+
+    with_torch = _bench.torch_sdpa() is not None
+    rows = _bench.run_packed_backward(1, repeat=1, rounds=1, cases=[((3, 40), 4, 2, 16)], with_torch=with_torch)
+    assert rows[0]["fastattn_ms"] > 0 and (not with_torch or rows[0]["torch_mask_ms"] > 0 < rows[0]["torch_loop_ms"])
+    assert "torch mask ms" in _bench.format_packed_backward(rows)
+
+
 def test_transformers_bench_runs(monkeypatch):
     pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[transformers]')")
     pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")
