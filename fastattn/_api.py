@@ -178,7 +178,7 @@ def _lse_rows(q, return_lse):
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mask=None, weights="softmax",
                        window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right", dq=None,
-                       dk=None, dv=None, num_threads=None):
+                       dk=None, dv=None, return_dsinks=False, num_threads=None):
     """Gradients of :func:`attention`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     FlashAttention-2's backward: the weights are recomputed tile by tile
@@ -197,10 +197,14 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
         same arguments.  With ``weights="dot"``, which has no log-sum-exp,
         pass ``lse=None``.
     scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, align
-        The forward's options, all supported.  Masks, slopes and sinks get
-        no gradient (sinks enter through the forward's lse).
+        The forward's options, all supported.  Masks and slopes get no
+        gradient; sinks get one with return_dsinks.
     dq, dk, dv : ndarray, optional
         Written in place; each must have the shape and dtype of the gradient.
+    return_dsinks : bool
+        Also return the sinks' gradient (needs sinks): a sink is a key whose
+        value is zero, so with its weight ``p = exp(sink - lse)`` in a row,
+        the row adds ``-p * rowsum(dout * out)`` to it.
     num_threads : int, optional
 
     Returns
@@ -209,14 +213,21 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
         In the result dtype of q, k and v (16-bit inputs: 16-bit gradients,
         computed in float32).  Where k or v were broadcast (grouped-query
         heads, leading dimensions of 1), their gradients are summed over
-        everything that shared them.
+        everything that shared them.  With return_dsinks, a fourth: the
+        sinks' gradient in the shape they were given, float32 (float64 for
+        float64 inputs), summed over every row that shared each sink.
     """
     wmode, _ = _v.weights_and_lse(weights, False)
     num_threads = _config.resolve_threads(num_threads)
+    return_dsinks = _v.sinks_gradient_wanted(return_dsinks, sinks)
     args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
     dout, out, lse = _v.backward_operands(args, dout, out, lse)
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
-    return _problem.attention_backward(args, dout, out, lse, num_threads, dests)
+    grads = _problem.attention_backward(args, dout, out, lse, num_threads, dests)
+    if return_dsinks:
+        delta = _problem.rowsum_products(dout, out, lse.dtype)
+        grads += (_problem.sinks_gradient(args.sinks, lse, delta, args.lead, np.shape(sinks)),)
+    return grads
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,
@@ -379,7 +390,8 @@ def _varlen_rerun(hit, q, k, v, cu_q, cu_k, num_threads):
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
                               weights="softmax", window=None, softcap=None, alibi_slopes=None, sinks=None,
-                              align="bottom-right", dq=None, dk=None, dv=None, num_threads=None):
+                              align="bottom-right", dq=None, dk=None, dv=None, return_dsinks=False,
+                              num_threads=None):
     """Gradients of :func:`attention_varlen`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     As :func:`attention_backward`, for a packed batch: dout and out have
@@ -387,19 +399,27 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     ``attention_varlen(..., return_lse=True)`` returned them (``lse=None``
     with ``weights="dot"``); the options are the forward's.  Each sequence's
     keys belong to it alone, so dk and dv sum only over its query heads.
+    With return_dsinks, the sinks' gradient too (summed over every
+    sequence).
 
     Returns
     -------
     (dq, dk, dv) : ndarrays with the shapes of q, k and v
+        With return_dsinks, ``(dq, dk, dv, dsinks)``.
     """
     wmode, _ = _v.weights_and_lse(weights, False)
     num_threads = _config.resolve_threads(num_threads)
+    return_dsinks = _v.sinks_gradient_wanted(return_dsinks, sinks)
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes,
                          wmode, align, sinks)
     total_q, h = args.q.shape[:2]
     dout, out, lse = _v.backward_operands(args, dout, out, lse, (total_q, h, args.dv), (h, total_q))
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
-    return _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, out, lse, num_threads, dests)
+    grads = _problem.attention_varlen_backward(args, args.cu_q, args.cu_k, dout, out, lse, num_threads, dests)
+    if return_dsinks:
+        delta = _problem.rowsum_products(dout, out, lse.dtype).T
+        grads += (_problem.sinks_gradient(args.sinks, lse, delta, (h,), np.shape(sinks)),)
+    return grads
 
 
 def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=None, scale=None, causal=True,

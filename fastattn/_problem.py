@@ -395,6 +395,26 @@ def attention_varlen_backward(args, cu_q, cu_k, dout, out, lse, num_threads, des
     return gq, gk, gv
 
 
+def sinks_gradient(sinks, lse, delta, lead, shape):
+    """The gradient of sum(dout * out) with respect to the sinks, in their
+    own `shape`: sinks (float64, one per query head of `lead`, flat, as
+    _validate.sinks gives them), lse and delta = rowsum(dout * out) with one
+    row of queries per sink (lse's dtype).  A sink is a key whose value is
+    zero: with its weight p_i = exp(sink - lse_i) in row i, d out_i / d sink
+    = -p_i out_i, so each row adds -p_i delta_i (0 for a head without a
+    sink).  Sums in float64, the result in lse's dtype."""
+    col = sinks.reshape(-1, 1)
+    with np.errstate(invalid="ignore"):  # -inf - -inf where a head has no sink and a row sees no key
+        p = np.where(np.isneginf(col), 0.0, np.exp(col - lse.reshape(col.shape[0], -1)))
+    g = -(p * delta.reshape(col.shape[0], -1)).sum(axis=1)
+    return np.asarray(_sum_to(g.reshape(lead), shape, None), dtype=lse.dtype)
+
+
+def rowsum_products(dout, out, dtype):
+    """rowsum(dout * out) over the last axis, in `dtype` (the kernels' delta)."""
+    return np.einsum("...d,...d->...", dout.astype(dtype, copy=False), out.astype(dtype, copy=False))
+
+
 def _grad_buffer(shape, natural, dtype, dest):
     """Where the kernel writes an operand's gradient: `dest` (or a new array)
     of the operand's shape, or an array of the unbroadcast `natural` shape

@@ -231,6 +231,14 @@ def alibi_slopes(slopes, lead):
     return per_head(slopes, lead, "alibi_slopes")
 
 
+def sinks_gradient_wanted(return_dsinks, sinks):
+    """return_dsinks checked: a bool, True only with sinks."""
+    wanted = flag(return_dsinks, "return_dsinks")
+    if wanted and sinks is None:
+        raise ValueError("return_dsinks=True needs sinks (there is no sink to differentiate)")
+    return wanted
+
+
 def sinks(values, lead, wmode):
     """One float64 sink logit per query head (per_head): finite, or -inf
     for a head without one; softmax weights only."""

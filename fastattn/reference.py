@@ -93,14 +93,15 @@ def logsumexp(s):
 
 
 def _sink_weights(s, sinks):
-    """Softmax weights and log-sum-exp of scores s whose rows' denominators
-    also count exp(sink) (a key with no value; one sink per query head,
-    broadcast like ALiBi slopes)."""
+    """Softmax weights, log-sum-exp and the sinks' own weights (None
+    without sinks) of scores s whose rows' denominators also count
+    exp(sink) (a key with no value; one sink per query head, broadcast like
+    ALiBi slopes)."""
     if sinks is None:
-        return softmax(s), logsumexp(s)
+        return softmax(s), logsumexp(s), None
     col = np.broadcast_to(_f64(sinks)[..., None, None], s.shape[:-1] + (1,))
-    ext = np.concatenate([s, col], axis=-1)
-    return softmax(ext)[..., :-1], logsumexp(ext)
+    ext = softmax(np.concatenate([s, col], axis=-1))
+    return ext[..., :-1], logsumexp(np.concatenate([s, col], axis=-1)), ext[..., -1]
 
 
 def weighted_sum(w, v):
@@ -120,7 +121,7 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
     if weights == "dot":
         w, lse = np.where(np.isneginf(s), 0.0, s), None
     else:
-        w, lse = _sink_weights(s, sinks)
+        w, lse, _ = _sink_weights(s, sinks)
     out = w @ v
     if return_lse:
         return out, lse
@@ -144,7 +145,8 @@ def _sum_to_shape(g, shape):
 
 
 def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, weights="softmax",
-                       window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right"):
+                       window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right",
+                       return_dsinks=False):
     """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v, ...)), in float64.
 
     Written out from the forward's formulas, without the saved lse: with
@@ -158,10 +160,14 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
       dq = scale dRaw k;  dk = scale dRaw^T q.
 
     Sinks only enlarge the softmax's denominators (P = softmax over the
-    keys and the sink, the sink's column dropped); the formulas stand.
-    Masks, slopes and sinks get no gradient.  Gradients broadcast over shared
-    operands (grouped heads, leading dimensions of 1) are summed, so each has
-    the shape of its operand."""
+    keys and the sink, the sink's column dropped); the formulas stand.  The
+    sink is a key whose value is zero: its column of dP is 0, so its column
+    of dS is -P_sink rowsum(dout * out), and a sink's gradient (with
+    return_dsinks, a fourth result of the sinks' shape) is that column
+    summed over the rows that share the sink.  Masks and slopes get no
+    gradient.  Gradients broadcast over shared operands (grouped heads,
+    leading dimensions of 1) are summed, so each has the shape of its
+    operand."""
     q64, k64, v64, do = _f64(q), _f64(k), _f64(v), _f64(dout)
     if weights == "dot" and scale is None:
         scale = 1.0
@@ -173,22 +179,26 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
     s = scores(q64, k64, scale=scale, causal=causal, mask=mask, window=window, softcap=softcap,
                alibi_slopes=alibi_slopes, align=align)
     hidden = np.isneginf(s)
-    p = np.where(hidden, 0.0, s) if weights == "dot" else _sink_weights(s, sinks)[0]
+    p, _, p_sink = (np.where(hidden, 0.0, s), None, None) if weights == "dot" else _sink_weights(s, sinks)
     out = p @ vr
     dout_b = np.broadcast_to(do, out.shape)
     dv = np.swapaxes(p, -1, -2) @ dout_b
     dp = dout_b @ np.swapaxes(vr, -1, -2)
+    dsinks = None
     if weights == "dot":
         ds = np.where(hidden, 0.0, dp)
     else:
         delta = np.sum(dout_b * out, axis=-1, keepdims=True)
         ds = p * (dp - delta)
+        if return_dsinks:
+            dsinks = _sum_to_shape(-(p_sink * delta[..., 0]).sum(axis=-1), np.shape(sinks))
     if softcap:
         z = softcap * np.tanh(np.broadcast_to(raw, ds.shape) / softcap)
         ds = ds * (1.0 - (z / softcap) ** 2)
     dq = scale * (ds @ kr)
     dk = scale * (np.swapaxes(ds, -1, -2) @ q64)
-    return _sum_to_shape(dq, q64.shape), _sum_to_shape(dk, k64.shape), _sum_to_shape(dv, v64.shape)
+    grads = _sum_to_shape(dq, q64.shape), _sum_to_shape(dk, k64.shape), _sum_to_shape(dv, v64.shape)
+    return grads + (dsinks,) if return_dsinks else grads
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, alibi_slopes=None, sinks=None,
@@ -278,18 +288,21 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
 
 
 def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, sinks=None,
-                              **options):
+                              return_dsinks=False, **options):
     """Gradients of attention_varlen, one sequence at a time (attention_backward)."""
     dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dsinks = np.zeros(np.shape(sinks)) if return_dsinks else None
     for b in range(len(cu_seqlens_q) - 1):
         qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
         ks = slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
         grads = attention_backward(*(np.swapaxes(a, 0, 1) for a in (dout[qs], q[qs], k[ks], v[ks])),
-                                   alibi_slopes=alibi_slopes, sinks=sinks, **options)
+                                   alibi_slopes=alibi_slopes, sinks=sinks, return_dsinks=return_dsinks, **options)
         for full, rows, grad in zip((dq, dk, dv), (qs, ks, ks), grads):
             full[rows] = np.swapaxes(grad, 0, 1)
-    return dq, dk, dv
+        if return_dsinks:
+            dsinks = dsinks + grads[3]
+    return (dq, dk, dv, dsinks) if return_dsinks else (dq, dk, dv)
 
 
 def merge(outputs, lses):

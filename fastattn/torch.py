@@ -9,7 +9,7 @@ top-left causal alignment, bool masks (True = takes part) and float masks
 ``torch.ops.fastattn.attention`` (with a fake implementation, so
 ``torch.compile(..., fullgraph=True)`` traces it) whose gradient is the
 custom operator ``torch.ops.fastattn.attention_backward``, fastattn's
-FlashAttention-2 backward; masks get no gradient.  What it does not support
+FlashAttention-2 backward; masks get no gradient (attention sinks do).  What it does not support
 raises an error instead of silently differing: CUDA and other devices,
 ``dropout_p > 0``.
 
@@ -229,7 +229,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
                   sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """fastattn.attention on tensors: (out, lse).  Causal, window and the
     mask align top-left (torch's convention) unless bottom_right; sinks, one
-    per query head, get no gradient."""
+    per query head, get their gradient (the mask none)."""
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
                            bottom_right, sinks)
 
@@ -247,9 +247,10 @@ def _attention_fake(query, key, value, attn_mask, is_causal, scale, window_left=
 def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
                            scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                           bottom_right: bool = False,
-                           sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastattn.attention_backward on tensors: (dq, dk, dv)."""
+                           bottom_right: bool = False, sinks: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn.attention_backward on tensors: (dq, dk, dv, dsinks), dsinks
+    empty without sinks."""
     return _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
                                     window_right, softcap, bottom_right, sinks)
 
@@ -258,16 +259,28 @@ def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: tor
 def _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
                              window_right, softcap, bottom_right, sinks):
     grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)),
-                                    mask=_as_numpy(attn_mask),
+                                    mask=_as_numpy(attn_mask), return_dsinks=sinks is not None,
                                     **_options(is_causal, scale, window_left, window_right, softcap, bottom_right,
                                                sinks))
-    return tuple(_as_tensor(g) for g in grads)
+    return _gradient_tensors(grads, query, sinks)
+
+
+def _gradient_tensors(grads, query, sinks):
+    """(dq, dk, dv, dsinks) as tensors from the numpy API's gradients:
+    dsinks in the sinks' dtype, empty without sinks."""
+    dsinks = torch.from_numpy(np.asarray(grads[3])).to(sinks.dtype) if sinks is not None else query.new_empty(0)
+    return tuple(_as_tensor(g) for g in grads[:3]) + (dsinks,)
+
+
+def _gradient_fakes(query, key, value, sinks):
+    return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
+            torch.empty_like(sinks) if sinks is not None else query.new_empty(0))
 
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left=-1,
                              window_right=-1, softcap=0.0, bottom_right=False, sinks=None):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    return _gradient_fakes(query, key, value, sinks)
 
 
 def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
@@ -281,8 +294,7 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
     log-sum-exp and returns (out, None).  With heads_last, out is
     (..., Lq, H, Dv) (the layout transformers' attention functions return),
     written so by the kernel on a direct call."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad)):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _needs_gradient(query, key, value, sinks)):
         if isinstance(attn_mask, _masks.BlockMask):  # the operator takes tensors: the mask, classified per call
             attn_mask = torch.from_numpy(attn_mask.mask)
         out, lse = torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
@@ -292,6 +304,10 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
         return out, lse
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
                            bottom_right, sinks, need_lse, heads_last)
+
+
+def _needs_gradient(*tensors):
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _setup_context(ctx, inputs, output):
@@ -306,9 +322,15 @@ def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse, attn_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.fastattn.attention_backward(grad_out, query, key, value, out, lse, attn_mask,
-                                                       *ctx.options)
-    return (dq, dk, dv) + (None,) * (1 + len(ctx.options))  # no gradient for the mask and the options
+    dq, dk, dv, dsinks = torch.ops.fastattn.attention_backward(grad_out, query, key, value, out, lse, attn_mask,
+                                                               *ctx.options)
+    # no gradient for the mask and the scalar options; the sinks (the last input) get theirs
+    return (dq, dk, dv) + (None,) * len(ctx.options) + (_sinks_gradient(ctx, dsinks),)
+
+
+def _sinks_gradient(ctx, dsinks):
+    """The sinks' gradient where the sinks (an operator's last input) need one."""
+    return dsinks if ctx.needs_input_grad[-1] else None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -461,8 +483,10 @@ def _attention_varlen_backward_op(grad_out: torch.Tensor, query: torch.Tensor, k
                                   position_ids: Optional[torch.Tensor], scale: Optional[float], causal: bool,
                                   window_left: int, window_right: int, softcap: Optional[float],
                                   bottom_right: bool, alibi_slopes: Optional[torch.Tensor],
-                                  sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastattn.attention_varlen_backward on tensors: (dq, dk, dv)."""
+                                  sinks: Optional[torch.Tensor]
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn.attention_varlen_backward on tensors: (dq, dk, dv, dsinks),
+    dsinks empty without sinks."""
     return _attention_varlen_backward_impl(grad_out, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k,
                                            position_ids, scale, causal, window_left, window_right, softcap,
                                            bottom_right, alibi_slopes, sinks)
@@ -471,14 +495,16 @@ def _attention_varlen_backward_op(grad_out: torch.Tensor, query: torch.Tensor, k
 @_on_torch_threads
 def _attention_varlen_backward_impl(grad_out, query, key, value, out, lse, *options):
     a = _varlen_arguments(query, key, value, *options)
+    sinks = options[-1]
     grads = _api.attention_varlen_backward(_as_numpy(grad_out), a.pop("q"), a.pop("k"), a.pop("v"), _as_numpy(out),
-                                           _as_numpy(lse), a.pop("cu_seqlens_q"), a.pop("cu_seqlens_k"), **a)
-    return tuple(_as_tensor(g) for g in grads)
+                                           _as_numpy(lse), a.pop("cu_seqlens_q"), a.pop("cu_seqlens_k"),
+                                           return_dsinks=sinks is not None, **a)
+    return _gradient_tensors(grads, query, sinks)
 
 
 @_attention_varlen_backward_op.register_fake
 def _attention_varlen_backward_fake(grad_out, query, key, value, out, lse, *options):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    return _gradient_fakes(query, key, value, options[-1])
 
 
 def _varlen_setup_context(ctx, inputs, output):
@@ -493,8 +519,10 @@ def _varlen_backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.fastattn.attention_varlen_backward(grad_out, query, key, value, out, lse, *ctx.options)
-    return (dq, dk, dv) + (None,) * len(ctx.options)  # no gradient for the offsets, slopes, sinks and options
+    dq, dk, dv, dsinks = torch.ops.fastattn.attention_varlen_backward(grad_out, query, key, value, out, lse,
+                                                                      *ctx.options)
+    # no gradient for the offsets, the slopes and the scalar options; the sinks (the last input) get theirs
+    return (dq, dk, dv) + (None,) * (len(ctx.options) - 1) + (_sinks_gradient(ctx, dsinks),)
 
 
 _attention_varlen_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
@@ -507,8 +535,7 @@ def _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, 
     needed (as in attention()), straight to fastattn otherwise."""
     args = (query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
             softcap, bottom_right, alibi_slopes, sinks)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            query.requires_grad or key.requires_grad or value.requires_grad)):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _needs_gradient(query, key, value, sinks)):
         return torch.ops.fastattn.attention_varlen(*args)
     return _attention_varlen_impl(*args, return_lse=return_lse)
 
@@ -526,7 +553,8 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
     operator ``torch.ops.fastattn.attention_varlen``, whose gradient is
     fastattn's varlen backward (``torch.ops.fastattn.attention_varlen_backward``),
     so ``torch.compile(..., fullgraph=True)`` traces it and training on
-    packed batches works; offsets, slopes and sinks get no gradient.
+    packed batches works; sinks get their gradient, offsets and slopes
+    none.
     Calls needing no gradient go to fastattn directly.
 
     Returns

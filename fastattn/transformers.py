@@ -23,8 +23,7 @@ Mapped: ``attention_mask`` (2-D padding, bool), ``is_causal`` (else the
 module's), ``scaling``, ``sliding_window`` (key ``j`` visible from query
 position ``i`` iff ``i - sliding_window < j <= i``), ``softcap``, grouped
 key/value heads, attention sinks (``s_aux``, one logit per head, as in
-gpt-oss; they get no gradient, so training with sinks that require one
-raises), float32, float64, float16 and bfloat16.  ``dropout`` must be 0
+gpt-oss, trained with their gradient), float32, float64, float16 and bfloat16.  ``dropout`` must be 0
 (models pass 0 in eval mode; training with dropout raises).  Several
 sequences packed into one batch row (padding-free training) attend each
 within itself, as with transformers' FlashAttention: their offsets are
@@ -50,9 +49,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers' attention function signature: query (B, H, Lq, D), key
     and value (B, G, Lk, D|Dv); returns (output (B, Lq, H, Dv), None)."""
-    if s_aux is not None and s_aux.requires_grad and torch.is_grad_enabled():
-        raise ValueError("fastattn gives attention sinks (s_aux) no gradient: freeze them "
-                         "(requires_grad_(False)) or train with attn_implementation='eager'")
     if dropout:
         raise ValueError(f"fastattn has no dropout: dropout must be 0 (the model in eval mode), got {dropout}")
     if kwargs.get("output_attentions", False):

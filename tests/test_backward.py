@@ -183,3 +183,48 @@ def test_varlen_backward_equals_per_sequence_backward():
         one = fastattn.attention_backward(*t, np.ascontiguousarray(lse[:, s]), causal=True)
         for full, part in zip((dq, dk, dv), one):
             assert np.array_equal(full[s], np.swapaxes(part, 0, 1))
+
+
+@pytest.mark.parametrize("shapes", SHAPES[:2], ids=lambda s: "x".join(map(str, s[0])))
+@pytest.mark.parametrize("sinks_shape", ["scalar", "per head", "per batch and head"])
+def test_sinks_gradient_matches_reference(isa, dtype, shapes, sinks_shape):
+    """return_dsinks: the sinks' gradient in their own shape, with a row
+    that sees no key (its sink takes the whole weight, adding nothing) and
+    a head without a sink (-inf: a zero gradient); dq, dk, dv as without."""
+    rng = np.random.default_rng(stable_seed(shapes, sinks_shape, str(dtype)))
+    q, k, v, options = make(shapes, "bool mask", dtype, rng)
+    options["causal"] = True
+    b, h = shapes[0][0], shapes[0][1]
+    sinks = {"scalar": np.float64(0.7), "per head": rng.standard_normal(h) * 2,
+             "per batch and head": rng.standard_normal((b, h)) * 2}[sinks_shape]
+    if sinks_shape == "per head":
+        sinks[-1] = -np.inf
+    out, lse = fastattn.attention(q, k, v, sinks=sinks, return_lse=True, **options)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    *grads, dsinks = fastattn.attention_backward(dout, q, k, v, out, lse, sinks=sinks, return_dsinks=True,
+                                                 **options)
+    want = ref.attention_backward(dout, q, k, v, sinks=sinks, return_dsinks=True, **options)
+    assert dsinks.shape == np.shape(sinks) and dsinks.dtype == dtype
+    assert_close(dsinks, want[3])
+    if sinks_shape == "per head":
+        assert dsinks[-1] == 0
+    for got, plain in zip(grads, fastattn.attention_backward(dout, q, k, v, out, lse, sinks=sinks, **options)):
+        assert np.array_equal(got, plain)
+
+
+def test_varlen_sinks_gradient_matches_reference(isa, dtype):
+    """return_dsinks over packed sequences: each sink's gradient summed over
+    every sequence (one of them without queries)."""
+    rng = np.random.default_rng(stable_seed("varlen sinks", str(dtype)))
+    cu_q, cu_k = np.array([0, 30, 30, 100]), np.array([0, 50, 60, 160])
+    q = rng.standard_normal((100, 4, 12)).astype(dtype)
+    k = rng.standard_normal((160, 2, 12)).astype(dtype)
+    v = rng.standard_normal((160, 2, 7)).astype(dtype)
+    options = dict(causal=True, window=(40, 0), sinks=np.array([0.5, -1.0, 2.5, -np.inf]))
+    out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **options)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    grads = fastattn.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, return_dsinks=True, **options)
+    want = ref.attention_varlen_backward(dout, q, k, v, cu_q, cu_k, return_dsinks=True, **options)
+    for got, exp in zip(grads, want):
+        assert_close(got, exp)
+    assert grads[3][3] == 0 and grads[3].dtype == dtype

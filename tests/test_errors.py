@@ -251,6 +251,10 @@ BAD = [
     (lambda: varlen_backward(lse=np.zeros((10, 2), f32)), ValueError, "lse must have shape"),
     (lambda: varlen_backward(dout=np.zeros((10, 2, 3), f32)), ValueError, "dout must have the attention output's"),
     (lambda: varlen_backward(cu_q=[0, 5, 9]), ValueError, "cu_seqlens_q"),
+    (lambda: backward(return_dsinks=True), ValueError, "return_dsinks=True needs sinks"),
+    (lambda: backward(return_dsinks=1, sinks=0.5), TypeError, "return_dsinks must be a bool"),
+    (lambda: varlen_backward(return_dsinks=True), ValueError, "return_dsinks=True needs sinks"),
+    (lambda: varlen_backward(return_dsinks=True, sinks=[1.0, 2.0, 3.0]), ValueError, "sinks of shape"),
     # block masks
     (lambda: fastattn.block_mask(np.ones((4, 4), bool), block=128), ValueError, "block must be 64"),
     (lambda: fastattn.block_mask(np.ones((4, 4), np.int8)), TypeError, "mask must have dtype"),
@@ -378,7 +382,6 @@ BAD = [
     (lambda: dask_attention(lambda da, q, v: (object(), q, q)), TypeError, "q must"),
     # fastattn.transformers
     (lambda: hf_attention(dropout=0.1), ValueError, "dropout"),
-    (lambda: hf_attention(lambda t: dict(s_aux=t.zeros(4, requires_grad=True))), ValueError, "no gradient"),
     (lambda: hf_attention(lambda t: dict(attention_mask=t.ones(1, 1, 3, 3, dtype=t.bool))), ValueError,
      "2-D padding mask"),
     (lambda: hf_register(""), TypeError, "name"),

@@ -77,3 +77,30 @@ def test_fully_masked_rows_get_zero_gradients():
     dq2, dk2, dv2 = ref.attention_backward(np.ones((4, 3)) * (np.arange(4) != 1)[:, None], q, k, v, mask=mask)
     np.testing.assert_array_equal(dk, dk2)
     np.testing.assert_array_equal(dv, dv2)
+
+
+@pytest.mark.parametrize("sinks_shape", [(), (3,), (2, 3)], ids=["scalar", "per head", "per batch and head"])
+def test_reference_sink_gradient_matches_finite_differences(sinks_shape):
+    """The sinks' gradient (return_dsinks), in the sinks' own shape, with a
+    fully masked row (there the sink takes the whole weight) and a head
+    without a sink (-inf: no gradient)."""
+    rng = np.random.default_rng(stable_seed(sinks_shape))
+    q, k, v = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 6, 4)), rng.standard_normal((2, 3, 6, 3))
+    sinks = rng.standard_normal(sinks_shape)
+    mask = rng.random((5, 6)) < 0.7
+    mask[2] = False
+    options = dict(mask=mask, causal=True, softcap=3.0)
+    dout = rng.standard_normal((2, 3, 5, 3))
+    *grads, dsinks = ref.attention_backward(dout, q, k, v, sinks=sinks, return_dsinks=True, **options)
+    assert dsinks.shape == sinks_shape
+
+    def loss():
+        return float(np.sum(dout * ref.attention(q, k, v, sinks=sinks, **options)))
+
+    np.testing.assert_allclose(dsinks, finite_difference(loss, sinks), rtol=1e-6, atol=1e-7)
+    for got, want in zip(grads, ref.attention_backward(dout, q, k, v, sinks=sinks, **options)):
+        np.testing.assert_array_equal(got, want)
+    if sinks_shape == (3,):
+        sinks[1] = -np.inf
+        dsinks = ref.attention_backward(dout, q, k, v, sinks=sinks, return_dsinks=True, **options)[3]
+        assert dsinks[1] == 0 and np.all(np.isfinite(dsinks))

@@ -228,7 +228,7 @@ def test_half_tensors_forward_and_backward(dtype):
 def test_sinks_through_the_operator_forward_and_gradcheck():
     """fastattn.torch.attention with sinks: the forward against the
     reference, and (through the operator, since inputs need gradients)
-    gradcheck in float64; the sinks get no gradient."""
+    gradcheck in float64, the sinks' gradient included (and alone)."""
     import fastattn.reference as ref
 
     q, k, v, _ = grad_inputs("causal", torch.float64)
@@ -239,8 +239,11 @@ def test_sinks_through_the_operator_forward_and_gradcheck():
                                    scale=0.4, sinks=sinks.numpy(), align="top-left", return_lse=True)
     np.testing.assert_allclose(out.numpy(), want, atol=1e-12)
     np.testing.assert_allclose(lse.numpy(), want_lse, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, b, c: ft.attention(a, b, c, None, True, 0.4, sinks=sinks)[0],
-                                    (q, k, v))
+    sinks.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c, s: ft.attention(a, b, c, None, True, 0.4, sinks=s)[0],
+                                    (q, k, v, sinks))
+    frozen = [t.detach() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda s: ft.attention(*frozen, None, True, 0.4, sinks=s)[0], (sinks,))
 
 
 def test_direct_call_without_lse():
@@ -472,6 +475,20 @@ def test_varlen_forward_and_gradients_are_the_numpy_apis(name):
 def test_varlen_gradcheck_float64(name):
     q, k, v, cu_q, cu_k, kw = varlen_inputs(name, torch.float64)
     assert torch.autograd.gradcheck(lambda a, b, c: ft.attention_varlen(a, b, c, cu_q, cu_k, **kw), (q, k, v))
+
+
+def test_varlen_sinks_gradcheck_float64():
+    """The sinks' gradient through the varlen operator (a head without a
+    sink: -inf, whose gradient is 0)."""
+    q, k, v, cu_q, cu_k, kw = varlen_inputs("alibi sinks", torch.float64)
+    sinks = torch.tensor([0.3, -1.0, 2.0, float("-inf")], dtype=torch.float64, requires_grad=True)
+    kw.pop("sinks")
+    assert torch.autograd.gradcheck(lambda a, b, c, s: ft.attention_varlen(a, b, c, cu_q, cu_k, sinks=s, **kw),
+                                    (q, k, v, sinks))
+    out = ft.attention_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, sinks=sinks, causal=True)
+    assert out.requires_grad  # the sinks alone need a gradient: the operator's way
+    out.sum().backward()
+    assert sinks.grad[3] == 0 and torch.all(sinks.grad[:3] != 0)
 
 
 def test_varlen_compiles_forward_and_backward():

@@ -119,17 +119,24 @@ def test_the_padding_mask_is_not_expanded(monkeypatch):
     assert seen[:2] == [(3, 16), (3, 16)] and seen[2:] == [None, None]
 
 
-def test_training_step_gradients_match():
-    """A backward pass through the model: fastattn's gradients equal SDPA's."""
+@pytest.mark.parametrize("name", ["llama", "gpt_oss"])
+def test_training_step_gradients_match(name):
+    """A backward pass through the model: fastattn's gradients equal SDPA's
+    (gpt-oss: eager's, its attention sinks' gradients included)."""
     grads = {}
     ids, mask = batch()
-    for impl in ("sdpa", NAME):
-        m = model("llama", torch.float32).train()
+    reference = REFERENCE.get(name, "sdpa")
+    for impl in (reference, NAME):
+        m = model(name, torch.float32).train()
         m.set_attn_implementation(impl)
         loss = m(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
-        grads[impl] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-    assert torch.allclose(grads[NAME], grads["sdpa"], rtol=1e-4, atol=1e-6)
+        grads[impl] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        sinks = [n for n in grads[impl] if n.endswith(".sinks")]
+        assert len(sinks) == (BASE["num_hidden_layers"] if name == "gpt_oss" else 0)
+    assert grads[NAME].keys() == grads[reference].keys()
+    for n, g in grads[NAME].items():
+        torch.testing.assert_close(g, grads[reference][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def packed_rows():
