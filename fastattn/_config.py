@@ -12,6 +12,7 @@ import sys
 from fastattn import _core, _validate
 
 _num_threads = None  # set_num_threads() value; None = follow the environment
+_environment_threads = 1  # the environment's default, read at import and by set_num_threads(None)
 
 
 def _usable_cpus():
@@ -30,11 +31,16 @@ def set_num_threads(n):
     n : int or None
         Threads per call, >= 1.  ``None`` restores the default:
         ``OMP_NUM_THREADS`` when set (its first entry), otherwise every CPU
-        this process may run on.  ``threadpoolctl.threadpool_limits`` sets
-        it too (user_api ``"fastattn"``).
+        this process may run on, both read again now (as at import; calls
+        do not read them, as OpenMP runtimes read ``OMP_NUM_THREADS`` once).
+        ``threadpoolctl.threadpool_limits`` sets it too (user_api
+        ``"fastattn"``).
     """
-    global _num_threads
-    _num_threads = None if n is None else _validate.count(n, "n")
+    global _num_threads, _environment_threads
+    if n is None:
+        _num_threads, _environment_threads = None, _env_threads() or _usable_cpus()
+    else:
+        _num_threads = _validate.count(n, "n")
 
 
 def _env_threads():
@@ -49,7 +55,10 @@ def get_num_threads():
         return 1
     if _num_threads is not None:
         return _num_threads
-    return _env_threads() or _usable_cpus()
+    return _environment_threads
+
+
+set_num_threads(None)  # the environment's default, once
 
 
 def resolve_threads(num_threads):

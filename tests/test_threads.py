@@ -256,3 +256,25 @@ def test_torch_threads_survive_smaller_fastattn_teams(torch_openmp):
         torch_op()
     assert _core.host_runs() == runs + 3
     assert set(os.listdir("/proc/self/task")) == before
+
+
+def test_the_environments_thread_count_is_read_by_set_num_threads_none(monkeypatch):
+    """OMP_NUM_THREADS is read at import and by set_num_threads(None), not
+    by each call; set_num_threads(n) wins over it."""
+    if not _core.pool_threaded():
+        pytest.skip("a build without the thread pool runs every call on one thread")
+    before = fastattn.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3,2")
+        assert fastattn.get_num_threads() == before
+        fastattn.set_num_threads(None)
+        assert fastattn.get_num_threads() == 3
+        fastattn.set_num_threads(5)
+        assert fastattn.get_num_threads() == 5
+        monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a positive count: every usable CPU
+        fastattn.set_num_threads(None)
+        assert fastattn.get_num_threads() == fastattn._config._usable_cpus()
+    finally:
+        monkeypatch.undo()
+        fastattn.set_num_threads(None)
+    assert fastattn.get_num_threads() == before
