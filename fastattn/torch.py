@@ -9,9 +9,9 @@ top-left causal alignment, bool masks (True = takes part) and float masks
 ``torch.ops.fastattn.attention`` (with a fake implementation, so
 ``torch.compile(..., fullgraph=True)`` traces it) whose gradient is the
 custom operator ``torch.ops.fastattn.attention_backward``, fastattn's
-FlashAttention-2 backward; masks get no gradient (attention sinks do).  What it does not support
-raises an error instead of silently differing: CUDA and other devices,
-``dropout_p > 0``.
+FlashAttention-2 backward; masks get no gradient (attention sinks do).
+What it does not support raises an error instead of silently differing:
+CUDA and other devices, ``dropout_p > 0``.
 
 ``fastattn.torch.patch()`` routes a model's attention through fastattn::
 
@@ -554,8 +554,7 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
     fastattn's varlen backward (``torch.ops.fastattn.attention_varlen_backward``),
     so ``torch.compile(..., fullgraph=True)`` traces it and training on
     packed batches works; sinks get their gradient, offsets and slopes
-    none.
-    Calls needing no gradient go to fastattn directly.
+    none.  Calls needing no gradient go to fastattn directly.
 
     Returns
     -------
@@ -609,8 +608,8 @@ def _numpy_args(**tensors):
 def _attention_paged_impl(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, window_left,
                           window_right, softcap, alibi_slopes, sinks, k_scale, v_scale):
     a = _numpy_args(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
-                     cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
-                     v_scale=v_scale)
+                    cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+                    v_scale=v_scale)
     out, lse = _api.attention_paged(a.pop("query"), **a, scale=scale, causal=causal,
                                     window=_window(window_left, window_right), softcap=softcap, return_lse=True)
     return _as_tensor(out), _as_tensor(lse)
@@ -636,7 +635,7 @@ def _attention_paged_fake(query, k_cache, v_cache, block_table, seq_lens, cu_seq
 
 def _cache_write_impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     a = _numpy_args(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
-                     k_scale=k_scale, v_scale=v_scale)
+                    k_scale=k_scale, v_scale=v_scale)
     _api.cache_write(a.pop("key"), a.pop("value"), **a)
 
 
@@ -688,8 +687,8 @@ def attention_paged(query, k_cache, v_cache, block_table, seq_lens, *, cu_seqlen
     """
     k_scale, v_scale = _scale_tensor(k_scale), _scale_tensor(v_scale)
     _tensor_args(query=query, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
-                   cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
-                   v_scale=v_scale)
+                 cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
+                 v_scale=v_scale)
     left, right = _validate.window(window)
     args = (query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, causal, left, right, softcap,
             alibi_slopes, sinks, k_scale, v_scale)
@@ -709,7 +708,7 @@ def cache_write(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_s
     """
     k_scale, v_scale = _scale_tensor(k_scale), _scale_tensor(v_scale)
     _tensor_args(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
-                   k_scale=k_scale, v_scale=v_scale)
+                 k_scale=k_scale, v_scale=v_scale)
     if torch.compiler.is_compiling():
         torch.ops.fastattn.cache_write(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:

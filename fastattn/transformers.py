@@ -23,20 +23,20 @@ Mapped: ``attention_mask`` (2-D padding, bool), ``is_causal`` (else the
 module's), ``scaling``, ``sliding_window`` (key ``j`` visible from query
 position ``i`` iff ``i - sliding_window < j <= i``), ``softcap``, grouped
 key/value heads, attention sinks (``s_aux``, one logit per head, as in
-gpt-oss, trained with their gradient), float32, float64, float16 and bfloat16.  ``dropout`` must be 0
-(models pass 0 in eval mode; training with dropout raises).  Several
-sequences packed into one batch row (padding-free training) attend each
-within itself, as with transformers' FlashAttention: their offsets are
-taken from ``cu_seq_lens_q``/``cu_seq_lens_k`` where the collator passes
-them, otherwise from ``position_ids`` that restart within a row (a new
-sequence wherever a position is not the one before it plus one, as
-transformers' packed-sequence masks have it), and the batch runs as one
-call of fastattn's varlen kernels (the rows read in place where their
-layout allows; a single row always).  The call goes through the custom
-operator ``torch.ops.fastattn.attention`` (packed rows:
+gpt-oss, trained with their gradient), float32, float64, float16 and
+bfloat16.  ``dropout`` must be 0 (models pass 0 in eval mode; training with
+dropout raises).  Several sequences packed into one batch row (padding-free
+training) attend each within itself, as with transformers' FlashAttention:
+their offsets are taken from ``cu_seq_lens_q``/``cu_seq_lens_k`` where the
+collator passes them, otherwise from ``position_ids`` that restart within a
+row (a new sequence wherever a position is not the one before it plus one,
+as transformers' packed-sequence masks have it), and the batch runs as one
+call of fastattn's varlen kernels (the rows read in place where their layout
+allows; a single row always).  The call goes through the custom operator
+``torch.ops.fastattn.attention`` (packed rows:
 ``torch.ops.fastattn.attention_varlen``), with a fake implementation and
-fastattn's backward as its gradient, so ``torch.compile(model, fullgraph=True)``
-traces it and training works.
+fastattn's backward as its gradient, so
+``torch.compile(model, fullgraph=True)`` traces it and training works.
 """
 import math
 
