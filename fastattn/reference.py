@@ -100,8 +100,9 @@ def _sink_weights(s, sinks):
     if sinks is None:
         return softmax(s), logsumexp(s), None
     col = np.broadcast_to(_f64(sinks)[..., None, None], s.shape[:-1] + (1,))
-    ext = softmax(np.concatenate([s, col], axis=-1))
-    return ext[..., :-1], logsumexp(np.concatenate([s, col], axis=-1)), ext[..., -1]
+    ext = np.concatenate([s, col], axis=-1)
+    w = softmax(ext)
+    return w[..., :-1], logsumexp(ext), w[..., -1]
 
 
 def weighted_sum(w, v):
@@ -168,6 +169,8 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
     gradient.  Gradients broadcast over shared operands (grouped heads,
     leading dimensions of 1) are summed, so each has the shape of its
     operand."""
+    if return_dsinks and (sinks is None or weights == "dot"):
+        raise ValueError("return_dsinks needs sinks (and softmax weights)")
     q64, k64, v64, do = _f64(q), _f64(k), _f64(v), _f64(dout)
     if weights == "dot" and scale is None:
         scale = 1.0
