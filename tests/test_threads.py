@@ -260,9 +260,14 @@ def test_torch_threads_survive_smaller_fastattn_teams(torch_openmp):
 
 def test_the_environments_thread_count_is_read_by_set_num_threads_none(monkeypatch):
     """OMP_NUM_THREADS is read at import and by set_num_threads(None), not
-    by each call; set_num_threads(n) wins over it."""
+    by each call (distributed's LocalCluster sets it to 1 in its parent
+    process for good: calls there kept one thread); set_num_threads(n)
+    wins over it."""
+    from fastattn import _config
+
     if not _core.pool_threaded():
         pytest.skip("a build without the thread pool runs every call on one thread")
+    saved = _config._num_threads, _config._environment_threads
     before = fastattn.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "3,2")
@@ -271,10 +276,13 @@ def test_the_environments_thread_count_is_read_by_set_num_threads_none(monkeypat
         assert fastattn.get_num_threads() == 3
         fastattn.set_num_threads(5)
         assert fastattn.get_num_threads() == 5
-        monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a positive count: every usable CPU
-        fastattn.set_num_threads(None)
-        assert fastattn.get_num_threads() == fastattn._config._usable_cpus()
+        for value in ("0", None):  # not a positive count, or unset: every usable CPU
+            if value is None:
+                monkeypatch.delenv("OMP_NUM_THREADS")
+            else:
+                monkeypatch.setenv("OMP_NUM_THREADS", value)
+            fastattn.set_num_threads(None)
+            assert fastattn.get_num_threads() == _config._usable_cpus()
     finally:
         monkeypatch.undo()
-        fastattn.set_num_threads(None)
-    assert fastattn.get_num_threads() == before
+        _config._num_threads, _config._environment_threads = saved
