@@ -182,6 +182,18 @@ def _direct_key(query, key, value, options, return_lse, heads_last):
             return_lse, heads_last, _config.path_index())
 
 
+def _direct_run(hit, query, key, value, return_lse):
+    """(out, lse) of a call of a layout in _direct: its problem rerun on these tensors."""
+    template, out_shape, lse_shape, lse_dtype = hit
+    out = torch.empty(*out_shape, dtype=query.dtype)  # (a shape as one argument takes longer)
+    lse = torch.empty(*lse_shape, dtype=lse_dtype) if return_lse else None
+    _problem.rerun(template, _config.resolve_threads(None), query, key, value, out, lse)
+    return out, lse
+
+
+_direct_run_on_torch_threads = _on_torch_threads(_direct_run)
+
+
 @_on_torch_threads
 def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
                     bottom_right, sinks=None, return_lse=True, heads_last=False):
@@ -195,11 +207,7 @@ def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left,
                            return_lse, heads_last)
         hit = _direct.get(dkey) if dkey is not None else None
         if hit is not None:
-            template, out_shape, lse_shape, lse_dtype = hit
-            out = torch.empty(*out_shape, dtype=query.dtype)  # (a shape as one argument takes longer)
-            lse = torch.empty(*lse_shape, dtype=lse_dtype) if return_lse else None
-            _problem.rerun(template, _config.resolve_threads(None), query, key, value, out, lse)
-            return out, lse
+            return _direct_run(hit, query, key, value, return_lse)
     out = None
     if heads_last and query.dtype is key.dtype is value.dtype:
         lead = _lead(query, key, value, attn_mask)
@@ -367,6 +375,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         Shares memory with the numpy array fastattn wrote.  A query row that
         may see no key gives zeros (as torch's CPU kernel does).
     """
+    out = _sdpa_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if out is not None:
+        return out
     problem = _unsupported(query, key, value, attn_mask, dropout_p)
     if problem is not None:
         exc, msg = problem
@@ -384,8 +395,32 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return attention(query, key, value, attn_mask, bool(is_causal), float(scale), need_lse=False)[0]
 
 
+def _sdpa_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The output of a scaled_dot_product_attention call without a mask or a
+    gradient whose layout and options a call before ran through every check
+    (_direct), or None: such a call skips the checks (a fifth of a small
+    call's time), all of which the layout and options decide but the
+    grouped-heads rule, checked here."""
+    if attn_mask is not None or type(dropout_p) not in (float, int) or dropout_p != 0 or \
+            not type(query) is type(key) is type(value) is torch.Tensor or torch.compiler.is_compiling() or \
+            (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return None
+    hq = query.shape[-3] if query.dim() >= 3 else 1
+    hk = key.shape[-3] if key.dim() >= 3 else 1
+    if hq != hk and not enable_gqa and hk != 1:
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
+    dkey = _direct_key(query, key, value, (bool(is_causal), float(scale), -1, -1, 0.0, False), False, False)
+    hit = _direct.get(dkey) if dkey is not None else None
+    return None if hit is None else _direct_run_on_torch_threads(hit, query, key, value, False)[0]
+
+
 def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
+    out = _sdpa_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if out is not None:
+        return out
     if _unsupported(query, key, value, attn_mask, dropout_p) is None and not (is_causal and attn_mask is not None):
         return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

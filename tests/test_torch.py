@@ -300,6 +300,28 @@ def test_direct_calls_rerun_their_layouts_problem(monkeypatch, dtype):
     assert planned.count("top-left") == 8 + 3
 
 
+def test_sdpa_direct_calls_skip_the_checks_but_not_the_grouped_heads_rule(monkeypatch):
+    """A scaled_dot_product_attention call of a layout and options checked
+    before skips the per-tensor checks; the grouped-heads rule (which the
+    layout does not decide) and dropout still raise."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 4, 3, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
+    calls = []
+    checks = ft._unsupported
+    with torch.no_grad():
+        want = ft.scaled_dot_product_attention(q, k, k, enable_gqa=True, scale=0.3)
+        monkeypatch.setattr(ft, "_unsupported", lambda *a: calls.append(a) or checks(*a))
+        got = ft.scaled_dot_product_attention(q, k, k, enable_gqa=True, scale=0.3)
+        assert calls == [] and torch.equal(got, want)
+        with pytest.raises(ValueError, match="enable_gqa"):
+            ft.scaled_dot_product_attention(q, k, k, scale=0.3)
+        with pytest.raises(ValueError, match="dropout_p"):
+            ft.scaled_dot_product_attention(q, k, k, dropout_p=0.5, enable_gqa=True, scale=0.3)
+        with pytest.raises(ValueError, match="CPU tensors only"):
+            ft.scaled_dot_product_attention(q.to("meta"), k, k, enable_gqa=True, scale=0.3)
+    assert len(calls) == 3
+
+
 def test_direct_call_layouts_keep_their_checks():
     """A tensor the kernels cannot read is refused on every call, also after
     a call of the same shape, strides and dtype took the direct way."""
