@@ -223,10 +223,8 @@ def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left,
             out = out.transpose(-2, -3).contiguous()
     lse = None if lse is None else _as_tensor(lse)
     if template is not None and dkey is not None:
-        if len(_direct) >= _DIRECT_MAX:
-            _direct.clear()
-        _direct[dkey] = (template, tuple(out.shape), None if lse is None else tuple(lse.shape),
-                         None if lse is None else lse.dtype)
+        _api._keep_plan(_direct, dkey, (template, tuple(out.shape), None if lse is None else tuple(lse.shape),
+                                        None if lse is None else lse.dtype), _DIRECT_MAX)
     return out, lse
 
 
@@ -302,7 +300,7 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
     log-sum-exp and returns (out, None).  With heads_last, out is
     (..., Lq, H, Dv) (the layout transformers' attention functions return),
     written so by the kernel on a direct call."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _needs_gradient(query, key, value, sinks)):
+    if _through_operator(query, key, value, sinks):
         if isinstance(attn_mask, _masks.BlockMask):  # the operator takes tensors: the mask, classified per call
             attn_mask = torch.from_numpy(attn_mask.mask)
         out, lse = torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
@@ -314,8 +312,11 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
                            bottom_right, sinks, need_lse, heads_last)
 
 
-def _needs_gradient(*tensors):
-    return any(t is not None and t.requires_grad for t in tensors)
+def _through_operator(*tensors):
+    """Must a call on these tensors (None allowed) go through its operator:
+    while torch.compile traces, or where a gradient may be needed?"""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def _setup_context(ctx, inputs, output):
@@ -378,21 +379,39 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     out = _sdpa_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if out is not None:
         return out
+    return _sdpa_checked(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _sdpa_checked(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """scaled_dot_product_attention through every check of its arguments."""
     problem = _unsupported(query, key, value, attn_mask, dropout_p)
     if problem is not None:
         exc, msg = problem
         raise exc(msg)
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
-    hq = query.shape[-3] if query.dim() >= 3 else 1
-    hk = key.shape[-3] if key.dim() >= 3 else 1
-    if hq != hk and not enable_gqa and hk != 1:
-        raise ValueError(f"query has {hq} heads and key {hk}: pass enable_gqa=True for grouped-query "
+    heads = _ungrouped_heads(query, key, enable_gqa)
+    if heads:
+        raise ValueError(f"query has {heads[0]} heads and key {heads[1]}: pass enable_gqa=True for grouped-query "
                          "attention (as in torch)")
     # the grouped-query rule itself (H a multiple of G) is fastattn's own, checked by attention()
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
-    return attention(query, key, value, attn_mask, bool(is_causal), float(scale), need_lse=False)[0]
+    return attention(query, key, value, attn_mask, bool(is_causal), float(_default_scale(query, scale)),
+                     need_lse=False)[0]
+
+
+def _ungrouped_heads(query, key, enable_gqa):
+    """(query heads, key heads) where they differ without enable_gqa and key's
+    are not broadcast (torch's rule), else None."""
+    hq = query.shape[-3] if query.dim() >= 3 else 1
+    hk = key.shape[-3] if key.dim() >= 3 else 1
+    return (hq, hk) if hq != hk and not enable_gqa and hk != 1 else None
+
+
+def _default_scale(query, scale=None):
+    """scale, or by default 1/sqrt(E) of query (..., L, E) (1 for E = 0)."""
+    if scale is not None:
+        return scale
+    return 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
 
 
 def _sdpa_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -402,16 +421,11 @@ def _sdpa_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     call's time), all of which the layout and options decide but the
     grouped-heads rule, checked here."""
     if attn_mask is not None or type(dropout_p) not in (float, int) or dropout_p != 0 or \
-            not type(query) is type(key) is type(value) is torch.Tensor or torch.compiler.is_compiling() or \
-            (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+            not type(query) is type(key) is type(value) is torch.Tensor or _through_operator(query, key, value) or \
+            _ungrouped_heads(query, key, enable_gqa):
         return None
-    hq = query.shape[-3] if query.dim() >= 3 else 1
-    hk = key.shape[-3] if key.dim() >= 3 else 1
-    if hq != hk and not enable_gqa and hk != 1:
-        return None
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
-    dkey = _direct_key(query, key, value, (bool(is_causal), float(scale), -1, -1, 0.0, False), False, False)
+    options = (bool(is_causal), float(_default_scale(query, scale)), -1, -1, 0.0, False)
+    dkey = _direct_key(query, key, value, options, False, False)
     hit = _direct.get(dkey) if dkey is not None else None
     return None if hit is None else _direct_run_on_torch_threads(hit, query, key, value, False)[0]
 
@@ -422,8 +436,7 @@ def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     if out is not None:
         return out
     if _unsupported(query, key, value, attn_mask, dropout_p) is None and not (is_causal and attn_mask is not None):
-        return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _sdpa_checked(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
@@ -570,7 +583,7 @@ def _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, 
     needed (as in attention()), straight to fastattn otherwise."""
     args = (query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
             softcap, bottom_right, alibi_slopes, sinks)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _needs_gradient(query, key, value, sinks)):
+    if _through_operator(query, key, value, sinks):
         return torch.ops.fastattn.attention_varlen(*args)
     return _attention_varlen_impl(*args, return_lse=return_lse)
 

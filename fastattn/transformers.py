@@ -38,8 +38,6 @@ allows; a single row always).  The call goes through the custom operator
 fastattn's backward as its gradient, so
 ``torch.compile(model, fullgraph=True)`` traces it and training works.
 """
-import math
-
 import torch
 
 import fastattn.torch
@@ -64,8 +62,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         if n < key.shape[2]:  # a static cache: keys past the mask are not filled yet
             key, value = key[:, :, :n], value[:, :, :n]
         mask = attention_mask[:, None, None, :].to(torch.bool)
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
+    scaling = fastattn.torch._default_scale(query, scaling)
     # FlashAttention's window: (W - 1) keys back and, without causality, ahead
     left = int(sliding_window) - 1 if sliding_window else -1
     right = -1 if left < 0 else (0 if is_causal else left)
