@@ -292,6 +292,9 @@ static int fa_check(const fa_problem *p, int kind, const fa_tile_ops **ops)
     *ops = fa_paths[p->path].ops[p->dtype][p->kv_dtype];
     if (!*ops) return FA_ERR_UNSUPPORTED;
     if (p->sinks && p->weights != FA_WEIGHTS_SOFTMAX) return FA_ERR_INVALID;
+    if (!(p->dropout_p >= 0 && p->dropout_p < 1) ||
+        (p->dropout_p > 0 && (kind == FA_KIND_SCORES || kind == FA_KIND_WSUM)))
+        return FA_ERR_INVALID;
     if (p->pages && (kind != FA_KIND_ATTENTION || p->page_size < 1 || p->n_pages < 1 ||
                      !fa_page_stride_ok(p->k_ps, p->k_rs) || !fa_page_stride_ok(p->v_ps, p->v_rs)))
         return FA_ERR_INVALID;

@@ -507,6 +507,7 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
             if (mbk[m] > 0) {
                 ops->attn_options_tile(tp[m], te[m], w[m], row0[m], bq[m], k0, mbk[m]);
                 ops->weights_tile(w[m], softmax, bq[m], mbk[m]);
+                if (p->dropout_p > 0) ops->dropout_tile(tp[m], te[m], w[m], row0[m], bq[m], k0, mbk[m]);
             }
         for (int g = 0; g < nseg; g++)
             for (int m = 0; m < nm; m++) {

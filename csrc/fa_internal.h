@@ -212,6 +212,48 @@ static inline void fa_bwd_visits(const fa_problem *p, int64_t lq, int64_t lk, in
     *last = lo < lk ? (hi + FA_BK - 1) / FA_BK - 1 : *first - 1;
 }
 
+/* ---- dropout (fastattn.h, fa_problem.dropout_p) ---- */
+
+/* SplitMix64's step: the golden-ratio increment, then its finaliser. */
+static inline uint64_t fa_mix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* MurmurHash3's 32-bit finaliser (a bijection). */
+static inline uint32_t fa_fmix32(uint32_t h)
+{
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    return h ^ (h >> 16);
+}
+
+/* A row's word r of the dropout hash (row coordinate i of stream s). */
+static inline uint64_t fa_dropout_row(uint64_t seed, int64_t stream, int64_t row)
+{
+    return fa_mix64(seed ^ fa_mix64((uint64_t)stream ^ fa_mix64((uint64_t)row)));
+}
+
+/* The 24 bits compared with fa_dropout_threshold for key coordinate c of
+ * a row whose word r is (a, b) = (low, high half): in 32-bit lanes only,
+ * so that a loop over rows or keys runs in vectors on every path, and with
+ * two multiplications, the costly part (a float32 forward at D = 64 spent
+ * 17% of its time on dropout with a second fmix32 round, 12% with one;
+ * Xeon Cascade Lake, AVX-512, one thread).  For a given row, distinct keys
+ * give distinct hashes (each step is a bijection). */
+static inline uint32_t fa_dropout_bits(uint32_t a, uint32_t b, uint32_t c)
+{
+    return fa_fmix32((c ^ b) * 0x9E3779B1u + a) >> 8;
+}
+
+/* Weights whose bits are below this are dropped. */
+static inline uint32_t fa_dropout_threshold(double p) { return (uint32_t)(p * 16777216.0 + 0.5); }
+
 /* Paged k and v (p->pages): the page that holds key j of entry e. */
 static inline int64_t fa_page_of(const fa_problem *p, const int64_t *e, int64_t j)
 {

@@ -43,6 +43,7 @@ const fa_tile_ops fa_ops_bf16_avx512bf16 = {
     .attn_score_tile = fa_attn_score_tile_dp_bf16_avx512bf16,
     .attn_options_tile = fa_attn_options_tile_bf16_avx512bf16,
     .weights_tile = fa_weights_tile_bf16_avx512bf16,
+    .dropout_tile = fa_dropout_tile_bf16_avx512bf16,
     .attn_pv_tile = fa_attn_pv_tile_dp_bf16_avx512bf16,
     .store_rows = fa_store_rows_bf16_avx512bf16,
     .store_partial = fa_store_partial_bf16_avx512bf16,

@@ -47,18 +47,21 @@ typedef struct {
 
     /* fused attention: begin (pack queries, reset the rows' state), then per
      * key tile score -> options (mask, bounds, soft-cap, ALiBi) -> weights
-     * -> P.V, then store the rows or a partial.  A few-row item's tile may
-     * come as segments (where tile_segments: paged keys, at least one per
-     * page; a decoding bundle's keys): score and P.V per segment, keys
-     * [k0, k0 + bk) at columns col .. col + bk of the tile (alpha rescales
-     * the rows at col 0), options and weights once for the whole tile;
-     * otherwise col is 0. */
+     * (-> dropout) -> P.V, then store the rows or a partial.  A few-row
+     * item's tile may come as segments (where tile_segments: paged keys,
+     * at least one per page; a decoding bundle's keys): score and P.V per
+     * segment, keys [k0, k0 + bk) at columns col .. col + bk of the tile
+     * (alpha rescales the rows at col 0), options, weights and dropout once
+     * for the whole tile; otherwise col is 0. */
     void (*attn_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq);
     void (*attn_score_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq,
                             int64_t k0, int64_t bk, int64_t col, const fa_prefetch_plan *pf);
     void (*attn_options_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq,
                               int64_t k0, int64_t bk);
     void (*weights_tile)(void *w, int softmax, int64_t bq, int64_t bk);
+    /* dropout (p->dropout_p > 0) on the weights, between weights and P.V */
+    void (*dropout_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                         int64_t bk);
     void (*attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk,
                          int64_t col);
     void (*store_rows)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int normalise);

@@ -13,7 +13,8 @@
  *                                   the tile's accumulator (the driver orders
  *                                   the key blocks' additions)
  * with P = exp(S - lse) (or S itself for dot weights), dS = P (dP - delta)
- * (dP for dot weights), times 1 - (z / softcap)^2 under a soft-cap.
+ * (dP for dot weights), times 1 - (z / softcap)^2 under a soft-cap; with
+ * dropout, dP and dV's P are those of the kept weights (dropout_tile).
  */
 
 /* A query tile's operands, packed once per tile (bwd_pack) into a block of
@@ -84,6 +85,7 @@ typedef struct {
     FA_T *st;    /* FA_BK x FA_BQ: S^T, then P^T */
     FA_T *dpt;   /* FA_BK x FA_BQ: dP^T, then dS^T */
     FA_T *zt;    /* FA_BK x FA_BQ: soft-capped scores (soft-cap only) */
+    FA_T *ft;    /* FA_BK x FA_BQ: dropout's factors (dropout only) */
     FA_T *acc_k; /* FA_BK x dp: dK of the key block */
     FA_T *acc_v; /* FA_BK x dvp: dV of the key block */
     const FA_T *k, *v; /* the key block's K and V rows (in place, or kp and vp), ldk and ldv apart */
@@ -103,11 +105,11 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
     const int64_t al = 64 / (int64_t)sizeof(FA_T);
     const int64_t limit = (INT64_MAX / 16) / (int64_t)sizeof(FA_T) / (FA_BQ + FA_BK);
     if (dp > limit || dvp > limit) return NULL;
-    const int64_t n[7] = {fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dv, al), FA_BK * FA_BQ,
-                          FA_BK * FA_BQ,                FA_BK * FA_BQ,                fa_roundup64(FA_BK * dp, al),
-                          fa_roundup64(FA_BK * dvp, al)};
+    const int64_t n[8] = {fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dv, al), FA_BK * FA_BQ,
+                          FA_BK * FA_BQ,                FA_BK * FA_BQ,                FA_BK * FA_BQ,
+                          fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dvp, al)};
     int64_t total = 0;
-    for (int i = 0; i < 7; i++) total += n[i];
+    for (int i = 0; i < 8; i++) total += n[i];
     FN(bwd_scratch) *w = (FN(bwd_scratch) *)malloc(sizeof *w);
     size_t bytes = (size_t)total * sizeof(FA_T);
     FA_T *b = w ? (FA_T *)fa_scratch_take(&bytes) : NULL;
@@ -115,9 +117,9 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
         free(w);
         return NULL;
     }
-    FA_T **slot[7] = {&w->kp, &w->vp, &w->st, &w->dpt, &w->zt, &w->acc_k, &w->acc_v};
+    FA_T **slot[8] = {&w->kp, &w->vp, &w->st, &w->dpt, &w->zt, &w->ft, &w->acc_k, &w->acc_v};
     FA_T *at = b;
-    for (int i = 0; i < 7; i++) {
+    for (int i = 0; i < 8; i++) {
         *slot[i] = at;
         at += n[i];
     }
@@ -227,6 +229,14 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
     }
     if (bounds || p->mask_kind != FA_MASK_NONE || opt.alibi_slopes)
         FN(mask_and_bounds)(&opt, e, w->st, 0, row0, bq, k0, bk, bounds);
+    /* dropout: dP is that of the kept weights, times 1 / (1 - p) (then dS = P (dP - delta), as delta sums
+     * dout * out over the kept ones), and dV's weights are the kept ones (below) */
+    const int dropout = p->dropout_p > 0;
+    uint32_t da[FA_BQ], db[FA_BQ];
+    if (dropout) {
+        FN(dropout_rows)(p, e, row0, bq, da, db);
+        FN(dropout_tile)(p, e, da, db, w->dpt, 0, bq, k0, bk, w->ft);
+    }
     /* P and dS, FA_W query rows at a time */
     if (p->weights == FA_WEIGHTS_SOFTMAX) {
         for (int64_t j = 0; j < bk; j++)
@@ -246,6 +256,12 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
                 }
             }
     }
+    if (dropout) /* the same factors (only rows below bq are summed) */
+        for (int64_t j = 0; j < bk; j++) {
+            FA_T *s = w->st + j * FA_BQ;
+            const FA_T *f = w->ft + j * FA_BQ;
+            for (int64_t r = 0; r < bq; r++) s[r] *= f[r];
+        }
     if (p->softcap > 0) {
         const fa_vec inv = VBCAST((FA_T)(1.0 / p->softcap)), one = VBCAST((FA_T)1);
         for (int64_t j = 0; j < bk; j++)

@@ -82,6 +82,10 @@ typedef struct {
     FA_T *qstep;       /* their quantisation steps, one per row */
     int32_t *qsum;     /* 128 x the sum of each row's codes */
     int8_t *ql;        /* ... and, for qk_i8_lanes, in lane layout (lane_rows), or NULL */
+    /* dropout: the item's rows' words (dropout_rows), for the rows of drop_at: (stream and row of the entry's
+     * row 0, its lq, row0, bq) */
+    uint32_t drop_a[FA_BQ], drop_b[FA_BQ];
+    int64_t drop_at[5];
     void *block; /* the one allocation behind all of the above (fa_scratch_take) */
     size_t bytes;
 } FN(scratch);
@@ -117,6 +121,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     w->qi = NULL;
     w->ql = NULL;
     w->bounded = 0;
+    w->drop_at[4] = -1; /* no rows' words yet */
     return 0;
 }
 
@@ -1979,6 +1984,53 @@ static void FN(weights_tile)(FN(scratch) *w, int softmax, int64_t bq, int64_t bk
     }
 }
 
+/* The dropout words (a, b: the low and high halves of fa_dropout_row's) of
+ * the entry's rows [row0, row0 + bq), without a 64-bit division per row. */
+static void FN(dropout_rows)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, uint32_t *a, uint32_t *b)
+{
+    const int64_t lq = e[FA_E_LQ];
+    int64_t head = lq == 1 ? row0 : row0 / lq, i = row0 - head * lq;
+    for (int64_t r = 0; r < bq; r++) {
+        const uint64_t word = fa_dropout_row(p->dropout_seed, e[FA_E_DROP] + head, e[FA_E_DROP_ROW] + i);
+        a[r] = (uint32_t)word;
+        b[r] = (uint32_t)(word >> 32);
+        if (++i == lq) {
+            i = 0;
+            head++;
+        }
+    }
+}
+
+/* Dropout (fa_problem.dropout_p) on a tile of weights of bq rows, whose
+ * words are a and b (dropout_rows), and keys [k0, k0 + bk) of entry e:
+ * each multiplied by 1 / (1 - p) if kept, by 0 if dropped, and that factor
+ * stored at the same place in ft if given (a transposed tile only).  st's
+ * layout: rows of FA_BK if `rows`, else the transpose (keys by FA_BQ
+ * rows).  Each loop runs along the tile's contiguous axis in 32-bit lanes
+ * (fa_dropout_bits), which the compiler turns into the path's vectors. */
+static void FN(dropout_tile)(const fa_problem *p, const int64_t *e, const uint32_t *a, const uint32_t *b, FA_T *st,
+                             int rows, int64_t bq, int64_t k0, int64_t bk, FA_T *ft)
+{
+    const uint32_t thr = fa_dropout_threshold(p->dropout_p), c0 = (uint32_t)(e[FA_E_DROP_KEY] + k0);
+    const FA_T kept = (FA_T)(1.0 / (1.0 - p->dropout_p)), dropped = 0;
+    if (rows) {
+        for (int64_t r = 0; r < bq; r++) {
+            FA_T *s = st + r * FA_BK;
+            const uint32_t ar = a[r], br = b[r];
+            for (int64_t j = 0; j < bk; j++) s[j] *= fa_dropout_bits(ar, br, c0 + (uint32_t)j) >= thr ? kept : dropped;
+        }
+    } else {
+        for (int64_t j = 0; j < bk; j++) {
+            FA_T *s = st + j * FA_BQ, *f = ft ? ft + j * FA_BQ : NULL;
+            const uint32_t c = c0 + (uint32_t)j;
+            for (int64_t r = 0; r < bq; r++) {
+                const FA_T x = fa_dropout_bits(a[r], b[r], c) >= thr ? kept : dropped;
+                s[r] *= x;
+                if (f) f[r] = x;
+            }
+        }
+    }
+}
 
 /* ---- work items --------------------------------------------------------- */
 
@@ -2166,6 +2218,20 @@ void FA_OP(attn_options_tile)(const fa_problem *p, const int64_t *e, void *w, in
 void FA_OP(weights_tile)(void *w, int softmax, int64_t bq, int64_t bk)
 {
     FN(weights_tile)((FN(scratch) *)w, softmax, bq, bk);
+}
+
+/* Dropout on the weights of a tile (after weights_tile, in its layout);
+ * the rows' words are made at the item's first tile. */
+void FA_OP(dropout_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
+                         int64_t bk)
+{
+    FN(scratch) *s = (FN(scratch) *)w;
+    const int64_t at[5] = {e[FA_E_DROP], e[FA_E_DROP_ROW], e[FA_E_LQ], row0, bq};
+    if (memcmp(at, s->drop_at, sizeof at) != 0) {
+        FN(dropout_rows)(p, e, row0, bq, s->drop_a, s->drop_b);
+        memcpy(s->drop_at, at, sizeof at);
+    }
+    FN(dropout_tile)(p, e, s->drop_a, s->drop_b, s->st, bq <= FA_ROWS_MAX, bq, k0, bk, NULL);
 }
 
 void FA_OP(attn_pv_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t bq, int64_t k0, int64_t bk,

@@ -71,7 +71,12 @@ enum {
     FA_E_VS = 16, /* the same in v_scales */
     /* masks classified per tile only (p->mask_tiles): */
     FA_E_TILES = 17, /* offset of the entry's table of tile kinds */
-    FA_ENTRY_FIELDS = 18
+    /* dropout only (p->dropout_p > 0): where the entry's weights lie in the
+     * dropout mask (see fa_problem.dropout_p) */
+    FA_E_DROP = 18,     /* stream of the entry's first query head (row v: + v / lq) */
+    FA_E_DROP_ROW = 19, /* coordinate of query row 0 of each head */
+    FA_E_DROP_KEY = 20, /* coordinate of key 0 */
+    FA_ENTRY_FIELDS = 21
 };
 
 typedef struct {
@@ -128,6 +133,24 @@ typedef struct {
      * query head, sinks[head] (indexed like alibi_slopes), added to every
      * row's softmax denominator as a key with no value. */
     const double *sinks;
+
+    /* Dropout on the weights (fa_attention and fa_attention_backward only):
+     * 0: off; else in (0, 1), and the weight of query row v and key j of an
+     * entry (after the softmax, or the score for dot weights) is multiplied
+     * by 1 / (1 - dropout_p) where it is kept and by 0 where it is dropped;
+     * the softmax's sums (and lse) count every weight.  Whether it is kept
+     * depends only on dropout_seed and the weight's coordinates: stream s =
+     * e[FA_E_DROP] + v / lq, row i = e[FA_E_DROP_ROW] + v % lq and key c =
+     * e[FA_E_DROP_KEY] + j (mix64: SplitMix64's step, fmix32: MurmurHash3's
+     * finaliser, arithmetic modulo 2^64 and 2^32):
+     *   r = mix64(dropout_seed ^ mix64(s ^ mix64(i))), a = r mod 2^32, b = r >> 32
+     *   t = fmix32((c ^ b) * 0x9E3779B1 + a)
+     *   kept iff (t >> 8) >= round(dropout_p * 2^24)
+     * so a mask never depends on tiles, splits or thread counts, and the
+     * backward, given the forward's seed and coordinates, drops the same
+     * weights (fastattn.reference.dropout_keep computes the same mask). */
+    double dropout_p;
+    uint64_t dropout_seed;
 
     /* Paged k and v (fa_attention only).  NULL: key j of an entry is row
      * e[FA_E_K] + j * k_rs of k (and likewise v).  Else the keys lie in

@@ -1,5 +1,5 @@
 # Declarations of the C interface in csrc/fastattn.h, written once.
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 cdef extern from "fastattn.h" nogil:
     enum:
@@ -39,6 +39,9 @@ cdef extern from "fastattn.h" nogil:
         FA_E_KS
         FA_E_VS
         FA_E_TILES
+        FA_E_DROP
+        FA_E_DROP_ROW
+        FA_E_DROP_KEY
         FA_TILE_BLOCK
         FA_BLOCK_MIXED
         FA_BLOCK_HIDDEN
@@ -76,6 +79,8 @@ cdef extern from "fastattn.h" nogil:
         double softcap
         const double *alibi_slopes
         const double *sinks
+        double dropout_p
+        uint64_t dropout_seed
         const int32_t *pages
         int64_t page_size, n_pages, k_ps, v_ps
         const float *k_scales

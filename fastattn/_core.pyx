@@ -7,7 +7,7 @@ each operation has its own entry point, which releases the GIL for the
 whole kernel call and turns status codes into exceptions.
 """
 from cpython.object cimport PyObject
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 from fastattn._capi cimport *
 
 
@@ -69,6 +69,9 @@ E_PAGES = FA_E_PAGES
 E_KS = FA_E_KS
 E_VS = FA_E_VS
 E_TILES = FA_E_TILES
+E_DROP = FA_E_DROP
+E_DROP_ROW = FA_E_DROP_ROW
+E_DROP_KEY = FA_E_DROP_KEY
 TILE_BLOCK = FA_TILE_BLOCK
 BLOCK_MIXED = FA_BLOCK_MIXED
 BLOCK_HIDDEN = FA_BLOCK_HIDDEN
@@ -125,6 +128,7 @@ cdef class Problem:
                  int64_t tiles_hs=0, int weights=FA_WEIGHTS_SOFTMAX, double scale=1.0, bint causal=False,
                  bint top_left=False, int64_t q_shift=0, int64_t window_left=-1, int64_t window_right=-1, double softcap=0.0,
                  const double[::1] alibi_slopes=None, const double[::1] sinks=None,
+                 double dropout_p=0.0, uint64_t dropout_seed=0,
                  const int32_t[::1] pages=None, int64_t page_size=0, int64_t n_pages=0,
                  int64_t k_ps=0, int64_t v_ps=0,
                  uintptr_t k_scales=0, int64_t ks_rs=0, int64_t ks_ps=0,
@@ -174,6 +178,8 @@ cdef class Problem:
         self.p.alibi_slopes = &alibi_slopes[0] if alibi_slopes is not None and alibi_slopes.shape[0] > 0 else NULL
         self._sinks = sinks
         self.p.sinks = &sinks[0] if sinks is not None and sinks.shape[0] > 0 else NULL
+        self.p.dropout_p = dropout_p
+        self.p.dropout_seed = dropout_seed
         self._pages = pages
         self.p.pages = &pages[0] if pages is not None and pages.shape[0] > 0 else NULL
         self.p.page_size, self.p.n_pages, self.p.k_ps, self.p.v_ps = page_size, n_pages, k_ps, v_ps

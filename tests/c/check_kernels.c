@@ -10,8 +10,8 @@
  * weights, fa_scores, fa_weighted_sum and fa_attention_backward (its
  * key-block and query-tile walks, given the reference's lse and delta); with
  * causal in both alignments, windows, soft-cap, ALiBi, bool and float
- * masks, grouped query heads and two entries per problem, at awkward sizes
- * that leave tails everywhere.
+ * masks, dropout, grouped query heads and two entries per problem, at
+ * awkward sizes that leave tails everywhere.
  * The x86 paths run natively; the NEON path runs under qemu-aarch64
  * (tools/check_kernels.sh).  Exit status 0 when every check passes.
  *
@@ -108,6 +108,7 @@ typedef struct {
     int kv;        /* k and v stored as another type (fa_attention only): FA_I8, FA_E4M3, FA_E5M2 (8 bits,
                     * with scales), or FA_F16, FA_BF16 under float32 queries; 0: q's type */
     int tiles;     /* a mask of hidden, visible and mixed 64 x 64 blocks, with its table of block kinds */
+    double dropout; /* > 0: dropout on the weights (fa_attention and its backward; drop_factor) */
 } spec;
 
 /* The value of an 8-bit float, decoded from its fields. */
@@ -140,6 +141,38 @@ static uint8_t random_code(int kv, double scale, double *value)
         x = sign | ((u < 0.1 ? 0u : 12u + (unsigned)(u * 6)) << 2) | (unsigned)(((uniform() + 1) * 0.5) * 4) % 4;
     *value = scale * f8_value(kv, x);
     return (uint8_t)x;
+}
+
+/* Dropout: the seed and where an entry's rows and keys begin in the mask
+ * (fastattn.h's coordinates: stream e * group + h, row DROP_ROW0 + i, key
+ * DROP_KEY0 + j), and the factor of one weight, from the hash as fastattn.h
+ * describes it, written out here. */
+#define DROP_SEED 0xFEDCBA9876543210ull
+#define DROP_ROW0 5
+#define DROP_KEY0 3
+
+static uint64_t splitmix_step(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static uint32_t murmur_final(uint32_t h)
+{
+    h = (h ^ (h >> 16)) * 0x85EBCA6Bu;
+    h = (h ^ (h >> 13)) * 0xC2B2AE35u;
+    return h ^ (h >> 16);
+}
+
+static double drop_factor(const spec *c, int64_t stream, int64_t i, int64_t j)
+{
+    if (c->dropout <= 0) return 1;
+    const uint64_t r = splitmix_step(DROP_SEED ^ splitmix_step((uint64_t)stream ^ splitmix_step((uint64_t)(DROP_ROW0 + i))));
+    const uint32_t key = (uint32_t)(DROP_KEY0 + j);
+    const uint32_t t = murmur_final((key ^ (uint32_t)(r >> 32)) * 0x9E3779B1u + (uint32_t)r);
+    return (t >> 8) >= (uint32_t)floor(c->dropout * 16777216.0 + 0.5) ? 1 / (1 - c->dropout) : 0;
 }
 
 /* The sink of query head t (a spread around the scores' range, some above it). */
@@ -283,7 +316,7 @@ typedef struct {
     const array *q, *k, *v, *dout;
     const double *maskv, *slopes;
     const unsigned char *bmask;
-    double *P, *dS, *s, *z; /* rows x lk, rows x lk, lk, lk */
+    double *P, *dS, *s, *z, *f; /* rows x lk (P dropped), rows x lk, lk, lk, lk (dropout's factors) */
 } bwd_ref;
 
 /* The reference's weights P and dS (rows x lk) of entry e; stores the
@@ -306,20 +339,23 @@ static void ref_backward_entry(const bwd_ref *b, int64_t e, char *lse, char *del
             const double l = sum > 0 ? m + log(sum) : -INFINITY;
             for (int64_t j = 0; j < lk; j++) P[j] = c->dot ? (isinf(s[j]) ? 0 : s[j]) : (isinf(l) ? 0 : exp(s[j] - l));
             const double *dor = b->dout->val + (e * rows + r) * dv, *vv = b->v->val + e * lk * dv;
-            double dl = 0;
+            double dl = 0, *f = b->f;
+            for (int64_t j = 0; j < lk; j++) f[j] = drop_factor(c, e * g + h, i, j);
             for (int64_t x = 0; x < dv; x++) {
                 double o = 0;
-                for (int64_t j = 0; j < lk; j++) o += P[j] * vv[j * dv + x];
+                for (int64_t j = 0; j < lk; j++) o += P[j] * f[j] * vv[j * dv + x];
                 dl += dor[x] * o;
             }
             store(ct, lse + (e * rows + r) * cs, l);
             dl = store(ct, delta + (e * rows + r) * cs, dl); /* as the kernel will read it */
-            for (int64_t j = 0; j < lk; j++) {
+            for (int64_t j = 0; j < lk; j++) { /* dropout: dP of the kept weights, and P dropped for gv */
                 double dp = 0;
                 for (int64_t x = 0; x < dv; x++) dp += dor[x] * vv[j * dv + x];
+                dp *= f[j];
                 double ds = c->dot ? (isinf(s[j]) ? 0 : dp) : P[j] * (dp - dl);
                 if (c->softcap > 0) ds *= 1 - (z[j] / c->softcap) * (z[j] / c->softcap);
                 b->dS[r * lk + j] = ds;
+                P[j] *= f[j];
             }
         }
 }
@@ -336,6 +372,7 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
     char *gv = calloc((size_t)(n * lk * dv + 1), 8);
     double *P = malloc((size_t)(rows * lk + 1) * sizeof(double)), *dS = malloc((size_t)(rows * lk + 1) * sizeof(double));
     double *z = malloc((size_t)(lk + 1) * sizeof(double)), *s = malloc((size_t)(lk + 1) * sizeof(double));
+    double *f = malloc((size_t)(lk + 1) * sizeof(double));
     double *want = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
     double *mag = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
     fa_problem p = *fwd;
@@ -353,7 +390,7 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
     p.gk = gk, p.gk_rs = d * es, p.gk_cs = es;
     p.gv = gv, p.gv_rs = dv * es, p.gv_cs = es;
     int bad = 0;
-    const bwd_ref ref = {c, scale, q, k, v, &dout, maskv, slopes, bmask, P, dS, s, z};
+    const bwd_ref ref = {c, scale, q, k, v, &dout, maskv, slopes, bmask, P, dS, s, z, f};
     /* the reference's lse and delta of every entry first: the kernel reads them */
     for (int64_t e = 0; e < n; e++) ref_backward_entry(&ref, e, lse, delta, cs);
     /* pass 1 (float32 and float64 softmax): delta left to the kernel, which
@@ -425,6 +462,7 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
     free(dS);
     free(z);
     free(s);
+    free(f);
     free(want);
     free(mag);
     return bad;
@@ -482,6 +520,9 @@ static void run_case(int path, int dtype, const spec *c)
         entries[e][FA_E_LQ] = lq;
         entries[e][FA_E_LK] = lk;
         entries[e][FA_E_HEAD] = e * g;
+        entries[e][FA_E_DROP] = e * g;
+        entries[e][FA_E_DROP_ROW] = DROP_ROW0;
+        entries[e][FA_E_DROP_KEY] = DROP_KEY0;
     }
     /* 8-bit k and v: codes (entry-major like k and v) with their scales,
      * one per row for int8, one per tensor for the floats; 16-bit k and v:
@@ -546,6 +587,8 @@ static void run_case(int path, int dtype, const spec *c)
     p.softcap = c->softcap;
     p.alibi_slopes = c->alibi ? slopes : NULL;
     p.sinks = c->sinks ? sinks : NULL;
+    p.dropout_p = c->dropout;
+    p.dropout_seed = DROP_SEED;
     if (c->tiles) {
         p.mask_tiles = tiles;
         p.tiles_rs = nkb, p.tiles_cs = 1, p.tiles_hs = 0;
@@ -660,8 +703,9 @@ static void run_case(int path, int dtype, const spec *c)
                 for (int64_t x = 0; x < dv && !bad; x++) {
                     double want = 0, absw = 0;
                     for (int64_t j = 0; j < lk; j++) {
-                        want += s[j] * norm * v.val[(e * lk + j) * dv + x];
-                        absw += fabs(s[j] * norm * v.val[(e * lk + j) * dv + x]);
+                        const double t = s[j] * norm * drop_factor(c, e * g + h, i, j) * v.val[(e * lk + j) * dv + x];
+                        want += t;
+                        absw += fabs(t);
                     }
                     mag = absw > mag ? absw : mag;
                     const double got = load(dtype, out + entries[e][FA_E_OUT] + ((h * lq + i) * dv + x) * es);
@@ -696,6 +740,16 @@ static void run_case(int path, int dtype, const spec *c)
     }
     if (c->page < 0) bad = 1; /* packed: the forward only (the other checks assume k and v per entry) */
     if (!bad) bad = check_backward(path, dtype, c, &p, entries, &q, &k, &v, maskv, bmask, slopes, scale);
+    if (!bad && c->dropout > 0) { /* scores and weighted sums take no dropout; check them without it */
+        checks++;
+        if (fa_scores(&p) != FA_ERR_INVALID || fa_weighted_sum(&p) != FA_ERR_INVALID) {
+            printf("FAIL %s %s %s: dropout accepted by fa_scores or fa_weighted_sum\n", fa_path_name(path),
+                   DTYPE_NAMES[dtype], c->what);
+            failures++;
+            bad = 1;
+        }
+        p.dropout_p = 0;
+    }
 
     /* scores (one head per entry: fa_scores takes no groups), written in the compute type */
     if (!bad && g == 1 && !c->dot) {
@@ -1103,84 +1157,94 @@ int main(void)
     /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks,
      * kv, tiles */
     const spec cases[] = {
-        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
-        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0},
-        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0, 0},
+        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0},
+        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0, 0},
+        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0, 0, 0},
         {"float32 mask + soft-cap + alibi, causal, grouped", 2, 2, 70, 97, 16, 8, 1, 0, -1, -1, 1.5, 1, FA_MASK_F32, 0,
-         0, 0, 0, 0, 0},
-        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0},
-        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
-        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0},
-        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0},
-        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0},
-        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0, 0, 0},
-        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0, 0, 0},
-        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0, 0, 0},
-        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0},
-        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0, 0, 0},
-        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1, 0, 0},
-        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0, 0},
-        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0, 0},
-        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1, 0, 0},
+         0, 0, 0, 0, 0, 0},
+        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0},
+        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0},
+        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0},
+        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0},
+        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0},
+        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0, 0, 0, 0},
+        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0, 0, 0, 0},
+        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0, 0, 0, 0},
+        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
+        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0, 0, 0, 0},
+        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1, 0, 0, 0},
+        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0, 0, 0},
+        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0, 0, 0},
+        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1, 0, 0, 0},
         {"paged decode, K and V rows over 4 KiB (tiles of 16 keys), pages of 40", 4, 2, 1, 300, 160, 136, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 40, 0, 0, 0},
-        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0, 0},
+         FA_MASK_NONE, 0, 0, 40, 0, 0, 0, 0},
+        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0, 0, 0},
         /* 600 rows per entry: tile groups of 4 + 4 + 2 tiles (the last of 24 rows), each gathered page tile
          * read by all of a group's tiles, the causal bound ending them at different keys */
         {"paged prefill in tile groups, pages of 16", 2, 4, 150, 400, 32, 24, 1, 0, -1, -1, 0, 1, FA_MASK_NONE, 0, 0,
-         16, 0, 0, 0},
+         16, 0, 0, 0, 0},
         {"paged prefill in tile groups, bool mask, shifted", 1, 3, 200, 333, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL,
-         0, 100, 13, 0, 0, 0},
-        {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8, 0},
-        {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0},
+         0, 100, 13, 0, 0, 0, 0},
+        {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8, 0, 0},
+        {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0, 0},
         {"e4m3 k and v, paged prefill", 2, 2, 40, 150, 24, 16, 1, 0, 60, -1, 2.0, 1, FA_MASK_NONE, 0, 0, 32, 0,
-         FA_E4M3, 0},
+         FA_E4M3, 0, 0},
         {"e5m2 k and v, split-KV decode", 2, 2, 1, 2600, 33, 17, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1,
-         FA_E5M2, 0},
-        {"e4m3 k and v, grouped decode", 1, 6, 1, 300, 128, 128, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_E4M3, 0},
+         FA_E5M2, 0, 0},
+        {"e4m3 k and v, grouped decode", 1, 6, 1, 300, 128, 128, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_E4M3, 0, 0},
         {"bool mask blocks with a table, grouped, windowed", 2, 3, 150, 230, 16, 8, 1, 0, 100, -1, 0, 0, FA_MASK_BOOL,
-         0, 0, 0, 0, 0, 1},
+         0, 0, 0, 0, 0, 1, 0},
         {"float32 mask blocks with a table, split-KV decode", 1, 2, 1, 2200, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_F32,
-         0, 0, 0, 0, 0, 1},
+         0, 0, 0, 0, 0, 1, 0},
         {"float64 mask blocks with a table, lq not a block multiple", 2, 2, 70, 200, 8, 8, 0, 0, -1, -1, 0, 1,
-         FA_MASK_F64, 0, 0, 0, 0, 0, 1},
+         FA_MASK_F64, 0, 0, 0, 0, 0, 1, 0},
         {"bfloat16 k and v under float32 queries, paged decode", 2, 4, 1, 500, 40, 24, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 16, 1, FA_BF16, 0},
+         FA_MASK_NONE, 0, 0, 16, 1, FA_BF16, 0, 0},
         {"float16 k and v under float32 queries, prefill", 2, 2, 70, 130, 24, 16, 1, 0, -1, -1, 0, 1, FA_MASK_NONE,
-         0, 0, 0, 0, FA_F16, 0},
-        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0, 0},
+         0, 0, 0, 0, FA_F16, 0, 0},
+        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0, 0, 0},
         /* rows of whole vectors on every path: 8-bit and 16-bit rows read in place, converted in registers */
         {"int8 k and v, grouped paged decode, D 128", 2, 4, 1, 700, 128, 64, 1, 0, -1, -1, 0, 1, FA_MASK_NONE, 0, 0,
-         16, 1, FA_I8, 0},
+         16, 1, FA_I8, 0, 0},
         /* decoding tiles over pages smaller than a tile: a segment per page, the options once per tile */
         {"paged decode, pages of 9, window, soft-cap, ALiBi and sinks", 2, 2, 1, 700, 64, 48, 1, 0, 300, -1, 8.0, 1,
-         FA_MASK_NONE, 0, 0, 9, 1, 0, 0},
+         FA_MASK_NONE, 0, 0, 9, 1, 0, 0, 0},
         {"int8 k and v, paged decode of 6 rows per head, pages of 5, window", 2, 6, 1, 500, 128, 64, 1, 0, 200, -1, 0,
-         0, FA_MASK_NONE, 0, 0, 5, 0, FA_I8, 0},
+         0, FA_MASK_NONE, 0, 0, 5, 0, FA_I8, 0, 0},
         {"int8 k and v, paged decode of 3 rows per head, D 192", 3, 3, 1, 333, 192, 32, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0},
+         FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0, 0},
         {"e5m2 k and v, one-row split-KV decode", 2, 1, 1, 2300, 64, 32, 1, 0, -1, -1, 1.5, 0, FA_MASK_NONE, 0, 0, 32,
-         0, FA_E5M2, 0},
+         0, FA_E5M2, 0, 0},
         {"e4m3 k and v, two-row decode with a mask", 1, 2, 1, 333, 32, 48, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0,
-         0, FA_E4M3, 0},
+         0, FA_E4M3, 0, 0},
         {"float16 k and v under float32 queries, grouped decode", 2, 3, 1, 260, 48, 16, 1, 0, 100, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0},
+         FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0, 0},
         /* decoding bundles over packed sequences: tiles of 64 in segments of 16 (rows over 4 KiB), 21 */
         {"decode over packed sequences, K and V rows over 4 KiB", 4, 2, 1, 300, 160, 136, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, -1, 1, 0, 0},
+         FA_MASK_NONE, 0, 0, -1, 1, 0, 0, 0},
         {"int8 k and v, decode over packed sequences, window", 4, 3, 1, 500, 384, 384, 1, 0, 300, -1, 3.0, 1,
-         FA_MASK_NONE, 0, 0, -1, 0, FA_I8, 0},
+         FA_MASK_NONE, 0, 0, -1, 0, FA_I8, 0, 0},
         /* 1280 bytes of K and V rows per key: pages of 64 in segments of 51 keys and 13 */
         {"bfloat16 k and v, paged decode, pages of 64 in two segments", 4, 2, 1, 600, 96, 64, 1, 0, -1, -1, 2.5, 1,
-         FA_MASK_NONE, 0, 0, 64, 1, FA_BF16, 0},
+         FA_MASK_NONE, 0, 0, 64, 1, FA_BF16, 0, 0},
+        /* dropout on S^T tiles, few-row tiles, split keys, dot weights, sinks and masks */
+        {"dropout, prefill tails, grouped", 2, 2, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0,
+         0.3},
+        {"dropout, causal, soft-cap, alibi, bool mask", 2, 1, 130, 140, 33, 40, 1, 0, -1, -1, 2.0, 1, FA_MASK_BOOL, 0,
+         0, 0, 0, 0, 0, 0.5},
+        {"dropout, dot weights, window", 1, 2, 65, 80, 10, 6, 0, 0, 20, 5, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0.2},
+        {"dropout, split-KV decode with sinks", 2, 3, 1, 2300, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0,
+         0, 0.4},
+        {"dropout, few rows, float32 mask", 1, 1, 3, 500, 16, 24, 0, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0,
+         0.1},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;
