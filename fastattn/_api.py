@@ -15,7 +15,7 @@ HALF_DTYPES = _v.HALF_DTYPES
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax", window=None,
               softcap=None, alibi_slopes=None, sinks=None, return_lse=False, align="bottom-right", out=None,
-              num_threads=None):
+              dropout_p=0.0, dropout_seed=None, num_threads=None):
     """Fused attention: each output row is a weighted sum of value rows.
 
     Scores are ``s[i, j] = scale * <q[i], k[j]>``; with ``weights="softmax"``
@@ -72,6 +72,18 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
         (top-left).  Rows that see no key give zeros (and lse ``-inf``).
     out : ndarray, optional
         Written in place; must have the exact result shape and dtype.
+    dropout_p : float
+        Dropout on the weights, for training: each weight (after the
+        softmax) is zeroed with probability ``dropout_p`` and the others are
+        multiplied by ``1 / (1 - dropout_p)``; the lse counts every weight.
+        In ``[0, 1)``; 0 (the default) is off.
+    dropout_seed : int, optional
+        Required with ``dropout_p > 0``: which weights are dropped depends
+        only on the seed and the weight's head, query row and key (a
+        counter-based hash, so not on threads or tiles), and
+        :func:`attention_backward` drops the same ones given the same seed.
+        :func:`fastattn.reference.dropout_keep` gives the mask.  In
+        ``[0, 2**64)``.
     num_threads : int, optional
         Threads for this call (default: ``fastattn.get_num_threads()``).
 
@@ -82,7 +94,7 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
         the pair ``(out, lse)``.
     """
     return attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, return_lse,
-                             align, out, num_threads)[0]
+                             align, out, num_threads, dropout_p, dropout_seed)[0]
 
 
 # Calls of plain arrays (no mask, slopes, sinks or out; q, k and v each of
@@ -97,14 +109,14 @@ _planned = {}
 
 
 def attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, return_lse, align,
-                      out, num_threads):
+                      out, num_threads, dropout_p=0.0, dropout_seed=None):
     """attention() (its arguments in order), and the problem it ran, on no
     arrays, if it is one a later call of the same layouts and options may
     rerun on its own arrays (Problem.rebased; see _problem.attention), else
     None: (result, template)."""
     key = None
-    if (mask is None and alibi_slopes is None and sinks is None and out is None and type(q) is np.ndarray
-            and type(k) is np.ndarray and type(v) is np.ndarray):
+    if (mask is None and alibi_slopes is None and sinks is None and out is None and _no_dropout(dropout_p, dropout_seed)
+            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         # each option with its type, so that one refused for its type is never served from an accepted one
         key = (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype,
                *((type(o), o) for o in (scale, causal, weights, window, softcap, return_lse, align)),
@@ -119,6 +131,7 @@ def attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, al
     wmode, return_lse = _v.weights_and_lse(weights, return_lse)
     num_threads = _config.resolve_threads(num_threads)
     args = _v.score_args(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
+    args.set_dropout(dropout_p, dropout_seed)
     out = _v.check_out(out, args.lead + (args.lq, args.dv), args.dtype, args.originals)
     lse = np.empty(args.lead + (args.lq,), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
     template = _problem.attention(args, out, lse, num_threads)
@@ -126,6 +139,12 @@ def attention_planned(q, k, v, scale, causal, mask, weights, window, softcap, al
         _keep_plan(_planned, key, (template, out.shape, out.dtype, None if lse is None else lse.shape,
                                    None if lse is None else lse.dtype), _PLANNED_MAX)
     return ((out, lse) if return_lse else out), template
+
+
+def _no_dropout(p, seed):
+    """Is dropout off (p a plain 0 and no seed)?  Calls with dropout are
+    never planned: their seeds differ from call to call."""
+    return seed is None and type(p) in (float, int) and p == 0
 
 
 def _plan_of(plans, key):
@@ -178,7 +197,7 @@ def _lse_rows(q, return_lse):
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mask=None, weights="softmax",
                        window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right", dq=None,
-                       dk=None, dv=None, return_dsinks=False, num_threads=None):
+                       dk=None, dv=None, return_dsinks=False, dropout_p=0.0, dropout_seed=None, num_threads=None):
     """Gradients of :func:`attention`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     FlashAttention-2's backward: the weights are recomputed tile by tile
@@ -196,9 +215,10 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
         What ``attention(q, k, v, return_lse=True, ...)`` returned for the
         same arguments.  With ``weights="dot"``, which has no log-sum-exp,
         pass ``lse=None``.
-    scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, align
+    scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, align, dropout_p, dropout_seed
         The forward's options, all supported.  Masks and slopes get no
-        gradient; sinks get one with return_dsinks.
+        gradient; sinks get one with return_dsinks.  With dropout, the
+        forward's seed drops the same weights again.
     dq, dk, dv : ndarray, optional
         Written in place; each must have the shape and dtype of the gradient.
     return_dsinks : bool
@@ -221,6 +241,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     num_threads = _config.resolve_threads(num_threads)
     return_dsinks = _v.sinks_gradient_wanted(return_dsinks, sinks)
     args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
+    args.set_dropout(dropout_p, dropout_seed)
     dout, out, lse = _v.backward_operands(args, dout, out, lse)
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
     grads = _problem.attention_backward(args, dout, out, lse, num_threads, dests)
@@ -286,14 +307,19 @@ def weighted_sum(w, v, *, out=None, num_threads=None):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
                      weights="softmax", window=None, softcap=None, alibi_slopes=None, sinks=None,
-                     return_lse=False, align="bottom-right", out=None, num_threads=None):
+                     return_lse=False, align="bottom-right", out=None, dropout_p=0.0, dropout_seed=None,
+                     num_threads=None):
     """Attention over a packed batch of variable-length sequences (no padding).
 
     Sequence ``b`` is rows ``cu_seqlens_q[b] : cu_seqlens_q[b+1]`` of q and
     ``cu_seqlens_k[b] : cu_seqlens_k[b+1]`` of k and v; it attends only
     within itself.  Options are those of :func:`attention` (causal, window
     and ALiBi are aligned per sequence: by default bottom-right, and an int
-    ``align`` is the key position of each sequence's first query).
+    ``align`` is the key position of each sequence's first query).  With
+    dropout, the weight of query head h, packed query row i and packed key
+    row j is dropped as in :func:`attention` with a leading dimension of H
+    (the mask of one long sequence of ``total_q`` queries and ``total_k``
+    keys, of which each sequence uses its own block).
 
     Parameters
     ----------
@@ -313,7 +339,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
         With return_lse, also the log-sum-exp, shape (H, total_q).
     """
     key = None
-    if alibi_slopes is None and sinks is None and out is None:
+    if alibi_slopes is None and sinks is None and out is None and _no_dropout(dropout_p, dropout_seed):
         hit, key = _plan_of(_varlen_planned, _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse, (
             scale, causal, weights, window, softcap, return_lse, align)))
         if hit is not None:
@@ -324,6 +350,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
     num_threads = _config.resolve_threads(num_threads)
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap,
                          alibi_slopes, wmode, align, sinks, kv_in_place=True)
+    args.set_dropout(dropout_p, dropout_seed)
     total_q, h = args.q.shape[:2]
     out = _v.check_out(out, (total_q, h, args.dv), args.dtype, args.originals)
     lse = np.empty((h, total_q), dtype=_v.compute_dtype(args.dtype)) if return_lse else None
@@ -391,7 +418,7 @@ def _varlen_rerun(hit, q, k, v, cu_q, cu_k, num_threads):
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
                               weights="softmax", window=None, softcap=None, alibi_slopes=None, sinks=None,
                               align="bottom-right", dq=None, dk=None, dv=None, return_dsinks=False,
-                              num_threads=None):
+                              dropout_p=0.0, dropout_seed=None, num_threads=None):
     """Gradients of :func:`attention_varlen`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     As :func:`attention_backward`, for a packed batch: dout and out have
@@ -412,6 +439,7 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     return_dsinks = _v.sinks_gradient_wanted(return_dsinks, sinks)
     args = _v.VarlenArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes,
                          wmode, align, sinks)
+    args.set_dropout(dropout_p, dropout_seed)
     total_q, h = args.q.shape[:2]
     dout, out, lse = _v.backward_operands(args, dout, out, lse, (total_q, h, args.dv), (h, total_q))
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])

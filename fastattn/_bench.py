@@ -443,6 +443,59 @@ def format_packed_backward(rows):
     return "\n".join(lines)
 
 
+# ((B, H, L, D), causal): training steps with dropout on the weights
+DROPOUT_BACKWARD = [((1, 8, 1024, 64), True), ((4, 16, 512, 64), False), ((1, 16, 2048, 128), True)]
+DROPOUT_P = 0.1
+
+
+def run_dropout_backward(threads, repeat=2, cases=None, with_torch=True, progress=None, rounds=3):
+    """Training step with dropout (p = DROPOUT_P), float32: fastattn's
+    forward + backward with dropout, the same without it (what the dropout
+    costs), and torch's SDPA forward + backward with the same dropout_p (on
+    the CPU, torch runs dropout on its math path, which forms every weight),
+    timed as run_backward does."""
+    torch_mod = torch_sdpa() if with_torch else None
+    rows = []
+    for n, (shape, causal) in enumerate(DROPOUT_BACKWARD if cases is None else cases, 1):
+        if progress:
+            progress(f"[dropout {n}] {shape} causal={causal}")
+        rng = np.random.default_rng(n)
+        q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+
+        def step(p):
+            opts = dict(causal=causal, dropout_p=p, dropout_seed=n if p else None, num_threads=threads)
+            o, s = fastattn.attention(q, k, v, return_lse=True, **opts)
+            fastattn.attention_backward(dout, q, k, v, o, s, **opts)
+
+        fns = [lambda: step(DROPOUT_P), lambda: step(0.0)]
+        if torch_mod is not None:
+            torch, sdpa = torch_mod
+            tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+            tdout = torch.from_numpy(dout)
+            fns.append(lambda: sdpa(tq, tk, tv, is_causal=causal, dropout_p=DROPOUT_P).backward(tdout))
+        with _torch_threads(torch_mod, threads):
+            times = alternating_blocks(fns, repeat, rounds)
+        row = dict(shape=shape, causal=causal, p=DROPOUT_P, threads=threads, fastattn_ms=times[0] * 1e3,
+                   no_dropout_ms=times[1] * 1e3)
+        if torch_mod is not None:
+            row["torch_ms"] = times[2] * 1e3
+        rows.append(row)
+    return rows
+
+
+def format_dropout_backward(rows):
+    header = (f"{'(B,H,L,D)':<20} {'causal':>6} {'fastattn ms':>11} {'torch ms':>9} {'x torch':>8} "
+              f"{'no dropout ms':>13} {'dropout cost':>12}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        th = r.get("torch_ms")
+        lines.append(
+            f"{str(tuple(r['shape'])):<20} {str(r['causal']):>6} {r['fastattn_ms']:>11.1f} "
+            + (f"{th:>9.1f} {th / r['fastattn_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}")
+            + f" {r['no_dropout_ms']:>13.1f} {r['fastattn_ms'] / r['no_dropout_ms']:>11.2f}x")
+    return "\n".join(lines)
+
+
 LINEAR_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 LINEAR_DIMS = [64, 128]
 

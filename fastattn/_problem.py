@@ -119,6 +119,7 @@ def _lead_entries(lead, kv_group, group, lq, lk, q, k, v, mask, out, lse, tiles=
         _core.E_LQ: lq,
         _core.E_LK: lk,
         _core.E_HEAD: np.arange(math.prod(lead), dtype=np.int64),
+        _core.E_DROP: np.arange(math.prod(lead), dtype=np.int64),  # rows and keys from 0
     }
     for col, layout in ((_core.E_K, k), (_core.E_V, v)):
         if layout is not None:
@@ -147,7 +148,8 @@ def _tiles(tiles, heads):
 def _score_options(args):
     return dict(mask_kind=args.mask_kind, weights=args.weights, scale=args.scale, causal=args.causal,
                 top_left=args.top_left, q_shift=args.q_shift, window_left=args.window[0], window_right=args.window[1],
-                softcap=args.softcap, alibi_slopes=args.slopes, sinks=args.sinks)
+                softcap=args.softcap, alibi_slopes=args.slopes, sinks=args.sinks, dropout_p=args.dropout_p,
+                dropout_seed=args.dropout_seed)
 
 
 # ---- the operations ----------------------------------------------------------------
@@ -208,13 +210,14 @@ def rerun(template, num_threads, q, k, v, out, lse):
 def attention(args, out, lse, num_threads):
     """Run fused attention on validated arguments (_validate.ScoreArgs).
     Returns the problem it ran on no arrays (its addresses 0) where the
-    arguments are plain q, k and v, none converted, with no mask, slopes or
-    sinks (the problem then depends only on their layouts, out's and lse's
-    and the options: the same layouts on other arrays run it rebased), else
-    None."""
+    arguments are plain q, k and v, none converted, with no mask, slopes,
+    sinks or dropout (the problem then depends only on their layouts, out's
+    and lse's and the options: the same layouts on other arrays run it
+    rebased), else None."""
     address = _core.address
     key = None
-    if args.slopes is None and args.sinks is None and math.prod(args.lead) <= _CACHED_ENTRIES_MAX:
+    if args.slopes is None and args.sinks is None and not args.dropout_p and \
+            math.prod(args.lead) <= _CACHED_ENTRIES_MAX:
         if args.cache_key is not None:  # plain q, k, v, no mask: as _validate.score_args keyed them
             key = (args.cache_key, _config.path_index(), out.shape, out.strides,
                    None if lse is None else (lse.shape, lse.strides))
@@ -282,6 +285,8 @@ def _varlen_layout(g, group, by_query, by_key, by_row):
     head = kv_head * group  # the first query head of the entry's group
     base, per_q, per_k = np.zeros((g, fields), np.int64), np.zeros(fields, np.int64), np.zeros(fields, np.int64)
     base[:, _core.E_HEAD] = head
+    # dropout: a stream per query head, its rows and keys numbered as packed (a sequence's from its offsets)
+    base[:, _core.E_DROP], per_q[_core.E_DROP_ROW], per_k[_core.E_DROP_KEY] = head, 1, 1
     for col, a in by_query.items():
         base[:, col], per_q[col] = head * a.strides[1], a.strides[0]
     for col, a in by_key.items():

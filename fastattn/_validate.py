@@ -181,6 +181,25 @@ def softcap(softcap):
     return cap
 
 
+def dropout(p, seed):
+    """(dropout_p, dropout_seed) in the kernels' terms: p in [0, 1) and, for
+    p > 0, the seed as an int in [0, 2**64) (required: the backward drops
+    the same weights only given the forward's seed); (0.0, 0) for p = 0."""
+    p = real(p, "dropout_p")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
+    if seed is not None:
+        seed = integer(seed, "dropout_seed")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"dropout_seed must be in [0, 2**64), got {seed}")
+    if p == 0.0:
+        return 0.0, 0
+    if seed is None:
+        raise ValueError("dropout_seed is required with dropout_p > 0 (the backward needs the forward's seed "
+                         "to drop the same weights)")
+    return p, seed
+
+
 def weights_and_lse(weights, return_lse):
     """The kernel's weighting code, and return_lse checked against it."""
     if not isinstance(weights, str) or weights not in WEIGHTS:
@@ -371,11 +390,19 @@ class _Options:
     def _options(self, wmode, scale_, causal, align, window_, softcap_):
         self.weights = wmode
         self.sinks = None
+        self.dropout_p, self.dropout_seed = 0.0, 0  # set_dropout
         self.scale = scale(scale_, wmode, self.d)
         self.causal = flag(causal, "causal")
         self.top_left, self.q_shift = alignment(align)
         self.window = window(window_)
         self.softcap = softcap(softcap_)
+
+
+    def set_dropout(self, p, seed):
+        """Dropout on the weights (checked by dropout(); attention and its
+        backward only)."""
+        self.dropout_p, self.dropout_seed = dropout(p, seed)
+        return self
 
 
 class ScoreArgs(_Options):

@@ -105,15 +105,70 @@ def _sink_weights(s, sinks):
     return w[..., :-1], logsumexp(ext), w[..., -1]
 
 
+def _mix64(x):
+    """SplitMix64's step on uint64 (wrapping) arrays."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser on uint32 (wrapping) arrays."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def dropout_keep(seed, p, streams, rows, keys):
+    """The dropout mask: True where the weight of (stream, query row, key)
+    is kept, for coordinates that broadcast together (int arrays).
+
+    fastattn's dropout (fastattn.h) with seed and probability p: row word
+    ``r = mix64(seed ^ mix64(stream ^ mix64(row)))`` (SplitMix64's step,
+    modulo 2**64), ``a, b`` its low and high 32 bits, and for key c
+    ``t = fmix32((c ^ b) * 0x9E3779B1 + a)`` (MurmurHash3's finaliser,
+    modulo 2**32); kept iff ``t >> 8 >= round(p * 2**24)``.  In
+    :func:`fastattn.attention`, the stream of a weight is the flat (C-order)
+    index of its output row's leading dimensions, its row and key their
+    indices; in :func:`fastattn.attention_varlen`, the stream is the query
+    head, the row and key the packed rows."""
+    with np.errstate(over="ignore"):
+        u64 = [np.asarray(x, dtype=np.int64).astype(np.uint64) for x in (streams, rows)]
+        r = _mix64(np.uint64(seed) ^ _mix64(u64[0] ^ _mix64(u64[1])))
+        a = (r & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        b = (r >> np.uint64(32)).astype(np.uint32)
+        c = (np.asarray(keys, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32)
+        t = _fmix32((c ^ b) * np.uint32(0x9E3779B1) + a)
+    return (t >> np.uint32(8)) >= np.uint32(math.floor(p * 2.0**24 + 0.5))
+
+
+def _dropout_factors(lead, lq, lk, dropout_p, dropout_seed, at):
+    """The factor of each weight under dropout, broadcast over `lead`: 1 /
+    (1 - p) where kept, 0 where dropped (1 everywhere without dropout).
+    Streams are the flat indices of `lead`; rows and keys count from at =
+    (row of q's row 0, key of k's row 0)."""
+    if not dropout_p:
+        return np.ones((1, 1))
+    streams = np.arange(math.prod(lead), dtype=np.int64).reshape(tuple(lead) + (1, 1))
+    keep = dropout_keep(dropout_seed, dropout_p, streams, at[0] + np.arange(lq)[:, None], at[1] + np.arange(lk))
+    return np.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+
+
 def weighted_sum(w, v):
     """out[..., i, :] = sum_j w[..., i, j] v[..., j, :]."""
     return _f64(w) @ _f64(v)
 
 
 def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax", window=None,
-              softcap=None, alibi_slopes=None, sinks=None, return_lse=False, align="bottom-right"):
+              softcap=None, alibi_slopes=None, sinks=None, return_lse=False, align="bottom-right", dropout_p=0.0,
+              dropout_seed=None, dropout_at=(0, 0)):
     """Attention in float64: softmax (or plain dot) weights of the scores, times v.
-    Sinks add exp(sink) to each row's softmax denominator."""
+    Sinks add exp(sink) to each row's softmax denominator.  With dropout,
+    the weights are multiplied by _dropout_factors (dropout_keep's mask;
+    dropout_at: the mask's row and key of q's and k's row 0) before v."""
     if weights == "dot" and scale is None:
         scale = 1.0
     s = scores(q, k, scale=scale, causal=causal, mask=mask, window=window, softcap=softcap,
@@ -123,6 +178,9 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
         w, lse = np.where(np.isneginf(s), 0.0, s), None
     else:
         w, lse, _ = _sink_weights(s, sinks)
+    if dropout_p:
+        lead = np.broadcast_shapes(w.shape[:-2], v.shape[:-2])
+        w = w * _dropout_factors(lead, *w.shape[-2:], dropout_p, dropout_seed, dropout_at)
     out = w @ v
     if return_lse:
         return out, lse
@@ -147,7 +205,7 @@ def _sum_to_shape(g, shape):
 
 def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, weights="softmax",
                        window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right",
-                       return_dsinks=False):
+                       return_dsinks=False, dropout_p=0.0, dropout_seed=None, dropout_at=(0, 0)):
     """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v, ...)), in float64.
 
     Written out from the forward's formulas, without the saved lse: with
@@ -168,7 +226,12 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
     summed over the rows that share the sink.  Masks and slopes get no
     gradient.  Gradients broadcast over shared operands (grouped heads,
     leading dimensions of 1) are summed, so each has the shape of its
-    operand."""
+    operand.
+
+    Dropout multiplies each weight by a fixed factor Z (0, or 1 / (1 - p)
+    where kept; see attention): out = (P Z) v, so dv = (P Z)^T dout and the
+    weights' own gradient is dP = (dout v^T) Z, the formulas above then
+    holding with that dP (rowsum(dout * out) still sums P dP)."""
     if return_dsinks and (sinks is None or weights == "dot"):
         raise ValueError("return_dsinks needs sinks (and softmax weights)")
     q64, k64, v64, do = _f64(q), _f64(k), _f64(v), _f64(dout)
@@ -183,10 +246,12 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
                alibi_slopes=alibi_slopes, align=align)
     hidden = np.isneginf(s)
     p, _, p_sink = (np.where(hidden, 0.0, s), None, None) if weights == "dot" else _sink_weights(s, sinks)
-    out = p @ vr
+    lead = np.broadcast_shapes(p.shape[:-2], vr.shape[:-2], do.shape[:-2])
+    z = _dropout_factors(lead, *p.shape[-2:], dropout_p, dropout_seed, dropout_at)
+    out = (p * z) @ vr
     dout_b = np.broadcast_to(do, out.shape)
-    dv = np.swapaxes(p, -1, -2) @ dout_b
-    dp = dout_b @ np.swapaxes(vr, -1, -2)
+    dv = np.swapaxes(p * z, -1, -2) @ dout_b
+    dp = (dout_b @ np.swapaxes(vr, -1, -2)) * z
     dsinks = None
     if weights == "dot":
         ds = np.where(hidden, 0.0, dp)
@@ -205,7 +270,7 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, alibi_slopes=None, sinks=None,
-                     **options):
+                     dropout_p=0.0, dropout_seed=None, **options):
     """Packed variable-length attention, one sequence at a time.
 
     q (total_q, H, D), k and v (total_k, G, D); returns (total_q, H, Dv) and,
@@ -220,7 +285,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, a
         qb = np.swapaxes(q[qs], 0, 1)  # (H, Lq, D)
         kb = np.swapaxes(k[ks], 0, 1)
         vb = np.swapaxes(v[ks], 0, 1)
-        o, l = attention(qb, kb, vb, return_lse=True, alibi_slopes=alibi_slopes, sinks=sinks, **options)
+        o, l = attention(qb, kb, vb, return_lse=True, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                         dropout_seed=dropout_seed, dropout_at=(cu_seqlens_q[b], cu_seqlens_k[b]), **options)
         out[qs] = np.swapaxes(o, 0, 1)
         lse[:, qs] = l
     return (out, lse) if return_lse else out
@@ -291,7 +357,7 @@ def attention_paged(q, k_cache, v_cache, block_table, seq_lens, *, cu_seqlens_q=
 
 
 def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, sinks=None,
-                              return_dsinks=False, **options):
+                              return_dsinks=False, dropout_p=0.0, dropout_seed=None, **options):
     """Gradients of attention_varlen, one sequence at a time (attention_backward)."""
     dout, q, k, v = _f64(dout), _f64(q), _f64(k), _f64(v)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
@@ -300,7 +366,9 @@ def attention_varlen_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, alib
         qs = slice(cu_seqlens_q[b], cu_seqlens_q[b + 1])
         ks = slice(cu_seqlens_k[b], cu_seqlens_k[b + 1])
         grads = attention_backward(*(np.swapaxes(a, 0, 1) for a in (dout[qs], q[qs], k[ks], v[ks])),
-                                   alibi_slopes=alibi_slopes, sinks=sinks, return_dsinks=return_dsinks, **options)
+                                   alibi_slopes=alibi_slopes, sinks=sinks, return_dsinks=return_dsinks,
+                                   dropout_p=dropout_p, dropout_seed=dropout_seed,
+                                   dropout_at=(cu_seqlens_q[b], cu_seqlens_k[b]), **options)
         for full, rows, grad in zip((dq, dk, dv), (qs, ks, ks), grads):
             full[rows] = np.swapaxes(grad, 0, 1)
         if return_dsinks:

@@ -10,8 +10,10 @@ top-left causal alignment, bool masks (True = takes part) and float masks
 ``torch.compile(..., fullgraph=True)`` traces it) whose gradient is the
 custom operator ``torch.ops.fastattn.attention_backward``, fastattn's
 FlashAttention-2 backward; masks get no gradient (attention sinks do).
-What it does not support raises an error instead of silently differing:
-CUDA and other devices, ``dropout_p > 0``.
+``dropout_p > 0`` drops weights inside the kernels, forward and backward,
+from a seed drawn from torch's default generator.  What it does not
+support raises an error instead of silently differing: CUDA and other
+devices.
 
 ``fastattn.torch.patch()`` routes a model's attention through fastattn::
 
@@ -115,8 +117,10 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
             return TypeError, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
     if len(tensors) == 4 and attn_mask.dtype not in (torch.bool, torch.float32, torch.float64):
         return TypeError, f"attn_mask must be bool, float32 or float64, got {attn_mask.dtype}"
-    if dropout_p != 0.0:
-        return ValueError, f"dropout_p must be 0 (fastattn has no dropout), got {dropout_p}"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        return TypeError, f"dropout_p must be a float, got {type(dropout_p).__name__}"
+    if not 0.0 <= dropout_p < 1.0:
+        return ValueError, f"dropout_p must be in [0, 1), got {dropout_p}"
     return None
 
 
@@ -154,11 +158,25 @@ def _window(window_left, window_right):
     return None if window_left < 0 and window_right < 0 else (window_left, window_right)
 
 
-def _options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks=None):
-    """The op's scalar arguments (and sinks) as fastattn.attention's keywords."""
+def _options(is_causal, scale, window_left, window_right, softcap, bottom_right, dropout_p=0.0, dropout_seed=None,
+             sinks=None):
+    """The op's scalar arguments (dropout's seed and the sinks too) as
+    fastattn.attention's keywords."""
     return dict(scale=scale, causal=is_causal, window=_window(window_left, window_right),
                 softcap=softcap if softcap > 0 else None, align="bottom-right" if bottom_right else "top-left",
-                sinks=_as_numpy(sinks))
+                sinks=_as_numpy(sinks), **_dropout(dropout_p, dropout_seed))
+
+
+def _dropout(dropout_p, dropout_seed):
+    """An operator's dropout (its seed a 0-d int64 tensor) as the numpy API's keywords."""
+    return dict(dropout_p=dropout_p, dropout_seed=int(dropout_seed) if dropout_p else None)
+
+
+def _dropout_seed(dropout_p):
+    """A seed for a call's dropout, drawn from torch's default generator (so
+    torch.manual_seed repeats it), as a 0-d tensor an operator takes (and
+    torch.compile traces); None without dropout."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p else None
 
 
 # Problems of direct calls by their tensors' layouts and options, for calls
@@ -196,13 +214,13 @@ _direct_run_on_torch_threads = _on_torch_threads(_direct_run)
 
 @_on_torch_threads
 def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                    bottom_right, sinks=None, return_lse=True, heads_last=False):
+                    bottom_right, dropout_p=0.0, dropout_seed=None, sinks=None, return_lse=True, heads_last=False):
     """(out, lse) of fastattn.attention on tensors (lse None unless
     return_lse); with heads_last, out is (..., Lq, H, Dv), the head axis
     after the queries' (written so by the kernel, not transposed after)."""
     heads_last = heads_last and query.dim() >= 3
     dkey = None
-    if attn_mask is None and sinks is None:
+    if attn_mask is None and sinks is None and not dropout_p:
         dkey = _direct_key(query, key, value, (is_causal, scale, window_left, window_right, softcap, bottom_right),
                            return_lse, heads_last)
         hit = _direct.get(dkey) if dkey is not None else None
@@ -215,7 +233,8 @@ def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left,
     res, template = _api.attention_planned(
         *(_as_numpy(t) for t in (query, key, value)), mask=_as_numpy(attn_mask), weights="softmax",
         alibi_slopes=None, return_lse=return_lse, out=None if out is None else _as_numpy(out.transpose(-2, -3)),
-        num_threads=None, **_options(is_causal, scale, window_left, window_right, softcap, bottom_right, sinks))
+        num_threads=None, **_options(is_causal, scale, window_left, window_right, softcap, bottom_right, dropout_p,
+                                     dropout_seed, sinks))
     res, lse = (res if return_lse else (res, None))
     if out is None:
         out = _as_tensor(res)
@@ -231,18 +250,20 @@ def _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left,
 @torch.library.custom_op("fastattn::attention", mutates_args=(), device_types="cpu")
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
                   is_causal: bool, scale: float, window_left: int = -1, window_right: int = -1,
-                  softcap: float = 0.0, bottom_right: bool = False,
+                  softcap: float = 0.0, bottom_right: bool = False, dropout_p: float = 0.0,
+                  dropout_seed: Optional[torch.Tensor] = None,
                   sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """fastattn.attention on tensors: (out, lse).  Causal, window and the
-    mask align top-left (torch's convention) unless bottom_right; sinks, one
-    per query head, get their gradient (the mask none)."""
+    mask align top-left (torch's convention) unless bottom_right; dropout's
+    seed is a 0-d int64 tensor (_dropout_seed); sinks, one per query head,
+    get their gradient (the mask none)."""
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                           bottom_right, sinks)
+                           bottom_right, dropout_p, dropout_seed, sinks)
 
 
 @_attention_op.register_fake
 def _attention_fake(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
-                    bottom_right=False, sinks=None):
+                    bottom_right=False, dropout_p=0.0, dropout_seed=None, sinks=None):
     lead = _lead(query, key, value, attn_mask)
     lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     return (query.new_empty(lead + (query.shape[-2], value.shape[-1])),
@@ -253,21 +274,22 @@ def _attention_fake(query, key, value, attn_mask, is_causal, scale, window_left=
 def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
                            scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                           bottom_right: bool = False, sinks: Optional[torch.Tensor] = None
+                           bottom_right: bool = False, dropout_p: float = 0.0,
+                           dropout_seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fastattn.attention_backward on tensors: (dq, dk, dv, dsinks), dsinks
     empty without sinks."""
     return _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
-                                    window_right, softcap, bottom_right, sinks)
+                                    window_right, softcap, bottom_right, dropout_p, dropout_seed, sinks)
 
 
 @_on_torch_threads
 def _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
-                             window_right, softcap, bottom_right, sinks):
+                             window_right, softcap, bottom_right, dropout_p, dropout_seed, sinks):
     grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)),
                                     mask=_as_numpy(attn_mask), return_dsinks=sinks is not None,
                                     **_options(is_causal, scale, window_left, window_right, softcap, bottom_right,
-                                               sinks))
+                                               dropout_p, dropout_seed, sinks))
     return _gradient_tensors(grads, query, sinks)
 
 
@@ -285,12 +307,13 @@ def _gradient_fakes(query, key, value, sinks):
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left=-1,
-                             window_right=-1, softcap=0.0, bottom_right=False, sinks=None):
+                             window_right=-1, softcap=0.0, bottom_right=False, dropout_p=0.0, dropout_seed=None,
+                             sinks=None):
     return _gradient_fakes(query, key, value, sinks)
 
 
 def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
-              bottom_right=False, sinks=None, *, need_lse=True, heads_last=False):
+              bottom_right=False, sinks=None, *, dropout_p=0.0, need_lse=True, heads_last=False):
     """``torch.ops.fastattn.attention`` (out, lse), called directly where no
     operator is needed: when torch.compile traces, or when a gradient may be
     needed, the call goes through the operator (its fake implementation and
@@ -299,17 +322,19 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
     and token).  With need_lse=False a direct call does not compute the
     log-sum-exp and returns (out, None).  With heads_last, out is
     (..., Lq, H, Dv) (the layout transformers' attention functions return),
-    written so by the kernel on a direct call."""
+    written so by the kernel on a direct call.  With dropout_p > 0, the
+    seed is drawn from torch's default generator (_dropout_seed)."""
+    seed = _dropout_seed(dropout_p)
     if _through_operator(query, key, value, sinks):
         if isinstance(attn_mask, _masks.BlockMask):  # the operator takes tensors: the mask, classified per call
             attn_mask = torch.from_numpy(attn_mask.mask)
         out, lse = torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
-                                                window_right, softcap, bottom_right, sinks)
+                                                window_right, softcap, bottom_right, dropout_p, seed, sinks)
         if heads_last and out.dim() >= 3:
             out = out.transpose(-2, -3).contiguous()
         return out, lse
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
-                           bottom_right, sinks, need_lse, heads_last)
+                           bottom_right, dropout_p, seed, sinks, need_lse, heads_last)
 
 
 def _through_operator(*tensors):
@@ -362,7 +387,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         :func:`fastattn.block_mask` (its table is used where no gradient is
         needed; with autograd or torch.compile, its mask).
     dropout_p : float
-        Must be 0.
+        Dropout on the attention weights (training), in [0, 1): each call
+        draws its seed from torch's default generator, so
+        ``torch.manual_seed`` repeats it, and the backward drops the same
+        weights.  Which weights are dropped is fastattn's own hash of the
+        seed and the weight's place (:func:`fastattn.reference.dropout_keep`),
+        not torch's generator's stream.
     is_causal : bool
         Top-left aligned, as torch: query i sees keys j <= i.
     scale : float, optional
@@ -396,7 +426,7 @@ def _sdpa_checked(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
                          "attention (as in torch)")
     # the grouped-query rule itself (H a multiple of G) is fastattn's own, checked by attention()
     return attention(query, key, value, attn_mask, bool(is_causal), float(_default_scale(query, scale)),
-                     need_lse=False)[0]
+                     dropout_p=float(dropout_p), need_lse=False)[0]
 
 
 def _ungrouped_heads(query, key, enable_gqa):
@@ -445,8 +475,8 @@ def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
 def patch():
     """Route ``torch.nn.functional.scaled_dot_product_attention`` through fastattn.
 
-    Calls fastattn supports run on fastattn; the rest (CUDA tensors,
-    dropout, autograd) run on torch's own function.  On exit torch's
+    Calls fastattn supports run on fastattn (with autograd and dropout);
+    the rest (CUDA tensors, other dtypes) run on torch's own function.  On exit torch's
     function is restored, also when the body raises.
     """
     saved = F.scaled_dot_product_attention
@@ -482,7 +512,7 @@ def _packed_offsets(position_ids, total):
 
 
 def _varlen_arguments(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left,
-                      window_right, softcap, bottom_right, alibi_slopes, sinks):
+                      window_right, softcap, bottom_right, alibi_slopes, dropout_p, dropout_seed, sinks):
     """fastattn.attention_varlen's arguments as numpy arrays, keywords
     included; the offsets come from position_ids where given."""
     a = _numpy_args(q=query, k=key, v=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -490,16 +520,17 @@ def _varlen_arguments(query, key, value, cu_seqlens_q, cu_seqlens_k, position_id
     if position_ids is not None:
         a["cu_seqlens_q"] = a["cu_seqlens_k"] = _packed_offsets(_as_numpy(position_ids), query.shape[0])
     a.update(scale=scale, causal=causal, window=_window(window_left, window_right), softcap=softcap,
-             align="bottom-right" if bottom_right else "top-left")
+             align="bottom-right" if bottom_right else "top-left", **_dropout(dropout_p, dropout_seed))
     return a
 
 
 @_on_torch_threads
 def _attention_varlen_impl(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left,
-                           window_right, softcap, bottom_right, alibi_slopes, sinks, return_lse=True):
+                           window_right, softcap, bottom_right, alibi_slopes, dropout_p, dropout_seed, sinks,
+                           return_lse=True):
     res = _api.attention_varlen(**_varlen_arguments(
         query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
-        softcap, bottom_right, alibi_slopes, sinks), return_lse=return_lse)
+        softcap, bottom_right, alibi_slopes, dropout_p, dropout_seed, sinks), return_lse=return_lse)
     out, lse = res if return_lse else (res, None)
     return _as_tensor(out), None if lse is None else _as_tensor(lse)
 
@@ -509,18 +540,19 @@ def _attention_varlen_op(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                          position_ids: Optional[torch.Tensor], scale: Optional[float], causal: bool,
                          window_left: int, window_right: int, softcap: Optional[float], bottom_right: bool,
-                         alibi_slopes: Optional[torch.Tensor],
+                         alibi_slopes: Optional[torch.Tensor], dropout_p: float, dropout_seed: Optional[torch.Tensor],
                          sinks: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """fastattn.attention_varlen on tensors: (out, lse).  The sequences are
     given by their offsets or, where position_ids is given, by the
     positions of the packed rows (_packed_offsets)."""
     return _attention_varlen_impl(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal,
-                                  window_left, window_right, softcap, bottom_right, alibi_slopes, sinks)
+                                  window_left, window_right, softcap, bottom_right, alibi_slopes, dropout_p,
+                                  dropout_seed, sinks)
 
 
 @_attention_varlen_op.register_fake
 def _attention_varlen_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left,
-                           window_right, softcap, bottom_right, alibi_slopes, sinks):
+                           window_right, softcap, bottom_right, alibi_slopes, dropout_p, dropout_seed, sinks):
     return _packed_outputs(query, value.shape[-1])
 
 
@@ -530,14 +562,14 @@ def _attention_varlen_backward_op(grad_out: torch.Tensor, query: torch.Tensor, k
                                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                                   position_ids: Optional[torch.Tensor], scale: Optional[float], causal: bool,
                                   window_left: int, window_right: int, softcap: Optional[float],
-                                  bottom_right: bool, alibi_slopes: Optional[torch.Tensor],
-                                  sinks: Optional[torch.Tensor]
+                                  bottom_right: bool, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+                                  dropout_seed: Optional[torch.Tensor], sinks: Optional[torch.Tensor]
                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fastattn.attention_varlen_backward on tensors: (dq, dk, dv, dsinks),
     dsinks empty without sinks."""
     return _attention_varlen_backward_impl(grad_out, query, key, value, out, lse, cu_seqlens_q, cu_seqlens_k,
                                            position_ids, scale, causal, window_left, window_right, softcap,
-                                           bottom_right, alibi_slopes, sinks)
+                                           bottom_right, alibi_slopes, dropout_p, dropout_seed, sinks)
 
 
 @_on_torch_threads
@@ -569,7 +601,7 @@ def _varlen_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dsinks = torch.ops.fastattn.attention_varlen_backward(grad_out, query, key, value, out, lse,
                                                                       *ctx.options)
-    # no gradient for the offsets, the slopes and the scalar options; the sinks (the last input) get theirs
+    # no gradient for the offsets, the slopes, the seed and the scalar options; the sinks (the last input) get theirs
     return (dq, dk, dv) + (None,) * (len(ctx.options) - 1) + (_sinks_gradient(ctx, dsinks),)
 
 
@@ -577,19 +609,21 @@ _attention_varlen_op.register_autograd(_varlen_backward, setup_context=_varlen_s
 
 
 def _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
-            softcap, bottom_right, alibi_slopes, sinks, return_lse):
+            softcap, bottom_right, alibi_slopes, sinks, return_lse, dropout_p=0.0):
     """(out, lse) of the packed sequences (lse None unless return_lse):
     through the operator when torch.compile traces or a gradient may be
-    needed (as in attention()), straight to fastattn otherwise."""
+    needed (as in attention()), straight to fastattn otherwise; dropout's
+    seed drawn as attention() draws it."""
     args = (query, key, value, cu_seqlens_q, cu_seqlens_k, position_ids, scale, causal, window_left, window_right,
-            softcap, bottom_right, alibi_slopes, sinks)
+            softcap, bottom_right, alibi_slopes, dropout_p, _dropout_seed(dropout_p), sinks)
     if _through_operator(query, key, value, sinks):
         return torch.ops.fastattn.attention_varlen(*args)
     return _attention_varlen_impl(*args, return_lse=return_lse)
 
 
 def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False, window=None,
-                     softcap=None, alibi_slopes=None, sinks=None, align="bottom-right", return_lse=False):
+                     softcap=None, alibi_slopes=None, sinks=None, align="bottom-right", dropout_p=0.0,
+                     return_lse=False):
     """:func:`fastattn.attention_varlen` on CPU tensors, with autograd.
 
     Packed sequences without padding, as FlashAttention's
@@ -602,7 +636,9 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
     fastattn's varlen backward (``torch.ops.fastattn.attention_varlen_backward``),
     so ``torch.compile(..., fullgraph=True)`` traces it and training on
     packed batches works; sinks get their gradient, offsets and slopes
-    none.  Calls needing no gradient go to fastattn directly.
+    none.  Calls needing no gradient go to fastattn directly.  dropout_p
+    as in :func:`scaled_dot_product_attention` (its seed from torch's
+    default generator).
 
     Returns
     -------
@@ -618,8 +654,9 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, *, scale=Non
     if align not in ("bottom-right", "top-left"):
         raise ValueError(f"align must be 'bottom-right' or 'top-left', got {align!r}")
     left, right = _validate.window(window)
+    dropout_p, _ = _validate.dropout(dropout_p, 0)
     out, lse = _varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, None, scale, causal, left, right, softcap,
-                       align == "bottom-right", alibi_slopes, sinks, return_lse)
+                       align == "bottom-right", alibi_slopes, sinks, return_lse, dropout_p)
     return (out, lse) if return_lse else out
 
 

@@ -24,8 +24,9 @@ module's), ``scaling``, ``sliding_window`` (key ``j`` visible from query
 position ``i`` iff ``i - sliding_window < j <= i``), ``softcap``, grouped
 key/value heads, attention sinks (``s_aux``, one logit per head, as in
 gpt-oss, trained with their gradient), float32, float64, float16 and
-bfloat16.  ``dropout`` must be 0 (models pass 0 in eval mode; training with
-dropout raises).  Several sequences packed into one batch row (padding-free
+bfloat16, and ``dropout`` (models pass it while training, 0 in eval mode:
+dropped inside the kernels, the seed drawn from torch's default
+generator).  Several sequences packed into one batch row (padding-free
 training) attend each within itself, as with transformers' FlashAttention:
 their offsets are taken from ``cu_seq_lens_q``/``cu_seq_lens_k`` where the
 collator passes them, otherwise from ``position_ids`` that restart within a
@@ -47,8 +48,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers' attention function signature: query (B, H, Lq, D), key
     and value (B, G, Lk, D|Dv); returns (output (B, Lq, H, Dv), None)."""
-    if dropout:
-        raise ValueError(f"fastattn has no dropout: dropout must be 0 (the model in eval mode), got {dropout}")
     if kwargs.get("output_attentions", False):
         raise ValueError("fastattn never forms the attention weights: output_attentions needs 'eager'")
     is_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
@@ -70,10 +69,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         b, h, lq = query.shape[:3]
         q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
         out, _ = fastattn.torch._varlen(q, k, v, *packing, float(scaling), is_causal, left, right,
-                                        float(softcap) if softcap else None, True, None, s_aux, False)
+                                        float(softcap) if softcap else None, True, None, s_aux, False, dropout)
         return out.view(b, lq, h, out.shape[-1]), None
     out, _ = fastattn.torch.attention(query, key, value, mask, is_causal, float(scaling), left, right,
-                                      float(softcap or 0.0), True, s_aux, need_lse=False, heads_last=True)
+                                      float(softcap or 0.0), True, s_aux, dropout_p=float(dropout or 0.0),
+                                      need_lse=False, heads_last=True)
     return out, None
 
 

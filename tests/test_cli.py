@@ -94,6 +94,16 @@ def test_packed_backward_bench_runs():
     assert "torch mask ms" in _bench.format_packed_backward(rows)
 
 
+def test_dropout_backward_bench_runs():
+    """The dropout training rows: with and without dropout, and torch's where installed."""
+    from fastattn import _bench
+
+    with_torch = _bench.torch_sdpa() is not None
+    rows = _bench.run_dropout_backward(1, repeat=1, rounds=1, cases=[((1, 2, 40, 16), True)], with_torch=with_torch)
+    assert rows[0]["fastattn_ms"] > 0 < rows[0]["no_dropout_ms"] and (not with_torch or rows[0]["torch_ms"] > 0)
+    assert "dropout cost" in _bench.format_dropout_backward(rows)
+
+
 def test_transformers_bench_runs(monkeypatch):
     pytest.importorskip("torch", reason="needs torch (pip install 'fastattn[transformers]')")
     pytest.importorskip("transformers", reason="needs transformers (pip install 'fastattn[transformers]')")

@@ -272,6 +272,21 @@ BAD = [
     (lambda: attn(sinks=np.array([np.nan, 0.0])), ValueError, "sinks must be finite"),
     (lambda: attn(sinks=np.array([np.inf, 0.0])), ValueError, "sinks must be finite"),
     (lambda: attn(sinks=["a", "b"]), TypeError, "sinks must have dtype"),
+    # dropout
+    (lambda: attn(dropout_p=1.0, dropout_seed=1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (lambda: attn(dropout_p=-0.1, dropout_seed=1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (lambda: attn(dropout_p=float("nan"), dropout_seed=1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (lambda: attn(dropout_p="0.1", dropout_seed=1), TypeError, "dropout_p must be a real number"),
+    (lambda: attn(dropout_p=0.1), ValueError, "dropout_seed is required"),
+    (lambda: attn(dropout_p=0.1, dropout_seed=-1), ValueError, r"dropout_seed must be in \[0, 2\*\*64\)"),
+    (lambda: attn(dropout_p=0.1, dropout_seed=2**64), ValueError, r"dropout_seed must be in \[0, 2\*\*64\)"),
+    (lambda: attn(dropout_p=0.1, dropout_seed=1.5), TypeError, "dropout_seed must be an int"),
+    (lambda: attn(dropout_p=0.0, dropout_seed="a"), TypeError, "dropout_seed must be an int"),
+    (lambda: backward(dropout_p=0.1), ValueError, "dropout_seed is required"),
+    (lambda: backward(dropout_p=1.5, dropout_seed=3), ValueError, "dropout_p must be in"),
+    (lambda: varlen(dropout_p=0.1, dropout_seed=True), TypeError, "dropout_seed must be an int"),
+    (lambda: varlen(dropout_p=0.1), ValueError, "dropout_seed is required"),
+    (lambda: varlen_backward(dropout_p=2, dropout_seed=0), ValueError, "dropout_p must be in"),
     (lambda: varlen(sinks=np.ones(3)), ValueError, "sinks"),
     # attention_paged
     (lambda: paged(q=np.zeros((4, 8), f32)), ValueError, "q must have shape"),
@@ -348,7 +363,12 @@ BAD = [
     (lambda: linear(eps="1"), TypeError, "eps"),
     # fastattn.torch
     (lambda: sdpa(lambda t, q: dict(query=q.to("meta"))), ValueError, "CPU tensors only"),
-    (lambda: sdpa(lambda t, q: dict(dropout_p=0.1)), ValueError, "dropout_p"),
+    (lambda: sdpa(lambda t, q: dict(dropout_p=1.0)), ValueError, "dropout_p must be in"),
+    (lambda: sdpa(lambda t, q: dict(dropout_p=-0.5)), ValueError, "dropout_p must be in"),
+    (lambda: sdpa(lambda t, q: dict(dropout_p="0.1")), TypeError, "dropout_p must be a float"),
+    (lambda: sdpa(lambda t, q: dict(dropout_p=True)), TypeError, "dropout_p must be a float"),
+    (lambda: sdpa(lambda t, q: dict(dropout_p=0.1, query=q.clone().requires_grad_(), key=q[:, :3])), ValueError,
+     "enable_gqa"),  # dropout through the operator keeps the checks
     (lambda: sdpa(lambda t, q: dict(query=q.int(), key=q.int(), value=q.int())), TypeError,
      "float32, float64, float16 or bfloat16"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.float16))), TypeError, "attn_mask"),
@@ -367,6 +387,8 @@ BAD = [
     (lambda: torch_varlen(align="middle"), ValueError, "align must be"),
     (lambda: torch_varlen(window=2), TypeError, "window must be"),
     (lambda: torch_varlen(lambda t, q: dict(sinks=t.zeros(3))), ValueError, "sinks"),
+    (lambda: torch_varlen(dropout_p=1.0), ValueError, "dropout_p must be in"),
+    (lambda: torch_varlen(dropout_p=None), TypeError, "dropout_p must be a real"),
     # fastattn.dask: every rule raises when the graph is built
     (lambda: dask_attention(lambda da, q, v: (q, q[:, :, :4], v)), ValueError, "head dim"),
     (lambda: dask_attention(lambda da, q, v: (q, q, v)), ValueError, "same length Lk"),
@@ -381,7 +403,7 @@ BAD = [
     (lambda: dask_attention(lambda da, q, v: (q[q[:, 0, 0] >= 0], q, q)), ValueError, "unknown chunk sizes"),
     (lambda: dask_attention(lambda da, q, v: (object(), q, q)), TypeError, "q must"),
     # fastattn.transformers
-    (lambda: hf_attention(dropout=0.1), ValueError, "dropout"),
+    (lambda: hf_attention(dropout=1.0), ValueError, "dropout_p must be in"),
     (lambda: hf_attention(lambda t: dict(attention_mask=t.ones(1, 1, 3, 3, dtype=t.bool))), ValueError,
      "2-D padding mask"),
     (lambda: hf_register(""), TypeError, "name"),

@@ -107,10 +107,12 @@ def test_patch_routes_and_restores(monkeypatch):
         assert F.scaled_dot_product_attention is not original
         with torch.inference_mode():
             F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        # unsupported here (dropout): torch's own function runs
-        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+        F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)  # dropout runs on fastattn too
+        # unsupported here (a meta tensor): torch's own function runs
+        m = q.to("meta")
+        assert F.scaled_dot_product_attention(m, m, m).is_meta
     assert F.scaled_dot_product_attention is original
-    assert calls == ["top-left"]
+    assert calls == ["top-left", "top-left"]
     with pytest.raises(RuntimeError):
         with ft.patch():
             raise RuntimeError("body fails")
@@ -303,7 +305,7 @@ def test_direct_calls_rerun_their_layouts_problem(monkeypatch, dtype):
 def test_sdpa_direct_calls_skip_the_checks_but_not_the_grouped_heads_rule(monkeypatch):
     """A scaled_dot_product_attention call of a layout and options checked
     before skips the per-tensor checks; the grouped-heads rule (which the
-    layout does not decide) and dropout still raise."""
+    layout does not decide) and a bad dropout_p still raise."""
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(1, 4, 3, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
     calls = []
@@ -316,7 +318,7 @@ def test_sdpa_direct_calls_skip_the_checks_but_not_the_grouped_heads_rule(monkey
         with pytest.raises(ValueError, match="enable_gqa"):
             ft.scaled_dot_product_attention(q, k, k, scale=0.3)
         with pytest.raises(ValueError, match="dropout_p"):
-            ft.scaled_dot_product_attention(q, k, k, dropout_p=0.5, enable_gqa=True, scale=0.3)
+            ft.scaled_dot_product_attention(q, k, k, dropout_p=1.5, enable_gqa=True, scale=0.3)
         with pytest.raises(ValueError, match="CPU tensors only"):
             ft.scaled_dot_product_attention(q.to("meta"), k, k, enable_gqa=True, scale=0.3)
     assert len(calls) == 3
