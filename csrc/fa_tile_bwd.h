@@ -105,8 +105,8 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
     const int64_t al = 64 / (int64_t)sizeof(FA_T);
     const int64_t limit = (INT64_MAX / 16) / (int64_t)sizeof(FA_T) / (FA_BQ + FA_BK);
     if (dp > limit || dvp > limit) return NULL;
-    const int64_t n[8] = {fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dv, al), FA_BK * FA_BQ,
-                          FA_BK * FA_BQ,                FA_BK * FA_BQ,                FA_BK * FA_BQ,
+    const int64_t tile = FA_BK * FA_BQ, ft = p->dropout_p > 0 ? tile : 0; /* dropout's factors only with dropout */
+    const int64_t n[8] = {fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dv, al), tile, tile, tile, ft,
                           fa_roundup64(FA_BK * dp, al), fa_roundup64(FA_BK * dvp, al)};
     int64_t total = 0;
     for (int i = 0; i < 8; i++) total += n[i];

@@ -168,8 +168,9 @@ def _options(is_causal, scale, window_left, window_right, softcap, bottom_right,
 
 
 def _dropout(dropout_p, dropout_seed):
-    """An operator's dropout (its seed a 0-d int64 tensor) as the numpy API's keywords."""
-    return dict(dropout_p=dropout_p, dropout_seed=int(dropout_seed) if dropout_p else None)
+    """An operator's dropout (its seed a 0-d int64 tensor) as the numpy
+    API's keywords (which refuse dropout without a seed)."""
+    return dict(dropout_p=dropout_p, dropout_seed=None if dropout_seed is None else int(dropout_seed))
 
 
 def _dropout_seed(dropout_p):
@@ -476,8 +477,8 @@ def patch():
     """Route ``torch.nn.functional.scaled_dot_product_attention`` through fastattn.
 
     Calls fastattn supports run on fastattn (with autograd and dropout);
-    the rest (CUDA tensors, other dtypes) run on torch's own function.  On exit torch's
-    function is restored, also when the body raises.
+    the rest (CUDA tensors, other dtypes) run on torch's own function.  On
+    exit torch's function is restored, also when the body raises.
     """
     saved = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _routed_sdpa
