@@ -117,6 +117,10 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
             return TypeError, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
     if len(tensors) == 4 and attn_mask.dtype not in (torch.bool, torch.float32, torch.float64):
         return TypeError, f"attn_mask must be bool, float32 or float64, got {attn_mask.dtype}"
+    if len(tensors) == 4 and attn_mask.requires_grad and torch.is_grad_enabled():
+        # a learned bias (T5's relative positions): its gradient would be lost silently
+        return ValueError, ("attn_mask requires grad, and fastattn gives masks no gradient: use torch's SDPA for a "
+                            "learned additive bias (fastattn.torch.patch() leaves such calls to it)")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         return TypeError, f"dropout_p must be a float, got {type(dropout_p).__name__}"
     if not 0.0 <= dropout_p < 1.0:

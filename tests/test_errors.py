@@ -373,6 +373,8 @@ BAD = [
      "float32, float64, float16 or bfloat16"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.float16))), TypeError, "attn_mask"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.int32))), TypeError, "attn_mask"),
+    (lambda: sdpa(lambda t, q: dict(attn_mask=t.zeros(5, 5, requires_grad=True))), ValueError,
+     "attn_mask requires grad"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.bool), is_causal=True)), ValueError, "both"),
     (lambda: sdpa(lambda t, q: dict(key=q[:, :2], value=q[:, :2])), ValueError, "enable_gqa"),
     (lambda: sdpa(lambda t, q: dict(key=q[:, :3], value=q[:, :3], enable_gqa=True)), ValueError,

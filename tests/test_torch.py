@@ -119,6 +119,24 @@ def test_patch_routes_and_restores(monkeypatch):
     assert F.scaled_dot_product_attention is original
 
 
+def test_a_learned_bias_keeps_its_gradient_through_patch():
+    """A float mask that requires grad (T5's relative position bias) gets
+    no gradient from fastattn: patch() leaves such calls to torch, whose
+    gradient reaches the bias (and a direct call raises, in test_errors)."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, 6, 8, generator=g, requires_grad=True)
+    bias = torch.randn(1, 2, 6, 6, generator=g, requires_grad=True)
+    with ft.patch():
+        F.scaled_dot_product_attention(q, q, q, attn_mask=bias).square().sum().backward()
+    got = bias.grad.clone()
+    bias.grad = None
+    F.scaled_dot_product_attention(q, q, q, attn_mask=bias).square().sum().backward()
+    assert got.abs().sum() > 0 and torch.equal(got, bias.grad)
+    with torch.no_grad():  # no gradient wanted: fastattn runs it
+        torch.testing.assert_close(ft.scaled_dot_product_attention(q, q, q, attn_mask=bias),
+                                   F.scaled_dot_product_attention(q, q, q, attn_mask=bias))
+
+
 def test_transformer_block_example():
     path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "torch_transformer_block.py")
     err = runpy.run_path(path)["main"]()
