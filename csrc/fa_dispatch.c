@@ -479,6 +479,7 @@ int fa_attention_backward(const fa_problem *p)
     if (checked != FA_OK) return checked;
     if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages || p->kv_dtype != p->dtype) return FA_ERR_INVALID;
     if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || (!p->delta && !p->out))) return FA_ERR_INVALID;
+    if (p->gmask && p->mask_kind != FA_MASK_F32 && p->mask_kind != FA_MASK_F64) return FA_ERR_INVALID;
     const int64_t n = p->n_entries, ld = fa_roundup64(p->d, ops->width), eb = ops->elem_bytes;
     const int64_t pack_bytes = ops->bwd_pack_bytes(p);
     if (n <= 0) return FA_OK;

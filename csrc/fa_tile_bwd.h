@@ -192,6 +192,19 @@ void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_
     }
 }
 
+/* The gradient of a float mask (p->gmask) over the tile: dS itself (the
+ * mask is added to the scores, after any soft-cap), from its transpose. */
+static void FN(store_mask_gradient)(const fa_problem *p, const int64_t *e, const FA_T *dst, int64_t row0, int64_t bq,
+                                    int64_t k0, int64_t bk)
+{
+    const int64_t lq = e[FA_E_LQ];
+    for (int64_t r = 0; r < bq; r++) {
+        char *row = (char *)p->gmask + e[FA_E_GMASK] + fa_vrow_off(row0 + r, lq, p->gmask_rs, p->gmask_hs) +
+                    k0 * p->gmask_cs;
+        for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->gmask_cs) = dst[j * FA_BQ + r];
+    }
+}
+
 /* S^T, P^T (in st) and dS^T (in dpt) of the query tile packed in w and the
  * key block [k0, k0 + bk) loaded in w. */
 static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
@@ -262,6 +275,7 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
             const FA_T *f = w->ft + j * FA_BQ;
             for (int64_t r = 0; r < bq; r++) s[r] *= f[r];
         }
+    if (p->gmask) FN(store_mask_gradient)(p, e, w->dpt, row0, bq, k0, bk); /* dS: a mask is added after the cap */
     if (p->softcap > 0) {
         const fa_vec inv = VBCAST((FA_T)(1.0 / p->softcap)), one = VBCAST((FA_T)1);
         for (int64_t j = 0; j < bk; j++)

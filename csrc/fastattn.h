@@ -76,7 +76,9 @@ enum {
     FA_E_DROP = 18,     /* stream of the entry's first query head (row v: + v / lq) */
     FA_E_DROP_ROW = 19, /* coordinate of query row 0 of each head */
     FA_E_DROP_KEY = 20, /* coordinate of key 0 */
-    FA_ENTRY_FIELDS = 21
+    /* fa_attention_backward with a mask's gradient (p->gmask) only: */
+    FA_E_GMASK = 21, /* offset of row 0 of the entry's gradient of the mask */
+    FA_ENTRY_FIELDS = 22
 };
 
 typedef struct {
@@ -181,6 +183,13 @@ typedef struct {
     void *gq, *gk, *gv;
     int64_t dout_rs, dout_cs, dout_hs, delta_rs, delta_hs;
     int64_t gq_rs, gq_cs, gq_hs, gk_rs, gk_cs, gv_rs, gv_cs;
+    /* fa_attention_backward, a float mask only: NULL, or where the gradient
+     * of the mask goes, per entry (dS, the gradient of the scores the mask
+     * is added to), rows like the mask's (gmask_rs, gmask_cs, gmask_hs), in
+     * the compute type.  Only the tiles the backward visits are written
+     * (the caller zeroes the rest), so entries must not share rows. */
+    void *gmask;
+    int64_t gmask_rs, gmask_cs, gmask_hs;
 } fa_problem;
 
 /* Fused attention: out = weights(scale q k^T [+ options]) v, lse if requested. */

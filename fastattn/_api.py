@@ -197,7 +197,8 @@ def _lse_rows(q, return_lse):
 
 def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mask=None, weights="softmax",
                        window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right", dq=None,
-                       dk=None, dv=None, return_dsinks=False, dropout_p=0.0, dropout_seed=None, num_threads=None):
+                       dk=None, dv=None, return_dsinks=False, return_dmask=False, dropout_p=0.0, dropout_seed=None,
+                       num_threads=None):
     """Gradients of :func:`attention`: ``(dq, dk, dv)`` of ``sum(dout * out)``.
 
     FlashAttention-2's backward: the weights are recomputed tile by tile
@@ -216,15 +217,22 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
         same arguments.  With ``weights="dot"``, which has no log-sum-exp,
         pass ``lse=None``.
     scale, causal, mask, weights, window, softcap, alibi_slopes, sinks, align, dropout_p, dropout_seed
-        The forward's options, all supported.  Masks and slopes get no
-        gradient; sinks get one with return_dsinks.  With dropout, the
-        forward's seed drops the same weights again.
+        The forward's options, all supported.  Slopes and bool masks get no
+        gradient; sinks get one with return_dsinks, a float mask with
+        return_dmask.  With dropout, the forward's seed drops the same
+        weights again.
     dq, dk, dv : ndarray, optional
         Written in place; each must have the shape and dtype of the gradient.
     return_dsinks : bool
         Also return the sinks' gradient (needs sinks): a sink is a key whose
         value is zero, so with its weight ``p = exp(sink - lse)`` in a row,
         the row adds ``-p * rowsum(dout * out)`` to it.
+    return_dmask : bool
+        Also return the gradient of a float mask (a learned additive bias,
+        such as T5's relative positions): the gradient of the scores it is
+        added to, summed over everything that shared each of its elements.
+        It takes an array of ``(..., Lq, Lk)`` in the compute type for every
+        head while the kernel writes it.
     num_threads : int, optional
 
     Returns
@@ -235,20 +243,24 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
         heads, leading dimensions of 1), their gradients are summed over
         everything that shared them.  With return_dsinks, a fourth: the
         sinks' gradient in the shape they were given, float32 (float64 for
-        float64 inputs), summed over every row that shared each sink.
+        float64 inputs), summed over every row that shared each sink.  With
+        return_dmask, last: the mask's gradient in its shape and dtype.
     """
     wmode, _ = _v.weights_and_lse(weights, False)
     num_threads = _config.resolve_threads(num_threads)
     return_dsinks = _v.sinks_gradient_wanted(return_dsinks, sinks)
     args = _v.ScoreArgs(q, k, v, scale, causal, mask, window, softcap, alibi_slopes, wmode, align, sinks)
     args.set_dropout(dropout_p, dropout_seed)
+    return_dmask = _v.mask_gradient_wanted(return_dmask, mask, args.mask_kind)
     dout, out, lse = _v.backward_operands(args, dout, out, lse)
     dests = _v.gradient_outs(args, (dq, dk, dv), [("dout", dout), ("out", out), ("lse", lse)])
-    grads = _problem.attention_backward(args, dout, out, lse, num_threads, dests)
+    grads = _problem.attention_backward(args, dout, out, lse, num_threads, dests,
+                                        _v.mask_shape(mask) if return_dmask else None)
+    grads, dmask = grads[:3], grads[3:]
     if return_dsinks:
         delta = _problem.rowsum_products(dout, out, lse.dtype)
         grads += (_problem.sinks_gradient(args.sinks, lse, delta, args.lead, np.shape(sinks)),)
-    return grads
+    return grads + dmask
 
 
 def scores(q, k, *, scale=None, causal=False, mask=None, window=None, softcap=None,

@@ -42,6 +42,7 @@ cdef extern from "fastattn.h" nogil:
         FA_E_DROP
         FA_E_DROP_ROW
         FA_E_DROP_KEY
+        FA_E_GMASK
         FA_TILE_BLOCK
         FA_BLOCK_MIXED
         FA_BLOCK_HIDDEN
@@ -93,6 +94,8 @@ cdef extern from "fastattn.h" nogil:
         void *gv
         int64_t dout_rs, dout_cs, dout_hs, delta_rs, delta_hs
         int64_t gq_rs, gq_cs, gq_hs, gk_rs, gk_cs, gv_rs, gv_cs
+        void *gmask
+        int64_t gmask_rs, gmask_cs, gmask_hs
 
     int fa_attention(const fa_problem *p)
     int fa_scores(const fa_problem *p)

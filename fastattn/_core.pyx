@@ -72,6 +72,7 @@ E_TILES = FA_E_TILES
 E_DROP = FA_E_DROP
 E_DROP_ROW = FA_E_DROP_ROW
 E_DROP_KEY = FA_E_DROP_KEY
+E_GMASK = FA_E_GMASK
 TILE_BLOCK = FA_TILE_BLOCK
 BLOCK_MIXED = FA_BLOCK_MIXED
 BLOCK_HIDDEN = FA_BLOCK_HIDDEN
@@ -103,7 +104,7 @@ cdef class Problem:
     """One kernel problem: the fields of fa_problem, set by name.
 
     Addresses (q, k, v, out, lse, mask; for the backward dout, delta and the
-    gradients gq, gk, gv) are of element 0 of each array;
+    gradients gq, gk, gv, gmask) are of element 0 of each array;
     strides are in bytes (rs: rows, cs: columns, hs: heads of a group,
     ps: pages of a paged k or v, whose page table is `pages`).
     `keep` holds the arrays those addresses point into, so they live as long
@@ -137,7 +138,8 @@ cdef class Problem:
                  uintptr_t delta=0, int64_t delta_rs=0, int64_t delta_hs=0,
                  uintptr_t gq=0, int64_t gq_rs=0, int64_t gq_cs=0, int64_t gq_hs=0,
                  uintptr_t gk=0, int64_t gk_rs=0, int64_t gk_cs=0,
-                 uintptr_t gv=0, int64_t gv_rs=0, int64_t gv_cs=0, keep=()):
+                 uintptr_t gv=0, int64_t gv_rs=0, int64_t gv_cs=0,
+                 uintptr_t gmask=0, int64_t gmask_rs=0, int64_t gmask_cs=0, int64_t gmask_hs=0, keep=()):
         if entries.shape[1] != FA_ENTRY_FIELDS:
             raise ValueError("entry table has the wrong number of columns")
         self._entries = entries
@@ -196,6 +198,8 @@ cdef class Problem:
         self.p.gk_rs, self.p.gk_cs = gk_rs, gk_cs
         self.p.gv = <void *>gv
         self.p.gv_rs, self.p.gv_cs = gv_rs, gv_cs
+        self.p.gmask = <void *>gmask
+        self.p.gmask_rs, self.p.gmask_cs, self.p.gmask_hs = gmask_rs, gmask_cs, gmask_hs
 
     def rebased(self, *, int num_threads, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse=0,
                 const int64_t[:, ::1] entries=None, const int32_t[::1] pages=None, uintptr_t k_scales=0,

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from fastattn import _config, _core
-from fastattn._validate import CACHE_DTYPES, DTYPES
+from fastattn._validate import CACHE_DTYPES, DTYPES, compute_dtype
 
 
 # ---- operands ------------------------------------------------------------------
@@ -445,10 +445,14 @@ def _sum_to(g, shape, dest):
     return g
 
 
-def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, None)):
+def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, None), mask_shape=None):
     """The gradients (gq, gk, gv) of fused attention on validated arguments
     (_validate.ScoreArgs, backward_operands), in the shapes of q, k and v,
-    written into `dests` where given (checked arrays, or None)."""
+    written into `dests` where given (checked arrays, or None).  With
+    mask_shape, the float mask's gradient too (a fourth result, in that
+    shape and the mask's dtype): the kernel writes every head's into an
+    array of the leading dimensions' size (zeros where it visits no tile),
+    summed down to the mask's shape."""
     g, lead = args.group, args.lead
     heads = -3 if g > 1 else None
     kv_lead = lead[:-1] + (lead[-1] // g,) if g > 1 else lead
@@ -456,21 +460,28 @@ def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, Non
     gk = _grad_buffer(args.k.shape, kv_lead + args.k.shape[-2:], args.dtype, dests[1])
     gv = _grad_buffer(args.v.shape, kv_lead + args.v.shape[-2:], args.dtype, dests[2])
     entries = np.array(_lead_table(lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse))
+    gm = None if mask_shape is None else np.zeros(lead + (args.lq, args.lk), dtype=compute_dtype(args.dtype))
     cols = {
         _core.E_DOUT: _lead_offsets(_layout(dout, 2), lead),
         _core.E_GQ: _lead_offsets(_layout(gq, 2), lead),
         _core.E_GK: _lead_offsets(_layout(gk, 2), lead, g),
         _core.E_GV: _lead_offsets(_layout(gv, 2), lead, g),
     }
+    if gm is not None:
+        cols[_core.E_GMASK] = _lead_offsets(_layout(gm, 2), lead)
     for col, val in cols.items():
         entries[:, col] = val[::g] if g > 1 else val
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
-        keep=(args.q, args.k, args.v, args.mask, dout, out, lse, gq, gk, gv),
+        keep=(args.q, args.k, args.v, args.mask, dout, out, lse, gq, gk, gv, gm),
         **_operand("q", args.q, -2, -1, heads), **_operand("k", args.k, -2, -1),
         **_operand("v", args.v, -2, -1), **_operand("lse", lse, -1, None, -2 if g > 1 else None),
         **_operand("mask", args.mask, -2, -1, heads), **_operand("dout", dout, -2, -1, heads),
         **_operand("out", out, -2, -1, heads), **_operand("gq", gq, -2, -1, heads),
-        **_operand("gk", gk, -2, -1), **_operand("gv", gv, -2, -1), **_score_options(args))
+        **_operand("gk", gk, -2, -1), **_operand("gv", gv, -2, -1), **_operand("gmask", gm, -2, -1, heads),
+        **_score_options(args))
     _core.attention_backward(problem)
-    return tuple(_sum_to(grad, x.shape, dest) for grad, x, dest in zip((gq, gk, gv), (args.q, args.k, args.v), dests))
+    grads = tuple(_sum_to(grad, x.shape, dest) for grad, x, dest in zip((gq, gk, gv), (args.q, args.k, args.v), dests))
+    if gm is not None:
+        grads += (np.asarray(_sum_to(gm, mask_shape, None), dtype=args.mask.dtype),)
+    return grads

@@ -258,6 +258,21 @@ def sinks_gradient_wanted(return_dsinks, sinks):
     return wanted
 
 
+def mask_shape(mask):
+    """The shape a mask was given in (a BlockMask's, its mask's)."""
+    return np.shape(getattr(mask, "mask", mask))
+
+
+def mask_gradient_wanted(return_dmask, mask, mask_kind):
+    """return_dmask checked: a bool, True only with a float mask (added to
+    the scores; a bool mask has no gradient)."""
+    wanted = flag(return_dmask, "return_dmask")
+    if wanted and mask_kind not in (_core.MASK_F32, _core.MASK_F64):
+        raise ValueError("return_dmask=True needs a float mask (added to the scores); "
+                         + ("a bool mask has no gradient" if mask is not None else "there is no mask"))
+    return wanted
+
+
 def sinks(values, lead, wmode):
     """One float64 sink logit per query head (per_head): finite, or -inf
     for a head without one; softmax weights only."""

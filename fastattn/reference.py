@@ -205,7 +205,7 @@ def _sum_to_shape(g, shape):
 
 def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, weights="softmax",
                        window=None, softcap=None, alibi_slopes=None, sinks=None, align="bottom-right",
-                       return_dsinks=False, dropout_p=0.0, dropout_seed=None, dropout_at=(0, 0)):
+                       return_dsinks=False, return_dmask=False, dropout_p=0.0, dropout_seed=None, dropout_at=(0, 0)):
     """Gradients (dq, dk, dv) of sum(dout * attention(q, k, v, ...)), in float64.
 
     Written out from the forward's formulas, without the saved lse: with
@@ -223,15 +223,19 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
     sink is a key whose value is zero: its column of dP is 0, so its column
     of dS is -P_sink rowsum(dout * out), and a sink's gradient (with
     return_dsinks, a fourth result of the sinks' shape) is that column
-    summed over the rows that share the sink.  Masks and slopes get no
-    gradient.  Gradients broadcast over shared operands (grouped heads,
+    summed over the rows that share the sink.  Slopes and bool masks get
+    no gradient.  Gradients broadcast over shared operands (grouped heads,
     leading dimensions of 1) are summed, so each has the shape of its
     operand.
 
     Dropout multiplies each weight by a fixed factor Z (0, or 1 / (1 - p)
     where kept; see attention): out = (P Z) v, so dv = (P Z)^T dout and the
     weights' own gradient is dP = (dout v^T) Z, the formulas above then
-    holding with that dP (rowsum(dout * out) still sums P dP)."""
+    holding with that dP (rowsum(dout * out) still sums P dP).
+
+    A float mask is added to the scores (after the soft-cap): with
+    return_dmask, its gradient is dS (before the soft-cap's factor) summed
+    to the mask's shape, the last result."""
     if return_dsinks and (sinks is None or weights == "dot"):
         raise ValueError("return_dsinks needs sinks (and softmax weights)")
     q64, k64, v64, do = _f64(q), _f64(k), _f64(v), _f64(dout)
@@ -260,13 +264,14 @@ def attention_backward(dout, q, k, v, *, scale=None, causal=False, mask=None, we
         ds = p * (dp - delta)
         if return_dsinks:
             dsinks = _sum_to_shape(-(p_sink * delta[..., 0]).sum(axis=-1), np.shape(sinks))
+    dmask = _sum_to_shape(ds, np.shape(mask)) if return_dmask else None
     if softcap:
         z = softcap * np.tanh(np.broadcast_to(raw, ds.shape) / softcap)
         ds = ds * (1.0 - (z / softcap) ** 2)
     dq = scale * (ds @ kr)
     dk = scale * (np.swapaxes(ds, -1, -2) @ q64)
     grads = _sum_to_shape(dq, q64.shape), _sum_to_shape(dk, k64.shape), _sum_to_shape(dv, v64.shape)
-    return grads + (dsinks,) if return_dsinks else grads
+    return grads + ((dsinks,) if return_dsinks else ()) + ((dmask,) if return_dmask else ())
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, return_lse=False, alibi_slopes=None, sinks=None,

@@ -9,7 +9,8 @@ top-left causal alignment, bool masks (True = takes part) and float masks
 ``torch.ops.fastattn.attention`` (with a fake implementation, so
 ``torch.compile(..., fullgraph=True)`` traces it) whose gradient is the
 custom operator ``torch.ops.fastattn.attention_backward``, fastattn's
-FlashAttention-2 backward; masks get no gradient (attention sinks do).
+FlashAttention-2 backward; float masks (a learned bias) and attention
+sinks get their gradients, bool masks none.
 ``dropout_p > 0`` drops weights inside the kernels, forward and backward,
 from a seed drawn from torch's default generator.  What it does not
 support raises an error instead of silently differing: CUDA and other
@@ -117,10 +118,6 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
             return TypeError, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
     if len(tensors) == 4 and attn_mask.dtype not in (torch.bool, torch.float32, torch.float64):
         return TypeError, f"attn_mask must be bool, float32 or float64, got {attn_mask.dtype}"
-    if len(tensors) == 4 and attn_mask.requires_grad and torch.is_grad_enabled():
-        # a learned bias (T5's relative positions): its gradient would be lost silently
-        return ValueError, ("attn_mask requires grad, and fastattn gives masks no gradient: use torch's SDPA for a "
-                            "learned additive bias (fastattn.torch.patch() leaves such calls to it)")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         return TypeError, f"dropout_p must be a float, got {type(dropout_p).__name__}"
     if not 0.0 <= dropout_p < 1.0:
@@ -261,7 +258,7 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a
     """fastattn.attention on tensors: (out, lse).  Causal, window and the
     mask align top-left (torch's convention) unless bottom_right; dropout's
     seed is a 0-d int64 tensor (_dropout_seed); sinks, one per query head,
-    get their gradient (the mask none)."""
+    get their gradient, and so does a float mask that requires one."""
     return _attention_impl(query, key, value, attn_mask, is_causal, scale, window_left, window_right, softcap,
                            bottom_right, dropout_p, dropout_seed, sinks)
 
@@ -280,22 +277,26 @@ def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: tor
                            out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
                            scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
                            bottom_right: bool = False, dropout_p: float = 0.0,
-                           dropout_seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fastattn.attention_backward on tensors: (dq, dk, dv, dsinks), dsinks
-    empty without sinks."""
+                           dropout_seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+                           mask_grad: bool = False
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn.attention_backward on tensors: (dq, dk, dv, dsinks, dmask),
+    dsinks empty without sinks, dmask (the float mask's gradient) empty
+    unless mask_grad."""
     return _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
-                                    window_right, softcap, bottom_right, dropout_p, dropout_seed, sinks)
+                                    window_right, softcap, bottom_right, dropout_p, dropout_seed, sinks, mask_grad)
 
 
 @_on_torch_threads
 def _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left,
-                             window_right, softcap, bottom_right, dropout_p, dropout_seed, sinks):
+                             window_right, softcap, bottom_right, dropout_p, dropout_seed, sinks, mask_grad):
     grads = _api.attention_backward(*(_as_numpy(t) for t in (grad_out, query, key, value, out, lse)),
                                     mask=_as_numpy(attn_mask), return_dsinks=sinks is not None,
+                                    return_dmask=mask_grad,
                                     **_options(is_causal, scale, window_left, window_right, softcap, bottom_right,
                                                dropout_p, dropout_seed, sinks))
-    return _gradient_tensors(grads, query, sinks)
+    dmask = torch.from_numpy(grads[-1]) if mask_grad else query.new_empty(0)
+    return _gradient_tensors(grads[:-1] if mask_grad else grads, query, sinks) + (dmask,)
 
 
 def _gradient_tensors(grads, query, sinks):
@@ -313,8 +314,9 @@ def _gradient_fakes(query, key, value, sinks):
 @_attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, window_left=-1,
                              window_right=-1, softcap=0.0, bottom_right=False, dropout_p=0.0, dropout_seed=None,
-                             sinks=None):
-    return _gradient_fakes(query, key, value, sinks)
+                             sinks=None, mask_grad=False):
+    return _gradient_fakes(query, key, value, sinks) + (
+        torch.empty_like(attn_mask) if mask_grad else query.new_empty(0),)
 
 
 def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, window_right=-1, softcap=0.0,
@@ -330,7 +332,7 @@ def attention(query, key, value, attn_mask, is_causal, scale, window_left=-1, wi
     written so by the kernel on a direct call.  With dropout_p > 0, the
     seed is drawn from torch's default generator (_dropout_seed)."""
     seed = _dropout_seed(dropout_p)
-    if _through_operator(query, key, value, sinks):
+    if _through_operator(query, key, value, sinks, attn_mask if isinstance(attn_mask, torch.Tensor) else None):
         if isinstance(attn_mask, _masks.BlockMask):  # the operator takes tensors: the mask, classified per call
             attn_mask = torch.from_numpy(attn_mask.mask)
         out, lse = torch.ops.fastattn.attention(query, key, value, attn_mask, is_causal, scale, window_left,
@@ -361,10 +363,12 @@ def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse, attn_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dsinks = torch.ops.fastattn.attention_backward(grad_out, query, key, value, out, lse, attn_mask,
-                                                               *ctx.options)
-    # no gradient for the mask and the scalar options; the sinks (the last input) get theirs
-    return (dq, dk, dv) + (None,) * len(ctx.options) + (_sinks_gradient(ctx, dsinks),)
+    mask_grad = ctx.needs_input_grad[3]  # a float mask that requires grad (a learned bias)
+    dq, dk, dv, dsinks, dmask = torch.ops.fastattn.attention_backward(grad_out, query, key, value, out, lse,
+                                                                      attn_mask, *ctx.options, mask_grad)
+    # no gradient for the scalar options; the mask where it needs one, the sinks (the last input) theirs
+    return (dq, dk, dv, dmask if mask_grad else None) + (None,) * (len(ctx.options) - 1) + \
+        (_sinks_gradient(ctx, dsinks),)
 
 
 def _sinks_gradient(ctx, dsinks):
@@ -388,7 +392,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         are computed in float32 and give 16-bit outputs and gradients).
     attn_mask : Tensor or fastattn.BlockMask, optional
         Broadcastable to (N, ..., L, S); bool (True = takes part in
-        attention) or float (added to the scores); or a
+        attention) or float (added to the scores; one that requires grad,
+        a learned bias, gets its gradient); or a
         :func:`fastattn.block_mask` (its table is used where no gradient is
         needed; with autograd or torch.compile, its mask).
     dropout_p : float

@@ -228,3 +228,39 @@ def test_varlen_sinks_gradient_matches_reference(isa, dtype):
     for got, exp in zip(grads, want):
         assert_close(got, exp)
     assert grads[3][3] == 0 and grads[3].dtype == dtype
+
+
+# (mask shape, options): a mask per head, one broadcast over everything, a
+# padding-style row per batch entry, with grouped heads, soft-cap, dropout,
+# dot weights and -inf entries
+MASK_GRADIENT_CASES = {
+    "per head, causal": ((1, 4, 65, 130), dict(causal=True)),
+    "broadcast, softcap alibi": ((65, 130), dict(softcap=1.5, alibi_slopes=0.25)),
+    "padding rows, window": ((1, 1, 1, 130), dict(window=(40, 10))),
+    "per head, dropout": ((4, 65, 130), dict(dropout_p=0.3, dropout_seed=5)),
+    "per head, dot": ((1, 4, 65, 130), dict(weights="dot")),
+}
+
+
+@pytest.mark.parametrize("name", list(MASK_GRADIENT_CASES))
+def test_mask_gradient_matches_reference(isa, dtype, name):
+    """return_dmask: the gradient of a float mask (a learned bias), summed
+    to its shape, against the reference; hidden (-inf) entries get 0; it is
+    the same bitwise for any thread count."""
+    shapes = SHAPES[1]  # 4 query heads over 2 kv heads
+    mask_shape, options = MASK_GRADIENT_CASES[name]
+    rng = np.random.default_rng(stable_seed("dmask", name, str(dtype)))
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in shapes)
+    mask = rng.standard_normal(mask_shape).astype(dtype)
+    mask[..., :, 3] = -np.inf
+    out, lse = forward(q, k, v, dict(options, mask=mask))
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    grads = fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, return_dmask=True, **options)
+    want = ref.attention_backward(dout, q, k, v, mask=mask, return_dmask=True, **options)
+    assert len(grads) == 4 and grads[3].shape == mask.shape and grads[3].dtype == mask.dtype
+    for got, exp in zip(grads, want):
+        assert_close(got, exp)
+    assert np.all(grads[3][..., :, 3] == 0)
+    again = fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, return_dmask=True, num_threads=3,
+                                        **options)
+    assert np.array_equal(again[3], grads[3])

@@ -119,22 +119,48 @@ def test_patch_routes_and_restores(monkeypatch):
     assert F.scaled_dot_product_attention is original
 
 
-def test_a_learned_bias_keeps_its_gradient_through_patch():
-    """A float mask that requires grad (T5's relative position bias) gets
-    no gradient from fastattn: patch() leaves such calls to torch, whose
-    gradient reaches the bias (and a direct call raises, in test_errors)."""
+@pytest.mark.parametrize("bias_shape", [(1, 4, 9, 11), (9, 11), (2, 1, 1, 11)], ids=str)
+def test_a_learned_bias_gets_its_gradient(monkeypatch, bias_shape):
+    """A float mask that requires grad (T5's relative position bias, per
+    head; a plain (L, S) one; a padding-style one per batch) gets torch's
+    gradient from fastattn's backward, also when it alone needs one, and
+    through patch()."""
     g = torch.Generator().manual_seed(9)
-    q = torch.randn(1, 2, 6, 8, generator=g, requires_grad=True)
-    bias = torch.randn(1, 2, 6, 6, generator=g, requires_grad=True)
+    q = torch.randn(2, 4, 9, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 11, 8, generator=g, requires_grad=True)
+    bias = torch.randn(bias_shape, generator=g, requires_grad=True)
+    grads = []
+    for fn in (ft.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        for t in (q, k, bias):
+            t.grad = None
+        fn(q, k, k, attn_mask=bias, enable_gqa=True).square().sum().backward()
+        grads.append([t.grad for t in (q, k, bias)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    bias.grad = None
+    calls = record_align(monkeypatch, "attention_backward")
     with ft.patch():
-        F.scaled_dot_product_attention(q, q, q, attn_mask=bias).square().sum().backward()
+        F.scaled_dot_product_attention(q.detach(), k.detach(), k.detach(), attn_mask=bias,
+                                       enable_gqa=True).square().sum().backward()
+    assert len(calls) == 1 and bias.grad.shape == bias.shape
+    torch.testing.assert_close(bias.grad, grads[1][2], rtol=1e-4, atol=1e-5)
+
+
+def test_a_learned_bias_gradcheck_and_compile():
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(2, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: ft.scaled_dot_product_attention(x, x, x, attn_mask=b), (x, bias))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss(x, b):
+        return ft.scaled_dot_product_attention(x, x, x, attn_mask=b).square().sum()
+
+    loss(x, bias).backward()
     got = bias.grad.clone()
     bias.grad = None
-    F.scaled_dot_product_attention(q, q, q, attn_mask=bias).square().sum().backward()
-    assert got.abs().sum() > 0 and torch.equal(got, bias.grad)
-    with torch.no_grad():  # no gradient wanted: fastattn runs it
-        torch.testing.assert_close(ft.scaled_dot_product_attention(q, q, q, attn_mask=bias),
-                                   F.scaled_dot_product_attention(q, q, q, attn_mask=bias))
+    F.scaled_dot_product_attention(x, x, x, attn_mask=bias).square().sum().backward()
+    torch.testing.assert_close(got, bias.grad)
 
 
 def test_transformer_block_example():

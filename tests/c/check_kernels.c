@@ -317,6 +317,7 @@ typedef struct {
     const double *maskv, *slopes;
     const unsigned char *bmask;
     double *P, *dS, *s, *z, *f; /* rows x lk (P dropped), rows x lk, lk, lk, lk (dropout's factors) */
+    double *dM;                 /* rows x lk: dS before the soft-cap's factor, a float mask's gradient */
 } bwd_ref;
 
 /* The reference's weights P and dS (rows x lk) of entry e; stores the
@@ -353,6 +354,7 @@ static void ref_backward_entry(const bwd_ref *b, int64_t e, char *lse, char *del
                 for (int64_t x = 0; x < dv; x++) dp += dor[x] * vv[j * dv + x];
                 dp *= f[j];
                 double ds = c->dot ? (isinf(s[j]) ? 0 : dp) : P[j] * (dp - dl);
+                b->dM[r * lk + j] = ds;
                 if (c->softcap > 0) ds *= 1 - (z[j] / c->softcap) * (z[j] / c->softcap);
                 b->dS[r * lk + j] = ds;
                 P[j] *= f[j];
@@ -372,7 +374,10 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
     char *gv = calloc((size_t)(n * lk * dv + 1), 8);
     double *P = malloc((size_t)(rows * lk + 1) * sizeof(double)), *dS = malloc((size_t)(rows * lk + 1) * sizeof(double));
     double *z = malloc((size_t)(lk + 1) * sizeof(double)), *s = malloc((size_t)(lk + 1) * sizeof(double));
-    double *f = malloc((size_t)(lk + 1) * sizeof(double));
+    double *f = malloc((size_t)(lk + 1) * sizeof(double)), *dM = malloc((size_t)(rows * lk + 1) * sizeof(double));
+    /* a float mask's gradient (fa_problem.gmask), [n][g][lq][lk] in the compute type */
+    const int fmask = c->mask_kind == FA_MASK_F32 || c->mask_kind == FA_MASK_F64;
+    char *gm = fmask ? calloc((size_t)(n * rows * lk + 1), 8) : NULL;
     double *want = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
     double *mag = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
     fa_problem p = *fwd;
@@ -382,7 +387,9 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
         entries[e][FA_E_GQ] = entries[e][FA_E_Q];
         entries[e][FA_E_GK] = entries[e][FA_E_K];
         entries[e][FA_E_GV] = entries[e][FA_E_V];
+        entries[e][FA_E_GMASK] = e * rows * lk * cs;
     }
+    p.gmask = gm, p.gmask_rs = lk * cs, p.gmask_cs = cs, p.gmask_hs = lq * lk * cs;
     p.dout = dout.data, p.dout_rs = dv * es, p.dout_cs = es, p.dout_hs = lq * dv * es;
     p.lse = c->dot ? NULL : lse, p.lse_rs = cs, p.lse_hs = lq * cs;
     p.delta = c->dot ? NULL : delta, p.delta_rs = cs, p.delta_hs = lq * cs;
@@ -390,7 +397,7 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
     p.gk = gk, p.gk_rs = d * es, p.gk_cs = es;
     p.gv = gv, p.gv_rs = dv * es, p.gv_cs = es;
     int bad = 0;
-    const bwd_ref ref = {c, scale, q, k, v, &dout, maskv, slopes, bmask, P, dS, s, z, f};
+    const bwd_ref ref = {c, scale, q, k, v, &dout, maskv, slopes, bmask, P, dS, s, z, f, dM};
     /* the reference's lse and delta of every entry first: the kernel reads them */
     for (int64_t e = 0; e < n; e++) ref_backward_entry(&ref, e, lse, delta, cs);
     /* pass 1 (float32 and float64 softmax): delta left to the kernel, which
@@ -407,9 +414,12 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
         char what[200];
         snprintf(what, sizeof what, "%s %s %s: fa_attention_backward%s", fa_path_name(path), DTYPE_NAMES[dtype],
                  c->what, pass ? " (delta from out)" : "");
-        char *const grads[3] = {gq, gk, gv};
-        const size_t grad_sizes[3] = {(size_t)(n * rows * d * es), (size_t)(n * lk * d * es), (size_t)(n * lk * dv * es)};
-        const int status = with_failures(fa_attention_backward, &p, grads, grad_sizes, 3, what);
+        /* the mask's gradient zeroed first (the kernel writes the tiles it visits) */
+        if (gm) memset(gm, 0, (size_t)(n * rows * lk * cs));
+        char *const grads[4] = {gq, gk, gv, gm};
+        const size_t grad_sizes[4] = {(size_t)(n * rows * d * es), (size_t)(n * lk * d * es), (size_t)(n * lk * dv * es),
+                                      (size_t)(n * rows * lk * cs)};
+        const int status = with_failures(fa_attention_backward, &p, grads, grad_sizes, gm ? 4 : 3, what);
         checks++;
         if (status != FA_OK) {
             printf("FAIL %s %s %s: fa_attention_backward status %d%s\n", fa_path_name(path), DTYPE_NAMES[dtype],
@@ -449,6 +459,15 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
                     }
                 }
             }
+            for (int64_t t = 0; gm && t < rows * lk && !bad; t++) { /* dS, in the compute type */
+                const double got = load(cs == 8 ? FA_F64 : FA_F32, gm + (e * rows * lk + t) * cs);
+                if (!close_enough(got, dM[t], dtype == FA_F64 ? 1e-12 : 2e-5, dtype == FA_F64 ? 1e-12 : 1e-3, 0)) {
+                    printf("FAIL %s %s %s: gmask[%lld][%lld] = %.9g, reference %.9g%s\n", fa_path_name(path),
+                           DTYPE_NAMES[dtype], c->what, (long long)e, (long long)t, got, dM[t],
+                           pass ? " (delta from out)" : "");
+                    bad = 1;
+                }
+            }
         }
     }
     failures += bad;
@@ -463,6 +482,8 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
     free(z);
     free(s);
     free(f);
+    free(dM);
+    free(gm);
     free(want);
     free(mag);
     return bad;
