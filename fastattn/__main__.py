@@ -125,21 +125,21 @@ def bench_job(args):
         matmul = float(np.median(rates))
         packed = [] if args.shape else _bench.run_packed_backward(threads, repeat=block, with_torch=not args.no_torch,
                                                                   progress=progress)
-        dropout = [] if args.shape else _bench.run_dropout_backward(threads, repeat=block,
+        options = [] if args.shape else _bench.run_training_options(threads, repeat=block,
                                                                      with_torch=not args.no_torch, progress=progress)
         table = _bench.format_backward(rows)
         if packed:
             table += ("\n\npacked rows (padding-free training), float32, causal: attention_varlen forward + "
                       "backward against torch's SDPA with the row's block-diagonal causal mask and with one call "
                       "per sequence\n\n" + _bench.format_packed_backward(packed))
-        if dropout:
-            table += (f"\n\ndropout p = {_bench.DROPOUT_P}, float32: forward + backward against torch's SDPA with "
-                      f"the same dropout_p, and fastattn's own without dropout\n\n"
-                      + _bench.format_dropout_backward(dropout))
+        if options:
+            table += (f"\n\ndropout (p = {_bench.DROPOUT_P}) and a learned bias (a float mask (1, H, L, L) with its "
+                      f"gradient), float32: forward + backward against torch's SDPA with the same option, and "
+                      f"fastattn's own without it\n\n" + _bench.format_training_options(options))
         return report(args, threads, f"training step: forward + backward; fastattn, torch and numpy's float32 "
                       f"matmul ({min(rates):.0f}-{max(rates):.0f} GFLOP/s) timed in 3 rounds of alternating blocks "
                       f"of {block} calls per row (medians); backward flops = 2.5 x the forward's",
-                      table, backward=rows, packed=packed, dropout=dropout, matmul_gflops=matmul)
+                      table, backward=rows, packed=packed, options=options, matmul_gflops=matmul)
     if args.dask:
         rows = _bench.run_dask(threads, repeat=args.repeat, cluster=not args.no_cluster, progress=progress,
                                shape=tuple(args.shape[0]) if args.shape else _bench.DASK_SHAPE)

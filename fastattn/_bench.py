@@ -443,56 +443,70 @@ def format_packed_backward(rows):
     return "\n".join(lines)
 
 
-# ((B, H, L, D), causal): training steps with dropout on the weights
-DROPOUT_BACKWARD = [((1, 8, 1024, 64), True), ((4, 16, 512, 64), False), ((1, 16, 2048, 128), True)]
+# (option, (B, H, L, D), causal): training steps with an option torch's fast
+# CPU path lacks: dropout on the weights (p = 0.1), a learned additive bias
+# per head (T5's relative positions: a float mask that requires grad)
+TRAINING_OPTIONS = [("dropout", (1, 8, 1024, 64), True), ("dropout", (4, 16, 512, 64), False),
+                    ("dropout", (1, 16, 2048, 128), True), ("learned bias", (4, 8, 512, 64), False),
+                    ("learned bias", (1, 16, 1024, 64), False)]
 DROPOUT_P = 0.1
 
 
-def run_dropout_backward(threads, repeat=2, cases=None, with_torch=True, progress=None, rounds=3):
-    """Training step with dropout (p = DROPOUT_P), float32: fastattn's
-    forward + backward with dropout, the same without it (what the dropout
-    costs), and torch's SDPA forward + backward with the same dropout_p (on
-    the CPU, torch runs dropout on its math path, which forms every weight),
-    timed as run_backward does."""
+def run_training_options(threads, repeat=2, cases=None, with_torch=True, progress=None, rounds=3):
+    """Training step with dropout (p = DROPOUT_P) or a learned bias (a
+    float mask (1, H, L, L) whose gradient is wanted), float32: fastattn's
+    forward + backward with the option, the same without it (what the
+    option costs), and torch's SDPA forward + backward with it (on the CPU
+    torch runs dropout on its math path, which forms every weight), timed
+    as run_backward does."""
     torch_mod = torch_sdpa() if with_torch else None
     rows = []
-    for n, (shape, causal) in enumerate(DROPOUT_BACKWARD if cases is None else cases, 1):
+    for n, (option, shape, causal) in enumerate(TRAINING_OPTIONS if cases is None else cases, 1):
         if progress:
-            progress(f"[dropout {n}] {shape} causal={causal}")
+            progress(f"[{option} {n}] {shape} causal={causal}")
         rng = np.random.default_rng(n)
         q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+        bias = rng.standard_normal((1, shape[1], shape[2], shape[2]), dtype=np.float32)
+        dropout = option == "dropout"
 
-        def step(p):
-            opts = dict(causal=causal, dropout_p=p, dropout_seed=n if p else None, num_threads=threads)
+        def step(on):
+            opts = dict(causal=causal, num_threads=threads)
+            if on and dropout:
+                opts.update(dropout_p=DROPOUT_P, dropout_seed=n)
+            elif on:
+                opts["mask"] = bias
             o, s = fastattn.attention(q, k, v, return_lse=True, **opts)
-            fastattn.attention_backward(dout, q, k, v, o, s, **opts)
+            fastattn.attention_backward(dout, q, k, v, o, s, return_dmask=on and not dropout, **opts)
 
-        fns = [lambda: step(DROPOUT_P), lambda: step(0.0)]
+        fns = [lambda: step(True), lambda: step(False)]
         if torch_mod is not None:
             torch, sdpa = torch_mod
-            tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+            tq, tk, tv, tb = (torch.from_numpy(x).requires_grad_() for x in (q, k, v, bias))
             tdout = torch.from_numpy(dout)
-            fns.append(lambda: sdpa(tq, tk, tv, is_causal=causal, dropout_p=DROPOUT_P).backward(tdout))
+            if dropout:
+                fns.append(lambda: sdpa(tq, tk, tv, is_causal=causal, dropout_p=DROPOUT_P).backward(tdout))
+            else:
+                fns.append(lambda: sdpa(tq, tk, tv, attn_mask=tb).backward(tdout))
         with _torch_threads(torch_mod, threads):
             times = alternating_blocks(fns, repeat, rounds)
-        row = dict(shape=shape, causal=causal, p=DROPOUT_P, threads=threads, fastattn_ms=times[0] * 1e3,
-                   no_dropout_ms=times[1] * 1e3)
+        row = dict(option=option, shape=shape, causal=causal, threads=threads, fastattn_ms=times[0] * 1e3,
+                   without_ms=times[1] * 1e3)
         if torch_mod is not None:
             row["torch_ms"] = times[2] * 1e3
         rows.append(row)
     return rows
 
 
-def format_dropout_backward(rows):
-    header = (f"{'(B,H,L,D)':<20} {'causal':>6} {'fastattn ms':>11} {'torch ms':>9} {'x torch':>8} "
-              f"{'no dropout ms':>13} {'dropout cost':>12}")
+def format_training_options(rows):
+    header = (f"{'option':<13} {'(B,H,L,D)':<20} {'causal':>6} {'fastattn ms':>11} {'torch ms':>9} {'x torch':>8} "
+              f"{'without ms':>10} {'cost':>6}")
     lines = [header, "-" * len(header)]
     for r in rows:
         th = r.get("torch_ms")
         lines.append(
-            f"{str(tuple(r['shape'])):<20} {str(r['causal']):>6} {r['fastattn_ms']:>11.1f} "
+            f"{r['option']:<13} {str(tuple(r['shape'])):<20} {str(r['causal']):>6} {r['fastattn_ms']:>11.1f} "
             + (f"{th:>9.1f} {th / r['fastattn_ms']:>7.2f}x" if th else f"{'-':>9} {'-':>8}")
-            + f" {r['no_dropout_ms']:>13.1f} {r['fastattn_ms'] / r['no_dropout_ms']:>11.2f}x")
+            + f" {r['without_ms']:>10.1f} {r['fastattn_ms'] / r['without_ms']:>5.2f}x")
     return "\n".join(lines)
 
 

@@ -35,6 +35,10 @@ E_PAGES: int
 E_KS: int
 E_VS: int
 E_TILES: int
+E_DROP: int
+E_DROP_ROW: int
+E_DROP_KEY: int
+E_GMASK: int
 TILE_BLOCK: int
 BLOCK_MIXED: int
 BLOCK_HIDDEN: int
@@ -96,6 +100,8 @@ class Problem:
         softcap: float = 0.0,
         alibi_slopes: Optional[npt.NDArray[np.float64]] = None,
         sinks: Optional[npt.NDArray[np.float64]] = None,
+        dropout_p: float = 0.0,
+        dropout_seed: int = 0,
         pages: Optional[npt.NDArray[np.int32]] = None,
         page_size: int = 0,
         n_pages: int = 0,
@@ -124,6 +130,10 @@ class Problem:
         gv: int = 0,
         gv_rs: int = 0,
         gv_cs: int = 0,
+        gmask: int = 0,
+        gmask_rs: int = 0,
+        gmask_cs: int = 0,
+        gmask_hs: int = 0,
         keep: Tuple[Any, ...] = (),
     ) -> None: ...
     def rebased(

@@ -94,14 +94,17 @@ def test_packed_backward_bench_runs():
     assert "torch mask ms" in _bench.format_packed_backward(rows)
 
 
-def test_dropout_backward_bench_runs():
-    """The dropout training rows: with and without dropout, and torch's where installed."""
+def test_training_options_bench_runs():
+    """The training rows of dropout and a learned bias: with and without
+    the option, and torch's where installed."""
     from fastattn import _bench
 
     with_torch = _bench.torch_sdpa() is not None
-    rows = _bench.run_dropout_backward(1, repeat=1, rounds=1, cases=[((1, 2, 40, 16), True)], with_torch=with_torch)
-    assert rows[0]["fastattn_ms"] > 0 < rows[0]["no_dropout_ms"] and (not with_torch or rows[0]["torch_ms"] > 0)
-    assert "dropout cost" in _bench.format_dropout_backward(rows)
+    rows = _bench.run_training_options(1, repeat=1, rounds=1, with_torch=with_torch,
+                                       cases=[("dropout", (1, 2, 40, 16), True), ("learned bias", (2, 2, 33, 8), False)])
+    for r in rows:
+        assert r["fastattn_ms"] > 0 < r["without_ms"] and (not with_torch or r["torch_ms"] > 0)
+    assert "learned bias" in _bench.format_training_options(rows)
 
 
 def test_transformers_bench_runs(monkeypatch):
