@@ -121,7 +121,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     w->qi = NULL;
     w->ql = NULL;
     w->bounded = 0;
-    w->drop_at[4] = -1; /* no rows' words yet */
+    for (int i = 0; i < 5; i++) w->drop_at[i] = -1; /* no rows' words yet (bq -1 matches no item) */
     return 0;
 }
 
