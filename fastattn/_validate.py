@@ -260,7 +260,9 @@ def sinks_gradient_wanted(return_dsinks, sinks):
 
 def mask_shape(mask):
     """The shape a mask was given in (a BlockMask's, its mask's)."""
-    return np.shape(getattr(mask, "mask", mask))
+    from fastattn._masks import BlockMask
+
+    return np.shape(mask.mask if isinstance(mask, BlockMask) else mask)
 
 
 def mask_gradient_wanted(return_dmask, mask, mask_kind):
