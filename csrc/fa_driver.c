@@ -117,14 +117,13 @@ static inline void fa_mask_row(const fa_problem *p, const unsigned char *m, int6
 static int fa_mask_tile(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, int64_t k0, int64_t bk)
 {
     if (p->mask_tiles) return fa_mask_tile_table(p, e, row0, bq, k0, bk);
-    const int64_t lq = e[FA_E_LQ];
     /* rows that share one mask row (a mask broadcast over rows and heads) are read once */
     const int64_t rows = p->mask_rs == 0 && (p->mask_hs == 0 || p->group == 1) ? 1 : bq;
     int hidden = 1, visible = 1;
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t v = row0 + r;
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < rows; r++, fa_vrow_next(&at)) {
         fa_mask_row(p,
-                    (const unsigned char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs + (v % lq) * p->mask_rs +
+                    (const unsigned char *)p->mask + e[FA_E_MASK] + fa_vrow_bytes(&at, p->mask_rs, p->mask_hs) +
                         k0 * p->mask_cs,
                     bk, &hidden, &visible);
         if (!hidden && !visible) return FA_TILE_MIXED;

@@ -176,12 +176,33 @@ static inline void fa_tile_row_range(const fa_problem *p, int64_t i, int64_t lq,
     *hi = fa_max64(fa_min64(b - k0, bk), *lo);
 }
 
-/* Byte offset of virtual row v of an entry: row v % lq of head v / lq. */
-static inline int64_t fa_vrow_off(int64_t v, int64_t lq, int64_t rs, int64_t hs)
+/* Virtual row v of an entry: row i of head `head` (v = head * lq + i), at
+ * byte head * hs + i * rs of an array of rows (fa_vrow_bytes).  A tile's
+ * rows are walked with fa_vrow_next from one fa_vrow_at, which divides only
+ * for rows past the first head (and decoding's, lq 1, never): a 64-bit
+ * division per row cost a tile of 32 rows of tiny sequences ~2000 cycles
+ * on a Cascade Lake Xeon, in each of the query pack, the store and every
+ * masked or bounded tile. */
+typedef struct {
+    int64_t head, i, lq;
+} fa_vrow;
+
+static inline fa_vrow fa_vrow_at(int64_t v, int64_t lq)
 {
-    if (lq == 1) return v * hs; /* decoding: no 64-bit division (tens of cycles) */
-    return (v / lq) * hs + (v % lq) * rs;
+    const int64_t head = lq == 1 ? v : v < lq ? 0 : v / lq;
+    const fa_vrow r = {head, v - head * lq, lq};
+    return r;
 }
+
+static inline void fa_vrow_next(fa_vrow *r)
+{
+    if (++r->i == r->lq) {
+        r->i = 0;
+        r->head++;
+    }
+}
+
+static inline int64_t fa_vrow_bytes(const fa_vrow *r, int64_t rs, int64_t hs) { return r->head * hs + r->i * rs; }
 
 /* The keys the virtual rows [v0, v0 + n) of an entry may see, as the range
  * [*lo, *hi) (a superset: rows of several heads count as all positions),
@@ -189,12 +210,13 @@ static inline int64_t fa_vrow_off(int64_t v, int64_t lq, int64_t rs, int64_t hs)
 static inline void fa_block_range(const fa_problem *p, int64_t lq, int64_t lk, int64_t v0, int64_t n,
                                   int64_t *lo, int64_t *hi, int64_t *all_lo, int64_t *all_hi)
 {
-    int64_t imin = 0, imax = 0; /* decoding (lq 1): no 64-bit division, once per tile */
-    if (lq > 1 && v0 / lq != (v0 + n - 1) / lq) { /* spans a head boundary */
+    const fa_vrow first = fa_vrow_at(v0, lq);
+    int64_t imin = 0, imax = 0; /* decoding (lq 1): every row is row 0 */
+    if (first.i + n > lq) { /* spans a head boundary */
         imax = lq - 1;
-    } else if (lq > 1) {
-        imin = v0 % lq;
-        imax = (v0 + n - 1) % lq;
+    } else {
+        imin = first.i;
+        imax = first.i + n - 1;
     }
     fa_row_range(p, imin, lq, lk, lo, all_hi);
     fa_row_range(p, imax, lq, lk, all_lo, hi);

@@ -49,8 +49,9 @@ static void FN(pack_q_dp)(const fa_problem *p, const int64_t *e, int64_t row0, i
     const int64_t off = rows ? FN(k_lead_dp)(p, e) : 0, ldq = fa_roundup64(off + d2, 16);
     w->qoff = off;
     w->ldq = ldq;
-    for (int64_t r = 0; r < bq; r++) {
-        const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+    fa_vrow at = fa_vrow_at(row0, lq);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+        const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_bytes(&at, p->q_rs, p->q_hs);
         if (rows)
             for (int64_t t = 0; t < ldq; t++) qt[r * ldq + t] = 0;
         for (int64_t t = 0; t < d2; t++)

@@ -142,7 +142,9 @@ void FA_OP(bwd_scratch_free)(void *w)
 void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, void *pack)
 {
     FN(bwd_pack_head) *h = (FN(bwd_pack_head) *)pack;
-    const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W), head = row0 / lq, i0 = row0 % lq;
+    const int64_t lq = e[FA_E_LQ], bqp = fa_roundup64(bq, FA_W);
+    const fa_vrow first = fa_vrow_at(row0, lq);
+    const int64_t head = first.head, i0 = first.i;
     const int64_t dp = fa_roundup64(p->d, FA_W), dvp = fa_roundup64(p->dv, FA_W);
     const int in_place = i0 + bq <= lq && FN(bwd_rows_in_place)(p); /* Q and dO rows read in place */
     int64_t n[6];
@@ -163,10 +165,10 @@ void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_
         h->o = FN(key_rows)(p->dout, e[FA_E_DOUT] + head * p->dout_hs, p->dout_rs, p->dout_cs, i0, bq, p->dv, dvp,
                             w.dor, &h->ldo);
     } else { /* rows of several heads */
-        for (int64_t r = 0; r < bq; r++) {
-            const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
-            const char *orow =
-                (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
+        fa_vrow at = first;
+        for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+            const char *qrow = (const char *)p->q + e[FA_E_Q] + fa_vrow_bytes(&at, p->q_rs, p->q_hs);
+            const char *orow = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_bytes(&at, p->dout_rs, p->dout_hs);
             FA_T *qd = w.qr + r * dp, *od = w.dor + r * dvp;
             FN(load_row)(qrow, p->q_cs, p->d, qd);
             for (int64_t c = p->d; c < dp; c++) qd[c] = 0;
@@ -179,12 +181,13 @@ void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_
         h->ldo = dvp;
     }
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
+    fa_vrow at = first;
     for (int64_t r = 0; r < FA_BQ; r++) {
         FA_T l = (FA_T)INFINITY, dl = 0;
         if (r < bq && softmax) {
-            l = *(const FA_T *)((const char *)p->lse + e[FA_E_LSE] + fa_vrow_off(row0 + r, lq, p->lse_rs, p->lse_hs));
-            dl = *(const FA_T *)((const char *)p->delta + e[FA_E_DELTA] +
-                                 fa_vrow_off(row0 + r, lq, p->delta_rs, p->delta_hs));
+            l = *(const FA_T *)((const char *)p->lse + e[FA_E_LSE] + fa_vrow_bytes(&at, p->lse_rs, p->lse_hs));
+            dl = *(const FA_T *)((const char *)p->delta + e[FA_E_DELTA] + fa_vrow_bytes(&at, p->delta_rs, p->delta_hs));
+            fa_vrow_next(&at);
             if (l == (FA_T)-INFINITY) l = (FA_T)INFINITY; /* a row that sees no key: P = 0 */
         }
         w.lse[r] = l;
@@ -197,10 +200,9 @@ void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_
 static void FN(store_mask_gradient)(const fa_problem *p, const int64_t *e, const FA_T *dst, int64_t row0, int64_t bq,
                                     int64_t k0, int64_t bk)
 {
-    const int64_t lq = e[FA_E_LQ];
-    for (int64_t r = 0; r < bq; r++) {
-        char *row = (char *)p->gmask + e[FA_E_GMASK] + fa_vrow_off(row0 + r, lq, p->gmask_rs, p->gmask_hs) +
-                    k0 * p->gmask_cs;
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+        char *row = (char *)p->gmask + e[FA_E_GMASK] + fa_vrow_bytes(&at, p->gmask_rs, p->gmask_hs) + k0 * p->gmask_cs;
         for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->gmask_cs) = dst[j * FA_BQ + r];
     }
 }
@@ -357,23 +359,23 @@ void FA_OP(bwd_keys_dq)(void *w, int64_t bq, int64_t bk, void *acc, int64_t ld)
 void FA_OP(bwd_dq_store)(const fa_problem *p, const int64_t *e, const void *acc, int64_t ld, int64_t row0, int64_t bq)
 {
     const FA_T *a = (const FA_T *)acc;
-    const int64_t lq = e[FA_E_LQ];
     const FA_T scale = (FA_T)p->scale;
-    for (int64_t r = 0; r < bq; r++)
-        FN(store_scaled)((char *)p->gq + e[FA_E_GQ] + fa_vrow_off(row0 + r, lq, p->gq_rs, p->gq_hs), p->gq_cs,
-                         a + r * ld, scale, p->d);
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at))
+        FN(store_scaled)((char *)p->gq + e[FA_E_GQ] + fa_vrow_bytes(&at, p->gq_rs, p->gq_hs), p->gq_cs, a + r * ld,
+                         scale, p->d);
 }
 
 /* delta = rowsum(dout * out) of rows [row0, row0 + bq), summed in double
  * (as the reference does), into p->delta in the compute type. */
 void FA_OP(bwd_delta)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq)
 {
-    const int64_t lq = e[FA_E_LQ];
-    for (int64_t r = 0; r < bq; r++) {
-        const char *o = (const char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs);
-        const char *g = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_off(row0 + r, lq, p->dout_rs, p->dout_hs);
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+        const char *o = (const char *)p->out + e[FA_E_OUT] + fa_vrow_bytes(&at, p->out_rs, p->out_hs);
+        const char *g = (const char *)p->dout + e[FA_E_DOUT] + fa_vrow_bytes(&at, p->dout_rs, p->dout_hs);
         double sum = 0;
         for (int64_t c = 0; c < p->dv; c++) sum += (double)FA_AT(o, c * p->out_cs) * (double)FA_AT(g, c * p->dout_cs);
-        *(FA_T *)((char *)p->delta + e[FA_E_DELTA] + fa_vrow_off(row0 + r, lq, p->delta_rs, p->delta_hs)) = (FA_T)sum;
+        *(FA_T *)((char *)p->delta + e[FA_E_DELTA] + fa_vrow_bytes(&at, p->delta_rs, p->delta_hs)) = (FA_T)sum;
     }
 }

@@ -1218,10 +1218,10 @@ static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64
     if (cs == (int64_t)sizeof(float)) { /* 8 x 8 transposes in registers (a scalar transpose cost tiny
                                          * sequences an eighth of their time) */
         const __m256 s = _mm256_set1_ps(scale);
-        for (; rv + 8 <= nr; rv += 8) {
+        for (fa_vrow at = fa_vrow_at(r0, lq); rv + 8 <= nr; rv += 8) {
             const float *row[8];
-            for (int i = 0; i < 8; i++)
-                row[i] = (const float *)((const char *)base + off + fa_vrow_off(r0 + rv + i, lq, rs, hs));
+            for (int i = 0; i < 8; i++, fa_vrow_next(&at))
+                row[i] = (const float *)((const char *)base + off + fa_vrow_bytes(&at, rs, hs));
             int64_t c = 0;
             for (; c + 8 <= nc; c += 8) {
                 __m256 col[8];
@@ -1233,9 +1233,9 @@ static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64
         }
     }
 #endif
-    for (int64_t r = rv; r < nr; r++) {
-        const char *row = (const char *)base + off + fa_vrow_off(r0 + r, lq, rs, hs);
-        for (int64_t c = 0; c < nc; c++) dst[c * ld + r] = scale * FA_AT(row, c * cs);
+    for (fa_vrow at = fa_vrow_at(r0 + rv, lq); rv < nr; rv++, fa_vrow_next(&at)) {
+        const char *row = (const char *)base + off + fa_vrow_bytes(&at, rs, hs);
+        for (int64_t c = 0; c < nc; c++) dst[c * ld + rv] = scale * FA_AT(row, c * cs);
     }
     for (int64_t c = 0; c < nc; c++)
         for (int64_t r = nr; r < nrp; r++) dst[c * ld + r] = 0;
@@ -1272,8 +1272,9 @@ static void FN(pack_q)(const fa_problem *p, const int64_t *e, int64_t row0, int6
         w->qoff = off;
         w->ldq = ldq;
         const FA_T scale = (FA_T)p->scale;
-        for (int64_t r = 0; r < bq; r++) {
-            const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_off(row0 + r, lq, p->q_rs, p->q_hs);
+        fa_vrow at = fa_vrow_at(row0, lq);
+        for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+            const char *row = (const char *)p->q + e[FA_E_Q] + fa_vrow_bytes(&at, p->q_rs, p->q_hs);
             FA_T *dst = qt + r * ldq;
             memset(dst, 0, (size_t)off * sizeof(FA_T));
 #if FA_S_KIND == 0
@@ -1440,10 +1441,11 @@ static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int 
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], bqp = fa_roundup64(bq, FA_W);
     FA_T slope[FA_BQ + FA_W], pos[FA_BQ + FA_W], iota[FA_W];
+    fa_vrow at = fa_vrow_at(row0, lq);
     for (int64_t r = 0; r < bqp; r++) {
-        const int64_t v = row0 + fa_min64(r, bq - 1); /* rows past bq: any finite values */
-        slope[r] = (FA_T)p->alibi_slopes[e[FA_E_HEAD] + v / lq];
-        pos[r] = (FA_T)fa_pos(p, v % lq, lq, lk);
+        slope[r] = (FA_T)p->alibi_slopes[e[FA_E_HEAD] + at.head];
+        pos[r] = (FA_T)fa_pos(p, at.i, lq, lk);
+        if (r + 1 < bq) fa_vrow_next(&at); /* rows past bq: row bq - 1's (any finite values) */
     }
     for (int i = 0; i < FA_W; i++) iota[i] = (FA_T)i;
     if (rows) {
@@ -1475,7 +1477,9 @@ static void FN(alibi_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int 
 static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, int64_t k0, int64_t bk,
                               FA_T *s, int64_t ld, int bounds, int masked)
 {
-    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK], head = v / lq, i = v % lq;
+    const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
+    const fa_vrow at = fa_vrow_at(v, lq);
+    const int64_t head = at.head, i = at.i;
     if (p->alibi_slopes) {
         const FA_T slope = (FA_T)p->alibi_slopes[e[FA_E_HEAD] + head];
         const int64_t pos = fa_pos(p, i, lq, lk);
@@ -1539,12 +1543,14 @@ static void FN(bool_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, 
     const int64_t lq = e[FA_E_LQ];
     const unsigned char *m[8];
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    fa_vrow at = fa_vrow_at(row0, lq);
     int64_t r = 0;
     for (; r < bq; r += 8) {
         const int nr = (int)fa_min64(8, bq - r);
-        for (int t = 0; t < 8; t++) {
-            const int64_t v = row0 + r + (t < nr ? t : 0);
-            m[t] = (const unsigned char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs + (v % lq) * p->mask_rs + k0;
+        for (int t = 0; t < 8; t++) { /* rows past nr: row r's */
+            m[t] = t < nr ? (const unsigned char *)p->mask + e[FA_E_MASK] + fa_vrow_bytes(&at, p->mask_rs, p->mask_hs) + k0
+                          : m[0];
+            if (t < nr) fa_vrow_next(&at);
         }
         int64_t j = 0;
         if (nr == 8)
@@ -1580,12 +1586,14 @@ static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st,
 {
     const int64_t lq = e[FA_E_LQ];
     const float *m[8];
+    fa_vrow at = fa_vrow_at(row0, lq);
     for (int64_t r = 0; r < bq; r += 8) {
         const int nr = (int)fa_min64(8, bq - r);
-        for (int t = 0; t < 8; t++) {
-            const int64_t v = row0 + r + (t < nr ? t : 0);
-            m[t] = (const float *)((const char *)p->mask + e[FA_E_MASK] + (v / lq) * p->mask_hs +
-                                   (v % lq) * p->mask_rs) + k0;
+        for (int t = 0; t < 8; t++) { /* rows past nr: row r's */
+            m[t] = t < nr ? (const float *)((const char *)p->mask + e[FA_E_MASK] +
+                                            fa_vrow_bytes(&at, p->mask_rs, p->mask_hs)) + k0
+                          : m[0];
+            if (t < nr) fa_vrow_next(&at);
         }
         int64_t j = 0;
         if (nr == 8)
@@ -1615,9 +1623,10 @@ static void FN(bounds_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
     int32_t lo[FA_BQ], hi[FA_BQ];
-    for (int64_t r = 0; r < bq; r++) {
+    fa_vrow at = fa_vrow_at(row0, lq);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
         int64_t a, b;
-        fa_tile_row_range(p, (row0 + r) % lq, lq, lk, k0, bk, &a, &b);
+        fa_tile_row_range(p, at.i, lq, lk, k0, bk, &a, &b);
         lo[r] = (int32_t)a;
         hi[r] = (int32_t)b;
     }
@@ -1692,9 +1701,10 @@ static void FN(tile_ranges)(const fa_problem *p, const int64_t *e, FN(scratch) *
         w->vlo[c] = (int32_t)bk;
         w->vhi[c] = 0;
     }
-    for (int64_t r = 0; r < bq; r++) {
+    fa_vrow at = fa_vrow_at(row0, lq);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
         int64_t lo, hi;
-        fa_tile_row_range(p, (row0 + r) % lq, lq, lk, k0, bk, &lo, &hi);
+        fa_tile_row_range(p, at.i, lq, lk, k0, bk, &lo, &hi);
         w->rlo[r] = (int32_t)lo;
         w->rhi[r] = (int32_t)hi;
         if (hi > lo) {
@@ -1988,16 +1998,11 @@ static void FN(weights_tile)(FN(scratch) *w, int softmax, int64_t bq, int64_t bk
  * the entry's rows [row0, row0 + bq), without a 64-bit division per row. */
 static void FN(dropout_rows)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, uint32_t *a, uint32_t *b)
 {
-    const int64_t lq = e[FA_E_LQ];
-    int64_t head = lq == 1 ? row0 : row0 / lq, i = row0 - head * lq;
-    for (int64_t r = 0; r < bq; r++) {
-        const uint64_t word = fa_dropout_row(p->dropout_seed, e[FA_E_DROP] + head, e[FA_E_DROP_ROW] + i);
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+        const uint64_t word = fa_dropout_row(p->dropout_seed, e[FA_E_DROP] + at.head, e[FA_E_DROP_ROW] + at.i);
         a[r] = (uint32_t)word;
         b[r] = (uint32_t)(word >> 32);
-        if (++i == lq) {
-            i = 0;
-            head++;
-        }
     }
 }
 
@@ -2049,13 +2054,13 @@ static void FN(store_scaled)(char *row, int64_t cs, const FA_T *a, FA_T scale, i
 /* Write one output row: out = o * inv; lse = rmax + log(rsum) when asked.
  * An attention sink adds exp(sink) to the softmax sum (in terms of the
  * larger of rmax and the sink, so that neither overflows). */
-static void FN(store_row)(const fa_problem *p, const int64_t *e, int64_t v, const FA_T *o, FA_T rmax,
+static void FN(store_row)(const fa_problem *p, const int64_t *e, const fa_vrow *v, const FA_T *o, FA_T rmax,
                           FA_T rsum, int normalise)
 {
-    const int64_t dv = p->dv, lq = e[FA_E_LQ];
+    const int64_t dv = p->dv;
     FA_T inv = 1;
     if (normalise && p->sinks) {
-        const FA_T sink = (FA_T)p->sinks[e[FA_E_HEAD] + v / lq];
+        const FA_T sink = (FA_T)p->sinks[e[FA_E_HEAD] + v->head];
         if (rsum == 0) {
             rmax = sink;
             rsum = 1;
@@ -2069,9 +2074,9 @@ static void FN(store_row)(const fa_problem *p, const int64_t *e, int64_t v, cons
     } else if (normalise) {
         inv = rsum == 0 ? (FA_T)0 : (FA_T)1 / rsum;
     }
-    FN(store_scaled)((char *)p->out + e[FA_E_OUT] + fa_vrow_off(v, lq, p->out_rs, p->out_hs), p->out_cs, o, inv, dv);
+    FN(store_scaled)((char *)p->out + e[FA_E_OUT] + fa_vrow_bytes(v, p->out_rs, p->out_hs), p->out_cs, o, inv, dv);
     if (normalise && p->lse) {
-        FA_T *l = (FA_T *)((char *)p->lse + e[FA_E_LSE] + fa_vrow_off(v, lq, p->lse_rs, p->lse_hs));
+        FA_T *l = (FA_T *)((char *)p->lse + e[FA_E_LSE] + fa_vrow_bytes(v, p->lse_rs, p->lse_hs));
         *l = rsum == 0 ? (FA_T)-INFINITY : rmax + (FA_T)log((double)rsum);
     }
 }
@@ -2079,8 +2084,9 @@ static void FN(store_row)(const fa_problem *p, const int64_t *e, int64_t v, cons
 static void FN(store_rows)(const fa_problem *p, const int64_t *e, const FN(scratch) *w, int64_t row0,
                            int64_t bq, int normalise)
 {
-    for (int64_t r = 0; r < bq; r++)
-        FN(store_row)(p, e, row0 + r, w->o + r * w->dvp, w->rmax[r], w->rsum[r], normalise);
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at))
+        FN(store_row)(p, e, &at, w->o + r * w->dvp, w->rmax[r], w->rsum[r], normalise);
 }
 
 /* A partial slot: sr rows of the accumulator, then the rows' max and sum. */
@@ -2102,7 +2108,8 @@ static void FN(merge_partials)(const fa_problem *p, const int64_t *e, const FA_T
 {
     const int softmax = p->weights == FA_WEIGHTS_SOFTMAX;
     const int64_t size = FN(slot_size)(dvp, sr);
-    for (int64_t r = 0; r < bq; r++) {
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
         FA_T m = (FA_T)-INFINITY, l = 0;
         if (softmax)
             for (int s = 0; s < nsplit; s++) {
@@ -2121,7 +2128,7 @@ static void FN(merge_partials)(const fa_problem *p, const int64_t *e, const FA_T
             }
             for (int64_t c = 0; c < dvp; c++) acc[c] += f * slot[r * dvp + c];
         }
-        FN(store_row)(p, e, row0 + r, acc, m, l, softmax);
+        FN(store_row)(p, e, &at, acc, m, l, softmax);
     }
 }
 
@@ -2273,11 +2280,11 @@ void FA_OP(scores_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t 
                         int64_t bk)
 {
     FN(scratch) *s = (FN(scratch) *)w;
-    const int64_t lq = e[FA_E_LQ];
     const fa_prefetch_plan none = {0};
     FN(apply_options)(p, e, s, row0, bq, k0, bk, FN(score_tile)(p, e, s, row0, bq, k0, bk, &none));
-    for (int64_t r = 0; r < bq; r++) {
-        char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_off(row0 + r, lq, p->out_rs, p->out_hs) + k0 * p->out_cs;
+    fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
+    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+        char *row = (char *)p->out + e[FA_E_OUT] + fa_vrow_bytes(&at, p->out_rs, p->out_hs) + k0 * p->out_cs;
         const FA_T *sr = bq <= FA_ROWS_MAX ? s->st + r * FA_BK : s->st + r; /* see score_tile */
         const int64_t sj = bq <= FA_ROWS_MAX ? 1 : FA_BQ;
         for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->out_cs) = sr[j * sj];
