@@ -466,6 +466,57 @@ static int fa_bwd_delta(const fa_problem *p, const fa_tile_ops *ops, fa_problem 
     return status;
 }
 
+/* Entries by the offset of their mask gradient, then by index. */
+static int fa_cmp_gmask(const void *a, const void *b)
+{
+    const int64_t *x = (const int64_t *)a, *y = (const int64_t *)b;
+    if (x[0] != y[0]) return x[0] < y[0] ? -1 : 1;
+    return x[1] < y[1] ? -1 : x[1] > y[1];
+}
+
+/* The entries that share a mask gradient (fa_problem.gmask: the same
+ * offset), in order: gprev[i] is the last entry before i with i's offset,
+ * or -1.  NULL gprev (FA_OK) when no two share; FA_ERR_INVALID when two
+ * that share differ in lq or lk. */
+static int fa_bwd_gmask_chain(const fa_problem *p, int64_t **gprev)
+{
+    const int64_t n = p->n_entries;
+    *gprev = NULL;
+    int64_t *order = (int64_t *)malloc((size_t)n * 2 * sizeof(int64_t));
+    if (!order) return FA_ERR_NOMEM;
+    for (int64_t i = 0; i < n; i++) {
+        order[2 * i] = p->entries[i * FA_ENTRY_FIELDS + FA_E_GMASK];
+        order[2 * i + 1] = i;
+    }
+    qsort(order, (size_t)n, 2 * sizeof(int64_t), fa_cmp_gmask);
+    int status = FA_OK;
+    for (int64_t t = 1; t < n && status == FA_OK; t++) {
+        if (order[2 * t] != order[2 * t - 2]) continue;
+        const int64_t i = order[2 * t + 1], h = order[2 * t - 1];
+        const int64_t *e = p->entries + i * FA_ENTRY_FIELDS, *f = p->entries + h * FA_ENTRY_FIELDS;
+        if (e[FA_E_LQ] != f[FA_E_LQ] || e[FA_E_LK] != f[FA_E_LK]) {
+            status = FA_ERR_INVALID;
+        } else {
+            if (!*gprev && !(*gprev = (int64_t *)malloc((size_t)n * sizeof(int64_t)))) {
+                status = FA_ERR_NOMEM;
+                break;
+            }
+            (*gprev)[i] = h;
+        }
+    }
+    /* every entry not reached above starts its chain */
+    if (*gprev && status == FA_OK) {
+        for (int64_t t = 0; t < n; t++)
+            if (t == 0 || order[2 * t] != order[2 * t - 2]) (*gprev)[order[2 * t + 1]] = -1;
+    }
+    if (status != FA_OK) {
+        free(*gprev);
+        *gprev = NULL;
+    }
+    free(order);
+    return status;
+}
+
 /* The backward: one item per key block of an entry, writing its dk and dv
  * rows (summed over every query row of the entry) and adding to the dq
  * accumulators of the query tiles that see it, in key-block order (see
@@ -479,7 +530,8 @@ int fa_attention_backward(const fa_problem *p)
     if (checked != FA_OK) return checked;
     if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages || p->kv_dtype != p->dtype) return FA_ERR_INVALID;
     if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || (!p->delta && !p->out))) return FA_ERR_INVALID;
-    if (p->gmask && p->mask_kind != FA_MASK_F32 && p->mask_kind != FA_MASK_F64) return FA_ERR_INVALID;
+    if (p->gmask && ((p->mask_kind != FA_MASK_F32 && p->mask_kind != FA_MASK_F64) || p->gmask_cs == 0))
+        return FA_ERR_INVALID;
     const int64_t n = p->n_entries, ld = fa_roundup64(p->d, ops->width), eb = ops->elem_bytes;
     const int64_t pack_bytes = ops->bwd_pack_bytes(p);
     if (n <= 0) return FA_OK;
@@ -498,14 +550,16 @@ int fa_attention_backward(const fa_problem *p)
         }
         p = &local;
     }
-    /* per entry: its first accumulator row and first tile within its run */
-    int64_t *acc_row = (int64_t *)malloc((size_t)n * 2 * sizeof(int64_t)), *tile0 = acc_row + n;
+    /* per entry: its first accumulator row, first tile and first key block within its run */
+    int64_t *acc_row = (int64_t *)malloc((size_t)n * 3 * sizeof(int64_t)), *tile0 = acc_row + n, *kb0 = tile0 + n;
+    int64_t *gprev = NULL; /* entries that share a mask gradient */
+    const int chained = p->gmask ? fa_bwd_gmask_chain(p, &gprev) : FA_OK;
     int64_t n_keys = 0;
     for (int64_t i = 0; i < n; i++) n_keys += (p->entries[i * FA_ENTRY_FIELDS + FA_E_LK] + FA_BK - 1) / FA_BK;
     fa_item *items = acc_row && (uint64_t)n_keys < SIZE_MAX / sizeof(fa_item)
                          ? (fa_item *)malloc((size_t)(n_keys + 1) * sizeof(fa_item))
                          : NULL;
-    int status = acc_row && items ? FA_OK : FA_ERR_NOMEM;
+    int status = chained != FA_OK ? chained : acc_row && items ? FA_OK : FA_ERR_NOMEM;
     for (int64_t i0 = 0, i1; i0 < n && status == FA_OK; i0 = i1) {
         /* entries [i0, i1): their accumulator rows, tiles and items */
         int64_t rows = 0, tiles = 0, t = 0;
@@ -516,6 +570,7 @@ int fa_attention_backward(const fa_problem *p)
             if (i1 > i0 && tiles + er / FA_BQ > FA_BWD_ACC_BYTES / tile_bytes) break;
             acc_row[i1] = rows;
             tile0[i1] = tiles;
+            kb0[i1] = t;
             rows += er;
             tiles += er / FA_BQ;
             /* about 2.5 forward passes of work */
@@ -547,11 +602,24 @@ int fa_attention_backward(const fa_problem *p)
          * and packs (written first, in parallel: one item per query tile) */
         size_t acc_bytes = (size_t)(rows * ld * eb), turn_bytes = (size_t)tiles * sizeof(int64_t);
         size_t pack_total = (size_t)(tiles * pack_bytes), tile_items_bytes = (size_t)(tiles + 1) * sizeof(fa_item);
-        fa_bwd_dq dq = {(char *)fa_scratch_take(&acc_bytes), ld, eb, acc_row, tile0,
-                        (int64_t *)fa_scratch_take(&turn_bytes), (char *)fa_scratch_take(&pack_total), pack_bytes};
+        size_t done_bytes = gprev ? (size_t)t * sizeof(int64_t) : 0;
+        fa_bwd_dq dq = {(char *)fa_scratch_take(&acc_bytes),
+                        ld,
+                        eb,
+                        acc_row,
+                        tile0,
+                        (int64_t *)fa_scratch_take(&turn_bytes),
+                        (char *)fa_scratch_take(&pack_total),
+                        pack_bytes,
+                        gprev,
+                        kb0,
+                        gprev ? (int64_t *)fa_scratch_take(&done_bytes) : NULL,
+                        i0,
+                        gprev || p->gmask_rs == 0 || (p->gmask_hs == 0 && p->group > 1)};
         fa_item *tile_items = (fa_item *)malloc(tile_items_bytes);
-        if (dq.acc && dq.turns && dq.packs && tile_items) {
+        if (dq.acc && dq.turns && dq.packs && tile_items && (!gprev || dq.done)) {
             memset(dq.turns, 0, (size_t)tiles * sizeof(int64_t));
+            if (gprev) memset(dq.done, 0, done_bytes);
             const int64_t nt = fa_query_tile_items(p, i0, i1, tile_items);
             status = fa_run_items(p, FA_KIND_BWD_PACK, tile_items, nt, 0, threads, ops, &dq);
             if (status == FA_OK) status = fa_run_items(p, FA_KIND_BWD, items, t, 0, threads, ops, &dq);
@@ -575,9 +643,11 @@ int fa_attention_backward(const fa_problem *p)
         fa_scratch_give(dq.acc, acc_bytes);
         fa_scratch_give(dq.turns, turn_bytes);
         fa_scratch_give(dq.packs, pack_total);
+        fa_scratch_give(dq.done, done_bytes);
     }
     free(items);
     free(acc_row);
+    free(gprev);
     free(local_entries);
     free(delta);
     return status;

@@ -548,13 +548,34 @@ static inline char *fa_bwd_pack_of(const fa_bwd_dq *dq, int64_t entry, int64_t r
     return dq->packs + (dq->tile0[entry] + row0 / FA_BQ) * dq->pack_bytes;
 }
 
+/* The query tiles an entry's key block must have passed before the same
+ * key block of an entry that shares its mask gradient adds the tile of
+ * rows [row0, row0 + bq) (fa_bwd_keys_item): every tile that adds to a
+ * gradient row these rows add to.  Rows that share one gradient row (a row
+ * stride of 0): all tiles; heads that share theirs (a head stride of 0):
+ * the tiles up to the last head's row of the tile's last position; else
+ * the same tile. */
+static int64_t fa_bwd_gmask_after(const fa_problem *p, int64_t lq, int64_t row0, int64_t bq)
+{
+    const int64_t rows = p->group * lq;
+    if (p->gmask_rs == 0) return (rows + FA_BQ - 1) / FA_BQ;
+    if (p->gmask_hs == 0 && p->group > 1) {
+        const fa_vrow first = fa_vrow_at(row0, lq);
+        const int64_t last = first.i + bq > lq ? lq - 1 : first.i + bq - 1; /* the tile's last position */
+        return ((p->group - 1) * lq + last) / FA_BQ + 1;
+    }
+    return row0 / FA_BQ + 1;
+}
+
 /* Backward, key block k0 / FA_BK of entry `entry`: its dk and dv rows summed
  * over every query tile of the entry (all heads of a group) that sees them,
  * in order, by this one item, so no other item writes these rows; and each
  * such tile's dS K added to the tile's dq accumulator when its turn comes
  * (after the entry's earlier key blocks, so the sums do not depend on the
- * thread count), the last block storing the tile's dq.  An item left undone
- * (no memory for a member's scratch) sets *status, and the items waiting for
+ * thread count), the last block storing the tile's dq.  A mask's gradient
+ * that an earlier entry shares gets the tile's dS once that entry's item
+ * for the same key block has passed the tile.  An item left undone (no
+ * memory for a member's scratch) sets *status, and the items waiting for
  * its turns give up. */
 static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const fa_bwd_dq *dq, const int *status,
                              int64_t entry, void *w, int64_t k0)
@@ -564,13 +585,22 @@ static void fa_bwd_keys_item(const fa_problem *p, const fa_tile_ops *ops, const 
     const int64_t j = k0 / FA_BK, ld = dq->ld, row_bytes = ld * dq->elem_bytes;
     char *acc = dq->acc + dq->acc_row[entry] * row_bytes;
     int64_t *turns = dq->turns + dq->tile0[entry];
+    /* a shared mask gradient: the tiles this item has passed, and those of the entry before it */
+    const int64_t prev = dq->gprev ? dq->gprev[entry] : -1;
+    int64_t *done = dq->gprev ? dq->done + dq->kb0[entry] + j : NULL;
+    const int64_t *before = prev >= dq->entry0 ? dq->done + dq->kb0[prev] + j : NULL;
     ops->bwd_keys_begin(p, e, w, k0, bk);
     for (int64_t row0 = 0; row0 < rows; row0 += FA_BQ) {
-        const int64_t bq = fa_min64(FA_BQ, rows - row0);
+        const int64_t bq = fa_min64(FA_BQ, rows - row0), ti = row0 / FA_BQ;
         int64_t first, last;
         fa_bwd_visits(p, lq, lk, row0, bq, &first, &last);
-        if (j < first || j > last) continue;
-        ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk, fa_bwd_pack_of(dq, entry, row0));
+        if (j < first || j > last) {
+            if (done) __atomic_store_n(done, ti + 1, __ATOMIC_RELEASE);
+            continue;
+        }
+        if (before && !fa_team_wait(before, fa_bwd_gmask_after(p, lq, row0, bq), status)) return;
+        ops->bwd_keys_tile(p, e, w, row0, bq, k0, bk, fa_bwd_pack_of(dq, entry, row0), dq->add_gmask);
+        if (done) __atomic_store_n(done, ti + 1, __ATOMIC_RELEASE);
         int64_t *turn = turns + row0 / FA_BQ;
         char *tile = acc + row0 * row_bytes; /* the tile's dq accumulator */
         if (!fa_team_wait(turn, j - first, status)) return;

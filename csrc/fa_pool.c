@@ -47,7 +47,7 @@ int fa_pool_threaded(void) { return 0; }
 int64_t fa_pool_withdrawn(void) { return 0; }
 int fa_team_wait(const int64_t *word, int64_t value, const int *abort) /* items run in order */
 {
-    return __atomic_load_n(word, __ATOMIC_ACQUIRE) == value && !__atomic_load_n(abort, __ATOMIC_RELAXED);
+    return __atomic_load_n(word, __ATOMIC_ACQUIRE) >= value && !__atomic_load_n(abort, __ATOMIC_RELAXED);
 }
 static void fa_pool_watch_fork(void) {}
 int fa_pool_workers(void) { return 0; }
@@ -285,7 +285,7 @@ int64_t fa_pool_withdrawn(void) { return __atomic_load_n(&fa_withdrawn, __ATOMIC
 
 int fa_team_wait(const int64_t *word, int64_t value, const int *abort)
 {
-    for (unsigned i = 1; __atomic_load_n(word, __ATOMIC_ACQUIRE) != value; i++) {
+    for (unsigned i = 1; __atomic_load_n(word, __ATOMIC_ACQUIRE) < value; i++) {
         if (__atomic_load_n(abort, __ATOMIC_RELAXED)) return 0;
         fa_pause();
         if ((i & 1023) == 0) sched_yield();

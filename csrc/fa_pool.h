@@ -43,8 +43,8 @@ int fa_team_size(const fa_team *team);
  * returns the first, or -1 once `n` is reached. */
 int64_t fa_team_next(int64_t *counter, int64_t chunk, int64_t n);
 
-/* Waits until *word (written with release order by another member) equals
- * value, or *abort is nonzero (a member gave up: returns 0 then, else 1).
+/* Waits until *word (a count that other members raise, written with release
+ * order) reaches value, or *abort is nonzero (a member gave up: returns 0 then, else 1).
  * Only for an ordering of items handed out by fa_team_next in which an item
  * waits on earlier items alone: the earliest unfinished item then never
  * waits, so the team cannot deadlock while every item runs, and a serial

@@ -89,14 +89,15 @@ typedef struct {
      * written once per tile by bwd_pack); after each tile, that tile's dS K
      * added to its rows' dq accumulator (acc, rows of ld elements of the
      * compute type), and the accumulator stored as dq once every key block
-     * has added */
+     * has added; a tile's share of a mask's gradient (p->gmask) is stored,
+     * or added to it where its rows are shared (add_gmask) */
     int64_t (*bwd_pack_bytes)(const fa_problem *p);
     void (*bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_t bq, void *pack);
     void *(*bwd_scratch_new)(const fa_problem *p);
     void (*bwd_scratch_free)(void *w);
     void (*bwd_keys_begin)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk);
     void (*bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_t row0, int64_t bq, int64_t k0,
-                          int64_t bk, const void *pack);
+                          int64_t bk, const void *pack, int add_gmask);
     void (*bwd_keys_dq)(void *w, int64_t bq, int64_t bk, void *acc, int64_t ld);
     void (*bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk);
     void (*bwd_dq_store)(const fa_problem *p, const int64_t *e, const void *acc, int64_t ld, int64_t row0,
@@ -122,6 +123,14 @@ typedef struct {
     int64_t *turns;
     char *packs;
     int64_t pack_bytes;
+    /* A float mask's gradient that entries share (p->gmask; NULL gprev: none
+     * shared): entry i adds each of its tiles after entry gprev[i] (-1:
+     * none, or one of an earlier round, before entry0) has added the same
+     * tile, so the sums run in entry order.  The query tiles that key block
+     * j of entry i has passed, visited or not, are counted at done[kb0[i] + j]. */
+    const int64_t *gprev, *kb0;
+    int64_t *done, entry0;
+    int add_gmask; /* some rows of the mask gradient are shared: tiles add to it */
 } fa_bwd_dq;
 
 /* Run the items of a problem on the tile operations `ops` (fa_driver.c);

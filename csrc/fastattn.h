@@ -184,10 +184,15 @@ typedef struct {
     int64_t dout_rs, dout_cs, dout_hs, delta_rs, delta_hs;
     int64_t gq_rs, gq_cs, gq_hs, gk_rs, gk_cs, gv_rs, gv_cs;
     /* fa_attention_backward, a float mask only: NULL, or where the gradient
-     * of the mask goes, per entry (dS, the gradient of the scores the mask
-     * is added to), rows like the mask's (gmask_rs, gmask_cs, gmask_hs), in
-     * the compute type.  Only the tiles the backward visits are written
-     * (the caller zeroes the rest), so entries must not share rows. */
+     * of the mask goes (dS, the gradient of the scores the mask is added
+     * to), per entry, rows like the mask's (gmask_rs, gmask_cs, gmask_hs),
+     * in the compute type; the caller zeroes it first (the tiles the
+     * backward skips add nothing).  Rows that an entry's query rows share (a
+     * row or head stride of 0) add to them in row order; entries with the
+     * same offset share their gradient and add to it in entry order (they
+     * must have the same lq and lk), so the sums do not depend on the thread
+     * count.  Entries must not overlap otherwise, nor may elements of a row
+     * (gmask_cs != 0). */
     void *gmask;
     int64_t gmask_rs, gmask_cs, gmask_hs;
 } fa_problem;

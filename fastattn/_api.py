@@ -230,9 +230,10 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, mas
     return_dmask : bool
         Also return the gradient of a float mask (a learned additive bias,
         such as T5's relative positions): the gradient of the scores it is
-        added to, summed over everything that shared each of its elements.
-        It takes an array of ``(..., Lq, Lk)`` in the compute type for every
-        head while the kernel writes it.
+        added to, summed over everything that shared each of its elements
+        (in the kernel, in a fixed order, into an array of the mask's size
+        in the compute type: a bias shared by the batch takes no memory per
+        batch entry).
     num_threads : int, optional
 
     Returns

@@ -445,30 +445,13 @@ def _sum_to(g, shape, dest):
     return g
 
 
-def _halving_sum(g, axis):
-    """g summed along `axis` by halving: adding its two halves until one
-    is left, in g's dtype, so that float32 rounding grows with the log of
-    the count, not the count, without a float64 copy (a mask's gradient of
-    (B, H, Lq, Lk) summed over B: a sixth of the time of a float64 sum)."""
-    g = np.moveaxis(g, axis, 0)
-    while g.shape[0] > 1:
-        half = g.shape[0] // 2
-        total = g[:half] + g[half:2 * half]
-        if g.shape[0] % 2:
-            total[0] += g[-1]
-        g = total
-    return g[0]
-
-
 def _mask_gradient(gm, shape, dtype):
-    """The mask's gradient per head (gm, of the leading dimensions' size)
-    summed down to the mask's `shape` (as _sum_to does), in `dtype`."""
-    while gm.ndim > len(shape):
-        gm = _halving_sum(gm, 0)
-    for ax, n in enumerate(shape):
-        if n == 1 and gm.shape[ax] != 1:
-            gm = np.expand_dims(_halving_sum(gm, ax), ax)
-    return np.asarray(gm, dtype=dtype)
+    """The mask's gradient as the kernel summed it (gm: the mask's shape
+    but for every key) in the mask's own `shape` and `dtype`: summed over
+    the keys (in float64) where the mask has one column for all."""
+    if shape[-1] == 1 and gm.shape[-1] != 1:
+        gm = gm.sum(axis=-1, keepdims=True, dtype=np.float64)
+    return np.asarray(gm.reshape(shape), dtype=dtype)
 
 
 def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, None), mask_shape=None):
@@ -476,9 +459,8 @@ def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, Non
     (_validate.ScoreArgs, backward_operands), in the shapes of q, k and v,
     written into `dests` where given (checked arrays, or None).  With
     mask_shape, the float mask's gradient too (a fourth result, in that
-    shape and the mask's dtype): the kernel writes every head's into an
-    array of the leading dimensions' size (zeros where it visits no tile),
-    summed down to the mask's shape."""
+    shape and the mask's dtype), which the kernel adds up in an array of
+    the mask's size (_mask_gradient), not one per head."""
     g, lead = args.group, args.lead
     heads = -3 if g > 1 else None
     kv_lead = lead[:-1] + (lead[-1] // g,) if g > 1 else lead
@@ -486,7 +468,11 @@ def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, Non
     gk = _grad_buffer(args.k.shape, kv_lead + args.k.shape[-2:], args.dtype, dests[1])
     gv = _grad_buffer(args.v.shape, kv_lead + args.v.shape[-2:], args.dtype, dests[2])
     entries = np.array(_lead_table(lead, g, g, args.lq, args.lk, args.q, args.k, args.v, args.mask, out, lse))
-    gm = None if mask_shape is None else np.zeros(lead + (args.lq, args.lk), dtype=compute_dtype(args.dtype))
+    # the mask's gradient: where the mask is broadcast (over the batch, the
+    # heads or the query rows), the entries and rows that share its rows
+    # add into the same rows, in a fixed order; only a mask broadcast over
+    # the keys gets every key's column (its elements are summed afterwards)
+    gm = None if mask_shape is None else np.zeros(args.mask.shape[:-1] + (args.lk,), dtype=compute_dtype(args.dtype))
     cols = {
         _core.E_DOUT: _lead_offsets(_layout(dout, 2), lead),
         _core.E_GQ: _lead_offsets(_layout(gq, 2), lead),

@@ -230,15 +230,19 @@ def test_varlen_sinks_gradient_matches_reference(isa, dtype):
     assert grads[3][3] == 0 and grads[3].dtype == dtype
 
 
-# (mask shape, options): a mask per head, one broadcast over everything, a
-# padding-style row per batch entry, with grouped heads, soft-cap, dropout,
-# dot weights and -inf entries
+# (mask shape, options, shapes): a mask per head, one broadcast over
+# everything, a padding-style row per batch entry, one per head shared by
+# the batch, one per query row (a column for every key), with grouped
+# heads (4 query heads over 2 kv heads), soft-cap, dropout, dot weights
+# and -inf entries
 MASK_GRADIENT_CASES = {
-    "per head, causal": ((1, 4, 65, 130), dict(causal=True)),
-    "broadcast, softcap alibi": ((65, 130), dict(softcap=1.5, alibi_slopes=0.25)),
-    "padding rows, window": ((1, 1, 1, 130), dict(window=(40, 10))),
-    "per head, dropout": ((4, 65, 130), dict(dropout_p=0.3, dropout_seed=5)),
-    "per head, dot": ((1, 4, 65, 130), dict(weights="dot")),
+    "per head, causal": ((1, 4, 65, 130), dict(causal=True), SHAPES[1]),
+    "broadcast, softcap alibi": ((65, 130), dict(softcap=1.5, alibi_slopes=0.25), SHAPES[1]),
+    "padding rows, window": ((1, 1, 1, 130), dict(window=(40, 10)), SHAPES[1]),
+    "per head, dropout": ((4, 65, 130), dict(dropout_p=0.3, dropout_seed=5), SHAPES[1]),
+    "per head, dot": ((1, 4, 65, 130), dict(weights="dot"), SHAPES[1]),
+    "per head over the batch, causal": ((3, 70, 97), dict(causal=True), SHAPES[0]),
+    "per query row, dot": ((1, 4, 65, 1), dict(weights="dot"), SHAPES[1]),
 }
 
 
@@ -247,12 +251,12 @@ def test_mask_gradient_matches_reference(isa, dtype, name):
     """return_dmask: the gradient of a float mask (a learned bias), summed
     to its shape, against the reference; hidden (-inf) entries get 0; it is
     the same bitwise for any thread count."""
-    shapes = SHAPES[1]  # 4 query heads over 2 kv heads
-    mask_shape, options = MASK_GRADIENT_CASES[name]
+    mask_shape, options, shapes = MASK_GRADIENT_CASES[name]
     rng = np.random.default_rng(stable_seed("dmask", name, str(dtype)))
     q, k, v = (rng.standard_normal(s).astype(dtype) for s in shapes)
     mask = rng.standard_normal(mask_shape).astype(dtype)
-    mask[..., :, 3] = -np.inf
+    if mask_shape[-1] > 3:
+        mask[..., :, 3] = -np.inf
     out, lse = forward(q, k, v, dict(options, mask=mask))
     dout = rng.standard_normal(out.shape).astype(dtype)
     grads = fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, return_dmask=True, **options)
@@ -260,7 +264,36 @@ def test_mask_gradient_matches_reference(isa, dtype, name):
     assert len(grads) == 4 and grads[3].shape == mask.shape and grads[3].dtype == mask.dtype
     for got, exp in zip(grads, want):
         assert_close(got, exp)
-    assert np.all(grads[3][..., :, 3] == 0)
+    if mask_shape[-1] > 3:
+        assert np.all(grads[3][..., :, 3] == 0)
     again = fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, return_dmask=True, num_threads=3,
                                         **options)
     assert np.array_equal(again[3], grads[3])
+
+
+def test_shared_mask_gradient_takes_the_mask_size(isa):
+    """A bias shared by the batch gets its gradient summed in the kernel, in
+    an array of its own size: no (B, H, Lq, Lk) array per head is made
+    (numpy reports its allocations to tracemalloc; one would add 16 times
+    the mask's bytes here), and the result is the reference's."""
+    import tracemalloc
+
+    rng = np.random.default_rng(stable_seed("shared dmask"))
+    q, k, v = (rng.standard_normal((16, 4, 128, 16)).astype(np.float32) for _ in range(3))
+    mask = rng.standard_normal((4, 128, 128)).astype(np.float32)
+    out, lse = forward(q, k, v, dict(mask=mask, causal=True))
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    peaks = []
+    for dmask in (False, True):
+        call = lambda: fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, causal=True,
+                                                   return_dmask=dmask)
+        call()  # validation caches filled
+        tracemalloc.start()
+        try:
+            grads = call()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    assert peaks[1] - peaks[0] < 2 * mask.nbytes, f"{peaks[1] - peaks[0]} bytes more for the mask's gradient"
+    want = ref.attention_backward(dout, q, k, v, mask=mask, causal=True, return_dmask=True)
+    assert_close(grads[3], want[3])

@@ -211,16 +211,17 @@ void *__wrap_aligned_alloc(size_t align, size_t n) { return alloc_fails() ? NULL
  * (a thread of the team got no scratch, and the others ran every item:
  * a few percent of the calls) must write the same bytes to the
  * outputs (bufs: n_bufs buffers of sizes[i] bytes, set to 0xff before each
- * call) as the call without failures.  Returns that first call's status,
+ * call, but the last n_added, which the call adds to, set to 0) as the call
+ * without failures.  Returns that first call's status,
  * its outputs left in bufs for the caller's checks; a failure of the
  * sweep is counted and reported here. */
 static int with_failures(int (*fn)(const fa_problem *), const fa_problem *p, char *const *bufs,
-                         const size_t *sizes, int n_bufs, const char *what)
+                         const size_t *sizes, int n_bufs, int n_added, const char *what)
 {
     size_t total = 0;
     for (int b = 0; b < n_bufs; b++) total += sizes[b];
     char *want = malloc(total + 1);
-    for (int b = 0; b < n_bufs; b++) memset(bufs[b], 0xff, sizes[b]);
+    for (int b = 0; b < n_bufs; b++) memset(bufs[b], b < n_bufs - n_added ? 0xff : 0, sizes[b]);
     const int status = fn(p);
     if (status != FA_OK) {
         free(want);
@@ -231,7 +232,7 @@ static int with_failures(int (*fn)(const fa_problem *), const fa_problem *p, cha
     for (int64_t k = 0; k < 10000 && !bad; k++) {
         int fired = 0;
         for (int rest = 0; rest < 2 && !bad; rest++) {
-            for (int b = 0; b < n_bufs; b++) memset(bufs[b], 0xff, sizes[b]);
+            for (int b = 0; b < n_bufs; b++) memset(bufs[b], b < n_bufs - n_added ? 0xff : 0, sizes[b]);
             __atomic_store_n(&alloc_seen, 0, __ATOMIC_RELAXED);
             alloc_fail_rest = rest;
             __atomic_store_n(&alloc_fail_at, k, __ATOMIC_RELEASE);
@@ -414,12 +415,11 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
         char what[200];
         snprintf(what, sizeof what, "%s %s %s: fa_attention_backward%s", fa_path_name(path), DTYPE_NAMES[dtype],
                  c->what, pass ? " (delta from out)" : "");
-        /* the mask's gradient zeroed first (the kernel writes the tiles it visits) */
-        if (gm) memset(gm, 0, (size_t)(n * rows * lk * cs));
+        /* the mask's gradient zeroed (with_failures): the kernel adds to it */
         char *const grads[4] = {gq, gk, gv, gm};
         const size_t grad_sizes[4] = {(size_t)(n * rows * d * es), (size_t)(n * lk * d * es), (size_t)(n * lk * dv * es),
                                       (size_t)(n * rows * lk * cs)};
-        const int status = with_failures(fa_attention_backward, &p, grads, grad_sizes, gm ? 4 : 3, what);
+        const int status = with_failures(fa_attention_backward, &p, grads, grad_sizes, gm ? 4 : 3, gm ? 1 : 0, what);
         checks++;
         if (status != FA_OK) {
             printf("FAIL %s %s %s: fa_attention_backward status %d%s\n", fa_path_name(path), DTYPE_NAMES[dtype],
@@ -469,6 +469,53 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
                 }
             }
         }
+    }
+    /* a mask gradient that every entry and head shares (entries at one
+     * offset, heads 0 bytes apart; then every query row too, rows 0 bytes
+     * apart): each element the sum of their dS, added in a fixed order */
+    for (int shared_rows = 0; gm && n * g > 1 && shared_rows < 2 && !bad; shared_rows++) {
+        const int64_t nr = shared_rows ? 1 : lq;
+        int64_t saved[4];
+        for (int64_t e = 0; e < n; e++) {
+            saved[e] = entries[e][FA_E_GMASK];
+            entries[e][FA_E_GMASK] = 0;
+        }
+        fa_problem sp = p;
+        sp.gmask_hs = 0;
+        sp.gmask_rs = shared_rows ? 0 : lk * cs;
+        char what[200];
+        snprintf(what, sizeof what, "%s %s %s: fa_attention_backward, a mask gradient shared by %s", fa_path_name(path),
+                 DTYPE_NAMES[dtype], c->what, shared_rows ? "every row" : "entries and heads");
+        char *const grads[4] = {gq, gk, gv, gm};
+        const size_t grad_sizes[4] = {(size_t)(n * rows * d * es), (size_t)(n * lk * d * es), (size_t)(n * lk * dv * es),
+                                      (size_t)(nr * lk * cs)};
+        const int status = with_failures(fa_attention_backward, &sp, grads, grad_sizes, 4, 1, what);
+        checks++;
+        double *sum = calloc((size_t)(lq * lk + 1), sizeof(double)), *amag = calloc((size_t)(lq * lk + 1), sizeof(double));
+        for (int64_t e = 0; e < n; e++) {
+            ref_backward_entry(&ref, e, lse, delta, cs);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t j = 0; j < lk; j++) {
+                    const int64_t t = (shared_rows ? 0 : r % lq) * lk + j;
+                    sum[t] += dM[r * lk + j];
+                    amag[t] += fabs(dM[r * lk + j]);
+                }
+        }
+        if (status != FA_OK) {
+            printf("FAIL %s: status %d\n", what, status);
+            bad = 1;
+        }
+        for (int64_t t = 0; t < nr * lk && !bad; t++) {
+            const double got = load(cs == 8 ? FA_F64 : FA_F32, gm + t * cs);
+            const double tol = dtype == FA_F64 ? 1e-12 : 2e-5;
+            if (!close_enough(got, sum[t], tol * (amag[t] + 1), dtype == FA_F64 ? 1e-12 : 1e-3, 0)) {
+                printf("FAIL %s: gmask[%lld] = %.9g, reference %.9g\n", what, (long long)t, got, sum[t]);
+                bad = 1;
+            }
+        }
+        free(sum);
+        free(amag);
+        for (int64_t e = 0; e < n; e++) entries[e][FA_E_GMASK] = saved[e];
     }
     failures += bad;
     free_array(&dout);
@@ -698,7 +745,7 @@ static void run_case(int path, int dtype, const spec *c)
     snprintf(what, sizeof what, "%s %s %s: fa_attention", fa_path_name(path), DTYPE_NAMES[dtype], c->what);
     char *const outs[2] = {out, lse};
     const size_t out_sizes[2] = {(size_t)(n * g * lq * dv * es), (size_t)(n * g * lq * cs)};
-    int status = with_failures(fa_attention, &p, outs, out_sizes, c->dot ? 1 : 2, what);
+    int status = with_failures(fa_attention, &p, outs, out_sizes, c->dot ? 1 : 2, 0, what);
     checks++;
     if (status != FA_OK) {
         printf("FAIL %s %s %s: fa_attention status %d\n", fa_path_name(path), DTYPE_NAMES[dtype], c->what, status);
@@ -780,7 +827,7 @@ static void run_case(int path, int dtype, const spec *c)
         p.out_rs = lk * cs, p.out_cs = cs, p.out_hs = 0;
         snprintf(what, sizeof what, "%s %s %s: fa_scores", fa_path_name(path), DTYPE_NAMES[dtype], c->what);
         const size_t score_bytes = (size_t)(n * lq * lk * cs);
-        status = with_failures(fa_scores, &p, &out, &score_bytes, 1, what);
+        status = with_failures(fa_scores, &p, &out, &score_bytes, 1, 0, what);
         checks++;
         for (int64_t e = 0; e < n && !bad; e++)
             for (int64_t i = 0; i < lq && !bad; i++) {
@@ -815,7 +862,7 @@ static void run_case(int path, int dtype, const spec *c)
         ws.lse = NULL;
         snprintf(what, sizeof what, "%s %s %s: fa_weighted_sum", fa_path_name(path), DTYPE_NAMES[dtype], c->what);
         const size_t sum_bytes = (size_t)(n * lq * dv * es);
-        status = with_failures(fa_weighted_sum, &ws, &out, &sum_bytes, 1, what);
+        status = with_failures(fa_weighted_sum, &ws, &out, &sum_bytes, 1, 0, what);
         checks++;
         for (int64_t e = 0; e < n && !bad; e++)
             for (int64_t i = 0; i < lq && !bad; i++)
