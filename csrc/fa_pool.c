@@ -45,9 +45,13 @@ static int fa_own_parallel(int want, fa_team_fn fn, void *arg)
 
 int fa_pool_threaded(void) { return 0; }
 int64_t fa_pool_withdrawn(void) { return 0; }
-int fa_team_wait(const int64_t *word, int64_t value, const int *abort) /* items run in order */
+/* Items run in order here (the wait is over at once), but on a host's
+ * OpenMP runtime (fa_parallel) a team's members run at the same time. */
+int fa_team_wait(const int64_t *word, int64_t value, const int *abort)
 {
-    return __atomic_load_n(word, __ATOMIC_ACQUIRE) >= value && !__atomic_load_n(abort, __ATOMIC_RELAXED);
+    while (__atomic_load_n(word, __ATOMIC_ACQUIRE) < value)
+        if (__atomic_load_n(abort, __ATOMIC_RELAXED)) return 0;
+    return 1;
 }
 static void fa_pool_watch_fork(void) {}
 int fa_pool_workers(void) { return 0; }

@@ -195,19 +195,38 @@ void FA_OP(bwd_pack)(const fa_problem *p, const int64_t *e, int64_t row0, int64_
     }
 }
 
+/* x[0] + .. + x[n - 1] (n <= FA_BQ) summed pairwise, in a fixed order. */
+static FA_T FN(pairwise_sum)(const FA_T *x, int64_t n)
+{
+    FA_T t[FA_BQ];
+    for (int64_t i = 0; i < n; i++) t[i] = x[i];
+    for (int64_t step = 1; step < n; step *= 2)
+        for (int64_t i = 0; i + step < n; i += 2 * step) t[i] += t[i + step];
+    return t[0];
+}
+
 /* The gradient of a float mask (p->gmask) over the tile: dS itself (the
  * mask is added to the scores, after any soft-cap), from its transpose;
  * added to what the rows that share the mask's rows have added before if
  * `add` (the gradient's rows are shared), else stored (a first touch of
  * fresh zero pages that reads them as well as writes them faults twice:
- * 1.19x the time of a (1, 16, 1024, 64) backward). */
+ * 1.19x the time of a (1, 16, 1024, 64) backward).  Rows of the tile that
+ * share one gradient row (a row stride of 0: the rows of a head, or all of
+ * them if the heads share too) add their sum, summed pairwise, so that a
+ * float32 sum over B x H x Lq rows rounds like one over B x H x Lq / FA_BQ. */
 static void FN(store_mask_gradient)(const fa_problem *p, const int64_t *e, const FA_T *dst, int64_t row0, int64_t bq,
                                     int64_t k0, int64_t bk, int add)
 {
     fa_vrow at = fa_vrow_at(row0, e[FA_E_LQ]);
-    for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
+    for (int64_t r = 0, n; r < bq; r += n) {
         char *row = (char *)p->gmask + e[FA_E_GMASK] + fa_vrow_bytes(&at, p->gmask_rs, p->gmask_hs) + k0 * p->gmask_cs;
-        if (add)
+        n = 1; /* the rows from r that share this gradient row */
+        if (add && p->gmask_rs == 0)
+            n = p->gmask_hs == 0 ? bq - r : fa_min64(bq - r, at.lq - at.i);
+        for (int64_t t = 0; t < n; t++) fa_vrow_next(&at);
+        if (n > 1)
+            for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->gmask_cs) += FN(pairwise_sum)(dst + j * FA_BQ + r, n);
+        else if (add)
             for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->gmask_cs) += dst[j * FA_BQ + r];
         else
             for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->gmask_cs) = dst[j * FA_BQ + r];

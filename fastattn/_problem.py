@@ -446,10 +446,10 @@ def _sum_to(g, shape, dest):
 
 
 def _mask_gradient(gm, shape, dtype):
-    """The mask's gradient as the kernel summed it (gm: the mask's shape
-    but for every key) in the mask's own `shape` and `dtype`: summed over
-    the keys (in float64) where the mask has one column for all."""
-    if shape[-1] == 1 and gm.shape[-1] != 1:
+    """The mask's gradient as the kernel summed it (gm: the mask's shape,
+    at least 2-d, but for every key) in the mask's own `shape` and `dtype`:
+    summed over the keys (in float64) where the mask has one column for all."""
+    if math.prod(shape[-1:]) == 1 and gm.shape[-1] != 1:
         gm = gm.sum(axis=-1, keepdims=True, dtype=np.float64)
     return np.asarray(gm.reshape(shape), dtype=dtype)
 
@@ -483,6 +483,9 @@ def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, Non
         cols[_core.E_GMASK] = _lead_offsets(_layout(gm, 2), lead)
     for col, val in cols.items():
         entries[:, col] = val[::g] if g > 1 else val
+    gmask = _operand("gmask", gm, -2, -1, heads)
+    if gm is not None:
+        gmask["gmask_cs"] = gm.strides[-1]  # its own stride, also for a single key
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
         keep=(args.q, args.k, args.v, args.mask, dout, out, lse, gq, gk, gv, gm),
@@ -490,7 +493,7 @@ def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, Non
         **_operand("v", args.v, -2, -1), **_operand("lse", lse, -1, None, -2 if g > 1 else None),
         **_operand("mask", args.mask, -2, -1, heads), **_operand("dout", dout, -2, -1, heads),
         **_operand("out", out, -2, -1, heads), **_operand("gq", gq, -2, -1, heads),
-        **_operand("gk", gk, -2, -1), **_operand("gv", gv, -2, -1), **_operand("gmask", gm, -2, -1, heads),
+        **_operand("gk", gk, -2, -1), **_operand("gv", gv, -2, -1), **gmask,
         **_score_options(args))
     _core.attention_backward(problem)
     grads = tuple(_sum_to(grad, x.shape, dest) for grad, x, dest in zip((gq, gk, gv), (args.q, args.k, args.v), dests))
