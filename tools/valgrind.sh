@@ -32,10 +32,11 @@ for isa in fastattn.available_isas():
             fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, **drop)
             fastattn.attention(q[:, :, :3], k.repeat(20, axis=2), v.repeat(20, axis=2), causal=True, dropout_p=0.3,
                                dropout_seed=7)  # few rows
-            bias = rng.standard_normal((4, 37, 53))  # a float mask's gradient (the backward writes its tiles)
-            out, lse = fastattn.attention(q, k, v, return_lse=True, causal=True, mask=bias)
-            fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True, mask=bias,
-                                        return_dmask=True)
+            for shape in ((4, 37, 53), (37, 53), (4, 1, 53)):  # a float mask's gradient, shared by the batch,
+                bias = rng.standard_normal(shape)  # also by the heads, or by the batch and the rows
+                out, lse = fastattn.attention(q, k, v, return_lse=True, causal=True, mask=bias)
+                fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True, mask=bias,
+                                            return_dmask=True)
             fastattn.attention(q[:, :, :1], k.repeat(20, axis=2), v.repeat(20, axis=2), causal=True)
             fastattn.scores(q, k.repeat(2, axis=1))
             fastattn.weighted_sum(m.astype(dt), v.repeat(2, axis=1))
