@@ -225,7 +225,8 @@ static void FN(store_mask_gradient)(const fa_problem *p, const int64_t *e, const
             n = p->gmask_hs == 0 ? bq - r : fa_min64(bq - r, at.lq - at.i);
         for (int64_t t = 0; t < n; t++) fa_vrow_next(&at);
         if (n > 1)
-            for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->gmask_cs) += FN(pairwise_sum)(dst + j * FA_BQ + r, n);
+            for (int64_t j = 0; j < bk; j++)
+                *(FA_T *)(row + j * p->gmask_cs) += FN(pairwise_sum)(dst + j * FA_BQ + r, n);
         else if (add)
             for (int64_t j = 0; j < bk; j++) *(FA_T *)(row + j * p->gmask_cs) += dst[j * FA_BQ + r];
         else
@@ -303,7 +304,8 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
             const FA_T *f = w->ft + j * FA_BQ;
             for (int64_t r = 0; r < bq; r++) s[r] *= f[r];
         }
-    if (p->gmask) FN(store_mask_gradient)(p, e, w->dpt, row0, bq, k0, bk, add_gmask); /* dS: a mask is added after the cap */
+    if (p->gmask) /* dS: a mask is added after the cap */
+        FN(store_mask_gradient)(p, e, w->dpt, row0, bq, k0, bk, add_gmask);
     if (p->softcap > 0) {
         const fa_vec inv = VBCAST((FA_T)(1.0 / p->softcap)), one = VBCAST((FA_T)1);
         for (int64_t j = 0; j < bk; j++)
