@@ -497,17 +497,15 @@ static int fa_bwd_gmask_chain(const fa_problem *p, int64_t **gprev)
         if (e[FA_E_LQ] != f[FA_E_LQ] || e[FA_E_LK] != f[FA_E_LK]) {
             status = FA_ERR_INVALID;
         } else {
-            if (!*gprev && !(*gprev = (int64_t *)malloc((size_t)n * sizeof(int64_t)))) {
-                status = FA_ERR_NOMEM;
-                break;
+            if (!*gprev) { /* the first two that share: every entry starts a chain of its own until found */
+                if (!(*gprev = (int64_t *)malloc((size_t)n * sizeof(int64_t)))) {
+                    status = FA_ERR_NOMEM;
+                    break;
+                }
+                for (int64_t x = 0; x < n; x++) (*gprev)[x] = -1;
             }
             (*gprev)[i] = h;
         }
-    }
-    /* every entry not reached above starts its chain */
-    if (*gprev && status == FA_OK) {
-        for (int64_t t = 0; t < n; t++)
-            if (t == 0 || order[2 * t] != order[2 * t - 2]) (*gprev)[order[2 * t + 1]] = -1;
     }
     if (status != FA_OK) {
         free(*gprev);
