@@ -261,20 +261,22 @@ static inline uint64_t fa_dropout_row(uint64_t seed, int64_t stream, int64_t row
     return fa_mix64(seed ^ fa_mix64((uint64_t)stream ^ fa_mix64((uint64_t)row)));
 }
 
-/* The 24 bits compared with fa_dropout_threshold for key coordinate c of
- * a row whose word r is (a, b) = (low, high half): in 32-bit lanes only,
- * so that a loop over rows or keys runs in vectors on every path, and with
- * two multiplications, the costly part (a float32 forward at D = 64 spent
- * 17% of its time on dropout with a second fmix32 round, 12% with one;
- * Xeon Cascade Lake, AVX-512, one thread).  For a given row, distinct keys
- * give distinct hashes (each step is a bijection). */
-static inline uint32_t fa_dropout_bits(uint32_t a, uint32_t b, uint32_t c)
+/* The hash of key pair q (key coordinates 2q and 2q + 1, modulo 2^32) of
+ * a row whose word r is (a, b) = (low, high half): its low 16 bits are
+ * compared with fa_dropout_threshold for key 2q, its high 16 bits for key
+ * 2q + 1.  In 32-bit lanes only, so that a loop over rows or keys runs in
+ * vectors on every path; its three multiplications are the costly part,
+ * so one hash decides two weights (a float32 forward at D = 64 spent 17%
+ * of its time on dropout with a second fmix32 round, 12% with one hash
+ * per weight; Xeon Cascade Lake, AVX-512, one thread).  For a given row,
+ * distinct pairs give distinct hashes (each step is a bijection). */
+static inline uint32_t fa_dropout_pair(uint32_t a, uint32_t b, uint32_t q)
 {
-    return fa_fmix32((c ^ b) * 0x9E3779B1u + a) >> 8;
+    return fa_fmix32((q ^ b) * 0x9E3779B1u + a);
 }
 
-/* Weights whose bits are below this are dropped. */
-static inline uint32_t fa_dropout_threshold(double p) { return (uint32_t)(p * 16777216.0 + 0.5); }
+/* Weights whose 16 bits are below this are dropped (p in steps of 2^-16). */
+static inline uint32_t fa_dropout_threshold(double p) { return (uint32_t)(p * 65536.0 + 0.5); }
 
 /* Paged k and v (p->pages): the page that holds key j of entry e. */
 static inline int64_t fa_page_of(const fa_problem *p, const int64_t *e, int64_t j)

@@ -2006,32 +2006,74 @@ static void FN(dropout_rows)(const fa_problem *p, const int64_t *e, int64_t row0
     }
 }
 
+/* One key's weights of a transposed tile's rows (s, and the factors f if
+ * given), or two consecutive keys' (s, s2, f, f2) whose coordinates are
+ * 2q and 2q + 1: the factor of row r comes from the 16 bits at `shift`
+ * (0 or 16) of its pair hash (fa_dropout_pair; with two keys, the low bits
+ * for s, the high ones for s2).  Loops along the rows, in vectors. */
+FA_INLINE void FN(dropout_keys)(const uint32_t *a, const uint32_t *b, int64_t bq, uint32_t q, int shift,
+                                uint32_t thr, FA_T kept, FA_T *s, FA_T *f, FA_T *s2, FA_T *f2)
+{
+    if (s2) {
+        for (int64_t r = 0; r < bq; r++) {
+            const uint32_t h = fa_dropout_pair(a[r], b[r], q);
+            const FA_T x = (h & 0xFFFFu) >= thr ? kept : 0, x2 = (h >> 16) >= thr ? kept : 0;
+            s[r] *= x;
+            s2[r] *= x2;
+            if (f) {
+                f[r] = x;
+                f2[r] = x2;
+            }
+        }
+    } else {
+        for (int64_t r = 0; r < bq; r++) {
+            const FA_T x = ((fa_dropout_pair(a[r], b[r], q) >> shift) & 0xFFFFu) >= thr ? kept : 0;
+            s[r] *= x;
+            if (f) f[r] = x;
+        }
+    }
+}
+
 /* Dropout (fa_problem.dropout_p) on a tile of weights of bq rows, whose
  * words are a and b (dropout_rows), and keys [k0, k0 + bk) of entry e:
  * each multiplied by 1 / (1 - p) if kept, by 0 if dropped, and that factor
  * stored at the same place in ft if given (a transposed tile only).  st's
  * layout: rows of FA_BK if `rows`, else the transpose (keys by FA_BQ
- * rows).  Each loop runs along the tile's contiguous axis in 32-bit lanes
- * (fa_dropout_bits), which the compiler turns into the path's vectors. */
+ * rows).  One hash per pair of keys (fa_dropout_pair), each loop along the
+ * tile's contiguous axis in 32-bit lanes, which the compiler turns into the
+ * path's vectors. */
 static void FN(dropout_tile)(const fa_problem *p, const int64_t *e, const uint32_t *a, const uint32_t *b, FA_T *st,
                              int rows, int64_t bq, int64_t k0, int64_t bk, FA_T *ft)
 {
     const uint32_t thr = fa_dropout_threshold(p->dropout_p), c0 = (uint32_t)(e[FA_E_DROP_KEY] + k0);
-    const FA_T kept = (FA_T)(1.0 / (1.0 - p->dropout_p)), dropped = 0;
+    const FA_T kept = (FA_T)(1.0 / (1.0 - p->dropout_p));
     if (rows) {
+        /* the 16 bits of key c0 + j at bits[j + lead]: the pairs' hashes from c0's pair on, each split into
+         * its low and high half */
+        const int64_t lead = c0 & 1, pairs = (lead + bk + 1) / 2;
+        uint16_t bits[FA_BK + 2];
         for (int64_t r = 0; r < bq; r++) {
             FA_T *s = st + r * FA_BK;
             const uint32_t ar = a[r], br = b[r];
-            for (int64_t j = 0; j < bk; j++) s[j] *= fa_dropout_bits(ar, br, c0 + (uint32_t)j) >= thr ? kept : dropped;
+            for (int64_t i = 0; i < pairs; i++) {
+                const uint32_t h = fa_dropout_pair(ar, br, ((c0 >> 1) + (uint32_t)i) & 0x7FFFFFFFu);
+                bits[2 * i] = (uint16_t)h;
+                bits[2 * i + 1] = (uint16_t)(h >> 16);
+            }
+            for (int64_t j = 0; j < bk; j++) s[j] *= bits[j + lead] >= thr ? kept : 0;
         }
     } else {
-        for (int64_t j = 0; j < bk; j++) {
+        uint32_t c = c0;
+        for (int64_t j = 0; j < bk;) {
             FA_T *s = st + j * FA_BQ, *f = ft ? ft + j * FA_BQ : NULL;
-            const uint32_t c = c0 + (uint32_t)j;
-            for (int64_t r = 0; r < bq; r++) {
-                const FA_T x = fa_dropout_bits(a[r], b[r], c) >= thr ? kept : dropped;
-                s[r] *= x;
-                if (f) f[r] = x;
+            if ((c & 1) == 0 && j + 1 < bk) { /* keys c and c + 1: one pair */
+                FN(dropout_keys)(a, b, bq, c >> 1, 0, thr, kept, s, f, s + FA_BQ, f ? f + FA_BQ : NULL);
+                j += 2;
+                c += 2;
+            } else {
+                FN(dropout_keys)(a, b, bq, c >> 1, (int)(c & 1) * 16, thr, kept, s, f, NULL, NULL);
+                j++;
+                c++;
             }
         }
     }

@@ -146,8 +146,8 @@ typedef struct {
      * e[FA_E_DROP_KEY] + j (mix64: SplitMix64's step, fmix32: MurmurHash3's
      * finaliser, arithmetic modulo 2^64 and 2^32):
      *   r = mix64(dropout_seed ^ mix64(s ^ mix64(i))), a = r mod 2^32, b = r >> 32
-     *   t = fmix32((c ^ b) * 0x9E3779B1 + a)
-     *   kept iff (t >> 8) >= round(dropout_p * 2^24)
+     *   t = fmix32(((c >> 1) ^ b) * 0x9E3779B1 + a)   (one hash per pair of keys)
+     *   kept iff ((t >> 16 * (c & 1)) & 0xFFFF) >= round(dropout_p * 2^16)
      * so a mask never depends on tiles, splits or thread counts, and the
      * backward, given the forward's seed and coordinates, drops the same
      * weights (fastattn.reference.dropout_keep computes the same mask). */

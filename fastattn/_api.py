@@ -76,7 +76,8 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
         Dropout on the weights, for training: each weight (after the
         softmax) is zeroed with probability ``dropout_p`` and the others are
         multiplied by ``1 / (1 - dropout_p)``; the lse counts every weight.
-        In ``[0, 1)``; 0 (the default) is off.
+        In ``[0, 1)``; 0 (the default) is off.  The probability is that of a
+        16-bit draw, ``round(dropout_p * 2**16) / 2**16``.
     dropout_seed : int, optional
         Required with ``dropout_p > 0``: which weights are dropped depends
         only on the seed and the weight's head, query row and key (a

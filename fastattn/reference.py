@@ -128,9 +128,11 @@ def dropout_keep(seed, p, streams, rows, keys):
 
     fastattn's dropout (fastattn.h) with seed and probability p: row word
     ``r = mix64(seed ^ mix64(stream ^ mix64(row)))`` (SplitMix64's step,
-    modulo 2**64), ``a, b`` its low and high 32 bits, and for key c
-    ``t = fmix32((c ^ b) * 0x9E3779B1 + a)`` (MurmurHash3's finaliser,
-    modulo 2**32); kept iff ``t >> 8 >= round(p * 2**24)``.  In
+    modulo 2**64), ``a, b`` its low and high 32 bits, and for key c (modulo
+    2**32) the hash of its pair ``t = fmix32(((c >> 1) ^ b) * 0x9E3779B1 +
+    a)`` (MurmurHash3's finaliser, modulo 2**32), whose low 16 bits decide
+    even keys and high 16 bits odd ones: kept iff ``(t >> 16 * (c & 1)) &
+    0xFFFF >= round(p * 2**16)``.  In
     :func:`fastattn.attention`, the stream of a weight is the flat (C-order)
     index of its output row's leading dimensions, its row and key their
     indices; in :func:`fastattn.attention_varlen`, the stream is the query
@@ -141,8 +143,9 @@ def dropout_keep(seed, p, streams, rows, keys):
         a = (r & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         b = (r >> np.uint64(32)).astype(np.uint32)
         c = (np.asarray(keys, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32)
-        t = _fmix32((c ^ b) * np.uint32(0x9E3779B1) + a)
-    return (t >> np.uint32(8)) >= np.uint32(math.floor(p * 2.0**24 + 0.5))
+        t = _fmix32(((c >> np.uint32(1)) ^ b) * np.uint32(0x9E3779B1) + a)
+        bits = (t >> (np.uint32(16) * (c & np.uint32(1)))) & np.uint32(0xFFFF)
+    return bits >= np.uint32(math.floor(p * 2.0**16 + 0.5))
 
 
 def _dropout_factors(lead, lq, lk, dropout_p, dropout_seed, at):

@@ -138,10 +138,10 @@ def test_dropout_keep_is_the_documented_hash():
         return h ^ (h >> 16)
 
     seed, p = 2**64 - 5, 0.4
-    for s, i, c in [(0, 0, 0), (3, 17, 2**32 + 5), (2**40, 9, 65)]:
+    for s, i, c in [(0, 0, 0), (3, 17, 2**32 + 5), (2**40, 9, 65), (1, 4, 64), (7, 2, 2**32 - 1), (7, 2, 2**32)]:
         r = mix64(seed ^ mix64(s ^ mix64(i)))
-        t = fmix32((((c & m32) ^ (r >> 32)) * 0x9E3779B1 + (r & m32)) & m32)
-        assert bool(ref.dropout_keep(seed, p, s, i, c)) == ((t >> 8) >= round(p * 2**24))
+        t = fmix32(((((c & m32) >> 1) ^ (r >> 32)) * 0x9E3779B1 + (r & m32)) & m32)
+        assert bool(ref.dropout_keep(seed, p, s, i, c)) == (((t >> (16 * (c & 1))) & 0xFFFF) >= round(p * 2**16))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -171,8 +171,9 @@ static double drop_factor(const spec *c, int64_t stream, int64_t i, int64_t j)
     if (c->dropout <= 0) return 1;
     const uint64_t r = splitmix_step(DROP_SEED ^ splitmix_step((uint64_t)stream ^ splitmix_step((uint64_t)(DROP_ROW0 + i))));
     const uint32_t key = (uint32_t)(DROP_KEY0 + j);
-    const uint32_t t = murmur_final((key ^ (uint32_t)(r >> 32)) * 0x9E3779B1u + (uint32_t)r);
-    return (t >> 8) >= (uint32_t)floor(c->dropout * 16777216.0 + 0.5) ? 1 / (1 - c->dropout) : 0;
+    const uint32_t t = murmur_final(((key >> 1) ^ (uint32_t)(r >> 32)) * 0x9E3779B1u + (uint32_t)r);
+    return ((t >> (16 * (key & 1))) & 0xFFFFu) >= (uint32_t)floor(c->dropout * 65536.0 + 0.5) ? 1 / (1 - c->dropout)
+                                                                                                : 0;
 }
 
 /* The sink of query head t (a spread around the scores' range, some above it). */
