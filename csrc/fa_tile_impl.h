@@ -1179,29 +1179,27 @@ __attribute__((aligned(64))) static void FN(pack_rows)(const void *base, int64_t
 }
 
 #if FA_T_IS_FLOAT && (FA_VEC_ISA == 1 || FA_VEC_ISA == 2)
-/* col[i] = element c + i of the 8 rows (an 8 x 8 transpose in registers). */
+/* col[i] = element c + i of the 8 rows (an 8 x 8 transpose in registers).
+ * Rows r and r + 4 are loaded into the two halves of one register, so the
+ * halves need no exchange afterwards: two shuffles per column, not three
+ * (the shuffle port is what this transpose waits for). */
+FA_INLINE __m256 FN(rows_halves)(const float *lo, const float *hi)
+{
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo)), _mm_loadu_ps(hi), 1);
+}
+
 FA_INLINE void FN(transpose8)(const float *const row[8], int64_t c, __m256 col[8])
 {
-    const __m256 t0 = _mm256_unpacklo_ps(_mm256_loadu_ps(row[0] + c), _mm256_loadu_ps(row[1] + c));
-    const __m256 t1 = _mm256_unpackhi_ps(_mm256_loadu_ps(row[0] + c), _mm256_loadu_ps(row[1] + c));
-    const __m256 t2 = _mm256_unpacklo_ps(_mm256_loadu_ps(row[2] + c), _mm256_loadu_ps(row[3] + c));
-    const __m256 t3 = _mm256_unpackhi_ps(_mm256_loadu_ps(row[2] + c), _mm256_loadu_ps(row[3] + c));
-    const __m256 t4 = _mm256_unpacklo_ps(_mm256_loadu_ps(row[4] + c), _mm256_loadu_ps(row[5] + c));
-    const __m256 t5 = _mm256_unpackhi_ps(_mm256_loadu_ps(row[4] + c), _mm256_loadu_ps(row[5] + c));
-    const __m256 t6 = _mm256_unpacklo_ps(_mm256_loadu_ps(row[6] + c), _mm256_loadu_ps(row[7] + c));
-    const __m256 t7 = _mm256_unpackhi_ps(_mm256_loadu_ps(row[6] + c), _mm256_loadu_ps(row[7] + c));
-    /* u[i] (i < 4): element c + i of rows 0-3 in the low half, c + 4 + i in the high */
-    const __m256 u[8] = {_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
-                         _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
-                         _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
-                         _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2))};
-    for (int i = 0; i < 4; i++) {
-        col[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-        col[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    for (int h = 0; h < 2; h++) { /* elements c + 4h .. c + 4h + 3 */
+        const int64_t x = c + 4 * h;
+        const __m256 r0 = FN(rows_halves)(row[0] + x, row[4] + x), r1 = FN(rows_halves)(row[1] + x, row[5] + x);
+        const __m256 r2 = FN(rows_halves)(row[2] + x, row[6] + x), r3 = FN(rows_halves)(row[3] + x, row[7] + x);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        col[4 * h] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        col[4 * h + 1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        col[4 * h + 2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        col[4 * h + 3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
     }
 }
 #endif
