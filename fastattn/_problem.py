@@ -69,7 +69,8 @@ def _lead_offsets(layout, lead, group=1):
     """Byte offset of each leading index of an operand of this `layout`,
     broadcast to `lead` and flattened in C order.  With group > 1, the last
     leading axis of the operand is indexed by lead_index // group (grouped
-    query heads sharing one key/value head)."""
+    query heads sharing one key/value head), unless it has one head, which
+    every query head reads (broadcast)."""
     shape, strides = layout
     n_lead = len(lead)
     offsets = np.zeros(lead, dtype=np.int64)
@@ -77,7 +78,7 @@ def _lead_offsets(layout, lead, group=1):
     for ax, (n, st) in enumerate(zip(shape, strides)):
         pos = first + ax
         index_shape = [1] * n_lead
-        if group > 1 and pos == n_lead - 1:
+        if group > 1 and pos == n_lead - 1 and n != 1:
             index_shape[pos] = lead[pos]
             idx = np.arange(lead[pos], dtype=np.int64) // group
         elif n != 1:

@@ -412,6 +412,24 @@ def test_grouped_query_heads(isa, dtype, rng):
     assert_close(out, ref.attention(q, k, v, causal=True))
 
 
+@pytest.mark.parametrize("k_heads, v_heads", [(2, 1), (1, 2)])
+def test_grouped_heads_beside_one_broadcast_head(isa, k_heads, v_heads, rng):
+    """k grouped (2 heads for 8) and v of one head broadcast over all 8, or
+    the other way round: the one-head operand is read at its only head (it
+    was indexed as grouped: reads past its end)."""
+    dtype = np.float64
+    q = randn(rng, (2, 8, 33, 16), dtype)
+    k = randn(rng, (2, k_heads, 50, 16), dtype)
+    v = randn(rng, (2, v_heads, 50, 12), dtype)
+    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)
+    assert_close(out, ref.attention(q, k, v, causal=True))
+    dout = randn(rng, out.shape, dtype)
+    for got, want in zip(fastattn.attention_backward(dout, q, k, v, out, lse, causal=True),
+                         ref.attention_backward(dout, q, k, v, causal=True)):
+        assert got.shape == want.shape
+        assert_close(got, want)
+
+
 # ---- threads -------------------------------------------------------------------
 
 
