@@ -1072,10 +1072,14 @@ static inline int FN(rows_in_place)(int64_t rs, int64_t cs)
     return sizeof(FA_S) == sizeof(FA_T) && cs == (int64_t)sizeof(FA_T) && rs % (int64_t)sizeof(FA_T) == 0;
 }
 
-/* How the few-row kernels read the rows of this array in place: 1 as
- * float16 (FA_HALF_ROWS), 0 as FA_T, -1 not at all (they are packed). */
-static inline int FN(few_rows_kind)(int64_t rs, int64_t cs)
+/* How the few-row kernels read the rows of K (v = 0) or V (v = 1) in
+ * place: 1 as float16 (FA_HALF_ROWS), 0 as FA_T, -1 not at all (they are
+ * packed; or they are stored in another type than q, for narrow_kind and
+ * kv_rows: 16-bit rows whose elements lie 4 bytes apart are no float rows). */
+static inline int FN(few_rows_kind)(const fa_problem *p, int v)
 {
+    const int64_t rs = v ? p->v_rs : p->k_rs, cs = v ? p->v_cs : p->k_cs;
+    if (p->kv_dtype != p->dtype) return -1;
     if (FA_HALF_ROWS && cs == 2 && rs % 2 == 0) return 1;
     return FN(rows_in_place)(rs, cs) ? 0 : -1;
 }
@@ -1087,8 +1091,8 @@ static inline int FN(few_rows_kind)(int64_t rs, int64_t cs)
  * does not read them as FA_HALF_ROWS (few_rows_kind). */
 static inline int FN(narrow_kind)(const fa_problem *p, int v)
 {
-    const int64_t cs = v ? p->v_cs : p->k_cs, rs = v ? p->v_rs : p->k_rs, n = v ? p->dv : p->d;
-    if (!FA_NARROW_ROWS || n <= 0 || n % FA_W != 0 || FN(few_rows_kind)(rs, cs) >= 0) return -1;
+    const int64_t cs = v ? p->v_cs : p->k_cs, n = v ? p->dv : p->d;
+    if (!FA_NARROW_ROWS || n <= 0 || n % FA_W != 0 || FN(few_rows_kind)(p, v) >= 0) return -1;
     int h;
     switch (p->kv_dtype == p->dtype ? (FA_S_KIND == 1 ? FA_F16 : FA_S_KIND == 2 ? FA_BF16 : -1) : p->kv_dtype) {
     case FA_F16: h = FA_RK_F16; break;
@@ -1244,7 +1248,7 @@ static void FN(pack_transposed)(const void *base, int64_t off, int64_t rs, int64
  * every row at the same place. */
 static int64_t FN(k_lead)(const fa_problem *p, const int64_t *e)
 {
-    return FN(rows_lead)(FN(few_rows_kind)(p->k_rs, p->k_cs), (uintptr_t)((const char *)p->k + e[FA_E_K]),
+    return FN(rows_lead)(FN(few_rows_kind)(p, 0), (uintptr_t)((const char *)p->k + e[FA_E_K]),
                          p->k_rs);
 }
 
@@ -1774,7 +1778,7 @@ static int FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w,
     int64_t ldk;
     const int nk = bq <= FA_ROWS_MAX ? FN(narrow_kind)(p, 0) : -1;
     const int bounds = FN(tile_bounds)(p, e, w, row0, bq, k0, bk);
-    if (bq <= FA_ROWS_MAX && FN(few_rows_kind)(p->k_rs, p->k_cs) == 1) { /* float16 rows in place */
+    if (bq <= FA_ROWS_MAX && FN(few_rows_kind)(p, 0) == 1) { /* float16 rows in place */
         FN(qk_rows)(bq, d, w->qoff, w->qt, w->ldq, (const char *)p->k + e[FA_E_K] + k0 * p->k_rs, p->k_rs, 1,
                     bk, w->st, FA_BK, pf);
     } else if (nk >= 0) { /* narrow rows in place (qoff is 0: k_lead), 8-bit ones scaled afterwards */
@@ -1841,7 +1845,7 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
          * the streaming down). */
         static const FA_T ones[4] = {1, 1, 1, 1};
         const int64_t voff = w->voff, ldo = w->ldo, nvec = ldo / FA_W;
-        const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs), nk = kind < 0 ? FN(narrow_kind)(p, 1) : -1;
+        const int kind = FN(few_rows_kind)(p, 1), nk = kind < 0 ? FN(narrow_kind)(p, 1) : -1;
         const int h = nk >= 0 ? nk : kind == 1; /* as plan_v decided */
         /* narrow rows fill whole vectors: never masked */
         const int edge = nk < 0 && FN(v_edge_tile)(p, e, k0, bk, FA_W * FA_ROW_ES(h));
@@ -2193,7 +2197,7 @@ static void FN(plan_v)(const fa_problem *p, const int64_t *e, int64_t bq, int dp
         w->ldo = fa_roundup64(w->voff + p->dv, 32);
         return;
     }
-    const int kind = FN(few_rows_kind)(p->v_rs, p->v_cs);
+    const int kind = FN(few_rows_kind)(p, 1);
     if (kind < 0) return;
     w->voff = FN(rows_lead)(kind, a, p->v_rs);
     w->ldo = fa_roundup64(w->voff + p->dv, FA_W);

@@ -158,6 +158,29 @@ def test_float32_queries_over_16_bit_packed_sequences(isa, half):
         assert_close(lse, rlse)
 
 
+@pytest.mark.parametrize("lq", [1, 3, 70], ids=["decode", "rows", "prefill-tail"])
+def test_float32_queries_over_column_strided_16_bit_keys_and_values(isa, half, lq):
+    """16-bit k and v whose elements lie 4 bytes apart (every other element of
+    a wider array, from the second one) are converted, not read as float32
+    rows: the few-row kernels took them for float32 rows of the same stride
+    (wrong results on the AVX2 and AVX-512 paths: decodes, a prefill's last
+    rows, packed sequences and paged caches)."""
+    rng = np.random.default_rng(stable_seed(("strided", lq, str(half))))
+    q = randn(rng, (2, 4, lq, 32), np.float32)
+    k = randn(rng, (2, 2, 80, 65), half)[..., 1::2]
+    v = randn(rng, (2, 2, 80, 48), half)[..., ::2]
+    assert k.strides[-1] == v.strides[-1] == 4
+    for options in (dict(), dict(causal=True, softcap=10.0)):
+        assert_close(fastattn.attention(q, k, v, **options), ref.attention(q, k, v, **options))
+    qv, kv, vv = q[0].swapaxes(0, 1), k[0].swapaxes(0, 1), v[0].swapaxes(0, 1)  # (total, heads, dim)
+    cu_q, cu_k = np.array([0, lq]), np.array([0, 80])
+    assert_close(fastattn.attention_varlen(qv, kv, vv, cu_q, cu_k), ref.attention_varlen(qv, kv, vv, cu_q, cu_k))
+    kc, vc = kv.reshape(5, 16, 2, 32), vv.reshape(5, 16, 2, 24)  # pages of 16 keys, column-strided views
+    table, lens = np.array([[4, 2, 0, 1, 3]], np.int32), np.array([80], np.int32)
+    got = fastattn.attention_paged(qv, kc, vc, table, lens, cu_seqlens_q=cu_q)
+    assert_close(got, ref.attention_paged(qv, kc, vc, table, lens, cu_seqlens_q=cu_q))
+
+
 def test_float32_queries_read_16_bit_keys_and_values_in_place(isa, half):
     """No float32 copy of k or v is made (numpy reports its allocations to
     tracemalloc: converting them would allocate 2 x 12 MB); the results are
