@@ -282,8 +282,9 @@ static int fa_check(const fa_problem *p, int kind, const fa_tile_ops **ops)
         return FA_ERR_INVALID;
     if (p->dtype < 0 || p->dtype >= FA_DTYPE_COUNT || p->kv_dtype < 0 || p->kv_dtype >= FA_KV_DTYPE_COUNT)
         return FA_ERR_INVALID;
-    const int kv8 = p->kv_dtype >= FA_I8; /* forward attention only, with scales */
-    if (kv8 ? kind != FA_KIND_ATTENTION || !p->k_scales || !p->v_scales || p->k_cs != 1 || p->v_cs != 1
+    const int kv8 = p->kv_dtype >= FA_I8; /* forward attention only, with scales, contiguous rows */
+    if (kv8 ? kind != FA_KIND_ATTENTION || !p->k_scales || !p->v_scales || (p->k_cs != 1 && p->d > 1) ||
+                  (p->v_cs != 1 && p->dv > 1)
             : p->k_scales || p->v_scales)
         return FA_ERR_INVALID;
     if (p->kv_dtype != p->dtype && kind != FA_KIND_ATTENTION) return FA_ERR_INVALID; /* converted k and v */
@@ -575,7 +576,7 @@ int fa_attention_backward(const fa_problem *p)
             work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
             t += (e[FA_E_LK] + FA_BK - 1) / FA_BK;
         }
-        if ((uint64_t)rows > SIZE_MAX / (uint64_t)(ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t) ||
+        if ((uint64_t)rows > SIZE_MAX / (uint64_t)fa_max64(1, ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t) ||
             (uint64_t)tiles > SIZE_MAX / (uint64_t)pack_bytes - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(fa_item) - 1) {
             status = FA_ERR_NOMEM;
             break;

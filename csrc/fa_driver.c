@@ -415,7 +415,7 @@ static void fa_attention_item(const fa_problem *p, const fa_tile_ops *ops, const
                                                            : ops->rows_tile;
     /* the most keys of a segment (paged: of a page) */
     const int64_t seg_keys = wide        ? FA_WIDE_BUNDLE_KEYS
-                             : segmented ? fa_max64(1, FA_SEGMENT_BYTES / (pf_kb + pf_vb))
+                             : segmented ? fa_max64(1, FA_SEGMENT_BYTES / fa_max64(1, pf_kb + pf_vb))
                              : paged     ? p->page_size
                                          : tile;
     int64_t pf_ahead = 2 * FA_BK;

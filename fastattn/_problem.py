@@ -44,6 +44,16 @@ def _operand(name, a, rows, cols=None, heads=None):
     return fields
 
 
+def _one_row_pages(k, v):
+    """Paged caches of one row per page: the row stride is the page stride
+    (the pages are the rows), for the kernels' alignment of rows read in
+    place (fastattn.h: a page stride a multiple of 64 bytes or of the row
+    stride).  Nothing for larger pages."""
+    if k.shape[1] != 1:
+        return {}
+    return {"k_rs": _stride(k, 0), "v_rs": _stride(v, 0)}
+
+
 def _problem(dtype, num_threads, entries=None, *, keep, kv_dtype=None, **fields):
     """A _core.Problem of q/out dtype `dtype` (k and v stored alike, or as
     kv_dtype, a cache dtype) on the current kernel path.  `keep` lists the
@@ -371,12 +381,13 @@ def attention_paged(args, out, lse, num_threads):
     queries = _varlen_layout(g, group, {_core.E_Q: q, _core.E_OUT: out}, {}, {_core.E_LSE: lse})
     entries = _sequence_columns(_entry_table(nseq * g, 1, cols), queries, args.cu_q)
     table = args.table.reshape(-1)
+    kv_rows = {**_operand("k", k, 1, 3), **_operand("v", v, 1, 3), **_one_row_pages(k, v)}
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, kv_dtype=args.kv_dtype,
         keep=(q, k, v, out, lse, table, args.k_scale, args.v_scale), **scales,
         pages=table, page_size=args.block_size, n_pages=k.shape[0], k_ps=_stride(k, 0), v_ps=_stride(v, 0),
-        **_operand("q", q, 0, 2, 1), **_operand("k", k, 1, 3), **_operand("v", v, 1, 3),
-        **_operand("out", out, 0, 2, 1), **_operand("lse", lse, 1, None, 0), **_score_options(args))
+        **_operand("q", q, 0, 2, 1), **kv_rows, **_operand("out", out, 0, 2, 1),
+        **_operand("lse", lse, 1, None, 0), **_score_options(args))
     _core.attention(problem)
     return problem, entries, queries
 

@@ -612,7 +612,8 @@ def kv_cache(k_cache, v_cache):
             raise ValueError(f"{name} must have shape (num_blocks, block_size, kv_heads, dim), got {c.shape}")
         if c.dtype in KV8_DTYPES and c.shape[3] > 1 and c.strides[3] != 1:
             raise ValueError(f"an 8-bit {name} must have contiguous rows (last stride 1), got strides {c.strides}")
-        ps, rs = c.strides[0] if c.shape[0] > 1 else 0, c.strides[1] if c.shape[1] > 1 else 0
+        ps = c.strides[0] if c.shape[0] > 1 else 0
+        rs = c.strides[1] if c.shape[1] > 1 else ps  # pages of one row: the pages are the rows
         if ps % 64 != 0 and (rs == 0 or ps % rs != 0):
             raise ValueError(f"{name}'s block stride ({ps} bytes) must be a multiple of 64 bytes or of its row "
                              f"stride ({rs} bytes)")

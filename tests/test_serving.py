@@ -624,6 +624,31 @@ def test_8bit_cache_matches_reference_on_the_dequantized_cache(isa, rng, kv, qdt
     assert_close(lse, rlse, dtype=np.float64 if qdt == np.float64 else np.float32)
 
 
+@pytest.mark.parametrize("kv", ["float32"] + KV8, ids=str)
+@pytest.mark.parametrize("dims, bs", [((1, 1), 16), ((8, 1), 16), ((1, 8), 16), ((20, 20), 1), ((1, 1), 1)],
+                         ids=lambda t: str(t))
+def test_paged_rows_of_one_element_and_pages_of_one_row(isa, rng, kv, dims, bs):
+    """D or Dv of 1 (a division by zero in the decode's segment sizing; an
+    8-bit cache's rows taken for strided ones) and pages of one token whose
+    stride is no multiple of 64 bytes (refused, although any contiguous
+    cache is accepted): against the reference."""
+    d, dv = dims
+    h, g, lens = 4, 2, np.array([7, 1, 12])
+    n_blocks = int(sum((n + bs - 1) // bs for n in lens)) + 1
+    if kv == "float32":
+        kq, vq = paged_cache(rng, np.float32, n_blocks, bs, g, d, dv)
+        ks = vs = None
+    else:
+        _, _, kq, vq, ks, vs = quantized_cache(rng, kv, n_blocks, bs, g, d, dv)
+    table = block_table(rng, lens, bs, n_blocks)
+    for n_q in (np.array([1, 1, 1]), np.array([3, 1, 5])):  # decodes, then a mixed batch
+        cu = np.concatenate([[0], np.cumsum(n_q)])
+        q = randn(rng, (cu[-1], h, d), np.float32)
+        opts = dict(cu_seqlens_q=cu, k_scale=ks, v_scale=vs)
+        assert_close(fastattn.attention_paged(q, kq, vq, table, lens, **opts),
+                     ref.attention_paged(q, kq, vq, table, lens, **opts))
+
+
 @pytest.mark.parametrize("kv", KV8, ids=lambda t: t.name)
 def test_8bit_cache_error_against_the_float_cache_is_bounded_by_its_step(rng, kv):
     """Against attention on the unquantised cache, the error of a row is at
