@@ -497,7 +497,7 @@ def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, Non
         entries[:, col] = val[::g] if g > 1 else val
     gmask = _operand("gmask", gm, -2, -1, heads)
     if gm is not None:
-        gmask["gmask_cs"] = gm.strides[-1]  # its own stride, also for a single key
+        gmask["gmask_cs"] = gm.itemsize  # its own stride (fresh, C order), also for one key or none
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=g,
         keep=(args.q, args.k, args.v, args.mask, dout, out, lse, gq, gk, gv, gm),

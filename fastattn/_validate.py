@@ -356,7 +356,7 @@ def check_out(out, shape, dtype, inputs, name="out"):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if any(st == 0 and n > 1 for n, st in zip(out.shape, out.strides)):
+    if out.size and any(st == 0 and n > 1 for n, st in zip(out.shape, out.strides)):
         raise ValueError(f"{name} has overlapping elements (a zero stride), strides {out.strides}")
     for other, a in inputs:
         if a is not None and np.may_share_memory(out, a):

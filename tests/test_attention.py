@@ -287,6 +287,40 @@ def test_empty_sizes(dtype, qs, ks, vs):
     assert_close(s, ref.scores(q, k))
 
 
+@pytest.mark.parametrize(
+    "qs, ks, vs",
+    [
+        ((2, 0, 8), (2, 5, 8), (2, 5, 3)),  # no queries
+        ((2, 4, 8), (2, 0, 8), (2, 0, 3)),  # no keys
+        ((2, 7, 0), (2, 63, 0), (2, 63, 7)),  # D = 0
+        ((2, 4, 8), (2, 5, 8), (2, 5, 0)),  # Dv = 0
+    ],
+)
+def test_empty_sizes_backward_and_given_outputs(qs, ks, vs):
+    """The backward (and a float mask's gradient) of empty and degenerate
+    sizes against the reference (D = 0 divided by zero; no queries or keys
+    with a mask gradient were refused), and out=, dq= of the exact empty
+    shapes accepted (numpy gives them zero strides)."""
+    rng = np.random.default_rng(2)
+    q, k, v = (randn(rng, s, np.float64) for s in (qs, ks, vs))
+    mask = rng.standard_normal((qs[-2], ks[-2]))
+    out, lse = fastattn.attention(q, k, v, mask=mask, return_lse=True)
+    given = np.empty(out.shape)
+    assert fastattn.attention(q, k, v, mask=mask, out=given) is given
+    assert_close(given, out)
+    dout = randn(rng, out.shape, np.float64)
+    want = ref.attention_backward(dout, q, k, v, mask=mask, return_dmask=True)
+    got = fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, return_dmask=True)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert_close(g, w)
+    dests = [np.empty(x.shape) for x in (q, k, v)]
+    written = fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, dq=dests[0], dk=dests[1], dv=dests[2])
+    for w, d, g in zip(written, dests, got):
+        assert w is d
+        assert_close(d, g)
+
+
 # ---- layouts, dtypes, out= -------------------------------------------------------
 
 
