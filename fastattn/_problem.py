@@ -12,6 +12,7 @@ Every call into the compiled kernels goes through this module: the public
 functions in fastattn._api validate, call one builder here, and the
 builder runs the problem on the kernel path chosen in fastattn._config.
 """
+import copy
 import functools
 import math
 
@@ -466,6 +467,28 @@ def _mask_gradient(gm, shape, dtype):
     return np.asarray(gm.reshape(shape), dtype=dtype)
 
 
+def _backward_widened(args, dout, out, lse, num_threads, dests, mask_shape):
+    """attention_backward of 16-bit operands one of which is broadcast: the
+    entries that share its rows write gradient rows of their own, summed
+    afterwards (_sum_to), and rows written in 16 bits would be rounded twice
+    (sums that cancel lost every digit).  So the operands are widened to
+    float32 (exactly), the float32 backward runs, and each gradient is
+    rounded to 16 bits once."""
+    wide = copy.copy(args)
+    wide.q, wide.k, wide.v = (x.astype(np.float32) for x in (args.q, args.k, args.v))
+    wide.dtype = wide.kv_dtype = np.dtype(np.float32)
+    grads = attention_backward(wide, dout.astype(np.float32), out.astype(np.float32), lse, num_threads,
+                               mask_shape=mask_shape)
+    rounded = []
+    for grad, dest in zip(grads[:3], dests):
+        if dest is None:
+            rounded.append(grad.astype(args.dtype))
+        else:
+            dest[...] = grad
+            rounded.append(dest)
+    return tuple(rounded) + grads[3:]
+
+
 def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, None), mask_shape=None):
     """The gradients (gq, gk, gv) of fused attention on validated arguments
     (_validate.ScoreArgs, backward_operands), in the shapes of q, k and v,
@@ -476,6 +499,9 @@ def attention_backward(args, dout, out, lse, num_threads, dests=(None, None, Non
     g, lead = args.group, args.lead
     heads = -3 if g > 1 else None
     kv_lead = lead[:-1] + (lead[-1] // g,) if g > 1 else lead
+    natural = (lead + args.q.shape[-2:], kv_lead + args.k.shape[-2:], kv_lead + args.v.shape[-2:])
+    if args.dtype.itemsize == 2 and any(x.shape[:-2] != n[:-2] for x, n in zip((args.q, args.k, args.v), natural)):
+        return _backward_widened(args, dout, out, lse, num_threads, dests, mask_shape)
     gq = _grad_buffer(args.q.shape, lead + args.q.shape[-2:], args.dtype, dests[0])
     gk = _grad_buffer(args.k.shape, kv_lead + args.k.shape[-2:], args.dtype, dests[1])
     gv = _grad_buffer(args.v.shape, kv_lead + args.v.shape[-2:], args.dtype, dests[2])

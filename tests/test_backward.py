@@ -99,6 +99,30 @@ def test_backward_16bit(isa, half, name):
         assert_close(got, exp, extra=extra)
 
 
+@pytest.mark.parametrize("half", HALF, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shapes", [((8,), (1,)), ((3, 4), (1, 4)), ((1, 4), (3, 4))], ids=str)
+def test_backward_16bit_broadcast_gradients_are_rounded_once(half, shapes):
+    """Where q, k or v is broadcast over a leading dimension, the 16-bit
+    gradients are the float32 backward's on the same values, rounded once
+    (each sharing entry's rows were written in 16 bits and then summed:
+    hundreds of ulps off where the sums cancel)."""
+    rng = np.random.default_rng(stable_seed(shapes, np.dtype(half).name))
+    lead_q, lead_kv = shapes
+    q = rng.standard_normal(lead_q + (50, 16)).astype(half)
+    k, v = (rng.standard_normal(lead_kv + (50, 16)).astype(half) for _ in range(2))
+    out, lse = fastattn.attention(q, k, v, causal=True, return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(half)
+    grads = fastattn.attention_backward(dout, q, k, v, out, lse, causal=True)
+    wide = [np.asarray(a, np.float32) for a in (dout, q, k, v, out)]
+    once = fastattn.attention_backward(*wide, lse, causal=True)
+    given = [np.empty_like(x) for x in (q, k, v)]
+    into = fastattn.attention_backward(dout, q, k, v, out, lse, causal=True, dq=given[0], dk=given[1], dv=given[2])
+    for got, want, x, dest, written in zip(grads, once, (q, k, v), given, into):
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert np.array_equal(got.view(np.uint16), want.astype(half).view(np.uint16))
+        assert written is dest and np.array_equal(dest.view(np.uint16), got.view(np.uint16))
+
+
 @pytest.mark.parametrize("name", ["causal", "softcap alibi", "dot"])
 def test_backward_is_bitwise_the_same_for_any_thread_count(isa, name):
     shapes = ((1, 4, 300, 32), (1, 2, 300, 32), (1, 2, 300, 24))
