@@ -109,6 +109,7 @@ typedef struct {
                     * with scales), or FA_F16, FA_BF16 under float32 queries; 0: q's type */
     int tiles;     /* a mask of hidden, visible and mixed 64 x 64 blocks, with its table of block kinds */
     double dropout; /* > 0: dropout on the weights (fa_attention and its backward; drop_factor) */
+    int kv_gap;     /* 16-bit k and v (unpaged): their elements 4 bytes apart (every other one of wider rows) */
 } spec;
 
 /* The value of an 8-bit float, decoded from its fields. */
@@ -600,11 +601,12 @@ static void run_case(int path, int dtype, const spec *c)
     uint8_t *k8 = NULL, *v8 = NULL;
     float *ksc = NULL, *vsc = NULL;
     const int kv8 = c->kv >= FA_I8, kv16 = c->kv && !kv8;
+    const int64_t gap = kv16 && c->kv_gap ? 2 : 1; /* stored elements per element */
     if (kv16) {
-        k8 = malloc((size_t)(n * lk * d * 2 + 2));
-        v8 = malloc((size_t)(n * lk * dv * 2 + 2));
-        for (int64_t t = 0; t < n * lk * d; t++) k.val[t] = store(c->kv, k8 + 2 * t, k.val[t]);
-        for (int64_t t = 0; t < n * lk * dv; t++) v.val[t] = store(c->kv, v8 + 2 * t, v.val[t]);
+        k8 = calloc((size_t)(n * lk * d * 2 * gap + 2), 1);
+        v8 = calloc((size_t)(n * lk * dv * 2 * gap + 2), 1);
+        for (int64_t t = 0; t < n * lk * d; t++) k.val[t] = store(c->kv, k8 + 2 * gap * t, k.val[t]);
+        for (int64_t t = 0; t < n * lk * dv; t++) v.val[t] = store(c->kv, v8 + 2 * gap * t, v.val[t]);
     }
     if (kv8) {
         k8 = malloc((size_t)(n * lk * d + 1));
@@ -665,12 +667,12 @@ static void run_case(int path, int dtype, const spec *c)
     }
     if (c->kv) {
         p.kv_dtype = c->kv;
-        p.k = k8, p.k_rs = d * kes, p.k_cs = kes;
-        p.v = v8, p.v_rs = dv * kes, p.v_cs = kes;
+        p.k = k8, p.k_rs = d * kes * gap, p.k_cs = kes * gap;
+        p.v = v8, p.v_rs = dv * kes * gap, p.v_cs = kes * gap;
         if (kv8) p.k_scales = ksc, p.v_scales = vsc, p.ks_rs = p.vs_rs = srs;
         for (int64_t e = 0; e < n; e++) {
-            entries[e][FA_E_K] = e * lk * d * kes;
-            entries[e][FA_E_V] = e * lk * dv * kes;
+            entries[e][FA_E_K] = e * lk * d * kes * gap;
+            entries[e][FA_E_V] = e * lk * dv * kes * gap;
             entries[e][FA_E_KS] = entries[e][FA_E_VS] = e * lk * srs;
         }
     }
@@ -1224,96 +1226,114 @@ static void check_scratch_cache(void)
 int main(void)
 {
     /* entries, group, lq, lk, d, dv, causal, top_left, window l/r, softcap, alibi, mask, dot, shift, page, sinks,
-     * kv, tiles */
+     * kv, tiles, dropout, kv_gap */
     const spec cases[] = {
-        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0},
-        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0, 0},
-        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0, 0, 0},
+        {"one element", 1, 1, 1, 1, 1, 1, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"prefill tails", 2, 1, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"prefill causal", 2, 1, 130, 130, 33, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"causal top-left, lq > lk", 1, 1, 90, 61, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"window + softcap + alibi", 2, 1, 77, 150, 24, 9, 0, 0, 20, 5, 2.0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"bool mask", 2, 1, 37, 53, 12, 5, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"float32 mask + causal", 1, 1, 41, 66, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"float64 mask", 1, 1, 9, 20, 5, 3, 0, 0, -1, -1, 0, 0, FA_MASK_F64, 0, 0, 0, 0, 0, 0, 0, 0},
         {"float32 mask + soft-cap + alibi, causal, grouped", 2, 2, 70, 97, 16, 8, 1, 0, -1, -1, 1.5, 1, FA_MASK_F32, 0,
-         0, 0, 0, 0, 0, 0},
-        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0},
-        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0},
-        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0},
-        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0},
-        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0},
-        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0, 0, 0, 0},
-        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0, 0, 0, 0},
-        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0, 0, 0, 0},
-        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0},
-        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0, 0, 0, 0},
-        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1, 0, 0, 0},
-        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0, 0, 0},
-        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0, 0, 0},
-        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 32, 1, 0, 0, 0},
-        {"paged decode, K and V rows over 4 KiB (tiles of 16 keys), pages of 40", 4, 2, 1, 300, 160, 136, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 40, 0, 0, 0, 0},
-        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0, 0, 0},
+         0, 0, 0, 0, 0, 0, 0},
+        {"dot weights + causal", 2, 1, 65, 80, 10, 6, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0, 0},
+        {"grouped heads", 2, 4, 19, 41, 12, 7, 1, 0, -1, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"decode, one row", 2, 1, 1, 301, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"decode, grouped rows, odd D", 1, 4, 1, 517, 133, 129, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0,
+         0},
+        {"decode dot weights", 1, 2, 1, 200, 40, 24, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0, 0},
+        {"split-KV decode", 2, 2, 1, 4100, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"split-KV, window and mask", 1, 3, 2, 2300, 17, 9, 1, 0, 700, -1, 0, 1, FA_MASK_BOOL, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"split-KV dot weights", 1, 1, 3, 2100, 8, 8, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0, 0},
+        {"shifted rows: causal, window, alibi", 2, 1, 50, 90, 16, 12, 1, 1, 25, -1, 0, 1, FA_MASK_NONE, 0, 30, 0, 0,
+         0, 0, 0, 0},
+        {"shifted before the keys: empty rows", 1, 2, 40, 60, 8, 8, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL, 0, -10, 0, 0, 0,
+         0, 0, 0},
+        {"shifted bottom-right, dot weights", 1, 1, 33, 70, 8, 5, 1, 0, 6, 3, 0, 0, FA_MASK_NONE, 1, -7, 0, 0, 0, 0,
+         0, 0},
+        {"window past the last key", 2, 1, 150, 60, 8, 8, 0, 1, 9, 4, 0, 1, FA_MASK_NONE, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"window past the last key, shifted", 1, 2, 70, 90, 16, 8, 0, 1, 9, 4, 0, 0, FA_MASK_NONE, 0, 60, 0, 0, 0, 0,
+         0, 0},
+        {"sinks, causal rows with no key", 2, 2, 40, 30, 16, 8, 1, 1, -1, -1, 0, 0, FA_MASK_NONE, 0, -5, 0, 1, 0, 0,
+         0, 0},
+        {"split-KV decode with sinks", 1, 4, 1, 3000, 32, 16, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0, 0, 0, 0},
+        {"paged decode, pages of 16", 3, 4, 1, 300, 64, 64, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 0, 0, 0, 0, 0},
+        {"paged split-KV decode, pages of 32, odd D", 2, 2, 1, 2500, 37, 19, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0,
+         32, 1, 0, 0, 0, 0},
+        {"paged decode, K and V rows over 4 KiB (tiles of 16 keys), pages of 40", 4, 2, 1, 300, 160, 136, 1, 0, -1,
+         -1, 0, 0,
+         FA_MASK_NONE, 0, 0, 40, 0, 0, 0, 0, 0},
+        {"paged prefill chunk, pages of 7", 2, 2, 45, 130, 24, 16, 1, 0, 50, -1, 1.5, 1, FA_MASK_NONE, 0, 0, 7, 1, 0,
+         0, 0, 0},
         /* 600 rows per entry: tile groups of 4 + 4 + 2 tiles (the last of 24 rows), each gathered page tile
          * read by all of a group's tiles, the causal bound ending them at different keys */
         {"paged prefill in tile groups, pages of 16", 2, 4, 150, 400, 32, 24, 1, 0, -1, -1, 0, 1, FA_MASK_NONE, 0, 0,
-         16, 0, 0, 0, 0},
+         16, 0, 0, 0, 0, 0},
         {"paged prefill in tile groups, bool mask, shifted", 1, 3, 200, 333, 16, 16, 1, 1, -1, -1, 0, 0, FA_MASK_BOOL,
-         0, 100, 13, 0, 0, 0, 0},
-        {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8, 0, 0},
-        {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0, 0},
+         0, 100, 13, 0, 0, 0, 0, 0},
+        {"int8 k and v, prefill", 2, 2, 70, 97, 19, 7, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_I8, 0, 0, 0},
+        {"int8 k and v, paged decode", 3, 4, 1, 700, 64, 40, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0,
+         0, 0},
         {"e4m3 k and v, paged prefill", 2, 2, 40, 150, 24, 16, 1, 0, 60, -1, 2.0, 1, FA_MASK_NONE, 0, 0, 32, 0,
-         FA_E4M3, 0, 0},
+         FA_E4M3, 0, 0, 0},
         {"e5m2 k and v, split-KV decode", 2, 2, 1, 2600, 33, 17, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1,
-         FA_E5M2, 0, 0},
-        {"e4m3 k and v, grouped decode", 1, 6, 1, 300, 128, 128, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_E4M3, 0, 0},
+         FA_E5M2, 0, 0, 0},
+        {"e4m3 k and v, grouped decode", 1, 6, 1, 300, 128, 128, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0,
+         FA_E4M3, 0, 0, 0},
         {"bool mask blocks with a table, grouped, windowed", 2, 3, 150, 230, 16, 8, 1, 0, 100, -1, 0, 0, FA_MASK_BOOL,
-         0, 0, 0, 0, 0, 1, 0},
+         0, 0, 0, 0, 0, 1, 0, 0},
         {"float32 mask blocks with a table, split-KV decode", 1, 2, 1, 2200, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_F32,
-         0, 0, 0, 0, 0, 1, 0},
+         0, 0, 0, 0, 0, 1, 0, 0},
         {"float64 mask blocks with a table, lq not a block multiple", 2, 2, 70, 200, 8, 8, 0, 0, -1, -1, 0, 1,
-         FA_MASK_F64, 0, 0, 0, 0, 0, 1, 0},
+         FA_MASK_F64, 0, 0, 0, 0, 0, 1, 0, 0},
         {"bfloat16 k and v under float32 queries, paged decode", 2, 4, 1, 500, 40, 24, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 16, 1, FA_BF16, 0, 0},
+         FA_MASK_NONE, 0, 0, 16, 1, FA_BF16, 0, 0, 0},
         {"float16 k and v under float32 queries, prefill", 2, 2, 70, 130, 24, 16, 1, 0, -1, -1, 0, 1, FA_MASK_NONE,
-         0, 0, 0, 0, FA_F16, 0, 0},
-        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0, 0, 0},
+         0, 0, 0, 0, FA_F16, 0, 0, 0},
+        {"paged, pages of 100 and a mask", 1, 1, 70, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 100, 0, 0, 0,
+         0, 0},
         /* rows of whole vectors on every path: 8-bit and 16-bit rows read in place, converted in registers */
         {"int8 k and v, grouped paged decode, D 128", 2, 4, 1, 700, 128, 64, 1, 0, -1, -1, 0, 1, FA_MASK_NONE, 0, 0,
-         16, 1, FA_I8, 0, 0},
+         16, 1, FA_I8, 0, 0, 0},
         /* decoding tiles over pages smaller than a tile: a segment per page, the options once per tile */
         {"paged decode, pages of 9, window, soft-cap, ALiBi and sinks", 2, 2, 1, 700, 64, 48, 1, 0, 300, -1, 8.0, 1,
-         FA_MASK_NONE, 0, 0, 9, 1, 0, 0, 0},
+         FA_MASK_NONE, 0, 0, 9, 1, 0, 0, 0, 0},
         {"int8 k and v, paged decode of 6 rows per head, pages of 5, window", 2, 6, 1, 500, 128, 64, 1, 0, 200, -1, 0,
-         0, FA_MASK_NONE, 0, 0, 5, 0, FA_I8, 0, 0},
+         0, FA_MASK_NONE, 0, 0, 5, 0, FA_I8, 0, 0, 0},
         {"int8 k and v, paged decode of 3 rows per head, D 192", 3, 3, 1, 333, 192, 32, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0, 0},
+         FA_MASK_NONE, 0, 0, 16, 1, FA_I8, 0, 0, 0},
         {"e5m2 k and v, one-row split-KV decode", 2, 1, 1, 2300, 64, 32, 1, 0, -1, -1, 1.5, 0, FA_MASK_NONE, 0, 0, 32,
-         0, FA_E5M2, 0, 0},
+         0, FA_E5M2, 0, 0, 0},
         {"e4m3 k and v, two-row decode with a mask", 1, 2, 1, 333, 32, 48, 0, 0, -1, -1, 0, 0, FA_MASK_BOOL, 0, 0, 0,
-         0, FA_E4M3, 0, 0},
+         0, FA_E4M3, 0, 0, 0},
         {"float16 k and v under float32 queries, grouped decode", 2, 3, 1, 260, 48, 16, 1, 0, 100, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0, 0},
+         FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0, 0, 0},
+        /* 16-bit k and v whose elements lie 4 bytes apart: converted, never read as float32 rows */
+        {"column-strided float16 k and v under float32 queries, grouped decode", 2, 3, 1, 130, 32, 48, 1, 0, -1, -1,
+         0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_F16, 0, 0, 1},
+        {"column-strided bfloat16 k and v under float32 queries, prefill tails", 2, 1, 70, 90, 16, 32, 0, 0, -1, -1,
+         0, 0, FA_MASK_NONE, 0, 0, 0, 0, FA_BF16, 0, 0, 1},
         /* decoding bundles over packed sequences: tiles of 64 in segments of 16 (rows over 4 KiB), 21 */
         {"decode over packed sequences, K and V rows over 4 KiB", 4, 2, 1, 300, 160, 136, 1, 0, -1, -1, 0, 0,
-         FA_MASK_NONE, 0, 0, -1, 1, 0, 0, 0},
+         FA_MASK_NONE, 0, 0, -1, 1, 0, 0, 0, 0},
         {"int8 k and v, decode over packed sequences, window", 4, 3, 1, 500, 384, 384, 1, 0, 300, -1, 3.0, 1,
-         FA_MASK_NONE, 0, 0, -1, 0, FA_I8, 0, 0},
+         FA_MASK_NONE, 0, 0, -1, 0, FA_I8, 0, 0, 0},
         /* 1280 bytes of K and V rows per key: pages of 64 in segments of 51 keys and 13 */
         {"bfloat16 k and v, paged decode, pages of 64 in two segments", 4, 2, 1, 600, 96, 64, 1, 0, -1, -1, 2.5, 1,
-         FA_MASK_NONE, 0, 0, 64, 1, FA_BF16, 0, 0},
+         FA_MASK_NONE, 0, 0, 64, 1, FA_BF16, 0, 0, 0},
         /* dropout on S^T tiles, few-row tiles, split keys, dot weights, sinks and masks */
         {"dropout, prefill tails, grouped", 2, 2, 70, 97, 19, 7, 0, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 0, 0, 0,
-         0.3},
+         0.3, 0},
         {"dropout, causal, soft-cap, alibi, bool mask", 2, 1, 130, 140, 33, 40, 1, 0, -1, -1, 2.0, 1, FA_MASK_BOOL, 0,
-         0, 0, 0, 0, 0, 0.5},
-        {"dropout, dot weights, window", 1, 2, 65, 80, 10, 6, 0, 0, 20, 5, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0.2},
+         0, 0, 0, 0, 0, 0.5, 0},
+        {"dropout, dot weights, window", 1, 2, 65, 80, 10, 6, 0, 0, 20, 5, 0, 0, FA_MASK_NONE, 1, 0, 0, 0, 0, 0, 0.2,
+         0},
         {"dropout, split-KV decode with sinks", 2, 3, 1, 2300, 64, 48, 1, 0, -1, -1, 0, 0, FA_MASK_NONE, 0, 0, 0, 1, 0,
-         0, 0.4},
+         0, 0.4, 0},
         {"dropout, few rows, float32 mask", 1, 1, 3, 500, 16, 24, 0, 0, -1, -1, 0, 0, FA_MASK_F32, 0, 0, 0, 0, 0, 0,
-         0.1},
+         0.1, 0},
     };
     const int n_cases = (int)(sizeof cases / sizeof cases[0]);
     int paths = 0;
