@@ -146,6 +146,9 @@ def _causal(q, k, v, normalize, num_threads, dtype):
     """Chunked causal form.  Keys before the first query's position (Lk > Lq)
     are seen by every row and fold into the starting state."""
     lq, lk = q.shape[-2], k.shape[-2]
+    if lk == 0:  # no key: every row sums nothing
+        lead = _v.broadcast([("q", q.shape[:-2]), ("k", k.shape[:-2]), ("v", v.shape[:-2])])
+        return np.zeros(lead + (lq, v.shape[-1]), dtype), (np.zeros(lead + (lq, 1), dtype) if normalize else None)
     if lq > lk:  # the first lq - lk rows see no key: zeros, then the aligned case
         head_rows = lq - lk
         num, den = _causal(q[..., head_rows:, :], k, v, normalize, num_threads, dtype)

@@ -13,6 +13,7 @@ SHAPES = [
     ((2,), (2,), 100, 777, 8, 8),  # Lk > Lq: a prefix seen by every row
     ((2,), (2,), 260, 90, 12, 5),  # Lq > Lk: the first rows see nothing under causal
     ((3,), (), 256, 256, 16, 16),  # exactly one block, k/v shared
+    ((2,), (2,), 5, 0, 4, 3),  # no keys: zeros (causal raised an IndexError)
 ]
 
 
@@ -37,6 +38,17 @@ def test_linear_transformer_feature_map_and_normalize(dtype, causal):
     q, k, v = (randn(rng, (2, 4, 300, 16), dtype) for _ in range(3))
     out = fastattn.linear_attention(q, k, v, causal=causal, feature_map="elu+1", normalize=True)
     assert_close(out, ref.linear_attention(q, k, v, causal=causal, feature_map="elu+1", normalize=True))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_without_keys_is_zero(causal):
+    """No keys: zeros, normalised or not (causal raised an IndexError)."""
+    q = np.ones((2, 5, 4))
+    k, v = np.ones((2, 0, 4)), np.ones((2, 0, 3))
+    for normalize in (False, True):
+        out = fastattn.linear_attention(q, k, v, causal=causal, feature_map="elu+1", normalize=normalize)
+        assert out.shape == (2, 5, 3) and not np.any(out)
+        assert_close(out, ref.linear_attention(q, k, v, causal=causal, feature_map="elu+1", normalize=normalize))
 
 
 def test_callable_feature_map_may_change_dim():
