@@ -576,8 +576,9 @@ int fa_attention_backward(const fa_problem *p)
             work += 2.5 * (double)(p->group * e[FA_E_LQ]) * (double)e[FA_E_LK] * (double)(p->d + p->dv);
             t += (e[FA_E_LK] + FA_BK - 1) / FA_BK;
         }
-        if ((uint64_t)rows > SIZE_MAX / (uint64_t)fa_max64(1, ld * eb) - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(int64_t) ||
-            (uint64_t)tiles > SIZE_MAX / (uint64_t)pack_bytes - 1 || (uint64_t)tiles > SIZE_MAX / sizeof(fa_item) - 1) {
+        if ((uint64_t)rows > SIZE_MAX / (uint64_t)fa_max64(1, ld * eb) - 1 ||
+            (uint64_t)tiles > SIZE_MAX / sizeof(int64_t) || (uint64_t)tiles > SIZE_MAX / (uint64_t)pack_bytes - 1 ||
+            (uint64_t)tiles > SIZE_MAX / sizeof(fa_item) - 1) { /* D = 0: no accumulator bytes per row */
             status = FA_ERR_NOMEM;
             break;
         }
