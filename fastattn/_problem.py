@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from fastattn import _config, _core
-from fastattn._validate import CACHE_DTYPES, DTYPES, compute_dtype
+from fastattn._validate import CACHE_DTYPES, DTYPES, compute_dtype, page_row_stride
 
 
 # ---- operands ------------------------------------------------------------------
@@ -43,16 +43,6 @@ def _operand(name, a, rows, cols=None, heads=None):
     if heads is not None:
         fields[f"{name}_hs"] = _stride(a, heads)
     return fields
-
-
-def _one_row_pages(k, v):
-    """Paged caches of one row per page: the row stride is the page stride
-    (the pages are the rows), for the kernels' alignment of rows read in
-    place (fastattn.h: a page stride a multiple of 64 bytes or of the row
-    stride).  Nothing for larger pages."""
-    if k.shape[1] != 1:
-        return {}
-    return {"k_rs": _stride(k, 0), "v_rs": _stride(v, 0)}
 
 
 def _problem(dtype, num_threads, entries=None, *, keep, kv_dtype=None, **fields):
@@ -382,7 +372,8 @@ def attention_paged(args, out, lse, num_threads):
     queries = _varlen_layout(g, group, {_core.E_Q: q, _core.E_OUT: out}, {}, {_core.E_LSE: lse})
     entries = _sequence_columns(_entry_table(nseq * g, 1, cols), queries, args.cu_q)
     table = args.table.reshape(-1)
-    kv_rows = {**_operand("k", k, 1, 3), **_operand("v", v, 1, 3), **_one_row_pages(k, v)}
+    kv_rows = {**_operand("k", k, 1, 3), **_operand("v", v, 1, 3)}
+    kv_rows.update(k_rs=page_row_stride(k), v_rs=page_row_stride(v))  # pages of one row: the page stride
     problem = _problem(
         args.dtype, num_threads, entries, d=args.d, dv=args.dv, group=group, kv_dtype=args.kv_dtype,
         keep=(q, k, v, out, lse, table, args.k_scale, args.v_scale), **scales,

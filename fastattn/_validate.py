@@ -601,6 +601,15 @@ def int_array(a, name, ndim, shape_desc):
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def page_row_stride(c):
+    """The row stride of a paged cache (num_blocks, block_size, ...) as the
+    kernels take it: a page of one row has the page stride (the pages are
+    the rows), so that the block-stride rule holds for every contiguous cache."""
+    if c.shape[1] > 1:
+        return c.strides[1]
+    return c.strides[0] if c.shape[0] > 1 else 0
+
+
 def kv_cache(k_cache, v_cache):
     """The paged caches (num_blocks, block_size, G, D) and (..., Dv): same
     blocks, block size and heads; page strides that keep every page at the
@@ -612,8 +621,7 @@ def kv_cache(k_cache, v_cache):
             raise ValueError(f"{name} must have shape (num_blocks, block_size, kv_heads, dim), got {c.shape}")
         if c.dtype in KV8_DTYPES and c.shape[3] > 1 and c.strides[3] != 1:
             raise ValueError(f"an 8-bit {name} must have contiguous rows (last stride 1), got strides {c.strides}")
-        ps = c.strides[0] if c.shape[0] > 1 else 0
-        rs = c.strides[1] if c.shape[1] > 1 else ps  # pages of one row: the pages are the rows
+        ps, rs = c.strides[0] if c.shape[0] > 1 else 0, page_row_stride(c)
         if ps % 64 != 0 and (rs == 0 or ps % rs != 0):
             raise ValueError(f"{name}'s block stride ({ps} bytes) must be a multiple of 64 bytes or of its row "
                              f"stride ({rs} bytes)")

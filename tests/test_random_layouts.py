@@ -8,7 +8,7 @@ import pytest
 
 import fastattn
 import fastattn.reference as ref
-from util import assert_close, stable_seed
+from util import assert_close, block_table, quantized_cache, stable_seed
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 SIZES = [0, 1, 2, 3, 7, 13, 31, 33, 63, 65, 100, 129]
@@ -88,24 +88,16 @@ def test_random_paged_cases(isa, case):
     n_q = np.minimum(lens, rng.choice([1, 1, 5], size=lens.size))
     cu = np.concatenate([[0], np.cumsum(n_q)])
     n_blocks = int(sum((n + bs - 1) // bs for n in lens)) + 2
-    table = rng.permutation(n_blocks)[: n_blocks - 2].astype(np.int32)
-    widths = [(n + bs - 1) // bs for n in lens]
-    rows = np.zeros((lens.size, max(widths)), np.int32)
-    at = 0
-    for s, w in enumerate(widths):
-        rows[s, :w], at = table[at:at + w], at + w
+    table = block_table(rng, lens, bs, n_blocks)
     q = rng.standard_normal((cu[-1], h, d)).astype(np.float32)
     scales = {}
     if kv == "int8":
-        kc, vc = np.zeros((n_blocks, bs, g, d), np.int8), np.zeros((n_blocks, bs, g, dv), np.int8)
-        scales = dict(k_scale=np.zeros((n_blocks, bs, g), np.float32), v_scale=np.zeros((n_blocks, bs, g), np.float32))
-        n = n_blocks * bs
-        fastattn.cache_write(rng.standard_normal((n, g, d)), rng.standard_normal((n, g, dv)), kc, vc, np.arange(n),
-                             **scales)
+        _, _, kc, vc, ks, vs = quantized_cache(rng, np.dtype(np.int8), n_blocks, bs, g, d, dv)
+        scales = dict(k_scale=ks, v_scale=vs)
     else:
         dt = ml_dtypes.bfloat16 if kv == "bfloat16" else np.float32
         kc, vc = view(rng, (n_blocks, bs, g, d), dt), view(rng, (n_blocks, bs, g, dv), dt)
     options = dict(cu_seqlens_q=cu, **scales)
-    got = fastattn.attention_paged(q, kc, vc, rows, lens.astype(np.int32), num_threads=int(rng.integers(1, 4)),
+    got = fastattn.attention_paged(q, kc, vc, table, lens.astype(np.int32), num_threads=int(rng.integers(1, 4)),
                                    **options)
-    assert_close(got, ref.attention_paged(q, kc, vc, rows, lens.astype(np.int32), **options))
+    assert_close(got, ref.attention_paged(q, kc, vc, table, lens.astype(np.int32), **options))

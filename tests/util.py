@@ -104,3 +104,39 @@ def assert_planned_rerun(monkeypatch, args_class, fn, args, kwargs, checked, wan
     for a, b, r in zip(got, checked, want):
         np.testing.assert_array_equal(a, b)
         assert_close(a, r)
+
+
+# ---- paged caches ------------------------------------------------------------
+
+
+def paged_cache(rng, dtype, n_blocks, block_size, g, d, dv):
+    return randn(rng, (n_blocks, block_size, g, d), dtype), randn(rng, (n_blocks, block_size, g, dv), dtype)
+
+
+def block_table(rng, seq_lens, block_size, n_blocks, width=None):
+    """Each sequence's blocks, drawn at random without repeats; unused
+    entries hold garbage ids that must never be read."""
+    need = [(n + block_size - 1) // block_size for n in seq_lens]
+    width = max(max(need), 1) if width is None else width
+    ids = rng.permutation(n_blocks)[: sum(need)]
+    table = np.full((len(seq_lens), width), 10**9, dtype=np.int32)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = ids[at: at + n]
+        at += n
+    return table
+
+
+def quantized_cache(rng, kv, n_blocks, bs, g, d, dv, tensor_scale=0.05):
+    """A float32 cache and its 8-bit copy written by cache_write, with the scales."""
+    import fastattn
+
+    kf, vf = paged_cache(rng, np.float32, n_blocks, bs, g, d, dv)
+    kq, vq = np.zeros(kf.shape, kv), np.zeros(vf.shape, kv)
+    if kv == np.int8:
+        ks, vs = np.zeros(kf.shape[:3], np.float32), np.zeros(vf.shape[:3], np.float32)
+    else:
+        ks = vs = tensor_scale
+    n = n_blocks * bs
+    fastattn.cache_write(kf.reshape(n, g, d), vf.reshape(n, g, dv), kq, vq, np.arange(n), k_scale=ks, v_scale=vs)
+    return kf, vf, kq, vq, ks, vs
