@@ -287,6 +287,7 @@ static int fa_check(const fa_problem *p, int kind, const fa_tile_ops **ops)
                   (p->v_cs != 1 && p->dv > 1)
             : p->k_scales || p->v_scales)
         return FA_ERR_INVALID;
+    if (p->mask_kind < 0 || p->mask_kind >= FA_MASK_KIND_COUNT) return FA_ERR_INVALID;
     if (p->kv_dtype != p->dtype && kind != FA_KIND_ATTENTION) return FA_ERR_INVALID; /* converted k and v */
     if (p->group < 1 || (p->group != 1 && kind != FA_KIND_ATTENTION)) return FA_ERR_INVALID;
     if (!fa_path_supported(p->path)) return FA_ERR_ISA;
@@ -529,7 +530,7 @@ int fa_attention_backward(const fa_problem *p)
     if (checked != FA_OK) return checked;
     if (!p->dout || !p->gq || !p->gk || !p->gv || p->pages || p->kv_dtype != p->dtype) return FA_ERR_INVALID;
     if (p->weights == FA_WEIGHTS_SOFTMAX && (!p->lse || (!p->delta && !p->out))) return FA_ERR_INVALID;
-    if (p->gmask && ((p->mask_kind != FA_MASK_F32 && p->mask_kind != FA_MASK_F64) || p->gmask_cs == 0))
+    if (p->gmask && (p->mask_kind == FA_MASK_NONE || p->mask_kind == FA_MASK_BOOL || p->gmask_cs == 0))
         return FA_ERR_INVALID;
     const int64_t n = p->n_entries, ld = fa_roundup64(p->d, ops->width), eb = ops->elem_bytes;
     const int64_t pack_bytes = ops->bwd_pack_bytes(p);

@@ -101,7 +101,7 @@ static inline void fa_mask_row(const fa_problem *p, const unsigned char *m, int6
             visible &= (x & 0x7fffffffu) == 0;
         }
         break;
-    default: /* FA_MASK_F64 */
+    case FA_MASK_F64:
         for (; j < bk; j++) {
             uint64_t x;
             memcpy(&x, m + j * cs, 8);
@@ -109,6 +109,30 @@ static inline void fa_mask_row(const fa_problem *p, const unsigned char *m, int6
             visible &= (x & 0x7fffffffffffffffULL) == 0;
         }
         break;
+    default: { /* FA_MASK_F16, FA_MASK_BF16: -inf is 0xfc00 / 0xff80 */
+        const uint16_t ninf16 = p->mask_kind == FA_MASK_F16 ? 0xfc00u : 0xff80u;
+#if defined(__SSE2__)
+        if (cs == 2) { /* eight at a time: all -inf, all +-0 */
+            const __m128i ninf = _mm_set1_epi16((short)ninf16), magnitude = _mm_set1_epi16(0x7fff);
+            const __m128i zero = _mm_setzero_si128();
+            __m128i all_ninf = _mm_set1_epi32(-1), all_zero = all_ninf;
+            for (; j + 8 <= bk; j += 8) {
+                const __m128i x = _mm_loadu_si128((const __m128i *)(m + 2 * j));
+                all_ninf = _mm_and_si128(all_ninf, _mm_cmpeq_epi16(x, ninf));
+                all_zero = _mm_and_si128(all_zero, _mm_cmpeq_epi16(_mm_and_si128(x, magnitude), zero));
+            }
+            hidden &= _mm_movemask_epi8(all_ninf) == 0xffff;
+            visible &= _mm_movemask_epi8(all_zero) == 0xffff;
+        }
+#endif
+        for (; j < bk; j++) {
+            uint16_t x;
+            memcpy(&x, m + j * cs, 2);
+            hidden &= x == ninf16;
+            visible &= (x & 0x7fffu) == 0;
+        }
+        break;
+    }
     }
     *hidden_io = hidden;
     *visible_io = visible;

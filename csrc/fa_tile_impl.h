@@ -1520,6 +1520,12 @@ static void FN(score_options)(const fa_problem *p, const int64_t *e, int64_t v, 
         case FA_MASK_F64:
             for (int64_t j = 0; j < bk; j++) s[j * ld] += (FA_T) * (const double *)(m + j * cs);
             break;
+        case FA_MASK_F16:
+            for (int64_t j = 0; j < bk; j++) s[j * ld] += (FA_T)fa_f16_to_f32(*(const uint16_t *)(m + j * cs));
+            break;
+        case FA_MASK_BF16:
+            for (int64_t j = 0; j < bk; j++) s[j * ld] += (FA_T)fa_bf16_to_f32(*(const uint16_t *)(m + j * cs));
+            break;
         default: break;
         }
     }
@@ -1579,23 +1585,48 @@ static void FN(bool_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, 
     }
 }
 
-/* A float32 mask (elements contiguous) added to a score tile in S^T layout,
- * 8 rows by 8 keys at a time through an 8 x 8 transpose of the mask: the
+/* Keys [0, bk) of a row of a 16-bit float mask (elements contiguous) as
+ * float32, exactly (every float16 and bfloat16 value is a float32 one). */
+static void FN(mask_row16)(int kind, const uint16_t *src, int64_t bk, float *dst)
+{
+    int64_t j = 0;
+    for (; j + 8 <= bk; j += 8) {
+        const __m128i x = _mm_loadu_si128((const __m128i *)(src + j));
+        _mm256_storeu_ps(dst + j, kind == FA_MASK_F16
+                                      ? _mm256_cvtph_ps(x)
+                                      : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)));
+    }
+    for (; j < bk; j++) dst[j] = kind == FA_MASK_F16 ? fa_f16_to_f32(src[j]) : fa_bf16_to_f32(src[j]);
+}
+
+/* A float32, float16 or bfloat16 mask (elements contiguous) added to a
+ * score tile in S^T layout, 8 rows by 8 keys at a time through an 8 x 8
+ * transpose of the mask (16-bit rows converted to float32 first): the
  * same sums as score_options' scalar loop over the strided scores, which
  * made a tile of a random mask cost 1.23x an unmasked one (now 1.11x). */
 static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int64_t row0, int64_t bq,
                                 int64_t k0, int64_t bk)
 {
     const int64_t lq = e[FA_E_LQ];
+    const int wide = p->mask_kind == FA_MASK_F32;
     const float *m[8];
+    float conv[8][FA_BK]; /* a 16-bit mask's rows of this tile, as float32 */
     fa_vrow at = fa_vrow_at(row0, lq);
     for (int64_t r = 0; r < bq; r += 8) {
         const int nr = (int)fa_min64(8, bq - r);
         for (int t = 0; t < 8; t++) { /* rows past nr: row r's */
-            m[t] = t < nr ? (const float *)((const char *)p->mask + e[FA_E_MASK] +
-                                            fa_vrow_bytes(&at, p->mask_rs, p->mask_hs)) + k0
-                          : m[0];
-            if (t < nr) fa_vrow_next(&at);
+            if (t < nr) {
+                const char *row = (const char *)p->mask + e[FA_E_MASK] + fa_vrow_bytes(&at, p->mask_rs, p->mask_hs);
+                if (wide) {
+                    m[t] = (const float *)row + k0;
+                } else {
+                    FN(mask_row16)(p->mask_kind, (const uint16_t *)row + k0, bk, conv[t]);
+                    m[t] = conv[t];
+                }
+                fa_vrow_next(&at);
+            } else {
+                m[t] = m[0];
+            }
         }
         int64_t j = 0;
         if (nr == 8)
@@ -1642,17 +1673,18 @@ static void FN(bounds_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int
  * if `rows`, else S^T), after the soft-cap and ALiBi (p->softcap must be
  * 0; ALiBi only where alibi_exact failed): a bool mask on an S^T tile goes
  * last, in vectors (the select commutes with the bounds, not with soft-cap
- * and ALiBi, which it must follow); a float32 one first, once soft-cap and
- * ALiBi are done (the sum does not commute with the bounds' -inf: +inf +
- * -inf); ALiBi and other masks row by row (score_options), and the
- * bounds of rows of FA_BK there too, those of an S^T tile after them
- * (bounds_tile). */
+ * and ALiBi, which it must follow); a float one (32 or 16 bits) first,
+ * once soft-cap and ALiBi are done (the sum does not commute with the
+ * bounds' -inf: +inf + -inf); ALiBi and other masks row by row
+ * (score_options), and the bounds of rows of FA_BK there too, those of an
+ * S^T tile after them (bounds_tile). */
 static void FN(mask_and_bounds)(const fa_problem *p, const int64_t *e, FA_T *st, int rows, int64_t row0, int64_t bq,
                                 int64_t k0, int64_t bk, int bounds)
 {
     const int bool_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_BOOL && p->mask_cs == 1;
-    const int float_tile = FA_MASK_TILES && !rows && p->mask_kind == FA_MASK_F32 &&
-                           p->mask_cs == (int64_t)sizeof(float) && !p->alibi_slopes;
+    const int float_tile = FA_MASK_TILES && !rows && !p->alibi_slopes &&
+                           ((p->mask_kind == FA_MASK_F32 && p->mask_cs == (int64_t)sizeof(float)) ||
+                            ((p->mask_kind == FA_MASK_F16 || p->mask_kind == FA_MASK_BF16) && p->mask_cs == 2));
 #if FA_MASK_TILES
     if (float_tile) FN(float_mask_tile)(p, e, st, row0, bq, k0, bk);
 #endif

@@ -37,8 +37,18 @@ enum {
 enum { FA_F32 = 0, FA_F64 = 1, FA_F16 = 2, FA_BF16 = 3, FA_DTYPE_COUNT = 4 };
 enum { FA_I8 = 4, FA_E4M3 = 5, FA_E5M2 = 6, FA_KV_DTYPE_COUNT = 7 };
 
-/* Element type of the mask (independent of the data type). */
-enum { FA_MASK_NONE = 0, FA_MASK_BOOL = 1, FA_MASK_F32 = 2, FA_MASK_F64 = 3 };
+/* Element type of the mask (independent of the data type): bool, or a
+ * float type whose values are added to the scores (16-bit ones converted
+ * to float on load). */
+enum {
+    FA_MASK_NONE = 0,
+    FA_MASK_BOOL = 1,
+    FA_MASK_F32 = 2,
+    FA_MASK_F64 = 3,
+    FA_MASK_F16 = 4,
+    FA_MASK_BF16 = 5,
+    FA_MASK_KIND_COUNT = 6
+};
 
 /* Mask blocks (fa_problem.mask_tiles). */
 #define FA_TILE_BLOCK 64

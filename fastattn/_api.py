@@ -42,7 +42,9 @@ def attention(q, k, v, *, scale=None, causal=False, mask=None, weights="softmax"
         every key, as in KV-cache decoding; see ``align``).
     mask : array_like, optional
         Broadcastable to ``(..., Lq, Lk)``.  bool: True = may attend.
-        float32/float64: added to the scores (``-inf`` masks).  Read in place.
+        float (float32, float64, float16 or bfloat16, whatever q's dtype):
+        added to the scores in the compute type (``-inf`` masks).  Read in
+        place.
     weights : {"softmax", "dot"}
     window : (int, int), optional
         ``(left, right)``: query i (at key position ``i' = i + Lk - Lq``) sees

@@ -915,8 +915,10 @@ def _mask_of(name, l, rng):
 
 def run_masks(threads, cases=None, repeat=3, with_torch=True, progress=None):
     """fastattn with a bool mask, the same mask as an additive float32 mask
-    (0 / -inf), and no mask, against torch's SDPA with the same bool mask,
-    same data, same run."""
+    (0 / -inf) and as an additive bfloat16 one (half its bytes), and no
+    mask, against torch's SDPA with the same bool mask, same data, same run."""
+    from fastattn._api import BFLOAT16
+
     torch_mod = torch_sdpa() if with_torch else None
     rows = []
     for n, (shape, name) in enumerate(MASK_CASES if cases is None else cases, 1):
@@ -930,7 +932,10 @@ def run_masks(threads, cases=None, repeat=3, with_torch=True, progress=None):
         out = np.empty_like(q)
         row = dict(shape=list(shape), mask=name, threads=threads)
         block = fastattn.block_mask(mask)  # classified once, outside the timing (as a model reuses it)
-        for key, m in (("bool_ms", mask), ("float_ms", additive), ("block_ms", block), ("none_ms", None)):
+        masks = [("bool_ms", mask), ("float_ms", additive), ("block_ms", block), ("none_ms", None)]
+        if BFLOAT16 is not None:
+            masks.insert(2, ("bf16_ms", additive.astype(BFLOAT16)))
+        for key, m in masks:
             row[key] = median_time(lambda: fastattn.attention(q, k, v, mask=m, causal=causal, out=out,
                                                               num_threads=threads), repeat) * 1e3
         if torch_mod is not None:
@@ -942,13 +947,14 @@ def run_masks(threads, cases=None, repeat=3, with_torch=True, progress=None):
 
 
 def format_masks(rows):
-    header = (f"{'(B,H,L,D)':<18} {'mask':<20} {'bool ms':>9} {'float ms':>9} {'bool/float':>10} {'block ms':>9} "
-              f"{'no mask ms':>10} {'torch ms':>9} {'x torch':>8} {'block x torch':>13}")
+    header = (f"{'(B,H,L,D)':<18} {'mask':<20} {'bool ms':>9} {'float ms':>9} {'bool/float':>10} {'bf16 ms':>9} "
+              f"{'block ms':>9} {'no mask ms':>10} {'torch ms':>9} {'x torch':>8} {'block x torch':>13}")
     lines = [header, "-" * len(header)]
     for r in rows:
         th = r.get("torch_ms")
+        bf16 = f"{r['bf16_ms']:>9.1f}" if "bf16_ms" in r else f"{'-':>9}"
         lines.append(f"{str(tuple(r['shape'])):<18} {r['mask']:<20} {r['bool_ms']:>9.1f} {r['float_ms']:>9.1f} "
-                     f"{r['bool_ms'] / r['float_ms']:>10.2f} {r['block_ms']:>9.1f} {r['none_ms']:>10.1f} "
+                     f"{r['bool_ms'] / r['float_ms']:>10.2f} {bf16} {r['block_ms']:>9.1f} {r['none_ms']:>10.1f} "
                      + (f"{th:>9.1f} {th / r['bool_ms']:>7.2f}x {th / r['block_ms']:>12.2f}x" if th
                         else f"{'-':>9} {'-':>8} {'-':>13}"))
     return "\n".join(lines)

@@ -19,6 +19,8 @@ cdef extern from "fastattn.h" nogil:
         FA_MASK_BOOL
         FA_MASK_F32
         FA_MASK_F64
+        FA_MASK_F16
+        FA_MASK_BF16
         FA_WEIGHTS_SOFTMAX
         FA_WEIGHTS_DOT
         FA_E_Q

@@ -23,7 +23,7 @@ class BlockMask:
     Attributes
     ----------
     mask : ndarray
-        The mask (bool, float32 or float64), read in place by the kernels
+        The mask (bool or float), read in place by the kernels
         where a block is mixed.  It must not change while the BlockMask is
         in use: the table describes it as it was.
     kinds : ndarray of uint8, shape mask.shape[:-2] + (row blocks, key blocks)
@@ -82,7 +82,7 @@ def block_mask(mask, *, block=None):
     ----------
     mask : array_like
         As :func:`fastattn.attention` takes it: bool (True = may attend) or
-        float32/float64 (added; -inf hides), broadcastable to
+        float, 16 to 64 bits (added; -inf hides), broadcastable to
         ``(..., Lq, Lk)``.  Kept by reference: it must not change afterwards.
     block : int, optional
         The block size, 64 (the kernels' tile; the default).
@@ -94,7 +94,7 @@ def block_mask(mask, *, block=None):
     _check_block(block)
     if isinstance(mask, BlockMask):
         return mask
-    m = _v.as_array(mask, "mask", "bool, float32 or float64", _v.MASK_KINDS)
+    m = _v.as_array(mask, "mask", _v.MASK_NAMES, _v.MASK_KINDS)
     if m.ndim < 2:
         m = m.reshape((1,) * (2 - m.ndim) + m.shape)
     rows, keys = m.shape[-2:]

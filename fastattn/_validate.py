@@ -48,7 +48,11 @@ MASK_KINDS = {
     np.dtype(np.bool_): _core.MASK_BOOL,
     np.dtype(np.float32): _core.MASK_F32,
     np.dtype(np.float64): _core.MASK_F64,
+    np.dtype(np.float16): _core.MASK_F16,
 }
+if BFLOAT16 is not None:
+    MASK_KINDS[BFLOAT16] = _core.MASK_BF16
+MASK_NAMES = "bool or float (float16, bfloat16, float32 or float64)"
 WEIGHTS = {"softmax": _core.WEIGHTS_SOFTMAX, "dot": _core.WEIGHTS_DOT}
 ALIGNS = ("bottom-right", "top-left")
 
@@ -219,7 +223,7 @@ def scale(scale, wmode, d):
 
 def mask_operand(mask, lq, lk):
     """Mask as (array viewed with >= 2 dims, kind), checking dtype and core dims."""
-    m = as_array(mask, "mask", "bool, float32 or float64 (or a fastattn.BlockMask)", MASK_KINDS)
+    m = as_array(mask, "mask", MASK_NAMES + " (or a fastattn.BlockMask)", MASK_KINDS)
     if m.ndim < 2:
         m = m.reshape((1,) * (2 - m.ndim) + m.shape)
     if m.shape[-2] not in (1, lq) or m.shape[-1] not in (1, lk):
@@ -269,7 +273,7 @@ def mask_gradient_wanted(return_dmask, mask, mask_kind):
     """return_dmask checked: a bool, True only with a float mask (added to
     the scores; a bool mask has no gradient)."""
     wanted = flag(return_dmask, "return_dmask")
-    if wanted and mask_kind not in (_core.MASK_F32, _core.MASK_F64):
+    if wanted and mask_kind in (_core.MASK_NONE, _core.MASK_BOOL):
         raise ValueError("return_dmask=True needs a float mask (added to the scores); "
                          + ("a bool mask has no gradient" if mask is not None else "there is no mask"))
     return wanted

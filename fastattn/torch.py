@@ -116,8 +116,8 @@ def _unsupported(query, key, value, attn_mask, dropout_p):
     for name, t in tensors[:3]:
         if t.dtype not in _DTYPES:
             return TypeError, f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}"
-    if len(tensors) == 4 and attn_mask.dtype not in (torch.bool, torch.float32, torch.float64):
-        return TypeError, f"attn_mask must be bool, float32 or float64, got {attn_mask.dtype}"
+    if len(tensors) == 4 and attn_mask.dtype not in (torch.bool,) + _DTYPES:
+        return TypeError, f"attn_mask must be bool, float32, float64, float16 or bfloat16, got {attn_mask.dtype}"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         return TypeError, f"dropout_p must be a float, got {type(dropout_p).__name__}"
     if not 0.0 <= dropout_p < 1.0:
@@ -295,7 +295,7 @@ def _attention_backward_impl(grad_out, query, key, value, out, lse, attn_mask, i
                                     return_dmask=mask_grad,
                                     **_options(is_causal, scale, window_left, window_right, softcap, bottom_right,
                                                dropout_p, dropout_seed, sinks))
-    dmask = torch.from_numpy(grads[-1]) if mask_grad else query.new_empty(0)
+    dmask = _as_tensor(grads[-1]) if mask_grad else query.new_empty(0)
     return _gradient_tensors(grads[:-1] if mask_grad else grads, query, sinks) + (dmask,)
 
 
@@ -392,8 +392,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         are computed in float32 and give 16-bit outputs and gradients).
     attn_mask : Tensor or fastattn.BlockMask, optional
         Broadcastable to (N, ..., L, S); bool (True = takes part in
-        attention) or float (added to the scores; one that requires grad,
-        a learned bias, gets its gradient); or a
+        attention) or float (added to the scores; any of the four float
+        dtypes, a 16-bit model's own included, read in place; one that
+        requires grad, a learned bias, gets its gradient in its dtype); or a
         :func:`fastattn.block_mask` (its table is used where no gradient is
         needed; with autograd or torch.compile, its mask).
     dropout_p : float

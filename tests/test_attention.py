@@ -1,11 +1,12 @@
 """attention(), scores() and weighted_sum() against the float64 reference,
 on every kernel path, in float32 and float64, over awkward shapes."""
+import ml_dtypes
 import numpy as np
 import pytest
 
 import fastattn
 import fastattn.reference as ref
-from util import assert_close, randn
+from util import assert_close, randn, stable_seed
 
 # (q leading dims, k/v leading dims, Lq, Lk, D, Dv).  Lengths straddle the
 # query tile (96) and key tile (64); head dims are not multiples of 16.
@@ -82,15 +83,18 @@ def test_default_scales(rng):
 MASK_SHAPES = [(7, 75), (1, 75), (7, 1), (2, 1, 7, 75), (3, 1, 75), (75,), ()]
 
 
+MASK_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
 @pytest.mark.parametrize("mshape", MASK_SHAPES, ids=str)
-@pytest.mark.parametrize("kind", ["bool", "float32", "float64"])
+@pytest.mark.parametrize("kind", ["bool", "float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_masks(isa, dtype, rng, mshape, kind, causal):
     q, k, v = make_qkv(rng, ((2, 3), (2, 3), 7, 75, 24, 9), dtype)
     if kind == "bool":
         mask = rng.random(mshape) < 0.7
     else:
-        mask = rng.standard_normal(mshape).astype(kind)
+        mask = np.asarray(rng.standard_normal(mshape)).astype(MASK_DTYPES[kind])
         mask[rng.random(mshape) < 0.2] = -np.inf
     out = fastattn.attention(q, k, v, mask=mask, causal=causal)
     assert_close(out, ref.attention(q, k, v, mask=mask, causal=causal))
@@ -98,6 +102,53 @@ def test_masks(isa, dtype, rng, mshape, kind, causal):
     assert_close(dot, ref.attention(q, k, v, mask=mask, causal=causal, weights="dot"))
     s = fastattn.scores(q, k, mask=mask, causal=causal)
     assert_close(s, ref.scores(q, k, mask=mask, causal=causal))
+
+
+def same_values(a, b):
+    """a and b hold the same numbers (NaN where the other has NaN)."""
+    return np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64), equal_nan=True)
+
+
+@pytest.mark.parametrize("mask_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["tiles", "rows", "strided", "blocks"])
+def test_16bit_masks_add_their_float32_values(isa, mask_dtype, layout):
+    """A float16 or bfloat16 mask is read in place and converted on load, so
+    every result is bitwise that of the same mask in the compute type (the
+    conversion is exact), in each way the kernels read a mask: 8 x 8 vector
+    tiles with a tail of keys, rows of a few queries, a strided mask's
+    scalar loop, and tiles classified hidden, visible or mixed (a mask
+    shared by the batch); forward, scores and backward, over every data
+    dtype.  The mask's gradient is the compute type's rounded once."""
+    mdt = np.dtype(MASK_DTYPES[mask_dtype])
+    rng = np.random.default_rng(stable_seed("16-bit masks", mask_dtype, layout))
+    lq, lk = {"rows": (3, 75), "blocks": (200, 200)}.get(layout, (70, 75))
+    if layout == "strided":  # every other element of a wider array
+        mask = rng.standard_normal((3, lq, 2 * lk)).astype(mdt)[..., ::2]
+    elif layout == "blocks":  # 4 documents (0 / -0 / -inf), one mixed block with values added
+        mask = np.where(document_mask(lq, lk, 4), np.where(np.arange(lk) % 3 == 0, -0.0, 0.0), -np.inf)
+        mask[70:80, 60:90] += rng.standard_normal((10, 30))
+        mask = mask.astype(mdt)
+    else:
+        mask = rng.standard_normal((3, lq, lk)).astype(mdt)
+    if layout != "blocks":
+        mask[rng.random(mask.shape) < 0.2] = -np.inf
+    for dtype in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
+        wide = mask.astype(np.float64 if dtype == np.float64 else np.float32)
+        q, k, v = make_qkv(rng, ((2, 3), (2, 3), lq, lk, 24, 9), np.float32)
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+        for kw in (dict(), dict(causal=True)):
+            out, lse = fastattn.attention(q, k, v, mask=mask, return_lse=True, **kw)
+            out_w, lse_w = fastattn.attention(q, k, v, mask=wide, return_lse=True, **kw)
+            assert same_values(out, out_w) and same_values(lse, lse_w)
+            assert same_values(fastattn.scores(q, k, mask=mask, **kw), fastattn.scores(q, k, mask=wide, **kw))
+            dout = rng.standard_normal(out.shape).astype(dtype)
+            grads = fastattn.attention_backward(dout, q, k, v, out, lse, mask=mask, return_dmask=True, **kw)
+            grads_w = fastattn.attention_backward(dout, q, k, v, out, lse, mask=wide, return_dmask=True, **kw)
+            for g, g_w in zip(grads[:3], grads_w[:3]):
+                assert same_values(g, g_w)
+            assert grads[3].dtype == mdt and grads[3].shape == mask.shape
+            assert same_values(grads[3], grads_w[3].astype(mdt))
+    assert_close(out, ref.attention(q, k, v, mask=mask, causal=True))
 
 
 def document_mask(lq, lk, docs):
@@ -113,7 +164,7 @@ def document_mask(lq, lk, docs):
 def test_structured_bool_masks(isa, dtype, rng, case):
     """Masks whose tiles are wholly hidden (skipped), wholly visible (run
     unmasked) or mixed, in every layout the tile classification reads, as
-    bool masks and as additive float32 and float64 masks (0 / -0 / -inf)."""
+    bool masks and as additive masks of every float dtype (0 / -0 / -inf)."""
     h, g = (4, 2) if case == "per-head documents" else (2, 2)
     lq, lk = {"decode": (1, 700), "split-KV decode": (2, 5000)}.get(case, (300, 300))
     q, k, v = make_qkv(rng, ((2, h), (2, g), lq, lk, 16, 8), dtype)
@@ -129,7 +180,7 @@ def test_structured_bool_masks(isa, dtype, rng, case):
     rout, rlse = ref.attention(q, k, v, mask=mask, return_lse=True, **kw)
     zero = np.where(np.arange(lk) % 7 == 0, -0.0, 0.0)  # -0.0 adds nothing too
     additive = np.where(mask, zero, -np.inf)
-    for m in (mask, additive.astype(np.float32), additive):
+    for m in (mask, *(additive.astype(t) for t in MASK_DTYPES.values())):
         for given in (m, fastattn.block_mask(m)):  # classified per call, or once with its table
             out, lse = fastattn.attention(q, k, v, mask=given, return_lse=True, **kw)
             assert_close(out, rout)
@@ -170,7 +221,7 @@ def test_block_mask_classifies_each_block(rng):
     assert row.kinds.shape == (1, 5) and fastattn.block_mask(row) is row
 
 
-@pytest.mark.parametrize("kind", ["bool", "float32", "float64"])
+@pytest.mark.parametrize("kind", ["bool", "float32", "float64", "float16", "bfloat16"])
 def test_shared_mask_blocks_are_classified_per_block(rng, kind):
     """A mask shared by several heads is classified once per call, a stripe
     of block rows at a time: hidden, visible and mixed blocks (one key or
@@ -186,7 +237,7 @@ def test_shared_mask_blocks_are_classified_per_block(rng, kind):
     masks = [m, m[70:71], m[:, 64:65]]  # and broadcast over rows, over keys
     for mask in masks:
         if kind != "bool":
-            mask = np.where(mask, 0.0, -np.inf).astype(kind)
+            mask = np.where(mask, 0.0, -np.inf).astype(MASK_DTYPES[kind])
             mask[mask.shape[0] - 1, 0] = 0.25 if mask[-1, 0] == 0 else mask[-1, 0]  # adds: mixed
         assert_close(fastattn.attention(q, k, v, mask=mask), ref.attention(q, k, v, mask=mask))
 

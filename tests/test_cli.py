@@ -183,7 +183,8 @@ def test_masks_bench_runs():
     rows = _bench.run_masks(1, cases=[((1, 2, 128, 16), "random 50% + causal"), ((1, 2, 256, 16), "8 documents")],
                             repeat=1, with_torch=False)
     assert [r["mask"] for r in rows] == ["random 50% + causal", "8 documents"]
-    assert all(r["bool_ms"] > 0 and r["float_ms"] > 0 and r["block_ms"] > 0 and r["none_ms"] > 0 for r in rows)
+    assert all(r["bool_ms"] > 0 and r["float_ms"] > 0 and r["bf16_ms"] > 0 and r["block_ms"] > 0 and r["none_ms"] > 0
+               for r in rows)
     assert "bool/float" in _bench.format_masks(rows)
 
 

@@ -374,7 +374,7 @@ BAD = [
      "enable_gqa"),  # dropout through the operator keeps the checks
     (lambda: sdpa(lambda t, q: dict(query=q.int(), key=q.int(), value=q.int())), TypeError,
      "float32, float64, float16 or bfloat16"),
-    (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.float16))), TypeError, "attn_mask"),
+    (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.uint8))), TypeError, "attn_mask"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.int32))), TypeError, "attn_mask"),
     (lambda: sdpa(lambda t, q: dict(attn_mask=t.ones(5, 5, dtype=t.bool), is_causal=True)), ValueError, "both"),
     (lambda: sdpa(lambda t, q: dict(key=q[:, :2], value=q[:, :2])), ValueError, "enable_gqa"),

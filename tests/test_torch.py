@@ -271,6 +271,34 @@ def test_half_tensors_forward_and_backward(dtype):
         torch.testing.assert_close(got.float(), want, atol=1e-4 + eps * want.abs().max().item(), rtol=eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_masks_in_the_models_dtype(monkeypatch, dtype):
+    """A 16-bit model's additive mask in its own dtype (what torch's SDPA
+    takes beside such inputs), read in place: the output and the gradients,
+    a learned bias's included (in its dtype), within one 16-bit rounding of
+    float32 math on the same 16-bit values; patch() runs it on fastattn."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 40, 16, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 70, 16, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    bias = torch.randn(4, 40, 70, generator=g)
+    bias[torch.rand(4, 40, 70, generator=g) < 0.2] = float("-inf")
+    bias = bias.to(dtype).requires_grad_()
+    dout = torch.randn(2, 4, 40, 16, generator=g).to(dtype)
+    out = ft.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    out.backward(dout)
+    assert out.dtype == dtype and bias.grad.dtype == dtype
+    wide = [t.detach().float().requires_grad_() for t in (q, k, v, bias)]
+    ref = F.scaled_dot_product_attention(*wide[:3], attn_mask=wide[3], enable_gqa=True)
+    ref.backward(dout.float())
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    for got, want in zip((out, q.grad, k.grad, v.grad, bias.grad), (ref,) + tuple(t.grad for t in wide)):
+        torch.testing.assert_close(got.float(), want, atol=1e-4 + eps * want.abs().max().item(), rtol=eps)
+    calls = record_align(monkeypatch, "attention")
+    with ft.patch(), torch.no_grad():
+        patched = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    assert len(calls) == 1 and torch.equal(patched, out.detach())
+
+
 def test_sinks_through_the_operator_forward_and_gradcheck():
     """fastattn.torch.attention with sinks: the forward against the
     reference, and (through the operator, since inputs need gradients)

@@ -271,6 +271,12 @@ static int close_enough(double got, double want, double tol_abs, double tol_rel,
     return fabs(got - want) <= tol_abs + tol_rel * fabs(want) + extra;
 }
 
+/* Is a mask of this kind added to the scores (a float mask of 16 to 64 bits)? */
+static int float_mask(int kind)
+{
+    return kind == FA_MASK_F32 || kind == FA_MASK_F64 || kind == FA_MASK_F16 || kind == FA_MASK_BF16;
+}
+
 /* The scores of virtual row v = (head h, query i) of an entry: s[j], -inf where hidden. */
 static void ref_scores(const spec *c, double scale, const double *q, const double *k, const double *mask,
                        const unsigned char *bmask, double slope, int64_t i, double *s, double *z)
@@ -283,7 +289,7 @@ static void ref_scores(const spec *c, double scale, const double *q, const doubl
         if (c->softcap > 0) x = c->softcap * tanh(x / c->softcap);
         if (z) z[j] = x;
         if (c->alibi) x -= slope * (double)llabs(pos - j);
-        if (c->mask_kind == FA_MASK_F32 || c->mask_kind == FA_MASK_F64) x += mask[i * c->lk + j];
+        if (float_mask(c->mask_kind)) x += mask[i * c->lk + j];
         int visible = 1;
         if (c->causal && j > pos) visible = 0;
         if (c->window_left >= 0 && j < pos - c->window_left) visible = 0;
@@ -379,7 +385,7 @@ static int check_backward(int path, int dtype, const spec *c, const fa_problem *
     double *z = malloc((size_t)(lk + 1) * sizeof(double)), *s = malloc((size_t)(lk + 1) * sizeof(double));
     double *f = malloc((size_t)(lk + 1) * sizeof(double)), *dM = malloc((size_t)(rows * lk + 1) * sizeof(double));
     /* a float mask's gradient (fa_problem.gmask), [n][g][lq][lk] in the compute type */
-    const int fmask = c->mask_kind == FA_MASK_F32 || c->mask_kind == FA_MASK_F64;
+    const int fmask = float_mask(c->mask_kind);
     char *gm = fmask ? calloc((size_t)(n * rows * lk + 1), 8) : NULL;
     double *want = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
     double *mag = malloc((size_t)((rows > lk ? rows : lk) * (d > dv ? d : dv) + 1) * sizeof(double));
@@ -557,6 +563,8 @@ static void run_case(int path, int dtype, const spec *c)
     double *maskv = malloc((size_t)(lq * lk + 1) * sizeof(double));
     unsigned char *bmask = malloc((size_t)(lq * lk + 1));
     float *fmask = malloc((size_t)(lq * lk + 1) * sizeof(float));
+    uint16_t *hmask = malloc((size_t)(lq * lk + 1) * sizeof(uint16_t)); /* a 16-bit float mask */
+    const int mask16 = c->mask_kind == FA_MASK_F16 ? FA_F16 : c->mask_kind == FA_MASK_BF16 ? FA_BF16 : -1;
     const int64_t nqb = (lq + FA_TILE_BLOCK - 1) / FA_TILE_BLOCK, nkb = (lk + FA_TILE_BLOCK - 1) / FA_TILE_BLOCK;
     uint8_t *tiles = malloc((size_t)(nqb * nkb + 1));
     for (int64_t t = 0; t < lq * lk; t++) {
@@ -568,7 +576,7 @@ static void run_case(int path, int dtype, const spec *c)
             if (kind == FA_BLOCK_HIDDEN) bmask[t] = 0, fmask[t] = -INFINITY;
             if (kind == FA_BLOCK_VISIBLE) bmask[t] = 1, fmask[t] = 0;
         }
-        maskv[t] = fmask[t];
+        maskv[t] = mask16 >= 0 ? store(mask16, &hmask[t], fmask[t]) : fmask[t]; /* what the kernels read */
     }
     double slopes[64], sinks[64];
     for (int t = 0; t < 64; t++) {
@@ -644,10 +652,12 @@ static void run_case(int path, int dtype, const spec *c)
     p.lse = c->dot ? NULL : lse;
     p.lse_rs = cs, p.lse_hs = lq * cs;
     p.mask_kind = c->mask_kind;
-    p.mask = c->mask_kind == FA_MASK_BOOL ? (const void *)bmask : c->mask_kind == FA_MASK_F32 ? (const void *)fmask
-                                                                                               : (const void *)maskv;
-    p.mask_rs = lk * (c->mask_kind == FA_MASK_BOOL ? 1 : c->mask_kind == FA_MASK_F32 ? 4 : 8);
-    p.mask_cs = c->mask_kind == FA_MASK_BOOL ? 1 : c->mask_kind == FA_MASK_F32 ? 4 : 8;
+    p.mask = c->mask_kind == FA_MASK_BOOL  ? (const void *)bmask
+             : c->mask_kind == FA_MASK_F32 ? (const void *)fmask
+             : mask16 >= 0                 ? (const void *)hmask
+                                           : (const void *)maskv;
+    p.mask_cs = c->mask_kind == FA_MASK_BOOL ? 1 : c->mask_kind == FA_MASK_F32 ? 4 : mask16 >= 0 ? 2 : 8;
+    p.mask_rs = lk * p.mask_cs;
     p.weights = c->dot ? FA_WEIGHTS_DOT : FA_WEIGHTS_SOFTMAX;
     p.scale = scale;
     p.causal = c->causal;
@@ -894,6 +904,7 @@ static void run_case(int path, int dtype, const spec *c)
     free(maskv);
     free(bmask);
     free(fmask);
+    free(hmask);
     free(out);
     free(lse);
     free(s);
@@ -1288,6 +1299,15 @@ int main(void)
          0, 0, 0, 0, 0, 1, 0, 0},
         {"float64 mask blocks with a table, lq not a block multiple", 2, 2, 70, 200, 8, 8, 0, 0, -1, -1, 0, 1,
          FA_MASK_F64, 0, 0, 0, 0, 0, 1, 0, 0},
+        {"float16 mask + causal, grouped", 2, 2, 41, 75, 8, 8, 1, 0, -1, -1, 0, 0, FA_MASK_F16, 0, 0, 0, 0, 0, 0, 0, 0},
+        {"bfloat16 mask + soft-cap + alibi, windowed", 1, 1, 70, 97, 16, 8, 0, 0, 30, 10, 1.5, 1, FA_MASK_BF16, 0, 0,
+         0, 0, 0, 0, 0, 0},
+        {"bfloat16 mask, few rows, dot", 2, 1, 3, 150, 16, 24, 0, 0, -1, -1, 0, 0, FA_MASK_BF16, 1, 0, 0, 0, 0, 0, 0,
+         0},
+        {"float16 mask blocks with a table, split-KV decode", 1, 2, 1, 2200, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_F16,
+         0, 0, 0, 0, 0, 1, 0, 0},
+        {"bfloat16 mask blocks with a table", 1, 3, 150, 230, 16, 8, 0, 0, -1, -1, 0, 0, FA_MASK_BF16, 0, 0, 0, 0, 0,
+         1, 0, 0},
         {"bfloat16 k and v under float32 queries, paged decode", 2, 4, 1, 500, 40, 24, 1, 0, -1, -1, 0, 0,
          FA_MASK_NONE, 0, 0, 16, 1, FA_BF16, 0, 0, 0},
         {"float16 k and v under float32 queries, prefill", 2, 2, 70, 130, 24, 16, 1, 0, -1, -1, 0, 1, FA_MASK_NONE,
