@@ -1183,21 +1183,29 @@ __attribute__((aligned(64))) static void FN(pack_rows)(const void *base, int64_t
 }
 
 #if FA_T_IS_FLOAT && (FA_VEC_ISA == 1 || FA_VEC_ISA == 2)
-/* col[i] = element c + i of the 8 rows (an 8 x 8 transpose in registers).
- * Rows r and r + 4 are loaded into the two halves of one register, so the
- * halves need no exchange afterwards: two shuffles per column, not three
- * (the shuffle port is what this transpose waits for). */
-FA_INLINE __m256 FN(rows_halves)(const float *lo, const float *hi)
+/* col[i] = element c + i of the 8 rows (an 8 x 8 transpose in registers),
+ * the rows float32, or float16 or bfloat16 converted on load (kind, a
+ * constant: FA_MASK_F32, FA_MASK_F16 or FA_MASK_BF16).  Rows r and r + 4
+ * are loaded into the two halves of one register, so the halves need no
+ * exchange afterwards: two shuffles per column, not three (the shuffle
+ * port is what this transpose waits for). */
+FA_INLINE __m256 FN(rows_halves)(const int kind, const void *lo, const void *hi, int64_t x)
 {
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo)), _mm_loadu_ps(hi), 1);
+    if (kind == FA_MASK_F32)
+        return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps((const float *)lo + x)),
+                                    _mm_loadu_ps((const float *)hi + x), 1);
+    const __m128i h = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)((const uint16_t *)lo + x)),
+                                         _mm_loadl_epi64((const __m128i *)((const uint16_t *)hi + x)));
+    if (kind == FA_MASK_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-FA_INLINE void FN(transpose8)(const float *const row[8], int64_t c, __m256 col[8])
+FA_INLINE void FN(transpose8_of)(const int kind, const void *const row[8], int64_t c, __m256 col[8])
 {
     for (int h = 0; h < 2; h++) { /* elements c + 4h .. c + 4h + 3 */
         const int64_t x = c + 4 * h;
-        const __m256 r0 = FN(rows_halves)(row[0] + x, row[4] + x), r1 = FN(rows_halves)(row[1] + x, row[5] + x);
-        const __m256 r2 = FN(rows_halves)(row[2] + x, row[6] + x), r3 = FN(rows_halves)(row[3] + x, row[7] + x);
+        const __m256 r0 = FN(rows_halves)(kind, row[0], row[4], x), r1 = FN(rows_halves)(kind, row[1], row[5], x);
+        const __m256 r2 = FN(rows_halves)(kind, row[2], row[6], x), r3 = FN(rows_halves)(kind, row[3], row[7], x);
         const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
         const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
         col[4 * h] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
@@ -1205,6 +1213,11 @@ FA_INLINE void FN(transpose8)(const float *const row[8], int64_t c, __m256 col[8
         col[4 * h + 2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
         col[4 * h + 3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
     }
+}
+
+FA_INLINE void FN(transpose8)(const float *const row[8], int64_t c, __m256 col[8])
+{
+    FN(transpose8_of)(FA_MASK_F32, (const void *const *)row, c, col);
 }
 #endif
 
@@ -1585,61 +1598,55 @@ static void FN(bool_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, 
     }
 }
 
-/* Keys [0, bk) of a row of a 16-bit float mask (elements contiguous) as
- * float32, exactly (every float16 and bfloat16 value is a float32 one). */
-static void FN(mask_row16)(int kind, const uint16_t *src, int64_t bk, float *dst)
+/* Element j of a float mask's row (kind FA_MASK_F32, F16 or BF16) as float32. */
+FA_INLINE float FN(mask_at)(const int kind, const void *row, int64_t j)
 {
-    int64_t j = 0;
-    for (; j + 8 <= bk; j += 8) {
-        const __m128i x = _mm_loadu_si128((const __m128i *)(src + j));
-        _mm256_storeu_ps(dst + j, kind == FA_MASK_F16
-                                      ? _mm256_cvtph_ps(x)
-                                      : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16)));
-    }
-    for (; j < bk; j++) dst[j] = kind == FA_MASK_F16 ? fa_f16_to_f32(src[j]) : fa_bf16_to_f32(src[j]);
+    if (kind == FA_MASK_F32) return ((const float *)row)[j];
+    const uint16_t h = ((const uint16_t *)row)[j];
+    return kind == FA_MASK_F16 ? fa_f16_to_f32(h) : fa_bf16_to_f32(h);
 }
 
-/* A float32, float16 or bfloat16 mask (elements contiguous) added to a
- * score tile in S^T layout, 8 rows by 8 keys at a time through an 8 x 8
- * transpose of the mask (16-bit rows converted to float32 first): the
- * same sums as score_options' scalar loop over the strided scores, which
- * made a tile of a random mask cost 1.23x an unmasked one (now 1.11x). */
-static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int64_t row0, int64_t bq,
-                                int64_t k0, int64_t bk)
+/* A float mask (float32, float16 or bfloat16, elements contiguous) added
+ * to a score tile in S^T layout, 8 rows by 8 keys at a time through an
+ * 8 x 8 transpose of the mask (16-bit elements converted as they are
+ * loaded): the same sums as score_options' scalar loop over the strided
+ * scores, which made a tile of a random mask cost 1.23x an unmasked one
+ * (now 1.11x). */
+FA_INLINE void FN(float_mask_tile_of)(const int kind, const fa_problem *p, const int64_t *e, FA_T *st, int64_t row0,
+                                      int64_t bq, int64_t k0, int64_t bk)
 {
-    const int64_t lq = e[FA_E_LQ];
-    const int wide = p->mask_kind == FA_MASK_F32;
-    const float *m[8];
-    float conv[8][FA_BK]; /* a 16-bit mask's rows of this tile, as float32 */
+    const int64_t lq = e[FA_E_LQ], es = kind == FA_MASK_F32 ? 4 : 2;
+    const void *m[8];
     fa_vrow at = fa_vrow_at(row0, lq);
     for (int64_t r = 0; r < bq; r += 8) {
         const int nr = (int)fa_min64(8, bq - r);
         for (int t = 0; t < 8; t++) { /* rows past nr: row r's */
-            if (t < nr) {
-                const char *row = (const char *)p->mask + e[FA_E_MASK] + fa_vrow_bytes(&at, p->mask_rs, p->mask_hs);
-                if (wide) {
-                    m[t] = (const float *)row + k0;
-                } else {
-                    FN(mask_row16)(p->mask_kind, (const uint16_t *)row + k0, bk, conv[t]);
-                    m[t] = conv[t];
-                }
-                fa_vrow_next(&at);
-            } else {
-                m[t] = m[0];
-            }
+            m[t] = t < nr ? (const char *)p->mask + e[FA_E_MASK] + fa_vrow_bytes(&at, p->mask_rs, p->mask_hs) + k0 * es
+                          : m[0];
+            if (t < nr) fa_vrow_next(&at);
         }
         int64_t j = 0;
         if (nr == 8)
             for (; j + 8 <= bk; j += 8) {
                 __m256 col[8];
-                FN(transpose8)(m, j, col);
+                FN(transpose8_of)(kind, m, j, col);
                 for (int x = 0; x < 8; x++) {
                     FA_T *s = st + (j + x) * FA_BQ + r;
                     _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), col[x]));
                 }
             }
         for (; j < bk; j++)
-            for (int t = 0; t < nr; t++) st[j * FA_BQ + r + t] += m[t][j];
+            for (int t = 0; t < nr; t++) st[j * FA_BQ + r + t] += FN(mask_at)(kind, m[t], j);
+    }
+}
+
+static void FN(float_mask_tile)(const fa_problem *p, const int64_t *e, FA_T *st, int64_t row0, int64_t bq,
+                                int64_t k0, int64_t bk)
+{
+    switch (p->mask_kind) { /* one instance per kind: its loads and conversions inlined */
+    case FA_MASK_F32: FN(float_mask_tile_of)(FA_MASK_F32, p, e, st, row0, bq, k0, bk); break;
+    case FA_MASK_F16: FN(float_mask_tile_of)(FA_MASK_F16, p, e, st, row0, bq, k0, bk); break;
+    default: FN(float_mask_tile_of)(FA_MASK_BF16, p, e, st, row0, bq, k0, bk); break;
     }
 }
 #else
