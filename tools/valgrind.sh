@@ -32,8 +32,10 @@ for isa in fastattn.available_isas():
             fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, **drop)
             fastattn.attention(q[:, :, :3], k.repeat(20, axis=2), v.repeat(20, axis=2), causal=True, dropout_p=0.3,
                                dropout_seed=7)  # few rows
-            for shape in ((4, 37, 53), (37, 53), (4, 1, 53)):  # a float mask's gradient, shared by the batch,
-                bias = rng.standard_normal(shape)  # also by the heads, or by the batch and the rows
+            for shape, mdt in (((4, 37, 53), np.float64), ((37, 53), np.float16), ((4, 1, 53), ml_dtypes.bfloat16),
+                               ((4, 37, 53), np.float32), ((4, 37, 53), ml_dtypes.bfloat16)):
+                # a float mask's gradient, shared by the batch, also by the heads, or by the batch and the rows
+                bias = rng.standard_normal(shape).astype(mdt)
                 out, lse = fastattn.attention(q, k, v, return_lse=True, causal=True, mask=bias)
                 fastattn.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True, mask=bias,
                                             return_dmask=True)
