@@ -150,7 +150,8 @@ def bench_job(args):
     if args.masks:
         rows = _bench.run_masks(threads, repeat=args.repeat, with_torch=not args.no_torch, progress=progress)
         return report(args, threads, f"bool masks (1 x 1 x L x L, broadcast over heads) against the same mask as "
-                      f"an additive float32 mask, as a fastattn.block_mask (classified once), no mask, and torch's "
+                      f"an additive float32 mask (bf16: the same in bfloat16), as a fastattn.block_mask (classified "
+                      f"once), no mask, and torch's "
                       f"SDPA with the bool mask; median of "
                       f"{args.repeat}", _bench.format_masks(rows), masks=rows)
     if args.block:
