@@ -810,6 +810,18 @@ static void run_case(int path, int dtype, const spec *c)
                 }
             }
 
+    if (!bad) { /* a mask kind outside the enum: rejected, as the call's only fault */
+        checks++;
+        fa_problem odd = p;
+        for (int kind = -1; kind <= FA_MASK_KIND_COUNT; kind += FA_MASK_KIND_COUNT + 1) {
+            odd.mask_kind = kind;
+            if (fa_attention(&odd) != FA_ERR_INVALID) {
+                printf("FAIL %s %s %s: mask kind %d accepted\n", fa_path_name(path), DTYPE_NAMES[dtype], c->what, kind);
+                failures++;
+                bad = 1;
+            }
+        }
+    }
     if (c->page > 0 || c->kv) { /* the backward and the other operations take no pages, no 8-bit k and v */
         checks++;
         if (!bad && (fa_attention_backward(&p) != FA_ERR_INVALID || fa_scores(&p) != FA_ERR_INVALID)) {
