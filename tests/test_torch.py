@@ -276,7 +276,8 @@ def test_half_masks_in_the_models_dtype(monkeypatch, dtype):
     """A 16-bit model's additive mask in its own dtype (what torch's SDPA
     takes beside such inputs), read in place: the output and the gradients,
     a learned bias's included (in its dtype), within one 16-bit rounding of
-    float32 math on the same 16-bit values; patch() runs it on fastattn."""
+    float32 math on the same 16-bit values; patch() runs it on fastattn, and
+    torch.compile(fullgraph=True) gives the same gradients, bit for bit."""
     g = torch.Generator().manual_seed(4)
     q = torch.randn(2, 4, 40, 16, generator=g).to(dtype).requires_grad_()
     k, v = (torch.randn(2, 2, 70, 16, generator=g).to(dtype).requires_grad_() for _ in range(2))
@@ -297,6 +298,19 @@ def test_half_masks_in_the_models_dtype(monkeypatch, dtype):
     with ft.patch(), torch.no_grad():
         patched = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
     assert len(calls) == 1 and torch.equal(patched, out.detach())
+    if dtype == torch.bfloat16:  # compiled without graph breaks: the same gradients, the bias's in its dtype
+        eager = [t.grad.clone() for t in (q, k, v, bias)]
+        for t in (q, k, v, bias):
+            t.grad = None
+
+        @torch.compile(fullgraph=True, backend="aot_eager")
+        def loss(q, k, v, bias):  # its gradient with respect to the output: dout, exactly
+            return (ft.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True).float()
+                    * dout.float()).sum()
+
+        loss(q, k, v, bias).backward()
+        for t, want in zip((q, k, v, bias), eager):
+            assert t.grad.dtype == dtype and torch.equal(t.grad, want)
 
 
 def test_sinks_through_the_operator_forward_and_gradcheck():
