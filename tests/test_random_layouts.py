@@ -171,6 +171,11 @@ def float_mask(rng, shape):
     return m.astype(rng.choice(MASK_DTYPES))
 
 
+def random_mask(rng, shape):
+    """A bool mask (a fifth hidden) or, one time in two, a float_mask()."""
+    return rng.random(shape) < 0.8 if rng.random() < 0.5 else float_mask(rng, shape)
+
+
 def check_gradients(grads, want, operands):
     """Each gradient of its operand's shape and dtype, within tolerance of the reference's."""
     for got, exp, x in zip(grads, want, operands):
@@ -236,12 +241,13 @@ def test_random_scores_cases(isa, case):
     options = positional(rng, h)
     if rng.random() < 0.4:
         shape = [(lq, lk), (b, 1, 1, lk), (1, h, lq, lk), (lq, 1)][rng.integers(4)]
-        options["mask"] = rng.random(shape) < 0.8 if rng.random() < 0.5 else float_mask(rng, shape)
+        options["mask"] = random_mask(rng, shape)
     want = ref.scores(q, k, **options)
-    given = view(rng, want.shape, np.float64 if dtype == np.float64 else np.float32) if rng.random() < 0.3 else None
+    out_dtype = np.dtype(np.float64 if dtype == np.float64 else np.float32)  # scores come in the compute type
+    given = view(rng, want.shape, out_dtype) if rng.random() < 0.3 else None
     got = fastattn.scores(q, k, out=given, num_threads=int(rng.integers(1, 4)), **options)
     assert given is None or got is given
-    assert got.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    assert got.dtype == out_dtype
     assert_close(got, want)
 
 
@@ -409,7 +415,7 @@ def test_random_merge_cases(isa, case):
     options = positional(rng, h)
     if rng.random() < 0.3:
         shape = [(lq, lk), (b, 1, 1, lk), (1, h, lq, lk)][rng.integers(3)]
-        options["mask"] = rng.random(shape) < 0.8 if rng.random() < 0.5 else float_mask(rng, shape)
+        options["mask"] = random_mask(rng, shape)
     want, want_lse = ref.attention(q, k, v, return_lse=True, **options)
     # keys cut into chunks (some empty), each chunk at its key position in the whole
     align = options.pop("align", "bottom-right")
