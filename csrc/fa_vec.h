@@ -257,6 +257,24 @@ static inline float fa_hsum_ps256(__m256 a)
     m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
     return _mm_cvtss_f32(m);
 }
+/* Lane j of the result = sum of the lanes of a[j], for 8 vectors, added in
+ * fa_hsum_ps256's order (lane i + lane i + 4, then i + (i + 2), then 0 + 1),
+ * so each sum is bit for bit fa_hsum_ps256(a[j]): a tree of 15 shuffles and
+ * 7 adds instead of 8 reductions and 8 scalar stores. */
+static inline __m256 fa_hsums_ps256(const __m256 *a)
+{
+    __m256 b[4], c[2];
+    for (int k = 0; k < 4; k++) /* halves added: a[2k]'s in lanes 0-3, a[2k+1]'s in 4-7 */
+        b[k] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x20),
+                             _mm256_permute2f128_ps(a[2 * k], a[2 * k + 1], 0x31));
+    for (int k = 0; k < 2; k++) /* lanes 0-1: a[4k]'s pair sums, 2-3: a[4k+2]'s; 4-7 the same of 4k+1, 4k+3 */
+        c[k] = _mm256_add_ps(_mm256_shuffle_ps(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* lanes 0-3: sums of a[0], a[2], a[4], a[6]; 4-7: of a[1], a[3], a[5], a[7] */
+    const __m256 e = _mm256_add_ps(_mm256_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm256_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
 static inline double fa_hmax_pd256(__m256d a)
 {
     __m128d m = _mm_max_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
@@ -286,6 +304,7 @@ static inline double fa_hsum_pd256(__m256d a)
 #define VMAX(a, b) _mm256_max_ps((a), (b))
 #define VHMAX(a) fa_hmax_ps256(a)
 #define VHSUM(a) fa_hsum_ps256(a)
+#define VHSUMS(a) fa_hsums_ps256(a)
 #define VEXP(x) fa_exp_ps256(x)
 #define VDIV(a, b) _mm256_div_ps((a), (b))
 #define VABS(a) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), (a))
