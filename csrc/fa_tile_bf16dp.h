@@ -199,7 +199,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
         k = kp;
         ldk = d2;
     }
-    FN(tile_bounds)(p, e, w, row0, bq, k0, bk); /* w->bounded, as score_tile; the options follow */
+    FN(tile_bounds)(p, e, w, row0, bq, k0, bk); /* w->seen, as score_tile; the options follow */
     const uint32_t *qt = (const uint32_t *)w->qt;
     if (bq <= FA_ROWS_MAX) {
         FN(qk_rows_dp)(bq, d2, w->qoff, qt, w->ldq, k, ldk, bk, (float)p->scale, w->st, pf);
@@ -209,7 +209,7 @@ static void FN(score_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch)
             for (int64_t j = 0; j < bk; j += FA_MR) {
                 const int64_t mr = fa_min64(FA_MR, bk - j);
                 int64_t c0 = 0, c1 = nv;
-                if (w->bounded && !FN(tile_vectors)(w, cb / FA_W, nv, j, mr, &c0, &c1)) continue;
+                if (w->seen.bounded && !FN(tile_vectors)(&w->seen, cb / FA_W, nv, j, mr, &c0, &c1)) continue;
                 FN(qk_dp_block)((int)mr, (int)(c1 - c0), d2, k + j * ldk, ldk, qt + cb + c0 * FA_W, (float)p->scale,
                                 w->st + j * FA_BQ + cb + c0 * FA_W);
             }
@@ -441,7 +441,7 @@ static void FN(pv_tile_dp)(const fa_problem *p, const int64_t *e, FN(scratch) *w
         for (int64_t r = 0; r < bq; r += FA_MR) {
             const int64_t mr = fa_min64(FA_MR, bq - r);
             int64_t j0, j1, t0, t1; /* the key pairs these rows see: the others weigh 0 */
-            FN(tile_keys)(w, r, mr, bk, &j0, &j1);
+            FN(tile_keys)(&w->seen, r, mr, bk, &j0, &j1);
             t0 = j0 / 2, t1 = j1 > j0 ? (j1 + 1) / 2 : t0;
             FN(pv_dp_block)((int)mr, nv, t1 - t0, w->pw + t0 * FA_BQ + r, vw + t0 * dvp + cb, dvp,
                             w->o + r * dvp + cb, dvp, w->alpha + r);

@@ -94,6 +94,7 @@ typedef struct {
     const FA_T *qt, *dot, *lse, *delta;
     const FA_T *q, *o;
     int64_t ldq, ldo;
+    FN(tile_seen) seen; /* the current tile's causal/window bounds (tile_ranges) */
     int64_t dp, dvp;
     void *block; /* fa_scratch_take */
     size_t bytes;
@@ -125,6 +126,7 @@ void *FA_OP(bwd_scratch_new)(const fa_problem *p)
     }
     w->block = b;
     w->bytes = bytes;
+    w->seen.bounded = 0;
     w->dp = dp;
     w->dvp = dvp;
     return w;
@@ -235,38 +237,49 @@ static void FN(store_mask_gradient)(const fa_problem *p, const int64_t *e, const
 }
 
 /* S^T, P^T (in st) and dS^T (in dpt) of the query tile packed in w and the
- * key block [k0, k0 + bk) loaded in w. */
+ * key block [k0, k0 + bk) loaded in w.  Where the causal/window bounds cut
+ * the tile (w->seen), the products of key rows and row vectors that see
+ * none of them are not computed, and P and dS outside the keys each row
+ * vector sees are 0 (bwd_accumulate does not sum them either): on a tile
+ * the diagonal crosses, about half of the work. */
 static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
                          int64_t k0, int64_t bk, int add_gmask)
 {
     const int64_t d = p->d, dv = p->dv, bqp = fa_roundup64(bq, FA_W);
     const FA_T *k = w->k, *v = w->v;
     const int64_t ldk = w->ldk, ldv = w->ldv;
+    const int bounds = FN(tile_cut)(p, e, row0, bq, k0, bk);
+    w->seen.bounded = bounds;
+    if (bounds) FN(tile_ranges)(p, e, &w->seen, row0, bq, k0, bk);
+    const int32_t *vlo = FA_TILE_VLO(&w->seen), *vhi = w->seen.vhi;
     for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
-        const int nv = (int)fa_min64(FA_NV, (bqp - cb) / FA_W);
+        const int64_t nv = fa_min64(FA_NV, (bqp - cb) / FA_W), v0 = cb / FA_W;
         for (int64_t j = 0; j < bk; j += FA_MR) {
             const int mr = (int)fa_min64(FA_MR, bk - j);
-            FN(qk_block)(mr, nv, d, k + j * ldk, ldk, w->qt + cb, FA_BQ, w->st + j * FA_BQ + cb, FA_BQ);
-            FN(qk_block)(mr, nv, dv, v + j * ldv, ldv, w->dot + cb, FA_BQ, w->dpt + j * FA_BQ + cb, FA_BQ);
+            int64_t c0 = 0, c1 = nv; /* the vectors of this chunk that see a key of [j, j + mr) */
+            if (bounds && !FN(tile_vectors)(&w->seen, v0, nv, j, mr, &c0, &c1)) continue;
+            const int64_t x = cb + c0 * FA_W;
+            FN(qk_block)(mr, (int)(c1 - c0), d, k + j * ldk, ldk, w->qt + x, FA_BQ, w->st + j * FA_BQ + x, FA_BQ);
+            FN(qk_block)(mr, (int)(c1 - c0), dv, v + j * ldv, ldv, w->dot + x, FA_BQ, w->dpt + j * FA_BQ + x, FA_BQ);
         }
     }
     /* the score options: a soft-cap first, keeping z, then ALiBi, the mask and the bounds */
     fa_problem opt = *p;
     if (p->softcap > 0) {
         const fa_vec cap = VBCAST((FA_T)p->softcap), inv = VBCAST((FA_T)(1.0 / p->softcap));
-        for (int64_t j = 0; j < bk; j++)
-            for (int64_t r = 0; r < bqp; r += FA_W) { /* past the rows too: the scores there are 0 */
-                const fa_vec z = FN(softcap_vec)(VLOAD(w->st + j * FA_BQ + r), inv, cap);
-                VSTORE(w->st + j * FA_BQ + r, z);
-                VSTORE(w->zt + j * FA_BQ + r, z);
+        for (int64_t c = 0; c < bqp; c += FA_W) { /* past the rows too: the scores there are 0 */
+            int64_t j0, j1;
+            FN(vector_keys)(vlo, vhi, c, bk, &j0, &j1);
+            for (int64_t j = j0; j < j1; j++) {
+                const fa_vec z = FN(softcap_vec)(VLOAD(w->st + j * FA_BQ + c), inv, cap);
+                VSTORE(w->st + j * FA_BQ + c, z);
+                VSTORE(w->zt + j * FA_BQ + c, z);
             }
+        }
         opt.softcap = 0;
     }
-    int64_t lo, hi, all_lo, all_hi;
-    fa_block_range(p, e[FA_E_LQ], e[FA_E_LK], row0, bq, &lo, &hi, &all_lo, &all_hi);
-    const int bounds = k0 < all_lo || k0 + bk > all_hi;
-    if (p->alibi_slopes && FN(alibi_exact)(p, e)) { /* in vectors, over every key */
-        FN(alibi_tile)(p, e, w->st, 0, NULL, NULL, row0, bq, k0, bk);
+    if (p->alibi_slopes && FN(alibi_exact)(p, e)) { /* in vectors, over the keys each row vector sees */
+        FN(alibi_tile)(p, e, w->st, 0, vlo, vhi, row0, bq, k0, bk);
         opt.alibi_slopes = NULL;
     }
     if (bounds || p->mask_kind != FA_MASK_NONE || opt.alibi_slopes)
@@ -279,16 +292,23 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
         FN(dropout_rows)(p, e, row0, bq, da, db);
         FN(dropout_tile)(p, e, da, db, w->dpt, 0, bq, k0, bk, w->ft);
     }
-    /* P and dS, FA_W query rows at a time */
+    /* P and dS, FA_W query rows at a time (0 outside the keys they see: not computed) */
     if (p->weights == FA_WEIGHTS_SOFTMAX) {
-        for (int64_t j = 0; j < bk; j++)
+        int64_t j0[FA_BQ / FA_W], j1[FA_BQ / FA_W];
+        for (int64_t c = 0; c < bqp; c += FA_W) FN(vector_keys)(vlo, vhi, c, bk, &j0[c / FA_W], &j1[c / FA_W]);
+        for (int64_t j = 0; j < bk; j++) /* key by key: the tile's rows in address order */
             for (int64_t c = 0; c < bqp; c += FA_W) {
                 FA_T *s = w->st + j * FA_BQ + c, *dp = w->dpt + j * FA_BQ + c;
+                if (j < j0[c / FA_W] || j >= j1[c / FA_W]) {
+                    VSTORE(s, VZERO());
+                    VSTORE(dp, VZERO());
+                    continue;
+                }
                 const fa_vec pr = VEXP(VSUB(VLOAD(s), VLOAD(w->lse + c)));
                 VSTORE(s, pr);
                 VSTORE(dp, VMUL(pr, VSUB(VLOAD(dp), VLOAD(w->delta + c))));
             }
-    } else {
+    } else { /* dot weights: the bounds made every score they hide -inf */
         for (int64_t j = 0; j < bk; j++)
             for (int64_t r = 0; r < bqp; r++) {
                 FA_T *s = w->st + j * FA_BQ + r;
@@ -306,14 +326,17 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
         }
     if (p->gmask) /* dS: a mask is added after the cap */
         FN(store_mask_gradient)(p, e, w->dpt, row0, bq, k0, bk, add_gmask);
-    if (p->softcap > 0) {
+    if (p->softcap > 0) { /* dS is 0 (and z unset) outside the keys each row vector sees */
         const fa_vec inv = VBCAST((FA_T)(1.0 / p->softcap)), one = VBCAST((FA_T)1);
-        for (int64_t j = 0; j < bk; j++)
-            for (int64_t c = 0; c < bqp; c += FA_W) {
+        for (int64_t c = 0; c < bqp; c += FA_W) {
+            int64_t j0, j1;
+            FN(vector_keys)(vlo, vhi, c, bk, &j0, &j1);
+            for (int64_t j = j0; j < j1; j++) {
                 FA_T *dp = w->dpt + j * FA_BQ + c;
                 const fa_vec t = VMUL(VLOAD(w->zt + j * FA_BQ + c), inv);
                 VSTORE(dp, VMUL(VLOAD(dp), VSUB(one, VMUL(t, t))));
             }
+        }
     }
 }
 
@@ -323,18 +346,31 @@ static const FA_T FN(ones)[FA_MR_MAX] = {1, 1, 1, 1, 1, 1};
  * rows r < nr, with the weights w of a tile (FA_BK x FA_BQ, keys by
  * queries): the backward's products.  Rows are keys (w(r, j) = t[r * FA_BQ
  * + j], on pv_block_tr) if `keys`, else queries (t[j * FA_BQ + r], on
- * pv_block_st): both with their strides as constants. */
-static void FN(bwd_accumulate)(int64_t nr, int64_t n, int64_t nj, const FA_T *t, int keys, const FA_T *v, int64_t ldv,
-                               FA_T *o, int64_t ldo)
+ * pv_block_st): both with their strides as constants.  Of a tile the
+ * bounds cut (seen), each block of rows sums only the terms that may weigh:
+ * the query vectors that see one of its keys, or the keys its queries see. */
+static void FN(bwd_accumulate)(const FN(tile_seen) *seen, int64_t nr, int64_t n, int64_t nj, const FA_T *t, int keys,
+                               const FA_T *v, int64_t ldv, FA_T *o, int64_t ldo)
 {
     for (int64_t cb = 0; cb < n; cb += FA_NVW) {
         const int nv = (int)fa_min64(FA_NV, (n - cb) / FA_W);
         for (int64_t r = 0; r < nr; r += FA_MR) {
             const int mr = (int)fa_min64(FA_MR, nr - r);
-            if (keys)
-                FN(pv_block_tr)(mr, nv, nj, t + r * FA_BQ, v + cb, ldv, o + r * ldo + cb, ldo, FN(ones));
-            else
-                FN(pv_block_st)(mr, nv, nj, t + r, v + cb, ldv, o + r * ldo + cb, ldo, FN(ones));
+            int64_t j0 = 0, j1 = nj;
+            if (keys) {
+                int64_t c0, c1;
+                if (seen->bounded) {
+                    if (!FN(tile_vectors)(seen, 0, (nj + FA_W - 1) / FA_W, r, mr, &c0, &c1)) continue;
+                    j0 = c0 * FA_W, j1 = fa_min64(nj, c1 * FA_W);
+                }
+                FN(pv_block_tr)(mr, nv, j1 - j0, t + r * FA_BQ + j0, v + j0 * ldv + cb, ldv, o + r * ldo + cb, ldo,
+                                FN(ones));
+            } else {
+                FN(tile_keys)(seen, r, mr, nj, &j0, &j1);
+                if (j1 > j0)
+                    FN(pv_block_st)(mr, nv, j1 - j0, t + j0 * FA_BQ + r, v + j0 * ldv + cb, ldv, o + r * ldo + cb,
+                                    ldo, FN(ones));
+            }
         }
     }
 }
@@ -359,8 +395,8 @@ void FA_OP(bwd_keys_tile)(const fa_problem *p, const int64_t *e, void *w, int64_
     s->q = h->q, s->o = h->o, s->ldq = h->ldq, s->ldo = h->ldo;
     FN(bwd_tile)(p, e, s, row0, bq, k0, bk, add_gmask);
     /* dV += P^T dO and dK += dS^T Q (scaled at the store): rows are keys, terms queries */
-    FN(bwd_accumulate)(bk, s->dvp, bq, s->st, 1, s->o, s->ldo, s->acc_v, s->dvp);
-    FN(bwd_accumulate)(bk, s->dp, bq, s->dpt, 1, s->q, s->ldq, s->acc_k, s->dp);
+    FN(bwd_accumulate)(&s->seen, bk, s->dvp, bq, s->st, 1, s->o, s->ldo, s->acc_v, s->dvp);
+    FN(bwd_accumulate)(&s->seen, bk, s->dp, bq, s->dpt, 1, s->q, s->ldq, s->acc_k, s->dp);
 }
 
 void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64_t k0, int64_t bk)
@@ -380,7 +416,7 @@ void FA_OP(bwd_keys_store)(const fa_problem *p, const int64_t *e, void *w, int64
 void FA_OP(bwd_keys_dq)(void *w, int64_t bq, int64_t bk, void *acc, int64_t ld)
 {
     FN(bwd_scratch) *s = (FN(bwd_scratch) *)w;
-    FN(bwd_accumulate)(bq, s->dp, bk, s->dpt, 0, s->k, s->ldk, (FA_T *)acc, ld);
+    FN(bwd_accumulate)(&s->seen, bq, s->dp, bk, s->dpt, 0, s->k, s->ldk, (FA_T *)acc, ld);
 }
 
 /* dq of rows [row0, row0 + bq): scale times their accumulator. */

@@ -62,6 +62,14 @@
 /* Most vectors of a row pv_mk accumulates: FA_NV, or FA_RV for few rows. */
 #define FA_PV_NV_MAX (FA_NV_MAX > FA_RV_MAX ? FA_NV_MAX : FA_RV_MAX)
 
+/* What the rows of an S^T tile may see under the causal and window bounds
+ * (tile_ranges): products outside it are neither computed nor summed. */
+typedef struct {
+    int bounded; /* the tile has keys some of its rows may not see; the rest holds only then */
+    int32_t vlo[FA_BQ / FA_W + 1], vhi[FA_BQ / FA_W + 1]; /* keys each vector of rows may see, in the tile */
+    int32_t rlo[FA_BQ], rhi[FA_BQ];                       /* ... each row */
+} FN(tile_seen);
+
 typedef struct {
     FA_T *qt;    /* d x FA_BQ: scale * Q^T of the item, zero past its rows */
     FA_T *kp;    /* FA_BK x d: K rows, when they cannot be read in place */
@@ -75,9 +83,7 @@ typedef struct {
     int64_t dvp; /* dv rounded up to the vector width */
     int64_t qoff, ldq; /* few-row items: lead and length of the packed Q rows (see pack_q) */
     int64_t voff, ldo; /* lead of the columns in the accumulator's rows, and their length (see plan_v) */
-    int bounded;       /* the current S^T tile has keys some of its rows may not see (see tile_ranges) */
-    int32_t vlo[FA_BQ / FA_W + 1], vhi[FA_BQ / FA_W + 1]; /* keys each vector of rows may see, in the tile */
-    int32_t rlo[FA_BQ], rhi[FA_BQ];                       /* ... each row */
+    FN(tile_seen) seen; /* the current S^T tile's bounds */
     int8_t *qi;        /* few-row items on integer K.Q: the query rows in 8 bits (see quantize_rows), or NULL */
     FA_T *qstep;       /* their quantisation steps, one per row */
     int32_t *qsum;     /* 128 x the sum of each row's codes */
@@ -120,7 +126,7 @@ static int FN(scratch_alloc)(FN(scratch) *w, const fa_problem *p)
     w->dvp = dvp;
     w->qi = NULL;
     w->ql = NULL;
-    w->bounded = 0;
+    w->seen.bounded = 0;
     for (int i = 0; i < 5; i++) w->drop_at[i] = -1; /* no rows' words yet (bq -1 matches no item) */
     return 0;
 }
@@ -1402,7 +1408,7 @@ static inline void FN(vector_keys)(const int32_t *vlo, const int32_t *vhi, int64
 }
 
 /* the ranges of the forward's current tile for vector_keys (NULL: all keys) */
-#define FA_TILE_VLO(w) ((w)->bounded ? (w)->vlo : NULL)
+#define FA_TILE_VLO(s) ((s)->bounded ? (s)->vlo : NULL)
 
 /* cap tanh(x / cap) lane by lane (inv = 1 / cap): tanh |y| = (1 - e) /
  * (1 + e) with e = exp(-2 |y|) in [0, 1], y's sign put back (NaN stays
@@ -1433,7 +1439,7 @@ static void FN(softcap_tile)(const fa_problem *p, FN(scratch) *w, int64_t bq, in
     }
     for (int64_t c = 0; c < fa_roundup64(bq, FA_W); c += FA_W) {
         int64_t j0, j1;
-        FN(vector_keys)(FA_TILE_VLO(w), w->vhi, c, bk, &j0, &j1);
+        FN(vector_keys)(FA_TILE_VLO(&w->seen), w->seen.vhi, c, bk, &j0, &j1);
         for (int64_t j = j0; j < j1; j++) {
             FA_T *s = w->st + j * FA_BQ + c;
             VSTORE(s, FN(softcap_vec)(VLOAD(s), inv, cap));
@@ -1719,7 +1725,7 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
     if (p->softcap > 0 || alibi) { /* in vectors first, then the other options without them (p->softcap
                                     * is 0 from here on) */
         if (p->softcap > 0) FN(softcap_tile)(p, w, bq, bk);
-        if (alibi) FN(alibi_tile)(p, e, w->st, rows, FA_TILE_VLO(w), w->vhi, row0, bq, k0, bk);
+        if (alibi) FN(alibi_tile)(p, e, w->st, rows, FA_TILE_VLO(&w->seen), w->seen.vhi, row0, bq, k0, bk);
         opt = *p;
         opt.softcap = 0;
         if (alibi) opt.alibi_slopes = NULL;
@@ -1731,39 +1737,39 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
 /* The keys [rlo, rhi) of tile [k0, k0 + bk) that each row of an S^T tile
  * may see under its causal and window bounds (relative to k0), and the
  * union of those of each vector of FA_W rows (vlo, vhi): products outside
- * them are neither computed (score_tile: their scores become -inf) nor
- * summed (pv_tile: their weights are 0), which on a tile the diagonal
- * crosses saves about half of both. */
-static void FN(tile_ranges)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
+ * them are neither computed (score_tile and the backward's bwd_tile: their
+ * scores become -inf) nor summed (pv_tile, bwd_accumulate: their weights
+ * are 0), which on a tile the diagonal crosses saves about half of both. */
+static void FN(tile_ranges)(const fa_problem *p, const int64_t *e, FN(tile_seen) *s, int64_t row0, int64_t bq,
                             int64_t k0, int64_t bk)
 {
     const int64_t lq = e[FA_E_LQ], lk = e[FA_E_LK];
     for (int64_t c = 0; c * FA_W < bq; c++) {
-        w->vlo[c] = (int32_t)bk;
-        w->vhi[c] = 0;
+        s->vlo[c] = (int32_t)bk;
+        s->vhi[c] = 0;
     }
     fa_vrow at = fa_vrow_at(row0, lq);
     for (int64_t r = 0; r < bq; r++, fa_vrow_next(&at)) {
         int64_t lo, hi;
         fa_tile_row_range(p, at.i, lq, lk, k0, bk, &lo, &hi);
-        w->rlo[r] = (int32_t)lo;
-        w->rhi[r] = (int32_t)hi;
+        s->rlo[r] = (int32_t)lo;
+        s->rhi[r] = (int32_t)hi;
         if (hi > lo) {
             const int64_t c = r / FA_W;
-            w->vlo[c] = (int32_t)fa_min64(w->vlo[c], lo);
-            w->vhi[c] = (int32_t)fa_max64(w->vhi[c], hi);
+            s->vlo[c] = (int32_t)fa_min64(s->vlo[c], lo);
+            s->vhi[c] = (int32_t)fa_max64(s->vhi[c], hi);
         }
     }
 }
 
 /* Of the nv row vectors from vector v0 of a bounded S^T tile, those
  * [*c0, *c1) that may see a key of [j, j + mr): 0 if none. */
-static inline int FN(tile_vectors)(const FN(scratch) *w, int64_t v0, int64_t nv, int64_t j, int64_t mr, int64_t *c0,
-                                   int64_t *c1)
+static inline int FN(tile_vectors)(const FN(tile_seen) *s, int64_t v0, int64_t nv, int64_t j, int64_t mr,
+                                   int64_t *c0, int64_t *c1)
 {
     int64_t a = 0, b = nv;
-    while (a < nv && (w->vlo[v0 + a] >= j + mr || w->vhi[v0 + a] <= j)) a++;
-    while (b > a && (w->vlo[v0 + b - 1] >= j + mr || w->vhi[v0 + b - 1] <= j)) b--;
+    while (a < nv && (s->vlo[v0 + a] >= j + mr || s->vhi[v0 + a] <= j)) a++;
+    while (b > a && (s->vlo[v0 + b - 1] >= j + mr || s->vhi[v0 + b - 1] <= j)) b--;
     *c0 = a;
     *c1 = b;
     return b > a;
@@ -1771,15 +1777,16 @@ static inline int FN(tile_vectors)(const FN(scratch) *w, int64_t v0, int64_t nv,
 
 /* The keys [*j0, *j1) of a tile of bk keys that rows r .. r + mr - 1 may
  * see (all of them unless the tile is bounded; an empty range if none). */
-static inline void FN(tile_keys)(const FN(scratch) *w, int64_t r, int64_t mr, int64_t bk, int64_t *j0, int64_t *j1)
+static inline void FN(tile_keys)(const FN(tile_seen) *s, int64_t r, int64_t mr, int64_t bk, int64_t *j0,
+                                 int64_t *j1)
 {
     int64_t a = 0, b = bk;
-    if (w->bounded) {
+    if (s->bounded) {
         a = bk, b = 0;
         for (int64_t x = r; x < r + mr; x++)
-            if (w->rhi[x] > w->rlo[x]) {
-                a = fa_min64(a, w->rlo[x]);
-                b = fa_max64(b, w->rhi[x]);
+            if (s->rhi[x] > s->rlo[x]) {
+                a = fa_min64(a, s->rlo[x]);
+                b = fa_max64(b, s->rhi[x]);
             }
         if (b < a) a = b = 0;
     }
@@ -1797,13 +1804,13 @@ static int FN(tile_cut)(const fa_problem *p, const int64_t *e, int64_t row0, int
 }
 
 /* tile_cut, and where it cuts an S^T tile, what each row sees: the tile
- * then skips what no row sees (w->bounded, tile_ranges). */
+ * then skips what no row sees (w->seen.bounded, tile_ranges). */
 static int FN(tile_bounds)(const fa_problem *p, const int64_t *e, FN(scratch) *w, int64_t row0, int64_t bq,
                            int64_t k0, int64_t bk)
 {
     const int bounds = FN(tile_cut)(p, e, row0, bq, k0, bk);
-    w->bounded = bounds && bq > FA_ROWS_MAX;
-    if (w->bounded) FN(tile_ranges)(p, e, w, row0, bq, k0, bk);
+    w->seen.bounded = bounds && bq > FA_ROWS_MAX;
+    if (w->seen.bounded) FN(tile_ranges)(p, e, &w->seen, row0, bq, k0, bk);
     return bounds;
 }
 
@@ -1840,7 +1847,7 @@ static int FN(score_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w,
                 for (int64_t j = 0; j < bk; j += FA_MR) {
                     const int64_t mr = fa_min64(FA_MR, bk - j);
                     int64_t c0 = 0, c1 = nv; /* the vectors of this chunk that see a key of [j, j + mr) */
-                    if (w->bounded && !FN(tile_vectors)(w, v0, nv, j, mr, &c0, &c1)) continue;
+                    if (w->seen.bounded && !FN(tile_vectors)(&w->seen, v0, nv, j, mr, &c0, &c1)) continue;
                     FN(qk_block)((int)mr, (int)(c1 - c0), d, k + j * ldk, ldk, w->qt + cb + c0 * FA_W, FA_BQ,
                                  w->st + j * FA_BQ + cb + c0 * FA_W, FA_BQ);
                 }
@@ -1930,7 +1937,7 @@ static void FN(pv_tile)(const fa_problem *p, const int64_t *e, FN(scratch) *w, i
         for (int64_t r = 0; r < bq; r += FA_MR) {
             const int64_t mr = fa_min64(FA_MR, bq - r);
             int64_t j0, j1; /* the keys these rows see: the others weigh 0 (none: o is only rescaled) */
-            FN(tile_keys)(w, r, mr, bk, &j0, &j1);
+            FN(tile_keys)(&w->seen, r, mr, bk, &j0, &j1);
             FN(pv_block_st)((int)mr, nv, j1 - j0, w->st + j0 * FA_BQ + r, v + j0 * ldv + cb, ldv, w->o + r * dvp + cb,
                             dvp, w->alpha + r);
         }
@@ -1950,7 +1957,7 @@ static void FN(softmax_tile)(FN(scratch) *w, int64_t bqp, int64_t bk)
         FA_T *col = w->st + c;
         /* keys outside what these rows see (tile_ranges) are -inf: weight 0, no exp */
         int64_t j0, j1;
-        FN(vector_keys)(FA_TILE_VLO(w), w->vhi, c, bk, &j0, &j1);
+        FN(vector_keys)(FA_TILE_VLO(&w->seen), w->seen.vhi, c, bk, &j0, &j1);
         for (int64_t j = 0; j < j0; j++) VSTORE(col + j * FA_BQ, VZERO());
         for (int64_t j = j1; j < bk; j++) VSTORE(col + j * FA_BQ, VZERO());
         fa_vec tmax = VBCAST((FA_T)-INFINITY);

@@ -123,6 +123,27 @@ def test_backward_16bit_broadcast_gradients_are_rounded_once(half, shapes):
         assert written is dest and np.array_equal(dest.view(np.uint16), got.view(np.uint16))
 
 
+@pytest.mark.parametrize("name", ["causal", "causal top-left", "window", "dot causal softcap"])
+def test_backward_bounded_tiles_ignore_what_earlier_tiles_left(isa, name):
+    """On tiles the causal or window bounds cut, the products no row sees
+    are not computed: their scores and dP stay what the thread's previous
+    tile left in its scratch (here NaN: the first entry's q and dout are
+    NaN) and must weigh nothing.  One thread, so the second entry's tiles
+    run on that scratch right after the first's."""
+    rng = np.random.default_rng(stable_seed("stale scratch", name))
+    q, k, v = (rng.standard_normal((2, 1, 150, 32)).astype(np.float32) for _ in range(3))
+    options = dict(OPTIONS[name])
+    q[0] = np.nan
+    out, lse = forward(q, k, v, options)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dout[0] = np.nan
+    grads = fastattn.attention_backward(dout, q, k, v, out, lse, num_threads=1, **options)
+    want = ref.attention_backward(dout[1], q[1], k[1], v[1], **options)
+    for got, exp in zip(grads, want):
+        assert np.isfinite(got[1]).all()
+        assert_close(got[1], exp)
+
+
 @pytest.mark.parametrize("name", ["causal", "softcap alibi", "dot"])
 def test_backward_is_bitwise_the_same_for_any_thread_count(isa, name):
     shapes = ((1, 4, 300, 32), (1, 2, 300, 32), (1, 2, 300, 24))
