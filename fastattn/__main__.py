@@ -118,15 +118,17 @@ def bench_job(args):
         return plot_job(args, threads, progress)
     if args.backward:
         block = max(1, args.repeat // 2)  # calls per block: 3 rounds of 2 by default
+        # --shape or --quick: those shapes, full and causal, and not the packed and option tables
+        picked = args.shape or args.quick
         rows = _bench.run_backward(threads, repeat=block, with_torch=not args.no_torch, progress=progress,
-                                   shapes=[((s[0], s[1], s[1], s[2], s[3]), c) for s in args.shape
-                                           for c in (False, True)] if args.shape else None)
+                                   shapes=[((s[0], s[1], s[1], s[2], s[3]), c) for s in shapes
+                                           for c in (False, True)] if picked else None)
         rates = [r["matmul_gflops"] for r in rows]
         matmul = float(np.median(rates))
-        packed = [] if args.shape else _bench.run_packed_backward(threads, repeat=block, with_torch=not args.no_torch,
-                                                                  progress=progress)
-        options = [] if args.shape else _bench.run_training_options(threads, repeat=block,
-                                                                     with_torch=not args.no_torch, progress=progress)
+        packed = [] if picked else _bench.run_packed_backward(threads, repeat=block, with_torch=not args.no_torch,
+                                                              progress=progress)
+        options = [] if picked else _bench.run_training_options(threads, repeat=block,
+                                                                 with_torch=not args.no_torch, progress=progress)
         table = _bench.format_backward(rows)
         if packed:
             table += ("\n\npacked rows (padding-free training), float32, causal: attention_varlen forward + "
@@ -239,7 +241,9 @@ def parse_args(argv):
     bench.add_argument("--threads", type=int, default=None, help="threads (default: all usable)")
     bench.add_argument("--repeat", type=int, default=5, help="timed calls per measurement")
     bench.add_argument("--json", metavar="FILE", help="also save the results as JSON")
-    bench.add_argument("--quick", action="store_true", help="only the two smallest shapes")
+    bench.add_argument("--quick", action="store_true",
+                       help="only the two smallest shapes (the prefill table, and --backward without its packed "
+                       "and option tables)")
     bench.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "H", "L", "D"),
                        help="time this shape instead (repeatable)")
     bench.add_argument("--no-torch", action="store_true", help="do not time PyTorch")

@@ -84,6 +84,27 @@ def test_backward_bench_runs():
     assert "bwd GFLOP/s" in _bench.format_backward(rows, 100.0)
 
 
+def test_backward_bench_quick_times_the_quick_shapes_only(monkeypatch, capsys):
+    """bench --backward --quick: the quick shapes, full and causal, without
+    the packed and option tables (which --quick used to leave in, with the
+    full table's shapes: ten minutes on two cores)."""
+    from fastattn import __main__ as cli
+    from fastattn import _bench
+
+    monkeypatch.setattr(_bench, "QUICK_SHAPES", [(1, 2, 70, 16)])
+    monkeypatch.setattr(_bench, "MATMUL_N", 256)
+    blocks = _bench.alternating_blocks
+    monkeypatch.setattr(_bench, "alternating_blocks", lambda fns, repeat, rounds: blocks(fns, repeat, 1, settle=0))
+    extra = []
+    monkeypatch.setattr(_bench, "run_packed_backward", lambda *a, **k: extra.append("packed") or [])
+    monkeypatch.setattr(_bench, "run_training_options", lambda *a, **k: extra.append("options") or [])
+    assert cli.main(["bench", "--backward", "--quick", "--no-torch", "--threads", "1", "--repeat", "2",
+                     "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "(1, 2, 2, 70, 16)" in out and out.count("(1, 2, 2, 70, 16)") == 4  # full, causal x 2 dtypes
+    assert extra == []
+
+
 def test_packed_backward_bench_runs():
     """The packed training rows, with torch's two ways where torch is installed."""
     from fastattn import _bench
