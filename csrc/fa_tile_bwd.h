@@ -239,9 +239,12 @@ static void FN(store_mask_gradient)(const fa_problem *p, const int64_t *e, const
 /* S^T, P^T (in st) and dS^T (in dpt) of the query tile packed in w and the
  * key block [k0, k0 + bk) loaded in w.  Where the causal/window bounds cut
  * the tile (w->seen), the products of key rows and row vectors that see
- * none of them are not computed, and P and dS outside the keys each row
- * vector sees are 0 (bwd_accumulate does not sum them either): on a tile
- * the diagonal crosses, about half of the work. */
+ * none of them are not computed (as tile_ranges says), and P and dS outside
+ * the keys each row vector sees are 0 (bwd_accumulate does not sum them
+ * either): on a tile the diagonal crosses, about half of the work.  So a
+ * key outside a row vector's keys adds nothing to the gradients through it
+ * even where dO, Q, K or V hold an infinity or a NaN (where the product is
+ * computed, 0 times it is NaN, as before). */
 static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) *w, int64_t row0, int64_t bq,
                          int64_t k0, int64_t bk, int add_gmask)
 {

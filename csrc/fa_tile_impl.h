@@ -1407,7 +1407,7 @@ static inline void FN(vector_keys)(const int32_t *vlo, const int32_t *vhi, int64
     }
 }
 
-/* the ranges of the forward's current tile for vector_keys (NULL: all keys) */
+/* the ranges of a tile (tile_seen) for vector_keys (NULL: all keys) */
 #define FA_TILE_VLO(s) ((s)->bounded ? (s)->vlo : NULL)
 
 /* cap tanh(x / cap) lane by lane (inv = 1 / cap): tanh |y| = (1 - e) /
@@ -1736,10 +1736,13 @@ static void FN(apply_options)(const fa_problem *p, const int64_t *e, FN(scratch)
 
 /* The keys [rlo, rhi) of tile [k0, k0 + bk) that each row of an S^T tile
  * may see under its causal and window bounds (relative to k0), and the
- * union of those of each vector of FA_W rows (vlo, vhi): products outside
- * them are neither computed (score_tile and the backward's bwd_tile: their
- * scores become -inf) nor summed (pv_tile, bwd_accumulate: their weights
- * are 0), which on a tile the diagonal crosses saves about half of both. */
+ * union of those of each vector of FA_W rows (vlo, vhi): products of key
+ * rows and row vectors outside them are neither computed (score_tile: their
+ * scores become -inf; the backward's bwd_tile: their P and dS 0) nor summed
+ * (pv_tile, bwd_accumulate: their weights are 0), which on a tile the
+ * diagonal crosses saves about half of both.  (The blocks between the first
+ * and the last vector that see a key are computed whole: a few more products,
+ * of weight 0, where a tile's rows span two heads.) */
 static void FN(tile_ranges)(const fa_problem *p, const int64_t *e, FN(tile_seen) *s, int64_t row0, int64_t bq,
                             int64_t k0, int64_t bk)
 {
