@@ -255,6 +255,8 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
     w->seen.bounded = bounds;
     if (bounds) FN(tile_ranges)(p, e, &w->seen, row0, bq, k0, bk);
     const int32_t *vlo = FA_TILE_VLO(&w->seen), *vhi = w->seen.vhi;
+    int64_t j0[FA_BQ / FA_W], j1[FA_BQ / FA_W]; /* the keys each row vector sees: vector_keys */
+    for (int64_t c = 0; c < bqp; c += FA_W) FN(vector_keys)(vlo, vhi, c, bk, &j0[c / FA_W], &j1[c / FA_W]);
     for (int64_t cb = 0; cb < bqp; cb += FA_NVW) {
         const int64_t nv = fa_min64(FA_NV, (bqp - cb) / FA_W), v0 = cb / FA_W;
         for (int64_t j = 0; j < bk; j += FA_MR) {
@@ -270,15 +272,12 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
     fa_problem opt = *p;
     if (p->softcap > 0) {
         const fa_vec cap = VBCAST((FA_T)p->softcap), inv = VBCAST((FA_T)(1.0 / p->softcap));
-        for (int64_t c = 0; c < bqp; c += FA_W) { /* past the rows too: the scores there are 0 */
-            int64_t j0, j1;
-            FN(vector_keys)(vlo, vhi, c, bk, &j0, &j1);
-            for (int64_t j = j0; j < j1; j++) {
+        for (int64_t c = 0; c < bqp; c += FA_W) /* past the rows too: the scores there are 0 */
+            for (int64_t j = j0[c / FA_W]; j < j1[c / FA_W]; j++) {
                 const fa_vec z = FN(softcap_vec)(VLOAD(w->st + j * FA_BQ + c), inv, cap);
                 VSTORE(w->st + j * FA_BQ + c, z);
                 VSTORE(w->zt + j * FA_BQ + c, z);
             }
-        }
         opt.softcap = 0;
     }
     if (p->alibi_slopes && FN(alibi_exact)(p, e)) { /* in vectors, over the keys each row vector sees */
@@ -297,8 +296,6 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
     }
     /* P and dS, FA_W query rows at a time (0 outside the keys they see: not computed) */
     if (p->weights == FA_WEIGHTS_SOFTMAX) {
-        int64_t j0[FA_BQ / FA_W], j1[FA_BQ / FA_W];
-        for (int64_t c = 0; c < bqp; c += FA_W) FN(vector_keys)(vlo, vhi, c, bk, &j0[c / FA_W], &j1[c / FA_W]);
         for (int64_t j = 0; j < bk; j++) /* key by key: the tile's rows in address order */
             for (int64_t c = 0; c < bqp; c += FA_W) {
                 FA_T *s = w->st + j * FA_BQ + c, *dp = w->dpt + j * FA_BQ + c;
@@ -331,15 +328,12 @@ static void FN(bwd_tile)(const fa_problem *p, const int64_t *e, FN(bwd_scratch) 
         FN(store_mask_gradient)(p, e, w->dpt, row0, bq, k0, bk, add_gmask);
     if (p->softcap > 0) { /* dS is 0 (and z unset) outside the keys each row vector sees */
         const fa_vec inv = VBCAST((FA_T)(1.0 / p->softcap)), one = VBCAST((FA_T)1);
-        for (int64_t c = 0; c < bqp; c += FA_W) {
-            int64_t j0, j1;
-            FN(vector_keys)(vlo, vhi, c, bk, &j0, &j1);
-            for (int64_t j = j0; j < j1; j++) {
+        for (int64_t c = 0; c < bqp; c += FA_W)
+            for (int64_t j = j0[c / FA_W]; j < j1[c / FA_W]; j++) {
                 FA_T *dp = w->dpt + j * FA_BQ + c;
                 const fa_vec t = VMUL(VLOAD(w->zt + j * FA_BQ + c), inv);
                 VSTORE(dp, VMUL(VLOAD(dp), VSUB(one, VMUL(t, t))));
             }
-        }
     }
 }
 
